@@ -1,0 +1,1 @@
+"""Anexa command line."""

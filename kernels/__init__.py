@@ -1,0 +1,1 @@
+"""Fused attention kernels in Triton, with a PyTorch fallback. Imports nothing from Anexa."""

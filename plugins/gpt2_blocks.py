@@ -1,0 +1,96 @@
+"""Blocks plugin ``gpt2``: pre-LayerNorm transformer blocks, learned positions, GELU MLP (the seed's architecture)."""
+
+import math
+
+import torch
+from torch import nn
+
+from anexa_core import hookimpl
+
+
+class SelfAttention(nn.Module):
+    """Multi-head causal self-attention; the score computation itself is the attention plugin's."""
+
+    def __init__(self, config, attention, layer: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer = layer
+        self.attention = attention
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None):
+        batch, time, channels = x.shape
+        q, k, v = (
+            t.view(batch, time, self.n_head, channels // self.n_head).transpose(1, 2)
+            for t in self.qkv(x).split(channels, dim=2)
+        )
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = self.attention(q, k, v, causal=True)
+        y = y.transpose(1, 2).contiguous().view(batch, time, channels)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(self.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config, attention, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = SelfAttention(config, attention, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Blocks(nn.Module):
+    """Learned positions, ``n_layer`` blocks, final LayerNorm."""
+
+    def __init__(self, config, attention):
+        super().__init__()
+        self.block_size = config.block_size
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, attention, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.apply(_init_weights)
+        # GPT-2: residual projections scaled down so the residual stream's variance stays put with depth.
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def forward(self, x, cache=None):
+        start = cache.pos if cache is not None else 0
+        end = start + x.size(1)
+        if end > self.block_size:
+            raise ValueError(f"sequence of {end} positions exceeds block_size {self.block_size}")
+        x = x + self.wpe(torch.arange(start, end, device=x.device))
+        for layer in self.layers:
+            x = layer(x, cache)
+        return self.ln_f(x)
+
+
+def _init_weights(module):
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+@hookimpl
+def register_blocks(register):
+    register("gpt2", GPT2Blocks)

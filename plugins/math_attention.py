@@ -1,0 +1,23 @@
+"""Attention plugin ``math``: softmax(QKᵀ/√d)·V written out, the reference every other backend is checked against."""
+
+import math
+
+import torch
+
+from anexa_core import hookimpl
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
+    """Materialises the full score matrix; softmax in float32 whatever the input dtype."""
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    if causal:
+        t_q, t_k = q.size(-2), k.size(-2)
+        visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return weights @ v
+
+
+@hookimpl
+def register_attention(register):
+    register("math", math_attention)

@@ -1,0 +1,22 @@
+"""Small builders shared by tests."""
+
+import dataclasses
+
+import torch
+
+from anexa_core.config import ModelConfig
+from anexa_core.model import build_model
+
+TINY = ModelConfig(vocab_size=37, n_layer=2, n_head=2, n_embd=32, block_size=16)
+
+
+def tiny_model(seed: int = 0, **changes) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(dataclasses.replace(TINY, **changes)).eval()
+
+
+class Greedy:
+    """A minimal chain: argmax, so generation is deterministic without the sampler plugins."""
+
+    def pick(self, logits, context, generator=None):
+        return logits.argmax(dim=-1, keepdim=True)

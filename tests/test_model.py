@@ -1,0 +1,150 @@
+"""The assembled GPT: attention backends agree, the KV cache equals recomputation, checkpoints round-trip."""
+
+import json
+
+import pytest
+import torch
+
+from anexa_core import checkpoint, plugins
+from anexa_core.errors import AnexaError
+from anexa_core.generation import generate_ids
+from anexa_core.model import KVCache
+from helpers import TINY, Greedy, tiny_model
+
+
+@pytest.mark.parametrize("t_q,t_k", [(7, 7), (1, 9), (3, 9), (16, 16)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_matches_math_reference(t_q, t_k, causal):
+    math_attention = plugins.get("attention", "math")
+    sdpa = plugins.get("attention", "sdpa")
+    q = torch.randn(2, 3, t_q, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 3, t_k, 8, dtype=torch.float64), torch.randn(2, 3, t_k, 8, dtype=torch.float64)
+    torch.testing.assert_close(sdpa(q, k, v, causal=causal), math_attention(q, k, v, causal=causal))
+
+
+def test_math_attention_is_causal_bottom_right():
+    """The last of three queries over five keys sees every key; the first sees keys 0..2 only."""
+    math_attention = plugins.get("attention", "math")
+    q = torch.zeros(1, 1, 3, 4)
+    k = torch.zeros(1, 1, 5, 4)
+    v = torch.arange(5.0).view(1, 1, 5, 1).expand(1, 1, 5, 4)
+    out = math_attention(q, k, v, causal=True)[0, 0, :, 0]
+    torch.testing.assert_close(out, torch.tensor([1.0, 1.5, 2.0]))
+
+
+def test_parameter_count_of_seed_preset():
+    from anexa_core.config import resolve
+    from anexa_core.model import build_model
+
+    model_config, _ = resolve("seed")
+    model = build_model(__import__("dataclasses").replace(model_config, vocab_size=65))
+    assert 0.78e6 < model.num_parameters() < 0.85e6
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_kv_cache_logits_equal_full_recomputation():
+    model = tiny_model()
+    ids = torch.randint(0, TINY.vocab_size, (2, 12))
+    full, _ = model(ids)
+    cache = KVCache(TINY.block_size)
+    first, _ = model(ids[:, :5], cache=cache)
+    steps = [first] + [model(ids[:, i : i + 1], cache=cache)[0] for i in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def _reference_generate(model, prompt, n):
+    """nanoGPT's loop: recompute the last block_size tokens for every new token, pick argmax."""
+    ids = torch.tensor([prompt])
+    out = []
+    for _ in range(n):
+        logits, _ = model(ids[:, -TINY.block_size :])
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        out.append(int(nxt))
+    return out
+
+
+def test_cached_generation_matches_reference_step_by_step_past_the_context():
+    model = tiny_model(seed=3)
+    prompt = torch.randint(0, TINY.vocab_size, (20,)).tolist()  # longer than the context: cropped left
+    produced = list(generate_ids(model, prompt, 40, Greedy()))
+    assert produced == _reference_generate(model, prompt[-TINY.block_size :], 40)
+    assert produced == list(generate_ids(model, prompt, 40, Greedy(), use_cache=False))
+
+
+def test_empty_prompt_is_a_user_error():
+    with pytest.raises(AnexaError, match="prompt is empty"):
+        list(generate_ids(tiny_model(), [], 3, Greedy()))
+
+
+class _Chars:
+    vocab_size = TINY.vocab_size
+
+    def to_dict(self):
+        return {"type": "char", "chars": "".join(chr(97 + i) for i in range(self.vocab_size))}
+
+
+def _save_tiny(tmp_path, model):
+    tokenizer = plugins.get("tokenizers", "char").from_dict(_Chars().to_dict())
+    path = tmp_path / "model.safetensors"
+    checkpoint.save_model(path, model, "char", tokenizer, step=7, val_loss=1.5)
+    return path
+
+
+def test_save_then_load_gives_identical_logits(tmp_path):
+    model = tiny_model(seed=1)
+    path = _save_tiny(tmp_path, model)
+    loaded, tokenizer, meta = checkpoint.load_model(tmp_path)
+    ids = torch.randint(0, TINY.vocab_size, (2, 16))
+    assert torch.equal(loaded(ids)[0], model(ids)[0])
+    assert loaded.lm_head.weight is loaded.wte.weight
+    assert meta["step"] == 7 and meta["model_config"]["n_layer"] == 2
+    assert meta["plugins"]["blocks"] == {"name": "gpt2", "distribution": "anexa", "version": meta["anexa_version"]}
+    assert tokenizer.vocab_size == TINY.vocab_size
+    assert path.read_bytes()[:8] != b"\x80\x02\x8a\x0al\xfc\x9c"  # safetensors, not a pickle
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    assert "anexa" in json.loads(path.read_bytes()[8 : 8 + header_len])["__metadata__"]
+
+
+def test_load_with_other_attention_backend_gives_same_logits(tmp_path):
+    model = tiny_model(seed=2)
+    _save_tiny(tmp_path, model)
+    loaded, _, _ = checkpoint.load_model(tmp_path, attention="math")
+    ids = torch.randint(0, TINY.vocab_size, (1, 16))
+    torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[: len(b) // 2],  # truncated
+        lambda b: b"\xff" * 8 + b[8:],  # absurd header length
+        lambda b: b"",  # empty
+        lambda b: b[:8] + b"{not json" + b[17:],  # garbled header
+    ],
+)
+def test_corrupt_checkpoint_is_a_one_line_user_error(tmp_path, damage):
+    path = _save_tiny(tmp_path, tiny_model())
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(AnexaError, match="corrupt|not an Anexa checkpoint") as caught:
+        checkpoint.load_model(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A crash while writing leaves the previous checkpoint intact and no temp files behind."""
+    model = tiny_model()
+    path = _save_tiny(tmp_path, model)
+    before = path.read_bytes()
+    import safetensors.torch
+
+    def explode(model, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", explode)
+    with pytest.raises(OSError):
+        checkpoint.save_model(path, model, "char", checkpoint.load_model(path)[1])
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
