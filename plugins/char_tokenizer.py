@@ -1,0 +1,78 @@
+"""Character tokenizer: one token per distinct character of the training text."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from anexa_core import AnexaError, hookimpl
+
+_SHOWN_UNSEEN = 5
+
+
+class CharTokenizer:
+    """Vocabulary = the sorted distinct characters of the training text; id = position in it.
+
+    The vocabulary size follows from the text, so ``train`` refuses an explicit ``vocab_size``
+    rather than silently ignoring it. Characters never seen in training have no id: ``encode``
+    raises an :class:`AnexaError` naming them instead of dropping or replacing them, because a
+    silently altered prompt would make the model's answer look like a model bug. Use the ``bpe``
+    tokenizer when prompts may contain arbitrary text.
+    """
+
+    def __init__(self, chars: str) -> None:
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self._ids = {char: i for i, char in enumerate(chars)}
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int | None = None) -> CharTokenizer:
+        if vocab_size is not None:
+            raise AnexaError(
+                "the char tokenizer's vocabulary is the set of characters in the text, so it takes no "
+                "vocab size: drop --vocab-size or use --tokenizer bpe"
+            )
+        if not text:
+            raise AnexaError("cannot train a char tokenizer on empty text: pass a corpus with some content")
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[char] for char in text]
+        except KeyError:
+            pass
+        unseen = sorted({char for char in text if char not in self._ids})
+        shown = ", ".join(repr(char) for char in unseen[:_SHOWN_UNSEEN])
+        more = f" and {len(unseen) - _SHOWN_UNSEEN} more" if len(unseen) > _SHOWN_UNSEEN else ""
+        raise AnexaError(
+            f"the text contains characters never seen in training ({shown}{more}): the model only knows "
+            "the characters of its training text; remove them, or train with --tokenizer bpe"
+        )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise AnexaError(
+                f"token id {bad[0]} is outside this tokenizer's {self.vocab_size} characters: "
+                "the ids come from a model trained with a different tokenizer"
+            )
+        return "".join(self.chars[i] for i in ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "char", "chars": self.chars}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CharTokenizer:
+        chars = data.get("chars") if isinstance(data, dict) and data.get("type") == "char" else None
+        if not isinstance(chars, str) or not chars or list(chars) != sorted(set(chars)):
+            raise AnexaError(
+                "saved char tokenizer is malformed (expected type 'char' and a sorted string of distinct "
+                "characters): the checkpoint is damaged; retrain or use another checkpoint"
+            )
+        return cls(chars)
+
+
+@hookimpl
+def register_tokenizers(register):
+    register("char", CharTokenizer)

@@ -1,0 +1,194 @@
+"""The built-in tokenizers: discovery, exact round trips on real text, serialisation, and their limits."""
+
+import json
+import random
+import string
+
+import pytest
+
+from anexa_core import AnexaError, plugins
+from anexa_core.data import read_corpus
+from anexa_core.interfaces import Tokenizer
+
+BPE_TRAIN_CHARS = 200_000  # enough for real merges, still well under a second to train
+# Text no book teaches: accents, emoji, CJK, runs of whitespace, CRLF, control and zero-width chars.
+HARD_TEXT = (
+    "naïve café — “quoted” 😀🚀 中文テキスト\t tabs\n\n\n  indented\r\nCRLF \x00\x7f\u200b end  "
+)
+
+
+@pytest.fixture(scope="module")
+def sherlock_text(sherlock_path):
+    return read_corpus(sherlock_path)
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer(sherlock_text):
+    return plugins.get("tokenizers", "char").train(sherlock_text)
+
+
+@pytest.fixture(scope="module")
+def bpe_training_text(sherlock_text):
+    """The first half of the book (at most BPE_TRAIN_CHARS); the second half stays unseen."""
+    return sherlock_text[: len(sherlock_text) // 2][:BPE_TRAIN_CHARS]
+
+
+@pytest.fixture(scope="module")
+def held_out_text(sherlock_text):
+    return sherlock_text[len(sherlock_text) // 2 :][:100_000]
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(bpe_training_text):
+    return plugins.get("tokenizers", "bpe").train(bpe_training_text, 512)
+
+
+@pytest.mark.parametrize("name", ["char", "bpe"])
+def test_tokenizers_are_discovered_and_satisfy_the_protocol(name, sherlock_text):
+    cls = plugins.get("tokenizers", name)
+    vocab_size = None if name == "char" else 300
+    tokenizer = cls.train(sherlock_text[:20_000], vocab_size)
+    assert isinstance(tokenizer, Tokenizer)
+    assert isinstance(tokenizer.vocab_size, int) and tokenizer.vocab_size > 0
+    assert tokenizer.to_dict()["type"] == name
+
+
+def test_char_round_trips_the_whole_book(char_tokenizer, sherlock_text):
+    ids = char_tokenizer.encode(sherlock_text)
+    assert len(ids) == len(sherlock_text)
+    assert max(ids) == char_tokenizer.vocab_size - 1 and min(ids) == 0
+    assert char_tokenizer.decode(ids) == sherlock_text
+    assert char_tokenizer.vocab_size == len(set(sherlock_text))
+
+
+def test_char_vocabulary_is_sorted_and_stable():
+    char = plugins.get("tokenizers", "char")
+    tokenizer = char.train("banana bread")
+    assert tokenizer.to_dict() == {"type": "char", "chars": " abdenr"}
+    assert tokenizer.encode("bread") == [2, 6, 4, 1, 3]
+    assert char.train("bread banana").to_dict() == tokenizer.to_dict()
+
+
+def test_char_unseen_characters_are_named(char_tokenizer):
+    unseen = "\u00e9" if "\u00e9" not in char_tokenizer.to_dict()["chars"] else "\u20ac"
+    with pytest.raises(AnexaError) as caught:
+        char_tokenizer.encode(f"Holmes said {unseen}!")
+    message = str(caught.value)
+    assert repr(unseen) in message and "\n" not in message
+    assert "only knows the characters of its training text" in message
+
+
+def test_char_many_unseen_characters_are_summarised():
+    tokenizer = plugins.get("tokenizers", "char").train("abc")
+    with pytest.raises(AnexaError, match=r"'d', 'e', 'f', 'g', 'h' and 2 more"):
+        tokenizer.encode("abcdefghij")
+
+
+def test_char_rejects_a_vocab_size_and_empty_text():
+    char = plugins.get("tokenizers", "char")
+    with pytest.raises(AnexaError, match="--tokenizer bpe"):
+        char.train("some text", 100)
+    with pytest.raises(AnexaError, match="empty"):
+        char.train("")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"type": "bpe", "chars": "abc"},
+        {"type": "char"},
+        {"type": "char", "chars": ""},
+        {"type": "char", "chars": "cba"},
+        {"type": "char", "chars": "aab"},
+        ["not", "a", "dict"],
+    ],
+)
+def test_char_from_dict_rejects_malformed_data(data):
+    with pytest.raises(AnexaError, match="malformed"):
+        plugins.get("tokenizers", "char").from_dict(data)
+
+
+def test_bpe_round_trips_real_text(bpe_tokenizer, held_out_text):
+    ids = bpe_tokenizer.encode(held_out_text)
+    assert bpe_tokenizer.decode(ids) == held_out_text
+    assert len(ids) < len(held_out_text) / 2, "merges learned from the book should compress its prose"
+
+
+@pytest.mark.parametrize(
+    "text", [HARD_TEXT, "😀", " ", "\n\n", "  leading and trailing  ", "a" * 1000, "\ufeffBOM", ""]
+)
+def test_bpe_round_trips_any_text(bpe_tokenizer, text):
+    ids = bpe_tokenizer.encode(text)
+    assert all(0 <= i < bpe_tokenizer.vocab_size for i in ids)
+    assert bpe_tokenizer.decode(ids) == text
+
+
+@pytest.fixture(scope="module")
+def varied_text():
+    """Many distinct made-up words: enough merge candidates for any vocab size tested here."""
+    rng = random.Random(0)
+    words = ("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(40_000))
+    return " ".join(words)
+
+
+def test_bpe_uses_learned_merges_within_its_vocab(bpe_tokenizer, held_out_text):
+    assert 256 < bpe_tokenizer.vocab_size <= 512
+    ids = bpe_tokenizer.encode(held_out_text)
+    assert max(ids) < bpe_tokenizer.vocab_size
+    assert max(ids) >= 256, "learned merges must be used"
+
+
+@pytest.mark.parametrize("requested", [300, 777, None])
+def test_bpe_vocab_size_is_respected(varied_text, requested):
+    from anexa_plugins.bpe_tokenizer import DEFAULT_VOCAB_SIZE
+
+    tokenizer = plugins.get("tokenizers", "bpe").train(varied_text, requested)
+    assert tokenizer.vocab_size == (requested or DEFAULT_VOCAB_SIZE)
+    assert tokenizer.decode(tokenizer.encode(varied_text[:5000])) == varied_text[:5000]
+
+
+def test_bpe_vocab_is_capped_by_what_the_text_offers():
+    tokenizer = plugins.get("tokenizers", "bpe").train("ab ab ab", 1024)
+    assert 256 < tokenizer.vocab_size < 1024
+    assert tokenizer.decode(tokenizer.encode(HARD_TEXT)) == HARD_TEXT
+
+
+def test_bpe_training_is_deterministic(sherlock_text):
+    bpe = plugins.get("tokenizers", "bpe")
+    first = bpe.train(sherlock_text[:30_000], 400)
+    second = bpe.train(sherlock_text[:30_000], 400)
+    assert first.to_dict() == second.to_dict()
+
+
+@pytest.mark.parametrize("size", [0, 100, 256, -5])
+def test_bpe_too_small_vocab_is_rejected(size):
+    with pytest.raises(AnexaError, match="too small.*at least 257"):
+        plugins.get("tokenizers", "bpe").train("some text to train on", size)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{"type": "char", "tokenizer": "{}"}, {"type": "bpe"}, {"type": "bpe", "tokenizer": "{not json"}, "bpe"],
+)
+def test_bpe_from_dict_rejects_malformed_data(data):
+    with pytest.raises(AnexaError, match="malformed"):
+        plugins.get("tokenizers", "bpe").from_dict(data)
+
+
+@pytest.mark.parametrize("name", ["char", "bpe"])
+def test_serialised_tokenizer_encodes_identically(name, char_tokenizer, bpe_tokenizer, held_out_text):
+    tokenizer = {"char": char_tokenizer, "bpe": bpe_tokenizer}[name]
+    saved = json.dumps(tokenizer.to_dict())
+    restored = plugins.get("tokenizers", name).from_dict(json.loads(saved))
+    sample = held_out_text[:40_000]
+    assert restored.vocab_size == tokenizer.vocab_size
+    assert restored.encode(sample) == tokenizer.encode(sample)
+    assert restored.decode(tokenizer.encode(sample)) == sample
+
+
+def test_decode_rejects_ids_outside_the_vocabulary(char_tokenizer, bpe_tokenizer):
+    for tokenizer in (char_tokenizer, bpe_tokenizer):
+        with pytest.raises(AnexaError, match="outside"):
+            tokenizer.decode([0, tokenizer.vocab_size])
+        with pytest.raises(AnexaError, match="outside"):
+            tokenizer.decode([-1])
