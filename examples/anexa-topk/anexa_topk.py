@@ -1,0 +1,37 @@
+"""Anexa plugin ``top_k``: keeps the ``k`` most likely tokens and removes the rest.
+
+Order 30 puts it after repetition_penalty (10) and temperature (20), before top_p (40), min_p (50)
+and greedy (90). Uses only Anexa's public plugin API: ``hookimpl`` and ``AnexaError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from anexa_core import AnexaError, hookimpl
+
+
+@dataclass
+class TopK:
+    """``-s top_k=40``. Ties at the k-th logit are broken by ``torch.topk``, so exactly k tokens survive."""
+
+    k: int = 40
+    order: ClassVar[int] = 30
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise AnexaError(f"top_k must be at least 1, got {self.k}: use e.g. -s top_k=40")
+
+    def __call__(self, logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        k = min(self.k, logits.size(-1))
+        # Keeping the topk indices (not every logit >= the k-th value) holds the count at k under ties.
+        kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(k, dim=-1).indices, True)
+        return logits.masked_fill(~kept, float("-inf"))
+
+
+@hookimpl
+def register_samplers(register):
+    register("top_k", TopK)

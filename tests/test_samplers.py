@@ -1,0 +1,356 @@
+"""The sampling chain: each built-in processor on hand-made logits, chain order, seeding, stop strings."""
+
+import importlib.metadata
+import math
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+from anexa_core import AnexaError, hookimpl
+from anexa_core.plugins import plugin_manager
+from anexa_core.sampling import (
+    SamplerChain,
+    StopStrings,
+    build_chain,
+    parse_sampler_options,
+    stream_until_stop,
+)
+from anexa_plugins.samplers import Greedy, MinP, RepetitionPenalty, Temperature, TopP
+
+NO_CONTEXT = torch.zeros(1, 0, dtype=torch.long)
+
+
+def kept(logits: torch.Tensor) -> list[list[int]]:
+    """Indices of the tokens a processor left alive, per row."""
+    return [torch.isfinite(row).nonzero().flatten().tolist() for row in logits]
+
+
+def log_probs(*probs: float) -> torch.Tensor:
+    return torch.tensor([probs]).log()
+
+
+def require_topk():
+    try:
+        importlib.metadata.distribution("anexa-topk")
+    except importlib.metadata.PackageNotFoundError:
+        message = (
+            "anexa-topk is not installed: "
+            ".venv/bin/pip install --no-build-isolation --no-deps ./examples/anexa-topk"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+# --- each processor -------------------------------------------------------------------------------
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = log_probs(0.1, 0.5, 0.15, 0.25)
+    assert kept(TopP(0.7)(logits, NO_CONTEXT)) == [[1, 3]]  # 0.5 < 0.7 <= 0.5 + 0.25
+    assert kept(TopP(0.8)(logits, NO_CONTEXT)) == [[1, 2, 3]]  # 0.75 < 0.8: needs the 0.15 too
+    assert kept(TopP(1.0)(logits, NO_CONTEXT)) == [[0, 1, 2, 3]]
+    assert kept(TopP(1e-9)(logits, NO_CONTEXT)) == [[1]]  # always at least one
+
+
+def test_top_p_exact_boundary_stops_at_p():
+    logits = torch.zeros(1, 4)  # softmax is exactly 0.25 each
+    assert kept(TopP(0.5)(logits, NO_CONTEXT)) == [[0, 1]]  # two tokens reach 0.5 exactly: no third
+    assert kept(TopP(0.5 + 1e-6)(logits, NO_CONTEXT)) == [[0, 1, 2]]
+    assert kept(TopP(0.25)(logits, NO_CONTEXT)) == [[0]]
+
+
+def test_top_p_leaves_kept_logits_unchanged():
+    logits = log_probs(0.1, 0.5, 0.15, 0.25)
+    out = TopP(0.7)(logits, NO_CONTEXT)
+    assert torch.equal(out[0, [1, 3]], logits[0, [1, 3]])
+
+
+def test_min_p_is_relative_to_the_top_probability():
+    confident = [0.6, 0.25, 0.1, 0.05]  # threshold 0.2 * 0.6 = 0.12
+    unsure = [0.3, 0.3, 0.25, 0.15]  # threshold 0.06: everything passes
+    logits = torch.tensor([confident, unsure]).log()
+    assert kept(MinP(0.2)(logits, torch.zeros(2, 0, dtype=torch.long))) == [[0, 1], [0, 1, 2, 3]]
+    assert kept(MinP(0.0)(logits, torch.zeros(2, 0, dtype=torch.long))) == [[0, 1, 2, 3]] * 2
+    assert kept(MinP(1.0)(logits, torch.zeros(2, 0, dtype=torch.long))) == [[0], [0, 1]]
+
+
+def test_repetition_penalty_divides_positive_multiplies_negative_within_the_window():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0, 0.5]])
+    context = torch.tensor([[2, 0, 1]])  # token 2 is outside a window of 2
+    out = RepetitionPenalty(penalty=2.0, window=2)(logits, context)
+    assert out.tolist() == [[1.0, -4.0, 1.0, -1.0, 0.5]]
+    out = RepetitionPenalty(penalty=2.0, window=3)(logits, context)
+    assert out.tolist() == [[1.0, -4.0, 0.5, -1.0, 0.5]]
+
+
+def test_repetition_penalty_per_row_and_with_empty_context():
+    logits = torch.ones(2, 3)
+    out = RepetitionPenalty(penalty=4.0, window=8)(logits, torch.tensor([[0, 0], [2, 1]]))
+    assert out.tolist() == [[0.25, 1.0, 1.0], [1.0, 0.25, 0.25]]
+    assert torch.equal(RepetitionPenalty(2.0)(logits, torch.zeros(2, 0, dtype=torch.long)), logits)
+
+
+def test_greedy_keeps_only_the_argmax_lowest_index_on_ties():
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    assert kept(Greedy()(logits, NO_CONTEXT)) == [[i] for i in logits.argmax(-1).tolist()]
+    assert kept(Greedy()(torch.tensor([[1.0, 3.0, 3.0]]), NO_CONTEXT)) == [[1]]
+
+
+def test_temperature_scales_and_zero_is_greedy():
+    logits = torch.tensor([[1.0, -2.0, 4.0]])
+    assert torch.equal(Temperature(0.5)(logits, NO_CONTEXT), logits * 2)
+    assert torch.equal(Temperature(2.0)(logits, NO_CONTEXT), logits / 2)
+    assert kept(Temperature(0)(logits, NO_CONTEXT)) == [[2]]
+
+
+# --- the chain ------------------------------------------------------------------------------------
+
+
+def test_chain_runs_in_order_not_command_line_order():
+    logits = log_probs(0.5, 0.3, 0.2)
+    # temperature 0.25 first sharpens to ~[0.87, 0.11, 0.02], so top_p 0.7 then keeps one token;
+    # top_p first would have kept two.
+    chain = build_chain(["top_p=0.7", "temperature=0.25"])
+    assert [type(p) for p in chain.processors] == [Temperature, TopP]
+    assert kept(chain.process(logits, NO_CONTEXT)) == [[0]]
+    wrong_order = Temperature(0.25)(TopP(0.7)(logits, NO_CONTEXT), NO_CONTEXT)
+    assert kept(wrong_order) == [[0, 1]]
+
+
+def test_chain_order_with_min_p_after_temperature():
+    logits = log_probs(0.5, 0.3, 0.2)  # min_p 0.3 alone keeps all three (0.2 >= 0.15)
+    assert kept(build_chain(["min_p=0.3"]).process(logits, NO_CONTEXT)) == [[0, 1, 2]]
+    chain = build_chain(["min_p=0.3", "temperature=0.5"])  # sharpened: ~[0.66, 0.24, 0.11]
+    assert kept(chain.process(logits, NO_CONTEXT)) == [[0, 1]]
+
+
+def test_documented_order_of_every_sampler():
+    require_topk()
+    specs = ["greedy", "min_p=0.1", "top_p=0.9", "top_k=5", "temperature=0.7", "repetition_penalty=1.3"]
+    chain = build_chain(specs)
+    assert [p.order for p in chain.processors] == [10, 20, 30, 40, 50, 90]
+    assert [type(p).__name__ for p in chain.processors] == [
+        "RepetitionPenalty", "Temperature", "TopK", "TopP", "MinP", "Greedy"
+    ]
+
+
+def test_repetition_penalty_runs_before_greedy_in_the_chain():
+    logits = torch.tensor([[3.0, 2.0, 0.0]])
+    context = torch.tensor([[0]])
+    assert build_chain(["greedy"]).pick(logits, context).tolist() == [[0]]
+    chain = build_chain(["greedy", "repetition_penalty=2"])  # 3 / 2 = 1.5 < 2: token 1 wins
+    assert chain.pick(logits, context).tolist() == [[1]]
+
+
+def test_temperature_zero_picks_argmax_without_drawing():
+    logits = torch.randn(16, 40, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(5)
+    state = generator.get_state()
+    for chain in (build_chain(temperature=0), build_chain(["temperature=0"]), build_chain(["greedy"])):
+        picks = chain.pick(logits, NO_CONTEXT, generator)
+        assert picks.shape == (16, 1) and picks.dtype == torch.long
+        assert torch.equal(picks.flatten(), logits.argmax(-1))
+    assert torch.equal(generator.get_state(), state)
+
+
+def test_seeded_picks_are_reproducible_and_depend_on_the_seed():
+    chain = build_chain(["top_p=0.95", "temperature=1.5"])
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(2))
+    context = torch.zeros(8, 0, dtype=torch.long)
+
+    def draws(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.cat([chain.pick(logits, context, generator) for _ in range(20)], dim=1)
+
+    first = draws(123)
+    assert torch.equal(first, draws(123))
+    assert not torch.equal(first, draws(124))
+    assert len(first.unique()) > 5  # really sampling, not stuck on one token
+
+
+def test_pick_draws_only_surviving_tokens_in_proportion():
+    logits = log_probs(0.1, 0.6, 0.3)
+    chain = build_chain(["top_p=0.85"])  # keeps tokens 1 and 2, renormalised to 2/3 and 1/3
+    generator = torch.Generator().manual_seed(0)
+    picks = chain.pick(logits.expand(4000, 3), torch.zeros(4000, 0, dtype=torch.long), generator).flatten()
+    assert set(picks.tolist()) == {1, 2}
+    assert math.isclose((picks == 1).float().mean().item(), 2 / 3, abs_tol=0.03)
+
+
+def test_temperature_flag_is_a_shorthand_and_conflicts_with_s():
+    chain = build_chain(temperature=0.5)
+    assert chain.processors == [Temperature(0.5)]
+    with pytest.raises(AnexaError, match="give only one"):
+        build_chain(["temperature=0.7"], temperature=0.5)
+
+
+def test_empty_chain_is_plain_sampling():
+    chain = SamplerChain()
+    logits = torch.tensor([[0.0, 1.0]])
+    assert torch.equal(chain.process(logits, NO_CONTEXT), logits)
+    assert build_chain().processors == []
+
+
+def test_parse_sampler_options_forms():
+    parsed = parse_sampler_options(["top_p=0.9", "repetition_penalty.window=32", "greedy", "top_p.p=0.8"])
+    assert parsed == {"top_p": {"": "0.9", "p": "0.8"}, "repetition_penalty": {"window": "32"}, "greedy": {}}
+    specs = ["top_p=0.9", "top_p.p=0.8", "repetition_penalty.window=32", "repetition_penalty=1.5"]
+    chain = build_chain(specs)
+    assert chain.processors == [RepetitionPenalty(penalty=1.5, window=32), TopP(0.8)]  # last value wins
+
+
+@pytest.mark.parametrize(
+    "specs, message",
+    [
+        (["top_p=1.5"], r"top_p must be in \(0, 1\], got 1.5"),
+        (["top_p=0"], r"top_p must be in \(0, 1\]"),
+        (["temperature=-1"], r"temperature must be >= 0"),
+        (["min_p=2"], r"min_p must be in \[0, 1\]"),
+        (["repetition_penalty=0"], r"repetition_penalty must be > 0"),
+        (["repetition_penalty.window=0"], r"window must be at least 1"),
+        (["nucleus=0.9"], r"unknown sampler 'nucleus': choose one of .*greedy.*top_p"),
+        (["top_p.q=0.9"], r"sampler top_p has no option 'q': choose one of p"),
+        (["top_p=abc"], r"sampler top_p option p must be a number, got 'abc'"),
+        (["repetition_penalty.window=2.5"], r"option window must be an integer"),
+        (["greedy=1"], r"sampler greedy takes no options: use -s greedy"),
+        (["=3"], r"bad sampler spec"),
+        (["top_p.=0.9"], r"bad sampler spec"),
+        (["top_p="], r"bad sampler spec"),
+        (["top_p.p"], r"has no value: use -s top_p.p=VALUE"),
+    ],
+)
+def test_bad_sampler_options_are_one_line_errors(specs, message):
+    with pytest.raises(AnexaError, match=message) as error:
+        build_chain(specs)
+    assert "\n" not in str(error.value)
+
+
+# --- a sampler from a plugin registered in the test -----------------------------------------------
+
+
+@dataclass
+class Boost:
+    """Adds ``amount`` to one token: lets the test see where in the chain it ran."""
+
+    amount: float = 1.0
+    token: int = 0
+    enabled: bool = True
+    label: str = "boost"
+    order: ClassVar[int] = 25
+
+    def __call__(self, logits, context):
+        if self.enabled:
+            logits = logits.clone()
+            logits[:, self.token] += self.amount
+        return logits
+
+
+class BoostPlugin:
+    @hookimpl
+    def register_samplers(self, register):
+        register("boost", Boost)
+
+
+@pytest.fixture
+def boost_plugin():
+    manager = plugin_manager()
+    plugin = BoostPlugin()
+    manager.register(plugin, name="test-boost")
+    yield
+    manager.unregister(plugin)
+
+
+def test_plugin_sampler_options_are_converted_to_field_types(boost_plugin):
+    chain = build_chain(["boost=2.5", "boost.token=1", "boost.enabled=false", "boost.label=x=y"])
+    assert chain.processors == [Boost(amount=2.5, token=1, enabled=False, label="x=y")]
+    with pytest.raises(AnexaError, match="option enabled must be true or false"):
+        build_chain(["boost.enabled=maybe"])
+
+
+def test_plugin_sampler_runs_at_its_order(boost_plugin):
+    # Boost (25) runs after temperature (20): a boost of 1 at temperature 0.1 must not flip the argmax
+    # the way it would if it ran first (then scaled to 10).
+    logits = torch.tensor([[0.0, 0.5]])
+    chain = build_chain(["boost.amount=1", "temperature=0.1"])
+    assert chain.process(logits, NO_CONTEXT)[0].tolist() == pytest.approx([1.0, 5.0])
+
+
+def test_plugin_fixture_unregisters():
+    with pytest.raises(AnexaError, match="unknown sampler 'boost'"):
+        build_chain(["boost"])
+
+
+# --- stop strings ---------------------------------------------------------------------------------
+
+
+def test_stop_string_across_pieces_is_never_yielded_and_stops_pulling():
+    pulled = []
+
+    def pieces():
+        for piece in ["Hello, Wo", "rld! ST", "OP and more", "never pulled"]:
+            pulled.append(piece)
+            yield piece
+
+    out = list(stream_until_stop(pieces(), ["STOP"]))
+    assert out == ["Hello, Wo", "rld! "]
+    assert pulled == ["Hello, Wo", "rld! ST", "OP and more"]
+
+
+def test_stop_string_spanning_single_character_tokens():
+    out = list(stream_until_stop(iter("say <end> now"), ["<end>"]))
+    assert "".join(out) == "say "
+    assert all("<" not in piece for piece in out)
+
+
+def test_partial_match_is_held_back_then_released():
+    matcher = StopStrings(["</s>"])
+    assert matcher.feed("abc<") == "abc"
+    assert matcher.feed("/") == ""
+    assert matcher.feed("x") == "</x"
+    assert not matcher.stopped
+    assert matcher.feed("</") == ""
+    assert matcher.flush() == "</"  # the stream ended: it can no longer become a stop string
+
+
+def test_false_start_prefix_still_finds_the_stop():
+    # "ab" + "a" breaks the first attempt, but the second "ab" begins a real "abc".
+    assert "".join(stream_until_stop(["ab", "ab", "c", "tail"], ["abc"])) == "ab"
+    assert "".join(stream_until_stop(["xaab", "abcz"], ["abc"])) == "xaab"
+
+
+def test_stop_inside_one_piece_drops_the_rest():
+    assert list(stream_until_stop(["fooSTOPbar"], ["STOP"])) == ["foo"]
+    assert list(stream_until_stop(["STOP"], ["STOP"])) == []
+
+
+def test_earliest_of_several_stops_wins_even_when_a_longer_one_finishes_later():
+    assert "".join(stream_until_stop(["x\nUs", "er: hi"], ["\nUser:", "hi"])) == "x"
+    assert "".join(stream_until_stop(["x\nUs", "ex hi"], ["\nUser:", "hi"])) == "x\nUsex "
+    # "en" completes first, but "<end>" began earlier: wait for it before deciding where to cut.
+    assert "".join(stream_until_stop(["a<en", "d>"], ["<end>", "en"])) == "a"
+    assert "".join(stream_until_stop(["a<en", "x"], ["<end>", "en"])) == "a<"
+    assert "".join(stream_until_stop(["a<en"], ["<end>", "en"])) == "a<"
+
+
+def test_no_stops_yields_pieces_unchanged():
+    assert list(stream_until_stop(["a", "", "b"], [])) == ["a", "", "b"]
+
+
+def test_empty_stop_string_is_an_error():
+    with pytest.raises(AnexaError, match="non-empty"):
+        StopStrings(["\n", ""])
+
+
+def test_chain_that_removes_every_token_is_an_error():
+    class RemoveAll:
+        order = 60
+
+        def __call__(self, logits, context):
+            return torch.full_like(logits, float("-inf"))
+
+    with pytest.raises(AnexaError, match="removed every token: loosen its options"):
+        SamplerChain([RemoveAll()]).pick(torch.zeros(2, 3), torch.zeros(2, 0, dtype=torch.long))
