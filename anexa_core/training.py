@@ -171,6 +171,9 @@ def train(
     reporter = reporter or SilentReporter()
     out_dir = Path(out_dir)
     device = pick_device(train_config.device)
+    for kind, name in [("tokenizers", train_config.tokenizer), ("blocks", model_config.blocks),
+                       ("attention", model_config.attention)]:
+        plugins.get(kind, name)  # fail on a misspelt name before spending time on data
     torch.manual_seed(train_config.seed)
     batch_generator = torch.Generator().manual_seed(train_config.seed + 1)
     first_step = 0
