@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from anexa_core import checkpoint, data, plugins
+from anexa_core import checkpoint, data, distributed, plugins
 from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.errors import AnexaError
 from anexa_core.model import GPT, build_model
@@ -170,7 +170,9 @@ def train(
     """Train (or, with ``resume``, continue training) and write checkpoints under ``out_dir``."""
     reporter = reporter or SilentReporter()
     out_dir = Path(out_dir)
-    device = pick_device(train_config.device)
+    ranks, device = distributed.setup(pick_device(train_config.device))
+    if not ranks.is_main:
+        reporter = SilentReporter()
     for kind, name in [("tokenizers", train_config.tokenizer), ("blocks", model_config.blocks),
                        ("attention", model_config.attention)]:
         plugins.get(kind, name)  # fail on a misspelt name before spending time on data
@@ -197,11 +199,12 @@ def train(
         if first_step >= train_config.steps:
             raise AnexaError(f"run {out_dir} already reached step {first_step}: pass a larger --steps to continue")
         _truncate_metrics(out_dir / METRICS_FILE, first_step)
-    else:
+    elif ranks.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / METRICS_FILE).unlink(missing_ok=True)
+    parallel_model = distributed.wrap(model, ranks, device)
 
-    tokens_per_step = train_config.batch_size * model_config.block_size
+    tokens_per_step = train_config.batch_size * model_config.block_size * ranks.world_size
     reporter.start(
         train_config.steps,
         first_step,
@@ -235,10 +238,12 @@ def train(
         lr = lr_at(step, train_config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = get_batch(train_ids, model_config.block_size, train_config.batch_size, batch_generator)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = get_batch(
+            train_ids, model_config.block_size, train_config.batch_size * ranks.world_size, batch_generator
+        )
+        x, y = ranks.shard(x).to(device, non_blocking=True), ranks.shard(y).to(device, non_blocking=True)
         with autocast(device):
-            _, loss = model(x, y)
+            _, loss = parallel_model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if train_config.grad_clip > 0:
@@ -260,12 +265,14 @@ def train(
                 "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
                 "elapsed_s": round(now - started, 2),
             }
-            _append_metrics(out_dir / METRICS_FILE, record)
+            if ranks.is_main:
+                _append_metrics(out_dir / METRICS_FILE, record)
             reporter.evaluated(record)
             window_start, window_tokens = time.perf_counter(), 0
-        if done % train_config.save_every == 0 or done == train_config.steps:
+        if ranks.is_main and (done % train_config.save_every == 0 or done == train_config.steps):
             save(done, val_loss)
     reporter.finish()
+    distributed.teardown(ranks)
     return TrainResult(
         out_dir=out_dir,
         step=train_config.steps,
