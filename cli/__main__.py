@@ -1,0 +1,5 @@
+"""``python -m anexa_cli``: the same as the ``anexa`` command."""
+
+from anexa_cli.main import app
+
+app(prog_name="anexa")
