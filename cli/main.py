@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from anexa_cli.bench import bench_app
 from anexa_core.errors import AnexaError
 
 app = typer.Typer(
@@ -21,6 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+app.add_typer(bench_app, name="bench")
 
 SAMPLE_HELP = (
     "Sampler option, repeatable: NAME=VALUE sets a sampler's main option (-s top_p=0.9), "

@@ -1,0 +1,416 @@
+"""Benchmarks: every attention backend side by side, training throughput, and KV-cache decoding.
+
+Each function returns a list of JSON-able dicts (one per row) so the CLI can print a table, write JSON
+or plot. Times are the median of ``repeats`` runs after ``warmup`` runs: CUDA events on a GPU,
+``time.perf_counter`` on a CPU.
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU. On a CPU it is ``None`` ("n/a"): torch
+keeps no allocator statistics there, and the profiler's per-op memory attribution (``profile_memory``)
+gave peaks smaller than the score matrix the ``math`` backend provably allocates, so it would be a
+number that looks measured but is not.
+
+A backend that cannot run its own kernel here (``triton`` without CUDA) is not timed: its row says
+``fallback → sdpa`` and why, instead of showing SDPA's numbers under the kernel's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from anexa_core import plugins
+from anexa_core.config import TrainConfig, resolve
+from anexa_core.errors import AnexaError
+from anexa_core.files import atomic_path
+from anexa_core.generation import generate_ids
+from anexa_core.model import GPT, build_model
+from anexa_core.training import autocast, get_batch, make_optimizer, pick_device
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REFERENCE = "math"
+BENCH_VOCAB = 65  # a character-level vocabulary (tinyshakespeare's); benchmarks need no corpus
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise AnexaError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Fail with a fix rather than a deep traceback when this device cannot compute in ``dtype``."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise AnexaError("this GPU does not support bfloat16: use --dtype float16 or float32")
+    try:
+        probe = torch.ones(2, 1, 4, 8, dtype=dtype, device=device)
+        torch.nn.functional.scaled_dot_product_attention(probe, probe, probe, is_causal=True)
+    except RuntimeError as exc:
+        name = str(dtype).removeprefix("torch.")
+        message = f"{device.type} cannot compute attention in {name} ({exc}): use --dtype float32"
+        raise AnexaError(message) from None
+
+
+def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool) -> float:
+    """Forward FLOPs: QKᵀ and PV, ``2·T·T·D`` each per head; causal work is half of that."""
+    flops = 4.0 * batch * heads * seq * seq * head_dim
+    return flops / 2 if causal else flops
+
+
+FWD_BWD_FACTOR = 3.5  # backward counts 2.5× the forward (recomputed S, dP, dV, dK, dQ)
+
+
+def kernel_fallback(name: str, attention: Callable, q: torch.Tensor) -> str | None:
+    """Why backend ``name`` would not run its own kernel on ``q``; ``None`` when it would.
+
+    A backend that can fall back says so through an optional ``fallback_reason(q) -> str | None``
+    attribute on the registered callable. Until the ``triton`` plugin offers one, it is judged here
+    without importing it: triton must be importable, and the tensors on CUDA (or TRITON_INTERPRET=1).
+    """
+    probe = getattr(attention, "fallback_reason", None)
+    if callable(probe):
+        return probe(q)
+    if name != "triton":
+        return None
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"tensors are on {q.device.type}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1)"
+
+
+def fallback_label(attention: Callable) -> str:
+    """What a fallback row says; a backend falling back to something else names it in ``fallback_backend``."""
+    return f"fallback → {getattr(attention, 'fallback_backend', 'sdpa')}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(run: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median wall time of ``run`` in milliseconds after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run()
+    times = []
+    _sync(device)
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def _peak_mb(run: Callable[[], Any], device: torch.device) -> float | None:
+    """What one call of ``run`` allocates at its peak beyond what was already allocated (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def select_attention(names: Sequence[str] | None) -> dict[str, Callable]:
+    """The registered attention backends, all of them or the ``names`` asked for (in that order)."""
+    available = {name: entry.obj for name, entry in sorted(plugins.registered("attention").items())}
+    if not names:
+        return available
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        asked = ", ".join(map(repr, unknown))
+        choices = ", ".join(available)
+        raise AnexaError(f"unknown attention {asked}: choose from {choices} (see `anexa plugins`)")
+    return {name: available[name] for name in dict.fromkeys(names)}
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def bench_attention(
+    seqs: Sequence[int] = (128, 256, 512),
+    batch: int = 4,
+    heads: int = 4,
+    head_dim: int = 64,
+    dtype: str = "float32",
+    causal: bool = True,
+    attention: Sequence[str] | None = None,
+    repeats: int = 10,
+    warmup: int = 2,
+    device: str = "auto",
+) -> list[dict[str, Any]]:
+    """One row per backend per sequence length: forward and forward+backward time, TFLOP/s, memory, error.
+
+    The error is the largest absolute difference from the ``math`` backend run in float64 on the same
+    inputs; with only ``math`` itself it measures math's own rounding at the input dtype.
+    """
+    sizes = {"--batch": batch, "--heads": heads, "--head-dim": head_dim, "--repeats": repeats}
+    for label, value in sizes.items():
+        if value < 1:
+            raise AnexaError(f"{label} must be at least 1")
+    if not seqs or min(seqs) < 1:
+        raise AnexaError("--seq must list positive sequence lengths, e.g. --seq 128,256")
+    torch_dtype = parse_dtype(dtype)
+    where = pick_device(device)
+    check_dtype(torch_dtype, where)
+    backends = select_attention(attention)
+    reference = plugins.get("attention", REFERENCE)
+    rows = []
+    for seq in seqs:
+        generator = torch.Generator().manual_seed(seq)
+        shape = (batch, heads, seq, head_dim)
+        q, k, v, grad_out = (torch.randn(shape, generator=generator).to(where, torch_dtype) for _ in range(4))
+        expected = reference(q.double(), k.double(), v.double(), causal=causal)
+        flops = attention_flops(batch, heads, seq, head_dim, causal)
+        for name, attend in backends.items():
+            row = dict(
+                attention=name, batch=batch, heads=heads, seq=seq, head_dim=head_dim, dtype=dtype,
+                causal=causal, device=_device_name(where), status="ok", reason=None, fwd_ms=None,
+                fwd_bwd_ms=None, fwd_tflops=None, fwd_bwd_tflops=None, peak_mem_mb=None, max_abs_err=None,
+            )
+            rows.append(row)
+            try:
+                with torch.no_grad():
+                    out = attend(q, k, v, causal=causal)
+                row["max_abs_err"] = (out.double() - expected).abs().max().item()
+                reason = kernel_fallback(name, attend, q)
+                if reason is not None:
+                    row.update(status=fallback_label(attend), reason=reason)
+                    continue
+                row.update(_time_attention(attend, q, k, v, grad_out, causal, where, repeats, warmup))
+            except (AnexaError, ValueError) as exc:  # e.g. a kernel without this head_dim: say so, go on
+                row.update(status="unsupported", reason=str(exc))
+                continue
+            except torch.cuda.OutOfMemoryError:
+                row["status"] = "out of GPU memory"
+                torch.cuda.empty_cache()
+                continue
+            row["fwd_tflops"] = flops / (row["fwd_ms"] * 1e-3) / 1e12
+            row["fwd_bwd_tflops"] = FWD_BWD_FACTOR * flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+    return rows
+
+
+def _time_attention(attend, q, k, v, grad_out, causal, device, repeats, warmup) -> dict[str, Any]:
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    @torch.no_grad()
+    def forward():
+        attend(q, k, v, causal=causal)
+
+    def forward_backward():
+        torch.autograd.grad(attend(*leaves, causal=causal), leaves, grad_out)
+
+    return dict(
+        fwd_ms=median_ms(forward, device, repeats, warmup),
+        fwd_bwd_ms=median_ms(forward_backward, device, repeats, warmup),
+        peak_mem_mb=_peak_mb(forward_backward, device),
+    )
+
+
+def bench_model(preset: str, attention: str, device: torch.device, batch_size: int | None = None):
+    """A randomly initialised ``preset`` model using ``attention``, and the preset's training config.
+
+    Benchmarks need no corpus: the vocabulary is :data:`BENCH_VOCAB` and the tokens are random, since
+    speed does not depend on the text.
+    """
+    model_config, train_config = resolve(preset, overrides=dict(attention=attention, batch_size=batch_size))
+    with torch.random.fork_rng(devices=[]):  # the same weights every time, the caller's RNG untouched
+        torch.manual_seed(train_config.seed)
+        model = build_model(dataclasses.replace(model_config, vocab_size=BENCH_VOCAB))
+    return model.to(device), train_config
+
+
+def make_train_step(model: GPT, train_config: TrainConfig, device: torch.device) -> Callable[[], None]:
+    """One step of the training loop (batch, forward under autocast, backward, clipping, AdamW)."""
+    block = model.config.block_size
+    optimizer = make_optimizer(model, train_config, device)
+    ids = torch.randint(BENCH_VOCAB, (block * 20,), generator=torch.Generator().manual_seed(0))
+    batches = torch.Generator().manual_seed(1)
+    model.train()
+
+    def train_step() -> None:
+        x, y = get_batch(ids, block, train_config.batch_size, batches)
+        with autocast(device):
+            _, loss = model(x.to(device), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+        optimizer.step()
+
+    return train_step
+
+
+def bench_train(
+    preset: str = "seed",
+    attention: Sequence[str] | None = None,
+    steps: int = 3,
+    warmup: int = 2,
+    batch_size: int | None = None,
+    device: str = "auto",
+) -> list[dict[str, Any]]:
+    """Tokens per second of full training steps per attention backend, and peak memory on CUDA.
+
+    Throughput is ``batch_size × block_size`` over the median step time, robust to a shared machine.
+    On CUDA the step runs under the training loop's bf16 autocast, and peak memory covers weights,
+    optimizer state and activations.
+    """
+    if steps < 1:
+        raise AnexaError("--steps must be at least 1")
+    where = pick_device(device)
+    rows = []
+    for name, attend in select_attention(attention).items():
+        model, train_config = bench_model(preset, name, where, batch_size)
+        config, batch = model.config, train_config.batch_size
+        row = dict(
+            preset=preset, attention=name, device=_device_name(where), batch_size=batch,
+            block_size=config.block_size, steps=steps, status="ok", reason=None, tokens_per_s=None,
+            step_ms=None, peak_mem_mb=None, parameters=model.num_parameters(),
+        )
+        rows.append(row)
+        reason = kernel_fallback(name, attend, _attention_input(model, batch, config.block_size, where))
+        if reason is not None:
+            row.update(status=fallback_label(attend), reason=reason)
+            continue
+        try:
+            row.update(_time_training(model, train_config, where, steps, warmup))
+        except (AnexaError, ValueError) as exc:  # e.g. a kernel without this head_dim: say so, go on
+            row.update(status="unsupported", reason=str(exc))
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "out of GPU memory"
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _attention_input(model: GPT, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """A query shaped like the ones ``model`` gives its attention, in the dtype autocast gives it."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.empty(batch, model.config.n_head, length, model.config.head_dim, device=device, dtype=dtype)
+
+
+def _time_training(model, train_config, device, steps, warmup) -> dict[str, float | None]:
+    """Median step time; the optimizer state lives only while this runs, so each backend's peak is its own."""
+    train_step = make_train_step(model, train_config, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_ms = median_ms(train_step, device, steps, warmup)
+    return dict(
+        tokens_per_s=train_config.batch_size * model.config.block_size / (step_ms * 1e-3),
+        step_ms=step_ms,
+        peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+    )
+
+
+class _Greedy:
+    """Argmax picking: deterministic, and the cheapest possible choice, so decoding cost is the model's."""
+
+    def pick(self, logits, context, generator=None):
+        return logits.argmax(dim=-1, keepdim=True)
+
+
+def bench_generate(
+    preset: str = "seed",
+    prompt_len: int = 64,
+    new_tokens: int = 64,
+    attention: str = "sdpa",
+    repeats: int = 3,
+    device: str = "auto",
+) -> list[dict[str, Any]]:
+    """Decoding speed with the KV cache against recomputing the whole window for every token.
+
+    Both modes decode the same random prompt greedily with the same randomly initialised model, so
+    they must produce the same tokens (``same_tokens``). Once prompt plus new tokens exceed the
+    context length the cache has to recompute a sliding window too, and its advantage shrinks.
+    A backend that would fall back here is still measured (the comparison is about the cache) and
+    its rows say what ran.
+    """
+    if prompt_len < 1 or new_tokens < 1 or repeats < 1:
+        raise AnexaError("--prompt-len, --new-tokens and --repeats must be at least 1")
+    where = pick_device(device)
+    model, _ = bench_model(preset, attention, where)
+    attend = plugins.get("attention", attention)
+    reason = kernel_fallback(attention, attend, _attention_input(model, 1, 1, where))
+    prompt = torch.randint(BENCH_VOCAB, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    generated = {}
+
+    def decode(use_cache: bool) -> None:
+        generated[use_cache] = list(generate_ids(model, prompt, new_tokens, _Greedy(), use_cache=use_cache))
+
+    modes = {"kv cache": True, "recompute": False}
+    seconds = {
+        mode: median_ms(lambda use_cache=use_cache: decode(use_cache), where, repeats, warmup=1) / 1e3
+        for mode, use_cache in modes.items()
+    }
+    return [
+        dict(
+            mode=mode, preset=preset, attention=attention, device=_device_name(where),
+            status="ok" if reason is None else fallback_label(attend), reason=reason,
+            prompt_len=prompt_len, new_tokens=new_tokens, block_size=model.config.block_size,
+            tokens_per_s=new_tokens / seconds[mode], ms_per_token=seconds[mode] / new_tokens * 1e3,
+            speedup=seconds["recompute"] / seconds[mode], same_tokens=generated[True] == generated[False],
+        )
+        for mode in modes
+    ]
+
+
+def write_json(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+
+
+def require_matplotlib():
+    """matplotlib's pyplot on a file-only backend, or the one-line fix when it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AnexaError("--plot needs matplotlib: pip install anexa[plot]") from None
+    return plt
+
+
+def plot_attention(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+    """Forward+backward time and TFLOP/s against sequence length, one line per backend that ran."""
+    plt = require_matplotlib()
+    figure, (time_axis, rate_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(row["attention"] for row in rows):
+        ran = [row for row in rows if row["attention"] == name and row["fwd_bwd_ms"] is not None]
+        if not ran:
+            continue
+        seqs = [row["seq"] for row in ran]
+        time_axis.plot(seqs, [row["fwd_bwd_ms"] for row in ran], marker="o", label=name)
+        rate_axis.plot(seqs, [row["fwd_bwd_tflops"] for row in ran], marker="o", label=name)
+    first = rows[0]
+    shape = f"B={first['batch']} H={first['heads']} D={first['head_dim']} {first['dtype']}"
+    shape += " causal" if first["causal"] else ""
+    time_axis.set(xlabel="sequence length", ylabel="forward+backward ms", yscale="log", title=shape)
+    rate_axis.set(xlabel="sequence length", ylabel="forward+backward TFLOP/s", title=first["device"])
+    for axis in (time_axis, rate_axis):
+        axis.set_xscale("log", base=2)
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        figure.savefig(tmp, format=target.suffix.lstrip(".") or "png")
+    plt.close(figure)

@@ -1,0 +1,47 @@
+"""One decoding step of the seed preset: a token through the KV cache against recomputing the window.
+
+The prompt fills 96 of the 128 positions, so recomputing costs 97 positions and the cache one.
+"""
+
+import pytest
+import torch
+
+from anexa_core import bench
+from anexa_core.model import KVCache
+
+PROMPT_LEN = 96
+
+
+@pytest.fixture(scope="module")
+def model():
+    return bench.bench_model("seed", "sdpa", torch.device("cpu"))[0].eval()
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(bench.BENCH_VOCAB, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def test_decode_step_with_cache(benchmark, model, prompt):
+    benchmark.group = f"decode one token after {PROMPT_LEN}"
+    cache = KVCache(model.config.block_size)
+    model(prompt, cache=cache)
+    next_id = prompt[:, -1:]
+
+    def rewind():
+        cache.pos = PROMPT_LEN  # every round writes the same position, as the first new token would
+
+    logits, _ = benchmark.pedantic(
+        lambda: model(next_id, cache=cache, last_only=True), setup=rewind, rounds=50, warmup_rounds=2
+    )
+    expected, _ = model(torch.cat([prompt, next_id], dim=1), last_only=True)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_decode_step_recompute(benchmark, model, prompt):
+    benchmark.group = f"decode one token after {PROMPT_LEN}"
+    window = torch.cat([prompt, prompt[:, -1:]], dim=1)
+    logits, _ = benchmark(lambda: model(window, last_only=True))
+    assert logits.shape == (1, 1, bench.BENCH_VOCAB)

@@ -1,0 +1,224 @@
+"""``anexa bench``: attention backends side by side (the default), ``bench train`` and ``bench generate``.
+
+Parses options, calls :mod:`anexa_core.bench`, prints a table and optionally writes JSON or a plot.
+torch is imported inside the commands so ``anexa --help`` stays torch-free.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from anexa_core.errors import AnexaError
+
+bench_app = typer.Typer(
+    help="Measure this machine. Without a subcommand: time every attention plugin (forward, "
+    "forward+backward) and check it against `math`; its options go before a subcommand.",
+    invoke_without_command=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Attention = Annotated[
+    Optional[list[str]],
+    typer.Option("--attention", "-a", help="Only these attention plugins; repeatable (default: all)."),
+]
+Json = Annotated[Optional[Path], typer.Option("--json", help="Also write the rows as JSON to this file.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
+Preset = Annotated[str, typer.Option(help="Model size: seed or small.")]
+
+
+def user_errors(command):
+    """The main CLI's one-line errors (exit 2), found at call time: anexa_cli.main imports this module."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from anexa_cli.main import user_errors as one_line_errors
+
+        return one_line_errors(command)(*args, **kwargs)
+
+    return wrapper
+
+
+def parse_seqs(values: list[str]) -> list[int]:
+    """``--seq 128 --seq 256,512`` → ``[128, 256, 512]``."""
+    seqs = []
+    for value in values:
+        for part in value.split(","):
+            try:
+                seqs.append(int(part))
+            except ValueError:
+                message = f"--seq {value!r} is not a list of integers: use e.g. --seq 128,256,512"
+                raise AnexaError(message) from None
+    return seqs
+
+
+def _number(key: str, spec: str, scale: float = 1.0):
+    """A column cell: the row's ``key`` (times ``scale``) formatted, or a dash where nothing was measured."""
+    return lambda row: "—" if row[key] is None else format(row[key] * scale, spec)
+
+
+def _print_table(title: str, columns: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """``columns`` maps a header to a row key (printed as is) or to a function of the row."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for header, cell in columns.items():
+        text = isinstance(cell, str)
+        table.add_column(header, justify="left" if text else "right", no_wrap=text)
+    for row in rows:
+        table.add_row(*(str(row[cell]) if isinstance(cell, str) else cell(row) for cell in columns.values()))
+    Console().print(table)
+
+
+def _fallback_ran(row: dict[str, Any]) -> bool:
+    """The row was not timed, yet something else ran in the backend's place and was checked."""
+    return bool(row["reason"]) and row.get("max_abs_err") is not None
+
+
+def _print_notes(rows: list[dict[str, Any]]) -> None:
+    """Why a backend was not timed, once per backend rather than once per row."""
+    notes = {}
+    for row in rows:
+        if row["reason"]:
+            notes[row["attention"]] = row["reason"] + ("; * is the error of what ran instead" if _fallback_ran(row) else "")
+    for name, note in notes.items():
+        typer.echo(f"{name}: not timed, {note}")
+
+
+def _write_json(rows: list[dict[str, Any]], path: Optional[Path]) -> None:
+    if path is not None:
+        from anexa_core.bench import write_json
+
+        write_json(rows, path)
+        typer.echo(f"wrote {path}", err=True)
+
+
+@bench_app.callback()
+@user_errors
+def attention_bench(
+    ctx: typer.Context,
+    seq: Annotated[Optional[list[str]], typer.Option(help="Sequence lengths; repeatable or comma list.")] = None,
+    head_dim: Annotated[int, typer.Option(help="Head dimension D.")] = 64,
+    batch: Annotated[int, typer.Option(help="Batch size B.")] = 4,
+    heads: Annotated[int, typer.Option(help="Heads H.")] = 4,
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    causal: Annotated[bool, typer.Option("--causal/--no-causal", help="Causal mask.")] = True,
+    attention: Attention = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (the median is reported).")] = 10,
+    device: Device = "auto",
+    json_path: Json = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also plot time and FLOP/s against length to this PNG.")] = None,
+) -> None:
+    """Time every attention plugin (forward, forward+backward) and check it against `math`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from anexa_core import bench
+
+    if plot is not None:
+        bench.require_matplotlib()  # before minutes of measuring, not after
+    rows = bench.bench_attention(
+        seqs=parse_seqs(seq or ["128,256,512"]), batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
+        causal=causal, attention=attention, repeats=repeats, device=device,
+    )
+    if plot is not None:
+        bench.plot_attention(rows, plot)
+        typer.echo(f"wrote {plot}", err=True)
+    first = rows[0]
+    on_cpu = first["device"] == "cpu"
+    unit, scale = ("GFLOP/s", 1e3) if on_cpu else ("TFLOP/s", 1.0)  # a CPU reaches GFLOP/s
+    columns = {
+        "attention": "attention",
+        "T": "seq",
+        "fwd ms": _number("fwd_ms", ".3g"),
+        "fwd+bwd ms": _number("fwd_bwd_ms", ".3g"),
+        f"fwd {unit}": _number("fwd_tflops", ".3g", scale),
+        f"fwd+bwd {unit}": _number("fwd_bwd_tflops", ".3g", scale),
+        "peak MB": _number("peak_mem_mb", ".1f"),
+        "max err vs math": lambda row: _number("max_abs_err", ".1e")(row) + ("*" if _fallback_ran(row) else ""),
+        "status": "status",
+    }
+    if on_cpu:
+        del columns["peak MB"]
+    _print_table(
+        f"attention on {first['device']} · B={first['batch']} H={first['heads']} D={first['head_dim']} · "
+        f"{first['dtype']} · {'causal' if first['causal'] else 'not causal'}",
+        columns,
+        rows,
+    )
+    if on_cpu:
+        typer.echo("peak memory: not measured on CPU (torch keeps no allocator statistics there)")
+    _print_notes(rows)
+    _write_json(rows, json_path)
+
+
+@bench_app.command()
+@user_errors
+def train(
+    preset: Preset = "seed",
+    attention: Attention = None,
+    steps: Annotated[int, typer.Option(help="Timed training steps per backend (the median is reported).")] = 3,
+    batch_size: Annotated[Optional[int], typer.Option(help="Override the preset's batch size.")] = None,
+    device: Device = "auto",
+    json_path: Json = None,
+) -> None:
+    """Tokens/s of full training steps (forward, backward, AdamW) per attention plugin."""
+    from anexa_core import bench
+
+    rows = bench.bench_train(
+        preset=preset, attention=attention, steps=steps, batch_size=batch_size, device=device
+    )
+    first = rows[0]
+    tokens = f"{first['batch_size']}×{first['block_size']} tokens"
+    _print_table(
+        f"training steps · preset {preset} · {tokens} · {first['device']}",
+        {
+            "attention": "attention",
+            "tokens/s": _number("tokens_per_s", ",.0f"),
+            "step ms": _number("step_ms", ".1f"),
+            "peak MB": _number("peak_mem_mb", ".1f"),
+            "status": "status",
+        },
+        rows,
+    )
+    _print_notes(rows)
+    _write_json(rows, json_path)
+
+
+@bench_app.command()
+@user_errors
+def generate(
+    preset: Preset = "seed",
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 64,
+    new_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 64,
+    attention: Annotated[str, typer.Option(help="Attention plugin.")] = "sdpa",
+    repeats: Annotated[int, typer.Option(help="Timed decodes per mode (the median is reported).")] = 3,
+    device: Device = "auto",
+    json_path: Json = None,
+) -> None:
+    """Decode tokens/s with the KV cache against recomputing the whole context for every token."""
+    from anexa_core import bench
+
+    rows = bench.bench_generate(
+        preset=preset, prompt_len=prompt_len, new_tokens=new_tokens, attention=attention, repeats=repeats,
+        device=device,
+    )
+    lengths = f"prompt {prompt_len} + {new_tokens} new"
+    _print_table(
+        f"decoding · preset {preset} · {lengths} · {attention} · {rows[0]['device']}",
+        {
+            "mode": "mode",
+            "tokens/s": _number("tokens_per_s", ",.1f"),
+            "ms/token": _number("ms_per_token", ".2f"),
+            "speedup": _number("speedup", ".2f"),
+            "same tokens": "same_tokens",
+        },
+        rows,
+    )
+    if rows[0]["reason"]:
+        typer.echo(f"{attention}: measured its {rows[0]['status']}, because {rows[0]['reason']}")
+    _write_json(rows, json_path)
