@@ -1,0 +1,256 @@
+"""FlashAttention-2 in Triton: launchers, the autograd Function, and a dispatcher with a PyTorch fallback.
+
+Reading order: the ``@triton.jit`` kernels in :mod:`flash_attention_kernels`, then the launchers here
+that compute the grids, then :class:`FlashAttention` tying forward to backward.
+
+Cost, per (batch, head) with ``Tq`` queries, ``Tk`` keys and head dim ``D``:
+
+* FLOPs. Forward: two matmuls, ``S = QKᵀ`` and ``O = PV``, ``4·Tq·Tk·D``; causal skips the blocks above
+  the diagonal, about half of that when ``Tq == Tk``. Backward, as conventionally counted: five matmuls
+  (recompute ``S``, ``dP = dO·Vᵀ``, ``dV = Pᵀ·dO``, ``dK = dSᵀ·Q``, ``dQ = dS·K``), ``2.5×`` the
+  forward. Executed here: ``3.5×``, since the dK/dV and the dQ kernels each recompute S and dP rather
+  than exchanging dQ through atomics.
+* Memory traffic (HBM, ``e`` bytes per element). Forward: read Q once and write O once
+  (``2·Tq·D·e``), read K and V once per query tile (``2·Tk·D·e·⌈Tq/BLOCK_M⌉``, mostly from L2),
+  write the fp32 lse (``4·Tq``). The ``Tq×Tk`` score matrix never leaves the chip, so the extra memory is
+  ``O(Tq)`` (the lse) and arithmetic intensity is about ``BLOCK_M`` FLOPs per byte of K/V read.
+  Backward: the delta pre-pass reads O and dO; dK/dV reads K, V once and Q, dO, lse, delta once per key
+  tile; dQ reads Q, dO once and K, V once per query tile; dQ, dK, dV are written once each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from . import flash_attention_kernels as _kernels
+
+    TRITON_IMPORT_ERROR: str | None = None
+except ImportError as exc:  # triton is an optional dependency
+    _kernels = None
+    TRITON_IMPORT_ERROR = f"triton is not importable ({exc})"
+
+logger = logging.getLogger("anexa_kernels")
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension, which carries batch × heads
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _bucket(n: int) -> int:
+    """The power of two at or above ``n``: the autotuner's key for a length."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """How tl.dot multiplies fp32 inputs: plain TF32 only if torch was told it is fine
+    (``torch.set_float32_matmul_precision("high")``); otherwise tf32x3, three TF32 tensor-core products
+    that recover about fp32 accuracy (relative error ~1e-6) where plain fp32 FMAs spill registers and
+    run far slower. fp16/bf16 operands ignore this."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "tf32x3"
+    return "tf32"
+
+
+def _launch_context(t: torch.Tensor):
+    """Launch on the tensors' GPU, not the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _forward(q, k, v, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel: the output (same layout as ``q``) and the fp32 base-2 row log-sum-exp."""
+    batch, heads, t_q, head_dim = q.shape
+    t_k = k.shape[2]
+    # empty_like keeps q's layout: for q split out of a (B, T, H, D) projection, merging heads is free.
+    out = torch.empty_like(q)
+    lse = torch.empty((batch * heads, t_q), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    grid = lambda meta: (_cdiv(t_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    with _launch_context(q):
+        _kernels._attention_forward[grid](
+            q, k, v, out, lse,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            heads, t_q, t_k, sm_scale * math.log2(math.e), _bucket(t_q), _bucket(t_k),
+            HEAD_DIM=head_dim, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+        )
+    return out, lse
+
+
+def _backward(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float):
+    """Run the three backward kernels: delta pre-pass, dK/dV, dQ."""
+    batch, heads, t_q, head_dim = q.shape
+    t_k = k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    delta = torch.empty((batch * heads, t_q), device=q.device, dtype=torch.float32)
+    qk_scale = sm_scale * math.log2(math.e)
+    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype))
+    with _launch_context(q):
+        block = _kernels.DELTA_BLOCK_M
+        _kernels._attention_backward_delta[(_cdiv(t_q, block), batch * heads)](
+            out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, t_q,
+            HEAD_DIM=head_dim, BLOCK_M=block,
+        )
+        _kernels._attention_backward_dkdv[lambda meta: (_cdiv(t_k, meta["BLOCK_N"]), batch * heads)](
+            q, k, v, grad_out, dk, dv, lse, delta,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+            heads, t_q, t_k, qk_scale, sm_scale, _bucket(t_q), _bucket(t_k), **common,
+        )
+        _kernels._attention_backward_dq[lambda meta: (_cdiv(t_q, meta["BLOCK_M"]), batch * heads)](
+            q, k, v, grad_out, dq, lse, delta,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+            heads, t_q, t_k, qk_scale, sm_scale, _bucket(t_q), _bucket(t_k), **common,
+        )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------
+
+
+class FlashAttention(torch.autograd.Function):
+    """Forward saves Q, K, V, O and the row lse; backward recomputes P tile by tile from them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, sm_scale: float):
+        out, lse = _forward(q, k, v, causal, sm_scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.sm_scale = causal, sm_scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    """Raise ValueError naming what is wrong with ``q, k, v``; shared by the kernel and the dispatcher."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"attention expects 4-D (batch, heads, time, head_dim) tensors, got {name} of shape {shape}"
+            )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, heads and head_dim"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"attention supports float16, bfloat16 and float32, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head_dim {q.shape[3]} is not supported by the Triton kernel: use one of {SUPPORTED_HEAD_DIMS}"
+        )
+    if k.shape[2] == 0:
+        raise ValueError("attention needs at least one key (k has time 0)")
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(
+            f"causal attention needs no more queries than keys (queries are the last positions), "
+            f"got {q.shape[2]} queries and {k.shape[2]} keys"
+        )
+    if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+        raise ValueError(
+            f"batch × heads = {q.shape[0] * q.shape[1]} exceeds the kernel's grid limit {_MAX_GRID_Y}"
+        )
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, sm_scale: float | None = None
+) -> torch.Tensor:
+    """softmax(sm_scale·QKᵀ [+ causal mask])·V by the Triton kernels, differentiable.
+
+    ``(batch, heads, time, head_dim)`` tensors of one dtype (fp16, bf16, fp32; fp32 accumulation inside)
+    on one device; any strides. ``q`` may have fewer rows than ``k``/``v``: queries are then the last
+    positions and the causal mask is aligned bottom-right. ``sm_scale`` defaults to ``1/sqrt(head_dim)``.
+    Needs triton, and CUDA tensors (or ``TRITON_INTERPRET=1`` set before import, for any device).
+    """
+    if _kernels is None:
+        raise RuntimeError(f"flash_attention needs triton: {TRITON_IMPORT_ERROR}")
+    check_inputs(q, k, v, causal)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    return FlashAttention.apply(q, k, v, bool(causal), float(sm_scale))
+
+
+def _why_not_kernel(q: torch.Tensor) -> str | None:
+    """None when the Triton kernel can run on ``q``; otherwise why not, in a few words."""
+    if _kernels is None:
+        return TRITON_IMPORT_ERROR
+    if _kernels.INTERPRETED:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "the kernels were built for the Triton interpreter but TRITON_INTERPRET is no longer 1"
+        if q.dtype == torch.bfloat16:
+            return "the Triton interpreter computes bfloat16 matmuls wrongly (numpy has no bfloat16)"
+        return None
+    if not q.is_cuda:
+        return (
+            f"tensors are on {q.device.type}, and the Triton kernels need CUDA "
+            "(or TRITON_INTERPRET=1 set before import)"
+        )
+    return None
+
+
+_fallback_logged = False
+
+
+def _sdpa_attention(q, k, v, causal: bool) -> torch.Tensor:
+    """PyTorch's SDPA with Anexa's bottom-right causal alignment when queries are fewer than keys."""
+    t_q, t_k = q.shape[2], k.shape[2]
+    if not causal:
+        return F.scaled_dot_product_attention(q, k, v)
+    if t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """The Triton kernel where it can run, else PyTorch SDPA (same maths); the first fallback logs why.
+
+    Inputs are validated the same way on both paths, so a model that works here works on a GPU.
+    """
+    global _fallback_logged
+    check_inputs(q, k, v, causal)
+    reason = _why_not_kernel(q)
+    if reason is None:
+        return FlashAttention.apply(q, k, v, bool(causal), 1.0 / math.sqrt(q.shape[-1]))
+    if not _fallback_logged:
+        _fallback_logged = True
+        logger.warning("Triton attention fell back to torch scaled_dot_product_attention: %s", reason)
+    return _sdpa_attention(q, k, v, causal)
