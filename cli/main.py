@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
 from anexa_cli.bench import bench_app
+
 from anexa_core.errors import AnexaError
 
 app = typer.Typer(
@@ -86,9 +86,9 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
 ) -> None:
     """Train a GPT on a text corpus and write model.safetensors into a run folder."""
+    from anexa_cli.progress import RichReporter
     from rich.console import Console
 
-    from anexa_cli.progress import RichReporter
     from anexa_core import config as configs
     from anexa_core import training
 

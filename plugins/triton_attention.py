@@ -1,9 +1,9 @@
 """Attention plugin ``triton``: the FlashAttention-2 Triton kernels, else SDPA (logged once)."""
 
 import torch
+from anexa_kernels import SUPPORTED_HEAD_DIMS, attention
 
 from anexa_core import AnexaError, hookimpl
-from anexa_kernels import SUPPORTED_HEAD_DIMS, attention
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:

@@ -20,3 +20,19 @@ class Greedy:
 
     def pick(self, logits, context, generator=None):
         return logits.argmax(dim=-1, keepdim=True)
+
+
+def require_distribution(name: str, folder: str) -> None:
+    """Skip when a plugin distribution the set-up command installs is missing; in CI, fail instead."""
+    import importlib.metadata
+    import os
+
+    import pytest
+
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        message = f"{name} is not installed: .venv/bin/pip install {folder}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
+from anexa_cli.bench import bench_app
 from typer.testing import CliRunner
 
-from anexa_cli.bench import bench_app
 from anexa_core import bench, plugins
 from anexa_core.errors import AnexaError
 

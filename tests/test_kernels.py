@@ -25,9 +25,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from anexa_kernels import attention, flash_attention
 
 from anexa_core import AnexaError
-from anexa_kernels import attention, flash_attention
 
 # The module itself (for monkeypatching): the package attribute of that name is the function.
 fa = importlib.import_module("anexa_kernels.flash_attention")

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from helpers import TINY, Greedy, tiny_model
 
 from anexa_core import checkpoint, plugins
 from anexa_core.errors import AnexaError
 from anexa_core.generation import generate_ids
 from anexa_core.model import KVCache
-from helpers import TINY, Greedy, tiny_model
 
 
 @pytest.mark.parametrize("t_q,t_k", [(7, 7), (1, 9), (3, 9), (16, 16)])

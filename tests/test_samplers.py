@@ -1,13 +1,13 @@
 """The sampling chain: each built-in processor on hand-made logits, chain order, seeding, stop strings."""
 
-import importlib.metadata
 import math
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
 import torch
+from anexa_plugins.samplers import Greedy, MinP, RepetitionPenalty, Temperature, TopP
+from helpers import require_distribution
 
 from anexa_core import AnexaError, hookimpl
 from anexa_core.plugins import plugin_manager
@@ -18,7 +18,6 @@ from anexa_core.sampling import (
     parse_sampler_options,
     stream_until_stop,
 )
-from anexa_plugins.samplers import Greedy, MinP, RepetitionPenalty, Temperature, TopP
 
 NO_CONTEXT = torch.zeros(1, 0, dtype=torch.long)
 
@@ -33,16 +32,7 @@ def log_probs(*probs: float) -> torch.Tensor:
 
 
 def require_topk():
-    try:
-        importlib.metadata.distribution("anexa-topk")
-    except importlib.metadata.PackageNotFoundError:
-        message = (
-            "anexa-topk is not installed: "
-            ".venv/bin/pip install --no-build-isolation --no-deps ./examples/anexa-topk"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_distribution("anexa-topk", "./examples/anexa-topk")
 
 
 # --- each processor -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import require_distribution
 
 from anexa_core import AnexaError
 from anexa_core.plugins import registered
@@ -26,16 +27,7 @@ print(json.dumps({"samplers": sorted(plugins.registered("samplers")), "plugins":
 
 @pytest.fixture
 def topk_installed():
-    try:
-        importlib.metadata.distribution("anexa-topk")
-    except importlib.metadata.PackageNotFoundError:
-        message = (
-            "anexa-topk is not installed: "
-            ".venv/bin/pip install --no-build-isolation --no-deps ./examples/anexa-topk"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_distribution("anexa-topk", "./examples/anexa-topk")
 
 
 def list_samplers(load_plugins: str | None) -> dict:
