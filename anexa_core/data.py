@@ -82,7 +82,8 @@ def download(url: str, sha256: str | None = None, filename: str | None = None) -
             got = digest.hexdigest()
             if expected is not None and got != expected:
                 raise AnexaError(
-                    f"checksum mismatch for {url}: expected {expected}, got {got}; the download was discarded"
+                    f"checksum mismatch for {url}: expected {expected}, got {got}; the download was "
+                    "discarded: pass --data FILE with a local copy of the text"
                 )
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
         if isinstance(exc, urllib.error.HTTPError):

@@ -1,4 +1,9 @@
-"""Built-in corpora: two public-domain books, pinned by SHA-256 and downloaded on first use."""
+"""Built-in corpora: two public-domain books, pinned by SHA-256 and downloaded on first use.
+
+The hashes are those of the copies the project tests on. Sherlock's copy has the Project Gutenberg
+header and footer removed; should the file served upstream differ, the download is refused with a
+checksum error that tells the user to pass ``--data FILE`` instead of training on unknown bytes.
+"""
 
 from anexa_core import hookimpl
 from anexa_core.data import RemoteText
