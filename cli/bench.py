@@ -6,11 +6,11 @@ torch is imported inside the commands so ``anexa --help`` stays torch-free.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from anexa_cli.errors import user_errors
 
 from anexa_core.errors import AnexaError
 
@@ -29,18 +29,6 @@ Attention = Annotated[
 Json = Annotated[Optional[Path], typer.Option("--json", help="Also write the rows as JSON to this file.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
 Preset = Annotated[str, typer.Option(help="Model size: seed or small.")]
-
-
-def user_errors(command):
-    """The main CLI's one-line errors (exit 2), found at call time: anexa_cli.main imports this module."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from anexa_cli.main import user_errors as one_line_errors
-
-        return one_line_errors(command)(*args, **kwargs)
-
-    return wrapper
 
 
 def parse_seqs(values: list[str]) -> list[int]:

@@ -3,7 +3,6 @@ so ``anexa --help`` stays fast and torch-free."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -12,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from anexa_cli.bench import bench_app
+from anexa_cli.errors import user_errors
 
 from anexa_core.errors import AnexaError
 
@@ -39,20 +39,6 @@ Sample = Annotated[Optional[list[str]], typer.Option("--sample", "-s", help=SAMP
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this string (not printed); repeatable.")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed: same seed, same text.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
-
-
-def user_errors(command):
-    """An AnexaError becomes one line on stderr and exit code 2, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except AnexaError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 @app.callback()
