@@ -16,7 +16,6 @@ A backend that cannot run its own kernel here (``triton`` without CUDA) is not t
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import statistics
@@ -72,19 +71,10 @@ def kernel_fallback(name: str, attention: Callable, q: torch.Tensor) -> str | No
     """Why backend ``name`` would not run its own kernel on ``q``; ``None`` when it would.
 
     A backend that can fall back says so through an optional ``fallback_reason(q) -> str | None``
-    attribute on the registered callable. Until the ``triton`` plugin offers one, it is judged here
-    without importing it: triton must be importable, and the tensors on CUDA (or TRITON_INTERPRET=1).
+    attribute on the registered callable (see :class:`~anexa_core.interfaces.Attention`).
     """
     probe = getattr(attention, "fallback_reason", None)
-    if callable(probe):
-        return probe(q)
-    if name != "triton":
-        return None
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return f"tensors are on {q.device.type}; the Triton kernel needs CUDA (or TRITON_INTERPRET=1)"
+    return probe(q) if callable(probe) else None
 
 
 def fallback_label(attention: Callable) -> str:

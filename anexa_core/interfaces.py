@@ -37,6 +37,8 @@ class Attention(Protocol):
 
     ``q`` may be shorter than ``k``/``v`` (decoding with a KV cache): queries are then the last
     positions, and the causal mask is aligned to the bottom right (query i sees keys <= i + Tk - Tq).
+    A backend that may compute with another one (a kernel's fallback) can expose
+    ``fallback_reason(q) -> str | None`` and ``fallback_backend: str`` so benchmarks label it honestly.
     """
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor: ...

@@ -208,7 +208,7 @@ def flash_attention(
     return FlashAttention.apply(q, k, v, bool(causal), float(sm_scale))
 
 
-def _why_not_kernel(q: torch.Tensor) -> str | None:
+def fallback_reason(q: torch.Tensor) -> str | None:
     """None when the Triton kernel can run on ``q``; otherwise why not, in a few words."""
     if _kernels is None:
         return TRITON_IMPORT_ERROR
@@ -247,7 +247,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """
     global _fallback_logged
     check_inputs(q, k, v, causal)
-    reason = _why_not_kernel(q)
+    reason = fallback_reason(q)
     if reason is None:
         return FlashAttention.apply(q, k, v, bool(causal), 1.0 / math.sqrt(q.shape[-1]))
     if not _fallback_logged:

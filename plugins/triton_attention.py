@@ -1,7 +1,7 @@
 """Attention plugin ``triton``: the FlashAttention-2 Triton kernels, else SDPA (logged once)."""
 
 import torch
-from anexa_kernels import SUPPORTED_HEAD_DIMS, attention
+from anexa_kernels import SUPPORTED_HEAD_DIMS, attention, fallback_reason
 
 from anexa_core import AnexaError, hookimpl
 
@@ -15,6 +15,9 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
             f"head_dim {head_dim}: change n_embd or n_head, or use attention 'sdpa'"
         )
     return attention(q, k, v, causal=causal)
+
+
+triton_attention.fallback_reason = fallback_reason  # lets `anexa bench` label fallback rows honestly
 
 
 @hookimpl
