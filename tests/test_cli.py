@@ -171,3 +171,13 @@ def test_real_subprocess_train_then_generate(sherlock_path, tmp_path):
     )
     assert generated.returncode == 0, generated.stderr
     assert len(generated.stdout) == 26 and generated.stderr == ""
+
+
+def test_bpe_run_generates_from_any_text(sherlock_path, tmp_path):
+    out = tmp_path / "bpe"
+    trained = runner.invoke(app, ["train", "--data", str(sherlock_path), "--tokenizer", "bpe", "--vocab-size", "300",
+                                  *TINY_FLAGS, "--steps", "6", "--eval-every", "6", "--out", str(out)])
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(app, ["generate", "naïve ☃ Holmes", "--model", str(out), "-n", "12", "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith("\n") and len(result.stdout) > 1

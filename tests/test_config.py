@@ -1,0 +1,62 @@
+"""Presets, then a TOML file, then flags — in that order; mistakes are one-line errors."""
+
+from pathlib import Path
+
+import pytest
+
+from anexa_core.config import resolve
+from anexa_core.errors import AnexaError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_presets():
+    seed_model, seed_train = resolve("seed")
+    assert (seed_model.n_layer, seed_model.n_head, seed_model.n_embd, seed_model.block_size) == (4, 4, 128, 128)
+    assert seed_train.steps == 5000
+    small_model, small_train = resolve("small")
+    assert (small_model.n_layer, small_model.n_head, small_model.n_embd, small_model.block_size) == (6, 6, 384, 256)
+    assert small_train.batch_size == 64
+
+
+def test_toml_overrides_preset_and_flags_override_toml(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('lr = 3e-4\n[model]\nn_layer = 2\nattention = "math"\n[train]\nsteps = 70\nbatch_size = 8\n')
+    model, train = resolve("small", config, {"steps": 90, "n_embd": None})
+    assert (model.n_layer, model.n_embd, model.attention) == (2, 384, "math")  # TOML over preset
+    assert (train.lr, train.batch_size) == (3e-4, 8)
+    assert train.steps == 90  # flag over TOML; None means "not given"
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("n_layers = 3\n", "unknown setting 'n_layers'"),
+        ("steps = \n", "not valid TOML"),
+        ("n_embd = 100\nn_head = 3\n", "divisible"),
+        ("dropout = 1.5\n", "dropout must be in"),
+        ("lr = 0.1\nmin_lr = 0.5\n", "learning rates"),
+    ],
+)
+def test_bad_config_file(tmp_path, text, match):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    with pytest.raises(AnexaError, match=match):
+        resolve("seed", config)
+
+
+def test_missing_config_file_and_unknown_preset(tmp_path):
+    with pytest.raises(AnexaError, match="not found"):
+        resolve("seed", tmp_path / "nope.toml")
+    with pytest.raises(AnexaError, match="unknown preset 'tiny': choose one of seed, small"):
+        resolve("tiny")
+
+
+def test_nothing_loads_or_saves_with_pickle():
+    """Checkpoints are safetensors only: no torch.load, no pickle in the product's code."""
+    sources = [p for folder in ("anexa_core", "plugins", "kernels", "cli") for p in (REPO / folder).rglob("*.py")]
+    assert sources
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        for banned in ("torch.load(", "import pickle", "pickle.load", "torch.save("):
+            assert banned not in text, f"{banned} in {path}"
