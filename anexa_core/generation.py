@@ -46,17 +46,20 @@ def generate_ids(
             logits, _ = model(history[:, -block_size:], cache=cache, last_only=True)
         return logits[:, -1, :].float()
 
+    def forward_next(token: torch.Tensor) -> torch.Tensor:
+        if cache is None or cache.pos >= block_size:
+            return forward_window()
+        with autocast(device):
+            logits, _ = model(token, cache=cache, last_only=True)
+        return logits[:, -1, :].float()
+
     logits = forward_window()
-    for _ in range(max_new_tokens):
+    for produced in range(max_new_tokens):
+        if produced:  # computed only when another token is wanted
+            logits = forward_next(next_id)
         next_id = chain.pick(logits, history, generator).view(1, 1).to(device)
         history = torch.cat([history, next_id], dim=1)
         yield int(next_id)
-        if cache is None or cache.pos >= block_size:
-            logits = forward_window()
-        else:
-            with autocast(device):
-                logits, _ = model(next_id, cache=cache, last_only=True)
-            logits = logits[:, -1, :].float()
 
 
 def decode_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:
