@@ -30,17 +30,12 @@ FORMAT = "anexa/1"
 
 
 def _plugin_versions(names: dict[str, str]) -> dict[str, dict[str, str | None]]:
-    """For each (kind, name) used, the plugin that provides it and its distribution version."""
+    """For each (kind, name) used, the distribution and version of the plugin that provides it."""
+    described = plugins.describe_plugins()
     out = {}
-    dists = {p["name"]: p for p in plugins.describe_plugins()}
     for kind, name in names.items():
-        entry = plugins.registered(kind).get(name)
-        plugin = dists.get(entry.plugin) if entry else None
-        out[kind] = {
-            "name": name,
-            "distribution": plugin["distribution"] if plugin else None,
-            "version": plugin["version"] if plugin else None,
-        }
+        owner = next((p for p in described if name in p["registers"].get(kind, [])), {})
+        out[kind] = {"name": name, "distribution": owner.get("distribution"), "version": owner.get("version")}
     return out
 
 

@@ -54,12 +54,12 @@ def generate_ids(
         return logits[:, -1, :].float()
 
     logits = forward_window()
-    for produced in range(max_new_tokens):
-        if produced:  # computed only when another token is wanted
-            logits = forward_next(next_id)
+    for produced in range(1, max_new_tokens + 1):
         next_id = chain.pick(logits, history, generator).view(1, 1).to(device)
         history = torch.cat([history, next_id], dim=1)
         yield int(next_id)
+        if produced < max_new_tokens:  # no forward pass for a token nobody asked for
+            logits = forward_next(next_id)
 
 
 def decode_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:

@@ -100,19 +100,13 @@ def train(
     )
 
 
-def _load(model: Optional[Path], device: str):
-    from anexa_core import checkpoint, training
+def _load(model: Optional[Path], device: str, sample: Optional[list[str]], temperature: Optional[float]):
+    """The model, tokenizer and checkpoint metadata, and the sampler chain the flags ask for."""
+    from anexa_core import checkpoint, sampling, training
 
     path = model if model is not None else checkpoint.latest_run(Path("runs"))
-    return checkpoint.load_model(path, training.pick_device(device))
-
-
-def _stream(model_path, device, prompt, max_new_tokens, temperature, sample, stop, seed):
-    from anexa_core import generation, sampling
-
-    model, tokenizer, _ = _load(model_path, device)
-    chain = sampling.build_chain(sample or [], temperature)
-    return generation.generate_text(model, tokenizer, prompt, max_new_tokens, chain, seed, stop or [])
+    loaded, tokenizer, meta = checkpoint.load_model(path, training.pick_device(device))
+    return loaded, tokenizer, meta, sampling.build_chain(sample or [], temperature)
 
 
 @app.command()
@@ -128,9 +122,12 @@ def generate(
     device: Device = "auto",
 ) -> None:
     """Print one continuation of PROMPT (only the generated text, for scripts)."""
+    from anexa_core.generation import generate_text
+
+    loaded, tokenizer, _, chain = _load(model, device, sample, temperature)
     if prompt is None:
         prompt = sys.stdin.read()
-    for piece in _stream(model, device, prompt, max_new_tokens, temperature, sample, stop, seed):
+    for piece in generate_text(loaded, tokenizer, prompt, max_new_tokens, chain, seed, stop or []):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -148,10 +145,9 @@ def chat(
     device: Device = "auto",
 ) -> None:
     """Continue prompts interactively, streaming tokens; `quit`, `exit` or Ctrl-D ends."""
-    from anexa_core import generation, sampling
+    from anexa_core.generation import generate_text
 
-    loaded, tokenizer, meta = _load(model, device)
-    chain = sampling.build_chain(sample or [], temperature)
+    loaded, tokenizer, meta, chain = _load(model, device, sample, temperature)
     typer.echo(f"model: step {meta.get('step')}, val loss {meta.get('val_loss', float('nan')):.4f}. `quit` to leave.")
     turn = 0
     while True:
@@ -167,7 +163,7 @@ def chat(
         sys.stdout.write("Response: ")
         try:
             turn_seed = None if seed is None else seed + turn
-            for piece in generation.generate_text(loaded, tokenizer, prompt, max_new_tokens, chain, turn_seed, stop or []):
+            for piece in generate_text(loaded, tokenizer, prompt, max_new_tokens, chain, turn_seed, stop or []):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except AnexaError as exc:  # e.g. unseen characters: report and keep chatting

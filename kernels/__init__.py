@@ -5,6 +5,6 @@
 ``scaled_dot_product_attention``, logging why once (logger ``anexa_kernels``).
 """
 
-from .flash_attention import SUPPORTED_HEAD_DIMS, attention, fallback_reason, flash_attention
+from .flash_attention import SUPPORTED_HEAD_DIMS, attention, fallback_reason, flash_attention, sdpa_attention
 
-__all__ = ["SUPPORTED_HEAD_DIMS", "attention", "fallback_reason", "flash_attention"]
+__all__ = ["SUPPORTED_HEAD_DIMS", "attention", "fallback_reason", "flash_attention", "sdpa_attention"]

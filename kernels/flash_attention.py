@@ -229,10 +229,13 @@ def fallback_reason(q: torch.Tensor) -> str | None:
 _fallback_logged = False
 
 
-def _sdpa_attention(q, k, v, causal: bool) -> torch.Tensor:
-    """PyTorch's SDPA with Anexa's bottom-right causal alignment when queries are fewer than keys."""
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """PyTorch's SDPA with bottom-right causal alignment when queries are fewer than keys.
+
+    (SDPA's own ``is_causal`` aligns top-left; a single query sees every key either way.)
+    """
     t_q, t_k = q.shape[2], k.shape[2]
-    if not causal:
+    if not causal or t_q == 1:
         return F.scaled_dot_product_attention(q, k, v)
     if t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -253,4 +256,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if not _fallback_logged:
         _fallback_logged = True
         logger.warning("Triton attention fell back to torch scaled_dot_product_attention: %s", reason)
-    return _sdpa_attention(q, k, v, causal)
+    return sdpa_attention(q, k, v, causal)
