@@ -121,16 +121,35 @@ def _peak_mb(run: Callable[[], Any], device: torch.device) -> float | None:
 
 
 def select_attention(names: Sequence[str] | None) -> dict[str, Callable]:
-    """The registered attention backends, all of them or the ``names`` asked for (in that order)."""
-    available = {name: entry.obj for name, entry in sorted(plugins.registered("attention").items())}
+    """The registered attention backends with default options, all of them or the ``names`` asked for
+    (in that order). Names that clash between two plugins are left out of "all" (``anexa plugins``
+    lists them) and refused by name."""
+    available = sorted(plugins.registered("attention"))
     if not names:
-        return available
+        clashing = {conflict["name"] for conflict in plugins.conflicts() if conflict["kind"] == "attention"}
+        names = [name for name in available if name not in clashing]
     unknown = [name for name in names if name not in available]
     if unknown:
         asked = ", ".join(map(repr, unknown))
-        choices = ", ".join(available)
-        raise AnexaError(f"unknown attention {asked}: choose from {choices} (see `anexa plugins`)")
-    return {name: available[name] for name in dict.fromkeys(names)}
+        raise AnexaError(f"unknown attention {asked}: choose from {', '.join(available)} (see `anexa plugins`)")
+    return {name: _create_or_error(name) for name in dict.fromkeys(names)}
+
+
+def _create_or_error(name: str) -> Callable | AnexaError:
+    """A backend with default options, or the error that prevents it (the row reports it; others still run)."""
+    try:
+        return plugins.create("attention", name)[0]
+    except AnexaError as exc:
+        return exc
+
+
+def reference_of(attention: Callable) -> tuple[Callable, str]:
+    """What a backend is checked against: its own declared ``reference`` (an attention that is not exact
+    softmax attention by design), else the ``math`` backend. Returns the function and its label."""
+    own = getattr(attention, "reference", None)
+    if callable(own):
+        return own, "own reference"
+    return plugins.create("attention", REFERENCE)[0], REFERENCE
 
 
 def _device_name(device: torch.device) -> str:
@@ -164,25 +183,32 @@ def bench_attention(
     where = pick_device(device)
     check_dtype(torch_dtype, where)
     backends = select_attention(attention)
-    reference = plugins.get("attention", REFERENCE)
     rows = []
     for seq in seqs:
         generator = torch.Generator().manual_seed(seq)
         shape = (batch, heads, seq, head_dim)
         q, k, v, grad_out = (torch.randn(shape, generator=generator).to(where, torch_dtype) for _ in range(4))
-        expected = reference(q.double(), k.double(), v.double(), causal=causal)
         flops = attention_flops(batch, heads, seq, head_dim, causal)
         for name, attend in backends.items():
             row = dict(
                 attention=name, batch=batch, heads=heads, seq=seq, head_dim=head_dim, dtype=dtype,
                 causal=causal, device=_device_name(where), status="ok", reason=None, fwd_ms=None,
                 fwd_bwd_ms=None, fwd_tflops=None, fwd_bwd_tflops=None, peak_mem_mb=None, max_abs_err=None,
+                checked_against=None,
             )
             rows.append(row)
+            if isinstance(attend, AnexaError):
+                row.update(status="broken", reason=str(attend))
+                continue
+            reference, row["checked_against"] = reference_of(attend)
+            checked_against = row["checked_against"]
             try:
                 with torch.no_grad():
                     out = attend(q, k, v, causal=causal)
+                    expected = reference(q.double(), k.double(), v.double(), causal=causal)
                 row["max_abs_err"] = (out.double() - expected).abs().max().item()
+                if checked_against != REFERENCE:
+                    row["status"] = "ok, not exact: vs its own reference"
                 reason = kernel_fallback(name, attend, q)
                 if reason is not None:
                     row.update(status=fallback_label(attend), reason=reason)
@@ -233,7 +259,7 @@ def bench_model(preset: str, attention: str, device: torch.device, batch_size: i
 def make_train_step(model: GPT, train_config: TrainConfig, device: torch.device) -> Callable[[], None]:
     """One step of the training loop (batch, forward under autocast, backward, clipping, AdamW)."""
     block = model.config.block_size
-    optimizer = make_optimizer(model, train_config, device)
+    optimizer = make_optimizer(model, train_config)
     ids = torch.randint(BENCH_VOCAB, (block * 20,), generator=torch.Generator().manual_seed(0))
     batches = torch.Generator().manual_seed(1)
     model.train()
@@ -269,6 +295,11 @@ def bench_train(
     where = pick_device(device)
     rows = []
     for name, attend in select_attention(attention).items():
+        if isinstance(attend, AnexaError):
+            rows.append(dict(preset=preset, attention=name, device=_device_name(where), status="broken",
+                             reason=str(attend), tokens_per_s=None, step_ms=None, peak_mem_mb=None,
+                             batch_size=None, block_size=None, steps=steps, parameters=None))
+            continue
         model, train_config = bench_model(preset, name, where, batch_size)
         config, batch = model.config, train_config.batch_size
         row = dict(
@@ -325,38 +356,36 @@ def bench_generate(
     repeats: int = 3,
     device: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Decoding speed with the KV cache against recomputing the whole window for every token.
+    """Decoding speed of each context policy against recomputing the whole window for every token
+    (nanoGPT's ``generate``), on the same random prompt, greedily, with the same random model.
 
-    Both modes decode the same random prompt greedily with the same randomly initialised model, so
-    they must produce the same tokens (``same_tokens``). Once prompt plus new tokens exceed the
-    context length the cache has to recompute a sliding window too, and its advantage shrinks.
-    A backend that would fall back here is still measured (the comparison is about the cache) and
-    its rows say what ran.
+    Rows: ``shift`` and ``sliding`` (both with the KV cache, see :mod:`anexa_core.generation`) and
+    ``recompute``. ``same_tokens`` says whether a row produced recompute's tokens: ``sliding`` always
+    must; ``shift`` must while prompt plus output fit the context, and past it predicts from a shorter
+    window by design. A backend that would fall back here is still measured (the comparison is about
+    the cache) and its rows say what ran.
     """
     if prompt_len < 1 or new_tokens < 1 or repeats < 1:
         raise AnexaError("--prompt-len, --new-tokens and --repeats must be at least 1")
     where = pick_device(device)
     model, _ = bench_model(preset, attention, where)
-    attend = plugins.get("attention", attention)
+    attend, _ = plugins.create("attention", attention)
     reason = kernel_fallback(attention, attend, _attention_input(model, 1, 1, where))
     prompt = torch.randint(BENCH_VOCAB, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    modes = {"shift": dict(context="shift"), "sliding": dict(context="sliding"), "recompute": dict(use_cache=False)}
     generated = {}
 
-    def decode(use_cache: bool) -> None:
-        generated[use_cache] = list(generate_ids(model, prompt, new_tokens, _Greedy(), use_cache=use_cache))
+    def decode(mode: str) -> None:
+        generated[mode] = list(generate_ids(model, prompt, new_tokens, _Greedy(), **modes[mode]))
 
-    modes = {"kv cache": True, "recompute": False}
-    seconds = {
-        mode: median_ms(lambda use_cache=use_cache: decode(use_cache), where, repeats, warmup=1) / 1e3
-        for mode, use_cache in modes.items()
-    }
+    seconds = {mode: median_ms(lambda mode=mode: decode(mode), where, repeats, warmup=1) / 1e3 for mode in modes}
     return [
         dict(
             mode=mode, preset=preset, attention=attention, device=_device_name(where),
             status="ok" if reason is None else fallback_label(attend), reason=reason,
             prompt_len=prompt_len, new_tokens=new_tokens, block_size=model.config.block_size,
             tokens_per_s=new_tokens / seconds[mode], ms_per_token=seconds[mode] / new_tokens * 1e3,
-            speedup=seconds["recompute"] / seconds[mode], same_tokens=generated[True] == generated[False],
+            speedup=seconds["recompute"] / seconds[mode], same_tokens=generated[mode] == generated["recompute"],
         )
         for mode in modes
     ]

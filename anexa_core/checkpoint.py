@@ -1,8 +1,15 @@
 """Checkpoints as safetensors, written atomically. No pickle anywhere.
 
-``model.safetensors``: weights, with JSON metadata (model config, tokenizer, plugin names and
-versions, step, val loss). ``train_state.safetensors``: AdamW moments and RNG states, with the
-training config, step and optimizer hyper-parameters as metadata.
+A run folder holds:
+
+- ``model.safetensors`` — the latest weights, with JSON metadata: the model config (every plugin's name
+  and options), the tokenizer (name, options, learned vocabulary), which distribution and version
+  provided each plugin, the step, losses and the training config. Enough to rebuild the model alone.
+- ``best.safetensors`` — the same for the step with the lowest validation loss so far. ``generate``,
+  ``chat`` and ``export`` load it from a run folder by default.
+- ``train_state.safetensors`` — everything ``--resume`` needs, self-contained: the weights again, the
+  optimizer's state, the RNG states, the step and the training config. Resuming reads only this file,
+  so a crash between two writes can never pair weights of one step with optimizer moments of another.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,116 +33,248 @@ from anexa_core.interfaces import Tokenizer
 from anexa_core.model import GPT, build_model
 
 MODEL_FILE = "model.safetensors"
+BEST_FILE = "best.safetensors"
 STATE_FILE = "train_state.safetensors"
-FORMAT = "anexa/1"
+METRICS_FILE = "metrics.jsonl"
+FORMAT = "anexa/2"
+_OLD_FORMAT = "anexa/1"  # anexa 0.1: models still load; their runs cannot be resumed
 
 
-def _plugin_versions(names: dict[str, str]) -> dict[str, dict[str, str | None]]:
-    """For each (kind, name) used, the distribution and version of the plugin that provides it."""
-    described = plugins.describe_plugins()
-    out = {}
-    for kind, name in names.items():
-        owner = next((p for p in described if name in p["registers"].get(kind, [])), {})
-        out[kind] = {"name": name, "distribution": owner.get("distribution"), "version": owner.get("version")}
-    return out
+def anexa_version() -> str:
+    return importlib.metadata.version("anexa")
 
 
-def save_model(path: Path, model: GPT, tokenizer_name: str, tokenizer: Tokenizer, **info: Any) -> None:
-    """Write weights and everything needed to rebuild the model and tokenizer."""
+def model_metadata(model: GPT, tokenizer: Tokenizer, tokenizer_name: str, tokenizer_options: dict[str, Any],
+                   **info: Any) -> dict[str, Any]:
+    """Everything needed to rebuild ``model`` and its tokenizer, plus ``info`` (step, losses, …)."""
     config = model.config
-    meta = {
+    return {
         "format": FORMAT,
-        "anexa_version": importlib.metadata.version("anexa"),
+        "anexa_version": anexa_version(),
         "model_config": dataclasses.asdict(config),
-        "tokenizer": {"name": tokenizer_name, "data": tokenizer.to_dict()},
-        "plugins": _plugin_versions(
-            {"blocks": config.blocks, "attention": config.attention, "tokenizers": tokenizer_name}
-        ),
+        "tokenizer": {"name": tokenizer_name, "options": dict(tokenizer_options), "state": tokenizer.state_dict()},
+        "plugins": {
+            "blocks": plugins.provenance("blocks", config.blocks, config.blocks_options),
+            "attention": plugins.provenance("attention", config.attention, config.attention_options),
+            "tokenizer": plugins.provenance("tokenizers", tokenizer_name, tokenizer_options),
+        },
         **info,
     }
+
+
+def save_model(path: Path, model: GPT, meta: dict[str, Any]) -> None:
+    """Write ``model``'s weights with ``meta`` (from :func:`model_metadata`) atomically."""
     with atomic_path(path) as tmp:
         safetensors.torch.save_model(model, str(tmp), metadata={"anexa": json.dumps(meta)})
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The Anexa metadata of a checkpoint; a one-line error when it is missing, foreign or corrupt."""
+def checkpoint_file(path: Path) -> Path:
+    """A run folder's best checkpoint if it has one, else its latest; a file stays as it is."""
     path = Path(path)
     if path.is_dir():
-        path = path / MODEL_FILE
-    if not path.is_file():
+        best = path / BEST_FILE
+        return best if best.is_file() else path / MODEL_FILE
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The Anexa metadata of a checkpoint (file or run folder); a one-line error when it is missing,
+    foreign or corrupt. Metadata of anexa 0.1 checkpoints is brought up to date."""
+    path = checkpoint_file(path)
+    if path.is_dir() or not path.exists():
         raise AnexaError(f"no checkpoint at {path}: train one with `anexa train` or pass --model DIR")
+    if not path.is_file():
+        raise AnexaError(f"{path} is not a file: pass a run folder or a model.safetensors")
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get("anexa")
         meta = json.loads(raw) if raw else None
-    except Exception as exc:  # safetensors raises several error types for damaged headers
+    except Exception as exc:  # safetensors raises several error types for damaged or foreign files
+        if path.suffix != ".safetensors":
+            raise AnexaError(f"{path} is not a safetensors checkpoint: pass a run folder or a model.safetensors") from None
         raise AnexaError(f"checkpoint {path} is corrupt ({type(exc).__name__}): retrain or pass another --model") from None
-    if not meta or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, _OLD_FORMAT):
         raise AnexaError(f"{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`")
-    return meta
+    return _migrate(meta) if meta["format"] == _OLD_FORMAT else meta
 
 
-def load_model(path: Path, device: str | torch.device = "cpu", attention: str | None = None):
-    """Rebuild ``(model, tokenizer, metadata)`` from a checkpoint file or run folder.
+def _migrate(meta: dict[str, Any]) -> dict[str, Any]:
+    """anexa/1 → anexa/2: plugin options did not exist (gpt2's ``bias`` was a model setting)."""
+    if "model_config" not in meta:  # an old training state: nothing to rebuild from it
+        return meta
+    config = dict(meta["model_config"])
+    bias = config.pop("bias", True)
+    config["blocks_options"] = {"bias": bias} if config.get("blocks") == "gpt2" else {}
+    config.setdefault("attention_options", {})
+    old_plugins = meta.get("plugins", {})
+    tokenizer = meta["tokenizer"]
+    vocab = (meta.get("train_config") or {}).get("vocab_size")
+    options = {"vocab_size": vocab} if tokenizer["name"] == "bpe" and vocab else {}
+    new_plugins = {kind: {**old_plugins.get(kind, {}), "options": config[f"{kind}_options"]}
+                   for kind in ("blocks", "attention")}
+    new_plugins["tokenizer"] = {**old_plugins.get("tokenizers", {}), "options": options}
+    return {**meta, "model_config": config, "plugins": new_plugins,
+            "tokenizer": {"name": tokenizer["name"], "options": options, "state": tokenizer["data"]}}
 
-    ``attention`` swaps the attention backend (weights do not depend on it).
+
+def _model_config(meta: dict[str, Any], path: Path) -> ModelConfig:
+    try:
+        return ModelConfig(**meta["model_config"])
+    except (TypeError, KeyError, AnexaError) as exc:
+        raise AnexaError(f"checkpoint {path} has a malformed model config ({exc}): retrain or pass another --model") from None
+
+
+def load_tokenizer(meta: dict[str, Any]) -> Tokenizer:
+    """The tokenizer a checkpoint's metadata describes, created with its options and vocabulary."""
+    entry = meta["tokenizer"]
+    tokenizer, _ = plugins.create("tokenizers", entry["name"], entry.get("options", {}),
+                                  needed_by=meta.get("plugins", {}).get("tokenizer"))
+    tokenizer.load_state_dict(entry["state"])
+    return tokenizer
+
+
+def rebuild(meta: dict[str, Any], path: Path, attention: str | None = None,
+            attention_options: dict[str, Any] | None = None) -> tuple[GPT, Tokenizer]:
+    """An untrained model and the tokenizer, exactly as ``meta`` describes them.
+
+    ``attention`` swaps the attention plugin (with ``attention_options``); the weights do not depend on it,
+    though an attention that computes something else (a sliding window) changes what the model says.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / MODEL_FILE
-    meta = read_metadata(path)
-    config = ModelConfig(**meta["model_config"])
+    config = _model_config(meta, path)
     if attention is not None:
-        config = dataclasses.replace(config, attention=attention)
-    tokenizer = plugins.get("tokenizers", meta["tokenizer"]["name"]).from_dict(meta["tokenizer"]["data"])
-    model = build_model(config)
+        config = dataclasses.replace(config, attention=attention, attention_options=attention_options or {})
+    return build_model(config, needed_by=meta.get("plugins")), load_tokenizer(meta)
+
+
+def load_model(path: Path, device: str | torch.device = "cpu", attention: str | None = None,
+               attention_options: dict[str, Any] | None = None) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """``(model, tokenizer, metadata)`` from a checkpoint file or a run folder (its best checkpoint).
+
+    The metadata gains ``"path"``: the file that was loaded.
+    """
+    path = checkpoint_file(path)
+    meta = read_metadata(path)
+    if "model_config" not in meta:
+        raise AnexaError(f"{path} is a training state, not a model: pass the run folder or its model.safetensors")
+    model, tokenizer = rebuild(meta, path, attention, attention_options)
     try:
         missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False, device=str(device))
     except Exception as exc:
         raise AnexaError(f"checkpoint {path} is corrupt ({type(exc).__name__}): retrain or pass another --model") from None
+    _check_keys(model, path, missing, unexpected)
+    return model.to(device), tokenizer, {**meta, "path": str(path)}
+
+
+def _check_keys(model: GPT, path: Path, missing, unexpected) -> None:
+    if model.config.tie_embeddings:
+        missing = [name for name in missing if name != "lm_head.weight"]
     if missing or unexpected:
         raise AnexaError(
-            f"checkpoint {path} does not match the {config.blocks!r} blocks "
+            f"checkpoint {path} does not match the {model.config.blocks!r} blocks "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}): is the right plugin installed?"
         )
-    return model.to(device), tokenizer, meta
 
 
-def save_train_state(path: Path, optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor], **info: Any) -> None:
-    """Optimizer moments and RNG states as tensors; hyper-parameters and ``info`` as JSON metadata."""
-    state = optimizer.state_dict()
-    tensors = {f"rng.{name}": t.contiguous().cpu() for name, t in rng.items()}
-    for index, param_state in state["state"].items():
-        for key, value in param_state.items():
-            tensors[f"optim.{index}.{key}"] = value.contiguous().cpu()
-    meta = {"format": FORMAT, "param_groups": state["param_groups"], **info}
+# --- training state -------------------------------------------------------------------------------
+
+
+def _flatten(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A nested state dict as JSON, with every tensor moved into ``tensors`` under a path-like key."""
+    if isinstance(value, torch.Tensor):
+        tensors[prefix] = value.detach().contiguous().cpu()
+        return {"__tensor__": prefix}
+    if isinstance(value, dict):
+        return {"__dict__": [[_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
+                             for i, (k, v) in enumerate(value.items())]}
+    if isinstance(value, (list, tuple)):
+        items = [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} in a training state")
+
+
+def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__tuple__" in value:
+            return tuple(_unflatten(v, tensors) for v in value["__tuple__"])
+        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in value["__dict__"]}
+    if isinstance(value, list):
+        return [_unflatten(v, tensors) for v in value]
+    return value
+
+
+def save_train_state(path: Path, model: GPT, optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor],
+                     model_meta: dict[str, Any], **info: Any) -> None:
+    """Weights, optimizer state and RNG states in one file, so ``--resume`` never mixes steps."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[int, int], str] = {}
+    aliases = {}
+    for name, tensor in model.state_dict().items():  # tied weights are stored once
+        key = (tensor.data_ptr(), tensor.numel())
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[f"model/{name}"] = tensor.detach().contiguous().cpu()
+    optimizer_state = _flatten(optimizer.state_dict(), "optimizer", tensors)
+    for name, tensor in rng.items():
+        tensors[f"rng/{name}"] = tensor.contiguous().cpu()
+    meta = {"format": FORMAT, "kind": "train_state", "model": model_meta, "aliases": aliases,
+            "optimizer_state": optimizer_state, **info}
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata={"anexa": json.dumps(meta)})
 
 
-def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Restore the optimizer in place; return the RNG states and the metadata."""
+@dataclass
+class TrainState:
+    """What :func:`load_train_state` returns: apply ``weights`` and ``optimizer_state`` to rebuilt objects."""
+
+    meta: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+
+def load_train_state(run_dir: Path) -> TrainState:
+    """The training state of a run folder, or a one-line error saying why it cannot be resumed."""
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise AnexaError(
+            f"{run_dir} holds no {STATE_FILE}: pass the folder of an `anexa train` run that saved at least once"
+        )
     meta = read_metadata(path)
+    if meta.get("kind") != "train_state":
+        raise AnexaError(
+            f"{run_dir} was trained by anexa 0.1, whose runs cannot be resumed by anexa {anexa_version()}: start a "
+            "new run (its model still loads for generate and chat)"
+        )
     try:
         tensors = safetensors.torch.load_file(str(path))
     except Exception as exc:
         raise AnexaError(f"training state {path} is corrupt ({type(exc).__name__}): start a new run") from None
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    rng = {}
-    for name, tensor in tensors.items():
-        kind, _, rest = name.partition(".")
-        if kind == "rng":
-            rng[rest] = tensor
-        else:
-            index, _, key = rest.partition(".")
-            per_param.setdefault(int(index), {})[key] = tensor
-    optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
-    return rng, meta
+    weights = {name.removeprefix("model/"): t for name, t in tensors.items() if name.startswith("model/")}
+    for alias, name in meta.get("aliases", {}).items():
+        weights[alias] = weights[name]
+    rng = {name.removeprefix("rng/"): t for name, t in tensors.items() if name.startswith("rng/")}
+    return TrainState(meta, weights, _unflatten(meta["optimizer_state"], tensors), rng)
 
 
 def latest_run(runs_dir: Path) -> Path:
-    """The most recently written model under ``runs_dir``."""
+    """The most recently written run folder under ``runs_dir``."""
     found = sorted(Path(runs_dir).glob(f"*/{MODEL_FILE}"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise AnexaError(f"no trained model under {runs_dir}/: run `anexa train` first or pass --model DIR")
     return found[-1].parent
+
+
+def holds_a_run(folder: Path) -> bool:
+    """Whether ``folder`` holds something ``anexa train`` wrote that a new run would overwrite."""
+    folder = Path(folder)
+    return any((folder / name).exists() for name in (MODEL_FILE, BEST_FILE, STATE_FILE))

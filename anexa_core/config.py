@@ -1,14 +1,67 @@
-"""Model and training configuration: presets, overridden by a TOML file, then by CLI flags."""
+"""Model and training configuration: a preset, overridden by a TOML file, then by command-line flags.
+
+Every plugin choice is a name plus options (see :mod:`anexa_core.options`): ``blocks`` /
+``blocks_options`` and ``attention`` / ``attention_options`` in :class:`ModelConfig`, ``tokenizer`` /
+``tokenizer_options`` and ``optimizer`` / ``optimizer_options`` in :class:`TrainConfig`. In a TOML file
+a plugin is a table holding its name and options::
+
+    [model]
+    n_layer = 6
+    [attention]
+    name = "sliding"
+    window = 64
+
+A layer that changes a plugin's name drops the options earlier layers gave the old one. A few flat
+keys are shorthands for the options of the chosen plugin (:data:`SHORTHANDS`): ``vocab_size`` sets the
+tokenizer's, ``weight_decay``/``beta1``/``beta2`` the optimizer's, ``bias`` the blocks'.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from anexa_core.errors import AnexaError
+
+MAX_INT = 2**53
+"""Largest integer setting: beyond it JSON metadata (and floats) stop being exact."""
+
+PLUGIN_KINDS = {"blocks": "model", "attention": "model", "tokenizer": "train", "optimizer": "train"}
+"""Plugin choices in the configs: the setting's name, and which config holds it (with ``<name>_options``)."""
+
+SHORTHANDS = {"vocab_size": "tokenizer", "weight_decay": "optimizer", "beta1": "optimizer", "beta2": "optimizer",
+              "bias": "blocks"}
+
+
+def _check_fields(config: Any) -> None:
+    """Types and integer ranges of a config's fields, whatever wrote them (TOML, flags, a checkpoint)."""
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        value, kind = getattr(config, item.name), hints[item.name]
+        optional = type(None) in typing.get_args(kind)
+        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind) if optional else kind
+        if value is None and optional:
+            continue
+        flag = f"{item.name} (--{item.name.replace('_', '-')})"
+        if base is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise AnexaError(f"{flag} must be an integer, got {value!r}")
+            if abs(value) > MAX_INT:
+                raise AnexaError(f"{flag} is {value}, beyond the largest supported value {MAX_INT}: use a smaller one")
+        elif base is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise AnexaError(f"{flag} must be a number, got {value!r}")
+            setattr(config, item.name, float(value))
+        elif base is bool and not isinstance(value, bool):
+            raise AnexaError(f"{flag} must be true or false, got {value!r}")
+        elif base is str and not isinstance(value, str):
+            raise AnexaError(f"{flag} must be a string, got {value!r}")
+        elif typing.get_origin(base) is dict and not isinstance(value, dict):
+            raise AnexaError(f"{item.name} must be a table of options, got {value!r}")
 
 
 @dataclass
@@ -21,16 +74,19 @@ class ModelConfig:
     n_embd: int = 128
     block_size: int = 128
     dropout: float = 0.0
-    bias: bool = True
+    tie_embeddings: bool = True
     blocks: str = "gpt2"
+    blocks_options: dict[str, Any] = field(default_factory=dict)
     attention: str = "sdpa"
+    attention_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
-            raise AnexaError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        _check_fields(self)
         for name in ("n_layer", "n_head", "n_embd", "block_size"):
             if getattr(self, name) < 1:
                 raise AnexaError(f"{name} must be at least 1")
+        if self.n_embd % self.n_head:
+            raise AnexaError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise AnexaError("dropout must be in [0, 1)")
 
@@ -41,19 +97,19 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """How to train; saved beside the optimizer state so a resumed run continues identically."""
+    """How to train; saved in the training state so a resumed run continues identically."""
 
     data: str = "sherlock"
     tokenizer: str = "char"
-    vocab_size: int | None = None  # for trainable-vocabulary tokenizers such as bpe
+    tokenizer_options: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "adamw"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
     steps: int = 5000
+    decay_steps: int | None = None  # the LR schedule's horizon; None: ``steps``
     batch_size: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
     grad_clip: float = 1.0
     eval_every: int = 250
     eval_batches: int = 20
@@ -62,13 +118,23 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "save_every"):
             if getattr(self, name) < 1:
                 raise AnexaError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise AnexaError("--decay-steps must be at least 1")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise AnexaError("learning rates must satisfy 0 <= min_lr <= lr and lr > 0")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise AnexaError("warmup_steps, grad_clip and weight_decay must not be negative")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise AnexaError("--warmup-steps and --grad-clip must not be negative")
+        if not 0 <= self.seed <= MAX_INT:
+            raise AnexaError(f"--seed must be between 0 and {MAX_INT}")
+
+    @property
+    def schedule_steps(self) -> int:
+        """The step at which the LR reaches ``min_lr``: ``decay_steps``, else ``steps``."""
+        return self.decay_steps if self.decay_steps is not None else self.steps
 
 
 @dataclass
@@ -87,56 +153,88 @@ PRESETS = {
     ),
 }
 
-
-def _split(values: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Sort flat keys into model and train fields; unknown keys are an error."""
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    model, train = {}, {}
-    for key, value in values.items():
-        if key in model_fields:
-            model[key] = value
-        elif key in train_fields:
-            train[key] = value
-        else:
-            known = ", ".join(sorted(model_fields | train_fields))
-            raise AnexaError(f"unknown setting {key!r} in {source}: use one of {known}")
-    return model, train
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+_OPTION_FIELDS = {f"{kind}_options" for kind in PLUGIN_KINDS}
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """A config file: flat keys, or ``[model]`` and ``[train]`` tables."""
+    """A config file's settings: flat keys and ``[model]``/``[train]`` tables merged into one dict; a
+    plugin table (``[attention]``) becomes ``attention`` (its ``name``, if any) and ``attention_options``."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AnexaError(f"config file {path} not found: pass an existing --config FILE.toml") from None
+    except IsADirectoryError:
+        raise AnexaError(f"config {path} is a folder: pass a TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise AnexaError(f"config file {path} is not valid TOML ({exc}): fix the file") from None
+        detail = " ".join(str(exc).split())
+        raise AnexaError(f"config file {path} is not valid TOML ({detail}): fix the file") from None
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if key in ("model", "train") and isinstance(value, dict):
             flat.update(value)
+        elif key in PLUGIN_KINDS and isinstance(value, dict):
+            table = dict(value)
+            if "name" in table:
+                flat[key] = table.pop("name")
+            flat[f"{key}_options"] = table
         else:
             flat[key] = value
     return flat
 
 
 def resolve(
-    preset: str = "seed", config_file: Path | None = None, overrides: dict[str, Any] | None = None
+    preset: str = "seed",
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    plugin_options: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[ModelConfig, TrainConfig]:
-    """Preset, then the TOML file, then explicit overrides (``None`` values are ignored)."""
+    """Preset, then the TOML file, then flags (``overrides``; ``None`` values mean "not given") and
+    ``plugin_options`` (``{"attention": {"window": "64"}}``, from ``-o attention.window=64``)."""
     if preset not in PRESETS:
         raise AnexaError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    model = dict(PRESETS[preset].model)
-    train = dict(PRESETS[preset].train)
+    settings: dict[str, Any] = {**PRESETS[preset].model, **PRESETS[preset].train}
     layers = []
     if config_file is not None:
         layers.append((read_toml(config_file), str(config_file)))
-    layers.append(({k: v for k, v in (overrides or {}).items() if v is not None}, "flags"))
+    flags = {key: value for key, value in (overrides or {}).items() if value is not None}
+    for kind, given in (plugin_options or {}).items():
+        if kind not in PLUGIN_KINDS:
+            raise AnexaError(f"-o {kind}.…: {kind!r} is not a plugin setting: use one of {', '.join(PLUGIN_KINDS)}")
+        flags[f"{kind}_options"] = dict(given)
+    layers.append((flags, "flags"))
     for values, source in layers:
-        model_part, train_part = _split(values, source)
-        model.update(model_part)
-        train.update(train_part)
+        merge(settings, values, source)
+    return split(settings)
+
+
+def merge(settings: dict[str, Any], values: dict[str, Any], source: str) -> None:
+    """Apply one layer of ``values`` onto ``settings`` in place (see the module docstring for the rules)."""
+    known = _MODEL_FIELDS | _TRAIN_FIELDS
+    for key in values:
+        if key not in known and key not in SHORTHANDS:
+            raise AnexaError(f"unknown setting {key!r} in {source}: use one of {', '.join(sorted(known | set(SHORTHANDS)))}")
+    for kind in PLUGIN_KINDS:
+        options_key = f"{kind}_options"
+        if kind in values and values[kind] != settings.get(kind):
+            settings[options_key] = {}
+        if options_key in values:
+            if not isinstance(values[options_key], dict):
+                raise AnexaError(f"{options_key} in {source} must be a table of options")
+            settings[options_key] = {**settings.get(options_key, {}), **values[options_key]}
+    for key, value in values.items():
+        if key in SHORTHANDS:
+            kind = SHORTHANDS[key]
+            settings[f"{kind}_options"] = {**settings.get(f"{kind}_options", {}), key: value}
+        elif key not in _OPTION_FIELDS:
+            settings[key] = value
+
+
+def split(settings: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    """Flat settings → the two configs (validated)."""
+    model = {k: v for k, v in settings.items() if k in _MODEL_FIELDS}
+    train = {k: v for k, v in settings.items() if k in _TRAIN_FIELDS}
     try:
         return ModelConfig(**model), TrainConfig(**train)
     except TypeError as exc:

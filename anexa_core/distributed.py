@@ -52,6 +52,15 @@ def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank, so that all ranks stop at the same step (one all-reduce)."""
+    if ranks.world_size == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def teardown(ranks: Ranks) -> None:
     if ranks.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()

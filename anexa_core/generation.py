@@ -1,8 +1,17 @@
 """Incremental decoding with a KV cache, streamed as token ids or text.
 
-The prompt is cropped from the left to the context length. While the context fits, each new token
-costs one position through the model; once it is full, the window slides and is recomputed, exactly
-as recomputing the last ``block_size`` tokens each step would (learned positions cannot be shifted).
+A prompt longer than the context is cropped from the left. While the context has room, each new token
+costs one position through the model. What happens when it is full is the *context policy*:
+
+- ``shift`` (default): keep the most recent half of the window, recompute it once into a fresh cache,
+  and continue one position per token until the window is full again. Each recompute buys
+  ``block_size / 2`` cheap tokens, so long outputs cost little more than short ones. The model sees a
+  window of between half and all of ``block_size`` tokens.
+- ``sliding``: nanoGPT's ``generate`` exactly — every token is predicted from the last ``block_size``
+  tokens, which means recomputing the whole window for each token once it is full (learned positions
+  cannot be shifted inside a cache). Identical output to recomputation, at recomputation's cost.
+
+Both are identical to recomputation until the window first fills.
 """
 
 from __future__ import annotations
@@ -11,10 +20,16 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from anexa_core.data import normalize_text
 from anexa_core.errors import AnexaError
 from anexa_core.model import GPT, KVCache
 from anexa_core.sampling import stream_until_stop
 from anexa_core.training import autocast
+
+CONTEXT_POLICIES = ("shift", "sliding")
+MAX_PENDING_TOKENS = 16
+"""Tokens the text stream holds back while they decode to an unfinished character (U+FFFD) before
+giving up and showing the replacement character: UTF-8 characters are at most 4 bytes."""
 
 
 @torch.no_grad()
@@ -25,58 +40,83 @@ def generate_ids(
     chain,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    context: str = "shift",
 ) -> Iterator[int]:
-    """Yield ``max_new_tokens`` ids; ``chain.pick(logits, context, generator)`` chooses each one.
+    """Yield ``max_new_tokens`` ids; ``chain.pick(logits, context_ids, generator)`` chooses each one.
 
-    ``use_cache=False`` recomputes the whole window for every token: the reference the cache is
-    tested (and benchmarked) against.
+    ``context`` is the context policy (see the module docstring). ``use_cache=False`` recomputes the
+    whole window for every token: the reference the cache is tested and benchmarked against (equal to
+    ``sliding``).
     """
     if not prompt_ids:
         raise AnexaError("the prompt is empty: give at least one character of text")
+    if context not in CONTEXT_POLICIES:
+        raise AnexaError(f"unknown context policy {context!r}: use one of {', '.join(CONTEXT_POLICIES)}")
     model.eval()
     block_size = model.config.block_size
+    keep = max(1, block_size // 2) if context == "shift" else block_size
     device = next(model.parameters()).device
-    history = torch.tensor([list(prompt_ids)[-block_size:]], dtype=torch.long, device=device)
+    prompt = list(prompt_ids)[-block_size:]
+    # Every id so far, for the samplers (a repetition penalty looks back): a buffer that doubles when
+    # full, so appending stays O(1) per token; ``history`` is the filled part.
+    buffer = torch.empty(1, max(16, 2 * (len(prompt) + max_new_tokens // 8)), dtype=torch.long, device=device)
+    buffer[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    history = buffer[:, : len(prompt)]
     cache = None
 
-    def forward_window() -> torch.Tensor:
+    def forward_window(length: int) -> torch.Tensor:
+        """Logits after the last ``length`` tokens, recomputed into a fresh cache."""
         nonlocal cache
         cache = KVCache(block_size) if use_cache else None
         with autocast(device):
-            logits, _ = model(history[:, -block_size:], cache=cache, last_only=True)
+            logits, _ = model(history[:, -length:], cache=cache, last_only=True)
         return logits[:, -1, :].float()
 
     def forward_next(token: torch.Tensor) -> torch.Tensor:
-        if cache is None or cache.pos >= block_size:
-            return forward_window()
+        if cache is None:
+            return forward_window(block_size)
+        if len(cache) >= block_size:
+            return forward_window(keep)
         with autocast(device):
             logits, _ = model(token, cache=cache, last_only=True)
         return logits[:, -1, :].float()
 
-    logits = forward_window()
+    logits = forward_window(block_size)
     for produced in range(1, max_new_tokens + 1):
         next_id = chain.pick(logits, history, generator).view(1, 1).to(device)
-        history = torch.cat([history, next_id], dim=1)
+        length = history.size(1)
+        if length == buffer.size(1):
+            buffer = torch.cat([buffer, torch.empty_like(buffer)], dim=1)
+        buffer[:, length] = next_id[:, 0]
+        history = buffer[:, : length + 1]
         yield int(next_id)
         if produced < max_new_tokens:  # no forward pass for a token nobody asked for
             logits = forward_next(next_id)
 
 
 def decode_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Text pieces as ids arrive; holds back bytes of a character that is not complete yet."""
+    """Text pieces as ids arrive, decoding only a short tail each time (linear in the output length).
+
+    Keeps two offsets into the ids (as Hugging Face's text-generation-inference does): the text of
+    ``ids[prefix:read]`` was shown already; the text of ``ids[prefix:]`` minus it is new. A tail that
+    ends in U+FFFD (a character split across tokens) is held back until it completes, for at most
+    :data:`MAX_PENDING_TOKENS` tokens.
+    """
     generated: list[int] = []
-    emitted = ""
+    prefix = read = 0
     for token in ids:
         generated.append(token)
-        text = tokenizer.decode(generated)
-        if text.endswith("\ufffd"):
-            continue  # a multi-byte character split across tokens: wait for the rest
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
-            emitted = text
-    text = tokenizer.decode(generated)
-    if len(text) > len(emitted):
-        yield text[len(emitted) :]
+        shown = tokenizer.decode(generated[prefix:read])
+        text = tokenizer.decode(generated[prefix:])
+        if text.endswith("\ufffd") and len(generated) - read < MAX_PENDING_TOKENS:
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+        prefix, read = read, len(generated)
+    if read < len(generated):
+        tail = tokenizer.decode(generated[prefix:])[len(tokenizer.decode(generated[prefix:read])) :]
+        if tail:
+            yield tail
 
 
 def generate_text(
@@ -87,10 +127,15 @@ def generate_text(
     chain,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    context: str = "shift",
 ) -> Iterator[str]:
-    """Stream the continuation of ``prompt`` as text, ending early at any ``stop`` string (not included)."""
+    """Stream the continuation of ``prompt`` as text, ending early at any ``stop`` string (not included).
+
+    The prompt goes through the same normalisation as training text (:func:`~anexa_core.data.normalize_text`).
+    """
     generator = None
     if seed is not None:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, chain, generator)
+    ids = generate_ids(model, tokenizer.encode(normalize_text(prompt)), max_new_tokens, chain, generator,
+                       context=context)
     yield from stream_until_stop(decode_stream(tokenizer, ids), stop)

@@ -1,44 +1,63 @@
-"""The small typed interfaces that plugins implement. Structural: no base class to inherit."""
+"""The interfaces plugin objects satisfy. Structural (``typing.Protocol``): there is no base class.
+
+What a plugin registers is a *factory* (usually a dataclass whose fields are the options); what the
+factory returns must satisfy the protocol of its kind below. ``docs/plugins.md`` walks through each.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from anexa_core.config import ModelConfig
+    from anexa_core.config import ModelConfig, TrainConfig
+    from anexa_core.model import GPT
 
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """Text <-> token ids. Serialises to a JSON-able dict so it travels inside the checkpoint."""
+    """Text ↔ token ids. Created with its options, then ``train``-ed on a corpus or loaded from a checkpoint.
+
+    - ``vocab_size``: the number of ids, valid once trained or loaded.
+    - ``train(texts)``: learn the vocabulary from an iterable of text chunks (a corpus may be larger
+      than memory; chunks end at line boundaries).
+    - ``encode(text)`` → ids; raise :class:`~anexa_core.AnexaError` for text it cannot encode.
+    - ``decode(ids)`` → text. **Streaming rule**: ids that end inside a multi-byte character decode to
+      text ending in U+FFFD, and decoding a slice of ids that starts at a character boundary gives the
+      matching part of the whole text — the streamer decodes only a short tail of the output.
+    - ``state_dict()`` → the learned vocabulary as JSON-able data; ``load_state_dict(state)`` restores
+      it (raise ``AnexaError`` if malformed). Stored in ``model.safetensors`` with the options.
+    - Optional ``encode_batch(texts)`` → list of id lists, used when present (faster for big corpora).
+    """
 
     vocab_size: int
 
-    @classmethod
-    def train(cls, text: str, vocab_size: int | None = None) -> Tokenizer: ...
+    def train(self, texts: Iterable[str]) -> None: ...
 
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
-    def to_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Tokenizer: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @runtime_checkable
 class Attention(Protocol):
-    """``(q, k, v, *, causal) -> out`` on ``(batch, heads, time, head_dim)`` tensors.
+    """``(q, k, v, *, causal) -> out`` on ``(batch, heads, time, head_dim)`` tensors of one dtype.
 
     ``q`` may be shorter than ``k``/``v`` (decoding with a KV cache): queries are then the last
-    positions, and the causal mask is aligned to the bottom right (query i sees keys <= i + Tk - Tq).
-    A backend that may compute with another one (a kernel's fallback) can expose
-    ``fallback_reason(q) -> str | None`` and ``fallback_backend: str`` so benchmarks label it honestly.
+    positions, and the causal mask is aligned to the bottom right (query i sees keys ≤ i + Tk − Tq).
+    An attention that deliberately computes something other than exact softmax attention (a sliding
+    window, say) declares it with a ``reference(q, k, v, *, causal)`` method computing the same thing
+    plainly; the conformance kit and ``anexa bench`` check it against that instead of ``math``.
+    One that may compute with another backend exposes ``fallback_reason(q) -> str | None`` and
+    ``fallback_backend: str`` so benchmarks label it honestly.
     """
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor: ...
@@ -46,9 +65,11 @@ class Attention(Protocol):
 
 @runtime_checkable
 class Sampler(Protocol):
-    """A logits processor, one link in the sampling chain: ``(logits, context_ids) -> logits``.
+    """A logits processor, one link in the sampling chain: ``(logits, context) -> logits``.
 
-    Constructed with keyword options; ``order`` places it in the chain (lower runs first).
+    ``logits`` (batch, vocab) float, ``context`` (batch, time) token ids. Return logits with removed
+    tokens at ``-inf``, at least one finite per row, never NaN or ``+inf``. ``order`` places it in the
+    chain (lower runs first; ties run in name order).
     """
 
     order: ClassVar[int]
@@ -58,18 +79,37 @@ class Sampler(Protocol):
 
 @runtime_checkable
 class Blocks(Protocol):
-    """A model family: builds the block stack from the model config and an attention function.
+    """A model family: ``build(config, attention)`` returns the block stack, an ``nn.Module`` whose
 
-    The returned module maps token embeddings ``(B, T, C)`` to final-normalised hidden states
-    ``(B, T, C)``; it adds positions itself and reads/writes ``cache`` (a
-    :class:`~anexa_core.model.KVCache`) when one is given.
+    ``forward(x, positions, cache)`` maps token embeddings ``x`` (B, T, n_embd) to final-normalised
+    hidden states (B, T, n_embd). ``positions`` (T,) int64 are the absolute positions of the T tokens
+    (0-based; the core numbers them). ``cache`` is ``None`` or a :class:`~anexa_core.KVCache`: each
+    attention layer ``i`` calls ``cache.update(i, k, v)`` once per forward with its new keys and values
+    (B, H, T, D) and attends over what it returns. The stack owns positions (learned or rotary), norms
+    and the final norm; the core owns the token embedding, the head and the cache's lifetime.
     """
 
-    def __call__(self, config: ModelConfig, attention: Attention) -> nn.Module: ...
+    def build(self, config: ModelConfig, attention: Attention) -> nn.Module: ...
 
 
 @runtime_checkable
 class Dataset(Protocol):
-    """A named corpus: ``path()`` returns a local text file, downloading into the cache if needed."""
+    """A named corpus: ``files()`` returns its local UTF-8 text files (``.txt``, or ``.xz``/``.gz``
+    compressed), downloading or checking them as needed. :class:`~anexa_core.RemoteText` and
+    :class:`~anexa_core.LocalText` do this for one checksummed file."""
 
-    def path(self) -> Path: ...
+    description: str
+
+    def files(self) -> list[Path]: ...
+
+
+@runtime_checkable
+class Optimizer(Protocol):
+    """``build(model, config)`` returns a ``torch.optim.Optimizer`` over ``model``'s parameters.
+
+    Each param group's ``lr`` is its peak learning rate; the core scales every group by the schedule's
+    factor each step (warmup, then cosine decay to ``min_lr / lr``). ``model.parameter_groups()``
+    sorts the parameters into embeddings, head, matrices and vectors.
+    """
+
+    def build(self, model: GPT, config: TrainConfig) -> torch.optim.Optimizer: ...

@@ -1,11 +1,12 @@
-"""The GPT: token embedding → a block stack from a ``blocks`` plugin → a tied language-model head.
+"""The GPT: token embedding → a block stack from a ``blocks`` plugin → a (tied) language-model head.
 
-The model family (positions, block layout, final norm) belongs to the blocks plugin; attention comes
-from an attention plugin. The core only embeds tokens, ties the head to the embedding and owns the
-KV cache that blocks read and write during incremental decoding.
+The model family (positions, block layout, norms) belongs to the blocks plugin; attention comes from an
+attention plugin. The core embeds tokens, numbers their positions, owns the head and the KV cache.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -13,37 +14,47 @@ from torch import nn
 
 from anexa_core import plugins
 from anexa_core.config import ModelConfig
-from anexa_core.interfaces import Attention
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, one preallocated buffer pair per layer.
+    """Keys and values of the positions seen so far: one preallocated buffer pair per attention layer.
 
-    Blocks call :meth:`update` once per layer per forward; the model advances :attr:`pos` after the
-    whole stack has run, so every layer writes the same positions.
+    The whole protocol is :meth:`update`: an attention layer passes its new keys and values and gets
+    back everything it has stored, to attend over. Each layer's length advances inside its own
+    ``update``; nothing else moves. ``len(cache)`` is the number of positions stored, read by the model
+    *between* forward passes to number the next tokens (a blocks plugin gets them as ``positions``).
     """
 
     def __init__(self, max_len: int):
+        """``max_len``: the most positions it will hold (the model's ``block_size``)."""
         self.max_len = max_len
-        self.pos = 0
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
+        self._lengths: list[int] = []
+
+    def __len__(self) -> int:
+        return self._lengths[0] if self._lengths else 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v`` of shape (B, H, T, D) at the current position; return all keys/values so far."""
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        """Append ``k, v`` (B, H, T, D) to layer ``layer``; return its keys and values so far (B, H, T', D).
+
+        Layers are numbered 0, 1, … in the order they first call. Raises ``ValueError`` beyond ``max_len``.
+        """
         if layer == len(self._keys):
             shape = (k.size(0), k.size(1), self.max_len, k.size(3))
             self._keys.append(k.new_empty(shape))
             self._values.append(v.new_empty(shape))
-        self._keys[layer][:, :, self.pos : end] = k
-        self._values[layer][:, :, self.pos : end] = v
+            self._lengths.append(0)
+        elif layer > len(self._keys):
+            raise ValueError(f"KV cache layers must be used in order 0, 1, …: got layer {layer} first")
+        start = self._lengths[layer]
+        end = start + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        self._keys[layer][:, :, start:end] = k
+        self._values[layer][:, :, start:end] = v
+        self._lengths[layer] = end
         return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.pos += n
 
 
 class GPT(nn.Module):
@@ -58,8 +69,11 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = blocks
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying: one matrix reads and writes tokens
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # weight tying: one matrix reads and writes tokens
+        else:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
 
     def forward(
         self,
@@ -68,29 +82,61 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for ``idx`` (B, T), and the cross-entropy loss when ``targets`` are given.
+        """Logits (B, T, vocab) for token ids ``idx`` (B, T) int64, and the mean cross-entropy (nats per
+        token) when ``targets`` (B, T) are given. With ``cache``, ``idx`` continues the cached positions.
 
         ``last_only`` computes logits for the final position only, which is all decoding needs.
         """
-        hidden = self.blocks(self.drop(self.wte(idx)), cache)
-        if cache is not None:
-            cache.advance(idx.size(1))
+        start = len(cache) if cache is not None else 0
+        positions = torch.arange(start, start + idx.size(1), device=idx.device)
+        hidden = self.blocks(self.drop(self.wte(idx)), positions, cache)
         if last_only:
             hidden = hidden[:, -1:, :]
         logits = self.lm_head(hidden)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+            wide = torch.promote_types(logits.dtype, torch.float32)  # bf16 logits: the loss in float32
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).to(wide), targets.reshape(-1))
         return logits, loss
 
     def num_parameters(self) -> int:
-        """Unique parameters (the tied head counts once)."""
+        """Unique parameters (a tied head counts once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters by family, for optimizers that treat them differently (Muon):
 
-def build_model(config: ModelConfig, attention: Attention | None = None) -> GPT:
-    """The model named by ``config.blocks`` with the attention named by ``config.attention``."""
-    build_blocks = plugins.get("blocks", config.blocks)
-    if attention is None:
-        attention = plugins.get("attention", config.attention)
-    return GPT(config, build_blocks(config, attention))
+        ``embeddings`` (every ``nn.Embedding``: tokens, learned positions), ``head`` (the untied output
+        matrix), ``matrices`` (the other 2-D weights: the blocks' projections) and ``vectors`` (biases,
+        norm gains). Each parameter appears once.
+        """
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        groups: dict[str, list[nn.Parameter]] = {"embeddings": [], "head": [], "matrices": [], "vectors": []}
+        for name, param in self.named_parameters():  # a tied head is the embedding and is listed once
+            if not param.requires_grad:
+                continue
+            if id(param) in embeddings:
+                groups["embeddings"].append(param)
+            elif name == "lm_head.weight":
+                groups["head"].append(param)
+            elif param.dim() >= 2:
+                groups["matrices"].append(param)
+            else:
+                groups["vectors"].append(param)
+        return groups
+
+
+def build_model(config: ModelConfig, needed_by: dict | None = None) -> GPT:
+    """The model named by ``config.blocks`` with the attention named by ``config.attention``, each with
+    its options. The returned model's ``config`` records every option's value, defaults included.
+
+    ``needed_by``: a checkpoint's plugin entries, so a missing plugin's error names what to install.
+    """
+    needed_by = needed_by or {}
+    blocks, blocks_options = plugins.create("blocks", config.blocks, config.blocks_options, needed_by.get("blocks"))
+    attention, attention_options = plugins.create(
+        "attention", config.attention, config.attention_options, needed_by.get("attention")
+    )
+    config = dataclasses.replace(config, blocks_options=blocks_options, attention_options=attention_options)
+    return GPT(config, blocks.build(config, attention))
+

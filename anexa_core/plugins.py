@@ -1,8 +1,18 @@
 """The one plugin manager, and lookup of what plugins register.
 
-Built-in plugins are entry points of the ``anexa`` distribution itself, so they load through the
-same path as third-party ones: ``load_setuptools_entrypoints("anexa")``. ``ANEXA_LOAD_PLUGINS``
-(comma-separated distribution or entry-point names; empty means built-ins only) narrows what loads.
+Built-in plugins are entry points of the ``anexa`` distribution itself and load through the same path
+as third-party ones: every entry point of the group ``anexa``, built-ins first, then the others by
+distribution name. Two environment variables choose what loads (comma-separated plugin or
+distribution names):
+
+- ``ANEXA_LOAD_PLUGINS``: only these third-party plugins (empty: built-ins only);
+- ``ANEXA_DISABLE_PLUGINS``: not these, built-ins included — disabling a built-in lets a third-party
+  plugin take its plugin name and the names it registered. ``DIST:NAME`` names one plugin of one
+  distribution (``anexa:samplers``), where a plain name means every plugin so named.
+
+Nothing here stops the tool for an unrelated reason: a plugin that fails to import, or whose entry-point
+name is taken, is skipped with a warning and listed by ``anexa plugins`` with its error; two plugins
+registering the same name are an error only when that name is used.
 """
 
 from __future__ import annotations
@@ -10,12 +20,14 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-from dataclasses import dataclass
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
-from anexa_core import hookspecs
+from anexa_core import hookspecs, options
 from anexa_core.errors import AnexaError
 
 logger = logging.getLogger("anexa")
@@ -27,94 +39,234 @@ KINDS = {
     "samplers": "register_samplers",
     "blocks": "register_blocks",
     "datasets": "register_datasets",
+    "optimizers": "register_optimizers",
+}
+SINGULAR = {
+    "tokenizers": "tokenizer",
+    "attention": "attention",
+    "samplers": "sampler",
+    "blocks": "blocks",
+    "datasets": "dataset",
+    "optimizers": "optimizer",
 }
 
-_manager: pluggy.PluginManager | None = None
+
+@dataclass
+class PluginRecord:
+    """What happened to one entry point: ``loaded``, ``failed``, ``disabled`` or ``skipped`` (name taken)."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    status: str = "loaded"
+    error: str | None = None
+    traceback: str | None = None
+
+
+@dataclass
+class _State:
+    manager: pluggy.PluginManager
+    records: dict[str, PluginRecord] = field(default_factory=dict)
+    failed: list[PluginRecord] = field(default_factory=list)
+
+
+_state: _State | None = None
+
+
+def _names(variable: str) -> set[str] | None:
+    value = os.environ.get(variable)
+    return None if value is None else {name.strip() for name in value.split(",") if name.strip()}
+
+
+def _load() -> _State:
+    manager = pluggy.PluginManager("anexa")
+    manager.add_hookspecs(hookspecs)
+    state = _State(manager)
+    allowed, disabled = _names("ANEXA_LOAD_PLUGINS"), _names("ANEXA_DISABLE_PLUGINS") or set()
+    entry_points = list(importlib.metadata.entry_points(group="anexa"))
+
+    def sort_key(entry_point):
+        dist = entry_point.dist.name if entry_point.dist else ""
+        return (dist != BUILTIN_DISTRIBUTION, dist.lower(), entry_point.name)
+
+    for entry_point in sorted(entry_points, key=sort_key):
+        dist = entry_point.dist
+        record = PluginRecord(entry_point.name, dist.name if dist else None, dist.version if dist else None)
+        builtin = record.distribution == BUILTIN_DISTRIBUTION
+        if {record.name, record.distribution, f"{record.distribution}:{record.name}"} & disabled:
+            record.status = "disabled"
+        elif allowed is not None and not builtin and not allowed & {record.name, record.distribution}:
+            continue  # not asked for: as if not installed
+        elif record.name in state.records:
+            taken = state.records[record.name]
+            record.status = "skipped"
+            record.error = (
+                f"its plugin name {record.name!r} is taken by {taken.distribution} {taken.version}: rename the "
+                f"entry point, or disable the other with ANEXA_DISABLE_PLUGINS={record.name}"
+            )
+            logger.warning("plugin %s from %s %s was not loaded: %s", record.name, record.distribution,
+                           record.version, record.error)
+        else:
+            try:
+                manager.register(entry_point.load(), name=record.name)
+            except Exception as exc:
+                record.status = "failed"
+                record.error = " ".join(f"{type(exc).__name__}: {exc}".split())
+                record.traceback = traceback.format_exc()
+                logger.warning("plugin %s from %s %s failed to load and was skipped: %s "
+                               "(`anexa -v plugins` shows the traceback)", record.name, record.distribution,
+                               record.version, record.error)
+                logger.debug("%s", record.traceback)
+        if record.status == "loaded":
+            state.records[record.name] = record
+        else:
+            state.failed.append(record)
+    manager.check_pending()
+    return state
+
+
+def _loaded() -> _State:
+    global _state
+    if _state is None:
+        _state = _load()
+    return _state
 
 
 def plugin_manager() -> pluggy.PluginManager:
-    """The process-wide manager, created and loaded on first use."""
-    global _manager
-    if _manager is None:
-        manager = pluggy.PluginManager("anexa")
-        manager.add_hookspecs(hookspecs)
-        _load_entry_points(manager)
-        manager.check_pending()
-        _manager = manager
-    return _manager
-
-
-def _load_entry_points(manager: pluggy.PluginManager) -> None:
-    allow = os.environ.get("ANEXA_LOAD_PLUGINS")
-    allowed = None if allow is None else {n.strip() for n in allow.split(",") if n.strip()}
-    for entry_point in importlib.metadata.entry_points(group="anexa"):
-        dist = entry_point.dist
-        dist_name = dist.name if dist else "?"
-        builtin = dist_name == BUILTIN_DISTRIBUTION
-        if allowed is not None and not builtin and not allowed & {dist_name, entry_point.name}:
-            continue
-        try:
-            manager.load_setuptools_entrypoints("anexa", name=entry_point.name)
-        except Exception as exc:
-            if builtin:
-                raise
-            version = dist.version if dist else "?"
-            logger.warning("plugin %s %s failed to load and was skipped: %s", dist_name, version, exc)
+    """The process-wide manager, created and loaded on first use. Tests register objects on it."""
+    return _loaded().manager
 
 
 @dataclass(frozen=True)
 class Registered:
-    """One named implementation and the plugin that registered it."""
+    """One named factory and the plugin (and distribution) that registered it."""
 
     name: str
     obj: Any
     plugin: str
+    distribution: str | None = None
+    version: str | None = None
+
+    def owner(self) -> str:
+        """``anexa-sliding 0.1.0 (plugin sliding)`` — how errors name a provider."""
+        if self.distribution:
+            return f"{self.distribution} {self.version} (plugin {self.plugin})"
+        return f"plugin {self.plugin}"
 
 
-def registered(kind: str) -> dict[str, Registered]:
-    """Everything registered for ``kind`` (a key of :data:`KINDS`), by name."""
-    manager = plugin_manager()
-    found: dict[str, Registered] = {}
-    for impl in getattr(manager.hook, KINDS[kind]).get_hookimpls():
+def _all_registered(kind: str) -> dict[str, list[Registered]]:
+    state = _loaded()
+    found: dict[str, list[Registered]] = {}
+    for impl in getattr(state.manager.hook, KINDS[kind]).get_hookimpls():
+        record = state.records.get(impl.plugin_name)
 
-        def register(name: str, obj: Any, _plugin: str = impl.plugin_name) -> None:
-            if name in found:
-                raise AnexaError(
-                    f"{kind} name {name!r} is registered by both plugin {found[name].plugin!r} and "
-                    f"plugin {_plugin!r}: uninstall one of them or set ANEXA_LOAD_PLUGINS"
-                )
-            found[name] = Registered(name, obj, _plugin)
+        def register(name: str, factory: Any, _plugin: str = impl.plugin_name, _record=record) -> None:
+            entry = Registered(name, factory, _plugin, _record and _record.distribution, _record and _record.version)
+            found.setdefault(name, []).append(entry)
 
         impl.function(register)
     return found
 
 
+def registered(kind: str) -> dict[str, Registered]:
+    """Everything registered for ``kind`` (a key of :data:`KINDS`) by name; a clashing name maps to its
+    first provider here, and :func:`get` refuses to use it."""
+    return {name: entries[0] for name, entries in sorted(_all_registered(kind).items())}
+
+
+def conflicts() -> list[dict[str, Any]]:
+    """Every name registered by more than one plugin, over all kinds."""
+    found = []
+    for kind in KINDS:
+        for name, entries in sorted(_all_registered(kind).items()):
+            if len(entries) > 1:
+                found.append({"kind": kind, "name": name, "providers": [entry.owner() for entry in entries]})
+    return found
+
+
+def _clash_message(kind: str, name: str, entries: list[Registered]) -> str:
+    owners = " and ".join(entry.owner() for entry in entries)
+    plugin = entries[-1].plugin
+    return (
+        f"{SINGULAR[kind]} {name!r} is registered by {owners}: disable one, e.g. "
+        f"ANEXA_DISABLE_PLUGINS={plugin} (or `anexa --disable-plugin {plugin} …`)"
+    )
+
+
+def lookup(kind: str, name: str, needed_by: Mapping[str, Any] | None = None) -> Registered:
+    """The registration of ``name``; a one-line error listing the choices, naming a clash, or — when a
+    checkpoint records who provided it (``needed_by`` = its plugin entry) — what to install."""
+    entries = _all_registered(kind).get(name)
+    if entries and len(entries) > 1:
+        raise AnexaError(_clash_message(kind, name, entries))
+    if entries:
+        return entries[0]
+    label = SINGULAR[kind]
+    dist = (needed_by or {}).get("distribution")
+    if dist:
+        version = needed_by.get("version") or ""
+        failed = [r for r in _loaded().failed if r.distribution == dist]
+        why = f" (it is installed but {failed[0].status}: {failed[0].error or 'see anexa plugins'})" if failed else ""
+        install = "" if dist == BUILTIN_DISTRIBUTION else f": pip install {dist}"
+        raise AnexaError(f"this model needs {label} {name!r} from {dist} {version}{why}{install}".rstrip())
+    choices = ", ".join(sorted(_all_registered(kind))) or "none"
+    raise AnexaError(f"unknown {label} {name!r}: choose one of {choices} (see `anexa plugins`)")
+
+
 def get(kind: str, name: str) -> Any:
-    """The implementation registered as ``name``; a clear error listing the choices otherwise."""
-    available = registered(kind)
-    if name not in available:
-        choices = ", ".join(sorted(available)) or "none"
-        raise AnexaError(f"unknown {kind} {name!r}: choose one of {choices} (see `anexa plugins`)")
-    return available[name].obj
+    """The factory registered as ``name`` (see :func:`lookup` for the errors)."""
+    return lookup(kind, name).obj
+
+
+def create(kind: str, name: str, given: Mapping[str, Any] | None = None,
+           needed_by: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Build the ``kind`` plugin ``name`` with ``given`` options: ``(object, every option's value)``."""
+    entry = lookup(kind, name, needed_by)
+    return options.create(f"{SINGULAR[kind]} {name}", entry.obj, given or {})
+
+
+def provenance(kind: str, name: str, resolved_options: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records for a plugin it used: name, options, distribution and version."""
+    entry = lookup(kind, name)
+    return {"name": name, "options": dict(resolved_options), "distribution": entry.distribution,
+            "version": entry.version}
+
+
+def _option_list(factory: Callable[..., Any]) -> list[dict[str, Any]]:
+    try:
+        return [option.as_dict() for option in options.describe(factory)]
+    except AnexaError as exc:
+        return [{"error": str(exc)}]
 
 
 def describe_plugins() -> list[dict[str, Any]]:
-    """One entry per plugin: its name, distribution, version and the names it registers per hook."""
-    manager = plugin_manager()
-    dists = {id(plugin): dist for plugin, dist in manager.list_plugin_distinfo()}
+    """One entry per plugin, loaded or not: name, distribution, version, status, error, what it registers
+    per kind, and each registered name's options."""
+    state = _loaded()
     per_plugin: dict[str, dict[str, list[str]]] = {}
+    per_option: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     for kind in KINDS:
-        for entry in registered(kind).values():
-            per_plugin.setdefault(entry.plugin, {}).setdefault(kind, []).append(entry.name)
+        for name, entries in sorted(_all_registered(kind).items()):
+            for entry in entries:
+                per_plugin.setdefault(entry.plugin, {}).setdefault(kind, []).append(name)
+                per_option.setdefault(entry.plugin, {}).setdefault(kind, {})[name] = _option_list(entry.obj)
     described = []
-    for name, plugin in sorted(manager.list_name_plugin(), key=lambda pair: pair[0]):
-        dist = dists.get(id(plugin))
-        described.append(
-            {
-                "name": name,
-                "distribution": dist.project_name if dist else None,
-                "version": dist.version if dist else None,
-                "registers": per_plugin.get(name, {}),
-            }
-        )
+    for plugin_name, _plugin in sorted(state.manager.list_name_plugin(), key=lambda pair: pair[0]):
+        record = state.records.get(plugin_name) or PluginRecord(plugin_name, None, None)
+        described.append(_described(record, per_plugin.get(plugin_name, {}), per_option.get(plugin_name, {})))
+    for record in state.failed:
+        described.append(_described(record, {}, {}))
     return described
+
+
+def _described(record: PluginRecord, registers: dict, option_lists: dict) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "distribution": record.distribution,
+        "version": record.version,
+        "status": record.status,
+        "error": record.error,
+        "traceback": record.traceback,
+        "registers": registers,
+        "options": option_lists,
+    }

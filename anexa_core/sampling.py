@@ -3,21 +3,17 @@
 Processors are plugins (``register_samplers``), looked up by name, so a third-party distribution such
 as ``anexa-topk`` adds ``-s top_k=40`` without touching the core. :func:`build_chain` turns the
 command line's ``-s NAME[.OPTION][=VALUE]`` specs into instances; :class:`SamplerChain` runs them sorted
-by their ``order`` (the built-ins document the order: repetition_penalty 10, temperature 20, top_k 30,
-top_p 40, min_p 50, greedy 90) and picks one token per row.
+by their ``order``, ties by name (the built-ins document the order: repetition_penalty 10, temperature 20,
+top_k 30, top_p 40, min_p 50, greedy 90) and picks one token per row.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import typing
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
-
 import torch
 
-from anexa_core import plugins
+from anexa_core import options, plugins
 from anexa_core.errors import AnexaError
 from anexa_core.interfaces import Sampler
 
@@ -25,8 +21,6 @@ FIRST_OPTION = ""
 """Key in :func:`parse_sampler_options` results for ``-s NAME=VALUE``: the sampler's first field."""
 
 _SPEC = re.compile(r"(?P<name>[A-Za-z_][\w-]*)(?:\.(?P<option>[A-Za-z_]\w*))?(?:=(?P<value>.*))?", re.DOTALL)
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 def parse_sampler_options(specs: Iterable[str]) -> dict[str, dict[str, str]]:
@@ -57,49 +51,6 @@ def parse_sampler_options(specs: Iterable[str]) -> dict[str, dict[str, str]]:
     return parsed
 
 
-def _convert(sampler: str, option: str, kind: Any, text: str) -> Any:
-    """A command-line string as the field's type; other annotations get the string unchanged."""
-    try:
-        if kind is bool:
-            lowered = text.lower()
-            if lowered not in _TRUE | _FALSE:
-                raise ValueError
-            return lowered in _TRUE
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-    except ValueError:
-        wanted = {bool: "true or false", int: "an integer", float: "a number"}[kind]
-        raise AnexaError(f"sampler {sampler} option {option} must be {wanted}, got {text!r}") from None
-    return text
-
-
-def _instantiate(name: str, cls: Any, options: dict[str, str]) -> Sampler:
-    if not dataclasses.is_dataclass(cls) or not isinstance(getattr(cls, "order", None), int):
-        raise AnexaError(
-            f"sampler {name!r} is not a dataclass with an int `order`: "
-            "fix or uninstall its plugin (see `anexa plugins`)"
-        )
-    fields = [field for field in dataclasses.fields(cls) if field.init]
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # an annotation that does not resolve: fall back to the raw field types
-        hints = {}
-    by_name = {field.name: field for field in fields}
-    values: dict[str, Any] = {}
-    for key, text in options.items():
-        if key == FIRST_OPTION:
-            if not fields:
-                raise AnexaError(f"sampler {name} takes no options: use -s {name}")
-            key = fields[0].name
-        if key not in by_name:
-            choices = ", ".join(by_name) or "none"
-            raise AnexaError(f"sampler {name} has no option {key!r}: choose one of {choices}")
-        values[key] = _convert(name, key, hints.get(key, by_name[key].type), text)
-    return cls(**values)
-
-
 def build_chain(specs: Iterable[str] = (), temperature: float | None = None) -> SamplerChain:
     """The processors named by ``-s`` specs, plus ``--temperature`` (the same as ``-s temperature=X``).
 
@@ -111,29 +62,37 @@ def build_chain(specs: Iterable[str] = (), temperature: float | None = None) -> 
         if "temperature" in parsed:
             raise AnexaError("--temperature and -s temperature both set the temperature: give only one")
         parsed["temperature"] = {FIRST_OPTION: repr(float(temperature))}
-    available = plugins.registered("samplers")
     processors = []
-    for name, options in parsed.items():
-        if name not in available:
-            choices = ", ".join(sorted(available)) or "none"
-            raise AnexaError(
-                f"unknown sampler {name!r}: choose one of {choices} (plugins add more; see `anexa plugins`)"
-            )
-        processors.append(_instantiate(name, available[name].obj, options))
+    for name, given in parsed.items():
+        factory = plugins.get("samplers", name)
+        if not isinstance(getattr(factory, "order", None), int):
+            raise AnexaError(f"sampler {name!r} has no int `order`: fix or uninstall its plugin (see `anexa plugins`)")
+        if FIRST_OPTION in given:
+            described = options.describe(factory)
+            if not described:
+                raise AnexaError(f"sampler {name} takes no options: use -s {name}")
+            given = {described[0].name if key == FIRST_OPTION else key: value for key, value in given.items()}
+        processor, _ = options.create(f"sampler {name}", factory, given)
+        processors.append((name, processor))
     return SamplerChain(processors)
 
 
 class SamplerChain:
-    """Logits processors run in ``order`` (ties keep their given order), then one pick per row."""
+    """Logits processors run by ``order``, ties by name (deterministic whatever the command line's order),
+    then one pick per row."""
 
-    def __init__(self, processors: Iterable[Sampler] = ()) -> None:
-        self.processors: list[Sampler] = sorted(processors, key=lambda processor: processor.order)
+    def __init__(self, processors: Iterable[Sampler | tuple[str, Sampler]] = ()) -> None:
+        named = [item if isinstance(item, tuple) else (type(item).__name__, item) for item in processors]
+        named.sort(key=lambda pair: (pair[1].order, pair[0]))
+        self.names = [name for name, _ in named]
+        self.processors: list[Sampler] = [processor for _, processor in named]
 
     def __repr__(self) -> str:
         return " → ".join(map(repr, self.processors)) or "sample at temperature 1"
 
     def process(self, logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """``logits`` (B, V) and ``context`` (B, T) token ids → processed logits, removed tokens at -inf."""
+        """``logits`` (B, V) and ``context`` (B, T) token ids → processed float32 logits, removed tokens at -inf."""
+        logits = logits.float()
         for processor in self.processors:
             logits = processor(logits, context)
         return logits
@@ -141,19 +100,27 @@ class SamplerChain:
     def pick(
         self, logits: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """The next token ids, shape (B, 1).
+        """The next token ids, shape (B, 1) int64.
 
-        When the chain leaves one token per row (temperature 0, greedy, top_k=1) this is the argmax and
-        the generator is untouched; otherwise a multinomial draw with ``generator``, which must live on
-        the logits' device (``torch.Generator(device=logits.device).manual_seed(seed)``).
+        When the chain leaves one token in every row (temperature 0, greedy, top_k=1) this is the argmax
+        and the generator is untouched; otherwise a multinomial draw from the softmax with ``generator``,
+        which must live on the logits' device (``torch.Generator(device=logits.device).manual_seed(seed)``).
+        A processor that breaks the contract with ``+inf`` makes those tokens the only candidates; NaN is
+        an error naming the chain.
         """
         logits = self.process(logits, context)
+        if torch.isnan(logits).any():
+            raise AnexaError(f"the sampling chain {self!r} produced NaN: a sampler plugin is broken; leave it out")
+        certain = logits == float("inf")
+        if certain.any():
+            rows = certain.any(-1, keepdim=True)
+            logits = torch.where(rows, torch.where(certain, 0.0, float("-inf")), logits)
         fewest, most = torch.stack((logits > float("-inf")).sum(-1).aminmax()).tolist()  # one device sync
         if fewest == 0:
             raise AnexaError(f"the sampling chain {self!r} removed every token: loosen its options")
         if most == 1:
             return logits.argmax(-1, keepdim=True)
-        return torch.multinomial(logits.float().softmax(-1), 1, generator=generator)
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
 class StopStrings:

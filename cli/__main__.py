@@ -1,5 +1,5 @@
 """``python -m anexa_cli``: the same as the ``anexa`` command."""
 
-from anexa_cli.main import app
+from anexa_cli.main import main
 
-app(prog_name="anexa")
+main()

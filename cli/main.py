@@ -1,17 +1,27 @@
 """``anexa``: parse arguments, call the core, print. Heavy imports (torch) happen inside commands,
-so ``anexa --help`` stays fast and torch-free."""
+so ``anexa --help`` stays fast and torch-free.
+
+The console script is :func:`main`: it runs the typer app and turns every usage mistake (a bad flag, a
+value of the wrong type) into one line and exit code 2, like Anexa's own errors.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from anexa_cli.bench import bench_app
 from anexa_cli.errors import user_errors
+from typer.core import TyperCommand, TyperOption
 
 from anexa_core.errors import AnexaError
 
@@ -25,54 +35,145 @@ app = typer.Typer(
 
 app.add_typer(bench_app, name="bench")
 
-SAMPLE_HELP = (
-    "Sampler option, repeatable: NAME=VALUE sets a sampler's main option (-s top_p=0.9), "
-    "NAME.OPTION=VALUE any other (-s repetition_penalty.window=64), NAME alone enables it (-s greedy). "
-    "Any installed sampler plugin works; `anexa plugins` lists them. "
-    "Chain order: repetition_penalty, temperature, top_k, top_p, min_p, greedy, then the pick."
-)
+_type_column = TyperOption.display_type_rich
 
-Model = Annotated[Optional[Path], typer.Option("--model", "-m", help="Run folder or model.safetensors (default: newest under ./runs).")]
-MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate.")]
+
+def _no_flag_metavar(self, ctx):
+    """Flags take no value, so help shows no ``<bool>`` beside them (typer's rich help would)."""
+    return None if getattr(self, "is_flag", False) else _type_column(self, ctx)
+
+
+TyperOption.display_type_rich = _no_flag_metavar
+
+MAX_INT = 2**53  # as anexa_core.config.MAX_INT (importing it here would be fine, but keep --help lean)
+
+OPTION_HELP = (
+    "Plugin option, repeatable: KIND.OPTION=VALUE for the attention, blocks, tokenizer or optimizer "
+    "plugin (-o attention.window=64 -o blocks.rope_theta=500000). `anexa plugins` lists every option."
+)
+Model = Annotated[
+    Optional[Path],
+    typer.Option("--model", "-m", help="Run folder (its best checkpoint) or a .safetensors file; default: newest under ./runs."),
+]
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, max=MAX_INT, help="Tokens to generate.")]
 Temperature = Annotated[Optional[float], typer.Option(help="Sampling temperature; 0 picks the most likely token.")]
-Sample = Annotated[Optional[list[str]], typer.Option("--sample", "-s", help=SAMPLE_HELP)]
-Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop at this string (not printed); repeatable.")]
-Seed = Annotated[Optional[int], typer.Option(help="Random seed: same seed, same text.")]
+Sample = Annotated[Optional[list[str]], typer.Option("--sample", "-s", help="Sampler, repeatable (see below).")]
+Stop = Annotated[
+    Optional[list[str]],
+    typer.Option("--stop", help=r"Stop at this string (not printed); repeatable. \n, \t and \\ mean newline, tab, backslash."),
+]
+Seed = Annotated[Optional[int], typer.Option(min=0, max=MAX_INT, help="Random seed: same seed, same text.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
+Context = Annotated[
+    str,
+    typer.Option(help="When the context is full: shift (keep the recent half, fast) or sliding (nanoGPT's exact window)."),
+]
+AttentionSwap = Annotated[Optional[str], typer.Option(help="Run with another attention plugin (same weights).")]
+PluginOption = Annotated[Optional[list[str]], typer.Option("--option", "-o", help=OPTION_HELP)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"anexa {version('anexa')}")
+        raise typer.Exit()
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs.")] = False) -> None:
+def callback(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs (tracebacks of failed plugins, the sampler chain).")] = False,
+    disable_plugin: Annotated[
+        Optional[list[str]],
+        typer.Option("--disable-plugin", metavar="NAME", help="Do not load this plugin (NAME, a distribution, or DIST:NAME), built-ins included; repeatable. Same as ANEXA_DISABLE_PLUGINS."),
+    ] = None,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
+    if disable_plugin:
+        already = [name for name in os.environ.get("ANEXA_DISABLE_PLUGINS", "").split(",") if name]
+        os.environ["ANEXA_DISABLE_PLUGINS"] = ",".join(already + list(disable_plugin))
+
+
+def _plugin_options(specs: Optional[list[str]]) -> dict[str, dict[str, str]]:
+    from anexa_core.options import parse_assignments
+
+    return parse_assignments(specs or [], "-o")
+
+
+def _default_out(data: str, preset: str) -> Path:
+    """``runs/<data>-<preset>``, or the first ``-2``, ``-3``, … that holds no run yet."""
+    from anexa_core.checkpoint import holds_a_run
+
+    base = Path("runs") / f"{Path(data.rstrip('/')).stem or 'data'}-{preset}"
+    candidate, number = base, 1
+    while holds_a_run(candidate):
+        number += 1
+        candidate = base.with_name(f"{base.name}-{number}")
+    return candidate
+
+
+class _Interrupts:
+    """First Ctrl-C or SIGTERM: finish the step, save, stop. A second Ctrl-C: leave at once."""
+
+    def __init__(self, console):
+        self.console = console
+        self.signal: int | None = None
+        self._previous = {}
+
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        self.console.print("stopping after this step and saving a checkpoint (Ctrl-C again leaves at once)…")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 @app.command()
 @user_errors
 def train(
-    data: Annotated[Optional[str], typer.Option(help="Dataset name (sherlock, tinyshakespeare, …), text file or URL.")] = None,
-    preset: Annotated[str, typer.Option(help="Model size: seed (~0.8M) or small (~10.7M).")] = "seed",
-    config: Annotated[Optional[Path], typer.Option(help="TOML file overriding the preset.")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer plugin: char, bpe, …")] = None,
-    vocab_size: Annotated[Optional[int], typer.Option(help="Vocabulary size for trainable tokenizers (bpe).")] = None,
-    attention: Annotated[Optional[str], typer.Option(help="Attention plugin: sdpa, math, triton, …")] = None,
-    blocks: Annotated[Optional[str], typer.Option(help="Blocks plugin (model family): gpt2, …")] = None,
-    n_layer: Annotated[Optional[int], typer.Option(help="Override the preset's layers.")] = None,
-    n_head: Annotated[Optional[int], typer.Option(help="Override the preset's heads.")] = None,
-    n_embd: Annotated[Optional[int], typer.Option(help="Override the preset's width.")] = None,
-    block_size: Annotated[Optional[int], typer.Option(help="Override the preset's context length.")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="Override the preset's dropout.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default 5000).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps.")] = None,
-    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<data>-<preset>).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Dataset name (sherlock, tinyshakespeare, …), text file or URL. \\[default: sherlock, shipped with Anexa]")] = None,
+    preset: Annotated[str, typer.Option(help="Model size: seed (~0.8M parameters) or small (~10.7M).")] = "seed",
+    config: Annotated[Optional[Path], typer.Option(help="TOML file overriding the preset ([model], [train], [attention], …).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer plugin: char, bpe, … \\[default: char]")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Shorthand for -o tokenizer.vocab_size=N (bpe). \\[default: 1024]")] = None,
+    attention: Annotated[Optional[str], typer.Option(help="Attention plugin: sdpa, math, triton, … \\[default: sdpa]")] = None,
+    blocks: Annotated[Optional[str], typer.Option(help="Blocks plugin (model family): gpt2, … \\[default: gpt2]")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="Optimizer plugin: adamw, … \\[default: adamw]")] = None,
+    option: PluginOption = None,
+    n_layer: Annotated[Optional[int], typer.Option(help="Layers. \\[default: the preset's]")] = None,
+    n_head: Annotated[Optional[int], typer.Option(help="Attention heads. \\[default: the preset's]")] = None,
+    n_embd: Annotated[Optional[int], typer.Option(help="Width. \\[default: the preset's]")] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="Context length in tokens. \\[default: the preset's]")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout. \\[default: the preset's]")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps. \\[default: 5000]")] = None,
+    decay_steps: Annotated[Optional[int], typer.Option(help="Step at which the cosine LR decay ends. \\[default: --steps of the first run]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step. \\[default: the preset's]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. \\[default: 1e-3]")] = None,
+    min_lr: Annotated[Optional[float], typer.Option(help="Learning rate at the end of the decay. \\[default: 1e-4]")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps. \\[default: 100]")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. \\[default: 250]")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps. \\[default: 1000]")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder. \\[default: runs/<data>-<preset>, or -2, -3… if taken]")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto (CUDA if present), cpu or cuda.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto (CUDA if present), cpu or cuda. \\[default: auto]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed. \\[default: 1337]")] = None,
 ) -> None:
-    """Train a GPT on a text corpus and write model.safetensors into a run folder."""
-    from anexa_cli.progress import RichReporter
+    """Train a GPT on a text corpus and write it into a run folder (model, best model, training state)."""
+    from anexa_cli.progress import reporter_for
     from rich.console import Console
 
     from anexa_core import config as configs
@@ -80,36 +181,94 @@ def train(
 
     overrides = dict(
         data=data, tokenizer=tokenizer, vocab_size=vocab_size, attention=attention, blocks=blocks,
-        n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout,
-        steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, save_every=save_every,
-        device=device, seed=seed,
+        optimizer=optimizer, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+        dropout=dropout, steps=steps, decay_steps=decay_steps, batch_size=batch_size, lr=lr, min_lr=min_lr,
+        warmup_steps=warmup_steps, eval_every=eval_every, save_every=save_every, device=device, seed=seed,
     )
+    plugin_options = _plugin_options(option)
     if resume is not None:
-        if config is not None or out is not None:
-            raise AnexaError("--resume continues a run as it was: drop --config and --out")
-        model_config, train_config = training.resume_configs(resume, overrides)
+        if config is not None or out is not None or overwrite:
+            raise AnexaError("--resume continues a run as it was: drop --config, --out and --overwrite")
+        model_config, train_config = training.resume_configs(resume, overrides, plugin_options)
         out_dir = resume
     else:
-        model_config, train_config = configs.resolve(preset, config, overrides)
-        out_dir = out or Path("runs") / f"{Path(train_config.data.rstrip('/')).stem}-{preset}"
+        model_config, train_config = configs.resolve(preset, config, overrides, plugin_options)
+        out_dir = out or _default_out(train_config.data, preset)
     console = Console(stderr=True)
-    result = training.train(model_config, train_config, out_dir, RichReporter(console), resume=resume is not None)
+    with _Interrupts(console) as interrupts:
+        try:
+            result = training.train(
+                model_config, train_config, out_dir, reporter_for(console), resume=resume is not None,
+                overwrite=overwrite, stop_requested=interrupts.requested,
+            )
+        except training.TrainingInterrupted as stopped:
+            console.print(f"interrupted at step {stopped.step}; saved {stopped.out_dir}. Continue with:\n"
+                          f"  anexa train --resume {stopped.out_dir}", highlight=False)
+            raise typer.Exit(128 + (interrupts.signal or signal.SIGINT)) from None
+        except KeyboardInterrupt:
+            console.print(f"stopped at once; the last checkpoint in {out_dir}, if any, is intact "
+                          f"(continue with: anexa train --resume {out_dir})", highlight=False)
+            raise typer.Exit(130) from None
+    best = f" · best val loss {result.best_val_loss:.4f} at step {result.best_step}" if result.best_step else ""
     console.print(
-        f"saved {result.out_dir / 'model.safetensors'} · step {result.step} · val loss {result.val_loss:.4f} · "
-        f"{result.seconds:.0f}s"
+        f"saved {result.out_dir} · step {result.step} · val loss {result.val_loss:.4f}{best} · {result.seconds:.0f}s",
+        highlight=False,
     )
 
 
-def _load(model: Optional[Path], device: str, sample: Optional[list[str]], temperature: Optional[float]):
+def _unescape(text: str) -> str:
+    r"""``\n``, ``\t`` and ``\\`` as typed in a shell → newline, tab, backslash; anything else stays."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def _load(model: Optional[Path], device: str, sample: Optional[list[str]], temperature: Optional[float],
+          option: Optional[list[str]], attention: Optional[str]):
     """The model, tokenizer and checkpoint metadata, and the sampler chain the flags ask for."""
     from anexa_core import checkpoint, sampling, training
 
+    plugin_options = _plugin_options(option)
+    unknown = sorted(set(plugin_options) - {"attention"})
+    if unknown:
+        raise AnexaError(f"-o {unknown[0]}.… cannot change a trained model: only -o attention.OPTION=VALUE works here")
+    if "attention" in plugin_options and attention is None:
+        raise AnexaError("-o attention.… needs --attention NAME naming the attention it configures")
     path = model if model is not None else checkpoint.latest_run(Path("runs"))
-    loaded, tokenizer, meta = checkpoint.load_model(path, training.pick_device(device))
-    return loaded, tokenizer, meta, sampling.build_chain(sample or [], temperature)
+    loaded, tokenizer, meta = checkpoint.load_model(
+        path, training.pick_device(device), attention, plugin_options.get("attention")
+    )
+    chain = sampling.build_chain(sample or [], temperature)
+    logging.getLogger("anexa").debug("sampler chain: %r", chain)
+    return loaded, tokenizer, meta, chain
 
 
-@app.command()
+def _sampler_help() -> str:
+    """The ``--sample`` help with the samplers actually installed, in chain order (imports the plugins)."""
+    from anexa_core import options, plugins
+
+    entries = []
+    for name, entry in plugins.registered("samplers").items():
+        described = options.describe(entry.obj)
+        first = f"={described[0].name.upper()}" if described else ""
+        entries.append((getattr(entry.obj, "order", 0), name, f"{name}{first} ({getattr(entry.obj, 'order', '?')})"))
+    listed = ", ".join(text for _, _, text in sorted(entries))
+    return (
+        "Sampler, repeatable: NAME=VALUE sets its main option (-s top_p=0.9), NAME.OPTION=VALUE any other "
+        "(-s repetition_penalty.window=64), NAME alone enables it (-s greedy). Installed, in chain order "
+        f"(lower runs first; ties by name): {listed}; then the pick."
+    )
+
+
+class _WithSamplers(TyperCommand):
+    """Lists the installed samplers in ``--help`` (only when help is asked for: it loads the plugins)."""
+
+    def format_help(self, ctx, formatter):
+        for param in self.params:
+            if param.name == "sample":
+                param.help = _sampler_help()
+        return super().format_help(ctx, formatter)
+
+
+@app.command(cls=_WithSamplers)
 @user_errors
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="Text to continue; read from stdin when omitted.")] = None,
@@ -119,21 +278,25 @@ def generate(
     sample: Sample = None,
     stop: Stop = None,
     seed: Seed = None,
+    context: Context = "shift",
+    attention: AttentionSwap = None,
+    option: PluginOption = None,
     device: Device = "auto",
 ) -> None:
     """Print one continuation of PROMPT (only the generated text, for scripts)."""
     from anexa_core.generation import generate_text
 
-    loaded, tokenizer, _, chain = _load(model, device, sample, temperature)
+    loaded, tokenizer, _, chain = _load(model, device, sample, temperature, option, attention)
     if prompt is None:
         prompt = sys.stdin.read()
-    for piece in generate_text(loaded, tokenizer, prompt, max_new_tokens, chain, seed, stop or []):
+    stops = [_unescape(text) for text in stop or []]
+    for piece in generate_text(loaded, tokenizer, prompt, max_new_tokens, chain, seed, stops, context):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
-@app.command()
+@app.command(cls=_WithSamplers)
 @user_errors
 def chat(
     model: Model = None,
@@ -142,13 +305,20 @@ def chat(
     sample: Sample = None,
     stop: Stop = None,
     seed: Seed = None,
+    context: Context = "shift",
+    attention: AttentionSwap = None,
+    option: PluginOption = None,
     device: Device = "auto",
 ) -> None:
     """Continue prompts interactively, streaming tokens; `quit`, `exit` or Ctrl-D ends."""
+    from anexa_core.data import normalize_text
     from anexa_core.generation import generate_text
 
-    loaded, tokenizer, meta, chain = _load(model, device, sample, temperature)
-    typer.echo(f"model: step {meta.get('step')}, val loss {meta.get('val_loss', float('nan')):.4f}. `quit` to leave.")
+    loaded, tokenizer, meta, chain = _load(model, device, sample, temperature, option, attention)
+    val = meta.get("val_loss")
+    val_text = f", val loss {val:.4f}" if isinstance(val, float) else ""
+    typer.echo(f"loaded {meta['path']}: step {meta.get('step')}{val_text}. `quit` to leave.")
+    stops = [_unescape(text) for text in stop or []]
     turn = 0
     while True:
         try:
@@ -157,17 +327,25 @@ def chat(
             typer.echo()
             return
         if prompt.strip() in ("quit", "exit"):
+            typer.echo()
             return
         if not prompt:
+            continue
+        try:
+            tokenizer.encode(normalize_text(prompt))  # refuse before printing "Response:"
+        except AnexaError as exc:
+            typer.echo(f"error: {exc}")
             continue
         sys.stdout.write("Response: ")
         try:
             turn_seed = None if seed is None else seed + turn
-            for piece in generate_text(loaded, tokenizer, prompt, max_new_tokens, chain, turn_seed, stop or []):
+            for piece in generate_text(loaded, tokenizer, prompt, max_new_tokens, chain, turn_seed, stops, context):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        except AnexaError as exc:  # e.g. unseen characters: report and keep chatting
+        except AnexaError as exc:
             sys.stdout.write(f"\nerror: {exc}")
+        except KeyboardInterrupt:
+            sys.stdout.write(" [interrupted]")
         sys.stdout.write("\n")
         turn += 1
 
@@ -175,18 +353,63 @@ def chat(
 @app.command("plugins")
 @user_errors
 def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List every plugin, its distribution and version, and the names it registers per hook."""
-    from anexa_core.plugins import describe_plugins
+    """List every plugin (loaded, failed, disabled), what it registers with its options, and any name clashes."""
+    from anexa_core.plugins import conflicts, describe_plugins
 
+    verbose = logging.getLogger("anexa").isEnabledFor(logging.DEBUG)
     described = describe_plugins()
+    clashes = conflicts()
     if as_json:
-        typer.echo(json.dumps(described, indent=2))
+        for plugin in described:
+            if not verbose:
+                plugin.pop("traceback")
+        typer.echo(json.dumps({"plugins": described, "conflicts": clashes}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("plugin", "distribution", "version", "registers")
+    table = Table("plugin", "distribution", "version", "status", "registers (options)")
     for plugin in described:
-        registers = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in plugin["registers"].items())
-        table.add_row(plugin["name"], plugin["distribution"] or "-", plugin["version"] or "-", registers)
-    Console().print(table)
+        parts = []
+        for kind, names in plugin["registers"].items():
+            shown = []
+            for name in names:
+                opts = plugin["options"].get(kind, {}).get(name, [])
+                inner = ", ".join(f"{o['name']}={o['default']!r}" for o in opts if "name" in o)
+                shown.append(f"{name}({inner})" if inner else name)
+            parts.append(f"{kind}: {', '.join(shown)}")
+        status = plugin["status"] if plugin["status"] == "loaded" else f"{plugin['status']}: {plugin['error'] or ''}"
+        table.add_row(plugin["name"], plugin["distribution"] or "-", plugin["version"] or "-", status, "; ".join(parts))
+    console = Console()
+    console.print(table)
+    for clash in clashes:
+        console.print(f"conflict: {clash['kind']} {clash['name']!r} is registered by {' and '.join(clash['providers'])}",
+                      highlight=False)
+    if verbose:
+        for plugin in described:
+            if plugin["traceback"]:
+                console.print(f"traceback of plugin {plugin['name']}:\n{plugin['traceback']}", highlight=False)
+
+
+# typer ≥ 0.24 vendors click: its errors derive from typer.TyperException rather than click's classes.
+_USAGE_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
+_ABORTS = tuple({click.exceptions.Abort, typer.Abort})
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The ``anexa`` console script: the app, with usage mistakes as one line and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="anexa", standalone_mode=False)
+    except _ABORTS:
+        typer.echo("", err=True)
+        sys.exit(130)
+    except _USAGE_ERRORS as exc:
+        exit_code = getattr(exc, "exit_code", 1)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if exit_code == 2 and ctx is not None else ""
+        if not exc.format_message():  # `anexa` alone: help was shown, nothing went wrong
+            sys.exit(0)
+        typer.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
+        sys.exit(exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer, trained on the corpus with Hugging Face ``tokenizers``.
+"""Tokenizer plugin ``bpe``: byte-level BPE trained on the corpus with Hugging Face ``tokenizers``.
 
 Every text is first turned into UTF-8 bytes and the 256 byte symbols are always in the vocabulary,
 so any string encodes (emoji, other scripts, control characters) and decoding the ids gives back
@@ -7,7 +7,7 @@ exactly the original text. Merges learned from the corpus make common words sing
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -18,45 +18,67 @@ from anexa_core import AnexaError, hookimpl
 DEFAULT_VOCAB_SIZE = 1024
 BYTE_ALPHABET_SIZE = 256
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + 1  # the byte alphabet plus at least one merge
+MAX_VOCAB_SIZE = 2**20
 
 
 class BPETokenizer:
-    """Byte-level BPE: ``vocab_size`` = 256 byte tokens + learned merges.
+    """Byte-level BPE (GPT-2's scheme, Radford et al. 2019): 256 byte tokens + learned merges.
 
-    ``vocab_size`` is an upper bound: a small corpus with fewer distinct merges yields a smaller
-    vocabulary, and the ``vocab_size`` attribute reports the real one. Training is deterministic
-    (same text and size, same merges), so a rerun rebuilds the same tokenizer.
+    Option ``vocab_size`` is an upper bound: a small corpus with fewer distinct merges yields a smaller
+    vocabulary, and after training the ``vocab_size`` attribute reports the real one. Training is
+    deterministic (same text and size, same merges), so a rerun rebuilds the same tokenizer.
     """
 
-    def __init__(self, tokenizer: HFTokenizer) -> None:
+    def __init__(self, vocab_size: int = DEFAULT_VOCAB_SIZE) -> None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
+            MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE
+        ):
+            raise AnexaError(
+                f"--vocab-size {vocab_size} does not fit byte-level BPE: use {MIN_VOCAB_SIZE} to {MAX_VOCAB_SIZE} "
+                f"({BYTE_ALPHABET_SIZE} byte tokens plus merges), e.g. {DEFAULT_VOCAB_SIZE}"
+            )
+        self.target_size = vocab_size
+        self.vocab_size = 0
+        self._tokenizer: HFTokenizer | None = None
+
+    def _set(self, tokenizer: HFTokenizer) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
 
-    @classmethod
-    def train(cls, text: str, vocab_size: int | None = None) -> BPETokenizer:
-        size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < MIN_VOCAB_SIZE:
-            raise AnexaError(
-                f"--vocab-size {size} is too small for byte-level BPE: use at least {MIN_VOCAB_SIZE} "
-                f"({BYTE_ALPHABET_SIZE} byte tokens plus merges), e.g. {DEFAULT_VOCAB_SIZE}"
-            )
-        if not text:
-            raise AnexaError("cannot train a BPE tokenizer on empty text: pass a corpus with some content")
+    def train(self, texts: Iterable[str]) -> None:
         tokenizer = HFTokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=size,
+            vocab_size=self.target_size,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             special_tokens=[],
             show_progress=False,
         )
-        # The whole text in one piece, so whitespace runs such as blank lines pre-tokenize as in encode.
-        tokenizer.train_from_iterator([text], trainer)
-        return cls(tokenizer)
+        seen = False
+
+        def chunks():
+            nonlocal seen
+            for text in texts:
+                seen = seen or bool(text)
+                yield text
+
+        tokenizer.train_from_iterator(chunks(), trainer)
+        if not seen:
+            raise AnexaError("cannot train a BPE tokenizer on empty text: pass a corpus with some content")
+        self._set(tokenizer)
+
+    def _trained(self) -> HFTokenizer:
+        if self._tokenizer is None:
+            raise AnexaError("the BPE tokenizer is not trained: train it on a corpus or load a checkpoint first")
+        return self._tokenizer
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        return self._trained().encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encodes in parallel threads (the ``tokenizers`` library's Rust pool)."""
+        return [encoding.ids for encoding in self._trained().encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
@@ -67,18 +89,17 @@ class BPETokenizer:
                 "the ids come from a model trained with a different tokenizer"
             )
         # Ids that end inside a multi-byte character (a generation cut short) decode to U+FFFD.
-        return self._tokenizer.decode(ids, skip_special_tokens=False)
+        return self._trained().decode(ids, skip_special_tokens=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": "bpe", "tokenizer": self._tokenizer.to_str()}
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "bpe", "tokenizer": self._trained().to_str()}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BPETokenizer:
-        serialized = data.get("tokenizer") if isinstance(data, dict) and data.get("type") == "bpe" else None
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        serialized = state.get("tokenizer") if isinstance(state, dict) and state.get("type") == "bpe" else None
         try:
             if not isinstance(serialized, str):
                 raise ValueError("missing 'tokenizer' JSON")
-            return cls(HFTokenizer.from_str(serialized))
+            self._set(HFTokenizer.from_str(serialized))
         except Exception as exc:
             detail = " ".join(str(exc).split())[:200]
             raise AnexaError(

@@ -1,8 +1,8 @@
-"""Character tokenizer: one token per distinct character of the training text."""
+"""Tokenizer plugin ``char``: one token per distinct character of the training text."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from anexa_core import AnexaError, hookimpl
@@ -11,30 +11,30 @@ _SHOWN_UNSEEN = 5
 
 
 class CharTokenizer:
-    """Vocabulary = the sorted distinct characters of the training text; id = position in it.
+    """Vocabulary = the sorted distinct characters of the training text; id = position in it. No options.
 
-    The vocabulary size follows from the text, so ``train`` refuses an explicit ``vocab_size``
-    rather than silently ignoring it. Characters never seen in training have no id: ``encode``
-    raises an :class:`AnexaError` naming them instead of dropping or replacing them, because a
-    silently altered prompt would make the model's answer look like a model bug. Use the ``bpe``
-    tokenizer when prompts may contain arbitrary text.
+    Characters never seen in training have no id: ``encode`` raises an :class:`AnexaError` naming them
+    instead of dropping or replacing them, because a silently altered prompt would make the model's
+    answer look like a model bug. Use the ``bpe`` tokenizer when prompts may contain arbitrary text.
     """
 
-    def __init__(self, chars: str) -> None:
+    def __init__(self) -> None:
+        self.chars = ""
+        self.vocab_size = 0
+        self._ids: dict[str, int] = {}
+
+    def _set(self, chars: str) -> None:
         self.chars = chars
         self.vocab_size = len(chars)
         self._ids = {char: i for i, char in enumerate(chars)}
 
-    @classmethod
-    def train(cls, text: str, vocab_size: int | None = None) -> CharTokenizer:
-        if vocab_size is not None:
-            raise AnexaError(
-                "the char tokenizer's vocabulary is the set of characters in the text, so it takes no "
-                "vocab size: drop --vocab-size or use --tokenizer bpe"
-            )
-        if not text:
+    def train(self, texts: Iterable[str]) -> None:
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        if not seen:
             raise AnexaError("cannot train a char tokenizer on empty text: pass a corpus with some content")
-        return cls("".join(sorted(set(text))))
+        self._set("".join(sorted(seen)))
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -59,18 +59,17 @@ class CharTokenizer:
             )
         return "".join(self.chars[i] for i in ids)
 
-    def to_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"type": "char", "chars": self.chars}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CharTokenizer:
-        chars = data.get("chars") if isinstance(data, dict) and data.get("type") == "char" else None
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        chars = state.get("chars") if isinstance(state, dict) and state.get("type") == "char" else None
         if not isinstance(chars, str) or not chars or list(chars) != sorted(set(chars)):
             raise AnexaError(
                 "saved char tokenizer is malformed (expected type 'char' and a sorted string of distinct "
                 "characters): the checkpoint is damaged; retrain or use another checkpoint"
             )
-        return cls(chars)
+        self._set(chars)
 
 
 @hookimpl

@@ -1,8 +1,13 @@
-"""Blocks plugin ``gpt2``: pre-LayerNorm transformer blocks, learned positions, GELU MLP (the seed's architecture)."""
+"""Blocks plugin ``gpt2``: pre-LayerNorm transformer blocks, learned positions, GELU MLP (the seed's architecture).
+
+Written against the public blocks contract only (``anexa_core.Blocks``): the stack gets token
+embeddings, their absolute positions and an optional :class:`~anexa_core.KVCache`; each attention layer
+calls ``cache.update(layer, k, v)`` and attends over what it returns.
+"""
 
 import math
+from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from anexa_core import hookimpl
@@ -11,13 +16,13 @@ from anexa_core import hookimpl
 class SelfAttention(nn.Module):
     """Multi-head causal self-attention; the score computation itself is the attention plugin's."""
 
-    def __init__(self, config, attention, layer: int):
+    def __init__(self, config, attention, layer: int, bias: bool):
         super().__init__()
         self.n_head = config.n_head
         self.layer = layer
         self.attention = attention
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
         self.resid_drop = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None):
@@ -34,11 +39,11 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, bias: bool):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=bias)
         self.gelu = nn.GELU()
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -46,39 +51,37 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, attention, layer: int):
+    def __init__(self, config, attention, layer: int, bias: bool):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = SelfAttention(config, attention, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=bias)
+        self.attn = SelfAttention(config, attention, layer, bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=bias)
+        self.mlp = MLP(config, bias)
 
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2Blocks(nn.Module):
+class GPT2Stack(nn.Module):
     """Learned positions, ``n_layer`` blocks, final LayerNorm."""
 
-    def __init__(self, config, attention):
+    def __init__(self, config, attention, bias: bool = True):
         super().__init__()
         self.block_size = config.block_size
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.layers = nn.ModuleList(Block(config, attention, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.layers = nn.ModuleList(Block(config, attention, i, bias) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=bias)
         self.apply(_init_weights)
         # GPT-2: residual projections scaled down so the residual stream's variance stays put with depth.
         for name, param in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def forward(self, x, cache=None):
-        start = cache.pos if cache is not None else 0
-        end = start + x.size(1)
-        if end > self.block_size:
-            raise ValueError(f"sequence of {end} positions exceeds block_size {self.block_size}")
-        x = x + self.wpe(torch.arange(start, end, device=x.device))
+    def forward(self, x, positions, cache=None):
+        if positions[-1] >= self.block_size:
+            raise ValueError(f"position {int(positions[-1])} is beyond block_size {self.block_size}")
+        x = x + self.wpe(positions)
         for layer in self.layers:
             x = layer(x, cache)
         return self.ln_f(x)
@@ -91,6 +94,16 @@ def _init_weights(module):
         nn.init.zeros_(module.bias)
 
 
+@dataclass
+class GPT2:
+    """GPT-2's family (Radford et al. 2019, as in nanoGPT): the seed model's architecture."""
+
+    bias: bool = field(default=True, metadata={"help": "biases in linear layers and LayerNorms"})
+
+    def build(self, config, attention) -> nn.Module:
+        return GPT2Stack(config, attention, bias=self.bias)
+
+
 @hookimpl
 def register_blocks(register):
-    register("gpt2", GPT2Blocks)
+    register("gpt2", GPT2)

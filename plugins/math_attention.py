@@ -1,6 +1,7 @@
 """Attention plugin ``math``: softmax(QKᵀ/√d)·V written out, the reference every other backend is checked against."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +19,14 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     return weights @ v
 
 
+@dataclass
+class MathAttention:
+    """Exact attention, the slow and obvious way (Vaswani et al. 2017, eq. 1)."""
+
+    def __call__(self, q, k, v, *, causal):
+        return math_attention(q, k, v, causal=causal)
+
+
 @hookimpl
 def register_attention(register):
-    register("math", math_attention)
+    register("math", MathAttention)

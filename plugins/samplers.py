@@ -44,7 +44,7 @@ class RepetitionPenalty:
     order: ClassVar[int] = 10
 
     def __post_init__(self) -> None:
-        if not self.penalty > 0:
+        if not 0 < self.penalty < float("inf"):
             raise AnexaError(f"repetition_penalty must be > 0 (1 = off, e.g. 1.2), got {self.penalty}")
         if self.window < 1:
             raise AnexaError(f"repetition_penalty.window must be at least 1 token, got {self.window}")
@@ -53,6 +53,9 @@ class RepetitionPenalty:
         recent = context[:, -self.window :].to(device=logits.device, dtype=torch.long)
         seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, recent, True)
         penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+        # An extreme penalty must not overflow a finite logit to ±inf (NaN later, or every token removed).
+        largest = torch.finfo(logits.dtype).max / 4
+        penalised = torch.where(torch.isfinite(logits), penalised.clamp(-largest, largest), logits)
         return torch.where(seen, penalised, logits)
 
 
@@ -64,13 +67,18 @@ class Temperature:
     order: ClassVar[int] = 20
 
     def __post_init__(self) -> None:
-        if not self.value >= 0:
+        if not 0 <= self.value < float("inf"):
             raise AnexaError(f"temperature must be >= 0 (0 means greedy), got {self.value}")
 
     def __call__(self, logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.value == 0:
             return _keep_argmax(logits)
-        return logits / self.value
+        # Shifting by the row's maximum leaves the distribution unchanged and keeps every value <= 0, so a
+        # tiny temperature sends the others to -inf instead of overflowing the top one to +inf; dividing in
+        # float64 keeps a temperature below float32's range from becoming a division by zero.
+        top = logits.amax(-1, keepdim=True)
+        shifted = (logits - torch.where(torch.isfinite(top), top, 0.0)).double()
+        return (shifted / self.value).to(logits.dtype)
 
 
 @dataclass

@@ -3,11 +3,21 @@
 The same function the ``triton`` plugin falls back to, so the two can never disagree on masking.
 """
 
+from dataclasses import dataclass
+
 from anexa_kernels import sdpa_attention
 
 from anexa_core import hookimpl
 
 
+@dataclass
+class SDPA:
+    """``F.scaled_dot_product_attention`` with a bottom-right causal mask; PyTorch picks the backend."""
+
+    def __call__(self, q, k, v, *, causal):
+        return sdpa_attention(q, k, v, causal=causal)
+
+
 @hookimpl
 def register_attention(register):
-    register("sdpa", sdpa_attention)
+    register("sdpa", SDPA)

@@ -1,25 +1,32 @@
 """Attention plugin ``triton``: the FlashAttention-2 Triton kernels, else SDPA (logged once)."""
 
-import torch
+from dataclasses import dataclass
+
 from anexa_kernels import SUPPORTED_HEAD_DIMS, attention, fallback_reason
 
 from anexa_core import AnexaError, hookimpl
 
 
-def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
-    """The kernel's head-dim limit is a model-config choice, so it is reported as a user mistake."""
-    head_dim = q.size(-1)
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise AnexaError(
-            f"attention 'triton' supports head_dim (n_embd / n_head) in {SUPPORTED_HEAD_DIMS}, the model has "
-            f"head_dim {head_dim}: change n_embd or n_head, or use attention 'sdpa'"
-        )
-    return attention(q, k, v, causal=causal)
+@dataclass
+class TritonAttention:
+    """The fused kernel in ``kernels/``; ``fallback_reason`` lets `anexa bench` label fallback rows honestly."""
 
+    fallback_backend = "sdpa"
 
-triton_attention.fallback_reason = fallback_reason  # lets `anexa bench` label fallback rows honestly
+    def __call__(self, q, k, v, *, causal):
+        # The kernel's head-dim limit is a model-config choice, so it is reported as a user mistake.
+        head_dim = q.size(-1)
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise AnexaError(
+                f"attention 'triton' supports head_dim (n_embd / n_head) in {SUPPORTED_HEAD_DIMS}, the model "
+                f"has head_dim {head_dim}: change n_embd or n_head, or use attention 'sdpa'"
+            )
+        return attention(q, k, v, causal=causal)
+
+    def fallback_reason(self, q):
+        return fallback_reason(q)
 
 
 @hookimpl
 def register_attention(register):
-    register("triton", triton_attention)
+    register("triton", TritonAttention)

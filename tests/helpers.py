@@ -15,6 +15,31 @@ def tiny_model(seed: int = 0, **changes) -> torch.nn.Module:
     return build_model(dataclasses.replace(TINY, **changes)).eval()
 
 
+def attention(name: str, **options):
+    """An attention plugin's callable, created with ``options``."""
+    from anexa_core import plugins
+
+    return plugins.create("attention", name, options)[0]
+
+
+def trained_tokenizer(name: str, text: str, **options):
+    """A tokenizer plugin created with ``options`` and trained on ``text``."""
+    from anexa_core import plugins
+
+    tokenizer, _ = plugins.create("tokenizers", name, options)
+    tokenizer.train([text])
+    return tokenizer
+
+
+def loaded_tokenizer(name: str, state, **options):
+    """A tokenizer plugin restored from ``state`` (what ``state_dict`` returned)."""
+    from anexa_core import plugins
+
+    tokenizer, _ = plugins.create("tokenizers", name, options)
+    tokenizer.load_state_dict(state)
+    return tokenizer
+
+
 class Greedy:
     """A minimal chain: argmax, so generation is deterministic without the sampler plugins."""
 

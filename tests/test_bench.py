@@ -5,13 +5,14 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
 from anexa_cli.bench import bench_app
 from typer.testing import CliRunner
 
-from anexa_core import bench, plugins
+from anexa_core import bench, hookimpl, plugins
 from anexa_core.errors import AnexaError
 
 TINY = dict(batch=1, heads=2, head_dim=16, repeats=1, warmup=0, device="cpu")
@@ -72,10 +73,63 @@ def test_triton_row_is_timed_when_the_kernel_runs():
     assert row["max_abs_err"] < 1e-4
 
 
-def test_non_causal_differs_from_causal():
-    (causal,) = bench.bench_attention(seqs=(16,), attention=["sdpa"], causal=True, **TINY)
-    (full,) = bench.bench_attention(seqs=(16,), attention=["sdpa"], causal=False, **TINY)
-    assert full["max_abs_err"] < 1e-4 and full["causal"] is False and causal["causal"] is True
+@dataclass
+class AlwaysCausal:
+    """Ignores ``causal=False``: the bench must catch it by checking against the matching reference."""
+
+    def __call__(self, q, k, v, *, causal):
+        return plugins.create("attention", "sdpa")[0](q, k, v, causal=True)
+
+
+@dataclass
+class Banded:
+    """Not exact by design (each query sees the last 4 keys) and says so with a reference."""
+
+    window: int = 4
+
+    def __call__(self, q, k, v, *, causal):
+        return self.reference(q, k, v, causal=causal).to(q.dtype)
+
+    def reference(self, q, k, v, *, causal):
+        t_q, t_k = q.size(-2), k.size(-2)
+        rows = torch.arange(t_q).unsqueeze(1) + (t_k - t_q)
+        keys = torch.arange(t_k).unsqueeze(0)
+        visible = (keys > rows - self.window) & (keys <= rows if causal else True)
+        scores = (q @ k.transpose(-2, -1)) / q.size(-1) ** 0.5
+        return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
+
+
+class ExtraAttention:
+    @hookimpl
+    def register_attention(self, register):
+        register("always_causal", AlwaysCausal)
+        register("banded", Banded)
+
+
+@pytest.fixture
+def extra_attention():
+    manager = plugins.plugin_manager()
+    plugin = ExtraAttention()
+    manager.register(plugin, name="test-extra-attention")
+    yield
+    manager.unregister(plugin)
+
+
+def test_non_causal_is_checked_against_a_non_causal_reference(extra_attention):
+    (honest,) = bench.bench_attention(seqs=(16,), attention=["sdpa"], causal=False, **TINY)
+    assert honest["max_abs_err"] < 1e-4 and honest["causal"] is False
+    causal, full = (bench.bench_attention(seqs=(16,), attention=["always_causal"], causal=c, **TINY)[0]
+                    for c in (True, False))
+    assert causal["max_abs_err"] < 1e-4
+    assert full["max_abs_err"] > 1e-2, "a backend that ignores causal=False must show a large error"
+
+
+def test_an_attention_that_is_not_exact_is_labelled_and_checked_against_its_reference(extra_attention):
+    (row,) = bench.bench_attention(seqs=(16,), attention=["banded"], **TINY)
+    assert row["status"] == "ok, not exact: vs its own reference" and row["checked_against"] == "own reference"
+    assert row["max_abs_err"] < 1e-4
+    exact = bench.reference_of(plugins.create("attention", "sdpa")[0])[1]
+    assert exact == "math"
 
 
 def test_cli_prints_every_backend_and_writes_json(no_interpreter, tmp_path):
@@ -136,11 +190,17 @@ def test_kv_cache_beats_recomputing_a_long_prompt(one_thread, tmp_path):
     args = "generate --prompt-len 112 --new-tokens 8 --repeats 3 --device cpu --json".split()
     result = CliRunner().invoke(bench_app, [*args, str(out)])
     assert result.exit_code == 0, result.output
-    cache, recompute = json.loads(out.read_text())
-    assert (cache["mode"], recompute["mode"]) == ("kv cache", "recompute") and cache["status"] == "ok"
-    assert cache["same_tokens"] and recompute["same_tokens"]
-    assert cache["tokens_per_s"] > recompute["tokens_per_s"] and cache["speedup"] > 1
-    assert "kv cache" in result.output and "speedup" in result.output
+    rows = {row["mode"]: row for row in json.loads(out.read_text())}
+    assert list(rows) == ["shift", "sliding", "recompute"] and rows["shift"]["status"] == "ok"
+    assert all(row["same_tokens"] for row in rows.values())  # 112 + 8 fit the 128-token context
+    assert rows["shift"]["tokens_per_s"] > rows["recompute"]["tokens_per_s"] and rows["shift"]["speedup"] > 1
+    assert "shift" in result.output and "speedup" in result.output
+
+
+def test_past_the_context_sliding_still_equals_recompute_and_shift_is_faster(one_thread):
+    rows = {row["mode"]: row for row in bench.bench_generate(prompt_len=64, new_tokens=160, repeats=1, device="cpu")}
+    assert rows["sliding"]["same_tokens"] and rows["recompute"]["same_tokens"]
+    assert rows["shift"]["tokens_per_s"] > rows["sliding"]["tokens_per_s"]
 
 
 def test_help_does_not_import_torch():
@@ -155,4 +215,4 @@ def test_a_backend_can_say_when_it_falls_back():
     attend.fallback_reason = lambda q: None if q.dtype == torch.float64 else "only float64 here"
     assert bench.kernel_fallback("any", attend, torch.zeros(1)) == "only float64 here"
     assert bench.kernel_fallback("any", attend, torch.zeros(1, dtype=torch.float64)) is None
-    assert bench.kernel_fallback("sdpa", plugins.get("attention", "sdpa"), torch.zeros(1)) is None
+    assert bench.kernel_fallback("sdpa", plugins.create("attention", "sdpa")[0], torch.zeros(1)) is None

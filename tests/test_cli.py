@@ -1,7 +1,9 @@
 """The CLI through typer's runner, plus one real subprocess run of `anexa train` → `anexa generate`."""
 
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from anexa_cli.main import app
 from typer.testing import CliRunner
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parent.parent
 TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8"]
 
 
@@ -37,7 +40,8 @@ def _user_error(args, match):
 
 
 def test_train_writes_a_run_folder(run_dir):
-    assert {p.name for p in run_dir.iterdir()} == {"model.safetensors", "train_state.safetensors", "metrics.jsonl"}
+    assert {p.name for p in run_dir.iterdir()} == {"model.safetensors", "best.safetensors", "train_state.safetensors",
+                                                   "metrics.jsonl"}
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [15, 30]
 
@@ -70,17 +74,36 @@ def test_chat_streams_responses_until_quit(run_dir):
     assert "Prompt: Response: " in result.stdout and result.stdout.count("Prompt: ") == 2
 
 
-def test_chat_reports_unseen_characters_and_goes_on(run_dir):
-    result = runner.invoke(app, ["chat", "--model", str(run_dir), "-n", "5"], input="日本\nWatson\n")
+def test_chat_checks_the_prompt_before_responding_and_goes_on(run_dir):
+    result = runner.invoke(app, ["chat", "--model", str(run_dir), "-n", "5"], input="日本\nWatson\nquit\n")
     assert result.exit_code == 0
-    assert "never seen in training ('日', '本')" in result.stdout and result.stdout.count("Response: ") == 2
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("Prompt: error: the text contains characters never seen in training ('日', '本')")
+    assert result.stdout.count("Response: ") == 1 and lines[2].startswith("Prompt: Response: ")
+    assert result.stdout.endswith("Prompt: \n"), "quit ends the session on a fresh line"
+
+
+def test_chat_says_which_checkpoint_it_loaded(run_dir):
+    result = runner.invoke(app, ["chat", "--model", str(run_dir), "-n", "5"], input="quit\n")
+    best = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result.stdout.startswith(f"loaded {run_dir / 'best.safetensors'}: step {best['step']}, val loss ")
+
+
+def test_prompts_get_the_corpus_normalisation(run_dir):
+    crlf = runner.invoke(app, ["generate", "\ufeffHolmes\r\nsaid", "--model", str(run_dir), "-n", "8", "-s", "greedy"])
+    plain = runner.invoke(app, ["generate", "Holmes\nsaid", "--model", str(run_dir), "-n", "8", "-s", "greedy"])
+    assert crlf.exit_code == 0, crlf.output
+    assert crlf.stdout == plain.stdout
 
 
 def test_plugins_json_lists_builtins_with_versions():
     result = runner.invoke(app, ["plugins", "--json"])
-    listed = {p["name"]: p for p in json.loads(result.stdout)}
+    listed = {p["name"]: p for p in json.loads(result.stdout)["plugins"]}
     assert listed["sdpa"] == {"name": "sdpa", "distribution": "anexa", "version": listed["sdpa"]["version"],
-                              "registers": {"attention": ["sdpa"]}}
+                              "status": "loaded", "error": None, "registers": {"attention": ["sdpa"]},
+                              "options": {"attention": {"sdpa": []}}}
+    assert listed["gpt2"]["options"]["blocks"]["gpt2"] == [
+        {"name": "bias", "type": "bool", "default": True, "help": "biases in linear layers and LayerNorms"}]
     assert listed["corpora"]["registers"] == {"datasets": ["sherlock", "tinyshakespeare"]}
     table = runner.invoke(app, ["plugins"]).stdout
     assert "gpt2" in table and "blocks" in table
@@ -91,19 +114,35 @@ def test_plugins_json_lists_builtins_with_versions():
     [
         (["train", "--attention", "nope"], "unknown attention 'nope': choose one of"),
         (["train", "--blocks", "nope"], "unknown blocks 'nope'"),
-        (["train", "--tokenizer", "nope"], "unknown tokenizers 'nope'"),
+        (["train", "--tokenizer", "nope"], "unknown tokenizer 'nope'"),
+        (["train", "--optimizer", "nope"], "unknown optimizer 'nope'"),
+        (["train", "-o", "attention.window=3"], "attention sdpa takes no options, got 'window'"),
+        (["train", "-o", "blocks.bias=maybe"], "blocks gpt2 option bias must be true or false, got 'maybe'"),
+        (["train", "-o", "window=3"], "bad -o 'window=3': use -o KIND.OPTION=VALUE"),
+        (["train", "-o", "sampler.p=3"], "'sampler' is not a plugin setting"),
+        (["train", "--vocab-size", "100", "--tokenizer", "bpe"], "does not fit byte-level BPE"),
+        (["train", "--steps", "99999999999999999999999"], "beyond the largest supported value"),
+        (["train", "--seed", "-3"], "--seed must be between 0 and"),
+        (["train", "--config", "."], "is a folder: pass a TOML file"),
         (["train", "--preset", "huge"], "unknown preset 'huge'"),
         (["train", "--steps", "0"], "--steps must be at least 1"),
         (["train", "--n-embd", "30", "--n-head", "4"], "divisible"),
         (["train", "--data", "no-such-corpus"], "neither a dataset"),
         (["train", "--device", "tpu"], "unknown device"),
         (["generate", "x", "--model", "/nonexistent"], "no checkpoint at"),
-        (["generate", "x", "-s", "top_p=1.5"], ""),
+        (["generate", "x", "-s", "top_p=1.5"], "top_p must be in (0, 1], got 1.5"),
+        (["generate", "x", "--temperature", "inf"], "must be a finite number, got 'inf'"),
+        (["generate", "x", "-o", "blocks.bias=false"], "cannot change a trained model"),
+        (["generate", "x", "--context", "wrap"], "unknown context policy 'wrap'"),
+        (["generate", "x", "--model", "README.md"], "is not a safetensors checkpoint"),
+        (["generate", "x", "--model", "tests"], "no checkpoint at tests/model.safetensors"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path, run_dir, sherlock_path):
+def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path, run_dir, sherlock_path, monkeypatch):
     if args[0] == "generate" and "--model" not in args:
         args = [*args, "--model", str(run_dir)]
+    if "--model" in args:  # relative paths are the repository's
+        monkeypatch.chdir(REPO)
     if args[0] == "train":
         args = [*args, "--out", str(tmp_path / "run")]
         if "--data" not in args:
@@ -131,10 +170,71 @@ def test_corrupt_checkpoint(tmp_path, run_dir):
     _user_error(["generate", "x", "--model", str(broken)], "corrupt")
 
 
-def test_nonsense_flags_exit_2():
-    assert runner.invoke(app, ["train", "--steps", "many"]).exit_code == 2
-    assert runner.invoke(app, ["generate", "x", "--frobnicate"]).exit_code == 2
-    assert runner.invoke(app, ["teleport"]).exit_code == 2
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["train", "--steps", "many"], "Invalid value for '--steps'"),
+        (["generate", "x", "--frobnicate"], "No such option: --frobnicate"),
+        (["teleport"], "No such command 'teleport'"),
+        (["generate", "x", "--seed", "-1"], "Invalid value for '--seed'"),
+        (["generate", "x", "-n", "1e30"], "Invalid value for '--max-new-tokens'"),
+    ],
+)
+def test_usage_mistakes_are_one_line_and_exit_2_through_the_console_script(args, match):
+    """The real entry point (not typer's runner, which would print click's multi-line box)."""
+    result = subprocess.run([sys.executable, "-m", "anexa_cli", *args], capture_output=True, text=True, check=False)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], result.stderr
+    assert "--help" in lines[0]
+
+
+def test_anexa_errors_exit_2_not_1_through_the_console_script(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "anexa_cli", "generate", "x", "--model", str(tmp_path)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: no checkpoint at"), result.stderr
+
+
+def test_version_and_help_defaults():
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.stdout.strip() == f"anexa {importlib.metadata.version('anexa')}"
+    helped = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert "<bool>" not in helped.stdout
+    for default in ("[default: seed]", "[default: 5000]", "[default: sherlock, shipped with Anexa]", "[default: 1e-3]"):
+        assert default in helped.stdout, default
+    assert "--overwrite" in helped.stdout
+
+
+def test_generate_help_lists_the_installed_samplers_in_chain_order():
+    helped = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "400"})
+    text = " ".join(re.sub("[│─╭╮╰╯]", " ", helped.stdout).split())
+    names = [name for name in ("repetition_penalty", "temperature", "top_p", "min_p", "greedy") if name in text]
+    assert names == ["repetition_penalty", "temperature", "top_p", "min_p", "greedy"]
+    assert text.index("temperature=VALUE (20)") < text.index("top_p=P (40)") < text.index("greedy (90)")
+
+
+def test_verbose_prints_the_sampler_chain(run_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "anexa_cli", "-v", "generate", "x", "--model", str(run_dir), "-n", "2",
+         "-s", "top_p=0.9", "-s", "temperature=0.5"], capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sampler chain: Temperature(value=0.5) → TopP(p=0.9)" in result.stderr
+
+
+@pytest.mark.parametrize("typed,meaning", [(r"\n\n", "\n\n"), (r"\t", "\t"), (r"a\\n", "a\\n"), (r"\x", r"\x")])
+def test_stop_strings_understand_shell_escapes(typed, meaning):
+    from anexa_cli.main import _unescape
+
+    assert _unescape(typed) == meaning
+
+
+def test_stop_at_a_blank_line_as_the_readme_says(run_dir):
+    args = ["generate", "The ", "--model", str(run_dir), "-n", "600", "--seed", "0"]
+    free = runner.invoke(app, args).stdout
+    stopped = runner.invoke(app, [*args, "--stop", r"\n"]).stdout
+    assert "\n" in free[:-1], "the sampled text should contain a newline for this test to mean anything"
+    assert stopped == free[: free.index("\n")] + "\n"
 
 
 def test_resume_continues_a_run(run_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import lzma
 import shutil
 import socket
 import threading
@@ -13,7 +14,16 @@ from pathlib import Path
 import pytest
 
 from anexa_core import AnexaError, data, plugins
-from anexa_core.data import RemoteText, cache_dir, download, download_path, load_corpus, read_corpus
+from anexa_core.data import (
+    LocalText,
+    RemoteText,
+    cache_dir,
+    download,
+    download_path,
+    load_corpus,
+    normalize_text,
+    read_corpus,
+)
 
 
 class _Server:
@@ -178,7 +188,8 @@ def test_remote_text_is_a_dataset(server, sherlock_bytes):
     sha = hashlib.sha256(sherlock_bytes).hexdigest()
     book = RemoteText(server.url("/books/sherlock.txt"), sha, "s.txt", "the book, served locally")
     assert isinstance(book, Dataset)
-    assert book.path().read_bytes() == sherlock_bytes
+    (path,) = book.files()
+    assert path.read_bytes() == sherlock_bytes
     with pytest.raises(AttributeError):
         book.url = "http://elsewhere"  # frozen: a dataset's pin cannot drift
 
@@ -186,23 +197,32 @@ def test_remote_text_is_a_dataset(server, sherlock_bytes):
 def test_builtin_datasets_are_registered():
     datasets = plugins.registered("datasets")
     assert {"sherlock", "tinyshakespeare"} <= set(datasets)
-    sherlock = datasets["sherlock"].obj
-    assert isinstance(sherlock, RemoteText)
-    assert sherlock.url.startswith("https://") and len(sherlock.sha256) == 64 and sherlock.description
+    sherlock, _ = plugins.create("datasets", "sherlock")
+    assert isinstance(sherlock, LocalText) and sherlock.path.suffix == ".xz" and sherlock.description
+    shakespeare, _ = plugins.create("datasets", "tinyshakespeare")
+    assert isinstance(shakespeare, RemoteText) and shakespeare.url.startswith("https://")
+    assert len(shakespeare.sha256) == 64
 
 
-def test_sherlock_dataset_offline_from_a_seeded_cache(sherlock_path, sherlock_bytes, no_network):
-    sherlock = plugins.get("datasets", "sherlock")
-    if hashlib.sha256(sherlock_bytes).hexdigest() != sherlock.sha256:
-        pytest.skip("the real book is not in ../shared/data; the stand-in text cannot match the pinned hash")
-    seeded = download_path(sherlock.url, sherlock.sha256, sherlock.filename)
-    seeded.parent.mkdir(parents=True)
-    shutil.copyfile(sherlock_path, seeded)
-
+def test_sherlock_ships_with_anexa_and_needs_no_network(sherlock_path, sherlock_bytes, no_network):
+    """The packaged book is the project's copy of Project Gutenberg #1661 (header and footer removed)."""
     text, name = load_corpus("sherlock")
-    assert name == "sherlock"
-    assert text == sherlock_bytes.decode("utf-8")
-    assert "Sherlock Holmes" in text
+    assert name == "sherlock" and "To Sherlock Holmes she is always _the_ woman." in text
+    assert hashlib.sha256(text.encode("utf-8")).hexdigest() == plugins.create("datasets", "sherlock")[0].sha256
+    if hashlib.sha256(sherlock_bytes).hexdigest() == plugins.create("datasets", "sherlock")[0].sha256:
+        assert text == sherlock_bytes.decode("utf-8")
+    assert _files_under(cache_dir()) == [], "the packaged book needs no cache"
+
+
+def test_a_damaged_packaged_book_is_refused(tmp_path):
+    damaged = tmp_path / "sherlock.txt.xz"
+    damaged.write_bytes(lzma.compress(b"To Sherlock Holmes she is always the woman."))
+    book = LocalText(damaged, sha256="e21895308fe6da6919abc53e2cf77d81f914887897546153cc5d49b2eadefe50")
+    with pytest.raises(AnexaError, match="is damaged .*reinstall anexa"):
+        book.files()
+    damaged.write_bytes(b"not xz at all")
+    with pytest.raises(AnexaError, match="not a valid compressed file"):
+        read_corpus(damaged)
 
 
 def test_dataset_with_a_corrupt_cache_and_no_network_fails_cleanly(monkeypatch):
@@ -210,14 +230,38 @@ def test_dataset_with_a_corrupt_cache_and_no_network_fails_cleanly(monkeypatch):
         raise urllib.error.URLError(OSError(101, "Network is unreachable"))
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    sherlock = plugins.get("datasets", "sherlock")
-    seeded = download_path(sherlock.url, sherlock.sha256, sherlock.filename)
+    shakespeare, _ = plugins.create("datasets", "tinyshakespeare")
+    seeded = download_path(shakespeare.url, shakespeare.sha256, shakespeare.filename)
     seeded.parent.mkdir(parents=True)
-    seeded.write_text("not the book", encoding="utf-8")
+    seeded.write_text("not the play", encoding="utf-8")
 
     with pytest.raises(AnexaError, match="you seem to be offline"):
-        load_corpus("sherlock")
+        load_corpus("tinyshakespeare")
     assert _files_under(cache_dir()) == [], "the corrupt copy must not be trusted or kept"
+
+
+GUTENBERG = (
+    "\ufeffThe Project Gutenberg eBook of A Test\r\n\r\nThis eBook is for the use of anyone anywhere.\r\n\r\n"
+    "*** START OF THE PROJECT GUTENBERG EBOOK A TEST ***\r\n\r\nChapter 1\r\nIt was a dark night.\r\n\r\n"
+    "*** END OF THE PROJECT GUTENBERG EBOOK A TEST ***\r\n\r\nSection 1. General Terms of Use\r\n"
+)
+
+
+def test_project_gutenberg_header_and_footer_are_not_trained_on(tmp_path, caplog):
+    book = tmp_path / "pg.txt"
+    book.write_bytes(GUTENBERG.encode("utf-8"))
+    with caplog.at_level("INFO", logger="anexa"):
+        assert read_corpus(book) == "Chapter 1\nIt was a dark night.\n"
+    assert "without the Project Gutenberg licence header" in caplog.text
+    plain = tmp_path / "plain.txt"
+    plain.write_text("*** START OF nothing ***\nkept as it is\n", encoding="utf-8")
+    assert read_corpus(plain) == "*** START OF nothing ***\nkept as it is\n"
+
+
+@pytest.mark.parametrize("text,expected", [("a\r\nb", "a\nb"), ("a\rb", "a\nb"), ("\ufeffab", "ab"),
+                                           ("a\ufeffb", "a\ufeffb"), ("a\n\r\n", "a\n\n")])
+def test_one_normalisation_for_corpora_and_prompts(text, expected):
+    assert normalize_text(text) == expected
 
 
 def test_load_corpus_from_a_file(sherlock_path, sherlock_bytes, no_network):

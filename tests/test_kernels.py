@@ -440,7 +440,7 @@ def test_plugin_registers_triton_attention(first_candidate_only):
     first_candidate_only(torch.float32, 32)
     registered = {}
     triton_attention.register_attention(lambda name, obj: registered.setdefault(name, obj))
-    triton_fn = registered["triton"]
+    triton_fn = registered["triton"]()  # the factory, with no options
 
     q, k, v = (torch.randn(1, 2, t, 32, device=DEVICE) for t in (3, 8, 8))
     got = triton_fn(q, k, v, causal=True)

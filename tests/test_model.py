@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import TINY, Greedy, tiny_model
+from helpers import TINY, Greedy, attention, loaded_tokenizer, tiny_model
 
 from anexa_core import checkpoint, plugins
 from anexa_core.errors import AnexaError
@@ -15,8 +15,8 @@ from anexa_core.model import KVCache
 @pytest.mark.parametrize("t_q,t_k", [(7, 7), (1, 9), (3, 9), (16, 16)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_sdpa_matches_math_reference(t_q, t_k, causal):
-    math_attention = plugins.get("attention", "math")
-    sdpa = plugins.get("attention", "sdpa")
+    math_attention = attention("math")
+    sdpa = attention("sdpa")
     q = torch.randn(2, 3, t_q, 8, dtype=torch.float64)
     k, v = torch.randn(2, 3, t_k, 8, dtype=torch.float64), torch.randn(2, 3, t_k, 8, dtype=torch.float64)
     torch.testing.assert_close(sdpa(q, k, v, causal=causal), math_attention(q, k, v, causal=causal))
@@ -24,7 +24,7 @@ def test_sdpa_matches_math_reference(t_q, t_k, causal):
 
 def test_math_attention_is_causal_bottom_right():
     """The last of three queries over five keys sees every key; the first sees keys 0..2 only."""
-    math_attention = plugins.get("attention", "math")
+    math_attention = attention("math")
     q = torch.zeros(1, 1, 3, 4)
     k = torch.zeros(1, 1, 5, 4)
     v = torch.arange(5.0).view(1, 1, 5, 1).expand(1, 1, 5, 4)
@@ -65,11 +65,26 @@ def _reference_generate(model, prompt, n):
 
 
 def test_cached_generation_matches_reference_step_by_step_past_the_context():
+    """The ``sliding`` policy is nanoGPT's generate exactly, also long after the window has filled."""
     model = tiny_model(seed=3)
     prompt = torch.randint(0, TINY.vocab_size, (20,)).tolist()  # longer than the context: cropped left
-    produced = list(generate_ids(model, prompt, 40, Greedy()))
+    produced = list(generate_ids(model, prompt, 40, Greedy(), context="sliding"))
     assert produced == _reference_generate(model, prompt[-TINY.block_size :], 40)
     assert produced == list(generate_ids(model, prompt, 40, Greedy(), use_cache=False))
+
+
+def test_shift_policy_equals_the_reference_until_the_window_fills_then_restarts_from_half():
+    model = tiny_model(seed=4)
+    prompt = torch.randint(0, TINY.vocab_size, (10,)).tolist()
+    shifted = list(generate_ids(model, prompt, 30, Greedy(), context="shift"))
+    reference = _reference_generate(model, prompt, 30)
+    room = TINY.block_size - len(prompt)  # tokens predicted before the window is full: 6, plus the first
+    assert shifted[: room + 1] == reference[: room + 1]
+    # Then the window keeps its most recent half: the next token is predicted from those 8 tokens alone.
+    history = prompt + shifted
+    at = len(prompt) + room + 1
+    window = torch.tensor([history[at - TINY.block_size // 2 : at]])
+    assert shifted[room + 1] == int(model(window)[0][0, -1].argmax())
 
 
 def test_empty_prompt_is_a_user_error():
@@ -77,17 +92,13 @@ def test_empty_prompt_is_a_user_error():
         list(generate_ids(tiny_model(), [], 3, Greedy()))
 
 
-class _Chars:
-    vocab_size = TINY.vocab_size
-
-    def to_dict(self):
-        return {"type": "char", "chars": "".join(chr(97 + i) for i in range(self.vocab_size))}
+CHARS = {"type": "char", "chars": "".join(chr(97 + i) for i in range(TINY.vocab_size))}
 
 
 def _save_tiny(tmp_path, model):
-    tokenizer = plugins.get("tokenizers", "char").from_dict(_Chars().to_dict())
+    tokenizer = loaded_tokenizer("char", CHARS)
     path = tmp_path / "model.safetensors"
-    checkpoint.save_model(path, model, "char", tokenizer, step=7, val_loss=1.5)
+    checkpoint.save_model(path, model, checkpoint.model_metadata(model, tokenizer, "char", {}, step=7, val_loss=1.5))
     return path
 
 
@@ -99,7 +110,8 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     assert torch.equal(loaded(ids)[0], model(ids)[0])
     assert loaded.lm_head.weight is loaded.wte.weight
     assert meta["step"] == 7 and meta["model_config"]["n_layer"] == 2
-    assert meta["plugins"]["blocks"] == {"name": "gpt2", "distribution": "anexa", "version": meta["anexa_version"]}
+    assert meta["plugins"]["blocks"] == {"name": "gpt2", "options": {"bias": True}, "distribution": "anexa",
+                                         "version": meta["anexa_version"]}
     assert tokenizer.vocab_size == TINY.vocab_size
     assert path.read_bytes()[:8] != b"\x80\x02\x8a\x0al\xfc\x9c"  # safetensors, not a pickle
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
@@ -145,6 +157,6 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_model", explode)
     with pytest.raises(OSError):
-        checkpoint.save_model(path, model, "char", checkpoint.load_model(path)[1])
+        checkpoint.save_model(path, model, checkpoint.read_metadata(path))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

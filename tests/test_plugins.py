@@ -1,25 +1,33 @@
-"""The plugin contract: built-ins conform to their hooks, lookups fail helpfully, entry points are really used."""
+"""The plugin contract: every built-in passes the conformance kit, lookups fail helpfully, and real
+distributions — pip-installed by these tests into a temporary folder, never into the environment — are
+discovered, configured, stored in checkpoints, clash, break and get disabled as documented."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, require_distribution
+from helpers import TINY
 
-from anexa_core import hookimpl, interfaces, plugins
+from anexa_core import hookimpl, interfaces, plugins, testing
 from anexa_core.errors import AnexaError
 
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
 BUILTINS = {
     "tokenizers": {"char", "bpe"},
     "attention": {"math", "sdpa", "triton"},
     "samplers": {"temperature", "top_p", "min_p", "repetition_penalty", "greedy"},
     "blocks": {"gpt2"},
     "datasets": {"sherlock", "tinyshakespeare"},
+    "optimizers": {"adamw"},
 }
+TINY_TRAIN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+              "--steps", "4", "--eval-every", "4", "--device", "cpu"]
 
 
 @pytest.fixture
@@ -37,54 +45,107 @@ def register_plugin():
         manager.unregister(obj)
 
 
+# --- the built-ins --------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("kind", sorted(BUILTINS))
 def test_builtins_are_registered_by_the_anexa_distribution(kind):
     entries = plugins.registered(kind)
     assert BUILTINS[kind] <= set(entries)
-    owners = {p["name"]: p["distribution"] for p in plugins.describe_plugins()}
     for name in BUILTINS[kind]:
-        assert owners[entries[name].plugin] == "anexa"
+        assert entries[name].distribution == "anexa"
 
 
-@pytest.mark.parametrize("name", sorted(BUILTINS["tokenizers"]))
-def test_tokenizers_conform(name):
-    cls = plugins.get("tokenizers", name)
-    tokenizer = cls.train("the quick brown fox jumps over the lazy dog " * 50)
-    assert isinstance(tokenizer, interfaces.Tokenizer)
-    assert cls.from_dict(json.loads(json.dumps(tokenizer.to_dict()))).encode("the fox") == tokenizer.encode("the fox")
+CONFORMANCE = [(kind, name) for kind in sorted(BUILTINS) for name in sorted(BUILTINS[kind]) if kind != "tokenizers"]
 
 
-@pytest.mark.parametrize("name", sorted(BUILTINS["attention"]))
-def test_attention_conforms(name):
-    attention = plugins.get("attention", name)
-    assert isinstance(attention, interfaces.Attention)
-    q, k, v = (torch.randn(1, 2, 5, 16) for _ in range(3))
-    reference = plugins.get("attention", "math")(q, k, v, causal=True)
-    torch.testing.assert_close(attention(q, k, v, causal=True), reference, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("kind,name", CONFORMANCE)
+def test_builtins_pass_the_conformance_kit(kind, name):
+    if kind == "datasets" and name == "tinyshakespeare":
+        pytest.skip("downloads; its RemoteText is tested against a local server in test_data.py")
+    factory = plugins.get(kind, name)
+    testing.CHECKS[kind](factory)
+    built, _ = plugins.create(kind, name)
+    protocol = {"attention": interfaces.Attention, "blocks": interfaces.Blocks, "samplers": interfaces.Sampler,
+                "datasets": interfaces.Dataset, "optimizers": interfaces.Optimizer}[kind]
+    assert isinstance(built, protocol)
 
 
-@pytest.mark.parametrize("name", sorted(BUILTINS["samplers"]))
-def test_samplers_conform(name):
-    sampler = plugins.get("samplers", name)()
-    assert isinstance(sampler, interfaces.Sampler) and isinstance(sampler.order, int)
-    logits = torch.randn(2, 11)
-    out = sampler(logits.clone(), torch.randint(0, 11, (2, 4)))
-    assert out.shape == logits.shape
-    assert torch.equal(out.argmax(-1), logits.argmax(-1)) or name == "repetition_penalty"
+@pytest.mark.parametrize("name,options", [("char", {}), ("bpe", {"vocab_size": 400})])
+def test_builtin_tokenizers_pass_the_conformance_kit(name, options, sherlock_path):
+    text = sherlock_path.read_text(encoding="utf-8")[:60_000]
+    if name == "bpe":
+        text += "\nnaïve café — 😀 中文テキスト\n"  # multi-byte characters split across byte tokens
+    testing.check_tokenizer(plugins.get("tokenizers", name), text, **options)
+    assert isinstance(plugins.create("tokenizers", name, options)[0], interfaces.Tokenizer)
 
 
-def test_blocks_conform():
-    build = plugins.get("blocks", "gpt2")
-    assert isinstance(build, interfaces.Blocks)
-    stack = build(TINY, plugins.get("attention", "math"))
-    assert stack(torch.randn(2, 9, TINY.n_embd)).shape == (2, 9, TINY.n_embd)
+def test_the_kit_catches_a_broken_plugin_of_each_kind():
+    class NotCausal:
+        def __call__(self, q, k, v, *, causal):
+            return testing.reference_attention(q, k, v, causal=False).to(q.dtype)
+
+    with pytest.raises(AssertionError, match="causal=True: max error"):
+        testing.check_attention(NotCausal)
+
+    class SeesTheFuture:
+        def build(self, config, attention):
+            return _FutureStack(config)
+
+    with pytest.raises(AssertionError, match="earlier positions see a later token"):
+        testing.check_blocks(SeesTheFuture)
+
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    @dataclass
+    class Overflows:
+        order: ClassVar[int] = 15
+
+        def __call__(self, logits, context):
+            return logits * 1e38
+
+    with pytest.raises(AssertionError, match=r"\+inf"):
+        testing.check_sampler(Overflows)
 
 
-@pytest.mark.parametrize("name", sorted(BUILTINS["datasets"]))
-def test_datasets_conform(name):
-    dataset = plugins.get("datasets", name)
-    assert isinstance(dataset, interfaces.Dataset)
-    assert dataset.url.startswith("https://") and len(dataset.sha256) == 64
+class _FutureStack(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.mix = torch.nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, positions, cache=None):
+        return self.mix(x + x.mean(dim=1, keepdim=True))  # every position sees the whole sequence
+
+
+def test_public_namespace_is_all_a_plugin_needs():
+    import anexa_core
+
+    for name in ("hookimpl", "AnexaError", "Tokenizer", "Attention", "Sampler", "Blocks", "Dataset", "Optimizer",
+                 "KVCache", "ModelConfig", "RemoteText", "LocalText"):
+        assert name in anexa_core.__all__ and getattr(anexa_core, name) is not None
+
+
+def test_builtin_plugins_import_only_the_public_anexa_namespace():
+    """Built-ins are written like third-party plugins: `from anexa_core import …`, nothing deeper."""
+    for path in sorted((REPO / "plugins").glob("*.py")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            stripped = line.strip()
+            if stripped.startswith(("import anexa", "from anexa")):
+                module = stripped.split()[1]
+                assert module in ("anexa_core", "anexa_kernels"), f"{path.name}: {stripped}"
+
+
+def test_core_imports_no_concrete_plugin_and_kernels_import_nothing_from_anexa():
+    for folder, banned in (("anexa_core", ("anexa_plugins", "anexa_cli", "anexa_serve")),
+                           ("kernels", ("anexa_core", "anexa_plugins", "anexa_cli"))):
+        for path in (REPO / folder).rglob("*.py"):
+            text = path.read_text(encoding="utf-8")
+            for name in banned:
+                assert f"import {name}" not in text and f"from {name}" not in text, f"{path} imports {name}"
+
+
+# --- lookups, options and clashes in-process -------------------------------------------------------
 
 
 def test_unknown_name_lists_the_choices():
@@ -92,15 +153,30 @@ def test_unknown_name_lists_the_choices():
         plugins.get("attention", "flash9")
 
 
-def test_name_clash_names_both_plugins(register_plugin):
+def test_options_are_typed_validated_and_all_recorded():
+    _, resolved = plugins.create("optimizers", "adamw", {"weight_decay": "0.05"})
+    assert resolved == {"weight_decay": 0.05, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
+    with pytest.raises(AnexaError, match="optimizer adamw option beta1 must be a finite number, got 'nan'"):
+        plugins.create("optimizers", "adamw", {"beta1": "nan"})
+    with pytest.raises(AnexaError, match=r"adamw beta1 and beta2 must be in \[0, 1\)"):
+        plugins.create("optimizers", "adamw", {"beta1": 1.5})
+    with pytest.raises(AnexaError, match="optimizer adamw has no option 'momentum': choose one of weight_decay"):
+        plugins.create("optimizers", "adamw", {"momentum": 0.9})
+
+
+def test_a_clash_is_reported_only_when_the_name_is_used(register_plugin):
     class Impostor:
         @hookimpl
         def register_attention(self, register):
-            register("sdpa", lambda q, k, v, *, causal: q)
+            register("sdpa", lambda: None)
 
     register_plugin(Impostor(), "impostor")
-    with pytest.raises(AnexaError, match=r"'sdpa' is registered by both plugin '(sdpa|impostor)' and plugin '(impostor|sdpa)'"):
-        plugins.registered("attention")
+    with pytest.raises(AnexaError, match=r"attention 'sdpa' is registered by anexa .*\(plugin sdpa\) and plugin "
+                                         r"impostor: disable one, e.g. ANEXA_DISABLE_PLUGINS=impostor"):
+        plugins.get("attention", "sdpa")
+    assert plugins.get("attention", "math") is not None  # unrelated names still work
+    (clash,) = [c for c in plugins.conflicts() if c["name"] == "sdpa"]
+    assert clash["kind"] == "attention" and len(clash["providers"]) == 2
 
 
 def test_registered_plugin_object_is_listed(register_plugin):
@@ -116,47 +192,157 @@ def test_registered_plugin_object_is_listed(register_plugin):
     assert listed["extra-plugin"]["registers"] == {"attention": ["extra"]}
 
 
-def _run_python(code, env_extra=None, pythonpath=None):
-    env = {**os.environ, **(env_extra or {})}
-    if pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+def test_blocks_build_with_the_public_cache_api():
+    family, _ = plugins.create("blocks", "gpt2")
+    stack = family.build(TINY, plugins.create("attention", "math")[0])
+    out = stack(torch.randn(2, 9, TINY.n_embd), torch.arange(9), None)
+    assert out.shape == (2, 9, TINY.n_embd)
 
 
-LIST_PLUGINS = "import json; from anexa_core.plugins import describe_plugins; print(json.dumps(describe_plugins()))"
+# --- real distributions, installed into a temporary folder ------------------------------------------
 
 
-def test_installed_distribution_is_discovered_through_its_entry_point():
-    """tests/fixtures/anexa-hello is pip-installed by the setup command: found via importlib.metadata."""
-    require_distribution("anexa-hello", "./tests/fixtures/anexa-hello")
-    result = _run_python(LIST_PLUGINS)
-    assert result.returncode == 0, result.stderr
-    listed = {p["name"]: p for p in json.loads(result.stdout)}
-    assert listed["hello"]["distribution"] == "anexa-hello"
-    assert listed["hello"]["version"] == "0.3.1"
+@pytest.fixture(scope="session")
+def fixture_site(tmp_path_factory):
+    """The fixture distributions under tests/fixtures, pip-installed into a temporary folder (copied first,
+    so the build leaves nothing in the repository)."""
+    sources = tmp_path_factory.mktemp("fixture-sources")
+    folders = []
+    for folder in sorted(FIXTURES.glob("anexa-*")):
+        target = sources / folder.name
+        shutil.copytree(folder, target, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        folders.append(str(target))
+    site = tmp_path_factory.mktemp("site")
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+         "--target", str(site), *folders],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return site
+
+
+def run(site, *args, load=None, disable=None, cwd=None, python=False):
+    """``anexa ARGS`` (or ``python -c ARGS[0]``) in a fresh process that sees the fixture distributions."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ANEXA_LOAD_PLUGINS", "ANEXA_DISABLE_PLUGINS")}
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    if load is not None:
+        env["ANEXA_LOAD_PLUGINS"] = load
+    if disable is not None:
+        env["ANEXA_DISABLE_PLUGINS"] = disable
+    command = [sys.executable, "-c", args[0]] if python else [sys.executable, "-m", "anexa_cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, check=False, timeout=300)
+
+
+def listing(site, **kwargs):
+    done = run(site, "plugins", "--json", **kwargs)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    return {p["name"]: p for p in data["plugins"]}, data["conflicts"], done.stderr
+
+
+def test_installed_distributions_are_discovered_with_their_options(fixture_site):
+    listed, _, _ = listing(fixture_site, load="anexa-hello,anexa-bytes,anexa-tinyblocks")
+    assert listed["hello"]["distribution"] == "anexa-hello" and listed["hello"]["version"] == "0.3.1"
     assert listed["hello"]["registers"] == {"attention": ["hello"]}
+    assert listed["hello"]["options"]["attention"]["hello"][0] == {"name": "chunk", "type": "int", "default": 0,
+                                                                   "help": ""}
+    assert listed["bytes"]["options"]["tokenizers"]["bytes"][0]["name"] == "lowercase"
+    assert listed["tiny"]["registers"] == {"blocks": ["tiny"]}
+
+
+def test_installed_plugins_pass_the_kit(fixture_site):
+    code = (
+        "from anexa_core import plugins, testing\n"
+        "testing.check_attention(plugins.get('attention', 'hello'), chunk=2)\n"
+        "testing.check_blocks(plugins.get('blocks', 'tiny'), mlp_ratio=3)\n"
+        "testing.check_tokenizer(plugins.get('tokenizers', 'bytes'), 'Café au lait 😀\\nline two\\n' * 50)\n"
+        "print('conform')\n"
+    )
+    done = run(fixture_site, code, python=True, load="anexa-hello,anexa-tinyblocks,anexa-bytes")
+    assert done.returncode == 0 and done.stdout.strip() == "conform", done.stderr
+
+
+def test_options_travel_with_the_weights_into_generate_and_resume(fixture_site, sherlock_path, tmp_path):
+    load = "anexa-hello,anexa-bytes,anexa-tinyblocks"
+    out = tmp_path / "run"
+    trained = run(fixture_site, "train", "--data", str(sherlock_path), *TINY_TRAIN, "--out", str(out),
+                  "--attention", "hello", "-o", "attention.chunk=3", "--tokenizer", "bytes",
+                  "-o", "tokenizer.lowercase=true", "--blocks", "tiny", "-o", "blocks.mlp_ratio=3", load=load)
+    assert trained.returncode == 0, trained.stderr
+    meta = json.loads(run(fixture_site, "import json; from anexa_core import checkpoint; "
+                                        f"print(json.dumps(checkpoint.read_metadata({str(out)!r})))",
+                          python=True, load=load).stdout)
+    assert meta["plugins"]["attention"] == {"name": "hello", "options": {"chunk": 3}, "distribution": "anexa-hello",
+                                            "version": "0.3.1"}
+    assert meta["plugins"]["blocks"]["options"] == {"mlp_ratio": 3}
+    assert meta["tokenizer"] == {"name": "bytes", "options": {"lowercase": True}, "state": {"type": "bytes"}}
+    generated = run(fixture_site, "generate", "HOLMES", "--model", str(out), "-n", "5", "--seed", "0", load=load)
+    assert generated.returncode == 0, generated.stderr
+    resumed = run(fixture_site, "train", "--resume", str(out), "--steps", "6", load=load)
+    assert resumed.returncode == 0, resumed.stderr
+    again = run(fixture_site, "import json; from anexa_core import checkpoint; "
+                              f"print(json.dumps(checkpoint.read_metadata({str(out / 'model.safetensors')!r})))",
+                python=True, load=load)
+    resumed_meta = json.loads(again.stdout)
+    assert resumed_meta["step"] == 6 and resumed_meta["plugins"] == meta["plugins"]
+    # Without the distribution, the checkpoint names what to install.
+    missing = run(fixture_site, "generate", "x", "--model", str(out), load="anexa-bytes,anexa-tinyblocks")
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == ("error: this model needs attention 'hello' from anexa-hello 0.3.1: "
+                                      "pip install anexa-hello")
+
+
+def test_a_clash_never_bricks_unrelated_commands_and_names_both_distributions(fixture_site, sherlock_path, tmp_path):
+    listed, conflicts, _ = listing(fixture_site, load="anexa-clash")
+    assert listed["clash"]["registers"] == {"attention": ["sdpa"]}
+    assert conflicts == [{"kind": "attention", "name": "sdpa", "providers": [
+        f"anexa {listed['sdpa']['version']} (plugin sdpa)", "anexa-clash 1.0.0 (plugin clash)"]}]
+    table = run(fixture_site, "plugins", load="anexa-clash")
+    assert table.returncode == 0 and "conflict: attention 'sdpa' is registered by" in table.stdout
+    works = run(fixture_site, "train", "--data", str(sherlock_path), *TINY_TRAIN, "--attention", "math",
+                "--out", str(tmp_path / "math"), load="anexa-clash")
+    assert works.returncode == 0, works.stderr
+    used = run(fixture_site, "train", "--data", str(sherlock_path), *TINY_TRAIN, "--out", str(tmp_path / "x"),
+               load="anexa-clash")
+    assert used.returncode == 2 and used.stderr.count("\n") == 1
+    assert "attention 'sdpa' is registered by anexa" in used.stderr and "anexa-clash 1.0.0" in used.stderr
+
+
+def test_disabling_a_builtin_lets_a_third_party_plugin_take_its_name(fixture_site):
+    listed, conflicts, _ = listing(fixture_site, load="anexa-clash", disable="sdpa")
+    assert conflicts == [] and listed["sdpa"]["status"] == "disabled"
+    owner = run(fixture_site, "from anexa_core import plugins; print(plugins.lookup('attention', 'sdpa').owner())",
+                python=True, load="anexa-clash", disable="sdpa")
+    assert owner.stdout.strip() == "anexa-clash 1.0.0 (plugin clash)", owner.stderr
+    flag = run(fixture_site, "--disable-plugin", "clash", "plugins", "--json", load="anexa-clash")
+    assert json.loads(flag.stdout)["conflicts"] == []
+
+
+def test_a_broken_plugin_is_warned_about_listed_with_its_error_and_its_traceback_on_v(fixture_site):
+    listed, _, stderr = listing(fixture_site, load="anexa-broken")
+    assert "plugin broken from anexa-broken 9.9 failed to load and was skipped: RuntimeError: boom at import" in stderr
+    assert listed["broken"]["status"] == "failed" and listed["broken"]["error"] == "RuntimeError: boom at import"
+    assert "traceback" not in listed["broken"]
+    assert "sdpa" in listed  # the rest loads
+    verbose = run(fixture_site, "-v", "plugins", load="anexa-broken")
+    assert verbose.returncode == 0 and "Traceback (most recent call last)" in verbose.stdout
+    assert 'raise RuntimeError("boom at import")' in verbose.stdout
+
+
+def test_an_entry_point_named_like_a_builtin_is_warned_about_not_dropped_silently(fixture_site):
+    done = run(fixture_site, "plugins", "--json", load="anexa-dupname")
+    assert "plugin samplers from anexa-dupname 0.1.0 was not loaded: its plugin name 'samplers' is taken" in done.stderr
+    named = [p for p in json.loads(done.stdout)["plugins"] if p["name"] == "samplers"]
+    assert [(p["distribution"], p["status"]) for p in named] == [("anexa", "loaded"), ("anexa-dupname", "skipped")]
+    done = run(fixture_site, "plugins", "--json", load="anexa-dupname", disable="anexa:samplers")  # the built-in only
+    named = [p for p in json.loads(done.stdout)["plugins"] if p["name"] == "samplers"]
+    assert [(p["distribution"], p["status"]) for p in named] == [("anexa-dupname", "loaded"), ("anexa", "disabled")]
+    assert named[0]["registers"] == {"samplers": ["shout"]}
 
 
 def test_load_plugins_allow_list():
-    only_builtins = _run_python(LIST_PLUGINS, {"ANEXA_LOAD_PLUGINS": ""})
-    names = {p["distribution"] for p in json.loads(only_builtins.stdout)}
+    only_builtins = run(None, "plugins", "--json", load="")
+    names = {p["distribution"] for p in json.loads(only_builtins.stdout)["plugins"]}
     assert names == {"anexa"}, only_builtins.stderr
-
-
-def test_broken_third_party_plugin_is_named_in_a_warning_and_the_rest_loads(tmp_path):
-    dist_info = tmp_path / "anexa_broken-9.9.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: anexa-broken\nVersion: 9.9\n")
-    (dist_info / "entry_points.txt").write_text("[anexa]\nbroken = anexa_broken_mod\n")
-    (tmp_path / "anexa_broken_mod.py").write_text("raise RuntimeError('boom at import')\n")
-    code = textwrap.dedent(
-        """
-        import logging; logging.basicConfig()
-        from anexa_core import plugins
-        print(sorted(plugins.registered("attention")))
-        """
-    )
-    result = _run_python(code, pythonpath=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "anexa-broken 9.9 failed to load" in result.stderr and "boom at import" in result.stderr
-    assert "'sdpa'" in result.stdout

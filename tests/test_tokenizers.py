@@ -5,6 +5,7 @@ import random
 import string
 
 import pytest
+from helpers import loaded_tokenizer, trained_tokenizer
 
 from anexa_core import AnexaError, plugins
 from anexa_core.data import read_corpus
@@ -24,7 +25,7 @@ def sherlock_text(sherlock_path):
 
 @pytest.fixture(scope="module")
 def char_tokenizer(sherlock_text):
-    return plugins.get("tokenizers", "char").train(sherlock_text)
+    return trained_tokenizer("char", sherlock_text)
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +41,17 @@ def held_out_text(sherlock_text):
 
 @pytest.fixture(scope="module")
 def bpe_tokenizer(bpe_training_text):
-    return plugins.get("tokenizers", "bpe").train(bpe_training_text, 512)
+    return trained_tokenizer("bpe", bpe_training_text, vocab_size=512)
 
 
 @pytest.mark.parametrize("name", ["char", "bpe"])
 def test_tokenizers_are_discovered_and_satisfy_the_protocol(name, sherlock_text):
-    cls = plugins.get("tokenizers", name)
-    vocab_size = None if name == "char" else 300
-    tokenizer = cls.train(sherlock_text[:20_000], vocab_size)
+    assert name in plugins.registered("tokenizers")
+    options = {} if name == "char" else {"vocab_size": 300}
+    tokenizer = trained_tokenizer(name, sherlock_text[:20_000], **options)
     assert isinstance(tokenizer, Tokenizer)
     assert isinstance(tokenizer.vocab_size, int) and tokenizer.vocab_size > 0
-    assert tokenizer.to_dict()["type"] == name
+    assert tokenizer.state_dict()["type"] == name
 
 
 def test_char_round_trips_the_whole_book(char_tokenizer, sherlock_text):
@@ -62,15 +63,21 @@ def test_char_round_trips_the_whole_book(char_tokenizer, sherlock_text):
 
 
 def test_char_vocabulary_is_sorted_and_stable():
-    char = plugins.get("tokenizers", "char")
-    tokenizer = char.train("banana bread")
-    assert tokenizer.to_dict() == {"type": "char", "chars": " abdenr"}
+    tokenizer = trained_tokenizer("char", "banana bread")
+    assert tokenizer.state_dict() == {"type": "char", "chars": " abdenr"}
     assert tokenizer.encode("bread") == [2, 6, 4, 1, 3]
-    assert char.train("bread banana").to_dict() == tokenizer.to_dict()
+    assert trained_tokenizer("char", "bread banana").state_dict() == tokenizer.state_dict()
+
+
+def test_char_trains_on_chunks_like_on_the_whole_text():
+    whole = trained_tokenizer("char", "banana bread")
+    chunked, _ = plugins.create("tokenizers", "char")
+    chunked.train(iter(["bana", "na br", "", "ead"]))
+    assert chunked.state_dict() == whole.state_dict()
 
 
 def test_char_unseen_characters_are_named(char_tokenizer):
-    unseen = "\u00e9" if "\u00e9" not in char_tokenizer.to_dict()["chars"] else "\u20ac"
+    unseen = "\u00e9" if "\u00e9" not in char_tokenizer.state_dict()["chars"] else "\u20ac"
     with pytest.raises(AnexaError) as caught:
         char_tokenizer.encode(f"Holmes said {unseen}!")
     message = str(caught.value)
@@ -79,17 +86,16 @@ def test_char_unseen_characters_are_named(char_tokenizer):
 
 
 def test_char_many_unseen_characters_are_summarised():
-    tokenizer = plugins.get("tokenizers", "char").train("abc")
+    tokenizer = trained_tokenizer("char", "abc")
     with pytest.raises(AnexaError, match=r"'d', 'e', 'f', 'g', 'h' and 2 more"):
         tokenizer.encode("abcdefghij")
 
 
 def test_char_rejects_a_vocab_size_and_empty_text():
-    char = plugins.get("tokenizers", "char")
-    with pytest.raises(AnexaError, match="--tokenizer bpe"):
-        char.train("some text", 100)
+    with pytest.raises(AnexaError, match="tokenizer char takes no options, got 'vocab_size'"):
+        plugins.create("tokenizers", "char", {"vocab_size": 100})
     with pytest.raises(AnexaError, match="empty"):
-        char.train("")
+        trained_tokenizer("char", "")
 
 
 @pytest.mark.parametrize(
@@ -105,7 +111,7 @@ def test_char_rejects_a_vocab_size_and_empty_text():
 )
 def test_char_from_dict_rejects_malformed_data(data):
     with pytest.raises(AnexaError, match="malformed"):
-        plugins.get("tokenizers", "char").from_dict(data)
+        loaded_tokenizer("char", data)
 
 
 def test_bpe_round_trips_real_text(bpe_tokenizer, held_out_text):
@@ -142,28 +148,28 @@ def test_bpe_uses_learned_merges_within_its_vocab(bpe_tokenizer, held_out_text):
 def test_bpe_vocab_size_is_respected(varied_text, requested):
     from anexa_plugins.bpe_tokenizer import DEFAULT_VOCAB_SIZE
 
-    tokenizer = plugins.get("tokenizers", "bpe").train(varied_text, requested)
+    options = {} if requested is None else {"vocab_size": requested}
+    tokenizer = trained_tokenizer("bpe", varied_text, **options)
     assert tokenizer.vocab_size == (requested or DEFAULT_VOCAB_SIZE)
     assert tokenizer.decode(tokenizer.encode(varied_text[:5000])) == varied_text[:5000]
 
 
 def test_bpe_vocab_is_capped_by_what_the_text_offers():
-    tokenizer = plugins.get("tokenizers", "bpe").train("ab ab ab", 1024)
+    tokenizer = trained_tokenizer("bpe", "ab ab ab", vocab_size=1024)
     assert 256 < tokenizer.vocab_size < 1024
     assert tokenizer.decode(tokenizer.encode(HARD_TEXT)) == HARD_TEXT
 
 
 def test_bpe_training_is_deterministic(sherlock_text):
-    bpe = plugins.get("tokenizers", "bpe")
-    first = bpe.train(sherlock_text[:30_000], 400)
-    second = bpe.train(sherlock_text[:30_000], 400)
-    assert first.to_dict() == second.to_dict()
+    first = trained_tokenizer("bpe", sherlock_text[:30_000], vocab_size=400)
+    second = trained_tokenizer("bpe", sherlock_text[:30_000], vocab_size=400)
+    assert first.state_dict() == second.state_dict()
 
 
-@pytest.mark.parametrize("size", [0, 100, 256, -5])
-def test_bpe_too_small_vocab_is_rejected(size):
-    with pytest.raises(AnexaError, match="too small.*at least 257"):
-        plugins.get("tokenizers", "bpe").train("some text to train on", size)
+@pytest.mark.parametrize("size", [0, 100, 256, -5, 2**20 + 1])
+def test_bpe_vocab_size_out_of_range_is_rejected(size):
+    with pytest.raises(AnexaError, match="does not fit byte-level BPE: use 257 to 1048576"):
+        plugins.create("tokenizers", "bpe", {"vocab_size": size})
 
 
 @pytest.mark.parametrize(
@@ -172,14 +178,14 @@ def test_bpe_too_small_vocab_is_rejected(size):
 )
 def test_bpe_from_dict_rejects_malformed_data(data):
     with pytest.raises(AnexaError, match="malformed"):
-        plugins.get("tokenizers", "bpe").from_dict(data)
+        loaded_tokenizer("bpe", data)
 
 
 @pytest.mark.parametrize("name", ["char", "bpe"])
 def test_serialised_tokenizer_encodes_identically(name, char_tokenizer, bpe_tokenizer, held_out_text):
     tokenizer = {"char": char_tokenizer, "bpe": bpe_tokenizer}[name]
-    saved = json.dumps(tokenizer.to_dict())
-    restored = plugins.get("tokenizers", name).from_dict(json.loads(saved))
+    saved = json.dumps(tokenizer.state_dict())
+    restored = loaded_tokenizer(name, json.loads(saved))
     sample = held_out_text[:40_000]
     assert restored.vocab_size == tokenizer.vocab_size
     assert restored.encode(sample) == tokenizer.encode(sample)

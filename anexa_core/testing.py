@@ -1,0 +1,227 @@
+"""The conformance kit: what every plugin of a kind must do, as functions a plugin's own tests call.
+
+    from anexa_core.testing import check_attention
+    from anexa_sliding import SlidingWindow
+
+    def test_conforms():
+        check_attention(SlidingWindow, window=4)
+
+Each ``check_*`` takes the registered factory and options (as keyword arguments), runs the
+contract on small random inputs, and raises ``AssertionError`` naming the first broken rule. The
+references here are written out independently of the built-in plugins, so the built-ins are checked
+against them too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from anexa_core import options as plugin_options
+from anexa_core.config import ModelConfig, TrainConfig
+from anexa_core.model import GPT, KVCache
+
+ATTENTION_SHAPES = [  # (batch, heads, query length, key length, head dim)
+    (1, 1, 1, 1, 16),
+    (2, 3, 7, 7, 16),
+    (1, 2, 3, 9, 32),  # decoding with a cache: q shorter than k
+    (1, 1, 1, 12, 16),
+    (2, 2, 16, 16, 64),
+]
+
+
+def _build(factory: Any, options: dict[str, Any]) -> Any:
+    """The object a plugin's registered factory makes with ``options``, as the plugin manager would."""
+    return plugin_options.create(getattr(factory, "__name__", "plugin"), factory, options)[0]
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
+    """softmax(QKᵀ/√d)·V in float64 with the bottom-right causal mask (Vaswani et al. 2017, eq. 1)."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if causal:
+        t_q, t_k = q.size(-2), k.size(-2)
+        visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def check_attention(attention: Any, *, tolerance: float = 2e-4, dtype: torch.dtype = torch.float32,
+                    device: str = "cpu", **options: Any) -> None:
+    """Outputs and gradients match the reference — exact softmax attention, or the attention's own
+    ``reference(q, k, v, *, causal)`` when it declares one — on random shapes, q shorter than k, causal
+    and not; shapes and dtypes are preserved. ``tolerance`` is relative to the reference's scale."""
+    attend = _build(attention, options)
+    own = getattr(attend, "reference", None)
+    reference = own if callable(own) else reference_attention
+    generator = torch.Generator().manual_seed(0)
+    for batch, heads, t_q, t_k, dim in ATTENTION_SHAPES:
+        for causal in (True, False):
+            q = torch.randn(batch, heads, t_q, dim, generator=generator).to(device, dtype)
+            k, v = (torch.randn(batch, heads, t_k, dim, generator=generator).to(device, dtype) for _ in range(2))
+            weight = torch.randn(batch, heads, t_q, dim, generator=generator).to(device, dtype)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = attend(*leaves, causal=causal)
+            case = f"shape q {tuple(q.shape)} k {tuple(k.shape)}, causal={causal}"
+            assert out.shape == q.shape, f"{case}: output shape {tuple(out.shape)}, expected {tuple(q.shape)}"
+            assert out.dtype == dtype, f"{case}: output dtype {out.dtype}, expected {dtype}"
+            ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            expected = reference(*ref_leaves, causal=causal).double()
+            scale = expected.abs().max().item() + 1e-12
+            error = (out.double() - expected).abs().max().item()
+            assert error <= tolerance * max(scale, 1.0), f"{case}: max error {error:.2e} against the reference"
+            grads = torch.autograd.grad((out * weight).sum(), leaves)
+            ref_grads = torch.autograd.grad((expected * weight.double()).sum(), ref_leaves)
+            for name, got, want in zip("qkv", grads, ref_grads):
+                err = (got.double() - want).abs().max().item()
+                assert err <= tolerance * max(want.abs().max().item(), 1.0), f"{case}: d{name} error {err:.2e}"
+
+
+def check_tokenizer(tokenizer: Any, text: str, **options: Any) -> None:
+    """Trains on ``text`` (given as chunks), then: round trips, ids within the vocabulary, the state
+    survives JSON, ``encode_batch`` (if any) equals ``encode``, and the streaming rule holds: the streamer,
+    which decodes only a short tail each time, reproduces the whole decode."""
+    from anexa_core.generation import decode_stream
+
+    trained = _build(tokenizer, options)
+    lines = text.splitlines(keepends=True)
+    trained.train(iter(lines))
+    size = trained.vocab_size
+    assert isinstance(size, int) and size > 0, f"vocab_size must be a positive int after training, got {size!r}"
+    sample = text[: 20_000]
+    ids = trained.encode(sample)
+    assert all(isinstance(i, int) and 0 <= i < size for i in ids), "encode gave ids outside the vocabulary"
+    assert trained.decode(ids) == sample, "decode(encode(text)) is not the text"
+    state = json.loads(json.dumps(trained.state_dict()))
+    restored = _build(tokenizer, options)
+    restored.load_state_dict(state)
+    assert restored.vocab_size == size, "the restored tokenizer has another vocab_size"
+    assert restored.encode(sample) == ids, "the restored tokenizer encodes differently"
+    if hasattr(trained, "encode_batch"):
+        pieces = lines[:50]
+        assert trained.encode_batch(pieces) == [trained.encode(piece) for piece in pieces], "encode_batch != encode"
+    streamed = "".join(decode_stream(trained, iter(ids[:3000])))
+    assert streamed == trained.decode(ids[:3000]), "streaming decode differs from decode: see the streaming rule"
+
+
+def _tiny_config(**changes: Any) -> ModelConfig:
+    values = dict(vocab_size=23, n_layer=2, n_head=2, n_embd=32, block_size=16)
+    values.update(changes)
+    return ModelConfig(**values)
+
+
+class _ReferenceAttention:
+    def __call__(self, q, k, v, *, causal):
+        return reference_attention(q, k, v, causal=causal).to(q.dtype)
+
+
+def check_blocks(blocks: Any, **options: Any) -> None:
+    """Builds a tiny model with the family: shapes, every parameter gets a finite gradient, outputs do not
+    depend on later tokens (causal), and decoding with a :class:`~anexa_core.KVCache` one token at a time
+    gives the logits of recomputing the whole sequence, up to the full ``block_size``."""
+    family = _build(blocks, options)
+    config = _tiny_config()
+    torch.manual_seed(0)
+    model = GPT(config, family.build(config, _ReferenceAttention())).double().eval()
+    ids = torch.randint(0, config.vocab_size, (2, config.block_size), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(config.block_size)
+    hidden = model.blocks(model.wte(ids), positions, None)
+    assert hidden.shape == (2, config.block_size, config.n_embd), f"stack output shape {tuple(hidden.shape)}"
+    full, _ = model(ids)
+    assert full.shape == (2, config.block_size, config.vocab_size)
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % config.vocab_size
+    assert torch.allclose(model(changed)[0][:, :-1], full[:, :-1]), "earlier positions see a later token"
+    cache = KVCache(config.block_size)
+    steps = [model(ids[:, :5], cache=cache)[0]]
+    for i in range(5, config.block_size):
+        steps.append(model(ids[:, i : i + 1], cache=cache)[0])
+    cached = torch.cat(steps, dim=1)
+    error = (cached - full).abs().max().item()
+    assert error < 1e-9, f"cached decoding differs from recomputation by {error:.2e}"
+    assert len(cache) == config.block_size, "the cache should hold every position after decoding them"
+    model.train()
+    _, loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"parameter {name} gets no gradient"
+        assert torch.isfinite(param.grad).all(), f"parameter {name} has a non-finite gradient"
+
+
+def check_sampler(sampler: Any, **options: Any) -> None:
+    """A logits processor: an int ``order``; same shape; at least one finite logit per row, never NaN or
+    ``+inf``, even for extreme logits; the input is not modified; rows are processed independently."""
+    processor = _build(sampler, options)
+    assert isinstance(getattr(processor, "order", None), int), "a sampler needs an int class attribute `order`"
+    generator = torch.Generator().manual_seed(0)
+    cases = [
+        torch.randn(3, 17, generator=generator),
+        torch.randn(3, 17, generator=generator) * 1e4,
+        torch.full((2, 9), 3.0),
+        torch.tensor([[0.0, float("-inf"), 2.0, float("-inf")]]),
+        torch.tensor([[-3e38, 3e38, 0.0]]),
+    ]
+    for logits in cases:
+        for context in (torch.zeros(logits.size(0), 0, dtype=torch.long),
+                        torch.randint(0, logits.size(1), (logits.size(0), 6), generator=generator)):
+            before = logits.clone()
+            out = processor(logits, context)
+            assert torch.equal(logits, before), "the sampler modified its input in place"
+            assert out.shape == logits.shape, f"output shape {tuple(out.shape)} for input {tuple(logits.shape)}"
+            assert not torch.isnan(out).any(), f"NaN for logits {logits.tolist()}"
+            assert not (out == float("inf")).any(), f"+inf for logits {logits.tolist()}"
+            assert torch.isfinite(out).any(-1).all(), f"a row lost every token for logits {logits.tolist()}"
+            rows = torch.cat([processor(logits[i : i + 1], context[i : i + 1]) for i in range(logits.size(0))])
+            assert torch.equal(torch.isfinite(rows), torch.isfinite(out)), "rows are not processed independently"
+
+
+def check_optimizer(optimizer: Any, **options: Any) -> None:
+    """Builds over a tiny model; a few steps on one batch lower its loss; the state round-trips through
+    ``state_dict``."""
+    from anexa_core import plugins
+
+    factory = _build(optimizer, options)
+    config = _tiny_config()
+    torch.manual_seed(0)
+    blocks, _ = plugins.create("blocks", config.blocks)
+    model = GPT(config, blocks.build(config, _ReferenceAttention()))
+    train = TrainConfig(lr=3e-3, warmup_steps=0)
+    built = factory.build(model, train)
+    assert isinstance(built, torch.optim.Optimizer), "build() must return a torch.optim.Optimizer"
+    ids = torch.randint(0, config.vocab_size, (4, config.block_size + 1), generator=torch.Generator().manual_seed(2))
+    losses = []
+    for _ in range(8):
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        built.zero_grad(set_to_none=True)
+        loss.backward()
+        built.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], f"8 steps did not lower the loss: {losses[0]:.4f} → {losses[-1]:.4f}"
+    again = factory.build(model, train)
+    again.load_state_dict(built.state_dict())
+
+
+def check_dataset(dataset: Any, **options: Any) -> None:
+    """``files()`` returns existing files whose text reads as UTF-8, and ``description`` is a string."""
+    from anexa_core.data import read_corpus
+
+    corpus = _build(dataset, options)
+    assert isinstance(getattr(corpus, "description", None), str), "a dataset needs a `description` string"
+    files = corpus.files()
+    assert files, "files() returned nothing"
+    for path in files:
+        assert read_corpus(path).strip(), f"{path} holds no text"
+
+
+CHECKS: dict[str, Callable[..., None]] = {
+    "attention": check_attention,
+    "blocks": check_blocks,
+    "samplers": check_sampler,
+    "optimizers": check_optimizer,
+    "datasets": check_dataset,
+}
+"""The checks by plugin kind (tokenizers need a text: :func:`check_tokenizer`)."""
