@@ -2,6 +2,7 @@
 distributions — pip-installed by these tests into a temporary folder, never into the environment — are
 discovered, configured, stored in checkpoints, clash, break and get disabled as documented."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ BUILTINS = {
     "tokenizers": {"char", "bpe"},
     "attention": {"math", "sdpa", "triton"},
     "samplers": {"temperature", "top_p", "min_p", "repetition_penalty", "greedy"},
-    "blocks": {"gpt2"},
+    "blocks": {"gpt2", "llama"},
     "datasets": {"sherlock", "tinyshakespeare"},
     "optimizers": {"adamw"},
 }
@@ -78,6 +79,22 @@ def test_builtin_tokenizers_pass_the_conformance_kit(name, options, sherlock_pat
         text += "\nnaïve café — 😀 中文テキスト\n"  # multi-byte characters split across byte tokens
     testing.check_tokenizer(plugins.get("tokenizers", name), text, **options)
     assert isinstance(plugins.create("tokenizers", name, options)[0], interfaces.Tokenizer)
+
+
+@pytest.mark.parametrize("options", [
+    {"mlp": "relu2", "qk_norm": True}, {"mlp": "gelu", "n_kv_head": 1, "zero_init": True},
+    {"rope_theta": 500000.0, "mlp_hidden": 48},
+])
+def test_llama_passes_the_kit_with_each_architectural_choice(options):
+    testing.check_blocks(plugins.get("blocks", "llama"), **options)
+
+
+def test_llama_options_are_validated():
+    with pytest.raises(AnexaError, match="blocks llama option mlp must be one of swiglu, relu2, gelu, got 'tanh'"):
+        plugins.create("blocks", "llama", {"mlp": "tanh"})
+    family, _ = plugins.create("blocks", "llama", {"n_kv_head": "3"})
+    with pytest.raises(AnexaError, match=r"n_head \(4\) must be a multiple of llama n_kv_head \(3\)"):
+        family.build(dataclasses.replace(TINY, n_head=4, n_embd=32), None)
 
 
 def test_the_kit_catches_a_broken_plugin_of_each_kind():

@@ -1,0 +1,164 @@
+"""Blocks plugin ``llama``: the LLaMA family's block (Touvron et al. 2023) with its choices as options.
+
+RMSNorm before attention and MLP (Zhang & Sennrich 2019), rotary position embeddings applied to queries
+and keys at their absolute positions (RoPE, Su et al. 2021, in the "rotate half" layout Hugging Face's
+``LlamaForCausalLM`` uses), no biases, a final RMSNorm. Options make the architectural choices that
+the modded-nanogpt speedrun tuned into switches: the MLP (SwiGLU, Shazeer 2020; ReLU², So et al. 2021;
+GELU), RMSNorm on queries and keys (QK-norm, Dehghani et al. 2023), grouped-query attention (Ainslie et
+al. 2023), zero-initialised output projections. Written only against the public blocks contract.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anexa_core import AnexaError, hookimpl
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate ``x`` (B, H, T, D) by the angles of ``positions`` (T,): pairs (i, i + D/2) turn by
+    ``position / theta^(2i/D)``. A dot product of two rotated vectors depends only on their distance."""
+    half = x.size(-1) // 2
+    inv_freq = theta ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x[..., :half], x[..., half:]
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, attention, layer: int, family: Llama):
+        super().__init__()
+        self.layer, self.attention, self.family = layer, attention, family
+        self.n_head = config.n_head
+        self.n_kv_head = family.n_kv_head or config.n_head
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=family.norm_eps) if family.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=family.norm_eps) if family.qk_norm else None
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, positions, cache=None):
+        batch, time, _ = x.shape
+        q = self.q_proj(x).view(batch, time, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, positions, self.family.rope_theta), rotary(k, positions, self.family.rope_theta)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # the cache keeps the (fewer) key/value heads
+        if self.n_kv_head != self.n_head:
+            repeat = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        y = self.attention(q, k, v, causal=True).transpose(1, 2).reshape(batch, time, -1)
+        return self.drop(self.o_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config, family: Llama):
+        super().__init__()
+        self.kind = family.mlp
+        hidden = family.hidden_size(config.n_embd)
+        if self.kind == "swiglu":
+            self.gate_proj = nn.Linear(config.n_embd, hidden, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, config.n_embd, bias=False)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        up = self.up_proj(x)
+        if self.kind == "swiglu":
+            hidden = F.silu(self.gate_proj(x)) * up
+        elif self.kind == "relu2":
+            hidden = F.relu(up).square()
+        else:
+            hidden = F.gelu(up)
+        return self.drop(self.down_proj(hidden))
+
+
+class Block(nn.Module):
+    def __init__(self, config, attention, layer: int, family: Llama):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.n_embd, eps=family.norm_eps)
+        self.self_attn = Attention(config, attention, layer, family)
+        self.post_attention_layernorm = nn.RMSNorm(config.n_embd, eps=family.norm_eps)
+        self.mlp = MLP(config, family)
+
+    def forward(self, x, positions, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaStack(nn.Module):
+    """``n_layer`` blocks and the final RMSNorm; positions enter through the rotary embedding only."""
+
+    def __init__(self, config, attention, family: Llama):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(config, attention, i, family) for i in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.n_embd, eps=family.norm_eps)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):  # the residual branch's outputs
+                if family.zero_init:
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def forward(self, x, positions, cache=None):
+        for layer in self.layers:
+            x = layer(x, positions, cache)
+        return self.norm(x)
+
+
+@dataclass
+class Llama:
+    """The LLaMA family; every architectural choice is an option (``-o blocks.mlp=relu2``)."""
+
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base: larger turns more slowly"})
+    mlp: Literal["swiglu", "relu2", "gelu"] = field(default="swiglu", metadata={"help": "MLP nonlinearity"})
+    mlp_hidden: int = field(default=0, metadata={"help": "MLP width; 0: 8/3·n_embd (swiglu) or 4·n_embd"})
+    qk_norm: bool = field(default=False, metadata={"help": "RMSNorm on queries and keys per head"})
+    n_kv_head: int = field(default=0, metadata={"help": "key/value heads (grouped-query); 0: n_head"})
+    norm_eps: float = 1e-5
+    zero_init: bool = field(default=False, metadata={"help": "output projections start at zero"})
+
+    def __post_init__(self) -> None:
+        if not self.rope_theta > 1:
+            raise AnexaError(f"llama rope_theta must be above 1, got {self.rope_theta}")
+        if self.mlp_hidden < 0 or self.n_kv_head < 0:
+            raise AnexaError("llama mlp_hidden and n_kv_head must not be negative (0 picks the default)")
+        if not self.norm_eps > 0:
+            raise AnexaError(f"llama norm_eps must be positive, got {self.norm_eps}")
+
+    def hidden_size(self, n_embd: int) -> int:
+        """The MLP width: ``mlp_hidden``, else LLaMA's 2/3 of 4·n_embd for SwiGLU (same parameters as a
+        4× two-matrix MLP), rounded up to a multiple of 16, or 4·n_embd."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return 16 * math.ceil(8 * n_embd / 3 / 16)
+        return 4 * n_embd
+
+    def build(self, config, attention) -> nn.Module:
+        if config.head_dim % 2:
+            raise AnexaError(f"rotary embeddings need an even head_dim, got {config.head_dim}: change n_embd or n_head")
+        if config.n_head % (self.n_kv_head or config.n_head):
+            raise AnexaError(f"n_head ({config.n_head}) must be a multiple of llama n_kv_head ({self.n_kv_head})")
+        return LlamaStack(config, attention, self)
+
+
+@hookimpl
+def register_blocks(register):
+    register("llama", Llama)
