@@ -179,9 +179,16 @@ def _number(value: float) -> float | None:
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a line cut short by a killed process is dropped, not fatal."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -377,15 +384,22 @@ def train(
             }
             if ranks.is_main:
                 _append_metrics(out_dir / METRICS_FILE, record)
-                if val_loss < best_val_loss:
-                    best_step, best_val_loss = done, val_loss
-                    checkpoint.save_model(out_dir / checkpoint.BEST_FILE, model,
-                                          model_meta(done, val_loss=val_loss, train_loss=train_loss))
+            new_best = val_loss < best_val_loss
+            if new_best:
+                best_step, best_val_loss = done, val_loss
             reporter.evaluated(record)
             window_start, window_tokens = time.perf_counter(), 0
+        else:
+            new_best = False
         interrupted = stopping()
-        if ranks.is_main and (interrupted or done % train_config.save_every == 0 or done == train_config.steps):
+        # A new best is saved with the training state first, so a run folder never holds a best model that
+        # `--resume` could not continue from.
+        if ranks.is_main and (interrupted or new_best or done % train_config.save_every == 0
+                              or done == train_config.steps):
             save(done)
+        if ranks.is_main and new_best:
+            checkpoint.save_model(out_dir / checkpoint.BEST_FILE, model,
+                                  model_meta(done, val_loss=val_loss, train_loss=train_loss))
         if interrupted:
             reporter.finish()
             distributed.teardown(ranks)

@@ -52,10 +52,12 @@ class RepetitionPenalty:
     def __call__(self, logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         recent = context[:, -self.window :].to(device=logits.device, dtype=torch.long)
         seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, recent, True)
-        penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
-        # An extreme penalty must not overflow a finite logit to ±inf (NaN later, or every token removed).
+        # In float64, clamped back into range: an extreme penalty (1e300 is a valid float option) must
+        # neither become inf in float32 (0 × inf = NaN) nor push a finite logit to ±inf.
+        wide = logits.double()
+        penalised = torch.where(wide > 0, wide / self.penalty, wide * self.penalty)
         largest = torch.finfo(logits.dtype).max / 4
-        penalised = torch.where(torch.isfinite(logits), penalised.clamp(-largest, largest), logits)
+        penalised = torch.where(torch.isfinite(wide), penalised.clamp(-largest, largest), wide).to(logits.dtype)
         return torch.where(seen, penalised, logits)
 
 

@@ -198,3 +198,42 @@ def test_decode_rejects_ids_outside_the_vocabulary(char_tokenizer, bpe_tokenizer
             tokenizer.decode([0, tokenizer.vocab_size])
         with pytest.raises(AnexaError, match="outside"):
             tokenizer.decode([-1])
+
+
+# --- streaming: the text of generated ids as they arrive ---------------------------------------------
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and records how many ids each decode call gets."""
+
+    def __init__(self, inner):
+        self.inner, self.sizes = inner, []
+
+    def decode(self, ids):
+        self.sizes.append(len(ids))
+        return self.inner.decode(ids)
+
+
+def test_streaming_decodes_a_bounded_tail_so_it_is_linear(bpe_tokenizer, held_out_text):
+    from anexa_core.generation import decode_stream
+
+    ids = bpe_tokenizer.encode(held_out_text[:30_000])
+    counting = CountingTokenizer(bpe_tokenizer)
+    assert "".join(decode_stream(counting, iter(ids))) == bpe_tokenizer.decode(ids)
+    assert max(counting.sizes) <= 8, "each decode sees only the last few ids"
+    assert sum(counting.sizes) <= 4 * len(ids), "total decode work grows linearly with the output"
+
+
+def test_streaming_holds_back_split_characters_and_gives_up_on_garbage(bpe_tokenizer):
+    from anexa_core.generation import MAX_PENDING_TOKENS, decode_stream
+
+    text = "emoji 😀 then 中文 and more"
+    ids = bpe_tokenizer.encode(text)
+    assert len(ids) > len(text.encode("utf-8")) // 2  # unseen characters: split into byte tokens
+    pieces = list(decode_stream(bpe_tokenizer, iter(ids)))
+    assert "".join(pieces) == text and not any("\ufffd" in piece for piece in pieces)
+    lone = bpe_tokenizer.encode("😀")[:1]  # the first byte(s) of a four-byte character, never completed
+    if bpe_tokenizer.decode(lone).endswith("\ufffd"):
+        garbage = lone * (MAX_PENDING_TOKENS + 4)
+        streamed = "".join(decode_stream(bpe_tokenizer, iter(garbage)))
+        assert streamed == bpe_tokenizer.decode(garbage)

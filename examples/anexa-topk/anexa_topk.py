@@ -16,7 +16,8 @@ from anexa_core import AnexaError, hookimpl
 
 @dataclass
 class TopK:
-    """``-s top_k=40``. Ties at the k-th logit are broken by ``torch.topk``, so exactly k tokens survive."""
+    """``-s top_k=40``. Exactly k tokens survive; ties at the k-th logit keep the lowest token ids, so
+    ``top_k=1`` picks the same token as ``greedy`` and ``--temperature 0``."""
 
     k: int = 40
     order: ClassVar[int] = 30
@@ -27,8 +28,10 @@ class TopK:
 
     def __call__(self, logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         k = min(self.k, logits.size(-1))
-        # Keeping the topk indices (not every logit >= the k-th value) holds the count at k under ties.
-        kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(k, dim=-1).indices, True)
+        # Keeping the k first indices of a stable sort (not every logit >= the k-th value) holds the count
+        # at k under ties and breaks them toward the lowest id, deterministically.
+        order = logits.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+        kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, True)
         return logits.masked_fill(~kept, float("-inf"))
 
 

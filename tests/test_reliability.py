@@ -1,0 +1,183 @@
+"""The first hour on a fresh machine, and nothing a user trained is ever lost (docs/reliability.md).
+
+Real `anexa` processes: offline with an empty cache; interrupted with Ctrl-C and SIGTERM; killed with
+SIGKILL at random moments, some in the middle of a save.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from anexa_core import checkpoint
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+        "--device", "cpu"]
+CLOSED_PORT_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused
+
+
+def anexa_env(tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(ANEXA_CACHE=str(tmp_path / "empty-cache"), OMP_NUM_THREADS="1", COLUMNS="120", **extra)
+    return env
+
+
+def anexa(*args, cwd, env, timeout=300):
+    return subprocess.run([sys.executable, "-m", "anexa_cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, check=False, timeout=timeout)
+
+
+def test_the_default_job_runs_offline_on_a_fresh_machine_and_never_reuses_a_run_folder(tmp_path):
+    """`anexa train` with no --data: the shipped Sherlock, no network, an empty cache. Proxies point at a
+    closed port, so any download would fail."""
+    offline = {name: CLOSED_PORT_PROXY for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
+                                                    "ALL_PROXY", "all_proxy")}
+    env = anexa_env(tmp_path, **offline)
+    probe = subprocess.run([sys.executable, "-c", "import urllib.request as u; u.urlopen('https://example.com', timeout=5)"],
+                           env=env, capture_output=True, text=True, check=False)
+    assert probe.returncode != 0, "the network must be unusable for this test to mean anything"
+
+    first = anexa("train", "--steps", "3", "--eval-every", "3", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "runs" / "sherlock-seed"
+    meta = checkpoint.read_metadata(run / checkpoint.MODEL_FILE)
+    assert meta["step"] == 3 and meta["model_config"]["n_layer"] == 4 and meta["model_config"]["vocab_size"] > 80
+    assert not (tmp_path / "empty-cache").exists() or not any((tmp_path / "empty-cache").rglob("*.txt"))
+    before = (run / checkpoint.MODEL_FILE).read_bytes()
+
+    again = anexa("train", "--steps", "2", "--eval-every", "2", *TINY, cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    assert (run / checkpoint.MODEL_FILE).read_bytes() == before, "a finished run must never be overwritten"
+    assert checkpoint.read_metadata(tmp_path / "runs" / "sherlock-seed-2")["step"] == 2
+    assert "saved runs/sherlock-seed-2" in again.stderr
+
+
+def test_progress_is_plain_lines_in_a_log_and_resumed_runs_say_so(sherlock_path, tmp_path):
+    env = anexa_env(tmp_path)
+    out = tmp_path / "run"
+    first = anexa("train", "--data", str(sherlock_path), *TINY, "--steps", "4", "--eval-every", "2", "--out",
+                  str(out), cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "step 4/4 · loss " in first.stderr and " tok/s · ETA " in first.stderr
+    assert "nan" not in first.stderr.lower()
+    resumed = anexa("train", "--resume", str(out), "--steps", "6", cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.startswith(f"resuming {out} from step 4")
+
+
+def _start(args, env, cwd):
+    return subprocess.Popen([sys.executable, "-m", "anexa_cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_training(process, timeout=120):
+    """Read stderr until the run's header line: from then on steps are running."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if "parameters ·" in line:
+            return seen
+    raise AssertionError("training never started: " + "".join(seen))
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_finish_the_step_save_and_print_the_resume_command(sherlock_path, tmp_path, signum, code):
+    env = anexa_env(tmp_path)
+    out = tmp_path / "run"
+    process = _start(["train", "--data", str(sherlock_path), *TINY, "--steps", "100000", "--eval-every", "100000",
+                      "--save-every", "100000", "--out", str(out)], env, tmp_path)
+    _wait_for_training(process)
+    time.sleep(0.5)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    step = checkpoint.load_train_state(out).step
+    assert step >= 1 and checkpoint.read_metadata(out / checkpoint.MODEL_FILE)["step"] == step
+    assert f"interrupted at step {step}; saved {out}. Continue with:\n  anexa train --resume {out}" in stderr
+    resumed = anexa("train", "--resume", str(out), "--steps", str(step + 2), cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint.read_metadata(out / checkpoint.MODEL_FILE)["step"] == step + 2
+
+
+def test_a_second_ctrl_c_leaves_at_once_without_damaging_a_file(sherlock_path, tmp_path):
+    """The first Ctrl-C starts a save that a test delay keeps busy; the second one lands inside it."""
+    env = anexa_env(tmp_path, ANEXA_TEST_SAVE_DELAY="3")
+    out = tmp_path / "run"
+    process = _start(["train", "--data", str(sherlock_path), *TINY, "--steps", "100000", "--eval-every", "100000",
+                      "--save-every", "100000", "--out", str(out)], env, tmp_path)
+    _wait_for_training(process)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    time.sleep(1.0)  # inside the save's delay: the training state is written, the model not yet
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - started < 1.5, "a second Ctrl-C must leave at once"
+    assert process.returncode == 130 and "stopped at once" in stderr, stderr
+    step = _every_file_loads(out)
+    assert step >= 1 and not (out / checkpoint.MODEL_FILE).exists(), "the second Ctrl-C came between the two files"
+    assert not list(out.glob(".*.tmp")), "no temp file may be left behind"
+    resumed = anexa("train", "--resume", str(out), "--steps", str(step + 2), cwd=tmp_path, env=anexa_env(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def _every_file_loads(out: Path) -> int | None:
+    """Every checkpoint in the folder loads; returns the training state's step (None before the first save)."""
+    if (out / checkpoint.MODEL_FILE).exists():
+        checkpoint.load_model(out / checkpoint.MODEL_FILE)
+    if (out / checkpoint.BEST_FILE).exists():
+        checkpoint.load_model(out / checkpoint.BEST_FILE)
+        assert (out / checkpoint.STATE_FILE).exists(), "a best model without a training state cannot be resumed"
+    for line in (out / "metrics.jsonl").read_text().splitlines()[:-1] if (out / "metrics.jsonl").exists() else []:
+        json.loads(line)  # only the last line may be cut short by a kill
+    if not (out / checkpoint.STATE_FILE).exists():
+        return None
+    state = checkpoint.load_train_state(out)
+    if (out / checkpoint.MODEL_FILE).exists():
+        model_step = checkpoint.read_metadata(out / checkpoint.MODEL_FILE)["step"]
+        assert model_step <= state.step, "the training state is written first, so the model never gets ahead of it"
+    return state.step
+
+
+def test_sigkill_at_random_moments_never_loses_or_mixes_a_run(sherlock_path, tmp_path):
+    """At least 10 SIGKILLs, many during saves (each save sleeps 0.3 s between its two files); after each,
+    every file loads and --resume continues; the run ends at the configured step."""
+    steps = 300
+    env = anexa_env(tmp_path, ANEXA_TEST_SAVE_DELAY="0.3")
+    out = tmp_path / "run"
+    config = tmp_path / "frequent.toml"
+    config.write_text("eval_every = 5\nsave_every = 5\neval_batches = 2\n", encoding="utf-8")
+    fresh = ["train", "--data", str(sherlock_path), *TINY, "--steps", str(steps), "--config", str(config),
+             "--out", str(out)]
+    rng = random.Random(7)
+    kills, steps_seen = 0, []
+    while kills < 10:
+        state_step = _every_file_loads(out) if out.exists() else None
+        args = ["train", "--resume", str(out)] if state_step is not None else fresh
+        process = _start(args, env, tmp_path)
+        _wait_for_training(process)
+        time.sleep(rng.uniform(0.05, 1.2))
+        if process.poll() is not None:
+            pytest.fail(f"the run finished before it could be killed ({kills} kills so far)")
+        process.kill()
+        process.communicate(timeout=60)
+        kills += 1
+        steps_seen.append(_every_file_loads(out))
+    finished = anexa("train", "--resume", str(out), cwd=tmp_path, env=anexa_env(tmp_path))
+    assert finished.returncode == 0, finished.stderr
+    assert _every_file_loads(out) == steps
+    assert checkpoint.read_metadata(out / checkpoint.MODEL_FILE)["step"] == steps
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, steps + 1, 5)), "metrics: each eval once, in order"
+    assert any(s is not None and s > 0 for s in steps_seen), steps_seen
