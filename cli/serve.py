@@ -1,0 +1,123 @@
+"""``anexa serve``: the OpenAI-compatible HTTP server and chat page (``anexa_serve``) under uvicorn.
+
+fastapi, uvicorn and torch are imported inside the command, so ``anexa --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from anexa_cli.errors import user_errors
+
+from anexa_core.errors import AnexaError
+
+Models = Annotated[
+    Optional[list[Path]],
+    typer.Option(
+        "--model", "-m",
+        help="Run folder or model.safetensors; repeatable. Requests name a model by its folder name "
+        "(tiny, tiny-2 when two share a name). Default: the newest under ./runs.",
+    ),
+]
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1); False for names and other IPs."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen(host: str, port: int):
+    """A listening socket, so a taken port is a one-line error and ``--port 0`` can print the port chosen."""
+    from anexa_serve.server import listen
+
+    try:
+        return listen(host, port)
+    except OSError as exc:
+        raise AnexaError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pick another --port or --host") from None
+
+
+@user_errors
+def serve(
+    model: Models = None,
+    host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback exposes the models to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0 picks a free one and prints it).")] = 8000,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(envvar="ANEXA_API_KEY", show_envvar=True, help="Require `Authorization: Bearer KEY` on /v1."),
+    ] = None,
+    max_tokens_cap: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
+    default_max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens when a request gives none (at most the cap).")] = 200,
+    parallel: Annotated[int, typer.Option(min=1, help="Generations running at once (worker threads).")] = 8,
+    queue: Annotated[int, typer.Option(min=0, help="Requests that may wait for a free worker; more get HTTP 429.")] = 32,
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Larger request bodies get HTTP 413.")] = 1 << 20,
+    chat_template: Annotated[
+        Optional[Path], typer.Option(help="TOML file overriding the chat template's keys (see docs/serve.md).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
+    threads: Annotated[
+        int,
+        typer.Option(min=0, help="torch CPU threads per operation (sets OMP_NUM_THREADS unless it is set); "
+                     "0 keeps torch's default. Concurrent requests are the parallelism: 1 is fastest for small models."),
+    ] = 1,
+) -> None:
+    """Serve models over an OpenAI-compatible API (/v1) with a chat page at /."""
+    if not is_loopback(host):
+        typer.echo(
+            f"warning: --host {host} is not a loopback address: anyone who can reach this machine can use "
+            f"the models{'' if api_key else ' (no --api-key set)'}",
+            err=True,
+        )
+    if api_key is not None and not api_key.strip():
+        raise AnexaError("--api-key (or ANEXA_API_KEY) is empty: give a key or leave it unset")
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise AnexaError(f"anexa serve needs the serve extra ({exc.name} is missing): pip install 'anexa[serve]'") from None
+    from anexa_serve.chat import ChatTemplate
+
+    template = ChatTemplate.from_toml(chat_template) if chat_template is not None else ChatTemplate()
+
+    if threads and "OMP_NUM_THREADS" not in os.environ:
+        # Read by OpenMP when torch loads, and the only setting that reaches the worker threads:
+        # torch.set_num_threads sets it for the calling thread alone.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    from anexa_core import checkpoint, training
+    from anexa_serve import ServeConfig, create_app, load_models
+    from anexa_serve.server import uvicorn_server
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    paths = model or [checkpoint.latest_run(Path("runs"))]
+    sock = _listen(host, port)  # before loading: a taken port fails at once
+    served = load_models(paths, training.pick_device(device))
+    config = ServeConfig(
+        max_tokens_cap=max_tokens_cap,
+        default_max_tokens=default_max_tokens,
+        parallel=parallel,
+        queue=queue,
+        max_body_bytes=max_body_bytes,
+        api_key=api_key.strip() if api_key else None,
+        chat_template=template,
+        allowed_hosts=(*ServeConfig().allowed_hosts, host.strip("[]").lower()) if is_loopback(host) else None,
+    )
+    app = create_app(served, config)
+    bound = sock.getsockname()[1]
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    typer.echo(
+        f"serving {', '.join(served)} on http://{shown}:{bound} (chat page at /, OpenAI API at /v1)", err=True
+    )
+    uvicorn_server(app).run(sockets=[sock])
