@@ -1,0 +1,35 @@
+"""``anexa export``: write a trained model in another library's format (``anexa_core.export``).
+
+torch and safetensors are imported inside the command, so ``anexa --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from anexa_cli.errors import user_errors
+
+
+@user_errors
+def export(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder (its best checkpoint) or a .safetensors checkpoint.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write: new or empty, unless --overwrite.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="hf: a folder Hugging Face transformers loads.")] = "hf",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT (never an Anexa run).")] = False,
+) -> None:
+    """Export a trained model: `--format hf` writes config.json, model.safetensors, tokenizer files and a model card."""
+    from anexa_core.export import UPLOAD_COMMAND
+    from anexa_core.export import export as export_model
+
+    done = export_model(run, out, format, overwrite)
+    val = f", val loss {done.val_loss:.4f}" if isinstance(done.val_loss, (int, float)) else ""
+    quoted = shlex.quote(str(done.out))
+    typer.echo(
+        f"exported {done.source} (step {done.step}{val}) to {done.out}: {done.architecture}, "
+        f"{done.parameters:,} parameters, {', '.join(done.files)}\n"
+        f"  load:   AutoModelForCausalLM.from_pretrained({str(done.out)!r}), AutoTokenizer.from_pretrained(…)\n"
+        f"  upload: {UPLOAD_COMMAND.format(out=quoted)}   (after `hf auth login`)"
+    )

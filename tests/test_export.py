@@ -1,0 +1,226 @@
+"""`anexa export RUN OUT --format hf`: transformers loads the folder and computes what Anexa computes.
+
+Three tiny runs trained through the CLI: gpt2 blocks with the char tokenizer, gpt2 with BPE, and llama
+(grouped-query heads, untied head, another RoPE base). For each, AutoModelForCausalLM and AutoTokenizer
+load the export; logits agree within 1e-4 on random prompts, 50 greedy tokens are the same, and the
+tokenizer gives the same ids and text back. No network.
+"""
+
+import json
+import os
+import re
+import shlex
+
+import pytest
+import safetensors
+import torch
+from anexa_cli.main import app
+from helpers import Greedy
+from typer.testing import CliRunner
+
+from anexa_core import checkpoint
+from anexa_core.errors import AnexaError
+from anexa_core.export import export
+from anexa_core.generation import generate_ids
+
+try:
+    import transformers
+except ImportError:  # pragma: no cover - the dev extra installs it
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("transformers is not installed: .venv/bin/pip install transformers", allow_module_level=True)
+
+runner = CliRunner()
+SIZE = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--batch-size", "8",
+        "--lr", "3e-3", "--warmup-steps", "10", "--steps", "80", "--eval-every", "40", "--device", "cpu"]
+RUNS = {
+    "char": [],
+    "bpe": ["--tokenizer", "bpe", "--vocab-size", "400"],
+    "llama": ["--blocks", "llama", "-o", "blocks.n_kv_head=1", "-o", "blocks.rope_theta=500", "--config", "untied.toml"],
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, sherlock_path):
+    folder = tmp_path_factory.mktemp("export")
+    (folder / "corpus.txt").write_text(sherlock_path.read_text(encoding="utf-8")[:120_000], encoding="utf-8")
+    (folder / "untied.toml").write_text("tie_embeddings = false\neval_batches = 4\n", encoding="utf-8")
+    return folder
+
+
+def _cli(args, cwd):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(app, args)
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def runs(workdir):
+    """Run folder and export folder of each kind of run."""
+    made = {}
+    for name, flags in RUNS.items():
+        result = _cli(["train", "--data", "corpus.txt", *SIZE, *flags, "--out", f"runs/{name}"], workdir)
+        assert result.exit_code == 0, result.output
+        result = _cli(["export", f"runs/{name}", f"hf/{name}", "--format", "hf"], workdir)
+        assert result.exit_code == 0, result.output
+        assert "hf upload USER/NAME hf/" in result.stdout
+        made[name] = (workdir / "runs" / name, workdir / "hf" / name)
+    return made
+
+
+@pytest.mark.parametrize("name,architecture", [("char", "GPT2LMHeadModel"), ("bpe", "GPT2LMHeadModel"),
+                                               ("llama", "LlamaForCausalLM")])
+def test_transformers_matches_anexa_logits_greedy_text_and_tokens(runs, name, architecture, workdir):
+    run, out = runs[name]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    ours, tokenizer, _ = checkpoint.load_model(run)
+    ours.eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert type(theirs).__name__ == architecture
+    assert theirs.num_parameters() >= ours.num_parameters()  # HF counts a tied head once too; gpt2 may add zero biases
+
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, ours.config.vocab_size, (4, ours.config.block_size), generator=generator)
+    with torch.no_grad():
+        difference = (ours(prompts)[0] - theirs(prompts).logits).abs().max().item()
+    assert difference < 1e-4, f"{name}: logits differ by {difference:.2e}"
+
+    text = (workdir / "corpus.txt").read_text(encoding="utf-8")
+    for start in (0, 5_000, 77_777):
+        prompt = tokenizer.encode(text[start : start + 40])[:12]
+        mine = list(generate_ids(ours, prompt, 50, Greedy(), context="sliding"))
+        with torch.no_grad():
+            hf_ids = theirs.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False)[0, len(prompt):]
+        assert mine == hf_ids.tolist(), f"{name}: greedy text differs from prompt at {start}"
+        assert tokenizer.decode(mine) == hf_tokenizer.decode(hf_ids)
+
+    excerpt = text[1_000:4_000]  # spaces, newlines, punctuation
+    assert "\n" in excerpt and "  " in text
+    assert hf_tokenizer(excerpt)["input_ids"] == tokenizer.encode(excerpt)
+    assert hf_tokenizer.decode(tokenizer.encode(excerpt)) == excerpt
+
+
+def test_export_files_follow_the_family_and_the_head(runs):
+    config = json.loads((runs["llama"][1] / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["num_key_value_heads"] == 1
+    assert config["rope_parameters"]["rope_theta"] == 500.0 and config["eos_token_id"] is None
+    with safetensors.safe_open(str(runs["llama"][1] / "model.safetensors"), framework="pt") as handle:
+        assert "lm_head.weight" in handle.keys() and "model.embed_tokens.weight" in handle.keys()
+    with safetensors.safe_open(str(runs["char"][1] / "model.safetensors"), framework="pt") as handle:
+        assert "lm_head.weight" not in handle.keys()  # tied: transformers ties it to wte on load
+        assert tuple(handle.get_slice("transformer.h.0.attn.c_attn.weight").get_shape()) == (32, 96)  # Conv1D (in, out)
+
+
+def test_the_model_card_states_the_run_and_its_command_retrains_it(runs, workdir):
+    run, out = runs["llama"]
+    card = (out / "README.md").read_text(encoding="utf-8")
+    meta = checkpoint.read_metadata(run)
+    parameters = checkpoint.load_model(run)[0].num_parameters()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "| data | `corpus.txt` |" in card
+    assert f"| steps | {meta['step']} |" in card or f"| steps | {meta['step']} (" in card
+    assert f"| val loss | {meta['val_loss']:.4f} nats/token" in card
+    assert f"| parameters | {parameters:,} |" in card
+    assert "hf upload USER/NAME" in card
+    command = re.search(r"## How it was trained\n\n```sh\n(.+)\n```", card).group(1)
+    toml = re.search(r"with `train.toml`:\n\n```toml\n(.+?)```", card, re.S).group(1)
+    assert set(toml.splitlines()) == {"tie_embeddings = false", "eval_batches = 4"}
+    again = workdir / "again"
+    again.mkdir()
+    (again / "train.toml").write_text(toml, encoding="utf-8")
+    (again / "corpus.txt").write_text((workdir / "corpus.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    args = shlex.split(command)
+    assert args[:2] == ["anexa", "train"]
+    result = _cli([*args[1:], "--out", "retrained"], again)
+    assert result.exit_code == 0, result.output
+    redone = checkpoint.read_metadata(again / "retrained")
+    assert redone["model_config"] == meta["model_config"] and redone["train_config"] == meta["train_config"]
+    first, second = checkpoint.load_model(run)[0], checkpoint.load_model(again / "retrained")[0]
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), f"retraining from the card's command gave another {name}"
+
+
+def test_what_cannot_be_exported_says_so_in_one_line(workdir, tmp_path):
+    from anexa_core import plugins
+    from anexa_core.config import ModelConfig
+    from anexa_core.model import build_model
+
+    tokenizer, options = plugins.create("tokenizers", "char")
+    tokenizer.train(["abc\n"])
+    for blocks, blocks_options, reason in [
+        ("llama", {"mlp": "relu2"}, "LlamaForCausalLM's MLP is swiglu only"),
+        ("llama", {"qk_norm": True}, "LlamaForCausalLM has no query/key norm"),
+        ("reference", {}, "defines no export_hf"),
+    ]:
+        model = build_model(ModelConfig(vocab_size=4, n_layer=1, n_head=2, n_embd=8, block_size=8, blocks=blocks,
+                                        blocks_options=blocks_options))
+        path = tmp_path / f"{blocks}.safetensors"
+        checkpoint.save_model(path, model, checkpoint.model_metadata(model, tokenizer, "char", options, step=0))
+        with pytest.raises(AnexaError, match=f"^blocks '{blocks}'.* cannot be exported to Hugging Face: .*{re.escape(reason)}"):
+            export(path, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    result = _cli(["export", str(path), str(tmp_path / "out")], workdir)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: blocks 'reference' cannot be exported to Hugging Face")
+    with pytest.raises(AnexaError, match="unknown export format 'gguf'"):
+        export(path, tmp_path / "out", format="gguf")
+
+
+@pytest.mark.parametrize("blocks,options,tie", [("llama", {"n_kv_head": 2, "mlp_hidden": 48}, True),
+                                                 ("gpt2", {"bias": False}, False)])
+def test_an_untrained_checkpoint_exports_with_a_card_that_says_so(tmp_path, blocks, options, tie):
+    """Saved without training: the card has no command; a tied llama, gpt2 without biases (exported as
+    zeros) and an untied head."""
+    from anexa_core import plugins
+    from anexa_core.config import ModelConfig
+    from anexa_core.model import build_model
+
+    tokenizer, tokenizer_options = plugins.create("tokenizers", "char")
+    tokenizer.train(["Hello, world!\n"])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_embd=32, block_size=32,
+                                    blocks=blocks, blocks_options=options, tie_embeddings=tie)).eval()
+    with torch.no_grad():  # away from the initialisation (zero biases, unit norms) so every mapping shows
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    path = tmp_path / f"{blocks}.safetensors"
+    checkpoint.save_model(path, model, checkpoint.model_metadata(model, tokenizer, "char", tokenizer_options, step=0))
+    done = export(path, tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert done.val_loss is None and "| val loss | not evaluated" in card and "How it was trained" not in card
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert theirs.config.tie_word_embeddings is tie
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(ids)[0] - theirs(ids).logits).abs().max().item() < 1e-4
+
+
+def test_out_is_never_half_written_and_never_a_run(runs, tmp_path, monkeypatch):
+    run = runs["char"][0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(AnexaError, match="is not empty: pass --overwrite"):
+        export(run, out)
+    with pytest.raises(AnexaError, match="holds an Anexa run"):
+        export(run, run, overwrite=True)
+
+    import anexa_core.export as module
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module.safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export(run, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left behind
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # the old folder is intact
+    monkeypatch.undo()
+    done = export(run, out, overwrite=True)
+    assert "notes.txt" not in {p.name for p in out.iterdir()} and done.architecture == "GPT2LMHeadModel"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
