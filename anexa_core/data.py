@@ -1,14 +1,17 @@
 """Corpora: download into a cache (checksummed), read and validate text, resolve ``--data``.
 
-A corpus is a registered dataset name (``sherlock``), a local text file, or an http(s) URL.
-Downloads stream into the cache through :func:`anexa_core.files.atomic_path`, so a failed or
-corrupt download never leaves a file behind that a later run would trust. Every text — corpus or
-prompt — goes through :func:`normalize_text`, so what the model was trained on and what it is asked
-agree character for character.
+A corpus is one or more sources — registered dataset names (``sherlock``), local text files, folders
+(searched recursively for :data:`DEFAULT_GLOBS`), http(s) URLs — resolved by :func:`resolve_corpus`
+into a fixed, ordered list of files, each one *document*. Downloads stream into the cache through
+:func:`anexa_core.files.atomic_path`, so a failed or corrupt download never leaves a file behind that
+a later run would trust. Every text — corpus or prompt — goes through :func:`normalize_text`, so what
+the model was trained on and what it is asked agree character for character. :func:`iter_text` reads a
+file of any size in bounded memory; :mod:`anexa_core.tokens` turns a corpus into cached token ids.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import http.client
@@ -19,8 +22,10 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 from anexa_core import plugins
 from anexa_core.errors import AnexaError
@@ -142,6 +147,22 @@ class LocalText:
         return [path]
 
 
+@dataclass(frozen=True)
+class Collection:
+    """A dataset made of several others (``RemoteText``, ``LocalText``, …): ``files()`` is theirs, in order.
+
+    Each file is one document of the corpus (see :func:`corpus_pieces`)::
+
+        Collection((RemoteText(url_a, sha_a, "a.txt"), RemoteText(url_b, sha_b, "b.txt")), "two books")
+    """
+
+    parts: tuple = ()
+    description: str = ""
+
+    def files(self) -> list[Path]:
+        return [path for part in self.parts for path in part.files()]
+
+
 def read_bytes(path: Path) -> bytes:
     """A file's bytes, decompressed when it ends in ``.xz`` or ``.gz``; one-line errors for the usual faults."""
     path = Path(path)
@@ -167,7 +188,8 @@ def normalize_text(text: str) -> str:
     Windows (``\r\n``) and old-Mac (``\r``) line ends would otherwise become separate vocabulary
     entries, and a prompt typed on another system would hold characters the model never saw.
     """
-    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    text = text.removeprefix("\ufeff")
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
 _GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)\b.*$", re.I | re.M)
@@ -177,6 +199,8 @@ _GUTENBERG_END = re.compile(r"^\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG E(?
 def strip_gutenberg(text: str) -> tuple[str, str | None]:
     """The book inside Project Gutenberg's ``*** START OF … ***`` / ``*** END OF … ***`` markers, and a
     note saying what was cut; text without the markers comes back unchanged with ``None``."""
+    if "***" not in text:  # both markers start with it; a plain search is far quicker than the regexes
+        return text, None
     start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
     if start is None or end is None or end.start() <= start.end():
         return text, None
@@ -195,17 +219,7 @@ def read_corpus(path: Path) -> str:
     Gutenberg book loses its licence header and footer (logged).
     """
     path = Path(path)
-    raw = read_bytes(path)
-    if b"\x00" in raw:
-        raise AnexaError(f"corpus {path} looks binary (it contains NUL bytes): it must be UTF-8 text")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise AnexaError(
-            f"corpus {path} is not valid UTF-8 (bad byte at offset {exc.start}): it must be UTF-8 text; "
-            "convert it, e.g. with iconv"
-        ) from None
-    text, note = strip_gutenberg(normalize_text(text))
+    text, note = _decode_whole(read_bytes(path), path)
     if note:
         logger.info("%s: %s", path.name, note)
     if not text.strip():
@@ -213,28 +227,347 @@ def read_corpus(path: Path) -> str:
     return text
 
 
+def _binary_error(path: Path) -> AnexaError:
+    return AnexaError(f"corpus {path} looks binary (it contains NUL bytes): it must be UTF-8 text")
+
+
+def _utf8_error(path: Path, offset: int) -> AnexaError:
+    return AnexaError(
+        f"corpus {path} is not valid UTF-8 (bad byte at offset {offset}): it must be UTF-8 text; "
+        "convert it, e.g. with iconv"
+    )
+
+
+def _decode_whole(raw: bytes, path: Path) -> tuple[str, str | None]:
+    """A whole file's bytes → its normalised text without a Gutenberg header/footer, and the note on that."""
+    if b"\x00" in raw:
+        raise _binary_error(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _utf8_error(path, exc.start) from None
+    return strip_gutenberg(normalize_text(text))
+
+
 def _is_url(spec: str) -> bool:
     return urllib.parse.urlparse(spec).scheme in ("http", "https")
 
 
-def load_corpus(spec: str) -> tuple[str, str]:
-    """``(text, short_name)`` for ``--data``: a dataset name, a local file, or an http(s) URL.
+DEFAULT_GLOBS = ("*.txt", "*.md")
+"""What a folder given to ``--data`` contributes unless ``--glob`` says otherwise."""
 
-    Dataset names win over same-named files in the current folder (write ``./name`` for the file).
-    ``short_name`` is safe to use in a folder name.
+READ_BLOCK = 8 << 20
+"""Bytes read (and decoded) at a time from a large file."""
+
+WHOLE_FILE_LIMIT = 32 << 20
+"""Files (decompressed) up to this size are read whole, exactly as :func:`read_corpus` reads them, Project
+Gutenberg stripping included; larger ones are streamed in :data:`READ_BLOCK` pieces and not searched for
+Gutenberg markers (no book is that large), so memory stays bounded whatever the file size."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """What ``--data`` resolved to: the files, in the order their text is read, and names for messages.
+
+    ``files``: every file once (a file reached twice, say through a folder and by name, keeps its first
+    place); ``name``: short and safe in a folder name; ``label``: the ``--data`` value(s) as given.
     """
+
+    files: tuple[Path, ...]
+    name: str
+    label: str
+    sizes: tuple[int, ...] = field(default=(), compare=False)
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk, all files together (compressed files count compressed)."""
+        return sum(self.sizes)
+
+
+def data_specs(data: str | Sequence[str]) -> list[str]:
+    """``--data`` as a list: one value (a string) or several."""
+    return [data] if isinstance(data, str) else list(data)
+
+
+def data_label(data: str | Sequence[str]) -> str:
+    """How messages quote ``--data``: ``'notes.txt'``, or ``'a.txt', 'b/'`` for several values."""
+    return ", ".join(repr(spec) for spec in data_specs(data))
+
+
+def folder_files(folder: Path, globs: Sequence[str] = DEFAULT_GLOBS) -> list[Path]:
+    """The files under ``folder`` (recursively) matching any of ``globs``, sorted by relative path.
+
+    A pattern is matched against the path relative to ``folder`` from the right, like
+    :meth:`pathlib.PurePath.match`: ``*.txt`` matches at any depth, ``notes/*.md`` the ``.md`` files
+    directly inside any folder named ``notes``. Hidden files and folders (a name starting with ``.``)
+    are skipped, and symbolic links to folders are not followed. A folder with no match is an error
+    saying how many other files it holds.
+    """
+    folder = Path(folder)
+    found: list[tuple[str, Path]] = []
+    others = 0
+
+    def refuse(exc: OSError) -> None:
+        raise AnexaError(f"cannot read folder {exc.filename} ({exc.strerror}): pass a readable folder")
+
+    for root, dirs, names in os.walk(folder, onerror=refuse):
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = Path(root, name)
+            relative = path.relative_to(folder).as_posix()
+            if any(PurePosixPath(relative).match(pattern) for pattern in globs):
+                found.append((relative, path))
+            else:
+                others += 1
+    if not found:
+        patterns = ", ".join(globs)
+        raise AnexaError(
+            f"folder {folder} holds no files matching {patterns} ({others} other files): "
+            "pass --glob PATTERN to choose which files to read"
+        )
+    return [path for _, path in sorted(found)]
+
+
+def _spec_files(spec: str, globs: Sequence[str]) -> tuple[list[Path], str]:
+    """The files of one ``--data`` value and its short name."""
     if _is_url(spec):
-        return read_corpus(download(spec)), _safe_name(Path(_url_filename(spec)).stem, "data")
+        return [download(spec)], _safe_name(Path(_url_filename(spec)).stem, "data")
     datasets = plugins.registered("datasets")
     if spec in datasets:
         dataset, _ = plugins.create("datasets", spec)
-        text = "".join(read_corpus(path) for path in dataset.files())
-        return text, _safe_name(spec, "data")
+        files = [Path(path) for path in dataset.files()]
+        if not files:
+            raise AnexaError(f"dataset {spec!r} returned no files: its plugin is broken; pass --data FILE instead")
+        return files, _safe_name(spec, "data")
     path = Path(spec).expanduser()
+    if path.is_dir():
+        return folder_files(path, globs), _safe_name(path.resolve().name, "data")
     if path.exists():
-        return read_corpus(path), _safe_name(path.stem, "data")
+        return [path], _safe_name(path.stem, "data")
     names = ", ".join(sorted(datasets)) or "none installed"
     raise AnexaError(
-        f"--data {spec!r} is neither a dataset ({names}) nor an existing file: "
-        "pass a dataset name, a text file, or an http(s) URL"
+        f"--data {spec!r} is neither a dataset ({names}) nor an existing file or folder: "
+        "pass a dataset name, a text file, a folder, or an http(s) URL"
     )
+
+
+def resolve_corpus(data: str | Sequence[str], globs: Sequence[str] = DEFAULT_GLOBS) -> Corpus:
+    """The files of ``--data`` (one value or several, each a dataset name, file, folder or http(s) URL).
+
+    Dataset names win over same-named files in the current folder (write ``./name`` for the file). URLs
+    and datasets are downloaded once into the cache. Raises :class:`AnexaError` (one line) for a value that
+    is none of these, a folder without matching files (see :func:`folder_files`) or a failed download.
+    """
+    specs = data_specs(data)
+    if not specs:
+        raise AnexaError("--data is empty: pass a dataset name, a text file, a folder, or an http(s) URL")
+    files: list[Path] = []
+    seen: set[str] = set()
+    names = []
+    for spec in specs:
+        found, name = _spec_files(spec, globs)
+        names.append(name)
+        for path in found:
+            key = os.path.realpath(path)
+            if key not in seen:
+                seen.add(key)
+                files.append(path)
+    sizes = []
+    for path in files:
+        try:
+            sizes.append(path.stat().st_size)
+        except FileNotFoundError:
+            raise AnexaError(f"corpus file {path} not found: pass an existing text file") from None
+        except OSError as exc:
+            raise AnexaError(f"cannot read corpus {path} ({exc.strerror}): pass a readable text file") from None
+    name = names[0] if len(names) == 1 else f"{names[0]}-and-{len(names) - 1}-more"
+    return Corpus(tuple(files), name, data_label(specs), tuple(sizes))
+
+
+class _CountingReader:
+    """A raw binary file that counts (and optionally hashes) the bytes read through it."""
+
+    def __init__(self, handle, digest=None):
+        self.handle, self.digest, self.count = handle, digest, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.count += len(data)
+        if self.digest is not None:
+            self.digest.update(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    def drain(self) -> None:
+        """Read to the end, so the count and hash cover the whole file."""
+        while self.read(READ_BLOCK):
+            pass
+
+
+class ReadErrors:
+    """Maps the usual faults of reading a corpus file to the one-line errors of :func:`read_bytes`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        path = self.path
+        if kind is None or not issubclass(kind, (OSError, lzma.LZMAError, zlib.error, EOFError)):
+            return False
+        if isinstance(exc, FileNotFoundError):
+            raise AnexaError(f"corpus file {path} not found: pass an existing text file") from None
+        if isinstance(exc, IsADirectoryError):
+            raise AnexaError(f"corpus {path} is a folder: pass a text file") from None
+        if isinstance(exc, (lzma.LZMAError, gzip.BadGzipFile, zlib.error, EOFError)):
+            raise AnexaError(f"corpus {path} is not a valid compressed file ({exc}): pass an intact file") from None
+        raise AnexaError(f"cannot read corpus {path} ({exc.strerror or exc}): pass a readable text file") from None
+
+
+def iter_text(path: Path, block_size: int = READ_BLOCK, digest=None,
+              notes: list[tuple[Path, str]] | None = None) -> Iterator[tuple[str, int]]:
+    """One file's normalised text in pieces, each with the number of bytes (on disk) read for it.
+
+    The pieces join to exactly what :func:`read_corpus` returns (see :data:`WHOLE_FILE_LIMIT` for the one
+    difference in files over 32 MiB), except that an empty file yields ``""`` rather than an error.
+    Memory stays within a few times :data:`READ_BLOCK` whatever the file size. ``digest`` (a ``hashlib``
+    object) is updated with every byte of the file as stored; a Gutenberg note is appended to
+    ``notes``. Raises :class:`AnexaError` naming the file when it is missing, unreadable, a damaged
+    ``.xz``/``.gz``, binary (NUL bytes) or not UTF-8.
+    """
+    path = Path(path)
+    with ReadErrors(path):
+        handle = open(path, "rb")
+    with handle:
+        raw = _CountingReader(handle, digest)
+        if path.suffix == ".xz":
+            stream = lzma.LZMAFile(raw)
+        elif path.suffix == ".gz":
+            stream = gzip.GzipFile(fileobj=raw)
+        else:
+            stream = raw
+        reported = 0
+
+        def consumed() -> int:
+            nonlocal reported
+            delta, reported = raw.count - reported, raw.count
+            return delta
+
+        with ReadErrors(path):
+            data = stream.read(WHOLE_FILE_LIMIT + 1)
+        if len(data) <= WHOLE_FILE_LIMIT:
+            with ReadErrors(path):
+                raw.drain()
+            text, note = _decode_whole(data, path)
+            if note and notes is not None:
+                notes.append((path, note))
+            yield text, consumed()
+            return
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        decoded_bytes, first, carry_cr = 0, True, False
+        while True:
+            final = not data
+            if b"\x00" in data:
+                raise _binary_error(path)
+            try:
+                text = decoder.decode(data, final)
+            except UnicodeDecodeError as exc:
+                buffered = len(exc.object) - len(data)
+                raise _utf8_error(path, decoded_bytes - buffered + exc.start) from None
+            decoded_bytes += len(data)
+            if text and first:
+                text, first = text.removeprefix("\ufeff"), False
+            if text and carry_cr:  # a \r\n split between two blocks: the \r already became \n
+                carry_cr = False
+                if text[0] == "\n":
+                    text = text[1:]
+            if text:
+                carry_cr = text[-1] == "\r"
+                if "\r" in text:
+                    text = text.replace("\r\n", "\n").replace("\r", "\n")
+            if final:
+                yield text, consumed()
+                return
+            if text:
+                yield text, consumed()
+            with ReadErrors(path):
+                data = stream.read(block_size)
+
+
+ProgressFn = Callable[..., None]
+"""``progress(phase, done, total, unit="bytes")``: called as work advances; ``done == total`` ends a phase."""
+
+
+def corpus_pieces(files: Sequence[Path], block_size: int = READ_BLOCK, digests: Sequence[str] | None = None,
+                  on_bytes: Callable[[int], None] | None = None,
+                  notes: list[tuple[Path, str]] | None = None) -> Iterator[str]:
+    """The corpus as one text, in pieces: each file's text (:func:`iter_text`) in order, with a ``"\n"``
+    between two files when the first does not end in one (a single file's text is therefore unchanged).
+
+    With ``digests`` (the SHA-256 of each file as stored, from :func:`anexa_core.tokens.file_digests`)
+    a file whose bytes differ from its digest — rewritten after it was fingerprinted — raises an
+    :class:`AnexaError`, so a cache keyed by the digests never holds other text. ``on_bytes`` receives
+    the bytes read as reading advances (for progress bars).
+    """
+    last = ""
+    for index, path in enumerate(files):
+        digest = hashlib.sha256() if digests is not None else None
+        started = False
+        for piece, read in iter_text(path, block_size, digest, notes):
+            if on_bytes is not None and read:
+                on_bytes(read)
+            if not piece:
+                continue
+            if not started:
+                started = True
+                if last and last != "\n":
+                    yield "\n"
+            last = piece[-1]
+            yield piece
+        if digests is not None and digest.hexdigest() != digests[index]:
+            raise ChangedWhileReading(path)
+
+
+class ChangedWhileReading(AnexaError):
+    """A corpus file's bytes differ from the digest it was fingerprinted with."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"corpus file {path} changed while Anexa was reading it: run again once nothing is "
+                         "writing to it")
+        self.path = path
+
+
+def load_corpus(spec: str | Sequence[str], globs: Sequence[str] = DEFAULT_GLOBS) -> tuple[str, str]:
+    """``(text, short_name)`` for ``--data`` read whole into memory (small corpora and tests; training
+    streams through :mod:`anexa_core.tokens` instead). See :func:`resolve_corpus` and :func:`corpus_pieces`.
+    """
+    corpus = resolve_corpus(spec, globs)
+    notes: list[tuple[Path, str]] = []
+    text = "".join(corpus_pieces(corpus.files, notes=notes))
+    for path, note in notes:
+        logger.info("%s: %s", path.name, note)
+    if not text.strip():
+        what = f"corpus {corpus.files[0]}" if len(corpus.files) == 1 else f"corpus {corpus.label}"
+        raise AnexaError(f"{what} is empty: pass a text file with some content")
+    return text, corpus.name

@@ -19,6 +19,7 @@ DEFAULT_VOCAB_SIZE = 1024
 BYTE_ALPHABET_SIZE = 256
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + 1  # the byte alphabet plus at least one merge
 MAX_VOCAB_SIZE = 2**20
+DEFAULT_MAX_TRAIN_CHARS = 100_000_000
 
 
 class BPETokenizer:
@@ -27,9 +28,14 @@ class BPETokenizer:
     Option ``vocab_size`` is an upper bound: a small corpus with fewer distinct merges yields a smaller
     vocabulary, and after training the ``vocab_size`` attribute reports the real one. Training is
     deterministic (same text and size, same merges), so a rerun rebuilds the same tokenizer.
+
+    Option ``max_train_chars`` caps the text the merges are learned from: training reads the corpus's
+    chunks in order and stops after the chunk that reaches it (the first ~100M characters by default;
+    a larger corpus is still encoded whole). Merge statistics settle long before that for vocabularies
+    of this size, and the cap bounds training time and the memory of its word counts.
     """
 
-    def __init__(self, vocab_size: int = DEFAULT_VOCAB_SIZE) -> None:
+    def __init__(self, vocab_size: int = DEFAULT_VOCAB_SIZE, max_train_chars: int = DEFAULT_MAX_TRAIN_CHARS) -> None:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
             MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE
         ):
@@ -37,7 +43,10 @@ class BPETokenizer:
                 f"--vocab-size {vocab_size} does not fit byte-level BPE: use {MIN_VOCAB_SIZE} to {MAX_VOCAB_SIZE} "
                 f"({BYTE_ALPHABET_SIZE} byte tokens plus merges), e.g. {DEFAULT_VOCAB_SIZE}"
             )
+        if isinstance(max_train_chars, bool) or not isinstance(max_train_chars, int) or max_train_chars < 1:
+            raise AnexaError(f"tokenizer bpe option max_train_chars must be a positive integer, got {max_train_chars!r}")
         self.target_size = vocab_size
+        self.max_train_chars = max_train_chars
         self.vocab_size = 0
         self._tokenizer: HFTokenizer | None = None
 
@@ -59,9 +68,13 @@ class BPETokenizer:
 
         def chunks():
             nonlocal seen
+            taken = 0
             for text in texts:
                 seen = seen or bool(text)
                 yield text
+                taken += len(text)
+                if taken >= self.max_train_chars:
+                    return
 
         tokenizer.train_from_iterator(chunks(), trainer)
         if not seen:
@@ -77,8 +90,10 @@ class BPETokenizer:
         return self._trained().encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encodes in parallel threads (the ``tokenizers`` library's Rust pool)."""
-        return [encoding.ids for encoding in self._trained().encode_batch(list(texts), add_special_tokens=False)]
+        """Encodes in parallel threads (the ``tokenizers`` library's Rust pool), without character offsets."""
+        tokenizer = self._trained()
+        batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        return [encoding.ids for encoding in batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
@@ -93,6 +108,10 @@ class BPETokenizer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"type": "bpe", "tokenizer": self._trained().to_str()}
+
+    def export_hf(self) -> HFTokenizer:
+        """A copy of the Hugging Face ``tokenizers.Tokenizer`` this already is (byte-level BPE)."""
+        return HFTokenizer.from_str(self._trained().to_str())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         serialized = state.get("tokenizer") if isinstance(state, dict) and state.get("type") == "bpe" else None

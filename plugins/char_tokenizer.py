@@ -22,16 +22,26 @@ class CharTokenizer:
         self.chars = ""
         self.vocab_size = 0
         self._ids: dict[str, int] = {}
+        self._table = None  # code point → id (-1: unseen), numpy, built on first encode_batch
 
     def _set(self, chars: str) -> None:
         self.chars = chars
         self.vocab_size = len(chars)
         self._ids = {char: i for i, char in enumerate(chars)}
+        self._table = None
 
     def train(self, texts: Iterable[str]) -> None:
+        """Collect the distinct characters of ``texts`` (chunks of any size; ASCII chunks take a fast path)."""
         seen: set[str] = set()
+        known_ascii = b""
         for text in texts:
-            seen.update(text)
+            # Delete the ASCII characters already seen from the UTF-8 bytes (at memory speed); what is left
+            # is still UTF-8 and usually short, so the set of what remains is cheap.
+            rest = text.encode("utf-8", "surrogatepass").translate(None, known_ascii)
+            if rest:
+                new = set(rest.decode("utf-8", "surrogatepass"))
+                seen |= new
+                known_ascii += bytes(sorted(ord(char) for char in new if ord(char) < 128))
         if not seen:
             raise AnexaError("cannot train a char tokenizer on empty text: pass a corpus with some content")
         self._set("".join(sorted(seen)))
@@ -49,6 +59,33 @@ class CharTokenizer:
             "the characters of its training text; remove them, or train with --tokenizer bpe"
         )
 
+    def encode_batch(self, texts: Sequence[str]) -> list:
+        """``encode`` of each text, vectorised: 1-D int32 numpy arrays of ids (same ids, same errors)."""
+        import numpy as np
+
+        if self._table is None:
+            codes = [ord(char) for char in self.chars]
+            table = np.full(max(codes, default=0) + 1, -1, dtype=np.int32)
+            table[codes] = np.arange(len(codes), dtype=np.int32)
+            self._table = table
+        out = []
+        for text in texts:
+            try:
+                if text.isascii():
+                    codes = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+                else:
+                    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            except UnicodeEncodeError:  # lone surrogates: the plain path says what is wrong
+                out.append(self.encode(text))
+                continue
+            if codes.size and int(codes.max()) >= len(self._table):
+                self.encode(text)  # raises, naming the unseen characters
+            ids = self._table[codes]
+            if ids.size and int(ids.min()) < 0:
+                self.encode(text)
+            out.append(ids)
+        return out
+
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
@@ -61,6 +98,20 @@ class CharTokenizer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"type": "char", "chars": self.chars}
+
+    def export_hf(self):
+        """This vocabulary as a Hugging Face ``tokenizers.Tokenizer`` with the same ids: a word-level model
+        whose words are the characters, a pre-tokenizer that isolates every character (``[\\s\\S]``
+        matches any one, newlines included) and a decoder that joins tokens without spaces. As here, a
+        character outside the vocabulary cannot be encoded (there is no unknown token)."""
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        if not self.vocab_size:
+            raise AnexaError("the char tokenizer is not trained: train it or load a checkpoint first")
+        tokenizer = Tokenizer(models.WordLevel({char: i for i, char in enumerate(self.chars)}, unk_token=None))
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+        tokenizer.decoder = decoders.Fuse()
+        return tokenizer
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         chars = state.get("chars") if isinstance(state, dict) and state.get("type") == "char" else None

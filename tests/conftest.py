@@ -11,7 +11,38 @@ if os.environ.get("ANEXA_TEST_CUDA") != "1":
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("ANEXA_DATA_DIR", REPO.parent / "shared" / "data"))
+# Mutation testing (docs/testing.md): mutmut copies the project into ./mutants and runs these tests there.
+UNDER_MUTMUT = REPO.name == "mutants"
+DATA_DIR = Path(os.environ.get("ANEXA_DATA_DIR", (REPO.parent.parent if UNDER_MUTMUT else REPO.parent) / "shared" / "data"))
+
+
+def _import_the_mutated_plugins() -> None:
+    """Make the tests import mutmut's copy of plugins/ as ``anexa_plugins``, under the module names mutmut
+    gave its mutants (``plugins.samplers``, derived from the folder).
+
+    mutmut puts ./mutants first on sys.path, so ``anexa_core`` (folder name = package name) is the mutated
+    copy already. ``anexa_plugins`` has no folder of that name: the editable install would map it to the
+    original plugins/, and a mutant of ``plugins.samplers`` would never run. So each module is imported as
+    ``plugins.X`` from the copy and registered as ``anexa_plugins.X`` too, before anything imports it.
+    """
+    import importlib
+    import pkgutil
+    import sys
+
+    package = importlib.import_module("plugins")
+    if sys.modules.get("anexa_plugins") is package:
+        return  # a later pytest session in the same process (mutmut runs several)
+    assert "anexa_plugins" not in sys.modules, "anexa_plugins was imported before tests/conftest.py"
+    core = importlib.import_module("anexa_core")
+    for module, folder in ((package, "plugins"), (core, "anexa_core")):
+        assert Path(module.__file__).parent == REPO / folder, f"{module.__name__} is not mutmut's copy"
+    sys.modules["anexa_plugins"] = package
+    for info in pkgutil.iter_modules(package.__path__):
+        sys.modules[f"anexa_plugins.{info.name}"] = importlib.import_module(f"plugins.{info.name}")
+
+
+if UNDER_MUTMUT:
+    _import_the_mutated_plugins()
 
 
 def _book(name: str, tmp_path_factory) -> Path:
@@ -46,6 +77,7 @@ def shakespeare_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    """No test touches the user's download cache."""
-    monkeypatch.setenv("ANEXA_CACHE", str(tmp_path / "cache"))
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """No test touches the user's cache (downloads, token ids): each gets an empty one, outside its
+    tmp_path so that tests listing their folder do not see it."""
+    monkeypatch.setenv("ANEXA_CACHE", str(tmp_path_factory.mktemp("cache")))
