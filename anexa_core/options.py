@@ -77,10 +77,7 @@ def _choices(kind: Any) -> tuple[Any, ...] | None:
 def describe(factory: Callable[..., Any]) -> list[Option]:
     """The options of ``factory``, in declaration order. A parameter without a default is a plugin bug."""
     if dataclasses.is_dataclass(factory) and isinstance(factory, type):
-        try:
-            hints = typing.get_type_hints(factory)
-        except Exception:  # an annotation that does not resolve: fall back to the raw field types
-            hints = {}
+        hints = _hints(factory)
         found = []
         for field in dataclasses.fields(factory):
             if not field.init:
@@ -91,16 +88,14 @@ def describe(factory: Callable[..., Any]) -> list[Option]:
                 default = field.default_factory()
             else:
                 raise AnexaError(f"plugin option {field.name!r} of {factory.__name__} has no default: give it one")
-            found.append(Option(field.name, hints.get(field.name, field.type), default, field.metadata.get("help", "")))
+            kind = _annotation(hints.get(field.name, field.type), default, factory)
+            found.append(Option(field.name, kind, default, field.metadata.get("help", "")))
         return found
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
         return []
-    try:
-        hints = typing.get_type_hints(factory.__init__ if isinstance(factory, type) else factory)
-    except Exception:
-        hints = {}
+    hints = _hints(factory.__init__ if isinstance(factory, type) else factory)
     found = []
     for parameter in signature.parameters.values():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
@@ -112,8 +107,31 @@ def describe(factory: Callable[..., Any]) -> list[Option]:
                 "registers a factory whose keyword parameters are its options; see docs/plugins.md)"
             )
         kind = hints.get(parameter.name, parameter.annotation)
-        found.append(Option(parameter.name, str if kind is parameter.empty else kind, parameter.default))
+        kind = None if kind is parameter.empty else kind
+        found.append(Option(parameter.name, _annotation(kind, parameter.default, factory), parameter.default))
     return found
+
+
+def _hints(obj: Any) -> dict[str, Any]:
+    """Resolved annotations, or ``{}`` when one of them does not resolve (then each is tried alone)."""
+    try:
+        return typing.get_type_hints(obj)
+    except Exception:
+        return {}
+
+
+def _annotation(kind: Any, default: Any, owner: Any) -> Any:
+    """An option's type: its annotation, evaluated alone if it is still a string (another annotation of the
+    class may have failed to resolve), else the type of its default (``bool``, ``int``, ``float``, ``str``)."""
+    if isinstance(kind, str):
+        module = inspect.getmodule(owner)
+        try:
+            kind = eval(kind, vars(module) if module else {}, {})  # noqa: S307 - the plugin's own annotation
+        except Exception:
+            kind = None
+    if kind is None:
+        return type(default) if isinstance(default, _SCALARS) else str
+    return kind
 
 
 def convert(owner: str, option: Option, value: Any) -> Any:

@@ -68,6 +68,7 @@ class _State:
     manager: pluggy.PluginManager
     records: dict[str, PluginRecord] = field(default_factory=dict)
     failed: list[PluginRecord] = field(default_factory=list)
+    hook_errors: set[tuple[str, str]] = field(default_factory=set)
 
 
 _state: _State | None = None
@@ -95,6 +96,7 @@ def _load() -> _State:
         builtin = record.distribution == BUILTIN_DISTRIBUTION
         if {record.name, record.distribution, f"{record.distribution}:{record.name}"} & disabled:
             record.status = "disabled"
+            record.error = "ANEXA_DISABLE_PLUGINS or --disable-plugin names it"
         elif allowed is not None and not builtin and not allowed & {record.name, record.distribution}:
             continue  # not asked for: as if not installed
         elif record.name in state.records:
@@ -102,7 +104,7 @@ def _load() -> _State:
             record.status = "skipped"
             record.error = (
                 f"its plugin name {record.name!r} is taken by {taken.distribution} {taken.version}: rename the "
-                f"entry point, or disable the other with ANEXA_DISABLE_PLUGINS={record.name}"
+                f"entry point, or disable the other with ANEXA_DISABLE_PLUGINS={taken.distribution}:{record.name}"
             )
             logger.warning("plugin %s from %s %s was not loaded: %s", record.name, record.distribution,
                            record.version, record.error)
@@ -121,8 +123,25 @@ def _load() -> _State:
             state.records[record.name] = record
         else:
             state.failed.append(record)
-    manager.check_pending()
+    _drop_unknown_hooks(state)
     return state
+
+
+def _drop_unknown_hooks(state: _State) -> None:
+    """A plugin with a misspelt hook (``register_sampler``) would never run: pluggy's ``check_pending``
+    finds it. Such a plugin is unloaded and listed as failed, rather than stopping every command."""
+    while True:
+        try:
+            state.manager.check_pending()
+            return
+        except pluggy.PluginValidationError as exc:
+            name = state.manager.get_name(exc.plugin)
+            state.manager.unregister(exc.plugin)
+            record = state.records.pop(name, None) or PluginRecord(name, None, None)
+            record.status, record.error = "failed", " ".join(str(exc).split())
+            logger.warning("plugin %s from %s %s was not loaded: %s", name, record.distribution, record.version,
+                           record.error)
+            state.failed.append(record)
 
 
 def _loaded() -> _State:
@@ -159,12 +178,23 @@ def _all_registered(kind: str) -> dict[str, list[Registered]]:
     found: dict[str, list[Registered]] = {}
     for impl in getattr(state.manager.hook, KINDS[kind]).get_hookimpls():
         record = state.records.get(impl.plugin_name)
+        added: dict[str, list[Registered]] = {}
 
         def register(name: str, factory: Any, _plugin: str = impl.plugin_name, _record=record) -> None:
             entry = Registered(name, factory, _plugin, _record and _record.distribution, _record and _record.version)
-            found.setdefault(name, []).append(entry)
+            added.setdefault(name, []).append(entry)
 
-        impl.function(register)
+        try:
+            impl.function(register)
+        except Exception as exc:  # a broken plugin costs its own names, not the command
+            if (impl.plugin_name, kind) not in state.hook_errors:
+                state.hook_errors.add((impl.plugin_name, kind))
+                owner = f"{record.distribution} {record.version}" if record else "no distribution"
+                logger.warning("plugin %s (%s) failed in %s and registers nothing: %s: %s", impl.plugin_name, owner,
+                               KINDS[kind], type(exc).__name__, exc)
+            continue
+        for name, entries in added.items():
+            found.setdefault(name, []).extend(entries)
     return found
 
 
@@ -205,12 +235,23 @@ def lookup(kind: str, name: str, needed_by: Mapping[str, Any] | None = None) -> 
     dist = (needed_by or {}).get("distribution")
     if dist:
         version = needed_by.get("version") or ""
+        needs = f"this model needs {label} {name!r} from {dist} {version}".rstrip()
         failed = [r for r in _loaded().failed if r.distribution == dist]
-        why = f" (it is installed but {failed[0].status}: {failed[0].error or 'see anexa plugins'})" if failed else ""
-        install = "" if dist == BUILTIN_DISTRIBUTION else f": pip install {dist}"
-        raise AnexaError(f"this model needs {label} {name!r} from {dist} {version}{why}{install}".rstrip())
+        if failed:
+            raise AnexaError(f"{needs}, which is installed but {failed[0].status}: {failed[0].error}")
+        if _installed(dist):
+            raise AnexaError(f"{needs}, which is installed but not loaded: add it to ANEXA_LOAD_PLUGINS or unset it")
+        raise AnexaError(f"{needs}: pip install {dist}")
     choices = ", ".join(sorted(_all_registered(kind))) or "none"
     raise AnexaError(f"unknown {label} {name!r}: choose one of {choices} (see `anexa plugins`)")
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def get(kind: str, name: str) -> Any:

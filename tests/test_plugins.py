@@ -304,11 +304,15 @@ def test_options_travel_with_the_weights_into_generate_and_resume(fixture_site, 
                 python=True, load=load)
     resumed_meta = json.loads(again.stdout)
     assert resumed_meta["step"] == 6 and resumed_meta["plugins"] == meta["plugins"]
-    # Without the distribution, the checkpoint names what to install.
-    missing = run(fixture_site, "generate", "x", "--model", str(out), load="anexa-bytes,anexa-tinyblocks")
+    # Without the distributions, the checkpoint names what to install; installed but left out, it says so.
+    missing = run(None, "generate", "x", "--model", str(out))
     assert missing.returncode == 2
-    assert missing.stderr.strip() == ("error: this model needs attention 'hello' from anexa-hello 0.3.1: "
-                                      "pip install anexa-hello")
+    assert missing.stderr.strip() == ("error: this model needs blocks 'tiny' from anexa-tinyblocks 0.1.0: "
+                                      "pip install anexa-tinyblocks")
+    left_out = run(fixture_site, "generate", "x", "--model", str(out), load="anexa-bytes,anexa-tinyblocks")
+    assert left_out.returncode == 2
+    assert left_out.stderr.strip() == ("error: this model needs attention 'hello' from anexa-hello 0.3.1, which is "
+                                       "installed but not loaded: add it to ANEXA_LOAD_PLUGINS or unset it")
 
 
 def test_a_clash_never_bricks_unrelated_commands_and_names_both_distributions(fixture_site, sherlock_path, tmp_path):
@@ -357,6 +361,17 @@ def test_an_entry_point_named_like_a_builtin_is_warned_about_not_dropped_silentl
     named = [p for p in json.loads(done.stdout)["plugins"] if p["name"] == "samplers"]
     assert [(p["distribution"], p["status"]) for p in named] == [("anexa-dupname", "loaded"), ("anexa", "disabled")]
     assert named[0]["registers"] == {"samplers": ["shout"]}
+
+
+def test_a_misspelt_hook_or_a_raising_hook_costs_only_that_plugin(fixture_site):
+    done = run(fixture_site, "plugins", "--json", load="anexa-faulty")
+    assert done.returncode == 0, done.stderr
+    listed = {p["name"]: p for p in json.loads(done.stdout)["plugins"]}
+    assert listed["typo"]["status"] == "failed" and "register_sampler" in listed["typo"]["error"]
+    assert "plugin typo from anexa-faulty 0.0.1 was not loaded" in done.stderr
+    assert "plugin raising (anexa-faulty 0.0.1) failed in register_attention and registers nothing: " \
+           "RuntimeError: attention registry exploded" in done.stderr
+    assert {"sdpa", "math"} <= set(listed["sdpa"]["registers"]["attention"] + listed["math"]["registers"]["attention"])
 
 
 def test_load_plugins_allow_list():
