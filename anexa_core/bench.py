@@ -32,7 +32,8 @@ from anexa_core.errors import AnexaError
 from anexa_core.files import atomic_path
 from anexa_core.generation import generate_ids
 from anexa_core.model import GPT, build_model
-from anexa_core.training import autocast, get_batch, make_optimizer, pick_device
+from anexa_core.training import get_batch, make_optimizer, pick_device, uses_bf16
+from anexa_core.training import make_train_step as training_step
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REFERENCE = "math"
@@ -87,25 +88,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_once(run: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds of one call: CUDA events on a GPU, ``time.perf_counter`` on a CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    started = time.perf_counter()
+    run()
+    return (time.perf_counter() - started) * 1e3
+
+
 def median_ms(run: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
     """Median wall time of ``run`` in milliseconds after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        run()
-    times = []
+    return interleaved_ms({"run": run}, device, repeats, warmup)["run"]
+
+
+def interleaved_ms(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
+                   warmup: int) -> dict[str, float]:
+    """Median milliseconds of each run, timed in alternation (a, b, c, a, b, c, …) so that a shared
+    machine's drift hits every run alike and their ratios stay meaningful."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
     _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
+        for name, run in runs.items():
+            times[name].append(_time_once(run, device))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _peak_mb(run: Callable[[], Any], device: torch.device) -> float | None:
@@ -243,13 +257,15 @@ def _time_attention(attend, q, k, v, grad_out, causal, device, repeats, warmup) 
     )
 
 
-def bench_model(preset: str, attention: str, device: torch.device, batch_size: int | None = None):
+def bench_model(preset: str, attention: str, device: torch.device, batch_size: int | None = None,
+                precision: str | None = None):
     """A randomly initialised ``preset`` model using ``attention``, and the preset's training config.
 
     Benchmarks need no corpus: the vocabulary is :data:`BENCH_VOCAB` and the tokens are random, since
     speed does not depend on the text.
     """
-    model_config, train_config = resolve(preset, overrides=dict(attention=attention, batch_size=batch_size))
+    overrides = dict(attention=attention, batch_size=batch_size, precision=precision)
+    model_config, train_config = resolve(preset, overrides=overrides)
     with torch.random.fork_rng(devices=[]):  # the same weights every time, the caller's RNG untouched
         torch.manual_seed(train_config.seed)
         model = build_model(dataclasses.replace(model_config, vocab_size=BENCH_VOCAB))
@@ -257,23 +273,23 @@ def bench_model(preset: str, attention: str, device: torch.device, batch_size: i
 
 
 def make_train_step(model: GPT, train_config: TrainConfig, device: torch.device) -> Callable[[], None]:
-    """One step of the training loop (batch, forward under autocast, backward, clipping, AdamW)."""
+    """One step of the training loop as ``anexa train`` runs it (:func:`anexa_core.training.make_train_step`),
+    on random windows of random tokens."""
     block = model.config.block_size
-    optimizer = make_optimizer(model, train_config)
+    step = training_step(model, make_optimizer(model, train_config), train_config, device)
     ids = torch.randint(BENCH_VOCAB, (block * 20,), generator=torch.Generator().manual_seed(0))
     batches = torch.Generator().manual_seed(1)
     model.train()
 
     def train_step() -> None:
         x, y = get_batch(ids, block, train_config.batch_size, batches)
-        with autocast(device):
-            _, loss = model(x.to(device), y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-        optimizer.step()
+        step(x.to(device), y.to(device))
 
     return train_step
+
+
+PLAIN = "plain loop"
+"""The reference row of ``bench train``: nanoGPT's training loop as a user would write it."""
 
 
 def bench_train(
@@ -283,62 +299,102 @@ def bench_train(
     warmup: int = 2,
     batch_size: int | None = None,
     device: str = "auto",
+    reference: bool = True,
+    precision: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Tokens per second of full training steps per attention backend, and peak memory on CUDA.
+    """Tokens per second of full training steps per attention backend, timed in alternation with a
+    reference row: a plain eager nanoGPT-style loop over the same model and batch (float32, AdamW with
+    ``foreach=False``, clipping at 1.0, no compile, windows stacked one by one). ``vs_plain`` is each
+    row's speed over the reference's, measured side by side in this one run.
 
-    Throughput is ``batch_size × block_size`` over the median step time, robust to a shared machine.
-    On CUDA the step runs under the training loop's bf16 autocast, and peak memory covers weights,
-    optimizer state and activations.
+    Throughput is ``batch_size × block_size`` over the median step time. Each backend row runs the
+    training loop's own step (:func:`anexa_core.training.make_train_step`) with the preset's precision
+    (``auto``: bf16 where the hardware has it) unless ``precision`` overrides it. Peak memory on CUDA
+    covers weights, optimizer state and activations.
     """
     if steps < 1:
         raise AnexaError("--steps must be at least 1")
     where = pick_device(device)
-    rows = []
+    rows, runs = [], {}
     for name, attend in select_attention(attention).items():
         if isinstance(attend, AnexaError):
             rows.append(dict(preset=preset, attention=name, device=_device_name(where), status="broken",
-                             reason=str(attend), tokens_per_s=None, step_ms=None, peak_mem_mb=None,
-                             batch_size=None, block_size=None, steps=steps, parameters=None))
+                             reason=str(attend), tokens_per_s=None, step_ms=None, peak_mem_mb=None, vs_plain=None,
+                             batch_size=None, block_size=None, steps=steps, parameters=None, precision=None))
             continue
-        model, train_config = bench_model(preset, name, where, batch_size)
+        model, train_config = bench_model(preset, name, where, batch_size, precision)
         config, batch = model.config, train_config.batch_size
         row = dict(
             preset=preset, attention=name, device=_device_name(where), batch_size=batch,
             block_size=config.block_size, steps=steps, status="ok", reason=None, tokens_per_s=None,
-            step_ms=None, peak_mem_mb=None, parameters=model.num_parameters(),
+            step_ms=None, peak_mem_mb=None, parameters=model.num_parameters(), vs_plain=None,
+            precision="bf16" if uses_bf16(where, train_config.precision) else "fp32",
         )
         rows.append(row)
-        reason = kernel_fallback(name, attend, _attention_input(model, batch, config.block_size, where))
+        reason = kernel_fallback(name, attend, _attention_input(model, batch, config.block_size, where,
+                                                                train_config.precision))
         if reason is not None:
             row.update(status=fallback_label(attend), reason=reason)
             continue
-        try:
-            row.update(_time_training(model, train_config, where, steps, warmup))
-        except (AnexaError, ValueError) as exc:  # e.g. a kernel without this head_dim: say so, go on
+        runs[name] = (row, model, train_config, make_train_step(model, train_config, where))
+    if reference:
+        model, train_config = bench_model(preset, "sdpa", where, batch_size, "fp32")
+        row = dict(preset=preset, attention=f"{PLAIN} (sdpa)", device=_device_name(where),
+                   batch_size=train_config.batch_size, block_size=model.config.block_size, steps=steps, status="ok",
+                   reason=None, tokens_per_s=None, step_ms=None, peak_mem_mb=None,
+                   parameters=model.num_parameters(), vs_plain=1.0, precision="fp32")
+        rows.append(row)
+        runs[PLAIN] = (row, model, train_config, plain_train_step(model, train_config, where))
+    try:
+        medians = interleaved_ms({name: entry[3] for name, entry in runs.items()}, where, steps, warmup)
+    except (AnexaError, ValueError) as exc:  # e.g. a kernel without this head_dim: say so
+        for row, *_ in runs.values():
             row.update(status="unsupported", reason=str(exc))
-        except torch.cuda.OutOfMemoryError:
+        return rows
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        for row, *_ in runs.values():
             row["status"] = "out of GPU memory"
-            torch.cuda.empty_cache()
+        return rows
+    for name, (row, model, train_config, _) in runs.items():
+        row.update(step_ms=medians[name],
+                   tokens_per_s=train_config.batch_size * model.config.block_size / (medians[name] * 1e-3))
+        if where.type == "cuda":
+            row["peak_mem_mb"] = torch.cuda.max_memory_allocated(where) / 2**20
+    if PLAIN in medians:
+        for row, *_ in runs.values():
+            row["vs_plain"] = medians[PLAIN] / row["step_ms"]
     return rows
 
 
-def _attention_input(model: GPT, batch: int, length: int, device: torch.device) -> torch.Tensor:
+def plain_train_step(model: GPT, train_config: TrainConfig, device: torch.device) -> Callable[[], None]:
+    """nanoGPT's CPU training step, written the plain way: float32, ``AdamW(foreach=False)``, windows
+    stacked with a Python loop, gradients clipped at ``grad_clip``. The yardstick of ``bench train``."""
+    block = model.config.block_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, foreach=False)
+    ids = torch.randint(BENCH_VOCAB, (block * 20,), generator=torch.Generator().manual_seed(0))
+    batches = torch.Generator().manual_seed(1)
+    model.train()
+
+    def train_step() -> None:
+        starts = torch.randint(len(ids) - block - 1, (train_config.batch_size,), generator=batches)
+        x = torch.stack([ids[i : i + block] for i in starts]).to(device)
+        y = torch.stack([ids[i + 1 : i + 1 + block] for i in starts]).to(device)
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+        optimizer.step()
+        loss.item()
+
+    return train_step
+
+
+def _attention_input(model: GPT, batch: int, length: int, device: torch.device,
+                     precision: str = "auto") -> torch.Tensor:
     """A query shaped like the ones ``model`` gives its attention, in the dtype autocast gives it."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if uses_bf16(device, precision) else torch.float32
     return torch.empty(batch, model.config.n_head, length, model.config.head_dim, device=device, dtype=dtype)
-
-
-def _time_training(model, train_config, device, steps, warmup) -> dict[str, float | None]:
-    """Median step time; the optimizer state lives only while this runs, so each backend's peak is its own."""
-    train_step = make_train_step(model, train_config, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step_ms = median_ms(train_step, device, steps, warmup)
-    return dict(
-        tokens_per_s=train_config.batch_size * model.config.block_size / (step_ms * 1e-3),
-        step_ms=step_ms,
-        peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-    )
 
 
 class _Greedy:
@@ -397,15 +453,13 @@ def write_json(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None
 
 
 def require_matplotlib():
-    """matplotlib's pyplot on a file-only backend, or the one-line fix when it is not installed."""
-    try:
-        import matplotlib
+    """matplotlib's pyplot, or the one-line fix when it is not installed."""
+    from anexa_core.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    try:
+        return pyplot()
+    except AnexaError:
         raise AnexaError("--plot needs matplotlib: pip install anexa[plot]") from None
-    return plt
 
 
 def plot_attention(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:

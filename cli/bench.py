@@ -149,25 +149,30 @@ def attention_bench(
 def train(
     preset: Preset = "seed",
     attention: Attention = None,
-    steps: Annotated[int, typer.Option(help="Timed training steps per backend (the median is reported).")] = 3,
+    steps: Annotated[int, typer.Option(help="Timed training steps per row (the median is reported).")] = 3,
     batch_size: Annotated[Optional[int], typer.Option(help="Override the preset's batch size.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 (default: the preset's, auto).")] = None,
+    reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Time a plain nanoGPT-style loop beside.")] = True,
     device: Device = "auto",
     json_path: Json = None,
 ) -> None:
-    """Tokens/s of full training steps (forward, backward, AdamW) per attention plugin."""
+    """Tokens/s of full training steps per attention plugin, side by side with a plain eager loop."""
     from anexa_core import bench
 
     rows = bench.bench_train(
-        preset=preset, attention=attention, steps=steps, batch_size=batch_size, device=device
+        preset=preset, attention=attention, steps=steps, batch_size=batch_size, device=device,
+        reference=reference, precision=precision,
     )
     first = rows[0]
     tokens = f"{first['batch_size']}×{first['block_size']} tokens"
     _print_table(
-        f"training steps · preset {preset} · {tokens} · {first['device']}",
+        f"training steps · preset {preset} · {tokens} · {first['device']} · {steps} steps each, alternating",
         {
-            "attention": "attention",
+            "row": "attention",
+            "precision": lambda row: row["precision"] or "—",
             "tokens/s": _number("tokens_per_s", ",.0f"),
             "step ms": _number("step_ms", ".1f"),
+            "vs plain": _number("vs_plain", ".2f"),
             "peak MB": _number("peak_mem_mb", ".1f"),
             "status": "status",
         },
