@@ -18,6 +18,7 @@ _LAZY = {
     "TrainConfig": "anexa_core.config",
     "RemoteText": "anexa_core.data",
     "LocalText": "anexa_core.data",
+    "Collection": "anexa_core.data",
     "normalize_text": "anexa_core.data",
 }
 
@@ -25,6 +26,7 @@ __all__ = [
     "AnexaError",
     "Attention",
     "Blocks",
+    "Collection",
     "Dataset",
     "KVCache",
     "LocalText",

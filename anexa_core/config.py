@@ -27,6 +27,8 @@ from typing import Any
 
 from anexa_core.errors import AnexaError
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
 MAX_INT = 2**53
 """Largest integer setting: beyond it JSON metadata (and floats) stop being exact."""
 
@@ -99,7 +101,8 @@ class ModelConfig:
 class TrainConfig:
     """How to train; saved in the training state so a resumed run continues identically."""
 
-    data: str = "sherlock"
+    data: str | list[str] = "sherlock"  # one --data value, or several (each a dataset, file, folder or URL)
+    data_glob: list[str] = field(default_factory=lambda: ["*.txt", "*.md"])  # files a --data folder contributes
     tokenizer: str = "char"
     tokenizer_options: dict[str, Any] = field(default_factory=dict)
     optimizer: str = "adamw"
@@ -116,9 +119,24 @@ class TrainConfig:
     save_every: int = 1000
     seed: int = 1337
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32
+    compile: bool = False  # torch.compile the model (pays off only for long runs; see benchmarks/RESULTS.md)
+    minutes: float | None = None  # train to a wall-clock budget: the LR schedule follows the time
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        if isinstance(self.data, tuple):
+            self.data = list(self.data)
+        if not (isinstance(self.data, str) and self.data) and not (
+            isinstance(self.data, list) and self.data and all(isinstance(v, str) and v for v in self.data)
+        ):
+            raise AnexaError(f"data (--data) must be a non-empty string or list of strings, got {self.data!r}")
+        if isinstance(self.data_glob, str):
+            self.data_glob = [self.data_glob]
+        if not (isinstance(self.data_glob, (list, tuple)) and self.data_glob
+                and all(isinstance(v, str) and v for v in self.data_glob)):
+            raise AnexaError(f"data_glob (--glob) must be a non-empty list of patterns, got {self.data_glob!r}")
+        self.data_glob = list(self.data_glob)
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "save_every"):
             if getattr(self, name) < 1:
                 raise AnexaError(f"--{name.replace('_', '-')} must be at least 1")
@@ -130,6 +148,10 @@ class TrainConfig:
             raise AnexaError("--warmup-steps and --grad-clip must not be negative")
         if not 0 <= self.seed <= MAX_INT:
             raise AnexaError(f"--seed must be between 0 and {MAX_INT}")
+        if self.precision not in PRECISIONS:
+            raise AnexaError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.minutes is not None and not 0 < self.minutes <= MAX_INT:
+            raise AnexaError(f"--minutes must be a positive number of minutes, got {self.minutes}")
 
     @property
     def schedule_steps(self) -> int:
@@ -146,6 +168,14 @@ class Preset:
 PRESETS = {
     # The seed's model: about 0.8M parameters with a character vocabulary.
     "seed": Preset(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128), train=dict(batch_size=32)),
+    # The seed's size with what the modded-nanogpt speedrun learned, each choice measured here on Sherlock
+    # (benchmarks/RESULTS.md): LLaMA-style blocks (rotary, RMSNorm, SwiGLU), QK-norm, zero-initialised
+    # output projections, an untied head, Muon for the matrices, a higher peak LR.
+    "fast": Preset(
+        model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, blocks="llama", tie_embeddings=False,
+                   blocks_options=dict(mlp="swiglu", qk_norm=True, zero_init=True)),
+        train=dict(batch_size=32, optimizer="muon", lr=5e-3, min_lr=5e-4, warmup_steps=50),
+    ),
     # nanoGPT's shakespeare_char size: about 10.7M parameters.
     "small": Preset(
         model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
@@ -206,6 +236,8 @@ def resolve(
     layers.append((flags, "flags"))
     for values, source in layers:
         merge(settings, values, source)
+    if settings.get("minutes") is not None and not any("steps" in values for values, _ in layers):
+        settings["steps"] = MAX_INT  # a time budget without a step count: the clock decides
     return split(settings)
 
 

@@ -24,9 +24,15 @@ from anexa_core.data import normalize_text
 from anexa_core.errors import AnexaError
 from anexa_core.model import GPT, KVCache
 from anexa_core.sampling import stream_until_stop
-from anexa_core.training import autocast
+from anexa_core.training import autocast as _autocast
 
 CONTEXT_POLICIES = ("shift", "sliding")
+
+
+def autocast(device: torch.device):
+    """Decoding's precision: bf16 on CUDA, float32 on a CPU (where bf16 would change greedy picks between
+    the cached and the recomputed path, and one token at a time gains little from it)."""
+    return _autocast(device, "auto" if device.type == "cuda" else "fp32")
 MAX_PENDING_TOKENS = 16
 """Tokens the text stream holds back while they decode to an unfinished character (U+FFFD) before
 giving up and showing the replacement character: UTF-8 characters are at most 4 bytes."""
@@ -119,6 +125,13 @@ def decode_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:
             yield tail
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The ids ``generate_text`` feeds for ``prompt``: normalised like training text
+    (:func:`~anexa_core.data.normalize_text`), then encoded. Raises the tokenizer's ``AnexaError`` for text
+    it cannot encode."""
+    return tokenizer.encode(normalize_text(prompt))
+
+
 def generate_text(
     model: GPT,
     tokenizer,
@@ -136,6 +149,5 @@ def generate_text(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    ids = generate_ids(model, tokenizer.encode(normalize_text(prompt)), max_new_tokens, chain, generator,
-                       context=context)
+    ids = generate_ids(model, encode_prompt(tokenizer, prompt), max_new_tokens, chain, generator, context=context)
     yield from stream_until_stop(decode_stream(tokenizer, ids), stop)

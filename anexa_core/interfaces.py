@@ -31,7 +31,10 @@ class Tokenizer(Protocol):
       matching part of the whole text — the streamer decodes only a short tail of the output.
     - ``state_dict()`` → the learned vocabulary as JSON-able data; ``load_state_dict(state)`` restores
       it (raise ``AnexaError`` if malformed). Stored in ``model.safetensors`` with the options.
-    - Optional ``encode_batch(texts)`` → list of id lists, used when present (faster for big corpora).
+    - Optional ``encode_batch(texts)`` → one id sequence per text (lists, or 1-D integer numpy arrays),
+      used when present: tokenizing a corpus calls it on batches of chunks (about 2M characters).
+    - Optional ``export_hf()`` → a ``tokenizers.Tokenizer`` giving the same ids and text, which
+      ``anexa export --format hf`` saves as ``tokenizer.json``; without it that export is refused.
     """
 
     vocab_size: int
@@ -87,6 +90,15 @@ class Blocks(Protocol):
     attention layer ``i`` calls ``cache.update(i, k, v)`` once per forward with its new keys and values
     (B, H, T, D) and attends over what it returns. The stack owns positions (learned or rotary), norms
     and the final norm; the core owns the token embedding, the head and the cache's lifetime.
+
+    Optional ``export_hf(config, state_dict) -> (hf_config, hf_state_dict)`` maps the family onto a
+    Hugging Face transformers architecture for ``anexa export --format hf``. ``state_dict`` holds the
+    whole model's CPU tensors under Anexa's names (``wte.weight``, ``blocks.…``, and ``lm_head.weight``
+    only when the head is untied); return the ``config.json`` entries (at least ``architectures`` and
+    ``model_type``; the core adds ``vocab_size``, ``tie_word_embeddings``, no special tokens and
+    ``dtype``) and every tensor under transformers' names, the embedding included. Raise
+    :class:`~anexa_core.AnexaError` ("… cannot be exported to Hugging Face: why") for options the target
+    cannot express. Without the method, export is refused with a one-line error.
     """
 
     def build(self, config: ModelConfig, attention: Attention) -> nn.Module: ...
@@ -95,8 +107,9 @@ class Blocks(Protocol):
 @runtime_checkable
 class Dataset(Protocol):
     """A named corpus: ``files()`` returns its local UTF-8 text files (``.txt``, or ``.xz``/``.gz``
-    compressed), downloading or checking them as needed. :class:`~anexa_core.RemoteText` and
-    :class:`~anexa_core.LocalText` do this for one checksummed file."""
+    compressed), downloading or checking them as needed — one or many, each one document, read in
+    order. :class:`~anexa_core.RemoteText` and :class:`~anexa_core.LocalText` do this for one
+    checksummed file, :class:`~anexa_core.Collection` for several."""
 
     description: str
 
@@ -105,11 +118,13 @@ class Dataset(Protocol):
 
 @runtime_checkable
 class Optimizer(Protocol):
-    """``build(model, config)`` returns a ``torch.optim.Optimizer`` over ``model``'s parameters.
+    """``build(model, config)`` returns a ``torch.optim.Optimizer`` over ``model``'s parameters, or a list
+    of them when parameter families need different optimizers (Muon for matrices, AdamW for the rest);
+    every trainable parameter belongs to exactly one.
 
     Each param group's ``lr`` is its peak learning rate; the core scales every group by the schedule's
     factor each step (warmup, then cosine decay to ``min_lr / lr``). ``model.parameter_groups()``
     sorts the parameters into embeddings, head, matrices and vectors.
     """
 
-    def build(self, model: GPT, config: TrainConfig) -> torch.optim.Optimizer: ...
+    def build(self, model: GPT, config: TrainConfig) -> torch.optim.Optimizer | list[torch.optim.Optimizer]: ...

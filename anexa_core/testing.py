@@ -103,7 +103,8 @@ def check_tokenizer(tokenizer: Any, text: str, **options: Any) -> None:
     assert restored.encode(sample) == ids, "the restored tokenizer encodes differently"
     if hasattr(trained, "encode_batch"):
         pieces = lines[:50]
-        assert trained.encode_batch(pieces) == [trained.encode(piece) for piece in pieces], "encode_batch != encode"
+        batch = [[int(i) for i in ids] for ids in trained.encode_batch(pieces)]  # lists or numpy arrays
+        assert batch == [trained.encode(piece) for piece in pieces], "encode_batch != encode"
     streamed = "".join(decode_stream(trained, iter(ids[:3000])))
     assert streamed == trained.decode(ids[:3000]), "streaming decode differs from decode: see the streaming rule"
 
@@ -180,8 +181,8 @@ def check_sampler(sampler: Any, **options: Any) -> None:
 
 
 def check_optimizer(optimizer: Any, **options: Any) -> None:
-    """Builds over a tiny model; a few steps on one batch lower its loss; the state round-trips through
-    ``state_dict``."""
+    """Builds over a tiny model (an optimizer or a list of them); every parameter is optimized exactly
+    once; a few steps on one batch lower the loss; the state round-trips through ``state_dict``."""
     from anexa_core import plugins
 
     factory = _build(optimizer, options)
@@ -190,8 +191,16 @@ def check_optimizer(optimizer: Any, **options: Any) -> None:
     blocks, _ = plugins.create("blocks", config.blocks)
     model = GPT(config, blocks.build(config, _ReferenceAttention()))
     train = TrainConfig(lr=3e-3, warmup_steps=0)
-    built = factory.build(model, train)
-    assert isinstance(built, torch.optim.Optimizer), "build() must return a torch.optim.Optimizer"
+    from anexa_core.training import combine
+
+    returned = factory.build(model, train)
+    listed = returned if isinstance(returned, (list, tuple)) else [returned]
+    assert listed and all(isinstance(o, torch.optim.Optimizer) for o in listed), (
+        "build() must return a torch.optim.Optimizer or a list of them")
+    owned = [id(p) for o in listed for group in o.param_groups for p in group["params"]]
+    assert len(owned) == len(set(owned)), "a parameter is given to two optimizers or groups"
+    assert set(owned) == {id(p) for p in model.parameters()}, "every parameter must be optimized, once"
+    built = combine(returned)
     ids = torch.randint(0, config.vocab_size, (4, config.block_size + 1), generator=torch.Generator().manual_seed(2))
     losses = []
     for _ in range(8):
@@ -201,7 +210,7 @@ def check_optimizer(optimizer: Any, **options: Any) -> None:
         built.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], f"8 steps did not lower the loss: {losses[0]:.4f} → {losses[-1]:.4f}"
-    again = factory.build(model, train)
+    again = combine(factory.build(model, train))
     again.load_state_dict(built.state_dict())
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -20,18 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from anexa_core import checkpoint, config as configs, data, distributed, plugins
+from anexa_core import checkpoint, config as configs, data, distributed, plugins, tokens
 from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.errors import AnexaError
 from anexa_core.model import GPT, build_model
 
 METRICS_FILE = checkpoint.METRICS_FILE
+logger = logging.getLogger("anexa")
 
 
 class Reporter(Protocol):
-    """Where the loop reports progress; the CLI supplies a progress bar or plain log lines."""
+    """Where the loop reports progress; the CLI supplies a progress bar or plain log lines.
+
+    A reporter may also have ``data_progress(phase, done, total)``, told how preparing the data advances
+    (fingerprinting, training the tokenizer, tokenizing: bytes; see :func:`prepare_data`).
+    """
 
     def start(self, total_steps: int, first_step: int, info: dict[str, Any]) -> None: ...
 
@@ -90,45 +97,142 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere autocast would emulate it."""
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """``precision`` (auto, fp32, bf16) on ``device`` → whether the step runs under bf16 autocast.
+
+    ``auto`` picks bf16 on CUDA GPUs that support it and on CPUs with bf16 instructions (measured on this
+    project's 2-core AVX512-BF16 CPU: 1.3× faster steps with the same loss curve, benchmarks/RESULTS.md).
+    Weights, optimizer state, the loss and the norms stay float32 (PyTorch's autocast policy).
+    """
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The autocast context of ``precision`` on ``device`` (see :func:`uses_bf16`)."""
+    if uses_bf16(device, precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
+def lr_at(step: int, config: TrainConfig, time_fraction: float | None = None) -> float:
     """The learning rate of (0-based) ``step``: linear warmup over ``warmup_steps`` to ``lr``, then cosine
-    decay reaching ``min_lr`` at ``schedule_steps`` (SGDR, Loshchilov & Hutter 2017), ``min_lr`` after."""
+    decay reaching ``min_lr`` at ``schedule_steps`` (SGDR, Loshchilov & Hutter 2017), ``min_lr`` after.
+
+    With a time budget (``--minutes``) the decay follows ``time_fraction``, the share of the budget used
+    so far, instead of the step count, so a short run still ends at ``min_lr``.
+    """
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.schedule_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    if time_fraction is not None:
+        progress = min(1.0, max(0.0, time_fraction))
+    else:
+        span = max(1, config.schedule_steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
 
-def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
+class Optimizers:
+    """Several optimizers stepped as one — Muon for the matrices, AdamW for the rest — offering what the
+    loop, the LR schedule and checkpoints use of an optimizer."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        states = state.get("optimizers") if isinstance(state, dict) else None
+        if not isinstance(states, list) or len(states) != len(self.optimizers):
+            raise ValueError(f"expected the state of {len(self.optimizers)} optimizers")
+        for optimizer, one in zip(self.optimizers, states):
+            optimizer.load_state_dict(one)
+
+
+def combine(built: torch.optim.Optimizer | list[torch.optim.Optimizer]) -> torch.optim.Optimizer | Optimizers:
+    """What an optimizer plugin's ``build`` returned, as one optimizer."""
+    if isinstance(built, (list, tuple)):
+        return built[0] if len(built) == 1 else Optimizers(built)
+    return built
+
+
+def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer | Optimizers:
     """The optimizer plugin ``config.optimizer`` built over ``model``; each group remembers its peak LR."""
     factory, _ = plugins.create("optimizers", config.optimizer, config.optimizer_options)
-    optimizer = factory.build(model, config)
+    optimizer = combine(factory.build(model, config))
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])  # the peak; the schedule scales it
     return optimizer
 
 
+def make_train_step(model: GPT, optimizer: torch.optim.Optimizer, config: TrainConfig, device: torch.device,
+                    forward: torch.nn.Module | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One optimizer step on a batch ``(x, y)`` (B, T) int64 already on ``device``: forward under the
+    configured precision (``forward``: ``model`` or its DDP wrapper; compiled with ``config.compile``),
+    backward, gradient clipping, the optimizer's step. Returns the loss, a 0-d tensor (nats/token).
+
+    The training loop and ``anexa bench train`` both run exactly this, so the benchmark times the product.
+    """
+    forward = forward if forward is not None else model
+    if config.compile:
+        forward = torch.compile(forward)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(device, config.precision):
+            _, loss = forward(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
 def get_batch(
-    ids: torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator
+    ids: np.ndarray | torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of ``block_size`` tokens (B, T) int64 and the same windows shifted by one."""
+    """Random windows of ``block_size`` tokens (B, T) int64 and the same windows shifted by one.
+
+    ``ids``: 1-D token ids of any integer dtype — a :class:`numpy.memmap` of the token cache, any numpy
+    array, or a CPU tensor. The window starts are drawn with ``torch.randint`` from ``generator`` (so a
+    saved generator state replays them), and the windows are gathered with one numpy fancy index.
+    """
     starts = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=generator)
-    x = torch.stack([ids[s : s + block_size] for s in starts.tolist()])
-    y = torch.stack([ids[s + 1 : s + 1 + block_size] for s in starts.tolist()])
-    return x, y
+    array = ids.numpy() if isinstance(ids, torch.Tensor) else ids
+    windows = array[starts.numpy()[:, None] + np.arange(block_size + 1)].astype(np.int64)
+    return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
 
 
 @torch.no_grad()
 def estimate_loss(
-    model: GPT, ids: torch.Tensor, config: TrainConfig, device: torch.device, seed: int
+    model: GPT, ids: np.ndarray | torch.Tensor, config: TrainConfig, device: torch.device, seed: int
 ) -> float:
     """Mean loss (nats/token) over ``eval_batches`` batches drawn from a generator seeded with ``seed``,
     so the same windows are scored at every evaluation and losses are comparable across steps."""
@@ -138,39 +242,52 @@ def estimate_loss(
     losses = []
     for _ in range(config.eval_batches):
         x, y = get_batch(ids, model.config.block_size, config.batch_size, generator)
-        with autocast(device):
+        with autocast(device, config.precision):
             _, loss = model(x.to(device), y.to(device))
         losses.append(loss.item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
 
-def prepare_data(train_config: TrainConfig, block_size: int, tokenizer=None):
-    """Load the corpus, train the tokenizer (unless given), split 90/10 into train and val ids.
+def prepare_data(train_config: TrainConfig, block_size: int, tokenizer=None, progress=None):
+    """The corpus of ``train_config.data`` as token ids, split 90/10 into train and val.
 
-    Returns ``(short name, tokenizer, tokenizer options, train ids, val ids)``; ids are int64 tensors.
+    Without ``tokenizer`` the plugin ``train_config.tokenizer`` is trained on the corpus (or loaded from
+    the cache when it was trained on the same files before); with one (``--resume``), the corpus is
+    encoded with it, and text it cannot encode is refused before any training. Ids come from the token
+    cache (:mod:`anexa_core.tokens`): the second run on the same data does not tokenize. The split is on
+    the token stream: the first 90% of the ids train, the last 10% validate — the same on every run.
+    ``progress(phase, done, total)`` is told how reading and tokenizing advance (bytes).
+
+    Returns ``(short name, tokenizer, tokenizer options, train ids, val ids)``; the ids are 1-D read-only
+    numpy arrays (``uint16``, or ``uint32`` for vocabularies over 65,536) mapping the cache file, so
+    memory does not grow with the corpus. Raises :class:`AnexaError` for unusable data (one line) and
+    for a corpus with too few tokens for ``block_size``.
     """
-    text, name = data.load_corpus(train_config.data)
-    options = train_config.tokenizer_options
+    corpus = data.resolve_corpus(train_config.data, train_config.data_glob)
+    digests = tokens.file_digests(corpus.files, progress)
     if tokenizer is None:
-        tokenizer, options = plugins.create("tokenizers", train_config.tokenizer, train_config.tokenizer_options)
-        tokenizer.train([text])
-        ids = tokenizer.encode(text)
+        tokenizer, options = tokens.trained_tokenizer(
+            corpus, digests, train_config.tokenizer, train_config.tokenizer_options, progress
+        )
+        stream = tokens.encoded(corpus, digests, tokenizer, train_config.tokenizer, options, progress)
     else:
+        options = train_config.tokenizer_options
         try:
-            ids = tokenizer.encode(text)
-        except AnexaError as exc:
-            raise AnexaError(f"--data {train_config.data!r} does not fit this run's tokenizer: {exc}") from None
-    ids = torch.tensor(ids, dtype=torch.long)
+            stream = tokens.encoded(corpus, digests, tokenizer, train_config.tokenizer, options, progress)
+        except tokens.TokenizeError as exc:
+            raise AnexaError(f"--data {data.data_label(train_config.data)} does not fit this run's tokenizer: "
+                             f"{exc}") from None
+    ids = stream.ids
     split = int(0.9 * len(ids))
     train_ids, val_ids = ids[:split], ids[split:]
     if len(val_ids) <= block_size + 1:
         need = (block_size + 2) * 10
         raise AnexaError(
-            f"corpus {train_config.data!r} has {len(ids)} tokens, too few for block_size {block_size}: "
-            f"use a text of at least {need} tokens or a smaller --block-size"
+            f"corpus {data.data_label(train_config.data)} has {len(ids)} tokens, too few for block_size "
+            f"{block_size}: use a text of at least {need} tokens or a smaller --block-size"
         )
-    return name, tokenizer, options, train_ids, val_ids
+    return corpus.name, tokenizer, options, train_ids, val_ids
 
 
 def _number(value: float) -> float | None:
@@ -217,6 +334,16 @@ def _remove_stale_temp_files(out_dir: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _plot_losses(out_dir: Path) -> None:
+    """``loss.png`` beside the metrics, when matplotlib is installed (the ``plot`` extra)."""
+    from anexa_core import plots
+
+    try:
+        plots.plot_runs([out_dir], out_dir / "loss.png")
+    except AnexaError as exc:
+        logger.info("no loss.png: %s", exc)
+
+
 def _save_delay() -> float:
     """Test hook: seconds to sleep inside each save (``ANEXA_TEST_SAVE_DELAY``), to kill a run mid-save."""
     return float(os.environ.get("ANEXA_TEST_SAVE_DELAY", "0") or 0)
@@ -247,25 +374,30 @@ def train(
             f"{out_dir} already holds a trained run: continue it with `anexa train --resume {out_dir}`, "
             "replace it with --overwrite, or pass another --out"
         )
-    # Fail on a misspelt plugin or a bad option before spending time on data.
-    plugins.create("tokenizers", train_config.tokenizer, train_config.tokenizer_options)
-    plugins.create("blocks", model_config.blocks, model_config.blocks_options)
-    plugins.create("attention", model_config.attention, model_config.attention_options)
-    _, optimizer_options = plugins.create("optimizers", train_config.optimizer, train_config.optimizer_options)
+    # Fail on a misspelt plugin, a missing one or a bad option before spending time on data.
+    state = checkpoint.load_train_state(out_dir) if resume else None
+    recorded = state.meta["model"].get("plugins", {}) if state else {}
+    plugins.create("tokenizers", train_config.tokenizer, train_config.tokenizer_options, recorded.get("tokenizer"))
+    plugins.create("blocks", model_config.blocks, model_config.blocks_options, recorded.get("blocks"))
+    stored_attention = recorded.get("attention") or {}
+    plugins.create("attention", model_config.attention, model_config.attention_options,
+                   stored_attention if stored_attention.get("name") == model_config.attention else None)
+    _, optimizer_options = plugins.create("optimizers", train_config.optimizer, train_config.optimizer_options,
+                                          state.meta.get("optimizer_plugin") if state else None)
     torch.manual_seed(train_config.seed)
     batch_generator = torch.Generator().manual_seed(train_config.seed + 1)
     first_step, best_step, best_val_loss, elapsed_before = 0, None, float("inf"), 0.0
 
-    state = None
     if resume:
-        state = checkpoint.load_train_state(out_dir)
         model, tokenizer = checkpoint.rebuild(state.meta["model"], out_dir / checkpoint.STATE_FILE,
                                               model_config.attention, model_config.attention_options)
         model.load_state_dict(state.weights)
         model.to(device)
-        _, _, tokenizer_options, train_ids, val_ids = prepare_data(train_config, model.config.block_size, tokenizer)
+        _, _, tokenizer_options, train_ids, val_ids = prepare_data(
+            train_config, model.config.block_size, tokenizer, getattr(reporter, "data_progress", None))
     else:
-        _, tokenizer, tokenizer_options, train_ids, val_ids = prepare_data(train_config, model_config.block_size)
+        _, tokenizer, tokenizer_options, train_ids, val_ids = prepare_data(
+            train_config, model_config.block_size, None, getattr(reporter, "data_progress", None))
         model = build_model(dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)).to(device)
         train_config = dataclasses.replace(train_config, decay_steps=train_config.schedule_steps)
     train_config = dataclasses.replace(train_config, tokenizer_options=tokenizer_options,
@@ -311,6 +443,8 @@ def train(
             "val_tokens": len(val_ids),
             "resumed_from": first_step if resume else None,
             "out_dir": str(out_dir),
+            "minutes": train_config.minutes,
+            "elapsed_s": elapsed_before,
         },
     )
 
@@ -338,6 +472,7 @@ def train(
             out_dir / checkpoint.STATE_FILE, model, optimizer, rng, meta, step=step,
             train_config=dataclasses.asdict(train_config), best_step=best_step, best_val_loss=best,
             elapsed_s=elapsed(),
+            optimizer_plugin=plugins.provenance("optimizers", train_config.optimizer, train_config.optimizer_options),
         )
         if delay:
             time.sleep(delay)
@@ -348,37 +483,46 @@ def train(
         return distributed.any_rank(wanted, ranks, device)
 
     model.train()
+    train_step = make_train_step(model, optimizer, train_config, device, parallel_model)
     window_start, window_tokens = time.perf_counter(), 0
     val_loss = train_loss = float("nan")
     step = done = first_step
+    budget_s = train_config.minutes * 60 if train_config.minutes is not None else None
+    eval_seconds = 0.0  # how long an evaluation takes, so a time budget ends with its final one on time
+
+    def time_fraction() -> float | None:
+        return None if budget_s is None else elapsed() / budget_s
+
+    if budget_s is not None and resume and elapsed_before >= budget_s:
+        raise AnexaError(f"run {out_dir} already used its {train_config.minutes:g}-minute budget: pass a larger "
+                         "--minutes to continue")
     for step in range(first_step, train_config.steps):
-        factor = lr_at(step, train_config) / train_config.lr
+        lr = lr_at(step, train_config, time_fraction())
+        factor = lr / train_config.lr
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         x, y = get_batch(
             train_ids, model_config.block_size, train_config.batch_size * ranks.world_size, batch_generator
         )
         x, y = ranks.shard(x).to(device, non_blocking=True), ranks.shard(y).to(device, non_blocking=True)
-        with autocast(device):
-            _, loss = parallel_model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train_config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-        optimizer.step()
+        loss = train_step(x, y)
 
         done = step + 1
         window_tokens += tokens_per_step
         now = time.perf_counter()
         reporter.step(done, loss.item(), window_tokens / max(now - window_start, 1e-9))
-        if done % train_config.eval_every == 0 or done == train_config.steps:
+        time_up = budget_s is not None and distributed.any_rank(elapsed() + eval_seconds >= budget_s, ranks, device)
+        last = done == train_config.steps or time_up
+        if done % train_config.eval_every == 0 or last:
+            eval_started = time.perf_counter()
             train_loss = estimate_loss(model, train_ids, train_config, device, train_config.seed + 2)
             val_loss = estimate_loss(model, val_ids, train_config, device, train_config.seed + 3)
+            eval_seconds = time.perf_counter() - eval_started
             record = {
                 "step": done,
                 "train_loss": round(train_loss, 5),
                 "val_loss": round(val_loss, 5),
-                "lr": lr_at(step, train_config),
+                "lr": lr,
                 "tokens_per_s": round(window_tokens / max(now - window_start, 1e-9), 1),
                 "elapsed_s": elapsed(),
             }
@@ -394,8 +538,7 @@ def train(
         interrupted = stopping()
         # A new best is saved with the training state first, so a run folder never holds a best model that
         # `--resume` could not continue from.
-        if ranks.is_main and (interrupted or new_best or done % train_config.save_every == 0
-                              or done == train_config.steps):
+        if ranks.is_main and (interrupted or new_best or last or done % train_config.save_every == 0):
             save(done)
         if ranks.is_main and new_best:
             checkpoint.save_model(out_dir / checkpoint.BEST_FILE, model,
@@ -404,7 +547,11 @@ def train(
             reporter.finish()
             distributed.teardown(ranks)
             raise TrainingInterrupted(done, out_dir, saved=True)
+        if last:
+            break
     reporter.finish()
+    if ranks.is_main:
+        _plot_losses(out_dir)
     distributed.teardown(ranks)
     return TrainResult(
         out_dir=out_dir,
@@ -449,7 +596,8 @@ def resume_configs(run_dir: Path, overrides: dict[str, Any],
 
     changed = sorted(key for key in given if fixed(key) and str(given[key]) != str(current(key)))
     if changed:
-        flags = ", ".join(f"--{key.replace('_', '-')}" for key in changed)
+        flags = ", ".join(f"-o {key.removesuffix('_options')}.…" if key.endswith("_options")
+                          else f"--{key.replace('_', '-')}" for key in changed)
         raise AnexaError(
             f"cannot change {flags} when resuming {run_dir}: it would change what the checkpoint means; "
             "start a new run instead (without --resume)"

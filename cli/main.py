@@ -21,6 +21,10 @@ import click
 import typer
 from anexa_cli.bench import bench_app
 from anexa_cli.errors import user_errors
+from anexa_cli.plot import plot
+from anexa_cli.eval import evaluate
+from anexa_cli.export import export
+from anexa_cli.serve import serve
 from typer.core import TyperCommand, TyperOption
 
 from anexa_core.errors import AnexaError
@@ -34,6 +38,10 @@ app = typer.Typer(
 )
 
 app.add_typer(bench_app, name="bench")
+app.command()(plot)
+app.command("eval")(evaluate)
+app.command()(export)
+app.command()(serve)
 
 _type_column = TyperOption.display_type_rich
 
@@ -144,7 +152,8 @@ class _Interrupts:
 @app.command()
 @user_errors
 def train(
-    data: Annotated[Optional[str], typer.Option(help="Dataset name (sherlock, tinyshakespeare, …), text file or URL. \\[default: sherlock, shipped with Anexa]")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="Dataset name (sherlock, tinyshakespeare, …), text file, folder (its *.txt and *.md files, recursively) or URL; repeat for several. Tokenized once, then read from the cache. \\[default: sherlock, shipped with Anexa]")] = None,
+    glob: Annotated[Optional[list[str]], typer.Option("--glob", help="Files a --data folder contributes, repeatable (matched from the right: '*.txt' at any depth). \\[default: *.txt, *.md]")] = None,
     preset: Annotated[str, typer.Option(help="Model size: seed (~0.8M parameters) or small (~10.7M).")] = "seed",
     config: Annotated[Optional[Path], typer.Option(help="TOML file overriding the preset ([model], [train], [attention], …).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer plugin: char, bpe, … \\[default: char]")] = None,
@@ -158,7 +167,10 @@ def train(
     n_embd: Annotated[Optional[int], typer.Option(help="Width. \\[default: the preset's]")] = None,
     block_size: Annotated[Optional[int], typer.Option(help="Context length in tokens. \\[default: the preset's]")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout. \\[default: the preset's]")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps. \\[default: 5000]")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps. \\[default: 5000, or no limit with --minutes]")] = None,
+    minutes: Annotated[Optional[float], typer.Option(help="Train for this many minutes of wall-clock; the LR decay follows the clock and the run ends with an evaluation and a checkpoint.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on GPUs and CPUs that have it), fp32 or bf16. \\[default: auto]")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model (slow to start; see benchmarks/RESULTS.md). \\[default: no]")] = None,
     decay_steps: Annotated[Optional[int], typer.Option(help="Step at which the cosine LR decay ends. \\[default: --steps of the first run]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step. \\[default: the preset's]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. \\[default: 1e-3]")] = None,
@@ -180,10 +192,12 @@ def train(
     from anexa_core import training
 
     overrides = dict(
-        data=data, tokenizer=tokenizer, vocab_size=vocab_size, attention=attention, blocks=blocks,
+        data=(data[0] if len(data) == 1 else data) if data else None, data_glob=glob or None,
+        tokenizer=tokenizer, vocab_size=vocab_size, attention=attention, blocks=blocks,
         optimizer=optimizer, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
         dropout=dropout, steps=steps, decay_steps=decay_steps, batch_size=batch_size, lr=lr, min_lr=min_lr,
         warmup_steps=warmup_steps, eval_every=eval_every, save_every=save_every, device=device, seed=seed,
+        minutes=minutes, precision=precision, compile=compile,
     )
     plugin_options = _plugin_options(option)
     if resume is not None:
@@ -193,7 +207,8 @@ def train(
         out_dir = resume
     else:
         model_config, train_config = configs.resolve(preset, config, overrides, plugin_options)
-        out_dir = out or _default_out(train_config.data, preset)
+        first_data = train_config.data if isinstance(train_config.data, str) else train_config.data[0]
+        out_dir = out or _default_out(first_data, preset)
     console = Console(stderr=True)
     with _Interrupts(console) as interrupts:
         try:
@@ -311,8 +326,7 @@ def chat(
     device: Device = "auto",
 ) -> None:
     """Continue prompts interactively, streaming tokens; `quit`, `exit` or Ctrl-D ends."""
-    from anexa_core.data import normalize_text
-    from anexa_core.generation import generate_text
+    from anexa_core.generation import encode_prompt, generate_text
 
     loaded, tokenizer, meta, chain = _load(model, device, sample, temperature, option, attention)
     val = meta.get("val_loss")
@@ -332,7 +346,7 @@ def chat(
         if not prompt:
             continue
         try:
-            tokenizer.encode(normalize_text(prompt))  # refuse before printing "Response:"
+            encode_prompt(tokenizer, prompt)  # refuse before printing "Response:"
         except AnexaError as exc:
             typer.echo(f"error: {exc}")
             continue

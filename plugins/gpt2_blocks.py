@@ -8,6 +8,7 @@ calls ``cache.update(layer, k, v)`` and attends over what it returns.
 import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from anexa_core import hookimpl
@@ -102,6 +103,47 @@ class GPT2:
 
     def build(self, config, attention) -> nn.Module:
         return GPT2Stack(config, attention, bias=self.bias)
+
+    def export_hf(self, config, state_dict):
+        """Hugging Face's ``GPT2LMHeadModel``: ``(config.json entries, weights under its names)``.
+
+        ``state_dict`` is the whole model's (``wte.weight``, ``blocks.…``, ``lm_head.weight`` only when
+        untied), float tensors. GPT-2's ``Conv1D`` layers store their weight as (in, out), the transpose
+        of ``nn.Linear``'s (out, in). HF's GPT-2 always has biases: without them (``bias=false``) they
+        are exported as zeros, which computes the same. The activation is exact GELU (``"gelu"``), not
+        GPT-2's tanh approximation (``"gelu_new"``).
+        """
+        tensors = {"transformer.wte.weight": state_dict["wte.weight"],
+                   "transformer.wpe.weight": state_dict["blocks.wpe.weight"]}
+
+        def copy(ours, theirs, transpose=False):
+            weight = state_dict[f"{ours}.weight"]
+            tensors[f"{theirs}.weight"] = weight.t().contiguous() if transpose else weight
+            size = weight.size(0)
+            tensors[f"{theirs}.bias"] = state_dict.get(f"{ours}.bias", torch.zeros(size, dtype=weight.dtype))
+
+        for i in range(config.n_layer):
+            ours, theirs = f"blocks.layers.{i}", f"transformer.h.{i}"
+            copy(f"{ours}.ln_1", f"{theirs}.ln_1")
+            copy(f"{ours}.attn.qkv", f"{theirs}.attn.c_attn", transpose=True)
+            copy(f"{ours}.attn.proj", f"{theirs}.attn.c_proj", transpose=True)
+            copy(f"{ours}.ln_2", f"{theirs}.ln_2")
+            copy(f"{ours}.mlp.fc", f"{theirs}.mlp.c_fc", transpose=True)
+            copy(f"{ours}.mlp.proj", f"{theirs}.mlp.c_proj", transpose=True)
+        copy("blocks.ln_f", "transformer.ln_f")
+        if "lm_head.weight" in state_dict:
+            tensors["lm_head.weight"] = state_dict["lm_head.weight"]
+        hf_config = {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
+            "n_positions": config.block_size, "n_inner": 4 * config.n_embd,
+            "activation_function": "gelu", "layer_norm_epsilon": 1e-5,
+            # Anexa drops out the embeddings and each residual branch's output, never attention weights.
+            "embd_pdrop": config.dropout, "resid_pdrop": config.dropout, "attn_pdrop": 0.0,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+            "initializer_range": 0.02, "use_cache": True,
+        }
+        return hf_config, tensors
 
 
 @hookimpl

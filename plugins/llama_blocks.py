@@ -158,6 +158,39 @@ class Llama:
             raise AnexaError(f"n_head ({config.n_head}) must be a multiple of llama n_kv_head ({self.n_kv_head})")
         return LlamaStack(config, attention, self)
 
+    def export_hf(self, config, state_dict):
+        """Hugging Face's ``LlamaForCausalLM``: ``(config.json entries, weights under its names)``.
+
+        The stack's parameter names are already HF's (under ``model.``) and the rotary layout is HF's
+        "rotate half", so the weights copy as they are. LlamaForCausalLM's MLP is SwiGLU and it has no
+        query/key norm, so ``mlp`` other than ``swiglu`` and ``qk_norm`` raise :class:`AnexaError`.
+        HF's Llama has no residual dropout; at inference that changes nothing.
+        """
+        if self.mlp != "swiglu":
+            raise AnexaError(f"blocks 'llama' with mlp={self.mlp!r} cannot be exported to Hugging Face: "
+                             "LlamaForCausalLM's MLP is swiglu only")
+        if self.qk_norm:
+            raise AnexaError("blocks 'llama' with qk_norm=true cannot be exported to Hugging Face: "
+                             "LlamaForCausalLM has no query/key norm")
+        tensors = {"model.embed_tokens.weight": state_dict["wte.weight"]}
+        for name, tensor in state_dict.items():
+            if name.startswith("blocks."):
+                tensors["model." + name.removeprefix("blocks.")] = tensor
+        if "lm_head.weight" in state_dict:
+            tensors["lm_head.weight"] = state_dict["lm_head.weight"]
+        hf_config = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": config.n_embd, "intermediate_size": self.hidden_size(config.n_embd),
+            "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+            "num_key_value_heads": self.n_kv_head or config.n_head, "head_dim": config.head_dim,
+            "max_position_embeddings": config.block_size, "rms_norm_eps": self.norm_eps,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            # transformers ≥ 5 reads rope_parameters; earlier versions read rope_theta.
+            "rope_theta": self.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
+        }
+        return hf_config, tensors
+
 
 @hookimpl
 def register_blocks(register):

@@ -41,7 +41,7 @@ def _user_error(args, match):
 
 def test_train_writes_a_run_folder(run_dir):
     assert {p.name for p in run_dir.iterdir()} == {"model.safetensors", "best.safetensors", "train_state.safetensors",
-                                                   "metrics.jsonl"}
+                                                   "metrics.jsonl", "loss.png"}
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [15, 30]
 
@@ -200,7 +200,8 @@ def test_version_and_help_defaults():
     assert version.exit_code == 0 and version.stdout.strip() == f"anexa {importlib.metadata.version('anexa')}"
     helped = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert "<bool>" not in helped.stdout
-    for default in ("[default: seed]", "[default: 5000]", "[default: sherlock, shipped with Anexa]", "[default: 1e-3]"):
+    for default in ("[default: seed]", "[default: 5000, or no limit with --minutes]",
+                    "[default: sherlock, shipped with Anexa]", "[default: 1e-3]"):
         assert default in helped.stdout, default
     assert "--overwrite" in helped.stdout
 

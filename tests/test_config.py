@@ -48,7 +48,7 @@ def test_bad_config_file(tmp_path, text, match):
 def test_missing_config_file_and_unknown_preset(tmp_path):
     with pytest.raises(AnexaError, match="not found"):
         resolve("seed", tmp_path / "nope.toml")
-    with pytest.raises(AnexaError, match="unknown preset 'tiny': choose one of seed, small"):
+    with pytest.raises(AnexaError, match="unknown preset 'tiny': choose one of seed, fast, small"):
         resolve("tiny")
 
 

@@ -1,6 +1,7 @@
 """The assembled GPT: attention backends agree, the KV cache equals recomputation, checkpoints round-trip."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -160,3 +161,86 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         checkpoint.save_model(path, model, checkpoint.read_metadata(path))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+# --- initialisation -------------------------------------------------------------------------------
+
+INIT = dict(vocab_size=96, n_layer=4, n_head=4, n_embd=128, block_size=64)
+RESIDUAL_STD = 0.02 / math.sqrt(2 * INIT["n_layer"])  # GPT-2's scaled-down residual projections: 0.00707
+
+
+def _init_families(model, families):
+    """Each parameter's family by the first pattern its name ends with; every parameter must have one."""
+    found = {}
+    for name, param in model.named_parameters():
+        family = next((family for family, endings in families.items() if name.endswith(endings)), None)
+        assert family is not None, f"{name} belongs to no initialisation family: add it to the test"
+        found.setdefault(family, []).append((name, param.detach()))
+    assert found.keys() == families.keys(), f"families without parameters: {families.keys() - found.keys()}"
+    return found
+
+
+def _assert_init(found, expected):
+    """``expected``: family → ("normal", std) | ("const", value). Normal weights: the sample std within 5%
+    (the smallest matrix has 8192 elements: a standard error under 1%), mean near 0."""
+    for family, params in found.items():
+        kind, value = expected[family]
+        for name, tensor in params:
+            if kind == "const":
+                assert torch.equal(tensor, torch.full_like(tensor, value)), f"{name} should start at {value}"
+                continue
+            std, mean = tensor.std().item(), tensor.mean().item()
+            assert std == pytest.approx(value, rel=0.05), f"{name}: std {std:.5f}, expected {value:.5f}"
+            assert abs(mean) < 0.05 * value, f"{name}: mean {mean:.2e} of a zero-mean init"
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_gpt2_initialisation_of_every_parameter_family(tie):
+    from anexa_core.config import ModelConfig
+    from anexa_core.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**INIT, tie_embeddings=tie))
+    families = {
+        "token embedding": ("wte.weight",),
+        "head": ("lm_head.weight",),
+        "positions": ("wpe.weight",),
+        "residual projections": ("attn.proj.weight", "mlp.proj.weight"),
+        "other matrices": ("qkv.weight", "fc.weight"),
+        "biases": ("qkv.bias", "proj.bias", "fc.bias"),
+        "norm gains": ("ln_1.weight", "ln_2.weight", "ln_f.weight"),
+        "norm biases": ("ln_1.bias", "ln_2.bias", "ln_f.bias"),
+    }
+    if tie:
+        del families["head"]  # the head is the embedding (named once)
+        assert model.lm_head.weight is model.wte.weight
+    found = _init_families(model, families)
+    assert len(found["residual projections"]) == 2 * INIT["n_layer"]
+    _assert_init(found, {
+        "token embedding": ("normal", 0.02), "head": ("normal", 0.02), "positions": ("normal", 0.02),
+        "residual projections": ("normal", RESIDUAL_STD), "other matrices": ("normal", 0.02),
+        "biases": ("const", 0.0), "norm gains": ("const", 1.0), "norm biases": ("const", 0.0),
+    })
+
+
+@pytest.mark.parametrize("options", [{}, {"zero_init": True, "mlp": "relu2", "qk_norm": True, "n_kv_head": 2}])
+def test_llama_initialisation_of_every_parameter_family(options):
+    from anexa_core.config import ModelConfig
+    from anexa_core.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**INIT, blocks="llama", blocks_options=options, tie_embeddings=False))
+    families = {
+        "token embedding": ("wte.weight",),
+        "head": ("lm_head.weight",),
+        "residual projections": ("o_proj.weight", "down_proj.weight"),
+        "other matrices": ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight"),
+        "norm gains": ("layernorm.weight", "norm.weight"),  # input_, post_attention_, q_, k_ and the final norm
+    }
+    found = _init_families(model, families)
+    assert len(found["residual projections"]) == 2 * INIT["n_layer"]
+    residual = ("const", 0.0) if options.get("zero_init") else ("normal", RESIDUAL_STD)
+    _assert_init(found, {
+        "token embedding": ("normal", 0.02), "head": ("normal", 0.02), "residual projections": residual,
+        "other matrices": ("normal", 0.02), "norm gains": ("const", 1.0),
+    })

@@ -1,6 +1,7 @@
 """The sampling chain: each built-in processor on hand-made logits, chain order, seeding, stop strings."""
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -98,7 +99,110 @@ def test_temperature_scales_and_zero_is_greedy():
     assert kept(Temperature(0)(logits, NO_CONTEXT)) == [[2]]
 
 
+def test_top_p_breaks_ties_by_the_lowest_index_in_a_long_row():
+    """Sorting with many equal probabilities (torch's unstable sort reorders from 17 elements on) still
+    keeps the lowest ids, as greedy and top_k do."""
+    kept_ids = kept(TopP(0.5)(torch.zeros(2, 40), torch.zeros(2, 0, dtype=torch.long)))
+    assert kept_ids == [list(range(20))] * 2
+
+
+def test_repetition_penalty_takes_context_ids_of_any_integer_dtype():
+    logits = torch.ones(1, 5)
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        out = RepetitionPenalty(penalty=2.0)(logits, torch.tensor([[1, 2]], dtype=dtype))
+        assert out.tolist() == [[1.0, 0.5, 0.5, 1.0, 1.0]], dtype
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e300])
+def test_an_extreme_repetition_penalty_keeps_every_logit_finite(penalty):
+    """1e300 multiplies negative logits past float32's range, 1e-300 divides positive ones past it: both
+    are clamped to finite values, and the penalty's direction holds (seen tokens never gain on unseen)."""
+    logits = torch.tensor([[3.0, -3.0, 1.0, -1.0, 0.5]])
+    out = RepetitionPenalty(penalty=penalty, window=8)(logits, torch.tensor([[0, 1, 2, 3]]))
+    assert torch.isfinite(out).all(), out
+    assert out[0, 4] == 0.5  # unseen: unchanged
+    if penalty > 1:
+        assert (out[0, :4] <= logits[0, :4]).all()
+    else:
+        assert (out[0, :4] >= logits[0, :4]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_processor_keeps_the_logits_dtype(dtype):
+    logits = torch.randn(2, 7, generator=torch.Generator().manual_seed(3)).to(dtype)
+    context = torch.tensor([[1, 2], [3, 3]])
+    for processor in (RepetitionPenalty(1.5), Temperature(0.7), Temperature(0), TopP(0.8), MinP(0.1), Greedy()):
+        assert processor(logits, context).dtype == dtype, processor
+
+
+def test_temperature_divides_a_row_whose_top_is_not_finite_without_shifting_it():
+    """A +inf from a contract-breaking processor upstream cannot be subtracted: the row is only divided."""
+    out = Temperature(0.5)(torch.tensor([[float("inf"), 2.0, float("-inf"), -1.0]]), NO_CONTEXT)
+    assert out.tolist() == [[float("inf"), 4.0, float("-inf"), -2.0]]
+
+
+@pytest.mark.parametrize("sampler, options, message", [
+    (Temperature, {"value": float("inf")}, "temperature must be >= 0 (0 means greedy), got inf"),
+    (Temperature, {"value": -0.5}, "temperature must be >= 0 (0 means greedy), got -0.5"),
+    (RepetitionPenalty, {"penalty": float("inf")}, "repetition_penalty must be > 0 (1 = off, e.g. 1.2), got inf"),
+    (RepetitionPenalty, {"penalty": 0.0}, "repetition_penalty must be > 0 (1 = off, e.g. 1.2), got 0.0"),
+    (RepetitionPenalty, {"window": 0}, "repetition_penalty.window must be at least 1 token, got 0"),
+    (TopP, {"p": 0.0}, "top_p must be in (0, 1], got 0.0"),
+    (TopP, {"p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+    (MinP, {"p": -0.1}, "min_p must be in [0, 1], got -0.1"),
+    (MinP, {"p": 1.1}, "min_p must be in [0, 1], got 1.1"),
+])
+def test_out_of_range_options_are_refused_by_the_processor_itself(sampler, options, message):
+    """Code that builds processors directly (a server, a notebook) gets the same checks as -s; an infinite
+    temperature or penalty would turn every logit into 0 or ±inf."""
+    with pytest.raises(AnexaError) as error:
+        sampler(**options)
+    assert str(error.value) == message
+
+
+def test_boundary_option_values_are_accepted():
+    Temperature(0.0), TopP(1.0), MinP(0.0), MinP(1.0), RepetitionPenalty(5e-324, window=1)
+
+
 # --- the chain ------------------------------------------------------------------------------------
+
+
+def test_a_batch_mixing_decided_and_open_rows_samples_each_open_row():
+    """The pick is the argmax only when every row has one token left: a row with one candidate must not
+    make the other rows greedy."""
+    rows = 4000
+    decided = [float("-inf"), float("-inf"), 0.0]  # only token 2
+    open_row = [math.log(0.75), math.log(0.25), float("-inf")]
+    logits = torch.tensor([decided, open_row]).repeat(rows // 2, 1)
+    picks = SamplerChain().pick(logits, torch.zeros(rows, 0, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert picks.shape == (rows, 1)
+    assert (picks[0::2] == 2).all()
+    assert math.isclose((picks[1::2] == 1).float().mean().item(), 0.25, abs_tol=0.03)
+
+
+def test_a_batch_where_the_chain_leaves_rows_different_numbers_of_candidates():
+    """top_p keeps one token of a confident row and three of a flat one; both kinds sample correctly."""
+    confident = [math.log(0.97), math.log(0.01), math.log(0.01), math.log(0.01)]
+    flat = [math.log(0.3), math.log(0.3), math.log(0.3), math.log(0.1)]
+    rows = 3000
+    logits = torch.tensor([confident, flat, flat]).repeat(rows // 3, 1)
+    chain = build_chain(["top_p=0.85"])
+    assert kept(chain.process(logits[:3], torch.zeros(3, 0, dtype=torch.long))) == [[0], [0, 1, 2], [0, 1, 2]]
+    picks = chain.pick(logits, torch.zeros(rows, 0, dtype=torch.long), torch.Generator().manual_seed(1)).flatten()
+    assert (picks[0::3] == 0).all()
+    flat_picks = torch.cat([picks[1::3], picks[2::3]])
+    assert set(flat_picks.tolist()) == {0, 1, 2}
+    for token in range(3):
+        assert math.isclose((flat_picks == token).float().mean().item(), 1 / 3, abs_tol=0.04)
+
+
+def test_the_chain_describes_itself_in_order():
+    """`anexa -v generate` prints this, and the NaN error names the chain with it."""
+    assert repr(build_chain(["top_p=0.9", "temperature=0.5"])) == "Temperature(value=0.5) → TopP(p=0.9)"
+    assert repr(build_chain(["greedy"])) == "Greedy()"
+    assert repr(SamplerChain()) == "sample at temperature 1"
+
+
 
 
 def test_chain_runs_in_order_not_command_line_order():
@@ -246,13 +350,21 @@ class BoostPlugin:
         register("boost", Boost)
 
 
+@contextmanager
+def registered(plugin, name):
+    """``plugin`` registered on the live plugin manager for the ``with`` block only."""
+    manager = plugin_manager()
+    manager.register(plugin, name=name)
+    try:
+        yield
+    finally:
+        manager.unregister(plugin)
+
+
 @pytest.fixture
 def boost_plugin():
-    manager = plugin_manager()
-    plugin = BoostPlugin()
-    manager.register(plugin, name="test-boost")
-    yield
-    manager.unregister(plugin)
+    with registered(BoostPlugin(), "test-boost"):
+        yield
 
 
 def test_plugin_sampler_options_are_converted_to_field_types(boost_plugin):
@@ -270,7 +382,13 @@ def test_plugin_sampler_runs_at_its_order(boost_plugin):
     assert chain.process(logits, NO_CONTEXT)[0].tolist() == pytest.approx([-4.0, 0.0])  # [-5, 0] + [1, 0]
 
 
-def test_plugin_fixture_unregisters():
+def test_a_plugin_registered_for_a_test_is_gone_after_it():
+    """What the boost_plugin fixture relies on, in one test whatever the order the tests run in: the
+    sampler exists exactly while the plugin is registered (no stale lookup cache either side)."""
+    with pytest.raises(AnexaError, match="unknown sampler 'boost'"):
+        build_chain(["boost"])
+    with registered(BoostPlugin(), "test-boost"):
+        assert build_chain(["boost=2"]).processors == [Boost(amount=2.0)]
     with pytest.raises(AnexaError, match="unknown sampler 'boost'"):
         build_chain(["boost"])
 
@@ -329,11 +447,40 @@ def test_earliest_of_several_stops_wins_even_when_a_longer_one_finishes_later():
 
 def test_no_stops_yields_pieces_unchanged():
     assert list(stream_until_stop(["a", "", "b"], [])) == ["a", "", "b"]
+    matcher = StopStrings()  # the matcher alone, without stops, holds nothing back
+    assert matcher.feed("ab") == "ab" and matcher.flush() == "" and matcher.stopped is False
+
+
+def test_the_first_occurrence_of_a_stop_in_a_piece_cuts_it():
+    assert list(stream_until_stop(["aSTOPbSTOPc"], ["STOP"])) == ["a"]
+    assert list(stream_until_stop(["xy", "aSTOPbSTOP"], ["STOP"])) == ["xy", "a"]
+
+
+def test_a_found_stop_is_final_even_if_a_longer_stop_begins_at_the_same_place():
+    """"ab" is a stop; "abc" could still complete from the same index, but it would cut at the same place:
+    stop now, without pulling another piece."""
+    pulled = []
+
+    def pieces():
+        for piece in ["x", "ab", "c", "never"]:
+            pulled.append(piece)
+            yield piece
+
+    assert list(stream_until_stop(pieces(), ["abc", "ab"])) == ["x"]
+    assert pulled == ["x", "ab"]
+
+
+def test_after_a_stop_nothing_more_is_released():
+    matcher = StopStrings(["END"])
+    assert matcher.feed("abEN") == "ab" and matcher.stopped is False
+    assert matcher.feed("D tail") == "" and matcher.stopped is True
+    assert matcher.feed("more") == "" and matcher.flush() == ""
 
 
 def test_empty_stop_string_is_an_error():
-    with pytest.raises(AnexaError, match="non-empty"):
+    with pytest.raises(AnexaError) as error:
         StopStrings(["\n", ""])
+    assert str(error.value) == "--stop needs a non-empty string"
 
 
 def test_chain_that_removes_every_token_is_an_error():

@@ -86,8 +86,8 @@ def test_same_seed_same_weights_other_seed_differs(sherlock_path, tmp_path):
         ({"blocks": "other"}, {}, "--blocks"),
         ({"block_size": 64}, {}, "--block-size"),
         ({"optimizer": "other"}, {}, "--optimizer"),
-        ({}, {"blocks": {"bias": "false"}}, "--blocks-options"),
-        ({}, {"optimizer": {"weight_decay": "0"}}, "--optimizer-options"),
+        ({}, {"blocks": {"bias": "false"}}, "-o blocks.…"),
+        ({}, {"optimizer": {"weight_decay": "0"}}, "-o optimizer.…"),
     ],
 )
 def test_resume_refuses_what_would_change_the_checkpoints_meaning(sherlock_path, tmp_path, flags, options, named):

@@ -1,0 +1,204 @@
+"""Decoding details the model-level tests do not pin: the streamed text, the chain's view of the context,
+the forward passes spent, the precision, and ``generate_text`` as the CLI and the server call it."""
+
+import pytest
+import torch
+from helpers import TINY, Greedy, loaded_tokenizer, tiny_model
+
+from anexa_core.errors import AnexaError
+from anexa_core.generation import MAX_PENDING_TOKENS, decode_stream, encode_prompt, generate_ids, generate_text
+from anexa_core.sampling import build_chain
+
+CHARS = "".join(chr(97 + i) for i in range(TINY.vocab_size - 3)) + " \n\r"  # 37 characters, ids 0..36
+
+
+def _tokenizer():
+    return loaded_tokenizer("char", {"type": "char", "chars": "".join(sorted(CHARS))})
+
+
+class Recording:
+    """A greedy chain that keeps what it was shown: the logits and the context of every pick."""
+
+    def __init__(self):
+        self.logits, self.contexts, self.generators = [], [], []
+
+    def pick(self, logits, context, generator=None):
+        self.logits.append(logits.clone())
+        self.contexts.append(context[0].tolist())
+        self.generators.append(generator)
+        return logits.argmax(-1, keepdim=True)
+
+
+class CountingForwards(torch.nn.Module):
+    """The model, counting its forward passes and the positions each one computes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.lengths = model, model.config, []
+
+    def forward(self, idx, *args, **kwargs):
+        self.lengths.append(idx.size(1))
+        return self.model(idx, *args, **kwargs)
+
+
+# --- generate_ids ---------------------------------------------------------------------------------
+
+
+def test_the_chain_sees_float32_logits_of_the_last_position_and_the_whole_history():
+    """Past the window and past the history buffer's first size (16 + 2·(prompt + n/8) ids), the context
+    the samplers see is every id so far, uncropped: a repetition penalty looks back over all of it."""
+    model = tiny_model(seed=5)
+    prompt = [3, 1, 4, 1, 5]
+    chain = Recording()
+    produced = list(generate_ids(model, prompt, 60, chain, context="sliding"))
+    assert len(produced) == 60 and len(chain.contexts) == 60
+    for i, context in enumerate(chain.contexts):
+        assert context == prompt + produced[:i]
+    for logits, context in zip(chain.logits, chain.contexts):
+        window = torch.tensor([context[-TINY.block_size :]])
+        assert logits.dtype == torch.float32 and logits.shape == (1, TINY.vocab_size)
+        torch.testing.assert_close(logits, model(window)[0][:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_runs_in_float32_on_the_cpu_not_under_the_training_precision():
+    """Training autocasts to bf16 where the CPU has bf16 instructions; decoding must not (greedy picks would
+    differ between the cached and the recomputed path). bf16 would be off by about 1e-3 here."""
+    model = tiny_model(seed=6)
+    chain = Recording()
+    list(generate_ids(model, [1, 2, 3], 1, chain))
+    expected = model(torch.tensor([[1, 2, 3]]), last_only=True)[0][:, -1]
+    torch.testing.assert_close(chain.logits[0], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["shift", "sliding"])
+def test_one_forward_pass_per_token_asked_for_and_none_after_the_last(policy):
+    """The prompt once, then one position per token while the window has room; the last token is picked
+    from logits already computed, so n tokens cost n forward passes."""
+    model = CountingForwards(tiny_model(seed=7))
+    produced = list(generate_ids(model, [1, 2, 3, 4], 5, Greedy(), context=policy))
+    assert len(produced) == 5
+    assert model.lengths == [4, 1, 1, 1, 1]
+    model.lengths.clear()
+    assert list(generate_ids(model, [1, 2, 3, 4], 1, Greedy(), context=policy)) == produced[:1]
+    assert model.lengths == [4]
+    model.lengths.clear()
+    assert list(generate_ids(model, [1, 2, 3, 4], 0, Greedy(), context=policy)) == []
+    assert model.lengths == [4]
+
+
+def test_a_full_window_recomputes_half_of_it_under_shift_and_all_of_it_under_sliding():
+    block = TINY.block_size  # 16
+    shifted = CountingForwards(tiny_model(seed=8))
+    list(generate_ids(shifted, list(range(10)), 20, Greedy(), context="shift"))
+    # 10 prompt positions, 6 single tokens fill the window, then 8 kept + 1 per token up to 16 again.
+    assert shifted.lengths == [10] + [1] * 6 + [block // 2] + [1] * 8 + [block // 2] + [1] * 3
+    sliding = CountingForwards(tiny_model(seed=8))
+    list(generate_ids(sliding, list(range(10)), 20, Greedy(), context="sliding"))
+    assert sliding.lengths == [10] + [1] * 6 + [block] * 13
+    uncached = CountingForwards(tiny_model(seed=8))
+    list(generate_ids(uncached, list(range(10)), 4, Greedy(), use_cache=False))
+    assert uncached.lengths == [10, 11, 12, 13]
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_last_block_size_ids():
+    chain = Recording()
+    prompt = list(range(30))
+    list(generate_ids(tiny_model(), prompt, 2, chain))
+    assert chain.contexts[0] == prompt[-TINY.block_size :]
+
+
+def test_the_generator_reaches_the_chain_and_seeds_reproduce():
+    model = tiny_model(seed=9)
+    chain = Recording()
+    generator = torch.Generator().manual_seed(1)
+    list(generate_ids(model, [1], 3, chain, generator))
+    assert all(g is generator for g in chain.generators)
+    sample = build_chain(["temperature=2"])
+
+    def draw(seed):
+        return list(generate_ids(model, [1, 2], 30, sample, torch.Generator().manual_seed(seed)))
+
+    assert draw(3) == draw(3) and draw(3) != draw(4)
+
+
+def test_bad_arguments_are_one_line_errors():
+    with pytest.raises(AnexaError, match=r"^the prompt is empty: give at least one character of text$"):
+        list(generate_ids(tiny_model(), [], 3, Greedy()))
+    with pytest.raises(AnexaError, match=r"^unknown context policy 'wrap': use one of shift, sliding$"):
+        list(generate_ids(tiny_model(), [1], 3, Greedy(), context="wrap"))
+
+
+# --- streamed text --------------------------------------------------------------------------------
+
+
+class Replacement:
+    """Every id decodes to U+FFFD, as bytes of a character that never completes would."""
+
+    def decode(self, ids):
+        return "\ufffd" * len(ids)
+
+
+class WithSilentIds:
+    """Id 0 decodes to nothing (like a special token); others to a letter."""
+
+    def decode(self, ids):
+        return "".join("" if i == 0 else chr(96 + i) for i in ids)
+
+
+def _pieces_with_pulls(tokenizer, ids):
+    """Each streamed piece with how many ids had been pulled when it came out."""
+    pulled = []
+
+    def source():
+        for i in ids:
+            pulled.append(i)
+            yield i
+
+    return [(piece, len(pulled)) for piece in decode_stream(tokenizer, source())]
+
+
+def test_an_unfinished_character_is_held_back_for_at_most_max_pending_tokens():
+    pieces = _pieces_with_pulls(Replacement(), range(MAX_PENDING_TOKENS + 3))
+    # Released after MAX_PENDING_TOKENS ids; the next ones wait again, until the stream ends.
+    assert pieces == [("\ufffd" * MAX_PENDING_TOKENS, MAX_PENDING_TOKENS), ("\ufffd" * 3, MAX_PENDING_TOKENS + 3)]
+    assert "".join(piece for piece, _ in _pieces_with_pulls(Replacement(), range(5))) == "\ufffd" * 5  # the end
+
+
+def test_ids_that_decode_to_nothing_yield_no_empty_pieces():
+    pieces = [piece for piece, _ in _pieces_with_pulls(WithSilentIds(), [1, 0, 2, 0, 0, 3, 0])]
+    assert pieces == ["a", "b", "c"]
+
+
+# --- generate_text --------------------------------------------------------------------------------
+
+
+def test_generate_text_is_the_decoded_ids_of_the_normalised_prompt_cut_at_a_stop():
+    model, tokenizer = tiny_model(seed=10), _tokenizer()
+    assert encode_prompt(tokenizer, "\ufeffab\r\ncd\re") == tokenizer.encode("ab\ncd\ne")
+    ids = list(generate_ids(model, tokenizer.encode("ab\ncd\ne"), 40, Greedy()))
+    text = tokenizer.decode(ids)
+    assert "".join(generate_text(model, tokenizer, "\ufeffab\r\ncd\re", 40, Greedy())) == text
+    stop = text[5:7]
+    assert "".join(generate_text(model, tokenizer, "ab\ncd\ne", 40, Greedy(), stop=[stop])) == text[: text.index(stop)]
+
+
+def test_generate_text_seeds_its_own_generator():
+    model, tokenizer = tiny_model(seed=11), _tokenizer()
+    chain = build_chain(["temperature=2"])
+
+    def text(seed):
+        return "".join(generate_text(model, tokenizer, "abc", 30, chain, seed=seed))
+
+    expected = tokenizer.decode(generate_ids(model, tokenizer.encode("abc"), 30, chain, torch.Generator().manual_seed(7)))
+    assert text(7) == expected and text(8) != expected
+
+
+def test_generate_text_passes_the_context_policy_on():
+    model, tokenizer = tiny_model(seed=12), _tokenizer()
+    chain = build_chain(["temperature=2"])
+    texts = {}
+    for policy in ("shift", "sliding"):
+        ids = generate_ids(model, tokenizer.encode("abc"), 40, chain, torch.Generator().manual_seed(0), context=policy)
+        texts[policy] = "".join(generate_text(model, tokenizer, "abc", 40, chain, seed=0, context=policy))
+        assert texts[policy] == tokenizer.decode(list(ids))
+    assert texts["shift"] != texts["sliding"], "past the window the policies should differ for this test to mean anything"
