@@ -301,6 +301,7 @@ def bench_train(
     device: str = "auto",
     reference: bool = True,
     precision: str | None = None,
+    compile: bool = False,
 ) -> list[dict[str, Any]]:
     """Tokens per second of full training steps per attention backend, timed in alternation with a
     reference row: a plain eager nanoGPT-style loop over the same model and batch (float32, AdamW with
@@ -309,8 +310,9 @@ def bench_train(
 
     Throughput is ``batch_size × block_size`` over the median step time. Each backend row runs the
     training loop's own step (:func:`anexa_core.training.make_train_step`) with the preset's precision
-    (``auto``: bf16 where the hardware has it) unless ``precision`` overrides it. Peak memory on CUDA
-    covers weights, optimizer state and activations.
+    (``auto``: bf16 where the hardware has it) unless ``precision`` overrides it, compiled with
+    ``compile`` (the warm-up steps then include the compilation). Peak memory on CUDA covers weights,
+    optimizer state and activations.
     """
     if steps < 1:
         raise AnexaError("--steps must be at least 1")
@@ -323,6 +325,7 @@ def bench_train(
                              batch_size=None, block_size=None, steps=steps, parameters=None, precision=None))
             continue
         model, train_config = bench_model(preset, name, where, batch_size, precision)
+        train_config = dataclasses.replace(train_config, compile=compile)
         config, batch = model.config, train_config.batch_size
         row = dict(
             preset=preset, attention=name, device=_device_name(where), batch_size=batch,

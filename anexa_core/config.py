@@ -32,7 +32,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 MAX_INT = 2**53
 """Largest integer setting: beyond it JSON metadata (and floats) stop being exact."""
 
-PLUGIN_KINDS = {"blocks": "model", "attention": "model", "tokenizer": "train", "optimizer": "train"}
+PLUGIN_KINDS = {"blocks": "model", "attention": "model", "tokenizer": "train", "optimizer": "train", "data": "train"}
 """Plugin choices in the configs: the setting's name, and which config holds it (with ``<name>_options``)."""
 
 SHORTHANDS = {"vocab_size": "tokenizer", "weight_decay": "optimizer", "beta1": "optimizer", "beta2": "optimizer",
@@ -103,6 +103,7 @@ class TrainConfig:
 
     data: str | list[str] = "sherlock"  # one --data value, or several (each a dataset, file, folder or URL)
     data_glob: list[str] = field(default_factory=lambda: ["*.txt", "*.md"])  # files a --data folder contributes
+    data_options: dict[str, Any] = field(default_factory=dict)  # options of the dataset plugins --data names
     tokenizer: str = "char"
     tokenizer_options: dict[str, Any] = field(default_factory=dict)
     optimizer: str = "adamw"

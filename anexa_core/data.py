@@ -330,13 +330,13 @@ def folder_files(folder: Path, globs: Sequence[str] = DEFAULT_GLOBS) -> list[Pat
     return [path for _, path in sorted(found)]
 
 
-def _spec_files(spec: str, globs: Sequence[str]) -> tuple[list[Path], str]:
-    """The files of one ``--data`` value and its short name."""
+def _spec_files(spec: str, globs: Sequence[str], options: dict | None = None) -> tuple[list[Path], str]:
+    """The files of one ``--data`` value and its short name (``options``: a dataset plugin's)."""
     if _is_url(spec):
         return [download(spec)], _safe_name(Path(_url_filename(spec)).stem, "data")
     datasets = plugins.registered("datasets")
     if spec in datasets:
-        dataset, _ = plugins.create("datasets", spec)
+        dataset, _ = plugins.create("datasets", spec, options or {})
         files = [Path(path) for path in dataset.files()]
         if not files:
             raise AnexaError(f"dataset {spec!r} returned no files: its plugin is broken; pass --data FILE instead")
@@ -353,21 +353,26 @@ def _spec_files(spec: str, globs: Sequence[str]) -> tuple[list[Path], str]:
     )
 
 
-def resolve_corpus(data: str | Sequence[str], globs: Sequence[str] = DEFAULT_GLOBS) -> Corpus:
+def resolve_corpus(data: str | Sequence[str], globs: Sequence[str] = DEFAULT_GLOBS,
+                   options: dict | None = None) -> Corpus:
     """The files of ``--data`` (one value or several, each a dataset name, file, folder or http(s) URL).
 
     Dataset names win over same-named files in the current folder (write ``./name`` for the file). URLs
-    and datasets are downloaded once into the cache. Raises :class:`AnexaError` (one line) for a value that
-    is none of these, a folder without matching files (see :func:`folder_files`) or a failed download.
+    and datasets are downloaded once into the cache. ``options`` (``-o data.OPTION=VALUE``) go to every
+    dataset plugin named. Raises :class:`AnexaError` (one line) for a value that is none of these, a
+    folder without matching files (see :func:`folder_files`), a failed download, or options with no
+    dataset to take them.
     """
     specs = data_specs(data)
     if not specs:
         raise AnexaError("--data is empty: pass a dataset name, a text file, a folder, or an http(s) URL")
+    if options and not set(specs) & set(plugins.registered("datasets")):
+        raise AnexaError("-o data.… sets a dataset plugin's options, but --data names no dataset: drop it")
     files: list[Path] = []
     seen: set[str] = set()
     names = []
     for spec in specs:
-        found, name = _spec_files(spec, globs)
+        found, name = _spec_files(spec, globs, options)
         names.append(name)
         for path in found:
             key = os.path.realpath(path)

@@ -264,7 +264,7 @@ def prepare_data(train_config: TrainConfig, block_size: int, tokenizer=None, pro
     memory does not grow with the corpus. Raises :class:`AnexaError` for unusable data (one line) and
     for a corpus with too few tokens for ``block_size``.
     """
-    corpus = data.resolve_corpus(train_config.data, train_config.data_glob)
+    corpus = data.resolve_corpus(train_config.data, train_config.data_glob, train_config.data_options)
     digests = tokens.file_digests(corpus.files, progress)
     if tokenizer is None:
         tokenizer, options = tokens.trained_tokenizer(

@@ -153,6 +153,7 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(help="Override the preset's batch size.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 (default: the preset's, auto).")] = None,
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Time a plain nanoGPT-style loop beside.")] = True,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the step (warm-up includes compiling).")] = False,
     device: Device = "auto",
     json_path: Json = None,
 ) -> None:
@@ -161,7 +162,7 @@ def train(
 
     rows = bench.bench_train(
         preset=preset, attention=attention, steps=steps, batch_size=batch_size, device=device,
-        reference=reference, precision=precision,
+        reference=reference, precision=precision, compile=compile,
     )
     first = rows[0]
     tokens = f"{first['batch_size']}×{first['block_size']} tokens"

@@ -56,8 +56,8 @@ TyperOption.display_type_rich = _no_flag_metavar
 MAX_INT = 2**53  # as anexa_core.config.MAX_INT (importing it here would be fine, but keep --help lean)
 
 OPTION_HELP = (
-    "Plugin option, repeatable: KIND.OPTION=VALUE for the attention, blocks, tokenizer or optimizer "
-    "plugin (-o attention.window=64 -o blocks.rope_theta=500000). `anexa plugins` lists every option."
+    "Plugin option, repeatable: KIND.OPTION=VALUE for the attention, blocks, tokenizer, optimizer or data "
+    "(dataset) plugin (-o attention.window=64 -o blocks.rope_theta=500000). `anexa plugins` lists every option."
 )
 Model = Annotated[
     Optional[Path],

@@ -81,3 +81,31 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """No test touches the user's cache (downloads, token ids): each gets an empty one, outside its
     tmp_path so that tests listing their folder do not see it."""
     monkeypatch.setenv("ANEXA_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to reach the network fails the test."""
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unexpected network access")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+@pytest.fixture
+def register_plugin():
+    """Register plugin objects on the live plugin manager for one test, then remove them."""
+    from anexa_core import plugins
+
+    manager = plugins.plugin_manager()
+    added = []
+
+    def register(obj, name):
+        manager.register(obj, name=name)
+        added.append(obj)
+
+    yield register
+    for obj in added:
+        manager.unregister(obj)

@@ -61,3 +61,17 @@ def require_distribution(name: str, folder: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+def user_error(args, match: str) -> str:
+    """Run the CLI with ``args``: exit code 2 and exactly one line on stderr, starting ``error:`` and
+    naming the problem (``match``); never a traceback. Returns the line."""
+    from anexa_cli.main import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], result.stderr
+    return lines[0]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from anexa_cli.main import app
+from helpers import user_error
 from typer.testing import CliRunner
 
 runner = CliRunner()
@@ -27,16 +28,6 @@ def run_dir(sherlock_path, tmp_path_factory):
     )
     assert result.exit_code == 0, result.output
     return out
-
-
-def _user_error(args, match):
-    """Exit code 2 and exactly one line on stderr that names the problem; never a traceback."""
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.output
-    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], result.stderr
-    return result
 
 
 def test_train_writes_a_run_folder(run_dir):
@@ -147,12 +138,12 @@ def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path, run_dir, sherlo
         args = [*args, "--out", str(tmp_path / "run")]
         if "--data" not in args:
             args += ["--data", str(sherlock_path)]
-    _user_error(args, match)
+    user_error(args, match)
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 def test_unseen_prompt_characters(run_dir):
-    _user_error(["generate", "naïve ☃", "--model", str(run_dir)], "never seen in training")
+    user_error(["generate", "naïve ☃", "--model", str(run_dir)], "never seen in training")
 
 
 @pytest.mark.parametrize("content,match", [(b"", "is empty"), (b"  \n\t ", "is empty"),
@@ -160,14 +151,14 @@ def test_unseen_prompt_characters(run_dir):
 def test_bad_corpus(tmp_path, content, match):
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(content)
-    _user_error(["train", "--data", str(corpus), "--out", str(tmp_path / "run")], match)
+    user_error(["train", "--data", str(corpus), "--out", str(tmp_path / "run")], match)
     assert not (tmp_path / "run").exists()
 
 
 def test_corrupt_checkpoint(tmp_path, run_dir):
     broken = tmp_path / "model.safetensors"
     broken.write_bytes((run_dir / "model.safetensors").read_bytes()[:300])
-    _user_error(["generate", "x", "--model", str(broken)], "corrupt")
+    user_error(["generate", "x", "--model", str(broken)], "corrupt")
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from anexa_cli.main import app
+from helpers import user_error
 from typer.testing import CliRunner
 
 from anexa_core import AnexaError, data, hookimpl, plugins, tokens
@@ -342,15 +343,6 @@ def test_a_file_rewritten_while_being_read_is_refused(library, monkeypatch):
 # --- bad inputs through the CLI: one line, exit 2 -------------------------------------------------
 
 
-def _user_error(args, match):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.output
-    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], result.stderr
-    return lines[0]
-
-
 TRAIN = ["train", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--steps", "2",
          "--eval-every", "2", "--batch-size", "2", "--device", "cpu"]
 
@@ -358,21 +350,21 @@ TRAIN = ["train", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-
 def test_bad_folders_give_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    _user_error([*TRAIN, "--data", str(empty), "--out", str(tmp_path / "r1")],
-                f"folder {empty} holds no files matching *.txt, *.md (0 other files): pass --glob")
+    user_error([*TRAIN, "--data", str(empty), "--out", str(tmp_path / "r1")],
+               f"folder {empty} holds no files matching *.txt, *.md (0 other files): pass --glob")
     binaries = tmp_path / "binaries"
     binaries.mkdir()
     for i in range(3):
         (binaries / f"blob{i}.bin").write_bytes(bytes(range(256)))
-    _user_error([*TRAIN, "--data", str(binaries), "--out", str(tmp_path / "r2")], "(3 other files)")
-    line = _user_error([*TRAIN, "--data", str(binaries), "--glob", "*.bin", "--out", str(tmp_path / "r3")],
-                       "looks binary (it contains NUL bytes): it must be UTF-8 text")
+    user_error([*TRAIN, "--data", str(binaries), "--out", str(tmp_path / "r2")], "(3 other files)")
+    line = user_error([*TRAIN, "--data", str(binaries), "--glob", "*.bin", "--out", str(tmp_path / "r3")],
+                      "looks binary (it contains NUL bytes): it must be UTF-8 text")
     assert "blob0.bin" in line
     blank = tmp_path / "blank"
     blank.mkdir()
     (blank / "a.txt").write_text("  \n", encoding="utf-8")
     (blank / "b.md").write_text("", encoding="utf-8")
-    _user_error([*TRAIN, "--data", str(blank), "--out", str(tmp_path / "r4")], "is empty")
+    user_error([*TRAIN, "--data", str(blank), "--out", str(tmp_path / "r4")], "is empty")
 
 
 def test_a_file_that_disappears_midway_gives_one_line(library, monkeypatch, tmp_path):
@@ -385,7 +377,7 @@ def test_a_file_that_disappears_midway_gives_one_line(library, monkeypatch, tmp_
         return digests
 
     monkeypatch.setattr(tokens, "file_digests", then_delete)
-    _user_error([*TRAIN, "--data", str(library), "--out", str(tmp_path / "run")],
+    user_error([*TRAIN, "--data", str(library), "--out", str(tmp_path / "run")],
                 f"corpus file {doomed} not found")
 
 
@@ -403,10 +395,7 @@ def test_cli_trains_on_several_data_values_with_a_glob(library, tmp_path):
 
 
 @pytest.fixture
-def register_dataset():
-    manager = plugins.plugin_manager()
-    added = []
-
+def register_dataset(register_plugin):
     def register(name, factory):
         class Plugin:
             @staticmethod
@@ -414,22 +403,11 @@ def register_dataset():
             def register_datasets(register):
                 register(name, factory)
 
-        manager.register(Plugin, name=f"test-{name}")
-        added.append(Plugin)
+        register_plugin(Plugin, f"test-{name}")
 
-    yield register
-    for plugin in added:
-        manager.unregister(plugin)
+    return register
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    import urllib.request
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("unexpected network access")
-
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
 def test_the_cache_header_describes_the_ids(library):

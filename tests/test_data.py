@@ -3,7 +3,6 @@
 import hashlib
 import http.server
 import lzma
-import shutil
 import socket
 import threading
 import time
@@ -85,14 +84,6 @@ def server(sherlock_bytes, monkeypatch):
     served.close()
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to reach the network fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("unexpected network access")
-
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
 def _files_under(folder):

@@ -1,5 +1,6 @@
 """Optimizer plugins, precision, the time budget (--minutes) and the loss plot."""
 
+import dataclasses
 import json
 import time
 
@@ -66,8 +67,8 @@ def test_precision_auto_uses_bf16_only_where_the_hardware_has_it(monkeypatch):
 def test_bf16_training_follows_the_fp32_loss_curve(sherlock_path, tmp_path):
     """Autocast keeps weights, optimizer state and the loss in float32: 40 steps land within noise."""
     config = _config(sherlock_path, steps=40, eval_every=40, eval_batches=8, save_every=40)
-    fp32 = train(SMALL, config.__class__(**{**config.__dict__, "precision": "fp32"}), tmp_path / "fp32")
-    bf16 = train(SMALL, config.__class__(**{**config.__dict__, "precision": "bf16"}), tmp_path / "bf16")
+    fp32 = train(SMALL, dataclasses.replace(config, precision="fp32"), tmp_path / "fp32")
+    bf16 = train(SMALL, dataclasses.replace(config, precision="bf16"), tmp_path / "bf16")
     assert bf16.val_loss == pytest.approx(fp32.val_loss, abs=0.03), (fp32.val_loss, bf16.val_loss)
 
 

@@ -31,19 +31,6 @@ TINY_TRAIN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size
               "--steps", "4", "--eval-every", "4", "--device", "cpu"]
 
 
-@pytest.fixture
-def register_plugin():
-    """Register plugin objects on the live manager for one test, then remove them."""
-    manager = plugins.plugin_manager()
-    added = []
-
-    def register(obj, name):
-        manager.register(obj, name=name)
-        added.append(obj)
-
-    yield register
-    for obj in added:
-        manager.unregister(obj)
 
 
 # --- the built-ins --------------------------------------------------------------------------------
@@ -207,6 +194,40 @@ def test_registered_plugin_object_is_listed(register_plugin):
     register_plugin(Extra(), "extra-plugin")
     listed = {p["name"]: p for p in plugins.describe_plugins()}
     assert listed["extra-plugin"]["registers"] == {"attention": ["extra"]}
+
+
+def test_dataset_plugins_take_options_too(register_plugin, tmp_path):
+    from dataclasses import dataclass
+
+    from anexa_core import LocalText
+    from anexa_core.config import resolve
+    from anexa_core.data import resolve_corpus
+
+    @dataclass
+    class Echo:
+        times: int = 1
+
+        def files(self):
+            path = tmp_path / f"echo-{self.times}.txt"
+            path.write_text("echo\n" * self.times, encoding="utf-8")
+            return LocalText(path).files()
+
+        description = "a line, repeated"
+
+    class EchoPlugin:
+        @hookimpl
+        def register_datasets(self, register):
+            register("echo", Echo)
+
+    register_plugin(EchoPlugin(), "echo-plugin")
+    _, config = resolve("seed", overrides={"data": "echo"}, plugin_options={"data": {"times": "3"}})
+    assert config.data_options == {"times": "3"}
+    corpus = resolve_corpus("echo", options=config.data_options)
+    assert corpus.files[0].read_text() == "echo\n" * 3
+    with pytest.raises(AnexaError, match="dataset echo option times must be an integer"):
+        resolve_corpus("echo", options={"times": "many"})
+    with pytest.raises(AnexaError, match="--data names no dataset"):
+        resolve_corpus(str(corpus.files[0]), options={"times": "2"})
 
 
 def test_blocks_build_with_the_public_cache_api():

@@ -3,7 +3,6 @@ it passes the conformance kit, the bench labels it "not exact", and a model trai
 CLI keeps its window in the checkpoint for generate and --resume."""
 
 import importlib.metadata
-import json
 import os
 import subprocess
 import sys

@@ -92,3 +92,10 @@ def test_top_k_one_is_greedy(topk_installed):
 def test_bad_k_is_an_error(topk_installed, spec, message):
     with pytest.raises(AnexaError, match=message):
         build_chain([spec])
+
+
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_top_k_passes_the_conformance_kit(topk_installed, k):
+    from anexa_core import testing
+
+    testing.check_sampler(registered("samplers")["top_k"].obj, k=k)
