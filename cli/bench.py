@@ -51,7 +51,7 @@ def _number(key: str, spec: str, scale: float = 1.0):
 
 def _print_table(title: str, columns: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """``columns`` maps a header to a row key (printed as is) or to a function of the row."""
-    from rich.console import Console
+    from anexa_cli.console import console as make_console
     from rich.table import Table
 
     table = Table(title=title)
@@ -60,7 +60,7 @@ def _print_table(title: str, columns: dict[str, Any], rows: list[dict[str, Any]]
         table.add_column(header, justify="left" if text else "right", no_wrap=text)
     for row in rows:
         table.add_row(*(str(row[cell]) if isinstance(cell, str) else cell(row) for cell in columns.values()))
-    Console().print(table)
+    make_console().print(table)
 
 
 def _fallback_ran(row: dict[str, Any]) -> bool:

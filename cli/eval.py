@@ -29,11 +29,11 @@ def evaluate(
     seen, and to compare runs on the same text.
     """
     from anexa_cli.progress import DataProgress
-    from rich.console import Console
+    from anexa_cli.console import console as make_console
 
     from anexa_core import checkpoint, data as corpora, evaluation, training
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     torch_device = training.pick_device(device)
     model, tokenizer, meta = checkpoint.load_model(run, torch_device)
     result, described = evaluation.evaluate_text(
@@ -56,4 +56,4 @@ def evaluate(
     table.add_row("characters", f"{result.characters:,}")
     table.add_row("windows", f"{result.windows:,} × {result.window} tokens, stride {result.stride}")
     table.add_row("files", f"{described['files']:,}")
-    Console().print(table)
+    make_console().print(table)

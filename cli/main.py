@@ -154,8 +154,8 @@ class _Interrupts:
 def train(
     data: Annotated[Optional[list[str]], typer.Option(help="Dataset name (sherlock, tinyshakespeare, …), text file, folder (its *.txt and *.md files, recursively) or URL; repeat for several. Tokenized once, then read from the cache. \\[default: sherlock, shipped with Anexa]")] = None,
     glob: Annotated[Optional[list[str]], typer.Option("--glob", help="Files a --data folder contributes, repeatable (matched from the right: '*.txt' at any depth). \\[default: *.txt, *.md]")] = None,
-    preset: Annotated[str, typer.Option(help="Model size: seed (~0.8M parameters) or small (~10.7M).")] = "seed",
-    config: Annotated[Optional[Path], typer.Option(help="TOML file overriding the preset ([model], [train], [attention], …).")] = None,
+    preset: Annotated[str, typer.Option(help="seed (~0.8M parameters, GPT-2 blocks), fast (~0.8M, LLaMA blocks + Muon: the most per minute) or small (~10.7M).")] = "seed",
+    config: Annotated[Optional[Path], typer.Option(help="TOML file overriding the preset (tables \\[model], \\[train], \\[attention], …).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer plugin: char, bpe, … \\[default: char]")] = None,
     vocab_size: Annotated[Optional[int], typer.Option(help="Shorthand for -o tokenizer.vocab_size=N (bpe). \\[default: 1024]")] = None,
     attention: Annotated[Optional[str], typer.Option(help="Attention plugin: sdpa, math, triton, … \\[default: sdpa]")] = None,
@@ -186,7 +186,7 @@ def train(
 ) -> None:
     """Train a GPT on a text corpus and write it into a run folder (model, best model, training state)."""
     from anexa_cli.progress import reporter_for
-    from rich.console import Console
+    from anexa_cli.console import console as make_console
 
     from anexa_core import config as configs
     from anexa_core import training
@@ -209,7 +209,7 @@ def train(
         model_config, train_config = configs.resolve(preset, config, overrides, plugin_options)
         first_data = train_config.data if isinstance(train_config.data, str) else train_config.data[0]
         out_dir = out or _default_out(first_data, preset)
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     with _Interrupts(console) as interrupts:
         try:
             result = training.train(
@@ -379,7 +379,7 @@ def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
                 plugin.pop("traceback")
         typer.echo(json.dumps({"plugins": described, "conflicts": clashes}, indent=2))
         return
-    from rich.console import Console
+    from anexa_cli.console import console as make_console
     from rich.table import Table
 
     table = Table("plugin", "distribution", "version", "status", "registers (options)")
@@ -394,7 +394,7 @@ def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
             parts.append(f"{kind}: {', '.join(shown)}")
         status = plugin["status"] if plugin["status"] == "loaded" else f"{plugin['status']}: {plugin['error'] or ''}"
         table.add_row(plugin["name"], plugin["distribution"] or "-", plugin["version"] or "-", status, "; ".join(parts))
-    console = Console()
+    console = make_console()
     console.print(table)
     for clash in clashes:
         console.print(f"conflict: {clash['kind']} {clash['name']!r} is registered by {' and '.join(clash['providers'])}",

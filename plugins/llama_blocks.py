@@ -52,8 +52,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, time, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:  # in float32 also under bf16 autocast, as the norm's weights are
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         q, k = rotary(q, positions, self.family.rope_theta), rotary(k, positions, self.family.rope_theta)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # the cache keeps the (fewer) key/value heads
@@ -159,19 +159,18 @@ class Llama:
         return LlamaStack(config, attention, self)
 
     def export_hf(self, config, state_dict):
-        """Hugging Face's ``LlamaForCausalLM``: ``(config.json entries, weights under its names)``.
+        """Hugging Face's ``LlamaForCausalLM``, or ``Qwen3ForCausalLM`` with ``qk_norm`` (Qwen3's attention
+        applies an RMSNorm per head to queries and keys before the rotary embedding, exactly as here):
+        ``(config.json entries, weights under its names)``.
 
         The stack's parameter names are already HF's (under ``model.``) and the rotary layout is HF's
-        "rotate half", so the weights copy as they are. LlamaForCausalLM's MLP is SwiGLU and it has no
-        query/key norm, so ``mlp`` other than ``swiglu`` and ``qk_norm`` raise :class:`AnexaError`.
-        HF's Llama has no residual dropout; at inference that changes nothing.
+        "rotate half", so the weights copy as they are. Both HF families' MLP is SwiGLU, so ``mlp`` other
+        than ``swiglu`` raises :class:`AnexaError`. HF's models have no residual dropout; at inference
+        that changes nothing.
         """
         if self.mlp != "swiglu":
             raise AnexaError(f"blocks 'llama' with mlp={self.mlp!r} cannot be exported to Hugging Face: "
-                             "LlamaForCausalLM's MLP is swiglu only")
-        if self.qk_norm:
-            raise AnexaError("blocks 'llama' with qk_norm=true cannot be exported to Hugging Face: "
-                             "LlamaForCausalLM has no query/key norm")
+                             "LlamaForCausalLM's and Qwen3ForCausalLM's MLP is swiglu only")
         tensors = {"model.embed_tokens.weight": state_dict["wte.weight"]}
         for name, tensor in state_dict.items():
             if name.startswith("blocks."):
@@ -189,6 +188,10 @@ class Llama:
             "rope_theta": self.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
         }
+        if self.qk_norm:
+            hf_config.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False,
+                             sliding_window=None, max_window_layers=config.n_layer,
+                             layer_types=["full_attention"] * config.n_layer)
         return hf_config, tensors
 
 

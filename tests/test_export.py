@@ -37,6 +37,7 @@ RUNS = {
     "char": [],
     "bpe": ["--tokenizer", "bpe", "--vocab-size", "400"],
     "llama": ["--blocks", "llama", "-o", "blocks.n_kv_head=1", "-o", "blocks.rope_theta=500", "--config", "untied.toml"],
+    "qknorm": ["--blocks", "llama", "-o", "blocks.qk_norm=true", "--optimizer", "muon", "--config", "untied.toml"],
 }
 
 
@@ -72,7 +73,7 @@ def runs(workdir):
 
 
 @pytest.mark.parametrize("name,architecture", [("char", "GPT2LMHeadModel"), ("bpe", "GPT2LMHeadModel"),
-                                               ("llama", "LlamaForCausalLM")])
+                                               ("llama", "LlamaForCausalLM"), ("qknorm", "Qwen3ForCausalLM")])
 def test_transformers_matches_anexa_logits_greedy_text_and_tokens(runs, name, architecture, workdir):
     run, out = runs[name]
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
@@ -153,8 +154,7 @@ def test_what_cannot_be_exported_says_so_in_one_line(workdir, tmp_path):
     tokenizer, options = plugins.create("tokenizers", "char")
     tokenizer.train(["abc\n"])
     for blocks, blocks_options, reason in [
-        ("llama", {"mlp": "relu2"}, "LlamaForCausalLM's MLP is swiglu only"),
-        ("llama", {"qk_norm": True}, "LlamaForCausalLM has no query/key norm"),
+        ("llama", {"mlp": "relu2"}, "LlamaForCausalLM's and Qwen3ForCausalLM's MLP is swiglu only"),
         ("reference", {}, "defines no export_hf"),
     ]:
         model = build_model(ModelConfig(vocab_size=4, n_layer=1, n_head=2, n_embd=8, block_size=8, blocks=blocks,
@@ -172,6 +172,7 @@ def test_what_cannot_be_exported_says_so_in_one_line(workdir, tmp_path):
 
 
 @pytest.mark.parametrize("blocks,options,tie", [("llama", {"n_kv_head": 2, "mlp_hidden": 48}, True),
+                                                 ("llama", {"qk_norm": True, "n_kv_head": 2}, False),
                                                  ("gpt2", {"bias": False}, False)])
 def test_an_untrained_checkpoint_exports_with_a_card_that_says_so(tmp_path, blocks, options, tie):
     """Saved without training: the card has no command; a tied llama, gpt2 without biases (exported as

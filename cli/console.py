@@ -1,0 +1,12 @@
+"""The rich consoles the commands print through."""
+
+from rich.console import Console
+
+PIPE_WIDTH = 160
+"""Columns for output that is not a terminal (a pipe, a log): rich's default 80 squeezes tables to '…'."""
+
+
+def console(stderr: bool = False) -> Console:
+    """A console on stdout (or stderr); wider than 80 columns when it is not a terminal."""
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=True)
