@@ -1,4 +1,4 @@
-"""Shared fixtures. Real books from ../shared/data (or $ANEXA_DATA_DIR) when present; made-up text otherwise."""
+"""Shared fixtures. Real books from ../shared/data (or $ANEXA_DATA_DIR) when present; else the packaged Sherlock."""
 
 import os
 from pathlib import Path
@@ -51,28 +51,25 @@ def _book(name: str, tmp_path_factory) -> Path:
         return path
     if os.environ.get("CI"):
         pytest.fail(f"CI must test on the real books, but {path} is missing")
-    # A fresh clone without ../shared: a small made-up corpus with the same flavour.
+    # A fresh clone without ../shared: the copy of Sherlock that ships inside the package (hash-checked),
+    # for either book; the tests need real prose (its characters, its double spaces), not its title.
+    import lzma
+
+    packaged = REPO / "plugins" / "data" / "sherlock.txt.xz"
     made = tmp_path_factory.mktemp("data") / name
-    sentences = [
-        "Sherlock Holmes looked at me with a smile.",
-        "\"You have been in Afghanistan, I perceive,\" said he.",
-        "The fog rolled down Baker Street, thick and yellow.",
-        "Watson, come at once if convenient; if inconvenient, come all the same.",
-        "It is a capital mistake to theorize before one has data.",
-    ]
-    made.write_text("\n".join(sentences[i % len(sentences)] for i in range(4000)) + "\n", encoding="utf-8")
+    made.write_bytes(lzma.decompress(packaged.read_bytes()))
     return made
 
 
 @pytest.fixture(scope="session")
 def sherlock_path(tmp_path_factory) -> Path:
-    """The Adventures of Sherlock Holmes, or a stand-in where ../shared is absent."""
+    """The Adventures of Sherlock Holmes: ../shared's copy, or the one inside the package."""
     return _book("sherlock.txt", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def shakespeare_path(tmp_path_factory) -> Path:
-    """tinyshakespeare, or a stand-in where ../shared is absent."""
+    """tinyshakespeare, or (where ../shared is absent) the packaged Sherlock standing in for it."""
     return _book("tinyshakespeare.txt", tmp_path_factory)
 
 

@@ -1,9 +1,11 @@
 """Small builders shared by tests."""
 
+import contextlib
 import dataclasses
 
 import torch
 
+from anexa_core import hookimpl
 from anexa_core.config import ModelConfig
 from anexa_core.model import build_model
 
@@ -75,3 +77,38 @@ def user_error(args, match: str) -> str:
     assert "Traceback" not in result.output
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], result.stderr
     return lines[0]
+
+
+@contextlib.contextmanager
+def registered(plugin, name: str):
+    """``plugin`` (an object with ``@hookimpl`` methods) registered on the live plugin manager for the
+    ``with`` block only."""
+    from anexa_core import plugins
+
+    manager = plugins.plugin_manager()
+    manager.register(plugin, name=name)
+    try:
+        yield plugin
+    finally:
+        manager.unregister(plugin)
+
+
+@dataclasses.dataclass
+class Scaled:
+    """Attention ``scaled``: exact attention of ``factor``·q — an attention with an option that changes
+    the output, to see options travel."""
+
+    factor: float = 1.0
+
+    def __call__(self, q, k, v, *, causal):
+        from anexa_core.testing import reference_attention
+
+        return reference_attention(q * self.factor, k, v, causal=causal).to(q.dtype)
+
+
+class ScaledPlugin:
+    """Registers :class:`Scaled` (use with :func:`registered`)."""
+
+    @hookimpl
+    def register_attention(self, register):
+        register("scaled", Scaled)

@@ -202,3 +202,12 @@ def test_generate_text_passes_the_context_policy_on():
         texts[policy] = "".join(generate_text(model, tokenizer, "abc", 40, chain, seed=0, context=policy))
         assert texts[policy] == tokenizer.decode(list(ids))
     assert texts["shift"] != texts["sliding"], "past the window the policies should differ for this test to mean anything"
+
+
+def test_generate_text_without_a_seed_draws_from_torchs_global_generator():
+    model, tokenizer = tiny_model(seed=13), _tokenizer()
+    chain = build_chain(["temperature=2"])
+    torch.manual_seed(21)
+    text = "".join(generate_text(model, tokenizer, "abc", 30, chain))
+    torch.manual_seed(21)
+    assert text == tokenizer.decode(generate_ids(model, tokenizer.encode("abc"), 30, chain))

@@ -198,12 +198,25 @@ def test_fewer_queries_than_keys(t_q, t_k, head_dim, dtype, causal, poisoned, fi
 
 
 @needs_triton
-@pytest.mark.parametrize("kv_offset", [1, 2, 30, 31, 33, 62, 63, 65, 126, 127, 129])
-def test_causal_tile_boundaries(kv_offset, poisoned, first_candidate_only):
+@pytest.mark.parametrize("kv_offset", [1, 2, 31, 32, 33, 62, 63, 64, 65, 126, 127, 128, 129])
+@pytest.mark.parametrize("t_q", [63, 64, 70])
+def test_causal_tile_boundaries(t_q, kv_offset, poisoned, first_candidate_only):
     """Which key tiles count as fully visible, masked or skipped depends on Tk - Tq modulo the tile
-    sizes (32, 64, 128): offsets just below, at and above those multiples catch off-by-one splits."""
+    sizes (32, 64, 128; 64 in the interpreter), and which query tiles are full on Tq: offsets just below,
+    at and above those multiples, with a last query tile one row short, exact and ragged, catch
+    off-by-one splits. Each off-by-one planted in the diagonal or tail bounds of the three kernels
+    (docs/testing.md) fails at least three of these cases; with Tq = 70 alone, some failed only one."""
     first_candidate_only(torch.float32, 32)
-    check_against_reference(1, 1, 70, 70 + kv_offset, 32, True, torch.float32, poisoned)
+    check_against_reference(1, 1, t_q, t_q + kv_offset, 32, True, torch.float32, poisoned)
+
+
+@needs_triton
+@pytest.mark.parametrize("t_q, t_k", [(17, 63), (64, 127), (130, 63)])
+def test_key_tail_one_short_of_a_tile_without_mask(t_q, t_k, poisoned, first_candidate_only):
+    """Without the causal band only the key count bounds the full tiles: Tk one short of a multiple of
+    the tile must still mask its last tile."""
+    first_candidate_only(torch.float32, 32)
+    check_against_reference(1, 1, t_q, t_k, 32, False, torch.float32, poisoned)
 
 
 @needs_triton
@@ -302,19 +315,32 @@ def test_non_contiguous_inputs(poisoned, first_candidate_only):
 
 @needs_triton
 def test_trains_through_the_kernel(first_candidate_only):
-    """A few optimiser steps on a loss through the kernel lower it: the autograd wiring is usable."""
+    """Optimiser steps through the kernel follow the same trajectory as through the float64 reference:
+    through .backward() and .grad (not only autograd.grad), step after step, the loss falling."""
     first_candidate_only(torch.float32, 32)
-    q, k, v = (torch.randn(1, 2, 20, 32, device=DEVICE, requires_grad=True) for _ in range(3))
+    start = [torch.randn(1, 2, 20, 32, device=DEVICE) for _ in range(3)]
     target = torch.randn(1, 2, 20, 32, device=DEVICE)
-    optimizer = torch.optim.SGD([q, k, v], lr=0.5)
-    losses = []
-    for _ in range(3):
-        loss = (flash_attention(q, k, v, causal=True) - target).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+
+    def trajectory(attend, dtype):
+        leaves = [t.clone().to(dtype).requires_grad_() for t in start]
+        optimizer = torch.optim.SGD(leaves, lr=0.5)
+        losses = []
+        for _ in range(4):
+            loss = (attend(*leaves) - target.to(dtype)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses, leaves
+
+    losses, leaves = trajectory(lambda q, k, v: flash_attention(q, k, v, causal=True), torch.float32)
+    want_losses, want_leaves = trajectory(lambda q, k, v: reference_attention(q, k, v, True), torch.float64)
+    assert losses == pytest.approx(want_losses, rel=1e-5)
     assert losses[-1] < losses[0]
+    for name, got, want in zip("qkv", leaves, want_leaves):
+        assert got.grad is not None and got.grad.dtype == torch.float32, name
+        assert relative_error(got.detach(), want.detach()) < 1e-5, name
+        assert relative_error(got.grad, want.grad) < 1e-4, name
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import TINY, Greedy, attention, loaded_tokenizer, tiny_model
 
-from anexa_core import checkpoint, plugins
+from anexa_core import checkpoint
 from anexa_core.errors import AnexaError
 from anexa_core.generation import generate_ids
 from anexa_core.model import KVCache

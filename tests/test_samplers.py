@@ -1,17 +1,15 @@
 """The sampling chain: each built-in processor on hand-made logits, chain order, seeding, stop strings."""
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
 import torch
 from anexa_plugins.samplers import Greedy, MinP, RepetitionPenalty, Temperature, TopP
-from helpers import require_distribution
+from helpers import registered, require_distribution
 
 from anexa_core import AnexaError, hookimpl
-from anexa_core.plugins import plugin_manager
 from anexa_core.sampling import (
     SamplerChain,
     StopStrings,
@@ -67,6 +65,9 @@ def test_min_p_is_relative_to_the_top_probability():
     assert kept(MinP(0.2)(logits, torch.zeros(2, 0, dtype=torch.long))) == [[0, 1], [0, 1, 2, 3]]
     assert kept(MinP(0.0)(logits, torch.zeros(2, 0, dtype=torch.long))) == [[0, 1, 2, 3]] * 2
     assert kept(MinP(1.0)(logits, torch.zeros(2, 0, dtype=torch.long))) == [[0], [0, 1]]
+    # Each row against its own top: 0.5 × 0.9 would cut the second row to one token, 0.5 × 0.4 keeps all.
+    logits = torch.tensor([[0.9, 0.05, 0.05], [0.4, 0.3, 0.3]]).log()
+    assert kept(MinP(0.5)(logits, torch.zeros(2, 0, dtype=torch.long))) == [[0], [0, 1, 2]]
 
 
 def test_repetition_penalty_divides_positive_multiplies_negative_within_the_window():
@@ -194,6 +195,54 @@ def test_a_batch_where_the_chain_leaves_rows_different_numbers_of_candidates():
     assert set(flat_picks.tolist()) == {0, 1, 2}
     for token in range(3):
         assert math.isclose((flat_picks == token).float().mean().item(), 1 / 3, abs_tol=0.04)
+
+
+@dataclass
+class CertainOf:
+    """Breaks the contract on purpose: +inf for ``tokens[i % len(tokens)]`` in row i (none where empty)."""
+
+    tokens: tuple = ()
+    order: ClassVar[int] = 60
+
+    def __call__(self, logits, context):
+        out = logits.clone()
+        for row in range(out.size(0)):
+            out[row, list(self.tokens[row % len(self.tokens)])] = float("inf")
+        return out
+
+
+def test_plus_inf_from_a_processor_makes_those_tokens_the_only_candidates_of_its_row_only():
+    rows = 3000
+    chain = SamplerChain([CertainOf(tokens=((3,), (1, 4), ()))])
+    logits = torch.tensor([[0.0, 5.0, 1.0, -2.0, 0.5, 2.0]]).expand(rows, 6)  # token 1 is the likeliest
+    picks = chain.pick(logits, torch.zeros(rows, 0, dtype=torch.long), torch.Generator().manual_seed(2)).flatten()
+    assert (picks[0::3] == 3).all()
+    both = picks[1::3]
+    assert set(both.tolist()) == {1, 4} and math.isclose((both == 4).float().mean().item(), 0.5, abs_tol=0.04)
+    free = picks[2::3]
+    assert math.isclose((free == 1).float().mean().item(), logits[0].softmax(-1)[1].item(), abs_tol=0.03)
+    assert len(set(free.tolist())) == 6
+    one_each = SamplerChain([CertainOf(tokens=((2,), (0,)))])  # every row decided: the argmax, no draw
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    assert one_each.pick(torch.zeros(4, 3), torch.zeros(4, 0, dtype=torch.long), generator).flatten().tolist() == [
+        2, 0, 2, 0]
+    assert torch.equal(generator.get_state(), state)
+
+
+@dataclass
+class Broken:
+    order: ClassVar[int] = 60
+
+    def __call__(self, logits, context):
+        return logits * float("nan")
+
+
+def test_nan_from_a_processor_is_an_error_naming_the_chain():
+    with pytest.raises(AnexaError) as error:
+        SamplerChain([Temperature(0.5), Broken()]).pick(torch.zeros(1, 3), NO_CONTEXT)
+    assert str(error.value) == ("the sampling chain Temperature(value=0.5) → Broken() produced NaN: a sampler plugin "
+                                "is broken; leave it out")
 
 
 def test_the_chain_describes_itself_in_order():
@@ -350,17 +399,6 @@ class BoostPlugin:
         register("boost", Boost)
 
 
-@contextmanager
-def registered(plugin, name):
-    """``plugin`` registered on the live plugin manager for the ``with`` block only."""
-    manager = plugin_manager()
-    manager.register(plugin, name=name)
-    try:
-        yield
-    finally:
-        manager.unregister(plugin)
-
-
 @pytest.fixture
 def boost_plugin():
     with registered(BoostPlugin(), "test-boost"):
@@ -490,5 +528,16 @@ def test_chain_that_removes_every_token_is_an_error():
         def __call__(self, logits, context):
             return torch.full_like(logits, float("-inf"))
 
-    with pytest.raises(AnexaError, match="removed every token: loosen its options"):
+    with pytest.raises(AnexaError) as error:
         SamplerChain([RemoveAll()]).pick(torch.zeros(2, 3), torch.zeros(2, 0, dtype=torch.long))
+    assert str(error.value).startswith("the sampling chain ") and str(error.value).endswith(
+        " removed every token: loosen its options")
+
+    class RemoveSecondRow:
+        order = 60
+
+        def __call__(self, logits, context):
+            return torch.cat([logits[:1], torch.full_like(logits[1:], float("-inf"))])
+
+    with pytest.raises(AnexaError, match="removed every token"):  # one empty row is enough
+        SamplerChain([RemoveSecondRow()]).pick(torch.zeros(2, 3), torch.zeros(2, 0, dtype=torch.long))

@@ -11,7 +11,16 @@ import torch
 from anexa_core import checkpoint
 from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.errors import AnexaError
-from anexa_core.training import SilentReporter, TrainingInterrupted, lr_at, resume_configs, train
+from anexa_core.training import (
+    SilentReporter,
+    TrainingInterrupted,
+    estimate_loss,
+    get_batch,
+    lr_at,
+    prepare_data,
+    resume_configs,
+    train,
+)
 
 ADAMW_DEFAULTS = {"weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
 
@@ -26,12 +35,14 @@ def _train_config(data, **changes):
 
 def test_val_loss_falls_below_bound_on_sherlock(sherlock_path, tmp_path):
     """150 steps of a 0.1M model. On Sherlock a unigram model scores 3.11 nats/char and a bigram model
-    2.42 (both measured on the book); under 2.7 means the model already uses context (measured: 2.49)."""
+    2.42 (both measured on the book). This seed reaches 2.484 (bf16 autocast on a 2-core AVX512-BF16 CPU;
+    2.488 in fp32); seeds 1-7 reach 2.47-2.51. Regressions measured on the same seed: half the learning
+    rate 2.53, no gradient clipping 2.88, post-LayerNorm blocks 3.11 — all above the bound."""
     result = train(SMALL, _train_config(sherlock_path, steps=150, eval_every=50, save_every=150), tmp_path)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [50, 100, 150]
     assert metrics[0]["val_loss"] > metrics[1]["val_loss"] > metrics[2]["val_loss"]
-    assert result.val_loss < 2.7
+    assert result.val_loss < 2.52
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "train_state.safetensors").is_file()
 
 
@@ -86,16 +97,20 @@ def test_same_seed_same_weights_other_seed_differs(sherlock_path, tmp_path):
         ({"blocks": "other"}, {}, "--blocks"),
         ({"block_size": 64}, {}, "--block-size"),
         ({"optimizer": "other"}, {}, "--optimizer"),
+        ({"weight_decay": 0.0}, {}, "--weight-decay"),
+        ({"bias": False}, {}, "--bias"),
         ({}, {"blocks": {"bias": "false"}}, "-o blocks.…"),
         ({}, {"optimizer": {"weight_decay": "0"}}, "-o optimizer.…"),
+        ({"n_layer": 2, "tokenizer": "bpe"}, {}, "--n-layer, --tokenizer"),
     ],
 )
 def test_resume_refuses_what_would_change_the_checkpoints_meaning(sherlock_path, tmp_path, flags, options, named):
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
     train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
-    with pytest.raises(AnexaError, match=f"cannot change {named} when resuming") as caught:
+    with pytest.raises(AnexaError) as caught:
         resume_configs(tmp_path, flags, options)
-    assert "\n" not in str(caught.value)
+    assert str(caught.value) == (f"cannot change {named} when resuming {tmp_path}: it would change what the "
+                                 "checkpoint means; start a new run instead (without --resume)")
 
 
 def test_resume_allows_what_does_not_change_the_meaning(sherlock_path, tmp_path):
@@ -103,6 +118,14 @@ def test_resume_allows_what_does_not_change_the_meaning(sherlock_path, tmp_path)
     train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
     same = resume_configs(tmp_path, {"n_layer": 1, "steps": 4, "attention": "math", "tokenizer": "char"})
     assert same[0].attention == "math" and same[1].steps == 4
+    # Shorthands for plugin options are compared with the option recorded for the plugin.
+    unchanged = resume_configs(tmp_path, {"weight_decay": 0.1, "beta2": 0.99, "bias": True, "n_head": None})
+    assert unchanged[1].optimizer_options == ADAMW_DEFAULTS and unchanged[0].blocks_options == {"bias": True}
+    assert unchanged[0].n_head == 2  # a flag not given (None) changes nothing
+    other = resume_configs(tmp_path, {"attention": "sdpa"}, {"attention": {}})
+    assert other[0].attention == "sdpa" and other[0].attention_options == {}
+    with pytest.raises(AnexaError, match=r"^unknown setting 'frobnicate' in flags: use one of "):
+        resume_configs(tmp_path, {"frobnicate": 1})
     with pytest.raises(AnexaError, match="already reached step 2"):
         train(*resume_configs(tmp_path, {}), tmp_path, resume=True)
 
@@ -162,8 +185,10 @@ def test_a_run_folder_is_never_overwritten_without_overwrite(sherlock_path, tmp_
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
     train(tiny, _train_config(sherlock_path, steps=4, eval_every=4, save_every=4), tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(AnexaError, match="already holds a trained run: continue it with `anexa train --resume"):
+    with pytest.raises(AnexaError) as error:
         train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
+    assert str(error.value) == (f"{tmp_path} already holds a trained run: continue it with `anexa train --resume "
+                                f"{tmp_path}`, replace it with --overwrite, or pass another --out")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path, overwrite=True)
     assert checkpoint.read_metadata(tmp_path / "model.safetensors")["step"] == 2
@@ -181,7 +206,8 @@ def test_stop_request_saves_the_step_and_resume_equals_an_uninterrupted_run(sher
 
     with pytest.raises(TrainingInterrupted) as stopped:
         train(model_config, config, tmp_path / "stopped", stop_requested=stop_at_step_3)
-    assert stopped.value.step == 3 and stopped.value.saved
+    assert stopped.value.step == 3 and stopped.value.saved and stopped.value.out_dir == tmp_path / "stopped"
+    assert str(stopped.value) == "interrupted at step 3"
     assert checkpoint.load_train_state(tmp_path / "stopped").step == 3
     train(*resume_configs(tmp_path / "stopped", {}), tmp_path / "stopped", resume=True)
     train(model_config, config, tmp_path / "straight")
@@ -212,3 +238,539 @@ def test_corpus_too_small_for_context(tmp_path):
     with pytest.raises(AnexaError, match="too few for block_size 64"):
         train(SMALL, _train_config(small), tmp_path / "run")
     assert not (tmp_path / "run" / checkpoint.MODEL_FILE).exists()
+
+
+# --- which data each part of the loop reads -------------------------------------------------------
+
+
+def test_the_logged_losses_are_each_splits_loss_recomputed_from_the_saved_model(sherlock_path, tmp_path):
+    """val_loss is the model's loss on the validation split (the last 10% of the ids), train_loss on the
+    training split, each over its own fixed windows: recomputing them from model.safetensors gives the
+    logged numbers, and scoring the other split does not."""
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    config = _train_config(sherlock_path, steps=20, eval_every=20, save_every=20, warmup_steps=2)
+    train(tiny, config, tmp_path)
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    meta = checkpoint.read_metadata(tmp_path / "model.safetensors")
+    model, tokenizer, _ = checkpoint.load_model(tmp_path / "model.safetensors")
+    _, _, _, train_ids, val_ids = prepare_data(config, 32, tokenizer)
+    cpu = torch.device("cpu")
+    val = estimate_loss(model, val_ids, config, cpu, config.seed + 3)
+    training = estimate_loss(model, train_ids, config, cpu, config.seed + 2)
+    assert val == pytest.approx(logged["val_loss"], abs=1e-5) and val == pytest.approx(meta["val_loss"], abs=1e-6)
+    assert training == pytest.approx(logged["train_loss"], abs=1e-5)
+    for wrong in (estimate_loss(model, train_ids, config, cpu, config.seed + 3),
+                  estimate_loss(model, val_ids, config, cpu, config.seed + 2)):
+        assert abs(wrong - logged["val_loss"]) > 1e-3 and abs(wrong - logged["train_loss"]) > 1e-3
+
+
+def test_the_split_is_the_first_90_percent_of_the_token_stream_and_the_rest(tmp_path):
+    text = "".join(f"line {i}: the quick brown fox\n" for i in range(400))
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    config = TrainConfig(data=str(tmp_path / "corpus.txt"))
+    name, tokenizer, options, train_ids, val_ids = prepare_data(config, 32)
+    ids = tokenizer.encode(text)
+    assert name == "corpus" and options == {}
+    assert len(train_ids) == int(0.9 * len(ids))
+    assert train_ids.tolist() == ids[: len(train_ids)] and val_ids.tolist() == ids[len(train_ids) :]
+
+
+def test_batches_are_windows_and_their_next_tokens_anywhere_in_the_ids():
+    """x is block_size consecutive ids, y the same window one later; every start that leaves room for y
+    is drawn, the last one included."""
+    ids = torch.arange(20, dtype=torch.int32) * 3  # values tell the positions apart
+    generator = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(200):
+        x, y = get_batch(ids.numpy(), 16, 4, generator)
+        assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y[:, -1], x[:, -1] + 3)
+        assert torch.equal(x, x[:, :1] + 3 * torch.arange(16))
+        starts |= set((x[:, 0] // 3).tolist())
+    assert starts == {0, 1, 2}  # 20 ids, windows of 16 + 1: starts 0..3 would leave y no last id at 3
+
+
+def test_evaluation_is_the_mean_over_fixed_batches_and_leaves_the_mode_alone():
+    from helpers import TINY, tiny_model
+
+    model = tiny_model(seed=2, dropout=0.5).train()
+    ids = torch.randint(0, TINY.vocab_size, (500,), generator=torch.Generator().manual_seed(1))
+    config = TrainConfig(batch_size=3, eval_batches=4, precision="fp32")
+    generator = torch.Generator().manual_seed(9)
+    expected = []
+    for _ in range(4):
+        x, y = get_batch(ids, TINY.block_size, 3, generator)
+        model.eval()
+        expected.append(model(x, y)[1].item())
+    model.train()
+    loss = estimate_loss(model, ids, config, torch.device("cpu"), seed=9)
+    assert loss == pytest.approx(sum(expected) / 4, rel=1e-6)
+    assert model.training  # dropout back on for the next step
+    assert estimate_loss(model.eval(), ids, config, torch.device("cpu"), seed=9) == loss and not model.training
+    assert estimate_loss(model, ids, config, torch.device("cpu"), seed=10) != loss
+
+
+# --- several optimizers as one --------------------------------------------------------------------
+
+
+def _two_optimizers():
+    from anexa_core.training import Optimizers
+
+    first, second = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    return Optimizers([torch.optim.SGD([first], lr=0.1), torch.optim.AdamW([second], lr=0.1)]), first, second
+
+
+def test_optimizers_step_and_zero_every_part_like_one_torch_optimizer():
+    optimizers, first, second = _two_optimizers()
+    assert [len(group["params"]) for group in optimizers.param_groups] == [1, 1]
+    (first.sum() + second.sum()).backward()
+    optimizers.step()
+    assert torch.allclose(first, torch.full((2,), 0.9)) and (second < 1).all()
+    optimizers.zero_grad()  # torch's default: gradients become None, not zeros
+    assert first.grad is None and second.grad is None
+    (first.sum() + second.sum()).backward()
+    optimizers.zero_grad(set_to_none=False)
+    assert torch.equal(first.grad, torch.zeros(2)) and torch.equal(second.grad, torch.zeros(3))
+
+
+def test_optimizers_state_round_trips_and_a_wrong_state_is_refused():
+    optimizers, first, second = _two_optimizers()
+    (first.sum() + second.sum()).backward()
+    optimizers.step()
+    state = optimizers.state_dict()
+    again, _, _ = _two_optimizers()
+    again.load_state_dict(state)
+    assert again.state_dict()["optimizers"][1]["state"][0]["step"] == 1
+    for wrong in ({"optimizers": state["optimizers"][:1]}, {"optimizers": "x"}, {}, [state]):
+        with pytest.raises(ValueError) as error:
+            again.load_state_dict(wrong)
+        assert str(error.value) == "expected the state of 2 optimizers"
+
+
+def test_metrics_lines_that_do_not_parse_are_skipped_not_fatal(tmp_path):
+    from anexa_core.training import _read_metrics, _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    assert _read_metrics(path) == []
+    path.write_text('{"step": 1}\n{"step": 2, "val_lo\n{"step": 3}\n{"step": 4}\n{"step": 5', encoding="utf-8")
+    assert _read_metrics(path) == [{"step": 1}, {"step": 3}, {"step": 4}]
+    _truncate_metrics(path, 3)
+    assert path.read_text(encoding="utf-8") == '{"step": 1}\n{"step": 3}\n'
+
+
+def test_resume_of_a_folder_that_holds_no_run_or_an_anexa_01_run_says_so(tmp_path):
+    with pytest.raises(AnexaError) as error:
+        resume_configs(tmp_path, {})
+    assert str(error.value) == (f"{tmp_path} holds no train_state.safetensors: pass the folder of an `anexa train` "
+                                "run that saved at least once")
+    safetensors.torch.save_file({"x": torch.zeros(1)}, tmp_path / checkpoint.STATE_FILE,
+                                metadata={"anexa": json.dumps({"format": "anexa/1", "step": 5})})
+    with pytest.raises(AnexaError, match=rf"^{tmp_path} was trained by anexa 0.1, whose runs cannot be resumed"):
+        resume_configs(tmp_path, {})
+
+
+# --- one training step ----------------------------------------------------------------------------
+
+
+def _step_setup(**changes):
+    from helpers import TINY, tiny_model
+
+    from anexa_core.training import make_optimizer
+
+    model = tiny_model(seed=3).train()
+    config = TrainConfig(lr=1e-2, warmup_steps=0, device="cpu", **changes)
+    ids = torch.randint(0, TINY.vocab_size, (4, TINY.block_size + 1), generator=torch.Generator().manual_seed(4))
+    return model, make_optimizer(model, config), config, ids[:, :-1], ids[:, 1:]
+
+
+def _manual_step(clip, precision):
+    """The step written out: forward at ``precision``, backward, optional clipping, AdamW."""
+    from anexa_core.training import autocast
+
+    model, optimizer, _, x, y = _step_setup()
+    with autocast(torch.device("cpu"), precision):
+        _, loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)
+    optimizer.step()
+    return loss.detach(), model
+
+
+@pytest.mark.parametrize("grad_clip, precision", [(1.0, "fp32"), (0.0, "fp32"), (1e-3, "fp32"), (1.0, "bf16")])
+def test_a_train_step_is_forward_backward_clip_and_step(grad_clip, precision):
+    """grad_clip 0 means no clipping (not clipping to 0); the step runs at the configured precision."""
+    from anexa_core.training import make_train_step
+
+    model, optimizer, config, x, y = _step_setup(grad_clip=grad_clip, precision=precision)
+    loss = make_train_step(model, optimizer, config, torch.device("cpu"))(x, y)
+    want_loss, want_model = _manual_step(grad_clip, precision)
+    assert loss.requires_grad is False and torch.equal(loss, want_loss)
+    for (name, got), want in zip(model.named_parameters(), want_model.parameters()):
+        assert torch.equal(got, want), name
+    if precision == "bf16":  # and bf16 is not fp32 here, or the comparison above proves nothing
+        assert not torch.equal(want_loss, _manual_step(grad_clip, "fp32")[0])
+    if grad_clip == 0.0:
+        _, clipped = _manual_step(1e-3, precision)
+        assert not torch.equal(want_model.wte.weight, clipped.wte.weight)
+
+
+def test_a_train_step_runs_the_given_forward_and_compiles_it_when_asked(monkeypatch):
+    from anexa_core.training import make_train_step
+
+    model, optimizer, config, x, y = _step_setup()
+    calls = []
+
+    class Wrapper(torch.nn.Module):  # as DistributedDataParallel wraps the model
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            calls.append("wrapper")
+            return self.inner(*args)
+
+    wrapper = Wrapper(model)
+    make_train_step(model, optimizer, config, torch.device("cpu"), wrapper)(x, y)
+    assert calls == ["wrapper"]
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or Wrapper(module))
+    compiled_config = dataclasses.replace(config, compile=True)
+    make_train_step(model, optimizer, compiled_config, torch.device("cpu"), wrapper)(x, y)
+    assert compiled == [wrapper] and calls == ["wrapper"] * 3
+    make_train_step(model, optimizer, compiled_config, torch.device("cpu"))(x, y)
+    assert compiled[-1] is model
+
+
+def test_bf16_is_detected_from_either_instruction_set(monkeypatch):
+    from anexa_core.training import cpu_has_bf16
+
+    for capabilities, expected in (({"avx512_bf16": True}, True), ({"amx_bf16": True}, True),
+                                   ({"avx512_bf16": False, "amx_bf16": False}, False), ({}, False)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda c=capabilities: c)
+        assert cpu_has_bf16() is expected, capabilities
+    monkeypatch.delattr(torch.cpu, "get_capabilities")  # an older torch
+    assert cpu_has_bf16() is False
+
+
+# --- the run folder around the loop ---------------------------------------------------------------
+
+
+def test_a_checkpoint_saved_before_the_first_evaluation_records_no_loss_rather_than_nan(sherlock_path, tmp_path):
+    """Ctrl-C at step 1 (the first evaluation is at step 100): the losses are JSON null, not NaN."""
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    with pytest.raises(TrainingInterrupted):
+        train(tiny, _train_config(sherlock_path, steps=10), tmp_path, stop_requested=lambda: True)
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]["anexa"]
+    assert "NaN" not in header
+    meta = json.loads(header)
+    assert meta["step"] == 1 and meta["val_loss"] is None and meta["train_loss"] is None
+    assert meta["best_step"] is None and meta["best_val_loss"] is None
+
+
+def test_metrics_go_to_a_new_nested_folder_and_stale_temp_files_are_removed(sherlock_path, tmp_path):
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    out = tmp_path / "a" / "b" / "run"
+    config = _train_config(sherlock_path, steps=2, eval_every=1, save_every=2)
+    train(tiny, config, out)  # the first evaluation comes before the first save creates the folder
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    (out / ".model.safetensors.4d2f.tmp").write_bytes(b"half a save")  # a save killed by SIGKILL
+    (out / "notes.tmp").write_text("not ours")
+    train(*resume_configs(out, {"steps": 3}), out, resume=True)
+    assert not (out / ".model.safetensors.4d2f.tmp").exists() and (out / "notes.tmp").exists()
+
+
+def test_a_missing_plotting_library_is_logged_not_fatal(monkeypatch, caplog, tmp_path):
+    from anexa_core import plots
+    from anexa_core.training import _plot_losses
+
+    def no_matplotlib(runs, out):
+        raise AnexaError("plotting needs matplotlib")
+
+    monkeypatch.setattr(plots, "plot_runs", no_matplotlib)
+    with caplog.at_level("INFO", logger="anexa"):
+        _plot_losses(tmp_path)
+    assert [r.getMessage() for r in caplog.records] == ["no loss.png: plotting needs matplotlib"]
+
+
+def test_the_save_delay_test_hook(monkeypatch):
+    from anexa_core.training import _save_delay
+
+    monkeypatch.delenv("ANEXA_TEST_SAVE_DELAY", raising=False)
+    assert _save_delay() == 0.0
+    monkeypatch.setenv("ANEXA_TEST_SAVE_DELAY", "")
+    assert _save_delay() == 0.0
+    monkeypatch.setenv("ANEXA_TEST_SAVE_DELAY", "0.25")
+    assert _save_delay() == 0.25
+
+
+# --- plugins are checked before any data is read --------------------------------------------------
+
+
+@pytest.mark.parametrize("model_changes, train_changes, message", [
+    ({"blocks_options": {"bias": "maybe"}}, {}, "blocks gpt2 option bias must be true or false, got 'maybe'"),
+    ({"attention_options": {"window": 3}}, {}, "attention sdpa takes no options, got 'window'"),
+    ({}, {"tokenizer": "bpe", "tokenizer_options": {"vocab_size": 5}}, "--vocab-size 5 does not fit byte-level BPE"),
+    ({}, {"optimizer_options": {"beta1": "high"}}, "optimizer adamw option beta1 must be a finite number, got 'high'"),
+    ({"blocks": "nope"}, {}, "unknown blocks 'nope': choose one of"),
+])
+def test_a_bad_plugin_choice_fails_before_the_data_is_looked_at(tmp_path, model_changes, train_changes, message):
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, **model_changes)
+    config = _train_config(tmp_path / "no-such-corpus.txt", **train_changes)
+    with pytest.raises(AnexaError) as error:
+        train(tiny, config, tmp_path / "run")
+    assert str(error.value).startswith(message), str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def _edit_training_state(run_dir, change):
+    """Rewrite the metadata of ``run_dir``'s training state with ``change(meta)``, tensors unchanged."""
+    path = run_dir / checkpoint.STATE_FILE
+    meta = checkpoint.read_metadata(path)
+    change(meta)
+    safetensors.torch.save_file(safetensors.torch.load_file(path), path, metadata={"anexa": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("kind, setting, entry, message", [
+    ("blocks", "model_config", {"name": "mamba", "distribution": "anexa-mamba", "version": "0.3"},
+     "this model needs blocks 'mamba' from anexa-mamba 0.3: pip install anexa-mamba"),
+    ("attention", "model_config", {"name": "flash3", "distribution": "anexa-flash", "version": "1.0"},
+     "this model needs attention 'flash3' from anexa-flash 1.0: pip install anexa-flash"),
+    ("tokenizer", "train_config", {"name": "wordpiece", "distribution": "anexa-wordpiece", "version": "2.0"},
+     "this model needs tokenizer 'wordpiece' from anexa-wordpiece 2.0: pip install anexa-wordpiece"),
+    ("optimizer", "train_config", {"name": "lion", "distribution": "anexa-lion", "version": "1.1"},
+     "this model needs optimizer 'lion' from anexa-lion 1.1: pip install anexa-lion"),
+])
+def test_resuming_a_run_whose_plugin_is_gone_says_what_to_install(sherlock_path, tmp_path, kind, setting, entry,
+                                                                   message):
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
+
+    def uninstall(meta):
+        recorded = {**entry, "options": {}}
+        if kind == "optimizer":
+            meta["optimizer_plugin"] = recorded
+        else:
+            meta["model"]["plugins"][kind] = recorded
+        config = meta["model"]["model_config"] if setting == "model_config" else meta["train_config"]
+        config[kind], config[f"{kind}_options"] = entry["name"], {}
+
+    _edit_training_state(tmp_path, uninstall)
+    with pytest.raises(AnexaError) as error:
+        train(*resume_configs(tmp_path, {"steps": 4}), tmp_path, resume=True)
+    assert str(error.value) == message
+    if kind == "attention":  # another attention may be chosen on resume: the recorded one no longer matters
+        with pytest.raises(AnexaError, match="^unknown attention 'nope': choose one of"):
+            train(*resume_configs(tmp_path, {"steps": 4, "attention": "nope"}), tmp_path, resume=True)
+        train(*resume_configs(tmp_path, {"steps": 4, "attention": "sdpa"}), tmp_path, resume=True)
+        assert checkpoint.load_train_state(tmp_path).step == 4
+
+
+def test_resume_keeps_the_best_so_far_and_the_time_spent(sherlock_path, tmp_path):
+    """A resumed run remembers its best evaluation: continued on text no model can predict (its loss at
+    least ln(vocabulary)), its worse evaluations are no new best, and best.safetensors stays the model of the
+    first part. Its clock goes on from where it stopped."""
+    import random
+
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    run = tmp_path / "run"
+    first = train(tiny, _train_config(sherlock_path, steps=20, eval_every=10, save_every=20), run)
+    assert first.best_step == 20
+    kept = safetensors.torch.load_file(run / "model.safetensors")
+    before = checkpoint.read_metadata(run / "model.safetensors")["elapsed_s"]
+    chars = sorted(set(sherlock_path.read_text(encoding="utf-8")))
+    noise = tmp_path / "noise.txt"
+    noise.write_text("".join(random.Random(0).choices(chars, k=40_000)), encoding="utf-8")
+    resumed = train(*resume_configs(run, {"steps": 30, "data": str(noise)}), run, resume=True)
+    assert resumed.val_loss > first.best_val_loss + 0.5, "the second part should be much worse"
+    assert (resumed.best_step, resumed.best_val_loss) == (20, first.best_val_loss)
+    best = safetensors.torch.load_file(run / "best.safetensors")
+    assert checkpoint.read_metadata(run / "best.safetensors")["step"] == 20
+    assert all(torch.equal(best[name], kept[name]) for name in kept)
+    assert checkpoint.read_metadata(run / "model.safetensors")["best_step"] == 20
+    elapsed = [json.loads(line)["elapsed_s"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > before > 0
+    assert checkpoint.read_metadata(run / "model.safetensors")["elapsed_s"] >= elapsed[-1]
+
+
+def test_resume_with_another_attention_and_its_options(sherlock_path, tmp_path):
+    from helpers import ScaledPlugin, registered
+
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
+    with registered(ScaledPlugin(), "test-scaled"):
+        train(*resume_configs(tmp_path, {"steps": 3, "attention": "scaled"}, {"attention": {"factor": "0.5"}}),
+              tmp_path, resume=True)
+        meta = checkpoint.read_metadata(tmp_path / "model.safetensors")
+    assert meta["step"] == 3
+    assert meta["model_config"]["attention"] == "scaled" and meta["model_config"]["attention_options"] == {
+        "factor": 0.5}
+    assert meta["plugins"]["attention"]["options"] == {"factor": 0.5}
+
+
+def test_an_optimizer_state_that_does_not_fit_is_refused_on_resume(sherlock_path, tmp_path):
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
+
+    def no_groups(meta):
+        meta["optimizer_state"] = {"__dict__": [["state", {"__dict__": []}], ["param_groups", []]]}
+
+    _edit_training_state(tmp_path, no_groups)
+    with pytest.raises(AnexaError) as error:
+        train(*resume_configs(tmp_path, {"steps": 4}), tmp_path, resume=True)
+    assert str(error.value) == (f"the optimizer state in {tmp_path} does not fit optimizer 'adamw' (loaded state "
+                                "dict has a different number of parameter groups): start a new run")
+
+
+class _Watching(SilentReporter):
+    """Records what the loop tells a reporter."""
+
+    def __init__(self):
+        self.phases, self.started, self.steps, self.evaluations, self.finished = set(), [], [], [], 0
+
+    def data_progress(self, phase, done, total):
+        self.phases.add(phase)
+
+    def start(self, total_steps, first_step, info):
+        self.started.append((total_steps, first_step, info))
+
+    def step(self, step, loss, tokens_per_s):
+        self.steps.append(step)
+        self.rates = getattr(self, "rates", []) + [tokens_per_s]
+
+    def evaluated(self, metrics):
+        self.evaluations.append(metrics["step"])
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_the_reporter_hears_about_the_data_the_steps_and_the_evaluations(sherlock_path, tmp_path):
+    import time
+
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    fresh = _Watching()
+    started = time.perf_counter()
+    result = train(tiny, _train_config(sherlock_path, steps=4, eval_every=2, save_every=4), tmp_path, reporter=fresh)
+    wall = time.perf_counter() - started
+    assert fresh.phases and fresh.steps == [1, 2, 3, 4] and fresh.evaluations == [2, 4] and fresh.finished == 1
+    (total, first, info), = fresh.started
+    tokens = info["train_tokens"] + info["val_tokens"]
+    assert (total, first) == (4, 0) and info == {
+        "parameters": result.parameters, "device": "cpu", "vocab_size": len(set(sherlock_path.read_text())),
+        "train_tokens": int(0.9 * tokens), "val_tokens": tokens - int(0.9 * tokens), "resumed_from": None,
+        "out_dir": str(tmp_path), "minutes": None, "elapsed_s": 0.0}
+    # At least one batch of 16 windows of 32 tokens per step, within the call's wall time.
+    assert all(rate >= 16 * 32 / wall for rate in fresh.rates), (fresh.rates, wall)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["tokens_per_s"] >= 16 * 32 / wall and round(m["elapsed_s"], 2) == m["elapsed_s"] for m in metrics)
+    spent = checkpoint.load_train_state(tmp_path).meta["elapsed_s"]
+    resumed = _Watching()
+    train(*resume_configs(tmp_path, {"steps": 6, "minutes": 30}), tmp_path, reporter=resumed, resume=True)
+    assert resumed.phases and resumed.steps == [5, 6] and resumed.evaluations == [6]
+    (total, first, info), = resumed.started
+    assert (total, first, info["resumed_from"], info["minutes"], info["elapsed_s"]) == (6, 4, 4, 30, spent)
+    assert spent > 0
+
+
+def test_the_save_delay_hook_sleeps_between_the_two_files_of_each_save(sherlock_path, tmp_path, monkeypatch):
+    """The reliability tests kill a run inside a save through ANEXA_TEST_SAVE_DELAY."""
+    import time
+    import types
+
+    from anexa_core import training
+
+    sleeps = []
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=time.perf_counter, sleep=sleeps.append))
+    monkeypatch.setenv("ANEXA_TEST_SAVE_DELAY", "0.25")
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    train(tiny, _train_config(sherlock_path, steps=4, eval_every=4, save_every=2), tmp_path)
+    assert sleeps == [0.25, 0.25]  # the saves of steps 2 and 4
+    monkeypatch.delenv("ANEXA_TEST_SAVE_DELAY")
+    train(*resume_configs(tmp_path, {"steps": 6}), tmp_path, resume=True)
+    assert sleeps == [0.25, 0.25]
+
+
+def test_training_batches_are_not_the_windows_the_losses_are_measured_on(sherlock_path, tmp_path, monkeypatch):
+    from anexa_core import training
+
+    drawn = []
+    real = training.get_batch
+
+    def recording(ids, block_size, batch_size, generator):
+        x, y = real(ids, block_size, batch_size, generator)
+        drawn.append(x)
+        return x, y
+
+    monkeypatch.setattr(training, "get_batch", recording)
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    train(tiny, _train_config(sherlock_path, steps=1, eval_every=1, save_every=1, eval_batches=1), tmp_path)
+    first_batch, train_eval, val_eval = drawn
+    assert not torch.equal(first_batch, train_eval) and not torch.equal(first_batch, val_eval)
+    # Batches come from their own generator (seeded seed + 1), not torch's global one that dropout draws from.
+    _, _, _, train_ids, _ = prepare_data(_train_config(sherlock_path), 32)
+    expected, _ = real(train_ids, 32, 16, torch.Generator().manual_seed(1337 + 1))
+    assert torch.equal(first_batch, expected)
+
+
+# --- a time budget, on a clock the test controls --------------------------------------------------
+
+
+def test_a_time_budget_stops_after_the_last_step_that_leaves_time_for_the_final_evaluation(
+        sherlock_path, tmp_path, monkeypatch):
+    """Each step takes 1 s and each loss estimate 0.5 s (an evaluation 1 s) on a fake clock; the budget is
+    10 s. The LR follows the share of the budget used when each step starts; throughput is tokens over the
+    time since the last evaluation; the run stops once the time used plus the last evaluation's duration
+    reaches the budget (after step 8 at 9 s), evaluates, saves at 10 s, and refuses to resume from there."""
+    import types
+
+    from anexa_core import training
+
+    clock = [0.0]
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], sleep=lambda s: None))
+    real_make_train_step, real_estimate_loss = training.make_train_step, training.estimate_loss
+
+    def timed_steps(*args, **kwargs):
+        step = real_make_train_step(*args, **kwargs)
+
+        def one(x, y):
+            loss = step(x, y)
+            clock[0] += 1.0
+            return loss
+
+        return one
+
+    def timed_estimate(*args, **kwargs):
+        clock[0] += 0.5
+        return real_estimate_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "make_train_step", timed_steps)
+    monkeypatch.setattr(training, "estimate_loss", timed_estimate)
+    reports = []
+
+    class Rates(SilentReporter):
+        def step(self, step, loss, tokens_per_s):
+            reports.append((step, type(loss), tokens_per_s))
+
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    config = _train_config(sherlock_path, steps=10**6, eval_every=4, save_every=10**6, warmup_steps=0, lr=1.0,
+                           min_lr=0.1, minutes=10 / 60)
+    result = train(tiny, config, tmp_path, reporter=Rates())
+    assert result.step == 8
+    assert reports == [(step, float, 16 * 32 / 1.0) for step in range(1, 9)]  # one batch per (fake) second
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["elapsed_s"], m["tokens_per_s"]) for m in metrics] == [(4, 5.0, 512.0), (8, 10.0, 512.0)]
+    # Step 4 started at 3 s, step 8 at 8 s (7 s of steps and 1 s of evaluation): 30% and 80% of the budget.
+    assert [m["lr"] for m in metrics] == [lr_at(3, config, 0.3), lr_at(7, config, 0.8)]
+    assert metrics[1]["lr"] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.8)))
+    state = checkpoint.load_train_state(tmp_path)
+    assert state.meta["elapsed_s"] == 10.0
+    assert {group["lr"] for group in state.optimizer_state["param_groups"]} == {metrics[1]["lr"]}
+    with pytest.raises(AnexaError) as error:
+        train(*resume_configs(tmp_path, {}), tmp_path, resume=True)
+    assert str(error.value) == (f"run {tmp_path} already used its 0.166667-minute budget: pass a larger --minutes "
+                                "to continue")
+    clock[0] = 0.0
+    assert train(*resume_configs(tmp_path, {"minutes": 12 / 60}), tmp_path, resume=True).step > 8
