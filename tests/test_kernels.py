@@ -414,6 +414,29 @@ def test_fallback_uses_sdpa_and_says_why_once(monkeypatch, caplog):
     assert relative_error(out, reference_attention(q, k, v, causal=True)) < 1e-5
 
 
+@pytest.mark.parametrize("t_q, t_k", [(fa.CPU_MATH_MAX_KEYS, fa.CPU_MATH_MAX_KEYS), (3, fa.CPU_MATH_MAX_KEYS),
+                                      (fa.CPU_MATH_MAX_KEYS + 1, fa.CPU_MATH_MAX_KEYS + 1)])
+def test_sdpa_in_bf16_with_grad_on_either_cpu_backend_matches_float64(t_q, t_k, monkeypatch):
+    """Training in bf16 on CPU takes SDPA's math backend up to CPU_MATH_MAX_KEYS keys, flash beyond: both
+    give the float64 reference's output and gradients within bf16's precision."""
+    chosen = []
+    real = fa._prefers_math
+    monkeypatch.setattr(fa, "_prefers_math", lambda q, k: chosen.append(real(q, k)) or chosen[-1])
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, t, 32).bfloat16().requires_grad_() for t in (t_q, t_k, t_k))
+    grad_out = torch.randn(2, 3, t_q, 32).bfloat16()
+    out = fa.sdpa_attention(q, k, v, causal=True)
+    out.backward(grad_out)
+    want, want_grads = reference_with_grads(q, k, v, grad_out, causal=True)
+    assert chosen == [t_k <= fa.CPU_MATH_MAX_KEYS]
+    assert relative_error(out, want) < 1e-2
+    for got, expected in zip((q.grad, k.grad, v.grad), want_grads):
+        assert relative_error(got, expected) < 2e-2
+    with torch.no_grad():
+        assert not fa._prefers_math(q, k)  # inference keeps PyTorch's choice (flash is faster there)
+    assert not fa._prefers_math(q.float(), k.float())
+
+
 @pytest.mark.skipif(ON_CUDA, reason="the interpreter's bf16 limitation; on CUDA bf16 runs in the kernel")
 def test_interpreter_sends_bf16_to_sdpa(monkeypatch, caplog):
     monkeypatch.setattr(fa, "_fallback_logged", False)
