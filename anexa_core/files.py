@@ -20,12 +20,20 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        tmp.chmod(_ordinary_file_mode())  # mkstemp's file is private (0600); the result is an ordinary file
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _ordinary_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask (0644 under the usual 022)."""
+    umask = os.umask(0o22)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -49,16 +57,15 @@ def atomic_folder(target: str | os.PathLike[str], replace: bool = False) -> Iter
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    umask = os.umask(0o22)
-    os.umask(umask)
+    mode = _ordinary_file_mode()
     try:
         yield tmp
         for path in tmp.rglob("*"):
             if path.is_file():
-                path.chmod(0o666 & ~umask)  # temp files are private (0600); the result is an ordinary file
+                path.chmod(mode)  # temp files are private (0600); the result is an ordinary file
                 with open(path, "rb+") as handle:
                     os.fsync(handle.fileno())
-        tmp.chmod(0o777 & ~umask)
+        tmp.chmod(mode | (mode & 0o444) >> 2)  # and an ordinary folder: r → x (0755 under 022)
         if not target.exists():
             os.rename(tmp, target)
         elif not replace:

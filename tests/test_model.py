@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -162,6 +164,27 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_give_ordinary_permissions(tmp_path, umask):
+    """A checkpoint (atomic_path) and an export folder (atomic_folder) get the modes a plain ``open()`` /
+    ``mkdir`` would give under the umask, not the temp file's private 0600 / 0700."""
+    from anexa_core.files import atomic_folder
+
+    old = os.umask(umask)
+    try:
+        path = _save_tiny(tmp_path, tiny_model())
+        with atomic_folder(tmp_path / "export") as folder:
+            (folder / "config.json").write_text("{}")
+        plain = tmp_path / "plain"
+        plain.write_text("")
+        (tmp_path / "plain-folder").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(path) == mode(tmp_path / "export" / "config.json") == mode(plain) == 0o666 & ~umask
+    assert mode(tmp_path / "export") == mode(tmp_path / "plain-folder") == 0o777 & ~umask
 
 # --- initialisation -------------------------------------------------------------------------------
 
