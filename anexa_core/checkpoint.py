@@ -166,8 +166,7 @@ def load_model(path: Path, device: str | torch.device = "cpu", attention: str | 
 
 
 def _check_keys(model: GPT, path: Path, missing, unexpected) -> None:
-    if model.config.tie_embeddings:
-        missing = [name for name in missing if name != "lm_head.weight"]
+    # (A tied head is no "missing" key: safetensors stores one name per shared tensor and knows the rest.)
     if missing or unexpected:
         raise AnexaError(
             f"checkpoint {path} does not match the {model.config.blocks!r} blocks "

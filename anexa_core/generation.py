@@ -33,6 +33,8 @@ def autocast(device: torch.device):
     """Decoding's precision: bf16 on CUDA, float32 on a CPU (where bf16 would change greedy picks between
     the cached and the recomputed path, and one token at a time gains little from it)."""
     return _autocast(device, "auto" if device.type == "cuda" else "fp32")
+
+
 MAX_PENDING_TOKENS = 16
 """Tokens the text stream holds back while they decode to an unfinished character (U+FFFD) before
 giving up and showing the replacement character: UTF-8 characters are at most 4 bytes."""

@@ -46,7 +46,6 @@ def parse_sampler_options(specs: Iterable[str]) -> dict[str, dict[str, str]]:
                 raise AnexaError(f"sampler option {spec!r} has no value: use -s {spec.strip()}=VALUE")
             continue
         key = match["option"] or FIRST_OPTION
-        options.pop(key, None)  # re-insert so the last value given is also the last applied
         options[key] = match["value"].strip()
     return parsed
 

@@ -211,3 +211,15 @@ def test_generate_text_without_a_seed_draws_from_torchs_global_generator():
     text = "".join(generate_text(model, tokenizer, "abc", 30, chain))
     torch.manual_seed(21)
     assert text == tokenizer.decode(generate_ids(model, tokenizer.encode("abc"), 30, chain))
+
+
+def test_decoding_runs_in_bf16_on_cuda_and_float32_on_a_cpu(monkeypatch):
+    """generation.autocast asks the training precision helper for ``auto`` on CUDA (bf16 where the GPU has
+    it) and for float32 on a CPU, where bf16 would change greedy picks between cached and recomputed decoding."""
+    from anexa_core import generation
+
+    asked = []
+    monkeypatch.setattr(generation, "_autocast", lambda device, precision: asked.append((device, precision)))
+    for device in (torch.device("cuda"), torch.device("cuda", 1), torch.device("cpu")):
+        generation.autocast(device)
+    assert asked == [(torch.device("cuda"), "auto"), (torch.device("cuda", 1), "auto"), (torch.device("cpu"), "fp32")]

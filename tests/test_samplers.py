@@ -252,6 +252,37 @@ def test_the_chain_describes_itself_in_order():
     assert repr(SamplerChain()) == "sample at temperature 1"
 
 
+def test_the_chain_names_its_processors_and_breaks_ties_in_order_by_name():
+    """Unnamed processors are named by their class; two of the same order run by name, not by the order
+    they were given in (nor by comparing the processors, which need not be comparable)."""
+    certain, broken = CertainOf(tokens=((0,),)), Broken()  # both order 60
+    for given in ([("zeta", certain), ("alpha", broken), Temperature(0.5)],
+                  [Temperature(0.5), ("alpha", broken), ("zeta", certain)]):
+        chain = SamplerChain(given)
+        assert chain.names == ["Temperature", "alpha", "zeta"]
+        assert chain.processors[1] is broken and chain.processors[2] is certain
+
+
+class _OrderAsText:
+    """A sampler whose ``order`` is not an int: the chain could not place it."""
+
+    order = "first"
+
+    def __call__(self, logits, context):
+        return logits
+
+
+class _OrderAsTextPlugin:
+    @hookimpl
+    def register_samplers(self, register):
+        register("order_as_text", _OrderAsText)
+
+
+def test_a_sampler_without_an_int_order_is_refused_by_name():
+    with registered(_OrderAsTextPlugin(), "test-order-as-text"), pytest.raises(AnexaError) as error:
+        build_chain(["order_as_text"])
+    assert str(error.value) == ("sampler 'order_as_text' has no int `order`: fix or uninstall its plugin "
+                                "(see `anexa plugins`)")
 
 
 def test_chain_runs_in_order_not_command_line_order():
@@ -328,8 +359,9 @@ def test_pick_draws_only_surviving_tokens_in_proportion():
 def test_temperature_flag_is_a_shorthand_and_conflicts_with_s():
     chain = build_chain(temperature=0.5)
     assert chain.processors == [Temperature(0.5)]
-    with pytest.raises(AnexaError, match="give only one"):
+    with pytest.raises(AnexaError) as error:
         build_chain(["temperature=0.7"], temperature=0.5)
+    assert str(error.value) == "--temperature and -s temperature both set the temperature: give only one"
 
 
 def test_empty_chain_is_plain_sampling():
@@ -361,7 +393,7 @@ def test_parse_sampler_options_forms():
         (["top_p=abc"], r"sampler top_p option p must be a finite number, got 'abc'"),
         (["repetition_penalty.window=2.5"], r"option window must be an integer"),
         (["greedy=1"], r"sampler greedy takes no options: use -s greedy"),
-        (["=3"], r"bad sampler spec"),
+        (["=3"], r"^bad sampler spec '=3': use -s NAME, -s NAME=VALUE or -s NAME\.OPTION=VALUE \(e\.g\. -s top_p=0\.9\)$"),
         (["top_p.=0.9"], r"bad sampler spec"),
         (["top_p="], r"bad sampler spec"),
         (["top_p.p"], r"has no value: use -s top_p.p=VALUE"),
