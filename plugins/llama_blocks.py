@@ -25,8 +25,9 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
     """Rotate ``x`` (B, H, T, D) by the angles of ``positions`` (T,): pairs (i, i + D/2) turn by
     ``position / theta^(2i/D)``. A dot product of two rotated vectors depends only on their distance."""
     half = x.size(-1) // 2
-    inv_freq = theta ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # angles in float32 at least, float64 for a float64 x
+    inv_freq = theta ** (-torch.arange(0, half, device=x.device, dtype=dtype) / half)
+    angles = positions.to(dtype)[:, None] * inv_freq[None, :]  # (T, D/2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     first, second = x[..., :half], x[..., half:]
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
@@ -52,8 +53,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, time, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:  # in float32 also under bf16 autocast, as the norm's weights are
-            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
+        if self.q_norm is not None:  # in the norm weights' dtype: float32 under bf16 autocast, else the model's
+            dtype = self.q_norm.weight.dtype
+            q, k = self.q_norm(q.to(dtype)).to(v.dtype), self.k_norm(k.to(dtype)).to(v.dtype)
         q, k = rotary(q, positions, self.family.rope_theta), rotary(k, positions, self.family.rope_theta)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # the cache keeps the (fewer) key/value heads
