@@ -428,3 +428,30 @@ def test_a_folder_without_a_training_state_is_no_run_to_resume(tmp_path):
         checkpoint.load_train_state(tmp_path)
     assert str(error.value) == (f"{tmp_path} holds no train_state.safetensors: pass the folder of an `anexa train` "
                                 "run that saved at least once")
+
+
+def _safetensors_with(path, metadata):
+    safetensors.torch.save_file({"weight": torch.zeros(2)}, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "nothing.safetensors", "no checkpoint at {path}: train one with `anexa train` or pass --model DIR"),
+    (lambda d: d, "no checkpoint at {path}/model.safetensors: train one with `anexa train` or pass --model DIR"),
+    (lambda d: (d / "README.md").write_text("# notes\n") and d / "README.md",
+     "{path} is not a safetensors checkpoint: pass a run folder or a model.safetensors"),
+    (lambda d: _safetensors_with(d / "m.safetensors", None).write_bytes(b"\x10" * 20) and d / "m.safetensors",
+     "checkpoint {path} is corrupt (SafetensorError): retrain or pass another --model"),
+    (lambda d: _safetensors_with(d / "m.safetensors", None),
+     "{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`"),
+    (lambda d: _safetensors_with(d / "m.safetensors", {"anexa": json.dumps({"format": "other/1"})}),
+     "{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`"),
+    (lambda d: _safetensors_with(d / "m.safetensors", {"anexa": json.dumps(["anexa/2"])}),
+     "{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`"),
+], ids=["missing file", "folder without a run", "not safetensors", "truncated", "no anexa metadata",
+        "another format", "metadata not an object"])
+def test_each_kind_of_wrong_file_gets_its_own_one_line_message(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(AnexaError) as error:
+        checkpoint.read_metadata(path)
+    assert str(error.value) == message.format(path=path)
