@@ -133,6 +133,11 @@ def _check_state(run):
     assert meta["aliases"] == {}  # the head is untied: nothing stored once for two names
     weights = safetensors.torch.load_file(run["out"] / checkpoint.MODEL_FILE)
     assert state.weights.keys() == weights.keys()
+    # The file's layout is part of its format (a later Anexa reads it): weights under model/, the optimizer's
+    # tensors under optimizer., the RNG states under rng/.
+    stored = safetensors.torch.load_file(run["out"] / checkpoint.STATE_FILE)
+    assert {name.split("/")[0].split(".")[0] for name in stored} == {"model", "optimizer", "rng"}
+    assert {name.removeprefix("model/") for name in stored if name.startswith("model/")} == weights.keys()
     assert all(torch.equal(state.weights[name], weights[name]) for name in weights)
     assert state.rng.keys() == {"torch", "batch"}
     moments = state.optimizer_state["state"]

@@ -164,6 +164,11 @@ def test_schedule_horizon_is_decay_steps_and_no_warmup_starts_at_the_peak():
     assert lr_at(20, config) == lr_at(49, config) == 0.0
 
 
+def test_a_one_step_decay_after_warmup_goes_from_the_peak_to_min_lr():
+    config = TrainConfig(steps=4, decay_steps=4, lr=1.0, min_lr=0.25, warmup_steps=3)
+    assert [lr_at(step, config) for step in range(5)] == [pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0, 1.0, 0.25]
+
+
 def test_extending_steps_on_resume_equals_a_run_with_that_many_steps_and_the_same_decay(sherlock_path, tmp_path):
     """README: `--resume RUN --steps N` continues past the first run's schedule at min_lr, exactly as one
     uninterrupted run of N steps whose decay ended where the first run's did."""
