@@ -124,7 +124,20 @@ def _load() -> _State:
         else:
             state.failed.append(record)
     _drop_unknown_hooks(state)
+    _warn_unmatched(entry_points, allowed or set(), "ANEXA_LOAD_PLUGINS")
+    _warn_unmatched(entry_points, disabled, "ANEXA_DISABLE_PLUGINS or --disable-plugin")
     return state
+
+
+def _warn_unmatched(entry_points, names: set[str], source: str) -> None:
+    """A name that matches no installed plugin is most likely a typo: say so rather than ignore it."""
+    known = set()
+    for entry_point in entry_points:
+        dist = entry_point.dist.name if entry_point.dist else None
+        known |= {entry_point.name, dist, f"{dist}:{entry_point.name}"}
+    for name in sorted(names - known):
+        logger.warning("%s names %r, which matches no installed plugin or distribution (see `anexa plugins`)",
+                       source, name)
 
 
 def _drop_unknown_hooks(state: _State) -> None:

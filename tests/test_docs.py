@@ -62,7 +62,9 @@ def test_the_quick_tour_runs(tmp_path, monkeypatch):
     # The claims in the prose around the commands.
     assert {p.name for p in (tmp_path / "hf" / "tour").iterdir()} >= {"config.json", "model.safetensors", "README.md"}
     final = json.loads((tmp_path / "runs" / "tour" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert 2.3 < final["val_loss"] < 2.7  # "about 2.5"
+    # "about 2.5": 2.55 with one thread, 2.56 with two (bf16 autocast; the sums' order differs with threads).
+    # A smaller tour model (width 32) sat on the plateau before bigrams at step 300: 2.68–2.86 by thread count.
+    assert 2.4 < final["val_loss"] < 2.7
     assert "greedy continuation:" in printed["python -m"]
     ours = printed["anexa generate"].rstrip("\n")
     assert len(ours) == 40

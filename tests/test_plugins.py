@@ -395,6 +395,25 @@ def test_a_misspelt_hook_or_a_raising_hook_costs_only_that_plugin(fixture_site):
     assert {"sdpa", "math"} <= set(listed["sdpa"]["registers"]["attention"] + listed["math"]["registers"]["attention"])
 
 
+def test_a_name_that_matches_no_installed_plugin_is_warned_about(fixture_site):
+    """A typo in --disable-plugin or either variable would otherwise be ignored without a word."""
+    done = run(fixture_site, "--disable-plugin", "sdpa_typo", "plugins", "--json", load="anexa-hello,hello_typo",
+               disable="anexa-clash:nothing")
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "matches no installed plugin" in line]
+    assert warned == [
+        "anexa: ANEXA_LOAD_PLUGINS names 'hello_typo', which matches no installed plugin or distribution "
+        "(see `anexa plugins`)",
+        "anexa: ANEXA_DISABLE_PLUGINS or --disable-plugin names 'anexa-clash:nothing', which matches no installed "
+        "plugin or distribution (see `anexa plugins`)",
+        "anexa: ANEXA_DISABLE_PLUGINS or --disable-plugin names 'sdpa_typo', which matches no installed plugin or "
+        "distribution (see `anexa plugins`)",
+    ]
+    assert json.loads(done.stdout)["plugins"][0]["status"] == "loaded"  # the rest goes on as asked
+    quiet = run(fixture_site, "--disable-plugin", "sdpa", "plugins", load="anexa-hello", disable="anexa-clash,top_k")
+    assert "matches no installed plugin" not in quiet.stderr
+
+
 def test_load_plugins_allow_list():
     only_builtins = run(None, "plugins", "--json", load="")
     names = {p["distribution"] for p in json.loads(only_builtins.stdout)["plugins"]}
