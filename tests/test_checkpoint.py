@@ -86,6 +86,11 @@ def _check_latest(run):
     best = min(run["metrics"], key=lambda m: m["val_loss"])
     assert meta["best_step"] == best["step"] == run["result"].best_step
     assert meta["best_val_loss"] == pytest.approx(best["val_loss"], abs=1e-5)
+    for record in run["metrics"]:  # metrics.jsonl's precision, as the README states it
+        assert record.keys() == {"step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"}
+        assert record["val_loss"] == round(record["val_loss"], 5)
+        assert record["train_loss"] == round(record["train_loss"], 5)
+        assert record["tokens_per_s"] == round(record["tokens_per_s"], 1)
     # The last save comes after the last evaluation, within the run (saves fsync: their time varies with load).
     assert 0 < last["elapsed_s"] <= meta["elapsed_s"] <= run["wall_s"] + 0.01
 
