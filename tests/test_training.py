@@ -245,6 +245,19 @@ def test_corpus_too_small_for_context(tmp_path):
     assert not (tmp_path / "run" / checkpoint.MODEL_FILE).exists()
 
 
+def test_the_smallest_corpus_the_message_asks_for_trains_and_one_window_less_is_refused(tmp_path):
+    """The validation split needs block_size + 2 tokens (one window and its next token, drawn at random);
+    the error asks for 10 × that, since validation is the last tenth."""
+    enough, short = tmp_path / "enough.txt", tmp_path / "short.txt"
+    enough.write_text(("abcdefghij" * 100)[:660])  # 594 train / 66 val tokens for block_size 64
+    short.write_text(("abcdefghij" * 100)[:650])  # 585 / 65
+    train(SMALL, _train_config(enough, steps=2, eval_every=2, save_every=2), tmp_path / "enough")
+    with pytest.raises(AnexaError) as error:
+        train(SMALL, _train_config(short, steps=2, eval_every=2, save_every=2), tmp_path / "short")
+    assert str(error.value) == (f"corpus {str(short)!r} has 650 tokens, too few for block_size 64: use a text of at "
+                                "least 660 tokens or a smaller --block-size")
+
+
 # --- which data each part of the loop reads -------------------------------------------------------
 
 
@@ -380,6 +393,7 @@ def test_resume_of_a_folder_that_holds_no_run_or_an_anexa_01_run_says_so(tmp_pat
 def _step_setup(**changes):
     from helpers import TINY, tiny_model
 
+    from anexa_core.model import build_model
     from anexa_core.training import make_optimizer
 
     model = tiny_model(seed=3).train()
@@ -660,7 +674,9 @@ def test_the_reporter_hears_about_the_data_the_steps_and_the_evaluations(sherloc
     started = time.perf_counter()
     result = train(tiny, _train_config(sherlock_path, steps=4, eval_every=2, save_every=4), tmp_path, reporter=fresh)
     wall = time.perf_counter() - started
-    assert fresh.phases and fresh.steps == [1, 2, 3, 4] and fresh.evaluations == [2, 4] and fresh.finished == 1
+    assert fresh.phases == {"fingerprinting", "learning the vocabulary", "tokenizing"}
+    assert fresh.steps == [1, 2, 3, 4] and fresh.evaluations == [2, 4] and fresh.finished == 1
+    assert result.out_dir == tmp_path and 0 < result.seconds <= wall
     (total, first, info), = fresh.started
     tokens = info["train_tokens"] + info["val_tokens"]
     assert (total, first) == (4, 0) and info == {
@@ -674,7 +690,8 @@ def test_the_reporter_hears_about_the_data_the_steps_and_the_evaluations(sherloc
     spent = checkpoint.load_train_state(tmp_path).meta["elapsed_s"]
     resumed = _Watching()
     train(*resume_configs(tmp_path, {"steps": 6, "minutes": 30}), tmp_path, reporter=resumed, resume=True)
-    assert resumed.phases and resumed.steps == [5, 6] and resumed.evaluations == [6]
+    assert resumed.phases == {"checking the token cache"}  # the same files and tokenizer: nothing to tokenize
+    assert resumed.steps == [5, 6] and resumed.evaluations == [6]
     (total, first, info), = resumed.started
     assert (total, first, info["resumed_from"], info["minutes"], info["elapsed_s"]) == (6, 4, 4, 30, spent)
     assert spent > 0
@@ -796,3 +813,43 @@ def test_the_device_is_cuda_when_present_else_the_cpu_and_a_missing_gpu_is_a_one
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert pick_device("auto") == torch.device("cuda")
     assert pick_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_precision_flags_force_or_follow_the_hardware(monkeypatch):
+    """fp32 and bf16 force their precision; auto follows the CPU's bf16 instructions or the GPU's support."""
+    from anexa_core import training
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(training, "cpu_has_bf16", lambda has=has_bf16: has)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda has=has_bf16: has)
+        for device in (cpu, cuda):
+            assert training.uses_bf16(device, "fp32") is False
+            assert training.uses_bf16(device, "bf16") is True
+            assert training.uses_bf16(device, "auto") is has_bf16
+        with training.autocast(cpu, "bf16"):
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+        with training.autocast(cpu, "fp32"):
+            assert not torch.is_autocast_enabled("cpu")
+
+
+def test_one_optimizer_stays_itself_and_several_step_as_one():
+    from anexa_core.training import Optimizers, combine
+
+    first = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    second = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert combine(first) is first and combine([first]) is first and combine((first,)) is first
+    both = combine([first, second])
+    assert isinstance(both, Optimizers) and both.optimizers == [first, second]
+
+
+def test_the_optimizer_plugin_gets_its_options():
+    from anexa_core.model import build_model
+    from anexa_core.training import make_optimizer
+
+    model = build_model(dataclasses.replace(SMALL, vocab_size=50))
+    config = TrainConfig(optimizer="adamw", optimizer_options={"weight_decay": 0.25, "beta1": 0.8}, lr=2e-3)
+    optimizer = make_optimizer(model, config)
+    decays = sorted({group["weight_decay"] for group in optimizer.param_groups})
+    assert decays == [0.0, 0.25]  # no decay on biases and norms
+    assert all(group["betas"][0] == 0.8 and group["initial_lr"] == 2e-3 for group in optimizer.param_groups)
