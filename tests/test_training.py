@@ -853,3 +853,14 @@ def test_the_optimizer_plugin_gets_its_options():
     decays = sorted({group["weight_decay"] for group in optimizer.param_groups})
     assert decays == [0.0, 0.25]  # no decay on biases and norms
     assert all(group["betas"][0] == 0.8 and group["initial_lr"] == 2e-3 for group in optimizer.param_groups)
+
+
+def test_a_tie_in_val_loss_keeps_the_earlier_best(sherlock_path, tmp_path, monkeypatch):
+    """Only a strictly lower val loss is a new best: a plateau does not move best.safetensors forward."""
+    from anexa_core import training
+
+    monkeypatch.setattr(training, "estimate_loss", lambda *args, **kwargs: 2.0)
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    result = train(tiny, _train_config(sherlock_path, steps=4, eval_every=2, save_every=4), tmp_path)
+    assert result.best_step == 2 and result.best_val_loss == 2.0
+    assert checkpoint.read_metadata(tmp_path / checkpoint.BEST_FILE)["step"] == 2
