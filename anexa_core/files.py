@@ -20,7 +20,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        tmp.chmod(_ordinary_file_mode())  # mkstemp's file is private (0600); the result is an ordinary file
+        tmp.chmod(0o666 & ~_umask())  # mkstemp's file is private (0600); the result is an ordinary file
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -29,11 +29,12 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _ordinary_file_mode() -> int:
-    """The mode ``open()`` gives a new file under the process's umask (0644 under the usual 022)."""
+def _umask() -> int:
+    """The process's umask, read by setting it and putting it back (Python has no getter): new files get
+    ``0o666 & ~umask``, new folders ``0o777 & ~umask``."""
     umask = os.umask(0o22)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -57,15 +58,15 @@ def atomic_folder(target: str | os.PathLike[str], replace: bool = False) -> Iter
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    mode = _ordinary_file_mode()
+    umask = _umask()
     try:
         yield tmp
         for path in tmp.rglob("*"):
             if path.is_file():
-                path.chmod(mode)  # temp files are private (0600); the result is an ordinary file
+                path.chmod(0o666 & ~umask)  # temp files are private (0600); the result is an ordinary file
                 with open(path, "rb+") as handle:
                     os.fsync(handle.fileno())
-        tmp.chmod(mode | (mode & 0o444) >> 2)  # and an ordinary folder: r → x (0755 under 022)
+        tmp.chmod(0o777 & ~umask)  # and an ordinary folder (mkdtemp's is 0700)
         if not target.exists():
             os.rename(tmp, target)
         elif not replace:
