@@ -17,28 +17,29 @@ DATA_DIR = Path(os.environ.get("ANEXA_DATA_DIR", (REPO.parent.parent if UNDER_MU
 
 
 def _import_the_mutated_plugins() -> None:
-    """Make the tests import mutmut's copy of plugins/ as ``anexa_plugins``, under the module names mutmut
-    gave its mutants (``plugins.samplers``, derived from the folder).
+    """Make the tests import mutmut's copy of plugins/anexa_plugins as ``anexa_plugins``, under the module
+    names mutmut gave its mutants (``plugins.anexa_plugins.samplers``, derived from the path).
 
     mutmut puts ./mutants first on sys.path, so ``anexa_core`` (folder name = package name) is the mutated
-    copy already. ``anexa_plugins`` has no folder of that name: the editable install would map it to the
-    original plugins/, and a mutant of ``plugins.samplers`` would never run. So each module is imported as
-    ``plugins.X`` from the copy and registered as ``anexa_plugins.X`` too, before anything imports it.
+    copy already. ``anexa_plugins`` lives one folder down: the editable install would map it to the
+    original, and a mutant of ``plugins.anexa_plugins.samplers`` would never run. So each module is
+    imported as ``plugins.anexa_plugins.X`` from the copy and registered as ``anexa_plugins.X`` too, before
+    anything imports it.
     """
     import importlib
     import pkgutil
     import sys
 
-    package = importlib.import_module("plugins")
+    package = importlib.import_module("plugins.anexa_plugins")
     if sys.modules.get("anexa_plugins") is package:
         return  # a later pytest session in the same process (mutmut runs several)
     assert "anexa_plugins" not in sys.modules, "anexa_plugins was imported before tests/conftest.py"
     core = importlib.import_module("anexa_core")
-    for module, folder in ((package, "plugins"), (core, "anexa_core")):
+    for module, folder in ((package, "plugins/anexa_plugins"), (core, "anexa_core")):
         assert Path(module.__file__).parent == REPO / folder, f"{module.__name__} is not mutmut's copy"
     sys.modules["anexa_plugins"] = package
     for info in pkgutil.iter_modules(package.__path__):
-        sys.modules[f"anexa_plugins.{info.name}"] = importlib.import_module(f"plugins.{info.name}")
+        sys.modules[f"anexa_plugins.{info.name}"] = importlib.import_module(f"plugins.anexa_plugins.{info.name}")
 
 
 if UNDER_MUTMUT:
@@ -55,7 +56,7 @@ def _book(name: str, tmp_path_factory) -> Path:
     # for either book; the tests need real prose (its characters, its double spaces), not its title.
     import lzma
 
-    packaged = REPO / "plugins" / "data" / "sherlock.txt.xz"
+    packaged = REPO / "plugins" / "anexa_plugins" / "data" / "sherlock.txt.xz"
     made = tmp_path_factory.mktemp("data") / name
     made.write_bytes(lzma.decompress(packaged.read_bytes()))
     return made

@@ -2,12 +2,29 @@
 
 import contextlib
 import dataclasses
+from pathlib import Path
 
 import torch
 
 from anexa_core import hookimpl
 from anexa_core.config import ModelConfig
 from anexa_core.model import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = {
+    "anexa_core": REPO / "anexa_core",
+    "anexa_plugins": REPO / "plugins" / "anexa_plugins",
+    "anexa_kernels": REPO / "kernels" / "anexa_kernels",
+    "anexa_cli": REPO / "cli" / "anexa_cli",
+    "anexa_serve": REPO / "serve" / "anexa_serve",
+}
+"""Each import name and its folder: every top-level folder holds its package under the import name."""
+
+
+def source_files(package: str) -> list[Path]:
+    """The ``.py`` files of one of Anexa's packages (see :data:`PACKAGES`)."""
+    return sorted(PACKAGES[package].rglob("*.py"))
+
 
 TINY = ModelConfig(vocab_size=37, n_layer=2, n_head=2, n_embd=32, block_size=16)
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from helpers import PACKAGES, source_files
 
 from anexa_core.config import resolve
 from anexa_core.errors import AnexaError
@@ -54,7 +55,7 @@ def test_missing_config_file_and_unknown_preset(tmp_path):
 
 def test_nothing_loads_or_saves_with_pickle():
     """Checkpoints are safetensors only: no torch.load, no pickle in the product's code."""
-    sources = [p for folder in ("anexa_core", "plugins", "kernels", "cli") for p in (REPO / folder).rglob("*.py")]
+    sources = [path for package in PACKAGES for path in source_files(package)]
     assert sources
     for path in sources:
         text = path.read_text(encoding="utf-8")

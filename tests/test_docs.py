@@ -118,6 +118,6 @@ def test_files_named_in_the_docs_exist_and_the_learner_can_find_the_reference():
         target = REPO / path if "/" in path else ARCHITECTURE.parent / path
         assert target.exists(), f"docs/architecture.md names {path}, which does not exist"
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    for link in ("docs/architecture.md", "plugins/reference_gpt.py", "docs/kernel.md"):
+    for link in ("docs/architecture.md", "plugins/anexa_plugins/reference_gpt.py", "docs/kernel.md"):
         assert f"]({link})" in readme, f"README.md should link {link}"
-    assert "](../plugins/reference_gpt.py)" in text and "](kernel.md)" in text
+    assert "](../plugins/anexa_plugins/reference_gpt.py)" in text and "](kernel.md)" in text

@@ -1,4 +1,4 @@
-"""The pure-Python reference model (plugins/reference_gpt.py) is an oracle for the torch gpt2 blocks.
+"""The pure-Python reference model (plugins/anexa_plugins/reference_gpt.py) is an oracle for the torch gpt2 blocks.
 
 Same weights, float64 on both sides: the loss and every parameter's gradient agree within 1e-9, so
 does one SGD and one AdamW step; the ``reference`` blocks plugin runs the same functions inside the
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from anexa_cli.main import app
+from helpers import PACKAGES
 from typer.testing import CliRunner
 
 from anexa_core import checkpoint, plugins, testing
@@ -99,7 +100,7 @@ def test_sgd_and_adamw_steps_match_torch():
 
 
 def test_reference_file_uses_only_the_standard_library_math():
-    tree = ast.parse((REPO / "plugins" / "reference_gpt.py").read_text(encoding="utf-8"))
+    tree = ast.parse((PACKAGES["anexa_plugins"] / "reference_gpt.py").read_text(encoding="utf-8"))
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported == {"math", "random"}

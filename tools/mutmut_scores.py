@@ -1,6 +1,6 @@
 """Per-file counts of a mutmut run: killed, survived, not reached by the selected tests, timed out, not run.
 
-    .venv/bin/python tools/mutmut_scores.py [FILE …]      # e.g. anexa_core/training plugins/samplers
+    .venv/bin/python tools/mutmut_scores.py [FILE …]      # e.g. anexa_core/training plugins/anexa_plugins/samplers
 
 Reads mutmut's own records (``mutants/**/*.py.meta``: the exit code of the test run per mutant; 0 means no
 test failed), so it works while a run is in progress. The score is killed / (killed + survived).

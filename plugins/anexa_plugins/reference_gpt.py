@@ -10,12 +10,12 @@ gradients with respect to its inputs and weights, by the chain rule. Read it top
 3. one transformer block, and the stack of blocks with learned positions
 4. the whole model: token embedding → stack → tied head → cross-entropy, and its backward
 5. optimizer steps: SGD and Adam(W)
-6. a demo: ``python plugins/reference_gpt.py`` trains a tiny model on a paragraph and prints the loss
+6. a demo: ``python plugins/anexa_plugins/reference_gpt.py`` trains a tiny model on a paragraph and prints the loss
 
 It computes exactly what the ``gpt2`` blocks plugin computes with PyTorch (pre-LayerNorm blocks, GELU
 MLP, learned positions, final LayerNorm; Radford et al. 2019), and the tests hold it to that: with the
 same weights, the loss and every parameter's gradient agree within 1e-9 (``tests/test_reference.py``).
-The ``reference`` blocks plugin (``plugins/reference_blocks.py``) runs these functions inside ``anexa
+The ``reference`` blocks plugin (``plugins/anexa_plugins/reference_blocks.py``) runs these functions inside ``anexa
 train``, so you can watch this file learn (slowly).
 
 Conventions

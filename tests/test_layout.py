@@ -1,0 +1,64 @@
+"""No folder of the repository shadows an installed distribution.
+
+``python -m pytest`` and any ``python`` started in the repository root put the root first on
+``sys.path`` (pytest adds ``tests/`` too), so a folder there that is a package — or a module file — with
+the import name of an installed distribution would be imported instead of it. transformers 5.25 needs
+the distribution ``kernels``; our ``kernels/`` folder used to be a package and broke it. Every top-level
+folder now holds its package under the import name (``kernels/anexa_kernels``), so only ``anexa_*``
+names are importable from the root.
+"""
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import PACKAGES, REPO
+
+OURS = set(PACKAGES)
+
+
+def _importable_names(folder):
+    """The top-level import names a ``sys.path`` entry ``folder`` offers: packages and modules."""
+    names = set()
+    for entry in folder.iterdir():
+        if entry.is_dir() and (entry / "__init__.py").is_file():
+            names.add(entry.name)
+        elif entry.suffix == ".py":
+            names.add(entry.stem)
+    return names
+
+
+def test_only_anexa_packages_are_importable_from_the_repository_root():
+    assert _importable_names(REPO) == {"anexa_core"}
+    for name, folder in PACKAGES.items():
+        assert folder.name == name and (folder / "__init__.py").is_file()
+
+
+def test_no_folder_on_the_test_path_holds_the_import_name_of_an_installed_distribution():
+    """The root and the folders pytest puts on ``sys.path`` (``tests/``, ``benchmarks/``): none of their
+    importable names belongs to a distribution installed here, other than Anexa itself."""
+    installed = importlib.metadata.packages_distributions()
+    for folder in (REPO, REPO / "tests", REPO / "benchmarks"):
+        for name in sorted(_importable_names(folder)):
+            others = [d for d in installed.get(name, []) if not d.lower().startswith("anexa")]
+            assert not others, f"{folder.name}/{name} shadows the installed distribution {others}"
+
+
+def test_the_real_kernels_distribution_wins_from_the_repository_root():
+    """In a Python started in the root, ``import kernels`` is the installed distribution and transformers'
+    models import (they import it)."""
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        message = "the `kernels` distribution is not installed: the dev extra installs it"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    script = ("import kernels, transformers; transformers.GPT2LMHeadModel; transformers.LlamaForCausalLM; "
+              "print(kernels.__file__)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not done.stdout.strip().startswith(str(REPO) + os.sep + "kernels"), done.stdout
+    assert "site-packages" in done.stdout or "dist-packages" in done.stdout, done.stdout
