@@ -13,13 +13,13 @@ from anexa_core.hookspecs import hookimpl
 from anexa_core.interfaces import Attention, Blocks, Dataset, Optimizer, Sampler, Tokenizer
 
 _LAZY = {
-    "KVCache": "anexa_core.model",
+    "KVCache": "anexa_core.model.cache",
     "ModelConfig": "anexa_core.config",
     "TrainConfig": "anexa_core.config",
-    "RemoteText": "anexa_core.data",
-    "LocalText": "anexa_core.data",
-    "Collection": "anexa_core.data",
-    "normalize_text": "anexa_core.data",
+    "RemoteText": "anexa_core.data.corpus",
+    "LocalText": "anexa_core.data.corpus",
+    "Collection": "anexa_core.data.corpus",
+    "normalize_text": "anexa_core.data.corpus",
 }
 
 __all__ = [

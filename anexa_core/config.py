@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from anexa_core.errors import AnexaError
+from anexa_core.kinds import SETTINGS
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
 MAX_INT = 2**53
 """Largest integer setting: beyond it JSON metadata (and floats) stop being exact."""
 
-PLUGIN_KINDS = {"blocks": "model", "attention": "model", "tokenizer": "train", "optimizer": "train", "data": "train"}
-"""Plugin choices in the configs: the setting's name, and which config holds it (with ``<name>_options``)."""
 
 SHORTHANDS = {"vocab_size": "tokenizer", "weight_decay": "optimizer", "beta1": "optimizer", "beta2": "optimizer",
               "bias": "blocks"}
@@ -184,9 +183,16 @@ PRESETS = {
     ),
 }
 
+def preset_values(key: str) -> dict[str, Any]:
+    """What each preset runs with for the setting ``key`` (a :class:`ModelConfig` or :class:`TrainConfig`
+    field): the preset's own value, else the config's default. ``--help`` shows these."""
+    defaults = {**dataclasses.asdict(ModelConfig()), **dataclasses.asdict(TrainConfig())}
+    return {name: {**defaults, **preset.model, **preset.train}.get(key) for name, preset in PRESETS.items()}
+
+
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-_OPTION_FIELDS = {f"{kind}_options" for kind in PLUGIN_KINDS}
+_OPTION_FIELDS = {f"{kind}_options" for kind in SETTINGS}
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -205,7 +211,7 @@ def read_toml(path: Path) -> dict[str, Any]:
     for key, value in data.items():
         if key in ("model", "train") and isinstance(value, dict):
             flat.update(value)
-        elif key in PLUGIN_KINDS and isinstance(value, dict):
+        elif key in SETTINGS and isinstance(value, dict):
             table = dict(value)
             if "name" in table:
                 flat[key] = table.pop("name")
@@ -231,8 +237,8 @@ def resolve(
         layers.append((read_toml(config_file), str(config_file)))
     flags = {key: value for key, value in (overrides or {}).items() if value is not None}
     for kind, given in (plugin_options or {}).items():
-        if kind not in PLUGIN_KINDS:
-            raise AnexaError(f"-o {kind}.…: {kind!r} is not a plugin setting: use one of {', '.join(PLUGIN_KINDS)}")
+        if kind not in SETTINGS:
+            raise AnexaError(f"-o {kind}.…: {kind!r} is not a plugin setting: use one of {', '.join(SETTINGS)}")
         flags[f"{kind}_options"] = dict(given)
     layers.append((flags, "flags"))
     for values, source in layers:
@@ -248,7 +254,7 @@ def merge(settings: dict[str, Any], values: dict[str, Any], source: str) -> None
     for key in values:
         if key not in known and key not in SHORTHANDS:
             raise AnexaError(f"unknown setting {key!r} in {source}: use one of {', '.join(sorted(known | set(SHORTHANDS)))}")
-    for kind in PLUGIN_KINDS:
+    for kind in SETTINGS:
         options_key = f"{kind}_options"
         if kind in values and values[kind] != settings.get(kind):
             settings[options_key] = {}

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from anexa_core.config import ModelConfig, TrainConfig
-    from anexa_core.model import GPT
+    from anexa_core.model.gpt import GPT
 
 
 @runtime_checkable

@@ -126,7 +126,7 @@ def _annotation(kind: Any, default: Any, owner: Any) -> Any:
     if isinstance(kind, str):
         module = inspect.getmodule(owner)
         try:
-            kind = eval(kind, vars(module) if module else {}, {})  # noqa: S307 - the plugin's own annotation
+            kind = eval(kind, vars(module) if module else {}, {})
         except Exception:
             kind = None
     if kind is None:

@@ -29,28 +29,11 @@ import pluggy
 
 from anexa_core import hookspecs, options
 from anexa_core.errors import AnexaError
+from anexa_core.kinds import KINDS
 
 logger = logging.getLogger("anexa")
 
 BUILTIN_DISTRIBUTION = "anexa"
-KINDS = {
-    "tokenizers": "register_tokenizers",
-    "attention": "register_attention",
-    "samplers": "register_samplers",
-    "blocks": "register_blocks",
-    "datasets": "register_datasets",
-    "optimizers": "register_optimizers",
-}
-SINGULAR = {
-    "tokenizers": "tokenizer",
-    "attention": "attention",
-    "samplers": "sampler",
-    "blocks": "blocks",
-    "datasets": "dataset",
-    "optimizers": "optimizer",
-}
-
-
 @dataclass
 class PluginRecord:
     """What happened to one entry point: ``loaded``, ``failed``, ``disabled`` or ``skipped`` (name taken)."""
@@ -189,13 +172,14 @@ class Registered:
 def _all_registered(kind: str) -> dict[str, list[Registered]]:
     state = _loaded()
     found: dict[str, list[Registered]] = {}
-    for impl in getattr(state.manager.hook, KINDS[kind]).get_hookimpls():
+    for impl in getattr(state.manager.hook, KINDS[kind].hook).get_hookimpls():
         record = state.records.get(impl.plugin_name)
         added: dict[str, list[Registered]] = {}
 
-        def register(name: str, factory: Any, _plugin: str = impl.plugin_name, _record=record) -> None:
+        def register(name: str, factory: Any, _plugin: str = impl.plugin_name, _record=record,
+                     _added: dict[str, list[Registered]] = added) -> None:
             entry = Registered(name, factory, _plugin, _record and _record.distribution, _record and _record.version)
-            added.setdefault(name, []).append(entry)
+            _added.setdefault(name, []).append(entry)
 
         try:
             impl.function(register)
@@ -204,7 +188,7 @@ def _all_registered(kind: str) -> dict[str, list[Registered]]:
                 state.hook_errors.add((impl.plugin_name, kind))
                 owner = f"{record.distribution} {record.version}" if record else "no distribution"
                 logger.warning("plugin %s (%s) failed in %s and registers nothing: %s: %s", impl.plugin_name, owner,
-                               KINDS[kind], type(exc).__name__, exc)
+                               KINDS[kind].hook, type(exc).__name__, exc)
             continue
         for name, entries in added.items():
             found.setdefault(name, []).extend(entries)
@@ -212,7 +196,7 @@ def _all_registered(kind: str) -> dict[str, list[Registered]]:
 
 
 def registered(kind: str) -> dict[str, Registered]:
-    """Everything registered for ``kind`` (a key of :data:`KINDS`) by name; a clashing name maps to its
+    """Everything registered for ``kind`` (a key of :data:`anexa_core.kinds.KINDS`) by name; a clashing name maps to its
     first provider here, and :func:`get` refuses to use it."""
     return {name: entries[0] for name, entries in sorted(_all_registered(kind).items())}
 
@@ -231,7 +215,7 @@ def _clash_message(kind: str, name: str, entries: list[Registered]) -> str:
     owners = " and ".join(entry.owner() for entry in entries)
     plugin = entries[-1].plugin
     return (
-        f"{SINGULAR[kind]} {name!r} is registered by {owners}: disable one, e.g. "
+        f"{KINDS[kind].singular} {name!r} is registered by {owners}: disable one, e.g. "
         f"ANEXA_DISABLE_PLUGINS={plugin} (or `anexa --disable-plugin {plugin} …`)"
     )
 
@@ -244,7 +228,7 @@ def lookup(kind: str, name: str, needed_by: Mapping[str, Any] | None = None) -> 
         raise AnexaError(_clash_message(kind, name, entries))
     if entries:
         return entries[0]
-    label = SINGULAR[kind]
+    label = KINDS[kind].singular
     dist = (needed_by or {}).get("distribution")
     if dist:
         version = needed_by.get("version") or ""
@@ -276,7 +260,7 @@ def create(kind: str, name: str, given: Mapping[str, Any] | None = None,
            needed_by: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """Build the ``kind`` plugin ``name`` with ``given`` options: ``(object, every option's value)``."""
     entry = lookup(kind, name, needed_by)
-    return options.create(f"{SINGULAR[kind]} {name}", entry.obj, given or {})
+    return options.create(f"{KINDS[kind].singular} {name}", entry.obj, given or {})
 
 
 def provenance(kind: str, name: str, resolved_options: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,8 @@ import torch
 
 from anexa_core import options as plugin_options
 from anexa_core.config import ModelConfig, TrainConfig
-from anexa_core.model import GPT, KVCache
+from anexa_core.model.cache import KVCache
+from anexa_core.model.gpt import GPT
 
 ATTENTION_SHAPES = [  # (batch, heads, query length, key length, head dim)
     (1, 1, 1, 1, 16),
@@ -76,7 +77,7 @@ def check_attention(attention: Any, *, tolerance: float = 2e-4, dtype: torch.dty
             assert error <= tolerance * max(scale, 1.0), f"{case}: max error {error:.2e} against the reference"
             grads = torch.autograd.grad((out * weight).sum(), leaves)
             ref_grads = torch.autograd.grad((expected * weight.double()).sum(), ref_leaves)
-            for name, got, want in zip("qkv", grads, ref_grads):
+            for name, got, want in zip("qkv", grads, ref_grads, strict=True):
                 err = (got.double() - want).abs().max().item()
                 assert err <= tolerance * max(want.abs().max().item(), 1.0), f"{case}: d{name} error {err:.2e}"
 
@@ -85,7 +86,7 @@ def check_tokenizer(tokenizer: Any, text: str, **options: Any) -> None:
     """Trains on ``text`` (given as chunks), then: round trips, ids within the vocabulary, the state
     survives JSON, ``encode_batch`` (if any) equals ``encode``, and the streaming rule holds: the streamer,
     which decodes only a short tail each time, reproduces the whole decode."""
-    from anexa_core.generation import decode_stream
+    from anexa_core.infer.generation import decode_stream
 
     trained = _build(tokenizer, options)
     lines = text.splitlines(keepends=True)
@@ -191,7 +192,7 @@ def check_optimizer(optimizer: Any, **options: Any) -> None:
     blocks, _ = plugins.create("blocks", config.blocks)
     model = GPT(config, blocks.build(config, _ReferenceAttention()))
     train = TrainConfig(lr=3e-3, warmup_steps=0)
-    from anexa_core.training import combine
+    from anexa_core.train.optim import combine
 
     returned = factory.build(model, train)
     listed = returned if isinstance(returned, (list, tuple)) else [returned]
@@ -216,7 +217,7 @@ def check_optimizer(optimizer: Any, **options: Any) -> None:
 
 def check_dataset(dataset: Any, **options: Any) -> None:
     """``files()`` returns existing files whose text reads as UTF-8, and ``description`` is a string."""
-    from anexa_core.data import read_corpus
+    from anexa_core.data.corpus import read_corpus
 
     corpus = _build(dataset, options)
     assert isinstance(getattr(corpus, "description", None), str), "a dataset needs a `description` string"

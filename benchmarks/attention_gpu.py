@@ -98,9 +98,10 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
     import triton
-    from anexa_kernels import flash_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
+
+    from anexa_kernels import flash_attention
 
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure (use --dry-run to check the plan)", file=sys.stderr)

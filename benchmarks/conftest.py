@@ -7,7 +7,8 @@ of one measurement side by side.
 import pytest
 import torch
 
-from anexa_core import bench, plugins
+from anexa_core import plugins
+from anexa_core.measure import bench
 
 
 def pytest_configure(config):

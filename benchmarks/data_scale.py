@@ -5,7 +5,7 @@
 
 The corpus is made up: sentences of the books in ``../shared/data`` (or ``$ANEXA_DATA_DIR``) drawn at
 random (seeded) into paragraphs, written as ``--files`` files of a folder; nothing is committed. For each
-tokenizer it runs ``anexa_core.training.train`` (seed preset, one step) twice in fresh processes with an
+tokenizer it runs ``anexa_core.train.loop.train`` (seed preset, one step) twice in fresh processes with an
 empty token cache the first time:
 
 - the first run fingerprints the files, learns the vocabulary (BPE: from its first 100M characters),
@@ -71,7 +71,7 @@ def generate(folder: Path, size_bytes: int, files: int, seed: int = 0) -> int:
 def child(args: argparse.Namespace) -> None:
     """One ``train`` of one step, timing the data phases and the first step; prints JSON."""
     from anexa_core import config as configs
-    from anexa_core import training
+    from anexa_core.train import loop as training
 
     imported = time.time()
     phases: dict[str, dict[str, float]] = {}

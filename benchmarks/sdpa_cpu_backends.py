@@ -37,18 +37,18 @@ def main() -> None:
             q, k, v = (torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(3))
             times = {}
             for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
-                def forward(backend=backend):
+                def forward(backend=backend, q=q, k=k, v=v):
                     with torch.no_grad(), sdpa_kernel(backend):
                         F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-                def forward_backward(backend=backend):
+                def forward_backward(backend=backend, q=q, k=k, v=v):
                     with sdpa_kernel(backend):
                         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
                     out.sum().backward()
 
                 times[backend] = (mean_ms(forward), mean_ms(forward_backward))
             flash, math = times[SDPBackend.FLASH_ATTENTION], times[SDPBackend.MATH]
-            print(f"{str(shape):>20} {str(dtype).removeprefix('torch.'):>9} {flash[0]:10.2f} {math[0]:9.2f} "
+            print(f"{shape!s:>20} {str(dtype).removeprefix('torch.'):>9} {flash[0]:10.2f} {math[0]:9.2f} "
                   f"{flash[1]:10.2f} {math[1]:9.2f}")
 
 

@@ -1,5 +1,5 @@
 """Streaming decode of generated ids to text: the old whole-output decode (quadratic) against the tail
-decode of ``anexa_core.generation.decode_stream`` (linear), side by side, on BPE ids of real text.
+decode of ``anexa_core.infer.generation.decode_stream`` (linear), side by side, on BPE ids of real text.
 
     .venv/bin/python -m pytest benchmarks/test_bench_decode.py --benchmark-only --benchmark-group-by=param:n
 """
@@ -7,8 +7,7 @@ decode of ``anexa_core.generation.decode_stream`` (linear), side by side, on BPE
 import pytest
 
 from anexa_core import plugins
-from anexa_core.generation import decode_stream
-
+from anexa_core.infer.generation import decode_stream
 
 
 def quadratic_stream(tokenizer, ids):
@@ -26,7 +25,7 @@ def quadratic_stream(tokenizer, ids):
 
 @pytest.fixture(scope="module")
 def bpe_ids():
-    from anexa_core.data import load_corpus
+    from anexa_core.data.corpus import load_corpus
 
     text, _ = load_corpus("sherlock")
     tokenizer, _ = plugins.create("tokenizers", "bpe", {"vocab_size": 1024})

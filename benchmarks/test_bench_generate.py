@@ -6,8 +6,8 @@ The prompt fills 96 of the 128 positions, so recomputing costs 97 positions and 
 import pytest
 import torch
 
-from anexa_core import bench
-from anexa_core.model import KVCache
+from anexa_core.measure import bench
+from anexa_core.model.cache import KVCache
 
 PROMPT_LEN = 96
 

@@ -5,7 +5,7 @@ The seed preset's model at batch size 8 rather than 32, so a round stays well un
 
 import torch
 
-from anexa_core import bench
+from anexa_core.measure import bench
 
 BATCH_SIZE = 8
 

@@ -8,7 +8,7 @@ import torch
 
 from anexa_core import hookimpl
 from anexa_core.config import ModelConfig
-from anexa_core.model import build_model
+from anexa_core.model.gpt import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = {
@@ -85,8 +85,9 @@ def require_distribution(name: str, folder: str) -> None:
 def user_error(args, match: str) -> str:
     """Run the CLI with ``args``: exit code 2 and exactly one line on stderr, starting ``error:`` and
     naming the problem (``match``); never a traceback. Returns the line."""
-    from anexa_cli.main import app
     from typer.testing import CliRunner
+
+    from anexa_cli.main import app
 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output

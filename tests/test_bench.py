@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from anexa_cli.bench import bench_app
 from typer.testing import CliRunner
 
-from anexa_core import bench, hookimpl, plugins
+from anexa_cli.bench import bench_app
+from anexa_core import hookimpl, plugins
 from anexa_core.errors import AnexaError
+from anexa_core.measure import bench
 
 TINY = dict(batch=1, heads=2, head_dim=16, repeats=1, warmup=0, device="cpu")
 
@@ -135,7 +136,7 @@ def test_an_attention_that_is_not_exact_is_labelled_and_checked_against_its_refe
 
 def test_cli_prints_every_backend_and_writes_json(no_interpreter, tmp_path):
     out = tmp_path / "bench.json"
-    tiny = "--head-dim 16 --batch 1 --heads 2 --repeats 1 --device cpu".split()
+    tiny = ["--head-dim", "16", "--batch", "1", "--heads", "2", "--repeats", "1", "--device", "cpu"]
     result = CliRunner().invoke(bench_app, ["--seq", "16", "--seq", "24,32", *tiny, "--json", str(out)])
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
@@ -148,7 +149,7 @@ def test_cli_prints_every_backend_and_writes_json(no_interpreter, tmp_path):
 
 def test_cli_plot_writes_a_png(tmp_path):
     target = tmp_path / "attention.png"
-    args = "--seq 16,32 --head-dim 16 --batch 1 --heads 1 --repeats 1 -a sdpa -a math --device cpu --plot".split()
+    args = ["--seq", "16,32", "--head-dim", "16", "--batch", "1", "--heads", "1", "--repeats", "1", "-a", "sdpa", "-a", "math", "--device", "cpu", "--plot"]
     result = CliRunner().invoke(bench_app, [*args, str(target)])
     assert result.exit_code == 0, result.output
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -191,7 +192,7 @@ def test_train_reports_tokens_per_second_fallback_and_the_plain_loop(no_interpre
 
 def test_kv_cache_beats_recomputing_a_long_prompt(one_thread, tmp_path):
     out = tmp_path / "generate.json"
-    args = "generate --prompt-len 112 --new-tokens 8 --repeats 3 --device cpu --json".split()
+    args = ["generate", "--prompt-len", "112", "--new-tokens", "8", "--repeats", "3", "--device", "cpu", "--json"]
     result = CliRunner().invoke(bench_app, [*args, str(out)])
     assert result.exit_code == 0, result.output
     rows = {row["mode"]: row for row in json.loads(out.read_text())}

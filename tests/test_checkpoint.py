@@ -12,10 +12,12 @@ import safetensors.torch
 import torch
 from helpers import TINY, ScaledPlugin, loaded_tokenizer, registered, tiny_model
 
-from anexa_core import checkpoint, hookimpl, plugins
+from anexa_core import hookimpl, plugins
 from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.errors import AnexaError
-from anexa_core.training import resume_configs, train
+from anexa_core.io import checkpoint
+from anexa_core.train.loop import train
+from anexa_core.train.resume import resume_configs
 
 VERSION = importlib.metadata.version("anexa")
 
@@ -168,7 +170,7 @@ def _check_kinds_are_not_mixed_up(run, tmp_path):
         checkpoint.load_model(run["out"] / checkpoint.STATE_FILE)
     (tmp_path / "copy").mkdir()
     (tmp_path / "copy" / checkpoint.STATE_FILE).write_bytes((run["out"] / checkpoint.MODEL_FILE).read_bytes())
-    with pytest.raises(AnexaError, match="trained by anexa 0.1, whose runs cannot be resumed"):
+    with pytest.raises(AnexaError, match=r"trained by anexa 0.1, whose runs cannot be resumed"):
         checkpoint.load_train_state(tmp_path / "copy")
 
 

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from anexa_cli.main import app
 from helpers import user_error
 from typer.testing import CliRunner
+
+from anexa_cli.main import app
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -191,9 +192,14 @@ def test_version_and_help_defaults():
     assert version.exit_code == 0 and version.stdout.strip() == f"anexa {importlib.metadata.version('anexa')}"
     helped = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert "<bool>" not in helped.stdout
+    shown = " ".join(helped.stdout.replace("│", " ").split())
     for default in ("[default: seed]", "[default: 5000, or no limit with --minutes]",
-                    "[default: sherlock, shipped with Anexa]", "[default: 1e-3]"):
-        assert default in helped.stdout, default
+                    "[default: sherlock, shipped with Anexa]", "[default: 1337]",
+                    # what will run, preset by preset, where the presets differ (issue 20)
+                    "[default: by --preset: 0.001 (seed, small); 0.005 (fast)]",
+                    "[default: by --preset: adamw (seed, small); muon (fast)]",
+                    "[default: by --preset: gpt2 (seed, small); llama (fast)]"):
+        assert default in shown, default
     assert "--overwrite" in helped.stdout
 
 

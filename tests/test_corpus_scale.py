@@ -8,14 +8,27 @@ import lzma
 import numpy as np
 import pytest
 import torch
-from anexa_cli.main import app
 from helpers import user_error
 from typer.testing import CliRunner
 
-from anexa_core import AnexaError, data, hookimpl, plugins, tokens
+from anexa_cli.main import app
+from anexa_core import AnexaError, hookimpl, plugins
 from anexa_core.config import ModelConfig, TrainConfig, resolve
-from anexa_core.data import Collection, LocalText, corpus_pieces, iter_text, load_corpus, read_corpus, resolve_corpus
-from anexa_core.training import get_batch, prepare_data, resume_configs, train
+from anexa_core.data import corpus as data
+from anexa_core.data import tokens
+from anexa_core.data.corpus import (
+    Collection,
+    LocalText,
+    corpus_pieces,
+    iter_text,
+    load_corpus,
+    read_corpus,
+    resolve_corpus,
+)
+from anexa_core.data.prepare import prepare_data
+from anexa_core.train.loop import train
+from anexa_core.train.resume import resume_configs
+from anexa_core.train.step import get_batch
 
 runner = CliRunner()
 BLOCK = 16
@@ -91,7 +104,7 @@ def test_glob_chooses_the_files_and_several_values_join_with_a_newline(library, 
 
 def test_a_dataset_may_be_a_collection_of_files(register_dataset, sherlock_path, tmp_path):
     second = tmp_path / "second.txt.xz"
-    second.write_bytes(lzma.compress("A second book.\n".encode("utf-8")))
+    second.write_bytes(lzma.compress(b"A second book.\n"))
     register_dataset("two-books", lambda: Collection((LocalText(sherlock_path), LocalText(second)), "two books"))
     corpus = resolve_corpus("two-books")
     assert corpus.files == (sherlock_path, second)
@@ -198,7 +211,7 @@ def test_unchanged_files_are_not_hashed_again(library, monkeypatch):
 
 
 def test_changing_one_file_or_the_tokenizer_invalidates_the_cache(library):
-    _, options, before = _prepared(str(library), "bpe", tokenizer_options={"vocab_size": 300})
+    _, _options, before = _prepared(str(library), "bpe", tokenizer_options={"vocab_size": 300})
     target = library / "b" / "notes.md"
     old = target.read_text(encoding="utf-8")
     target.write_text(old.replace("April", "March"), encoding="utf-8")  # same size, same second
@@ -245,7 +258,7 @@ def test_a_damaged_cache_is_detected_and_rebuilt(library, damage, caplog):
         next(tokens.tokens_dir().glob("*.tokenizer.json")).write_text("{}", encoding="utf-8")
     phases = _Phases()
     with caplog.at_level(logging.WARNING, logger="anexa"):
-        _, tok, _, train_ids, val_ids = prepare_data(_config(str(library)), BLOCK, progress=phases)
+        _, _tok, _, train_ids, val_ids = prepare_data(_config(str(library)), BLOCK, progress=phases)
     assert np.array_equal(np.concatenate([train_ids, val_ids]), expected)
     if damage == "tokenizer":
         assert tokens.PHASE_LEARN in phases.seen and "damaged" in caplog.text
@@ -387,7 +400,7 @@ def test_cli_trains_on_several_data_values_with_a_glob(library, tmp_path):
     result = runner.invoke(app, [*TRAIN, "--data", str(library), "--data", str(extra), "--glob", "*.txt",
                                  "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
-    from anexa_core import checkpoint
+    from anexa_core.io import checkpoint
 
     meta = checkpoint.read_metadata(tmp_path / "run" / "model.safetensors")
     assert meta["train_config"]["data"] == [str(library), str(extra)]

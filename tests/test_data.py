@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from anexa_core import AnexaError, data, plugins
-from anexa_core.data import (
+from anexa_core import AnexaError, plugins
+from anexa_core.data import corpus as data
+from anexa_core.data.corpus import (
     LocalText,
     RemoteText,
     cache_dir,
@@ -209,7 +210,7 @@ def test_a_damaged_packaged_book_is_refused(tmp_path):
     damaged = tmp_path / "sherlock.txt.xz"
     damaged.write_bytes(lzma.compress(b"To Sherlock Holmes she is always the woman."))
     book = LocalText(damaged, sha256="e21895308fe6da6919abc53e2cf77d81f914887897546153cc5d49b2eadefe50")
-    with pytest.raises(AnexaError, match="is damaged .*reinstall anexa"):
+    with pytest.raises(AnexaError, match=r"is damaged .*reinstall anexa"):
         book.files()
     damaged.write_bytes(b"not xz at all")
     with pytest.raises(AnexaError, match="not a valid compressed file"):

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from anexa_cli.main import app
 from typer.testing import CliRunner
+
+from anexa_cli.main import app
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHITECTURE = REPO / "docs" / "architecture.md"
@@ -75,7 +76,7 @@ def test_the_seed_parameter_table_is_the_models_count():
     import dataclasses
 
     from anexa_core.config import resolve
-    from anexa_core.model import build_model
+    from anexa_core.model.gpt import build_model
 
     model_config, _ = resolve("seed")
     model = build_model(dataclasses.replace(model_config, vocab_size=88))

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from anexa_cli.main import app
 from typer.testing import CliRunner
 
-from anexa_core import AnexaError, checkpoint, evaluation
+from anexa_cli.main import app
+from anexa_core import AnexaError
 from anexa_core.config import ModelConfig, TrainConfig
-from anexa_core.data import read_corpus
-from anexa_core.training import train
+from anexa_core.data.corpus import read_corpus
+from anexa_core.infer import evaluation
+from anexa_core.io import checkpoint
+from anexa_core.train.loop import train
 
 runner = CliRunner()
 BLOCK = 16
@@ -69,15 +71,15 @@ def test_disjoint_windows_give_the_mean_of_per_window_losses(loaded, text_file):
 
 @pytest.mark.parametrize("stride", [1, 5, BLOCK])
 def test_every_token_is_scored_once_with_the_context_its_window_gives(loaded, text_file, stride):
-    model, tokenizer, meta = loaded
-    path, text = text_file
+    model, tokenizer, _meta = loaded
+    _path, text = text_file
     ids = tokenizer.encode(text)[:150]  # 149 predictions: the last window overlaps the one before
     starts, first, length, _ = evaluation.window_plan(len(ids), BLOCK, stride)
-    targets = [s + j + 1 for s, f in zip(starts, first) for j in range(f, length)]
+    targets = [s + j + 1 for s, f in zip(starts, first, strict=True) for j in range(f, length)]
     assert targets == list(range(1, len(ids)))  # each token but the first, once, in order
     expected = 0.0
     with torch.no_grad():
-        for s, f in zip(starts, first):
+        for s, f in zip(starts, first, strict=True):
             logits, _ = model(torch.tensor([ids[s:s + length]]))
             losses = F.cross_entropy(logits[0], torch.tensor(ids[s + 1:s + length + 1]), reduction="none")
             expected += losses[f:].double().sum().item()
@@ -149,7 +151,7 @@ def test_cli_errors_are_one_line(run, tmp_path, case):
 
 def test_bits_per_character_counts_the_characters_of_the_scored_bpe_tokens(sherlock_path, tmp_path):
     from anexa_core import plugins
-    from anexa_core.model import build_model
+    from anexa_core.model.gpt import build_model
 
     text = read_corpus(sherlock_path)[:3000]
     path = tmp_path / "t.txt"

@@ -14,14 +14,14 @@ import shlex
 import pytest
 import safetensors
 import torch
-from anexa_cli.main import app
 from helpers import Greedy
 from typer.testing import CliRunner
 
-from anexa_core import checkpoint
+from anexa_cli.main import app
 from anexa_core.errors import AnexaError
-from anexa_core.export import export
-from anexa_core.generation import generate_ids
+from anexa_core.infer.generation import generate_ids
+from anexa_core.io import checkpoint
+from anexa_core.io.export import export
 
 try:
     import transformers
@@ -111,9 +111,9 @@ def test_export_files_follow_the_family_and_the_head(runs):
     assert config["tie_word_embeddings"] is False and config["num_key_value_heads"] == 1
     assert config["rope_parameters"]["rope_theta"] == 500.0 and config["eos_token_id"] is None
     with safetensors.safe_open(str(runs["llama"][1] / "model.safetensors"), framework="pt") as handle:
-        assert "lm_head.weight" in handle.keys() and "model.embed_tokens.weight" in handle.keys()
+        assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(handle.keys())
     with safetensors.safe_open(str(runs["char"][1] / "model.safetensors"), framework="pt") as handle:
-        assert "lm_head.weight" not in handle.keys()  # tied: transformers ties it to wte on load
+        assert "lm_head.weight" not in set(handle.keys())  # tied: transformers ties it to wte on load
         assert tuple(handle.get_slice("transformer.h.0.attn.c_attn.weight").get_shape()) == (32, 96)  # Conv1D (in, out)
 
 
@@ -142,14 +142,14 @@ def test_the_model_card_states_the_run_and_its_command_retrains_it(runs, workdir
     redone = checkpoint.read_metadata(again / "retrained")
     assert redone["model_config"] == meta["model_config"] and redone["train_config"] == meta["train_config"]
     first, second = checkpoint.load_model(run)[0], checkpoint.load_model(again / "retrained")[0]
-    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
         assert torch.equal(a, b), f"retraining from the card's command gave another {name}"
 
 
 def test_what_cannot_be_exported_says_so_in_one_line(workdir, tmp_path):
     from anexa_core import plugins
     from anexa_core.config import ModelConfig
-    from anexa_core.model import build_model
+    from anexa_core.model.gpt import build_model
 
     tokenizer, options = plugins.create("tokenizers", "char")
     tokenizer.train(["abc\n"])
@@ -179,7 +179,7 @@ def test_an_untrained_checkpoint_exports_with_a_card_that_says_so(tmp_path, bloc
     zeros) and an untied head."""
     from anexa_core import plugins
     from anexa_core.config import ModelConfig
-    from anexa_core.model import build_model
+    from anexa_core.model.gpt import build_model
 
     tokenizer, tokenizer_options = plugins.create("tokenizers", "char")
     tokenizer.train(["Hello, world!\n"])
@@ -211,7 +211,7 @@ def test_out_is_never_half_written_and_never_a_run(runs, tmp_path, monkeypatch):
     with pytest.raises(AnexaError, match="holds an Anexa run"):
         export(run, run, overwrite=True)
 
-    import anexa_core.export as module
+    import anexa_core.io.export as module
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

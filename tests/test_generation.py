@@ -6,8 +6,8 @@ import torch
 from helpers import TINY, Greedy, loaded_tokenizer, tiny_model
 
 from anexa_core.errors import AnexaError
-from anexa_core.generation import MAX_PENDING_TOKENS, decode_stream, encode_prompt, generate_ids, generate_text
-from anexa_core.sampling import build_chain
+from anexa_core.infer.generation import MAX_PENDING_TOKENS, decode_stream, encode_prompt, generate_ids, generate_text
+from anexa_core.infer.sampling import build_chain
 
 CHARS = "".join(chr(97 + i) for i in range(TINY.vocab_size - 3)) + " \n\r"  # 37 characters, ids 0..36
 
@@ -54,7 +54,7 @@ def test_the_chain_sees_float32_logits_of_the_last_position_and_the_whole_histor
     assert len(produced) == 60 and len(chain.contexts) == 60
     for i, context in enumerate(chain.contexts):
         assert context == prompt + produced[:i]
-    for logits, context in zip(chain.logits, chain.contexts):
+    for logits, context in zip(chain.logits, chain.contexts, strict=True):
         window = torch.tensor([context[-TINY.block_size :]])
         assert logits.dtype == torch.float32 and logits.shape == (1, TINY.vocab_size)
         torch.testing.assert_close(logits, model(window)[0][:, -1], rtol=1e-5, atol=1e-5)
@@ -214,12 +214,12 @@ def test_generate_text_without_a_seed_draws_from_torchs_global_generator():
 
 
 def test_decoding_runs_in_bf16_on_cuda_and_float32_on_a_cpu(monkeypatch):
-    """generation.autocast asks the training precision helper for ``auto`` on CUDA (bf16 where the GPU has
-    it) and for float32 on a CPU, where bf16 would change greedy picks between cached and recomputed decoding."""
-    from anexa_core import generation
+    """decoding_autocast asks the precision helper for ``auto`` on CUDA (bf16 where the GPU has it) and for
+    float32 on a CPU, where bf16 would change greedy picks between cached and recomputed decoding."""
+    from anexa_core import device as devices
 
     asked = []
-    monkeypatch.setattr(generation, "_autocast", lambda device, precision: asked.append((device, precision)))
+    monkeypatch.setattr(devices, "autocast", lambda device, precision: asked.append((device, precision)))
     for device in (torch.device("cuda"), torch.device("cuda", 1), torch.device("cpu")):
-        generation.autocast(device)
+        devices.decoding_autocast(device)
     assert asked == [(torch.device("cuda"), "auto"), (torch.device("cuda", 1), "auto"), (torch.device("cpu"), "fp32")]

@@ -25,9 +25,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from anexa_kernels import attention, flash_attention
 
 from anexa_core import AnexaError
+from anexa_kernels import attention, flash_attention
 
 # The module itself (for monkeypatching): the package attribute of that name is the function.
 fa = importlib.import_module("anexa_kernels.flash_attention")
@@ -135,7 +135,7 @@ def check_against_reference(batch, heads, t_q, t_k, head_dim, causal, dtype, poi
     want_out, want_grads = reference_with_grads(q, k, v, grad_out, causal, sm_scale)
     handed_out = {t.data_ptr() for t in poisoned}
     tolerance = TOLERANCE[dtype]
-    for name, got, want in (("out", out, want_out), *zip(("dq", "dk", "dv"), got_grads, want_grads)):
+    for name, got, want in (("out", out, want_out), *zip(("dq", "dk", "dv"), got_grads, want_grads, strict=True)):
         assert got.dtype == dtype and got.shape == want.shape, name
         assert got.data_ptr() in handed_out, f"{name} was not allocated through the poisoned torch.empty*"
         assert torch.isfinite(got).all(), f"{name} has elements the kernel never wrote (NaN), or inf"
@@ -273,7 +273,7 @@ def _candidate_configs():
     for case, (dtype, head_dim) in serves.items():
         if not ON_CUDA:
             dtype, head_dim = torch.float32, 16
-        for i, configs in enumerate(zip(k.FORWARD_CONFIGS[case], k.DKDV_CONFIGS[case], k.DQ_CONFIGS[case])):
+        for i, configs in enumerate(zip(k.FORWARD_CONFIGS[case], k.DKDV_CONFIGS[case], k.DQ_CONFIGS[case], strict=True)):
             cases.append(pytest.param(configs, dtype, head_dim, id=f"{case}-{i}"))
     return cases
 
@@ -284,7 +284,7 @@ def test_every_candidate_config(configs, dtype, head_dim, poisoned, monkeypatch)
     """Autotuning may pick any candidate, so each must be right: ragged tails, causal band, Tq < Tk."""
     k = fa._kernels
     kernels = (k._attention_forward, k._attention_backward_dkdv, k._attention_backward_dq)
-    for kernel, config in zip(kernels, configs):
+    for kernel, config in zip(kernels, configs, strict=True):
         monkeypatch.setattr(kernel, "configs", [config])
     for t_q, t_k in ((150, 200), (130, 257)):  # Tk - Tq = 50, and 127 (one short of every tile size)
         check_against_reference(1, 1, t_q, t_k, head_dim, True, dtype, poisoned)
@@ -308,7 +308,7 @@ def test_non_contiguous_inputs(poisoned, first_candidate_only):
 
     assert out.stride() == q.stride()  # the output keeps q's layout: merging heads back is free
     want_out, want_grads = reference_with_grads(q, k, v, grad_out, True)
-    for name, got, want in (("out", out, want_out), *zip(("dq", "dk", "dv"), got_grads, want_grads)):
+    for name, got, want in (("out", out, want_out), *zip(("dq", "dk", "dv"), got_grads, want_grads, strict=True)):
         assert torch.isfinite(got).all(), name
         assert relative_error(got, want) < TOLERANCE[dtype], name
 
@@ -337,7 +337,7 @@ def test_trains_through_the_kernel(first_candidate_only):
     want_losses, want_leaves = trajectory(lambda q, k, v: reference_attention(q, k, v, True), torch.float64)
     assert losses == pytest.approx(want_losses, rel=1e-5)
     assert losses[-1] < losses[0]
-    for name, got, want in zip("qkv", leaves, want_leaves):
+    for name, got, want in zip("qkv", leaves, want_leaves, strict=True):
         assert got.grad is not None and got.grad.dtype == torch.float32, name
         assert relative_error(got.detach(), want.detach()) < 1e-5, name
         assert relative_error(got.grad, want.grad) < 1e-4, name
@@ -430,7 +430,7 @@ def test_sdpa_in_bf16_with_grad_on_either_cpu_backend_matches_float64(t_q, t_k, 
     want, want_grads = reference_with_grads(q, k, v, grad_out, causal=True)
     assert chosen == [t_k <= fa.CPU_MATH_MAX_KEYS]
     assert relative_error(out, want) < 1e-2
-    for got, expected in zip((q.grad, k.grad, v.grad), want_grads):
+    for got, expected in zip((q.grad, k.grad, v.grad), want_grads, strict=True):
         assert relative_error(got, expected) < 2e-2
     with torch.no_grad():
         assert not fa._prefers_math(q, k)  # inference keeps PyTorch's choice (flash is faster there)

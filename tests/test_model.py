@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import TINY, Greedy, attention, loaded_tokenizer, tiny_model
 
-from anexa_core import checkpoint
 from anexa_core.errors import AnexaError
-from anexa_core.generation import generate_ids
-from anexa_core.model import KVCache
+from anexa_core.infer.generation import generate_ids
+from anexa_core.io import checkpoint
+from anexa_core.model.cache import KVCache
 
 
 @pytest.mark.parametrize("t_q,t_k", [(7, 7), (1, 9), (3, 9), (16, 16)])
@@ -37,7 +37,7 @@ def test_math_attention_is_causal_bottom_right():
 
 def test_parameter_count_of_seed_preset():
     from anexa_core.config import resolve
-    from anexa_core.model import build_model
+    from anexa_core.model.gpt import build_model
 
     model_config, _ = resolve("seed")
     model = build_model(__import__("dataclasses").replace(model_config, vocab_size=65))
@@ -141,7 +141,7 @@ def test_load_with_other_attention_backend_gives_same_logits(tmp_path):
 def test_corrupt_checkpoint_is_a_one_line_user_error(tmp_path, damage):
     path = _save_tiny(tmp_path, tiny_model())
     path.write_bytes(damage(path.read_bytes()))
-    with pytest.raises(AnexaError, match="corrupt|not an Anexa checkpoint") as caught:
+    with pytest.raises(AnexaError, match=r"corrupt|not an Anexa checkpoint") as caught:
         checkpoint.load_model(path)
     assert "\n" not in str(caught.value)
 
@@ -170,7 +170,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_atomic_writes_give_ordinary_permissions(tmp_path, umask):
     """A checkpoint (atomic_path) and an export folder (atomic_folder) get the modes a plain ``open()`` /
     ``mkdir`` would give under the umask, not the temp file's private 0600 / 0700."""
-    from anexa_core.files import atomic_folder
+    from anexa_core.io.files import atomic_folder
 
     old = os.umask(umask)
     try:
@@ -220,7 +220,7 @@ def _assert_init(found, expected):
 @pytest.mark.parametrize("tie", [True, False])
 def test_gpt2_initialisation_of_every_parameter_family(tie):
     from anexa_core.config import ModelConfig
-    from anexa_core.model import build_model
+    from anexa_core.model.gpt import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(**INIT, tie_embeddings=tie))
@@ -249,7 +249,7 @@ def test_gpt2_initialisation_of_every_parameter_family(tie):
 @pytest.mark.parametrize("options", [{}, {"zero_init": True, "mlp": "relu2", "qk_norm": True, "n_kv_head": 2}])
 def test_llama_initialisation_of_every_parameter_family(options):
     from anexa_core.config import ModelConfig
-    from anexa_core.model import build_model
+    from anexa_core.model.gpt import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(**INIT, blocks="llama", blocks_options=options, tie_embeddings=False))

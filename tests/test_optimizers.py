@@ -9,9 +9,14 @@ import safetensors.torch
 import torch
 from helpers import tiny_model
 
-from anexa_core import checkpoint, plugins, testing
+from anexa_core import plugins, testing
 from anexa_core.config import ModelConfig, TrainConfig, resolve
-from anexa_core.training import SilentReporter, lr_at, make_optimizer, resume_configs, train, uses_bf16
+from anexa_core.device import uses_bf16
+from anexa_core.io import checkpoint
+from anexa_core.train.loop import SilentReporter, train
+from anexa_core.train.optim import make_optimizer
+from anexa_core.train.resume import resume_configs
+from anexa_core.train.step import lr_at
 
 SMALL = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
 
@@ -78,7 +83,7 @@ def test_the_schedule_follows_the_time_budget():
     assert lr_at(500, config, time_fraction=0.0) == 1.0
     assert lr_at(500, config, time_fraction=0.5) == pytest.approx(0.55)
     assert lr_at(500, config, time_fraction=1.0) == lr_at(9000, config, time_fraction=1.7) == pytest.approx(0.1)
-    model, train_config = resolve("seed", overrides=dict(minutes=5))
+    _model, train_config = resolve("seed", overrides=dict(minutes=5))
     assert train_config.steps == 2**53, "a budget without --steps runs until the clock says stop"
     assert resolve("seed", overrides=dict(minutes=5, steps=10))[1].steps == 10
 
@@ -111,8 +116,9 @@ def test_minutes_ends_on_time_with_a_final_evaluation_and_checkpoint(sherlock_pa
 
 
 def test_anexa_plot_draws_several_runs(sherlock_path, tmp_path):
-    from anexa_cli.main import app
     from typer.testing import CliRunner
+
+    from anexa_cli.main import app
 
     for name in ("a", "b"):
         train(SMALL, _config(sherlock_path, steps=4, eval_every=2), tmp_path / name)

@@ -205,7 +205,7 @@ def test_dataset_plugins_take_options_too(register_plugin, tmp_path):
 
     from anexa_core import LocalText
     from anexa_core.config import resolve
-    from anexa_core.data import resolve_corpus
+    from anexa_core.data.corpus import resolve_corpus
 
     @dataclass
     class Echo:
@@ -313,7 +313,7 @@ def test_options_travel_with_the_weights_into_generate_and_resume(fixture_site, 
                   "--attention", "hello", "-o", "attention.chunk=3", "--tokenizer", "bytes",
                   "-o", "tokenizer.lowercase=true", "--blocks", "tiny", "-o", "blocks.mlp_ratio=3", load=load)
     assert trained.returncode == 0, trained.stderr
-    meta = json.loads(run(fixture_site, "import json; from anexa_core import checkpoint; "
+    meta = json.loads(run(fixture_site, "import json; from anexa_core.io import checkpoint; "
                                         f"print(json.dumps(checkpoint.read_metadata({str(out)!r})))",
                           python=True, load=load).stdout)
     assert meta["plugins"]["attention"] == {"name": "hello", "options": {"chunk": 3}, "distribution": "anexa-hello",
@@ -324,7 +324,7 @@ def test_options_travel_with_the_weights_into_generate_and_resume(fixture_site, 
     assert generated.returncode == 0, generated.stderr
     resumed = run(fixture_site, "train", "--resume", str(out), "--steps", "6", load=load)
     assert resumed.returncode == 0, resumed.stderr
-    again = run(fixture_site, "import json; from anexa_core import checkpoint; "
+    again = run(fixture_site, "import json; from anexa_core.io import checkpoint; "
                               f"print(json.dumps(checkpoint.read_metadata({str(out / 'model.safetensors')!r})))",
                 python=True, load=load)
     resumed_meta = json.loads(again.stdout)

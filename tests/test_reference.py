@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from anexa_cli.main import app
 from helpers import PACKAGES
 from typer.testing import CliRunner
 
-from anexa_core import checkpoint, plugins, testing
+from anexa_cli.main import app
+from anexa_core import plugins, testing
 from anexa_core.config import ModelConfig
 from anexa_core.errors import AnexaError
-from anexa_core.model import GPT, build_model
+from anexa_core.io import checkpoint
+from anexa_core.model.gpt import GPT, build_model
 from anexa_plugins import reference_gpt as ref
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,7 +156,7 @@ def test_anexa_train_runs_the_reference_and_its_weights_are_gpt2_weights(tmp_pat
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["val_loss"] < metrics[0]["val_loss"] < 4.6  # it learns (ln 88 ≈ 4.48 at the start)
-    model, tokenizer, meta = checkpoint.load_model(out)
+    model, tokenizer, _meta = checkpoint.load_model(out)
     config = dataclasses.replace(model.config, blocks="gpt2", blocks_options={}, attention="math")
     gpt2 = GPT(config, plugins.create("blocks", "gpt2")[0].build(config, plugins.create("attention", "math")[0]))
     gpt2.load_state_dict(model.state_dict())

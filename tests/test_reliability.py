@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from anexa_core import checkpoint
+from anexa_core.io import checkpoint
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
         "--device", "cpu"]
@@ -36,8 +36,7 @@ def anexa(*args, cwd, env, timeout=300):
 def test_the_default_job_runs_offline_on_a_fresh_machine_and_never_reuses_a_run_folder(tmp_path):
     """`anexa train` with no --data: the shipped Sherlock, no network, an empty cache. Proxies point at a
     closed port, so any download would fail."""
-    offline = {name: CLOSED_PORT_PROXY for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
-                                                    "ALL_PROXY", "all_proxy")}
+    offline = dict.fromkeys(("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"), CLOSED_PORT_PROXY)
     env = anexa_env(tmp_path, **offline)
     probe = subprocess.run([sys.executable, "-c", "import urllib.request as u; u.urlopen('https://example.com', timeout=5)"],
                            env=env, capture_output=True, text=True, check=False)

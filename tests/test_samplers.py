@@ -6,17 +6,11 @@ from typing import ClassVar
 
 import pytest
 import torch
-from anexa_plugins.samplers import Greedy, MinP, RepetitionPenalty, Temperature, TopP
 from helpers import registered, require_distribution
 
 from anexa_core import AnexaError, hookimpl
-from anexa_core.sampling import (
-    SamplerChain,
-    StopStrings,
-    build_chain,
-    parse_sampler_options,
-    stream_until_stop,
-)
+from anexa_core.infer.sampling import SamplerChain, StopStrings, build_chain, parse_sampler_options, stream_until_stop
+from anexa_plugins.samplers import Greedy, MinP, RepetitionPenalty, Temperature, TopP
 
 NO_CONTEXT = torch.zeros(1, 0, dtype=torch.long)
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from anexa_core import plugins
-from anexa_core.sampling import SamplerChain, build_chain
+from anexa_core.infer.sampling import SamplerChain, build_chain
 
 EXTREME_POSITIVE = st.sampled_from([5e-324, 1e-300, 1e-45, 1e-40, 1e-10, 0.5, 1.0, 2.0, 1e10, 1e38, 1e300])
 FRACTION = st.one_of(st.sampled_from([1e-300, 1e-9, 0.5, 1.0]), st.floats(1e-6, 1.0))

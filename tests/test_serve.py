@@ -18,11 +18,11 @@ fastapi = pytest.importorskip("fastapi", reason="anexa serve needs the serve ext
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from anexa_cli.main import app as cli  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from anexa_core.generation import generate_text  # noqa: E402
-from anexa_core.sampling import build_chain  # noqa: E402
+from anexa_cli.main import app as cli  # noqa: E402
+from anexa_core.infer.generation import generate_text  # noqa: E402
+from anexa_core.infer.sampling import build_chain  # noqa: E402
 from anexa_serve import ChatTemplate, ServeConfig, create_app, load_models  # noqa: E402
 from anexa_serve.server import listen, uvicorn_server  # noqa: E402
 
@@ -273,12 +273,11 @@ def test_client_disconnect_stops_its_generation(served):
     url, app = served
     stats, engine = app.state.engine.stats, app.state.engine
     before_tokens, before_cancelled = stats.tokens_generated, stats.requests_cancelled
-    with httpx.Client(base_url=url, timeout=30) as http:
-        with http.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "Holmes", "max_tokens": CAP,
-                                                          "stream": True}) as response:
-            for index, _ in enumerate(response.iter_lines()):
-                if index > 10:
-                    break
+    body = {"model": "tiny", "prompt": "Holmes", "max_tokens": CAP, "stream": True}
+    with httpx.Client(base_url=url, timeout=30) as http, http.stream("POST", "/v1/completions", json=body) as response:
+        for index, _ in enumerate(response.iter_lines()):
+            if index > 10:
+                break
     wait_until(lambda: engine.running == 0 and stats.requests_cancelled == before_cancelled + 1)
     generated = stats.tokens_generated - before_tokens
     time.sleep(0.3)

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from anexa_cli.main import app
 from helpers import require_distribution
 from typer.testing import CliRunner
 
-from anexa_core import AnexaError, checkpoint, options, plugins, testing
-from anexa_core.bench import bench_attention
+from anexa_cli.main import app
+from anexa_core import AnexaError, options, plugins, testing
+from anexa_core.io import checkpoint
+from anexa_core.measure.bench import bench_attention
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "anexa-sliding"

@@ -8,7 +8,7 @@ import pytest
 from helpers import loaded_tokenizer, trained_tokenizer
 
 from anexa_core import AnexaError, plugins
-from anexa_core.data import read_corpus
+from anexa_core.data.corpus import read_corpus
 from anexa_core.interfaces import Tokenizer
 
 BPE_TRAIN_CHARS = 200_000  # enough for real merges, still well under a second to train
@@ -215,7 +215,7 @@ class CountingTokenizer:
 
 
 def test_streaming_decodes_a_bounded_tail_so_it_is_linear(bpe_tokenizer, held_out_text):
-    from anexa_core.generation import decode_stream
+    from anexa_core.infer.generation import decode_stream
 
     ids = bpe_tokenizer.encode(held_out_text[:30_000])
     counting = CountingTokenizer(bpe_tokenizer)
@@ -225,7 +225,7 @@ def test_streaming_decodes_a_bounded_tail_so_it_is_linear(bpe_tokenizer, held_ou
 
 
 def test_streaming_holds_back_split_characters_and_gives_up_on_garbage(bpe_tokenizer):
-    from anexa_core.generation import MAX_PENDING_TOKENS, decode_stream
+    from anexa_core.infer.generation import MAX_PENDING_TOKENS, decode_stream
 
     text = "emoji 😀 then 中文 and more"
     ids = bpe_tokenizer.encode(text)

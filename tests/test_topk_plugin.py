@@ -12,8 +12,8 @@ import torch
 from helpers import require_distribution
 
 from anexa_core import AnexaError
+from anexa_core.infer.sampling import build_chain
 from anexa_core.plugins import registered
-from anexa_core.sampling import build_chain
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "anexa-topk"
 NO_CONTEXT = torch.zeros(1, 0, dtype=torch.long)

@@ -1,6 +1,7 @@
 """The training loop on real text: loss falls, runs are deterministic, resume equals an uninterrupted run."""
 
 import dataclasses
+import itertools
 import json
 import math
 
@@ -8,19 +9,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from anexa_core import checkpoint
 from anexa_core.config import ModelConfig, TrainConfig
+from anexa_core.data.prepare import prepare_data
 from anexa_core.errors import AnexaError
-from anexa_core.training import (
-    SilentReporter,
-    TrainingInterrupted,
-    estimate_loss,
-    get_batch,
-    lr_at,
-    prepare_data,
-    resume_configs,
-    train,
-)
+from anexa_core.io import checkpoint
+from anexa_core.train.loop import SilentReporter, TrainingInterrupted, train
+from anexa_core.train.resume import resume_configs
+from anexa_core.train.step import estimate_loss, get_batch, lr_at
 
 ADAMW_DEFAULTS = {"weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
 
@@ -136,7 +131,7 @@ def test_resume_checks_new_data_against_the_tokenizer_before_training(sherlock_p
     other = tmp_path / "other.txt"
     other.write_text("Ünïcödé ☃ " * 500, encoding="utf-8")
     before = (tmp_path / "run" / "train_state.safetensors").read_bytes()
-    with pytest.raises(AnexaError, match="does not fit this run's tokenizer: .*never seen in training"):
+    with pytest.raises(AnexaError, match=r"does not fit this run's tokenizer: .*never seen in training"):
         train(*resume_configs(tmp_path / "run", {"data": str(other), "steps": 4}), tmp_path / "run", resume=True)
     assert (tmp_path / "run" / "train_state.safetensors").read_bytes() == before
 
@@ -153,8 +148,8 @@ def test_learning_rate_schedule_at_every_boundary():
     assert lr_at(101, config) == lr_at(5000, config) == pytest.approx(0.1)  # after the horizon: min_lr
     values = [lr_at(step, config) for step in range(0, 200)]
     assert max(values) == 1.0 and min(values) == pytest.approx(0.1)
-    assert all(a <= b for a, b in zip(values[:10], values[1:11]))  # warmup rises
-    assert all(a >= b for a, b in zip(values[10:], values[11:]))  # then it only falls
+    assert all(a <= b for a, b in itertools.pairwise(values[:11]))  # warmup rises
+    assert all(a >= b for a, b in itertools.pairwise(values[10:]))  # then it only falls
 
 
 def test_schedule_horizon_is_decay_steps_and_no_warmup_starts_at_the_peak():
@@ -332,7 +327,7 @@ def test_evaluation_is_the_mean_over_fixed_batches_and_leaves_the_mode_alone():
 
 
 def _two_optimizers():
-    from anexa_core.training import Optimizers
+    from anexa_core.train.optim import Optimizers
 
     first, second = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
     return Optimizers([torch.optim.SGD([first], lr=0.1), torch.optim.AdamW([second], lr=0.1)]), first, second
@@ -366,7 +361,8 @@ def test_optimizers_state_round_trips_and_a_wrong_state_is_refused():
 
 
 def test_metrics_lines_that_do_not_parse_are_skipped_not_fatal(tmp_path):
-    from anexa_core.training import _read_metrics, _truncate_metrics
+    from anexa_core.io.metrics import read_metrics as _read_metrics
+    from anexa_core.io.metrics import truncate_metrics as _truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     assert _read_metrics(path) == []
@@ -393,8 +389,7 @@ def test_resume_of_a_folder_that_holds_no_run_or_an_anexa_01_run_says_so(tmp_pat
 def _step_setup(**changes):
     from helpers import TINY, tiny_model
 
-    from anexa_core.model import build_model
-    from anexa_core.training import make_optimizer
+    from anexa_core.train.optim import make_optimizer
 
     model = tiny_model(seed=3).train()
     config = TrainConfig(lr=1e-2, warmup_steps=0, device="cpu", **changes)
@@ -404,7 +399,7 @@ def _step_setup(**changes):
 
 def _manual_step(clip, precision):
     """The step written out: forward at ``precision``, backward, optional clipping, AdamW."""
-    from anexa_core.training import autocast
+    from anexa_core.device import autocast
 
     model, optimizer, _, x, y = _step_setup()
     with autocast(torch.device("cpu"), precision):
@@ -420,13 +415,13 @@ def _manual_step(clip, precision):
 @pytest.mark.parametrize("grad_clip, precision", [(1.0, "fp32"), (0.0, "fp32"), (1e-3, "fp32"), (1.0, "bf16")])
 def test_a_train_step_is_forward_backward_clip_and_step(grad_clip, precision):
     """grad_clip 0 means no clipping (not clipping to 0); the step runs at the configured precision."""
-    from anexa_core.training import make_train_step
+    from anexa_core.train.step import make_train_step
 
     model, optimizer, config, x, y = _step_setup(grad_clip=grad_clip, precision=precision)
     loss = make_train_step(model, optimizer, config, torch.device("cpu"))(x, y)
     want_loss, want_model = _manual_step(grad_clip, precision)
     assert loss.requires_grad is False and torch.equal(loss, want_loss)
-    for (name, got), want in zip(model.named_parameters(), want_model.parameters()):
+    for (name, got), want in zip(model.named_parameters(), want_model.parameters(), strict=True):
         assert torch.equal(got, want), name
     if precision == "bf16":  # and bf16 is not fp32 here, or the comparison above proves nothing
         assert not torch.equal(want_loss, _manual_step(grad_clip, "fp32")[0])
@@ -436,7 +431,7 @@ def test_a_train_step_is_forward_backward_clip_and_step(grad_clip, precision):
 
 
 def test_a_train_step_runs_the_given_forward_and_compiles_it_when_asked(monkeypatch):
-    from anexa_core.training import make_train_step
+    from anexa_core.train.step import make_train_step
 
     model, optimizer, config, x, y = _step_setup()
     calls = []
@@ -463,7 +458,7 @@ def test_a_train_step_runs_the_given_forward_and_compiles_it_when_asked(monkeypa
 
 
 def test_bf16_is_detected_from_either_instruction_set(monkeypatch):
-    from anexa_core.training import cpu_has_bf16
+    from anexa_core.device import cpu_has_bf16
 
     for capabilities, expected in (({"avx512_bf16": True}, True), ({"amx_bf16": True}, True),
                                    ({"avx512_bf16": False, "amx_bf16": False}, False), ({}, False)):
@@ -502,8 +497,8 @@ def test_metrics_go_to_a_new_nested_folder_and_stale_temp_files_are_removed(sher
 
 
 def test_a_missing_plotting_library_is_logged_not_fatal(monkeypatch, caplog, tmp_path):
-    from anexa_core import plots
-    from anexa_core.training import _plot_losses
+    from anexa_core.measure import plots
+    from anexa_core.train.loop import _plot_losses
 
     def no_matplotlib(runs, out):
         raise AnexaError("plotting needs matplotlib")
@@ -515,7 +510,7 @@ def test_a_missing_plotting_library_is_logged_not_fatal(monkeypatch, caplog, tmp
 
 
 def test_the_save_delay_test_hook(monkeypatch):
-    from anexa_core.training import _save_delay
+    from anexa_core.train.loop import _save_delay
 
     monkeypatch.delenv("ANEXA_TEST_SAVE_DELAY", raising=False)
     assert _save_delay() == 0.0
@@ -581,7 +576,7 @@ def test_resuming_a_run_whose_plugin_is_gone_says_what_to_install(sherlock_path,
         train(*resume_configs(tmp_path, {"steps": 4}), tmp_path, resume=True)
     assert str(error.value) == message
     if kind == "attention":  # another attention may be chosen on resume: the recorded one no longer matters
-        with pytest.raises(AnexaError, match="^unknown attention 'nope': choose one of"):
+        with pytest.raises(AnexaError, match=r"^unknown attention 'nope': choose one of"):
             train(*resume_configs(tmp_path, {"steps": 4, "attention": "nope"}), tmp_path, resume=True)
         train(*resume_configs(tmp_path, {"steps": 4, "attention": "sdpa"}), tmp_path, resume=True)
         assert checkpoint.load_train_state(tmp_path).step == 4
@@ -657,7 +652,7 @@ class _Watching(SilentReporter):
 
     def step(self, step, loss, tokens_per_s):
         self.steps.append(step)
-        self.rates = getattr(self, "rates", []) + [tokens_per_s]
+        self.rates = [*getattr(self, "rates", []), tokens_per_s]
 
     def evaluated(self, metrics):
         self.evaluations.append(metrics["step"])
@@ -702,7 +697,7 @@ def test_the_save_delay_hook_sleeps_between_the_two_files_of_each_save(sherlock_
     import time
     import types
 
-    from anexa_core import training
+    from anexa_core.train import loop as training
 
     sleeps = []
     monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=time.perf_counter, sleep=sleeps.append))
@@ -716,7 +711,7 @@ def test_the_save_delay_hook_sleeps_between_the_two_files_of_each_save(sherlock_
 
 
 def test_training_batches_are_not_the_windows_the_losses_are_measured_on(sherlock_path, tmp_path, monkeypatch):
-    from anexa_core import training
+    from anexa_core.train import loop as training
 
     drawn = []
     real = training.get_batch
@@ -726,7 +721,10 @@ def test_training_batches_are_not_the_windows_the_losses_are_measured_on(sherloc
         drawn.append(x)
         return x, y
 
+    from anexa_core.train import step
+
     monkeypatch.setattr(training, "get_batch", recording)
+    monkeypatch.setattr(step, "get_batch", recording)  # estimate_loss draws its batches there
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
     train(tiny, _train_config(sherlock_path, steps=1, eval_every=1, save_every=1, eval_batches=1), tmp_path)
     first_batch, train_eval, val_eval = drawn
@@ -748,7 +746,7 @@ def test_a_time_budget_stops_after_the_last_step_that_leaves_time_for_the_final_
     reaches the budget (after step 8 at 9 s), evaluates, saves at 10 s, and refuses to resume from there."""
     import types
 
-    from anexa_core import training
+    from anexa_core.train import loop as training
 
     clock = [0.0]
     monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], sleep=lambda s: None))
@@ -799,7 +797,7 @@ def test_a_time_budget_stops_after_the_last_step_that_leaves_time_for_the_final_
 
 
 def test_the_device_is_cuda_when_present_else_the_cpu_and_a_missing_gpu_is_a_one_line_error(monkeypatch):
-    from anexa_core.training import pick_device
+    from anexa_core.device import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto") == torch.device("cpu") == pick_device("cpu")
@@ -817,24 +815,24 @@ def test_the_device_is_cuda_when_present_else_the_cpu_and_a_missing_gpu_is_a_one
 
 def test_precision_flags_force_or_follow_the_hardware(monkeypatch):
     """fp32 and bf16 force their precision; auto follows the CPU's bf16 instructions or the GPU's support."""
-    from anexa_core import training
+    from anexa_core import device as precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for has_bf16 in (True, False):
-        monkeypatch.setattr(training, "cpu_has_bf16", lambda has=has_bf16: has)
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda has=has_bf16: has)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda has=has_bf16: has)
         for device in (cpu, cuda):
-            assert training.uses_bf16(device, "fp32") is False
-            assert training.uses_bf16(device, "bf16") is True
-            assert training.uses_bf16(device, "auto") is has_bf16
-        with training.autocast(cpu, "bf16"):
+            assert precision.uses_bf16(device, "fp32") is False
+            assert precision.uses_bf16(device, "bf16") is True
+            assert precision.uses_bf16(device, "auto") is has_bf16
+        with precision.autocast(cpu, "bf16"):
             assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
-        with training.autocast(cpu, "fp32"):
+        with precision.autocast(cpu, "fp32"):
             assert not torch.is_autocast_enabled("cpu")
 
 
 def test_one_optimizer_stays_itself_and_several_step_as_one():
-    from anexa_core.training import Optimizers, combine
+    from anexa_core.train.optim import Optimizers, combine
 
     first = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     second = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
@@ -844,8 +842,8 @@ def test_one_optimizer_stays_itself_and_several_step_as_one():
 
 
 def test_the_optimizer_plugin_gets_its_options():
-    from anexa_core.model import build_model
-    from anexa_core.training import make_optimizer
+    from anexa_core.model.gpt import build_model
+    from anexa_core.train.optim import make_optimizer
 
     model = build_model(dataclasses.replace(SMALL, vocab_size=50))
     config = TrainConfig(optimizer="adamw", optimizer_options={"weight_decay": 0.25, "beta1": 0.8}, lr=2e-3)
@@ -857,7 +855,7 @@ def test_the_optimizer_plugin_gets_its_options():
 
 def test_a_tie_in_val_loss_keeps_the_earlier_best(sherlock_path, tmp_path, monkeypatch):
     """Only a strictly lower val loss is a new best: a plateau does not move best.safetensors forward."""
-    from anexa_core import training
+    from anexa_core.train import loop as training
 
     monkeypatch.setattr(training, "estimate_loss", lambda *args, **kwargs: 2.0)
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)

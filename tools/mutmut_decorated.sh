@@ -23,7 +23,7 @@ git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' 
     case "$path" in mutants/*) continue ;; esac         # mutmut's own copy of a run in the repository
     if [ -e "$path" ]; then cp --parents -- "$path" "$copy"; fi   # not files deleted in the working tree
 done
-for file in anexa_core/generation.py anexa_core/training.py; do
+for file in anexa_core/infer/generation.py anexa_core/train/loop.py; do
     grep -q '^@torch.no_grad()$' "$copy/$file" || { echo "no @torch.no_grad() left in $file: update $0" >&2; exit 1; }
     sed -i '/^@torch.no_grad()$/d' "$copy/$file"
 done
@@ -33,5 +33,5 @@ if [ -z "${ANEXA_DATA_DIR:-}" ] && [ -d "$repo/../shared/data" ]; then
     export ANEXA_DATA_DIR
 fi
 cd "$copy"
-"$mutmut" run "$@" "anexa_core.generation.x_generate_ids__mutmut_*" "anexa_core.training.x_estimate_loss__mutmut_*"
+"$mutmut" run "$@" "anexa_core.infer.generation.x_generate_ids__mutmut_*" "anexa_core.train.step.x_estimate_loss__mutmut_*"
 "$mutmut" results | grep -E "x_(generate_ids|estimate_loss)__" || echo "no surviving mutants"

@@ -1,17 +1,17 @@
 """``anexa bench``: attention backends side by side (the default), ``bench train`` and ``bench generate``.
 
-Parses options, calls :mod:`anexa_core.bench`, prints a table and optionally writes JSON or a plot.
+Parses options, calls :mod:`anexa_core.measure.bench`, prints a table and optionally writes JSON or a plot.
 torch is imported inside the commands so ``anexa --help`` stays torch-free.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
-from anexa_cli.errors import user_errors
 
+from anexa_cli.errors import user_errors
 from anexa_core.errors import AnexaError
 
 bench_app = typer.Typer(
@@ -23,10 +23,10 @@ bench_app = typer.Typer(
 )
 
 Attention = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--attention", "-a", help="Only these attention plugins; repeatable (default: all)."),
 ]
-Json = Annotated[Optional[Path], typer.Option("--json", help="Also write the rows as JSON to this file.")]
+Json = Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON to this file.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
 Preset = Annotated[str, typer.Option(help="Model size: seed or small.")]
 
@@ -51,8 +51,9 @@ def _number(key: str, spec: str, scale: float = 1.0):
 
 def _print_table(title: str, columns: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """``columns`` maps a header to a row key (printed as is) or to a function of the row."""
-    from anexa_cli.console import console as make_console
     from rich.table import Table
+
+    from anexa_cli.console import console as make_console
 
     table = Table(title=title)
     for header, cell in columns.items():
@@ -78,9 +79,9 @@ def _print_notes(rows: list[dict[str, Any]]) -> None:
         typer.echo(f"{name}: not timed, {note}")
 
 
-def _write_json(rows: list[dict[str, Any]], path: Optional[Path]) -> None:
+def _write_json(rows: list[dict[str, Any]], path: Path | None) -> None:
     if path is not None:
-        from anexa_core.bench import write_json
+        from anexa_core.measure.bench import write_json
 
         write_json(rows, path)
         typer.echo(f"wrote {path}", err=True)
@@ -90,7 +91,7 @@ def _write_json(rows: list[dict[str, Any]], path: Optional[Path]) -> None:
 @user_errors
 def attention_bench(
     ctx: typer.Context,
-    seq: Annotated[Optional[list[str]], typer.Option(help="Sequence lengths; repeatable or comma list.")] = None,
+    seq: Annotated[list[str] | None, typer.Option(help="Sequence lengths; repeatable or comma list.")] = None,
     head_dim: Annotated[int, typer.Option(help="Head dimension D.")] = 64,
     batch: Annotated[int, typer.Option(help="Batch size B.")] = 4,
     heads: Annotated[int, typer.Option(help="Heads H.")] = 4,
@@ -100,12 +101,12 @@ def attention_bench(
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (the median is reported).")] = 10,
     device: Device = "auto",
     json_path: Json = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Also plot time and FLOP/s against length to this PNG.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also plot time and FLOP/s against length to this PNG.")] = None,
 ) -> None:
     """Time every attention plugin (forward, forward+backward) and check it against `math`."""
     if ctx.invoked_subcommand is not None:
         return
-    from anexa_core import bench
+    from anexa_core.measure import bench
 
     if plot is not None:
         bench.require_matplotlib()  # before minutes of measuring, not after
@@ -150,15 +151,15 @@ def train(
     preset: Preset = "seed",
     attention: Attention = None,
     steps: Annotated[int, typer.Option(help="Timed training steps per row (the median is reported).")] = 3,
-    batch_size: Annotated[Optional[int], typer.Option(help="Override the preset's batch size.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 (default: the preset's, auto).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override the preset's batch size.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16 (default: the preset's, auto).")] = None,
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Time a plain nanoGPT-style loop beside.")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the step (warm-up includes compiling).")] = False,
     device: Device = "auto",
     json_path: Json = None,
 ) -> None:
     """Tokens/s of full training steps per attention plugin, side by side with a plain eager loop."""
-    from anexa_core import bench
+    from anexa_core.measure import bench
 
     rows = bench.bench_train(
         preset=preset, attention=attention, steps=steps, batch_size=batch_size, device=device,
@@ -195,7 +196,7 @@ def generate(
     json_path: Json = None,
 ) -> None:
     """Decode tokens/s with the KV cache against recomputing the whole context for every token."""
-    from anexa_core import bench
+    from anexa_core.measure import bench
 
     rows = bench.bench_generate(
         preset=preset, prompt_len=prompt_len, new_tokens=new_tokens, attention=attention, repeats=repeats,

@@ -1,12 +1,13 @@
-"""``anexa eval RUN --data TEXT``: parse, call :mod:`anexa_core.evaluation`, print a table or JSON."""
+"""``anexa eval RUN --data TEXT``: parse, call :mod:`anexa_core.infer.evaluation`, print a table or JSON."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+
 from anexa_cli.errors import user_errors
 
 MAX_INT = 2**53
@@ -16,9 +17,9 @@ MAX_INT = 2**53
 def evaluate(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder (its best checkpoint) or a .safetensors file.")],
     data: Annotated[list[str], typer.Option(help="Text to score: dataset name, file, folder (its *.txt and *.md files, recursively) or URL; repeat for several. Tokenized once with the model's tokenizer, then read from the cache.")],
-    glob: Annotated[Optional[list[str]], typer.Option("--glob", help="Files a --data folder contributes, repeatable. \\[default: *.txt, *.md]")] = None,
-    stride: Annotated[Optional[int], typer.Option(min=1, max=MAX_INT, help="Tokens between window starts; each scored token sees at least (context - stride) tokens before it. \\[default: half the model's context]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, max=MAX_INT, help="Windows per forward pass. \\[default: as many as fit 128 MiB of logits, at most 64]")] = None,
+    glob: Annotated[list[str] | None, typer.Option("--glob", help="Files a --data folder contributes, repeatable. \\[default: *.txt, *.md]")] = None,
+    stride: Annotated[int | None, typer.Option(min=1, max=MAX_INT, help="Tokens between window starts; each scored token sees at least (context - stride) tokens before it. \\[default: half the model's context]")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=MAX_INT, help="Windows per forward pass. \\[default: as many as fit 128 MiB of logits, at most 64]")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32 (the same numbers on every machine), or auto/bf16: bf16 autocast where supported, faster.")] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -28,14 +29,15 @@ def evaluate(
     Every token is scored once, in strided windows over the whole text. Use it on text the model has not
     seen, and to compare runs on the same text.
     """
-    from anexa_cli.progress import DataProgress
     from anexa_cli.console import console as make_console
-
-    from anexa_core import checkpoint, data as corpora, evaluation, training
+    from anexa_cli.progress import DataProgress
+    from anexa_core.data import corpus as corpora
+    from anexa_core.infer import evaluation
+    from anexa_core.io.load import load
 
     console = make_console(stderr=True)
-    torch_device = training.pick_device(device)
-    model, tokenizer, meta = checkpoint.load_model(run, torch_device)
+    loaded = load(run, device)
+    model, tokenizer, meta, torch_device = loaded.model, loaded.tokenizer, loaded.meta, loaded.device
     result, described = evaluation.evaluate_text(
         model, tokenizer, meta, data, glob or corpora.DEFAULT_GLOBS, stride, batch_size, torch_device,
         DataProgress(console), precision,

@@ -1,4 +1,4 @@
-"""``anexa export``: write a trained model in another library's format (``anexa_core.export``).
+"""``anexa export``: write a trained model in another library's format (``anexa_core.io.export``).
 
 torch and safetensors are imported inside the command, so ``anexa --help`` stays fast.
 """
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from anexa_cli.errors import user_errors
 
 
@@ -21,8 +22,8 @@ def export(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT (never an Anexa run).")] = False,
 ) -> None:
     """Export a trained model: `--format hf` writes config.json, model.safetensors, tokenizer files and a model card."""
-    from anexa_core.export import UPLOAD_COMMAND
-    from anexa_core.export import export as export_model
+    from anexa_core.io.export import UPLOAD_COMMAND
+    from anexa_core.io.export import export as export_model
 
     done = export_model(run, out, format, overwrite)
     val = f", val loss {done.val_loss:.4f}" if isinstance(done.val_loss, (int, float)) else ""

@@ -15,18 +15,18 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import typer
-from anexa_cli.bench import bench_app
-from anexa_cli.errors import user_errors
-from anexa_cli.plot import plot
-from anexa_cli.eval import evaluate
-from anexa_cli.export import export
-from anexa_cli.serve import serve
 from typer.core import TyperCommand, TyperOption
 
+from anexa_cli.bench import bench_app
+from anexa_cli.errors import user_errors
+from anexa_cli.eval import evaluate
+from anexa_cli.export import export
+from anexa_cli.plot import plot
+from anexa_cli.serve import serve
 from anexa_core.errors import AnexaError
 
 app = typer.Typer(
@@ -60,24 +60,24 @@ OPTION_HELP = (
     "(dataset) plugin (-o attention.window=64 -o blocks.rope_theta=500000). `anexa plugins` lists every option."
 )
 Model = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--model", "-m", help="Run folder (its best checkpoint) or a .safetensors file; default: newest under ./runs."),
 ]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, max=MAX_INT, help="Tokens to generate.")]
-Temperature = Annotated[Optional[float], typer.Option(help="Sampling temperature; 0 picks the most likely token.")]
-Sample = Annotated[Optional[list[str]], typer.Option("--sample", "-s", help="Sampler, repeatable (see below).")]
+Temperature = Annotated[float | None, typer.Option(help="Sampling temperature; 0 picks the most likely token.")]
+Sample = Annotated[list[str] | None, typer.Option("--sample", "-s", help="Sampler, repeatable (see below).")]
 Stop = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--stop", help=r"Stop at this string (not printed); repeatable. \n, \t and \\ mean newline, tab, backslash."),
 ]
-Seed = Annotated[Optional[int], typer.Option(min=0, max=MAX_INT, help="Random seed: same seed, same text.")]
+Seed = Annotated[int | None, typer.Option(min=0, max=MAX_INT, help="Random seed: same seed, same text.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
 Context = Annotated[
     str,
     typer.Option(help="When the context is full: shift (keep the recent half, fast) or sliding (nanoGPT's exact window)."),
 ]
-AttentionSwap = Annotated[Optional[str], typer.Option(help="Run with another attention plugin (same weights).")]
-PluginOption = Annotated[Optional[list[str]], typer.Option("--option", "-o", help=OPTION_HELP)]
+AttentionSwap = Annotated[str | None, typer.Option(help="Run with another attention plugin (same weights).")]
+PluginOption = Annotated[list[str] | None, typer.Option("--option", "-o", help=OPTION_HELP)]
 
 
 def _version(value: bool) -> None:
@@ -92,7 +92,7 @@ def _version(value: bool) -> None:
 def callback(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs (tracebacks of failed plugins, the sampler chain).")] = False,
     disable_plugin: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--disable-plugin", metavar="NAME", help="Do not load this plugin (NAME, a distribution, or DIST:NAME), built-ins included; repeatable. Same as ANEXA_DISABLE_PLUGINS."),
     ] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
@@ -103,7 +103,21 @@ def callback(
         os.environ["ANEXA_DISABLE_PLUGINS"] = ",".join(already + list(disable_plugin))
 
 
-def _plugin_options(specs: Optional[list[str]]) -> dict[str, dict[str, str]]:
+def _default(key: str) -> str:
+    """The help's ``[default: …]`` for a setting: the value that will run, preset by preset where they differ."""
+    from anexa_core.config import preset_values
+
+    by_value: dict[str, list[str]] = {}
+    for preset, value in preset_values(key).items():
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        by_value.setdefault(shown, []).append(preset)
+    if len(by_value) == 1:
+        return f"\\[default: {next(iter(by_value))}]"
+    listed = "; ".join(f"{value} ({', '.join(presets)})" for value, presets in by_value.items())
+    return f"\\[default: by --preset: {listed}]"
+
+
+def _plugin_options(specs: list[str] | None) -> dict[str, dict[str, str]]:
     from anexa_core.options import parse_assignments
 
     return parse_assignments(specs or [], "-o")
@@ -111,7 +125,7 @@ def _plugin_options(specs: Optional[list[str]]) -> dict[str, dict[str, str]]:
 
 def _default_out(data: str, preset: str) -> Path:
     """``runs/<data>-<preset>``, or the first ``-2``, ``-3``, … that holds no run yet."""
-    from anexa_core.checkpoint import holds_a_run
+    from anexa_core.io.checkpoint import holds_a_run
 
     base = Path("runs") / f"{Path(data.rstrip('/')).stem or 'data'}-{preset}"
     candidate, number = base, 1
@@ -152,44 +166,44 @@ class _Interrupts:
 @app.command()
 @user_errors
 def train(
-    data: Annotated[Optional[list[str]], typer.Option(help="Dataset name (sherlock, tinyshakespeare, …), text file, folder (its *.txt and *.md files, recursively) or URL; repeat for several. Tokenized once, then read from the cache. \\[default: sherlock, shipped with Anexa]")] = None,
-    glob: Annotated[Optional[list[str]], typer.Option("--glob", help="Files a --data folder contributes, repeatable (matched from the right: '*.txt' at any depth). \\[default: *.txt, *.md]")] = None,
+    data: Annotated[list[str] | None, typer.Option(help="Dataset name (sherlock, tinyshakespeare, …), text file, folder (its *.txt and *.md files, recursively) or URL; repeat for several. Tokenized once, then read from the cache. \\[default: sherlock, shipped with Anexa]")] = None,
+    glob: Annotated[list[str] | None, typer.Option("--glob", help="Files a --data folder contributes, repeatable (matched from the right: '*.txt' at any depth). \\[default: *.txt, *.md]")] = None,
     preset: Annotated[str, typer.Option(help="seed (~0.8M parameters, GPT-2 blocks), fast (~0.8M, LLaMA blocks + Muon: the most per minute) or small (~10.7M).")] = "seed",
-    config: Annotated[Optional[Path], typer.Option(help="TOML file overriding the preset (tables \\[model], \\[train], \\[attention], …).")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer plugin: char, bpe, … \\[default: char]")] = None,
-    vocab_size: Annotated[Optional[int], typer.Option(help="Shorthand for -o tokenizer.vocab_size=N (bpe). \\[default: 1024]")] = None,
-    attention: Annotated[Optional[str], typer.Option(help="Attention plugin: sdpa, math, triton, … \\[default: sdpa]")] = None,
-    blocks: Annotated[Optional[str], typer.Option(help="Blocks plugin (model family): gpt2, … \\[default: gpt2]")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="Optimizer plugin: adamw, … \\[default: adamw]")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file overriding the preset (tables \\[model], \\[train], \\[attention], …).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer plugin: char, bpe, … " + _default("tokenizer"))] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="Shorthand for -o tokenizer.vocab_size=N (bpe). \\[default: 1024]")] = None,
+    attention: Annotated[str | None, typer.Option(help="Attention plugin: sdpa, math, triton, … " + _default("attention"))] = None,
+    blocks: Annotated[str | None, typer.Option(help="Blocks plugin (model family): gpt2, … " + _default("blocks"))] = None,
+    optimizer: Annotated[str | None, typer.Option(help="Optimizer plugin: adamw, … " + _default("optimizer"))] = None,
     option: PluginOption = None,
-    n_layer: Annotated[Optional[int], typer.Option(help="Layers. \\[default: the preset's]")] = None,
-    n_head: Annotated[Optional[int], typer.Option(help="Attention heads. \\[default: the preset's]")] = None,
-    n_embd: Annotated[Optional[int], typer.Option(help="Width. \\[default: the preset's]")] = None,
-    block_size: Annotated[Optional[int], typer.Option(help="Context length in tokens. \\[default: the preset's]")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="Dropout. \\[default: the preset's]")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps. \\[default: 5000, or no limit with --minutes]")] = None,
-    minutes: Annotated[Optional[float], typer.Option(help="Train for this many minutes of wall-clock; the LR decay follows the clock and the run ends with an evaluation and a checkpoint.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on GPUs and CPUs that have it), fp32 or bf16. \\[default: auto]")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model (slow to start; see benchmarks/RESULTS.md). \\[default: no]")] = None,
-    decay_steps: Annotated[Optional[int], typer.Option(help="Step at which the cosine LR decay ends. \\[default: --steps of the first run]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step. \\[default: the preset's]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. \\[default: 1e-3]")] = None,
-    min_lr: Annotated[Optional[float], typer.Option(help="Learning rate at the end of the decay. \\[default: 1e-4]")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps. \\[default: 100]")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps. \\[default: 250]")] = None,
-    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps. \\[default: 1000]")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder. \\[default: runs/<data>-<preset>, or -2, -3… if taken]")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder.")] = None,
+    n_layer: Annotated[int | None, typer.Option(help="Layers. " + _default("n_layer"))] = None,
+    n_head: Annotated[int | None, typer.Option(help="Attention heads. " + _default("n_head"))] = None,
+    n_embd: Annotated[int | None, typer.Option(help="Width. " + _default("n_embd"))] = None,
+    block_size: Annotated[int | None, typer.Option(help="Context length in tokens. " + _default("block_size"))] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout. " + _default("dropout"))] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps. \\[default: 5000, or no limit with --minutes]")] = None,
+    minutes: Annotated[float | None, typer.Option(help="Train for this many minutes of wall-clock; the LR decay follows the clock and the run ends with an evaluation and a checkpoint.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPUs and CPUs that have it), fp32 or bf16. " + _default("precision"))] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model (slow to start; see benchmarks/RESULTS.md). \\[default: no]")] = None,
+    decay_steps: Annotated[int | None, typer.Option(help="Step at which the cosine LR decay ends. \\[default: --steps of the first run]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per step. " + _default("batch_size"))] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate. " + _default("lr"))] = None,
+    min_lr: Annotated[float | None, typer.Option(help="Learning rate at the end of the decay. " + _default("min_lr"))] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps. " + _default("warmup_steps"))] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps. " + _default("eval_every"))] = None,
+    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps. " + _default("save_every"))] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder. \\[default: runs/<data>-<preset>, or -2, -3… if taken]")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="auto (CUDA if present), cpu or cuda. \\[default: auto]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed. \\[default: 1337]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu or cuda. \\[default: auto]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed. " + _default("seed"))] = None,
 ) -> None:
     """Train a GPT on a text corpus and write it into a run folder (model, best model, training state)."""
-    from anexa_cli.progress import reporter_for
     from anexa_cli.console import console as make_console
-
+    from anexa_cli.progress import reporter_for
     from anexa_core import config as configs
-    from anexa_core import training
+    from anexa_core.train import loop as training
+    from anexa_core.train.resume import resume_configs
 
     overrides = dict(
         data=(data[0] if len(data) == 1 else data) if data else None, data_glob=glob or None,
@@ -203,7 +217,7 @@ def train(
     if resume is not None:
         if config is not None or out is not None or overwrite:
             raise AnexaError("--resume continues a run as it was: drop --config, --out and --overwrite")
-        model_config, train_config = training.resume_configs(resume, overrides, plugin_options)
+        model_config, train_config = resume_configs(resume, overrides, plugin_options)
         out_dir = resume
     else:
         model_config, train_config = configs.resolve(preset, config, overrides, plugin_options)
@@ -236,10 +250,11 @@ def _unescape(text: str) -> str:
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
-def _load(model: Optional[Path], device: str, sample: Optional[list[str]], temperature: Optional[float],
-          option: Optional[list[str]], attention: Optional[str]):
-    """The model, tokenizer and checkpoint metadata, and the sampler chain the flags ask for."""
-    from anexa_core import checkpoint, sampling, training
+def _load(model: Path | None, device: str, sample: list[str] | None, temperature: float | None,
+          option: list[str] | None, attention: str | None):
+    """The model the flags name (:func:`anexa_core.io.load.load`) and the sampler chain they ask for."""
+    from anexa_core.infer import sampling
+    from anexa_core.io.load import load
 
     plugin_options = _plugin_options(option)
     unknown = sorted(set(plugin_options) - {"attention"})
@@ -247,13 +262,10 @@ def _load(model: Optional[Path], device: str, sample: Optional[list[str]], tempe
         raise AnexaError(f"-o {unknown[0]}.… cannot change a trained model: only -o attention.OPTION=VALUE works here")
     if "attention" in plugin_options and attention is None:
         raise AnexaError("-o attention.… needs --attention NAME naming the attention it configures")
-    path = model if model is not None else checkpoint.latest_run(Path("runs"))
-    loaded, tokenizer, meta = checkpoint.load_model(
-        path, training.pick_device(device), attention, plugin_options.get("attention")
-    )
+    loaded = load(model, device, attention, plugin_options.get("attention"))
     chain = sampling.build_chain(sample or [], temperature)
     logging.getLogger("anexa").debug("sampler chain: %r", chain)
-    return loaded, tokenizer, meta, chain
+    return loaded, chain
 
 
 def _sampler_help() -> str:
@@ -286,7 +298,7 @@ class _WithSamplers(TyperCommand):
 @app.command(cls=_WithSamplers)
 @user_errors
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue; read from stdin when omitted.")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="Text to continue; read from stdin when omitted.")] = None,
     model: Model = None,
     max_new_tokens: MaxNew = 200,
     temperature: Temperature = None,
@@ -299,13 +311,13 @@ def generate(
     device: Device = "auto",
 ) -> None:
     """Print one continuation of PROMPT (only the generated text, for scripts)."""
-    from anexa_core.generation import generate_text
+    from anexa_core.infer.generation import generate_text
 
-    loaded, tokenizer, _, chain = _load(model, device, sample, temperature, option, attention)
+    loaded, chain = _load(model, device, sample, temperature, option, attention)
     if prompt is None:
         prompt = sys.stdin.read()
     stops = [_unescape(text) for text in stop or []]
-    for piece in generate_text(loaded, tokenizer, prompt, max_new_tokens, chain, seed, stops, context):
+    for piece in generate_text(loaded.model, loaded.tokenizer, prompt, max_new_tokens, chain, seed, stops, context):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -326,9 +338,10 @@ def chat(
     device: Device = "auto",
 ) -> None:
     """Continue prompts interactively, streaming tokens; `quit`, `exit` or Ctrl-D ends."""
-    from anexa_core.generation import encode_prompt, generate_text
+    from anexa_core.infer.generation import encode_prompt, generate_text
 
-    loaded, tokenizer, meta, chain = _load(model, device, sample, temperature, option, attention)
+    loaded, chain = _load(model, device, sample, temperature, option, attention)
+    tokenizer, meta = loaded.tokenizer, loaded.meta
     val = meta.get("val_loss")
     val_text = f", val loss {val:.4f}" if isinstance(val, float) else ""
     typer.echo(f"loaded {meta['path']}: step {meta.get('step')}{val_text}. `quit` to leave.")
@@ -353,7 +366,8 @@ def chat(
         sys.stdout.write("Response: ")
         try:
             turn_seed = None if seed is None else seed + turn
-            for piece in generate_text(loaded, tokenizer, prompt, max_new_tokens, chain, turn_seed, stops, context):
+            for piece in generate_text(loaded.model, tokenizer, prompt, max_new_tokens, chain, turn_seed, stops,
+                                       context):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except AnexaError as exc:
@@ -379,8 +393,9 @@ def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
                 plugin.pop("traceback")
         typer.echo(json.dumps({"plugins": described, "conflicts": clashes}, indent=2))
         return
-    from anexa_cli.console import console as make_console
     from rich.table import Table
+
+    from anexa_cli.console import console as make_console
 
     table = Table("plugin", "distribution", "version", "status", "registers (options)")
     for plugin in described:
@@ -410,7 +425,7 @@ _USAGE_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", cl
 _ABORTS = tuple({click.exceptions.Abort, typer.Abort})
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """The ``anexa`` console script: the app, with usage mistakes as one line and exit code 2."""
     command = typer.main.get_command(app)
     try:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+
 from anexa_cli.errors import user_errors
 
 
@@ -13,11 +14,11 @@ from anexa_cli.errors import user_errors
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Run folders (each holds a metrics.jsonl).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The PNG to write.")] = Path("loss.png"),
-    label: Annotated[Optional[list[str]], typer.Option(help="A label per run, in order (default: folder names).")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="A label per run, in order (default: folder names).")] = None,
 ) -> None:
     """Plot train and val loss against steps and wall-clock minutes, one line per run."""
     from anexa_core.errors import AnexaError
-    from anexa_core.plots import plot_runs
+    from anexa_core.measure.plots import plot_runs
 
     if label and len(label) != len(runs):
         raise AnexaError(f"{len(label)} --label values for {len(runs)} runs: give one per run or none")

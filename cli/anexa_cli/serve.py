@@ -8,15 +8,15 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from anexa_cli.errors import user_errors
 
+from anexa_cli.errors import user_errors
 from anexa_core.errors import AnexaError
 
 Models = Annotated[
-    Optional[list[Path]],
+    list[Path] | None,
     typer.Option(
         "--model", "-m",
         help="Run folder or model.safetensors; repeatable. Requests name a model by its folder name "
@@ -51,7 +51,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback exposes the models to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0 picks a free one and prints it).")] = 8000,
     api_key: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(envvar="ANEXA_API_KEY", show_envvar=True, help="Require `Authorization: Bearer KEY` on /v1."),
     ] = None,
     max_tokens_cap: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
@@ -60,7 +60,7 @@ def serve(
     queue: Annotated[int, typer.Option(min=0, help="Requests that may wait for a free worker; more get HTTP 429.")] = 32,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Larger request bodies get HTTP 413.")] = 1 << 20,
     chat_template: Annotated[
-        Optional[Path], typer.Option(help="TOML file overriding the chat template's keys (see docs/serve.md).")
+        Path | None, typer.Option(help="TOML file overriding the chat template's keys (see docs/serve.md).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
     threads: Annotated[
@@ -94,16 +94,14 @@ def serve(
         os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
-    from anexa_core import checkpoint, training
     from anexa_serve import ServeConfig, create_app, load_models
     from anexa_serve.server import uvicorn_server
 
     if threads:
         torch.set_num_threads(threads)
 
-    paths = model or [checkpoint.latest_run(Path("runs"))]
     sock = _listen(host, port)  # before loading: a taken port fails at once
-    served = load_models(paths, training.pick_device(device))
+    served = load_models(model, device)
     config = ServeConfig(
         max_tokens_cap=max_tokens_cap,
         default_max_tokens=default_max_tokens,

@@ -39,7 +39,7 @@ class _PurePythonStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, positions, n_head, names, *weights):
         batch, time, width = x.shape
-        params = {name: weight.detach().tolist() for name, weight in zip(names, weights)}
+        params = {name: weight.detach().tolist() for name, weight in zip(names, weights, strict=True)}
         rows = x.detach().reshape(batch * time, width).tolist()
         hidden, tape = reference_gpt.stack_forward(params, n_head, rows, batch, positions.tolist())
         ctx.tape, ctx.params, ctx.names = tape, params, names
@@ -53,7 +53,7 @@ class _PurePythonStack(torch.autograd.Function):
         dx, grads = reference_gpt.stack_backward(d_rows, ctx.tape, ctx.params)
         device = grad_hidden.device
         d_weights = [torch.tensor(grads[name], dtype=dtype, device=device).view(shape)
-                     for name, (shape, dtype) in zip(ctx.names, ctx.shapes)]
+                     for name, (shape, dtype) in zip(ctx.names, ctx.shapes, strict=True)]
         dx = torch.tensor(dx, dtype=grad_hidden.dtype, device=device).view(batch, time, width)
         return (dx, None, None, None, *d_weights)
 
@@ -99,7 +99,7 @@ class ReferenceStack(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=0.02)
 
     def forward(self, x, positions, cache=None):
-        names, weights = zip(*self.named_parameters())
+        names, weights = zip(*self.named_parameters(), strict=True)
         if cache is None:
             return _PurePythonStack.apply(x, positions, self.n_head, names, *weights)
         return self._decode(x, positions, cache, names, weights)
@@ -114,7 +114,7 @@ class ReferenceStack(nn.Module):
             keys, values = cache.update(layer, as_tensor(k), as_tensor(v))
             return keys.tolist(), values.tolist()
 
-        params = {name: weight.tolist() for name, weight in zip(names, weights)}
+        params = {name: weight.tolist() for name, weight in zip(names, weights, strict=True)}
         rows = x.reshape(batch * time, width).tolist()
         hidden, _ = reference_gpt.stack_forward(params, self.n_head, rows, batch, positions.tolist(), remember)
         return torch.tensor(hidden, dtype=x.dtype, device=x.device).view(batch, time, width)

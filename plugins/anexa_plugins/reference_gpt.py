@@ -40,12 +40,12 @@ LAYER_NORM_EPS = 1e-5  # PyTorch's nn.LayerNorm default, which the gpt2 blocks u
 
 def dot(a, b):
     """Σᵢ aᵢ·bᵢ of two vectors of the same length."""
-    return sum(x * y for x, y in zip(a, b))
+    return sum(x * y for x, y in zip(a, b, strict=True))
 
 
 def transpose(m):
     """The ``cols × rows`` matrix whose row ``j`` is column ``j`` of ``m``."""
-    return [list(column) for column in zip(*m)]
+    return [list(column) for column in zip(*m, strict=True)]
 
 
 def matmul_t(a, b):
@@ -57,12 +57,12 @@ def matmul_t(a, b):
 
 def add(a, b):
     """Elementwise sum of two matrices of the same shape."""
-    return [[x + y for x, y in zip(row_a, row_b)] for row_a, row_b in zip(a, b)]
+    return [[x + y for x, y in zip(row_a, row_b, strict=True)] for row_a, row_b in zip(a, b, strict=True)]
 
 
 def column_sums(m):
     """The vector of the sums of each column of ``m``."""
-    return [sum(column) for column in zip(*m)]
+    return [sum(column) for column in zip(*m, strict=True)]
 
 
 def zeros(rows, cols):
@@ -74,7 +74,7 @@ def zeros(rows, cols):
 
 def linear_forward(x, weight, bias):
     """``y = x · Wᵀ + b``: ``x`` N × in, ``weight`` out × in, ``bias`` out → ``y`` N × out."""
-    return [[value + b for value, b in zip(row, bias)] for row in matmul_t(x, weight)]
+    return [[value + b for value, b in zip(row, bias, strict=True)] for row in matmul_t(x, weight)]
 
 
 def linear_backward(dy, x, weight):
@@ -101,7 +101,7 @@ def layer_norm_forward(x, weight, bias, eps=LAYER_NORM_EPS):
         variance = sum((value - mean) ** 2 for value in row) / len(row)
         inv_std = 1.0 / math.sqrt(variance + eps)
         x_hat = [(value - mean) * inv_std for value in row]
-        y.append([h * w + b for h, w, b in zip(x_hat, weight, bias)])
+        y.append([h * w + b for h, w, b in zip(x_hat, weight, bias, strict=True)])
         x_hats.append(x_hat)
         inv_stds.append(inv_std)
     return y, (x_hats, inv_stds)
@@ -115,12 +115,12 @@ def layer_norm_backward(dy, tape, weight):
     x_hats, inv_stds = tape
     dx = []
     dweight, dbias = [0.0] * len(weight), [0.0] * len(weight)
-    for dy_row, x_hat, inv_std in zip(dy, x_hats, inv_stds):
-        g = [d * w for d, w in zip(dy_row, weight)]
+    for dy_row, x_hat, inv_std in zip(dy, x_hats, inv_stds, strict=True):
+        g = [d * w for d, w in zip(dy_row, weight, strict=True)]
         mean_g = sum(g) / len(g)
         mean_gx = dot(g, x_hat) / len(g)
-        dx.append([(gi - mean_g - h * mean_gx) * inv_std for gi, h in zip(g, x_hat)])
-        for i, (d, h) in enumerate(zip(dy_row, x_hat)):
+        dx.append([(gi - mean_g - h * mean_gx) * inv_std for gi, h in zip(g, x_hat, strict=True)])
+        for i, (d, h) in enumerate(zip(dy_row, x_hat, strict=True)):
             dweight[i] += d * h
             dbias[i] += d
     return dx, dweight, dbias
@@ -143,7 +143,7 @@ def gelu_backward(dy, x):
         density = math.exp(-0.5 * value * value) / math.sqrt(2.0 * math.pi)
         return cdf + value * density
 
-    return [[d * slope(value) for d, value in zip(dy_row, row)] for dy_row, row in zip(dy, x)]
+    return [[d * slope(value) for d, value in zip(dy_row, row, strict=True)] for dy_row, row in zip(dy, x, strict=True)]
 
 
 def softmax(scores):
@@ -211,9 +211,9 @@ def attention_backward(dout, tape):
                 grad_out = dout[b * t_q + t][h * d: (h + 1) * d]
                 dp = [dot(grad_out, v[b][h][s]) for s in range(len(p))]
                 weighted = dot(p, dp)
-                ds = [p_s * (dp_s - weighted) for p_s, dp_s in zip(p, dp)]
+                ds = [p_s * (dp_s - weighted) for p_s, dp_s in zip(p, dp, strict=True)]
                 dq = [0.0] * d
-                for s, (p_s, ds_s) in enumerate(zip(p, ds)):
+                for s, (p_s, ds_s) in enumerate(zip(p, ds, strict=True)):
                     for i in range(d):
                         dv[s][i] += p_s * grad_out[i]
                         dq[i] += ds_s * k[b][h][s][i] * scale
@@ -296,7 +296,7 @@ def stack_forward(params, n_head, x, batch, positions, remember=None):
     if max(positions) >= len(wpe):
         raise ValueError(f"position {max(positions)} is beyond block_size {len(wpe)}")
     t_q = len(positions)
-    h = [[value + pos for value, pos in zip(row, wpe[positions[n % t_q]])] for n, row in enumerate(x)]
+    h = [[value + pos for value, pos in zip(row, wpe[positions[n % t_q]], strict=True)] for n, row in enumerate(x)]
     tapes = []
     for layer in range(count_layers(params)):
         h, tape = block_forward(h, params, layer, n_head, batch, remember)
@@ -352,7 +352,7 @@ def cross_entropy(logits, targets):
     ``(softmax(logits) − onehot(target)) / N`` w.r.t. the logits."""
     n = len(logits)
     loss, d_logits = 0.0, []
-    for row, target in zip(logits, targets):
+    for row, target in zip(logits, targets, strict=True):
         p = softmax(row)
         loss -= math.log(p[target])
         p[target] -= 1.0
@@ -368,7 +368,7 @@ def backward(d_logits, tape, params):
     dx, stack_grads = stack_backward(d_hidden, tape["stack"], stack_params(params))
     grads = {f"blocks.{name}": value for name, value in stack_grads.items()}
     d_wte = zeros(len(params["wte.weight"]), len(params["wte.weight"][0]))
-    for token, row in zip(tape["ids"], dx):  # the lookup's gradient: each used row collects its tokens'
+    for token, row in zip(tape["ids"], dx, strict=True):  # the lookup's gradient: each used row collects its tokens'
         for i, value in enumerate(row):
             d_wte[token][i] += value
     if head == "wte.weight":  # tied: the matrix gets the gradient of both of its uses
@@ -398,7 +398,7 @@ def _rows(value):
 def sgd_step(params, grads, lr):
     """Stochastic gradient descent: ``p ← p − lr·g`` for every number of every parameter, in place."""
     for name, value in params.items():
-        for row, grad_row in zip(_rows(value), _rows(grads[name])):
+        for row, grad_row in zip(_rows(value), _rows(grads[name]), strict=True):
             for i, g in enumerate(grad_row):
                 row[i] -= lr * g
 
@@ -417,7 +417,7 @@ def adam_step(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight
         if name not in state:
             state[name] = ([[0.0] * len(row) for row in _rows(value)], [[0.0] * len(row) for row in _rows(value)])
         first, second = state[name]
-        for row, grad_row, m_row, v_row in zip(_rows(value), _rows(grads[name]), first, second):
+        for row, grad_row, m_row, v_row in zip(_rows(value), _rows(grads[name]), first, second, strict=True):
             for i, g in enumerate(grad_row):
                 m_row[i] = beta1 * m_row[i] + (1.0 - beta1) * g
                 v_row[i] = beta2 * v_row[i] + (1.0 - beta2) * g * g

@@ -5,9 +5,8 @@ The same function the ``triton`` plugin falls back to, so the two can never disa
 
 from dataclasses import dataclass
 
-from anexa_kernels import sdpa_attention
-
 from anexa_core import hookimpl
+from anexa_kernels import sdpa_attention
 
 
 @dataclass

@@ -2,9 +2,8 @@
 
 from dataclasses import dataclass
 
-from anexa_kernels import SUPPORTED_HEAD_DIMS, attention, fallback_reason
-
 from anexa_core import AnexaError, hookimpl
+from anexa_kernels import SUPPORTED_HEAD_DIMS, attention, fallback_reason
 
 
 @dataclass

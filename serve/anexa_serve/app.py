@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from anexa_core.errors import AnexaError
-from anexa_core.generation import encode_prompt
+from anexa_core.infer.generation import encode_prompt
 from anexa_serve.chat import ROLE_ALIASES, ROLES, ChatTemplate
 from anexa_serve.engine import Engine, Generation
 from anexa_serve.errors import APIError, invalid
@@ -253,7 +253,7 @@ def create_app(models: dict[str, ServedModel], config: ServeConfig | None = None
         return requested
 
     def sampler_chain(req: CompletionRequest | ChatRequest):
-        from anexa_core.sampling import build_chain, parse_sampler_options
+        from anexa_core.infer.sampling import build_chain, parse_sampler_options
 
         specs = list(req.anexa.samplers)
         try:

@@ -4,7 +4,7 @@
   wait (first come, first served); one more request gets HTTP 429 at once instead of waiting without
   bound.
 * Generation is CPU-bound torch code, so each token is pulled from the core's lazy
-  :func:`anexa_core.generation.generate_text` in a worker thread (``anyio.to_thread`` with a
+  :func:`anexa_core.infer.generation.generate_text` in a worker thread (``anyio.to_thread`` with a
   ``parallel``-sized limiter), never on the event loop. A request that stops being read (client gone)
   stops pulling, which stops the generation: nothing runs ahead of the client.
 * Every request gets its own sampler chain and its own seeded ``torch.Generator`` (a random seed when
@@ -49,7 +49,7 @@ class Stats:
 
 
 class _CountingChain:
-    """The request's :class:`~anexa_core.sampling.SamplerChain`, unchanged, watching what it is given.
+    """The request's :class:`~anexa_core.infer.sampling.SamplerChain`, unchanged, watching what it is given.
 
     The core calls ``pick(logits, context, generator)`` exactly once per generated token, with
     ``context`` the ids fed so far (B=1, T). So ``ids`` are the generated tokens (including those of a
@@ -95,7 +95,7 @@ class Generation:
         stop: Sequence[str],
         stats: Stats,
     ) -> None:
-        from anexa_core.generation import generate_text
+        from anexa_core.infer.generation import generate_text
 
         self.served = served
         self.max_tokens = max_tokens

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+
 @dataclass(frozen=True)
 class ServedModel:
     """One loaded checkpoint: ``name`` (what requests put in ``model``), the torch module, tokenizer,
@@ -72,16 +73,17 @@ def unique_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def load_models(paths: list[Path], device: Any = "cpu") -> dict[str, ServedModel]:
-    """Load each checkpoint once, in order, keyed by its unique name.
+def load_models(paths: list[Path] | None, device: Any = "auto") -> dict[str, ServedModel]:
+    """Load each checkpoint once, in order, keyed by its unique name; ``None`` or ``[]``: the newest run
+    under ./runs (:func:`anexa_core.io.load.load`).
 
     Raises :class:`anexa_core.errors.AnexaError` for a missing, foreign or corrupt checkpoint.
     """
-    from anexa_core import checkpoint
+    from anexa_core.io.load import load
 
+    loaded = [load(path, device) for path in paths] if paths else [load(None, device)]
     served: dict[str, ServedModel] = {}
-    for name, path in zip(unique_names(paths), paths):
-        model, tokenizer, meta = checkpoint.load_model(path, device)
-        model.eval()
-        served[name] = ServedModel(name, model, tokenizer, meta, Path(path), int(Path(path).stat().st_mtime))
+    for name, one in zip(unique_names([item.source for item in loaded]), loaded, strict=True):
+        served[name] = ServedModel(name, one.model, one.tokenizer, one.meta, one.source,
+                                   int(one.source.stat().st_mtime))
     return served

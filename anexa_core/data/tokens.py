@@ -1,7 +1,7 @@
 """A corpus as token ids, tokenized once and read from disk: the token cache.
 
 ``anexa train`` and ``anexa eval`` do not hold a corpus in memory. The first run on a corpus reads its
-files in bounded pieces (:func:`anexa_core.data.corpus_pieces`), cuts the text into chunks at line
+files in bounded pieces (:func:`anexa_core.data.corpus.corpus_pieces`), cuts the text into chunks at line
 boundaries (:func:`text_chunks`), trains the tokenizer on those chunks, encodes them in batches
 (``encode_batch`` where the tokenizer has it: the BPE tokenizer encodes a batch on every core) and
 writes the ids to ``<key>.bin`` — ``uint16`` when the vocabulary fits, else ``uint32`` — with a small
@@ -9,7 +9,7 @@ JSON header beside it. Later runs memory-map the file (:class:`numpy.memmap`) af
 start without tokenizing, and memory grows with the model, not the corpus.
 
 What lives in ``$ANEXA_CACHE/tokens`` (:func:`tokens_dir`), all written atomically
-(:func:`anexa_core.files.atomic_path`):
+(:func:`anexa_core.io.files.atomic_path`):
 
 - ``<key>.bin`` / ``<key>.json``: the ids, and their header (count, dtype, CRC-32 of the ``.bin``, the
   number of characters they encode, what they were made from). The key is a SHA-256 of the corpus
@@ -34,6 +34,7 @@ key names.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -50,10 +51,11 @@ from typing import Any
 
 import numpy as np
 
-from anexa_core import data, plugins
-from anexa_core.data import Corpus, ProgressFn
+from anexa_core import plugins
+from anexa_core.data import corpus as corpora
+from anexa_core.data.corpus import Corpus, ProgressFn
 from anexa_core.errors import AnexaError
-from anexa_core.files import atomic_path
+from anexa_core.io.files import atomic_path
 
 logger = logging.getLogger("anexa")
 
@@ -95,8 +97,8 @@ class TokenStream:
 
 
 def tokens_dir() -> Path:
-    """``$ANEXA_CACHE/tokens`` (see :func:`anexa_core.data.cache_dir`)."""
-    return data.cache_dir() / "tokens"
+    """``$ANEXA_CACHE/tokens`` (see :func:`anexa_core.data.corpus.cache_dir`)."""
+    return corpora.cache_dir() / "tokens"
 
 
 def _canonical(value: Any) -> bytes:
@@ -205,15 +207,15 @@ def file_digests(files: Sequence[Path], progress: ProgressFn | None = None) -> l
             todo.append((index, path, st))
     if not todo:
         return digests  # type: ignore[return-value]
-    buffer = bytearray(data.READ_BLOCK)
+    buffer = bytearray(corpora.READ_BLOCK)
     view = memoryview(buffer)
-    entries = {os.path.abspath(path): remembered[os.path.abspath(path)] for path, digest in zip(files, digests)
+    entries = {os.path.abspath(path): remembered[os.path.abspath(path)] for path, digest in zip(files, digests, strict=True)
                if digest is not None}
     with _Meter(progress, PHASE_FINGERPRINT, sum(st.st_size for _, _, st in todo)) as meter:
         for index, path, st in todo:
             hashed_at = time.time_ns()
             digest = hashlib.sha256()
-            with data.ReadErrors(path), open(path, "rb") as handle:
+            with corpora.ReadErrors(path), open(path, "rb") as handle:
                 while count := handle.readinto(buffer):
                     digest.update(view[:count])
                     meter(count)
@@ -246,11 +248,9 @@ def _cut(text: str, start: int, end: int) -> int:
     hi = end
     while hi > start + 1:
         lo = max(start + 1, hi - _BOUNDARY_WINDOW)
-        last = None
-        for last in _BOUNDARY.finditer(text, lo, hi):
-            pass
-        if last is not None:
-            return last.start()
+        last = collections.deque(_BOUNDARY.finditer(text, lo, hi), maxlen=1)
+        if last:
+            return last[0].start()
         hi = lo
     newline = text.rfind("\n", start, end)
     return newline + 1 if newline >= start else end
@@ -305,7 +305,7 @@ def _log_notes(notes: list[tuple[Path, str]]) -> None:
 
 def _require_text(corpus: Corpus) -> None:
     """An error unless the corpus holds a non-whitespace character (reads only until it finds one)."""
-    with contextlib.closing(data.corpus_pieces(corpus.files)) as pieces:
+    with contextlib.closing(corpora.corpus_pieces(corpus.files)) as pieces:
         for piece in pieces:
             if not piece.isspace():
                 return
@@ -346,10 +346,10 @@ def trained_tokenizer(corpus: Corpus, digests: Sequence[str], name: str, options
         notes: list[tuple[Path, str]] = []
         try:
             with _Meter(progress, PHASE_LEARN, corpus.size) as meter:
-                pieces = data.corpus_pieces(corpus.files, digests=digests, on_bytes=meter, notes=notes)
+                pieces = corpora.corpus_pieces(corpus.files, digests=digests, on_bytes=meter, notes=notes)
                 with contextlib.closing(pieces):
                     tokenizer.train(text_chunks(pieces))
-        except data.ChangedWhileReading:
+        except corpora.ChangedWhileReading:
             forget_digests(corpus.files)
             raise
         _log_notes(notes)
@@ -455,7 +455,7 @@ def encoded(corpus: Corpus, digests: Sequence[str], tokenizer: Any, name: str, o
         bin_path = tokens_dir() / f"{key}.bin"
         try:
             with (_Meter(progress, PHASE_TOKENIZE, corpus.size) as meter,
-                  contextlib.closing(data.corpus_pieces(corpus.files, digests=digests, on_bytes=meter,
+                  contextlib.closing(corpora.corpus_pieces(corpus.files, digests=digests, on_bytes=meter,
                                                         notes=notes)) as pieces,
                   atomic_path(bin_path) as tmp, open(tmp, "wb") as out):
                 for batch in _batches(text_chunks(pieces)):
@@ -469,7 +469,7 @@ def encoded(corpus: Corpus, digests: Sequence[str], tokenizer: Any, name: str, o
                         out.write(memoryview(array))
                         crc = zlib.crc32(memoryview(array).cast("B"), crc)
                         count += array.size
-        except data.ChangedWhileReading:
+        except corpora.ChangedWhileReading:
             forget_digests(corpus.files)
             raise
         _log_notes(notes)
@@ -478,7 +478,7 @@ def encoded(corpus: Corpus, digests: Sequence[str], tokenizer: Any, name: str, o
                   "tokenizer": name, "options": options, "corpus": corpus_fingerprint(digests),
                   "label": corpus.label, "file_count": len(corpus.files),
                   "files": [str(path) for path in corpus.files[:100]],
-                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                  "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
         with atomic_path(tokens_dir() / f"{key}.json") as tmp:
             tmp.write_text(json.dumps(header, indent=1), encoding="utf-8")
         return _open(key, header, built=True)

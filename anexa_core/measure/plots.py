@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from anexa_core.errors import AnexaError
-from anexa_core.files import atomic_path
+from anexa_core.io.files import atomic_path
 
 
 def pyplot():
@@ -44,7 +44,7 @@ def plot_runs(runs: Sequence[Path], out: Path, labels: Sequence[str] | None = No
     plt = pyplot()
     labels = list(labels) if labels else [Path(run).name for run in runs]
     figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for run, label, colour in zip(runs, labels, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+    for run, label, colour in zip(runs, labels, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10, strict=False):
         records = read_metrics(run)
         steps = [r["step"] for r in records]
         minutes = [r["elapsed_s"] / 60 for r in records]

@@ -3,10 +3,10 @@
 A corpus is one or more sources — registered dataset names (``sherlock``), local text files, folders
 (searched recursively for :data:`DEFAULT_GLOBS`), http(s) URLs — resolved by :func:`resolve_corpus`
 into a fixed, ordered list of files, each one *document*. Downloads stream into the cache through
-:func:`anexa_core.files.atomic_path`, so a failed or corrupt download never leaves a file behind that
+:func:`anexa_core.io.files.atomic_path`, so a failed or corrupt download never leaves a file behind that
 a later run would trust. Every text — corpus or prompt — goes through :func:`normalize_text`, so what
 the model was trained on and what it is asked agree character for character. :func:`iter_text` reads a
-file of any size in bounded memory; :mod:`anexa_core.tokens` turns a corpus into cached token ids.
+file of any size in bounded memory; :mod:`anexa_core.data.tokens` turns a corpus into cached token ids.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from anexa_core import plugins
 from anexa_core.errors import AnexaError
-from anexa_core.files import atomic_path
+from anexa_core.io.files import atomic_path
 
 DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation, not for the whole file
 _CHUNK = 1 << 20
@@ -463,11 +463,11 @@ def iter_text(path: Path, block_size: int = READ_BLOCK, digest=None,
     """
     path = Path(path)
     with ReadErrors(path):
-        handle = open(path, "rb")
+        handle = open(path, "rb")  # noqa: SIM115 - opened alone so that only opening maps to the errors above
     with handle:
         raw = _CountingReader(handle, digest)
         if path.suffix == ".xz":
-            stream = lzma.LZMAFile(raw)
+            stream = lzma.LZMAFile(raw)  # noqa: SIM115 - closed with the file below
         elif path.suffix == ".gz":
             stream = gzip.GzipFile(fileobj=raw)
         else:
@@ -530,7 +530,7 @@ def corpus_pieces(files: Sequence[Path], block_size: int = READ_BLOCK, digests: 
     """The corpus as one text, in pieces: each file's text (:func:`iter_text`) in order, with a ``"\n"``
     between two files when the first does not end in one (a single file's text is therefore unchanged).
 
-    With ``digests`` (the SHA-256 of each file as stored, from :func:`anexa_core.tokens.file_digests`)
+    With ``digests`` (the SHA-256 of each file as stored, from :func:`anexa_core.data.tokens.file_digests`)
     a file whose bytes differ from its digest — rewritten after it was fingerprinted — raises an
     :class:`AnexaError`, so a cache keyed by the digests never holds other text. ``on_bytes`` receives
     the bytes read as reading advances (for progress bars).
@@ -565,7 +565,7 @@ class ChangedWhileReading(AnexaError):
 
 def load_corpus(spec: str | Sequence[str], globs: Sequence[str] = DEFAULT_GLOBS) -> tuple[str, str]:
     """``(text, short_name)`` for ``--data`` read whole into memory (small corpora and tests; training
-    streams through :mod:`anexa_core.tokens` instead). See :func:`resolve_corpus` and :func:`corpus_pieces`.
+    streams through :mod:`anexa_core.data.tokens` instead). See :func:`resolve_corpus` and :func:`corpus_pieces`.
     """
     corpus = resolve_corpus(spec, globs)
     notes: list[tuple[Path, str]] = []

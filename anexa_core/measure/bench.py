@@ -28,12 +28,14 @@ import torch
 
 from anexa_core import plugins
 from anexa_core.config import TrainConfig, resolve
+from anexa_core.device import pick_device, uses_bf16
 from anexa_core.errors import AnexaError
-from anexa_core.files import atomic_path
-from anexa_core.generation import generate_ids
-from anexa_core.model import GPT, build_model
-from anexa_core.training import get_batch, make_optimizer, pick_device, uses_bf16
-from anexa_core.training import make_train_step as training_step
+from anexa_core.infer.generation import generate_ids
+from anexa_core.io.files import atomic_path
+from anexa_core.model.gpt import GPT, build_model
+from anexa_core.train.optim import make_optimizer
+from anexa_core.train.step import get_batch
+from anexa_core.train.step import make_train_step as training_step
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REFERENCE = "math"
@@ -273,7 +275,7 @@ def bench_model(preset: str, attention: str, device: torch.device, batch_size: i
 
 
 def make_train_step(model: GPT, train_config: TrainConfig, device: torch.device) -> Callable[[], None]:
-    """One step of the training loop as ``anexa train`` runs it (:func:`anexa_core.training.make_train_step`),
+    """One step of the training loop as ``anexa train`` runs it (:func:`anexa_core.train.step.make_train_step`),
     on random windows of random tokens."""
     block = model.config.block_size
     step = training_step(model, make_optimizer(model, train_config), train_config, device)
@@ -309,7 +311,7 @@ def bench_train(
     row's speed over the reference's, measured side by side in this one run.
 
     Throughput is ``batch_size × block_size`` over the median step time. Each backend row runs the
-    training loop's own step (:func:`anexa_core.training.make_train_step`) with the preset's precision
+    training loop's own step (:func:`anexa_core.train.step.make_train_step`) with the preset's precision
     (``auto``: bf16 where the hardware has it) unless ``precision`` overrides it, compiled with
     ``compile`` (the warm-up steps then include the compilation). Peak memory on CUDA covers weights,
     optimizer state and activations.
@@ -418,7 +420,7 @@ def bench_generate(
     """Decoding speed of each context policy against recomputing the whole window for every token
     (nanoGPT's ``generate``), on the same random prompt, greedily, with the same random model.
 
-    Rows: ``shift`` and ``sliding`` (both with the KV cache, see :mod:`anexa_core.generation`) and
+    Rows: ``shift`` and ``sliding`` (both with the KV cache, see :mod:`anexa_core.infer.generation`) and
     ``recompute``. ``same_tokens`` says whether a row produced recompute's tokens: ``sliding`` always
     must; ``shift`` must while prompt plus output fit the context, and past it predicts from a shorter
     window by design. A backend that would fall back here is still measured (the comparison is about
@@ -457,7 +459,7 @@ def write_json(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None
 
 def require_matplotlib():
     """matplotlib's pyplot, or the one-line fix when it is not installed."""
-    from anexa_core.plots import pyplot
+    from anexa_core.measure.plots import pyplot
 
     try:
         return pyplot()

@@ -28,14 +28,14 @@ import torch
 from anexa_core import plugins
 from anexa_core.config import ModelConfig
 from anexa_core.errors import AnexaError
-from anexa_core.files import atomic_path
 from anexa_core.interfaces import Tokenizer
-from anexa_core.model import GPT, build_model
+from anexa_core.io.files import atomic_path
+from anexa_core.io.metrics import METRICS_FILE
+from anexa_core.model.gpt import GPT, build_model
 
 MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
 STATE_FILE = "train_state.safetensors"
-METRICS_FILE = "metrics.jsonl"
 FORMAT = "anexa/2"
 _OLD_FORMAT = "anexa/1"  # anexa 0.1: models still load; their runs cannot be resumed
 
@@ -277,3 +277,16 @@ def holds_a_run(folder: Path) -> bool:
     """Whether ``folder`` holds something ``anexa train`` wrote that a new run would overwrite."""
     folder = Path(folder)
     return any((folder / name).exists() for name in (MODEL_FILE, BEST_FILE, STATE_FILE))
+
+
+def clear_run(out_dir: Path) -> None:
+    """``--overwrite``: remove what an earlier run wrote in ``out_dir``."""
+    for name in (MODEL_FILE, BEST_FILE, STATE_FILE, METRICS_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(out_dir: Path) -> None:
+    """A SIGKILL during a save leaves ``.model.safetensors.*.tmp`` behind; the real files are intact."""
+    if out_dir.is_dir():
+        for stale in out_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)

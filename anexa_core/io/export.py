@@ -27,10 +27,13 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from anexa_core import checkpoint, options, plugins
+from anexa_core import options, plugins
 from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.errors import AnexaError
-from anexa_core.files import atomic_folder
+from anexa_core.io import checkpoint
+from anexa_core.io.files import atomic_folder
+from anexa_core.io.load import load
+from anexa_core.kinds import SETTINGS
 
 FORMATS = ("hf",)
 UPLOAD_COMMAND = "hf upload USER/NAME {out} ."
@@ -64,7 +67,8 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False) ->
         raise AnexaError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     out = Path(out)
     _check_target(out, overwrite)
-    model, tokenizer, meta = checkpoint.load_model(run)
+    loaded = load(run, "cpu")
+    model, tokenizer, meta = loaded.model, loaded.tokenizer, loaded.meta
     hf_config, tensors = hf_model(model, meta)
     hf_tokenizer = tokenizer_hf(tokenizer, meta)
     parameters = model.num_parameters()
@@ -146,8 +150,6 @@ _MODEL_FLAGS = ("blocks", "attention", "n_layer", "n_head", "n_embd", "block_siz
 _TRAIN_FLAGS = ("data", "tokenizer", "optimizer", "steps", "decay_steps", "batch_size", "lr", "min_lr",
                 "warmup_steps", "eval_every", "save_every", "seed", "device")
 _NO_FLAG = {"model": ("tie_embeddings",), "train": ("grad_clip", "eval_batches")}
-_OPTION_KINDS = {"blocks": ("blocks", "model_config"), "attention": ("attention", "model_config"),
-                 "tokenizer": ("tokenizers", "train_config"), "optimizer": ("optimizers", "train_config")}
 
 
 def training_command(model_config: dict[str, Any], train_config: dict[str, Any]) -> tuple[str, str | None]:
@@ -168,16 +170,16 @@ def training_command(model_config: dict[str, Any], train_config: dict[str, Any])
         if key == "device" and value == "auto":
             continue
         args += [f"--{key.replace('_', '-')}", _flag_value(value)]
-    for kind, (registry, source) in _OPTION_KINDS.items():
-        config = model_config if source == "model_config" else train_config
-        given = config.get(f"{kind}_options") or {}
+    for setting, kind in SETTINGS.items():
+        config = model_config if kind.config == "model" else train_config
+        given = config.get(f"{setting}_options") or {}
         try:
-            defaults = {o.name: o.default for o in options.describe(plugins.get(registry, config[kind]))}
-        except AnexaError:
+            defaults = {o.name: o.default for o in options.describe(plugins.get(kind.name, config[setting]))}
+        except (AnexaError, TypeError):  # not installed, or several --data values
             defaults = {}
         for name, value in given.items():
             if name not in defaults or defaults[name] != value:
-                args += ["-o", f"{kind}.{name}={_flag_value(value)}"]
+                args += ["-o", f"{setting}.{name}={_flag_value(value)}"]
     toml_lines = []
     for section, keys in _NO_FLAG.items():
         defaults = ModelConfig() if section == "model" else TrainConfig()

@@ -20,19 +20,14 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from anexa_core.data import normalize_text
+from anexa_core.data.corpus import normalize_text
+from anexa_core.device import decoding_autocast
 from anexa_core.errors import AnexaError
-from anexa_core.model import GPT, KVCache
-from anexa_core.sampling import stream_until_stop
-from anexa_core.training import autocast as _autocast
+from anexa_core.infer.sampling import stream_until_stop
+from anexa_core.model.cache import KVCache
+from anexa_core.model.gpt import GPT
 
 CONTEXT_POLICIES = ("shift", "sliding")
-
-
-def autocast(device: torch.device):
-    """Decoding's precision: bf16 on CUDA, float32 on a CPU (where bf16 would change greedy picks between
-    the cached and the recomputed path, and one token at a time gains little from it)."""
-    return _autocast(device, "auto" if device.type == "cuda" else "fp32")
 
 
 MAX_PENDING_TOKENS = 16
@@ -76,7 +71,7 @@ def generate_ids(
         """Logits after the last ``length`` tokens, recomputed into a fresh cache."""
         nonlocal cache
         cache = KVCache(block_size) if use_cache else None
-        with autocast(device):
+        with decoding_autocast(device):
             logits, _ = model(history[:, -length:], cache=cache, last_only=True)
         return logits[:, -1, :].float()
 
@@ -85,7 +80,7 @@ def generate_ids(
             return forward_window(block_size)
         if len(cache) >= block_size:
             return forward_window(keep)
-        with autocast(device):
+        with decoding_autocast(device):
             logits, _ = model(token, cache=cache, last_only=True)
         return logits[:, -1, :].float()
 
@@ -129,7 +124,7 @@ def decode_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """The ids ``generate_text`` feeds for ``prompt``: normalised like training text
-    (:func:`~anexa_core.data.normalize_text`), then encoded. Raises the tokenizer's ``AnexaError`` for text
+    (:func:`~anexa_core.data.corpus.normalize_text`), then encoded. Raises the tokenizer's ``AnexaError`` for text
     it cannot encode."""
     return tokenizer.encode(normalize_text(prompt))
 
@@ -146,7 +141,7 @@ def generate_text(
 ) -> Iterator[str]:
     """Stream the continuation of ``prompt`` as text, ending early at any ``stop`` string (not included).
 
-    The prompt goes through the same normalisation as training text (:func:`~anexa_core.data.normalize_text`).
+    The prompt goes through the same normalisation as training text (:func:`~anexa_core.data.corpus.normalize_text`).
     """
     generator = None
     if seed is not None:

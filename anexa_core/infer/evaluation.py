@@ -1,6 +1,6 @@
 """``anexa eval``: a model's loss on a whole text, every token scored once, in strided windows.
 
-The text's token ids ``t[0] … t[N-1]`` come from the token cache (:mod:`anexa_core.tokens`, keyed by
+The text's token ids ``t[0] … t[N-1]`` come from the token cache (:mod:`anexa_core.data.tokens`, keyed by
 the model's own tokenizer), so a text is tokenized once however often it is evaluated. Every token but
 the first (which nothing precedes) is predicted exactly once, as in Hugging Face's "Perplexity of
 fixed-length models" guide:
@@ -33,9 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anexa_core import data, tokens
+from anexa_core.config import PRECISIONS
+from anexa_core.data import corpus as corpora
+from anexa_core.data import tokens
+from anexa_core.device import autocast
 from anexa_core.errors import AnexaError
-from anexa_core.model import GPT
+from anexa_core.model.gpt import GPT
 
 LOGITS_BUDGET = 1 << 25
 """Logits per batch (windows × length × vocabulary) when the batch size is automatic: 128 MiB in float32."""
@@ -78,7 +81,7 @@ def window_plan(n_tokens: int, block_size: int,
         raise AnexaError(f"--stride {stride} must be between 1 and the window length {length} (the model's "
                          "context, or the text's length if shorter)")
     last = n_tokens - 1 - length
-    starts = np.array(list(range(0, last, stride)) + [last], dtype=np.int64)
+    starts = np.array([*list(range(0, last, stride)), last], dtype=np.int64)
     ends = starts + length  # each window's last predicted token
     first = np.zeros(len(starts), dtype=np.int64)
     first[1:] = ends[:-1] - starts[1:]
@@ -97,13 +100,11 @@ def evaluate(model: GPT, ids: np.ndarray, characters: int, stride: int | None = 
 
     ``characters``: the characters the predicted tokens spell (see the module docstring). The model runs
     in eval mode (no dropout) in float32 by default — the same numbers on every machine — or with
-    ``precision`` ``auto``/``bf16`` under bf16 autocast as training may (:func:`anexa_core.training.autocast`);
+    ``precision`` ``auto``/``bf16`` under bf16 autocast as training may (:func:`anexa_core.device.autocast`);
     the log-likelihoods are computed in float32 and summed in float64.
     ``progress(phase, done, total, unit="windows")`` follows the windows. Returns an :class:`EvalResult`.
     """
-    from anexa_core.training import autocast
-
-    if precision not in ("auto", "fp32", "bf16"):
+    if precision not in PRECISIONS:
         raise AnexaError(f"unknown precision {precision!r}: use fp32, auto or bf16")
     device = torch.device(device)
     starts, first, length, stride = window_plan(len(ids), model.config.block_size, stride)
@@ -141,18 +142,18 @@ def evaluate(model: GPT, ids: np.ndarray, characters: int, stride: int | None = 
 
 
 def evaluate_text(model: GPT, tokenizer: Any, meta: dict[str, Any], data_specs: str | Sequence[str],
-                  globs: Sequence[str] = data.DEFAULT_GLOBS, stride: int | None = None,
+                  globs: Sequence[str] = corpora.DEFAULT_GLOBS, stride: int | None = None,
                   batch_size: int | None = None, device: torch.device | str = "cpu",
                   progress=None, precision: str = "fp32") -> tuple[EvalResult, dict[str, Any]]:
     """:func:`evaluate` on the text of ``--data`` (files, folders, datasets, URLs: see
-    :func:`anexa_core.data.resolve_corpus`), tokenized with the model's tokenizer through the token cache.
+    :func:`anexa_core.data.corpus.resolve_corpus`), tokenized with the model's tokenizer through the token cache.
 
-    ``meta``: the checkpoint metadata from :func:`anexa_core.checkpoint.load_model` (its tokenizer's name
+    ``meta``: the checkpoint metadata from :func:`anexa_core.io.checkpoint.load_model` (its tokenizer's name
     and options key the cache). Returns the result and a description of the data (``files``,
     ``label``, ``tokenized``: whether this call had to tokenize). Raises :class:`AnexaError` when the
     text cannot be read or the tokenizer cannot encode it.
     """
-    corpus = data.resolve_corpus(data_specs, globs)
+    corpus = corpora.resolve_corpus(data_specs, globs)
     entry = meta["tokenizer"]
     digests = tokens.file_digests(corpus.files, progress)
     try:

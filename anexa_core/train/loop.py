@@ -1,0 +1,374 @@
+"""The training loop, read top to bottom: :func:`train` = :func:`prepare` → :func:`fit` → checkpoints.
+
+Random windows of the corpus (:mod:`.step`), an optimizer plugin (:mod:`.optim`), warmup + cosine LR,
+periodic evaluation, checkpoints that survive interruption. Deterministic under a seed: batches come from
+a dedicated generator, evaluation from fixed ones, and the generators' states travel in
+``train_state.safetensors`` so ``--resume`` continues bit for bit. What a run folder holds is described in
+:mod:`anexa_core.io.checkpoint`; the guarantees (nothing a user trained is overwritten or lost to Ctrl-C,
+SIGTERM or SIGKILL) in ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from anexa_core import plugins
+from anexa_core.config import ModelConfig, TrainConfig
+from anexa_core.data.prepare import prepare_data
+from anexa_core.device import pick_device
+from anexa_core.errors import AnexaError
+from anexa_core.interfaces import Tokenizer
+from anexa_core.io import checkpoint
+from anexa_core.io.metrics import METRICS_FILE, append_metrics, truncate_metrics
+from anexa_core.model.gpt import GPT, build_model
+from anexa_core.train import distributed
+from anexa_core.train.optim import make_optimizer
+from anexa_core.train.step import estimate_loss, get_batch, lr_at, make_train_step
+
+logger = logging.getLogger("anexa")
+
+
+class Reporter(Protocol):
+    """Where the loop reports progress; the CLI supplies a progress bar or plain log lines.
+
+    A reporter may also have ``data_progress(phase, done, total)``, told how preparing the data advances
+    (fingerprinting, training the tokenizer, tokenizing: bytes; see :func:`prepare_data`).
+    """
+
+    def start(self, total_steps: int, first_step: int, info: dict[str, Any]) -> None: ...
+
+    def step(self, step: int, loss: float, tokens_per_s: float) -> None: ...
+
+    def evaluated(self, metrics: dict[str, Any]) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class SilentReporter:
+    """A reporter that reports nothing (library use, and every rank but the first)."""
+
+    def start(self, total_steps, first_step, info):
+        pass
+
+    def step(self, step, loss, tokens_per_s):
+        pass
+
+    def evaluated(self, metrics):
+        pass
+
+    def finish(self):
+        pass
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped early at the user's request (Ctrl-C, SIGTERM); ``saved`` says whether a checkpoint
+    of ``step`` was written to ``out_dir`` (nothing is saved before the first step)."""
+
+    def __init__(self, step: int, out_dir: Path, saved: bool):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.out_dir, self.saved = step, out_dir, saved
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: its folder, last step, last losses (nats/token), the best validation loss and its
+    step, unique parameters and the seconds this call trained."""
+
+    out_dir: Path
+    step: int
+    val_loss: float
+    train_loss: float
+    best_step: int | None
+    best_val_loss: float
+    parameters: int
+    seconds: float
+
+
+@dataclass
+class TrainingRun:
+    """Everything a run holds while it trains: what :func:`prepare` built and :func:`fit` advances."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    optimizer: Any
+    train_config: TrainConfig
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    out_dir: Path
+    device: torch.device
+    ranks: distributed.Ranks
+    batch_generator: torch.Generator
+    resumed: bool = False
+    first_step: int = 0
+    best_step: int | None = None
+    best_val_loss: float = float("inf")
+    val_loss: float = float("nan")
+    train_loss: float = float("nan")
+    elapsed_before: float = 0.0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        """Seconds of training, earlier sessions of a resumed run included (to 0.01 s)."""
+        return round(self.elapsed_before + time.perf_counter() - self.started, 2)
+
+
+def train(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    out_dir: Path,
+    reporter: Reporter | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_requested: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train (or, with ``resume``, continue training) and write checkpoints under ``out_dir``.
+
+    ``out_dir`` holding a run is refused unless ``resume`` or ``overwrite``. ``stop_requested`` is polled
+    after every step; when it returns true the step's checkpoint is written and
+    :class:`TrainingInterrupted` is raised. Raises :class:`AnexaError` (one line) for every mistake a user
+    can make, before any time is spent on the data where it can be found out earlier.
+    """
+    ranks, device = distributed.setup(pick_device(train_config.device))
+    reporter = (reporter or SilentReporter()) if ranks.is_main else SilentReporter()
+    try:
+        run = prepare(model_config, train_config, Path(out_dir), ranks, device, resume, overwrite, reporter)
+        reporter.start(run.train_config.steps, run.first_step, _start_info(run))
+        try:
+            result = fit(run, reporter, stop_requested)
+        finally:
+            reporter.finish()
+        if ranks.is_main:
+            _plot_losses(run.out_dir)
+        return result
+    finally:
+        distributed.teardown(ranks)
+
+
+# --- prepare ----------------------------------------------------------------------------------------
+
+
+def prepare(model_config: ModelConfig, train_config: TrainConfig, out_dir: Path, ranks: distributed.Ranks,
+            device: torch.device, resume: bool, overwrite: bool, reporter: Reporter) -> TrainingRun:
+    """The model, tokenizer, data and optimizer of a new run, or of the run in ``out_dir`` with ``resume``
+    (weights, optimizer state, random generators and progress restored), and a run folder ready for it."""
+    if not resume and checkpoint.holds_a_run(out_dir) and not overwrite:
+        raise AnexaError(
+            f"{out_dir} already holds a trained run: continue it with `anexa train --resume {out_dir}`, "
+            "replace it with --overwrite, or pass another --out"
+        )
+    state = checkpoint.load_train_state(out_dir) if resume else None
+    optimizer_options = _check_plugins(model_config, train_config, state)
+    torch.manual_seed(train_config.seed)
+    batch_generator = torch.Generator().manual_seed(train_config.seed + 1)
+    progress = getattr(reporter, "data_progress", None)
+    if state is not None:
+        model, tokenizer = checkpoint.rebuild(state.meta["model"], out_dir / checkpoint.STATE_FILE,
+                                              model_config.attention, model_config.attention_options)
+        model.load_state_dict(state.weights)
+        model.to(device)
+        _, _, tokenizer_options, train_ids, val_ids = prepare_data(
+            train_config, model.config.block_size, tokenizer, progress)
+    else:
+        _, tokenizer, tokenizer_options, train_ids, val_ids = prepare_data(
+            train_config, model_config.block_size, None, progress)
+        model = build_model(dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)).to(device)
+        train_config = dataclasses.replace(train_config, decay_steps=train_config.schedule_steps)
+    train_config = dataclasses.replace(train_config, tokenizer_options=tokenizer_options,
+                                       optimizer_options=optimizer_options)
+    run = TrainingRun(model, tokenizer, make_optimizer(model, train_config), train_config, train_ids, val_ids,
+                      out_dir, device, ranks, batch_generator, resumed=state is not None)
+    if state is not None:
+        _restore(run, state)
+    if ranks.is_main:
+        checkpoint.remove_stale_temp_files(out_dir)
+        if resume:
+            truncate_metrics(out_dir / METRICS_FILE, run.first_step)
+        elif out_dir.is_dir():
+            checkpoint.clear_run(out_dir)
+    return run
+
+
+def _check_plugins(model_config: ModelConfig, train_config: TrainConfig,
+                   state: checkpoint.TrainState | None) -> dict[str, Any]:
+    """Fail on a misspelt plugin, a missing one or a bad option before spending time on data; returns
+    every option of the optimizer (defaults included)."""
+    recorded = state.meta["model"].get("plugins", {}) if state else {}
+    plugins.create("tokenizers", train_config.tokenizer, train_config.tokenizer_options, recorded.get("tokenizer"))
+    plugins.create("blocks", model_config.blocks, model_config.blocks_options, recorded.get("blocks"))
+    stored_attention = recorded.get("attention") or {}
+    plugins.create("attention", model_config.attention, model_config.attention_options,
+                   stored_attention if stored_attention.get("name") == model_config.attention else None)
+    _, optimizer_options = plugins.create("optimizers", train_config.optimizer, train_config.optimizer_options,
+                                          state.meta.get("optimizer_plugin") if state else None)
+    return optimizer_options
+
+
+def _restore(run: TrainingRun, state: checkpoint.TrainState) -> None:
+    """Where a resumed run was: optimizer state, step, best loss, time used, random generators."""
+    config = run.train_config
+    try:
+        run.optimizer.load_state_dict(state.optimizer_state)
+    except (ValueError, KeyError) as exc:
+        raise AnexaError(f"the optimizer state in {run.out_dir} does not fit optimizer "
+                         f"{config.optimizer!r} ({exc}): start a new run") from None
+    run.first_step = state.step
+    run.best_step = state.meta.get("best_step")
+    if run.best_step is not None:
+        run.best_val_loss = state.meta["best_val_loss"]
+    run.elapsed_before = state.meta.get("elapsed_s", 0.0)
+    torch.set_rng_state(state.rng["torch"])
+    run.batch_generator.set_state(state.rng["batch"])
+    if run.device.type == "cuda" and "cuda" in state.rng:
+        torch.cuda.set_rng_state(state.rng["cuda"], run.device)
+    if run.first_step >= config.steps:
+        raise AnexaError(f"run {run.out_dir} already reached step {run.first_step}: pass a larger --steps to continue")
+    if config.minutes is not None and run.elapsed_before >= config.minutes * 60:
+        raise AnexaError(f"run {run.out_dir} already used its {config.minutes:g}-minute budget: pass a larger "
+                         "--minutes to continue")
+
+
+def _start_info(run: TrainingRun) -> dict[str, Any]:
+    """What the reporter shows when training starts."""
+    return {
+        "parameters": run.model.num_parameters(),
+        "device": str(run.device),
+        "vocab_size": run.model.config.vocab_size,
+        "train_tokens": len(run.train_ids),
+        "val_tokens": len(run.val_ids),
+        "resumed_from": run.first_step if run.resumed else None,
+        "out_dir": str(run.out_dir),
+        "minutes": run.train_config.minutes,
+        "elapsed_s": run.elapsed_before,
+    }
+
+
+# --- fit --------------------------------------------------------------------------------------------
+
+
+def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
+    """Steps from ``run.first_step`` to ``train_config.steps`` (or until the ``--minutes`` budget, less the
+    time of one final evaluation, is used): each sets the scheduled learning rate, trains on a fresh batch,
+    evaluates every ``eval_every`` steps and at the end, and checkpoints (see :func:`save`)."""
+    model, config, ranks, device = run.model, run.train_config, run.ranks, run.device
+    model.train()
+    train_step = make_train_step(model, run.optimizer, config, device, distributed.wrap(model, ranks, device))
+    tokens_per_step = config.batch_size * model.config.block_size * ranks.world_size
+    budget_s = config.minutes * 60 if config.minutes is not None else None
+    eval_seconds = 0.0  # how long an evaluation takes, so a time budget ends with its final one on time
+    window_start, window_tokens = time.perf_counter(), 0
+    run.started = time.perf_counter()
+    done = run.first_step
+    for step in range(run.first_step, config.steps):
+        lr = lr_at(step, config, None if budget_s is None else run.elapsed() / budget_s)
+        factor = lr / config.lr
+        for group in run.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        x, y = get_batch(run.train_ids, model.config.block_size, config.batch_size * ranks.world_size,
+                         run.batch_generator)
+        loss = train_step(ranks.shard(x).to(device, non_blocking=True), ranks.shard(y).to(device, non_blocking=True))
+        done = step + 1
+        window_tokens += tokens_per_step
+        tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+        reporter.step(done, loss.item(), tokens_per_s)
+        time_up = budget_s is not None and distributed.any_rank(run.elapsed() + eval_seconds >= budget_s, ranks,
+                                                                device)
+        last = done == config.steps or time_up
+        new_best = False
+        if done % config.eval_every == 0 or last:
+            eval_started = time.perf_counter()
+            new_best = evaluate(run, done, lr, tokens_per_s, reporter)
+            eval_seconds = time.perf_counter() - eval_started
+            window_start, window_tokens = time.perf_counter(), 0
+        interrupted = distributed.any_rank(bool(stop_requested and stop_requested()), ranks, device)
+        if ranks.is_main and (interrupted or new_best or last or done % config.save_every == 0):
+            save(run, done, best=new_best)
+        if interrupted:
+            raise TrainingInterrupted(done, run.out_dir, saved=True)
+        if last:
+            break
+    return TrainResult(out_dir=run.out_dir, step=done, val_loss=run.val_loss, train_loss=run.train_loss,
+                       best_step=run.best_step, best_val_loss=run.best_val_loss,
+                       parameters=model.num_parameters(), seconds=time.perf_counter() - run.started)
+
+
+def evaluate(run: TrainingRun, step: int, lr: float, tokens_per_s: float, reporter: Reporter) -> bool:
+    """Train and validation loss on fixed batches, appended to ``metrics.jsonl`` and reported; returns
+    whether the validation loss is a new best (a tie keeps the earlier one)."""
+    config = run.train_config
+    run.train_loss = estimate_loss(run.model, run.train_ids, config, run.device, config.seed + 2)
+    run.val_loss = estimate_loss(run.model, run.val_ids, config, run.device, config.seed + 3)
+    record = {"step": step, "train_loss": round(run.train_loss, 5), "val_loss": round(run.val_loss, 5), "lr": lr,
+              "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": run.elapsed()}
+    if run.ranks.is_main:
+        append_metrics(run.out_dir / METRICS_FILE, record)
+    new_best = run.val_loss < run.best_val_loss
+    if new_best:
+        run.best_step, run.best_val_loss = step, run.val_loss
+    reporter.evaluated(record)
+    return new_best
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+def save(run: TrainingRun, step: int, best: bool = False) -> None:
+    """The training state, then ``model.safetensors`` (and ``best.safetensors`` for a new best), each
+    written atomically. The training state comes first: it alone is what ``--resume`` reads, so the pair can
+    never disagree, and a run folder never holds a best model that ``--resume`` could not continue from."""
+    config, model = run.train_config, run.model
+    best_loss = None if run.best_step is None else run.best_val_loss
+    meta = _model_meta(run, step, val_loss=_number(run.val_loss), train_loss=_number(run.train_loss),
+                       best_step=run.best_step, best_val_loss=best_loss)
+    rng = {"torch": torch.get_rng_state(), "batch": run.batch_generator.get_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    checkpoint.save_train_state(
+        run.out_dir / checkpoint.STATE_FILE, model, run.optimizer, rng, meta, step=step,
+        train_config=dataclasses.asdict(config), best_step=run.best_step, best_val_loss=best_loss,
+        elapsed_s=run.elapsed(),
+        optimizer_plugin=plugins.provenance("optimizers", config.optimizer, config.optimizer_options),
+    )
+    delay = _save_delay()
+    if delay:
+        time.sleep(delay)
+    checkpoint.save_model(run.out_dir / checkpoint.MODEL_FILE, model, meta)
+    if best:
+        checkpoint.save_model(run.out_dir / checkpoint.BEST_FILE, model,
+                              _model_meta(run, step, val_loss=run.val_loss, train_loss=run.train_loss))
+
+
+def _model_meta(run: TrainingRun, step: int, **losses: Any) -> dict[str, Any]:
+    config = run.train_config
+    return checkpoint.model_metadata(run.model, run.tokenizer, config.tokenizer, config.tokenizer_options,
+                                     step=step, **losses, train_config=dataclasses.asdict(config),
+                                     elapsed_s=run.elapsed())
+
+
+def _number(value: float) -> float | None:
+    """A loss for JSON metadata: ``None`` before the first evaluation rather than a non-standard NaN."""
+    return None if value != value else value
+
+
+def _plot_losses(out_dir: Path) -> None:
+    """``loss.png`` beside the metrics, when matplotlib is installed (the ``plot`` extra)."""
+    from anexa_core.measure import plots
+
+    try:
+        plots.plot_runs([out_dir], out_dir / "loss.png")
+    except AnexaError as exc:
+        logger.info("no loss.png: %s", exc)
+
+
+def _save_delay() -> float:
+    """Test hook: seconds to sleep inside each save (``ANEXA_TEST_SAVE_DELAY``), to kill a run mid-save."""
+    return float(os.environ.get("ANEXA_TEST_SAVE_DELAY", "0") or 0)

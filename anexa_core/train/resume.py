@@ -1,0 +1,53 @@
+"""Continuing a run: the configs it was started with, updated by the flags that may change."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from anexa_core import config as configs
+from anexa_core.config import ModelConfig, TrainConfig
+from anexa_core.errors import AnexaError
+from anexa_core.io import checkpoint
+
+_FIXED_ON_RESUME = ({f.name for f in dataclasses.fields(ModelConfig)} - {"attention", "attention_options"}) | {
+    "tokenizer", "tokenizer_options", "optimizer", "optimizer_options"
+}
+
+
+def resume_configs(run_dir: Path, overrides: dict[str, Any],
+                   plugin_options: dict[str, dict[str, Any]] | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The configs a run was started with, updated by the flags given now (a larger ``steps``, another
+    ``data``, another attention). Flags that would change what the checkpoint means — the tokenizer and
+    its vocabulary, the model's shape, blocks, the optimizer — are refused."""
+    run_dir = Path(run_dir)
+    state_file = run_dir / checkpoint.STATE_FILE
+    if not state_file.is_file():
+        checkpoint.load_train_state(run_dir)  # raises the one-line error for a folder that is no run
+    meta = checkpoint.read_metadata(state_file)
+    if meta.get("kind") != "train_state":
+        checkpoint.load_train_state(run_dir)  # the error for a run of an older Anexa
+    settings = {**meta["model"]["model_config"], **meta["train_config"]}
+    given = {key: value for key, value in overrides.items() if value is not None}
+    for kind, options in (plugin_options or {}).items():
+        given[f"{kind}_options"] = options
+
+    def current(key: str) -> Any:
+        kind = configs.SHORTHANDS.get(key)
+        return settings.get(f"{kind}_options", {}).get(key) if kind else settings.get(key)
+
+    def fixed(key: str) -> bool:
+        return configs.SHORTHANDS.get(key, key) in _FIXED_ON_RESUME or key in _FIXED_ON_RESUME
+
+    changed = sorted(key for key in given if fixed(key) and str(given[key]) != str(current(key)))
+    if changed:
+        flags = ", ".join(f"-o {key.removesuffix('_options')}.…" if key.endswith("_options")
+                          else f"--{key.replace('_', '-')}" for key in changed)
+        raise AnexaError(
+            f"cannot change {flags} when resuming {run_dir}: it would change what the checkpoint means; "
+            "start a new run instead (without --resume)"
+        )
+    configs.merge(settings, given, "flags")
+    model_config, train_config = configs.split(settings)
+    return dataclasses.replace(model_config, vocab_size=meta["model"]["model_config"]["vocab_size"]), train_config

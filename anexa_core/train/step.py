@@ -1,0 +1,90 @@
+"""One training step, the batches it eats, the learning-rate schedule, and the loss estimate of evaluation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from anexa_core.config import TrainConfig
+from anexa_core.device import autocast
+from anexa_core.model.gpt import GPT
+
+
+def lr_at(step: int, config: TrainConfig, time_fraction: float | None = None) -> float:
+    """The learning rate of (0-based) ``step``: linear warmup over ``warmup_steps`` to ``lr``, then cosine
+    decay reaching ``min_lr`` at ``schedule_steps`` (SGDR, Loshchilov & Hutter 2017), ``min_lr`` after.
+
+    With a time budget (``--minutes``) the decay follows ``time_fraction``, the share of the budget used
+    so far, instead of the step count, so a short run still ends at ``min_lr``.
+    """
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if time_fraction is not None:
+        progress = min(1.0, max(0.0, time_fraction))
+    else:
+        span = max(1, config.schedule_steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def make_train_step(model: GPT, optimizer: torch.optim.Optimizer, config: TrainConfig, device: torch.device,
+                    forward: torch.nn.Module | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One optimizer step on a batch ``(x, y)`` (B, T) int64 already on ``device``: forward under the
+    configured precision (``forward``: ``model`` or its DDP wrapper; compiled with ``config.compile``),
+    backward, gradient clipping, the optimizer's step. Returns the loss, a 0-d tensor (nats/token).
+
+    The training loop and ``anexa bench train`` both run exactly this, so the benchmark times the product.
+    """
+    forward = forward if forward is not None else model
+    if config.compile:
+        forward = torch.compile(forward)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(device, config.precision):
+            _, loss = forward(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def get_batch(
+    ids: np.ndarray | torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of ``block_size`` tokens (B, T) int64 and the same windows shifted by one.
+
+    ``ids``: 1-D token ids of any integer dtype — a :class:`numpy.memmap` of the token cache, any numpy
+    array, or a CPU tensor. The window starts are drawn with ``torch.randint`` from ``generator`` (so a
+    saved generator state replays them), and the windows are gathered with one numpy fancy index.
+    """
+    starts = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=generator)
+    array = ids.numpy() if isinstance(ids, torch.Tensor) else ids
+    windows = array[starts.numpy()[:, None] + np.arange(block_size + 1)].astype(np.int64)
+    return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: GPT, ids: np.ndarray | torch.Tensor, config: TrainConfig, device: torch.device, seed: int
+) -> float:
+    """Mean loss (nats/token) over ``eval_batches`` batches drawn from a generator seeded with ``seed``,
+    so the same windows are scored at every evaluation and losses are comparable across steps."""
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    losses = []
+    for _ in range(config.eval_batches):
+        x, y = get_batch(ids, model.config.block_size, config.batch_size, generator)
+        with autocast(device, config.precision):
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
