@@ -34,8 +34,13 @@ MAX_INT = 2**53
 """Largest integer setting: beyond it JSON metadata (and floats) stop being exact."""
 
 
-SHORTHANDS = {"vocab_size": "tokenizer", "weight_decay": "optimizer", "beta1": "optimizer", "beta2": "optimizer",
-              "bias": "blocks"}
+SHORTHANDS = {
+    "vocab_size": "tokenizer",
+    "weight_decay": "optimizer",
+    "beta1": "optimizer",
+    "beta2": "optimizer",
+    "bias": "blocks",
+}
 
 
 def _check_fields(config: Any) -> None:
@@ -133,8 +138,11 @@ class TrainConfig:
             raise AnexaError(f"data (--data) must be a non-empty string or list of strings, got {self.data!r}")
         if isinstance(self.data_glob, str):
             self.data_glob = [self.data_glob]
-        if not (isinstance(self.data_glob, (list, tuple)) and self.data_glob
-                and all(isinstance(v, str) and v for v in self.data_glob)):
+        if not (
+            isinstance(self.data_glob, (list, tuple))
+            and self.data_glob
+            and all(isinstance(v, str) and v for v in self.data_glob)
+        ):
             raise AnexaError(f"data_glob (--glob) must be a non-empty list of patterns, got {self.data_glob!r}")
         self.data_glob = list(self.data_glob)
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "save_every"):
@@ -172,8 +180,15 @@ PRESETS = {
     # (benchmarks/RESULTS.md): LLaMA-style blocks (rotary, RMSNorm, SwiGLU), QK-norm, zero-initialised
     # output projections, an untied head, Muon for the matrices, a higher peak LR.
     "fast": Preset(
-        model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, blocks="llama", tie_embeddings=False,
-                   blocks_options=dict(mlp="swiglu", qk_norm=True, zero_init=True)),
+        model=dict(
+            n_layer=4,
+            n_head=4,
+            n_embd=128,
+            block_size=128,
+            blocks="llama",
+            tie_embeddings=False,
+            blocks_options=dict(mlp="swiglu", qk_norm=True, zero_init=True),
+        ),
         train=dict(batch_size=32, optimizer="muon", lr=5e-3, min_lr=5e-4, warmup_steps=50),
     ),
     # nanoGPT's shakespeare_char size: about 10.7M parameters.
@@ -182,6 +197,7 @@ PRESETS = {
         train=dict(batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=100),
     ),
 }
+
 
 def preset_values(key: str) -> dict[str, Any]:
     """What each preset runs with for the setting ``key`` (a :class:`ModelConfig` or :class:`TrainConfig`
@@ -253,7 +269,9 @@ def merge(settings: dict[str, Any], values: dict[str, Any], source: str) -> None
     known = _MODEL_FIELDS | _TRAIN_FIELDS
     for key in values:
         if key not in known and key not in SHORTHANDS:
-            raise AnexaError(f"unknown setting {key!r} in {source}: use one of {', '.join(sorted(known | set(SHORTHANDS)))}")
+            raise AnexaError(
+                f"unknown setting {key!r} in {source}: use one of {', '.join(sorted(known | set(SHORTHANDS)))}"
+            )
     for kind in SETTINGS:
         options_key = f"{kind}_options"
         if kind in values and values[kind] != settings.get(kind):

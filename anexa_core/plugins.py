@@ -34,6 +34,8 @@ from anexa_core.kinds import KINDS
 logger = logging.getLogger("anexa")
 
 BUILTIN_DISTRIBUTION = "anexa"
+
+
 @dataclass
 class PluginRecord:
     """What happened to one entry point: ``loaded``, ``failed``, ``disabled`` or ``skipped`` (name taken)."""
@@ -89,8 +91,13 @@ def _load() -> _State:
                 f"its plugin name {record.name!r} is taken by {taken.distribution} {taken.version}: rename the "
                 f"entry point, or disable the other with ANEXA_DISABLE_PLUGINS={taken.distribution}:{record.name}"
             )
-            logger.warning("plugin %s from %s %s was not loaded: %s", record.name, record.distribution,
-                           record.version, record.error)
+            logger.warning(
+                "plugin %s from %s %s was not loaded: %s",
+                record.name,
+                record.distribution,
+                record.version,
+                record.error,
+            )
         else:
             try:
                 manager.register(entry_point.load(), name=record.name)
@@ -98,9 +105,13 @@ def _load() -> _State:
                 record.status = "failed"
                 record.error = " ".join(f"{type(exc).__name__}: {exc}".split())
                 record.traceback = traceback.format_exc()
-                logger.warning("plugin %s from %s %s failed to load and was skipped: %s "
-                               "(`anexa -v plugins` shows the traceback)", record.name, record.distribution,
-                               record.version, record.error)
+                logger.warning(
+                    "plugin %s from %s %s failed to load and was skipped: %s (`anexa -v plugins` shows the traceback)",
+                    record.name,
+                    record.distribution,
+                    record.version,
+                    record.error,
+                )
                 logger.debug("%s", record.traceback)
         if record.status == "loaded":
             state.records[record.name] = record
@@ -119,8 +130,9 @@ def _warn_unmatched(entry_points, names: set[str], source: str) -> None:
         dist = entry_point.dist.name if entry_point.dist else None
         known |= {entry_point.name, dist, f"{dist}:{entry_point.name}"}
     for name in sorted(names - known):
-        logger.warning("%s names %r, which matches no installed plugin or distribution (see `anexa plugins`)",
-                       source, name)
+        logger.warning(
+            "%s names %r, which matches no installed plugin or distribution (see `anexa plugins`)", source, name
+        )
 
 
 def _drop_unknown_hooks(state: _State) -> None:
@@ -135,8 +147,9 @@ def _drop_unknown_hooks(state: _State) -> None:
             state.manager.unregister(exc.plugin)
             record = state.records.pop(name, None) or PluginRecord(name, None, None)
             record.status, record.error = "failed", " ".join(str(exc).split())
-            logger.warning("plugin %s from %s %s was not loaded: %s", name, record.distribution, record.version,
-                           record.error)
+            logger.warning(
+                "plugin %s from %s %s was not loaded: %s", name, record.distribution, record.version, record.error
+            )
             state.failed.append(record)
 
 
@@ -176,8 +189,13 @@ def _all_registered(kind: str) -> dict[str, list[Registered]]:
         record = state.records.get(impl.plugin_name)
         added: dict[str, list[Registered]] = {}
 
-        def register(name: str, factory: Any, _plugin: str = impl.plugin_name, _record=record,
-                     _added: dict[str, list[Registered]] = added) -> None:
+        def register(
+            name: str,
+            factory: Any,
+            _plugin: str = impl.plugin_name,
+            _record=record,
+            _added: dict[str, list[Registered]] = added,
+        ) -> None:
             entry = Registered(name, factory, _plugin, _record and _record.distribution, _record and _record.version)
             _added.setdefault(name, []).append(entry)
 
@@ -187,8 +205,14 @@ def _all_registered(kind: str) -> dict[str, list[Registered]]:
             if (impl.plugin_name, kind) not in state.hook_errors:
                 state.hook_errors.add((impl.plugin_name, kind))
                 owner = f"{record.distribution} {record.version}" if record else "no distribution"
-                logger.warning("plugin %s (%s) failed in %s and registers nothing: %s: %s", impl.plugin_name, owner,
-                               KINDS[kind].hook, type(exc).__name__, exc)
+                logger.warning(
+                    "plugin %s (%s) failed in %s and registers nothing: %s: %s",
+                    impl.plugin_name,
+                    owner,
+                    KINDS[kind].hook,
+                    type(exc).__name__,
+                    exc,
+                )
             continue
         for name, entries in added.items():
             found.setdefault(name, []).extend(entries)
@@ -256,8 +280,9 @@ def get(kind: str, name: str) -> Any:
     return lookup(kind, name).obj
 
 
-def create(kind: str, name: str, given: Mapping[str, Any] | None = None,
-           needed_by: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+def create(
+    kind: str, name: str, given: Mapping[str, Any] | None = None, needed_by: Mapping[str, Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Build the ``kind`` plugin ``name`` with ``given`` options: ``(object, every option's value)``."""
     entry = lookup(kind, name, needed_by)
     return options.create(f"{KINDS[kind].singular} {name}", entry.obj, given or {})
@@ -266,8 +291,12 @@ def create(kind: str, name: str, given: Mapping[str, Any] | None = None,
 def provenance(kind: str, name: str, resolved_options: Mapping[str, Any]) -> dict[str, Any]:
     """What a checkpoint records for a plugin it used: name, options, distribution and version."""
     entry = lookup(kind, name)
-    return {"name": name, "options": dict(resolved_options), "distribution": entry.distribution,
-            "version": entry.version}
+    return {
+        "name": name,
+        "options": dict(resolved_options),
+        "distribution": entry.distribution,
+        "version": entry.version,
+    }
 
 
 def _option_list(factory: Callable[..., Any]) -> list[dict[str, Any]]:

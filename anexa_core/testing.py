@@ -51,8 +51,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     return scores.softmax(-1) @ v
 
 
-def check_attention(attention: Any, *, tolerance: float = 2e-4, dtype: torch.dtype = torch.float32,
-                    device: str = "cpu", **options: Any) -> None:
+def check_attention(
+    attention: Any, *, tolerance: float = 2e-4, dtype: torch.dtype = torch.float32, device: str = "cpu", **options: Any
+) -> None:
     """Outputs and gradients match the reference — exact softmax attention, or the attention's own
     ``reference(q, k, v, *, causal)`` when it declares one — on random shapes, q shorter than k, causal
     and not; shapes and dtypes are preserved. ``tolerance`` is relative to the reference's scale."""
@@ -93,7 +94,7 @@ def check_tokenizer(tokenizer: Any, text: str, **options: Any) -> None:
     trained.train(iter(lines))
     size = trained.vocab_size
     assert isinstance(size, int) and size > 0, f"vocab_size must be a positive int after training, got {size!r}"
-    sample = text[: 20_000]
+    sample = text[:20_000]
     ids = trained.encode(sample)
     assert all(isinstance(i, int) and 0 <= i < size for i in ids), "encode gave ids outside the vocabulary"
     assert trained.decode(ids) == sample, "decode(encode(text)) is not the text"
@@ -168,8 +169,10 @@ def check_sampler(sampler: Any, **options: Any) -> None:
         torch.tensor([[-3e38, 3e38, 0.0]]),
     ]
     for logits in cases:
-        for context in (torch.zeros(logits.size(0), 0, dtype=torch.long),
-                        torch.randint(0, logits.size(1), (logits.size(0), 6), generator=generator)):
+        for context in (
+            torch.zeros(logits.size(0), 0, dtype=torch.long),
+            torch.randint(0, logits.size(1), (logits.size(0), 6), generator=generator),
+        ):
             before = logits.clone()
             out = processor(logits, context)
             assert torch.equal(logits, before), "the sampler modified its input in place"
@@ -197,7 +200,8 @@ def check_optimizer(optimizer: Any, **options: Any) -> None:
     returned = factory.build(model, train)
     listed = returned if isinstance(returned, (list, tuple)) else [returned]
     assert listed and all(isinstance(o, torch.optim.Optimizer) for o in listed), (
-        "build() must return a torch.optim.Optimizer or a list of them")
+        "build() must return a torch.optim.Optimizer or a list of them"
+    )
     owned = [id(p) for o in listed for group in o.param_groups for p in group["params"]]
     assert len(owned) == len(set(owned)), "a parameter is given to two optimizers or groups"
     assert set(owned) == {id(p) for p in model.parameters()}, "every parameter must be optimized, once"

@@ -55,10 +55,18 @@ MATH_MAX_T = 4096  # the materialising reference needs B·H·T² scores: only sh
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_table.md",
-                        help="markdown table to write (default: $OUT/gpu_table.md)")
-    parser.add_argument("--budget-s", type=float, default=150.0,
-                        help="skip the optional rows once this many seconds have passed (default 150)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT", ".")) / "gpu_table.md",
+        help="markdown table to write (default: $OUT/gpu_table.md)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=150.0,
+        help="skip the optional rows once this many seconds have passed (default 150)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit; needs no GPU")
     return parser.parse_args(argv)
 
@@ -68,12 +76,16 @@ def dry_run(args: argparse.Namespace) -> None:
 
     print(f"would write {args.out}")
     for case in SPEED_CASES:
-        print(f"speed  {case.label}: forward {case.forward_flops / 1e12:.2f} TFLOP"
-              f"{'' if case.essential else '  (optional)'}")
+        print(
+            f"speed  {case.label}: forward {case.forward_flops / 1e12:.2f} TFLOP"
+            f"{'' if case.essential else '  (optional)'}"
+        )
     for t in SWEEP_LENGTHS:
         heads = SWEEP_TOKENS // (SWEEP_BATCH * t)
-        print(f"memory bf16 causal B={SWEEP_BATCH} H={heads} T={t} D={SWEEP_HEAD_DIM}"
-              f"{'' if t <= MATH_MAX_T else ' (no math reference)'}")
+        print(
+            f"memory bf16 causal B={SWEEP_BATCH} H={heads} T={t} D={SWEEP_HEAD_DIM}"
+            f"{'' if t <= MATH_MAX_T else ' (no math reference)'}"
+        )
 
 
 class Report:
@@ -109,20 +121,23 @@ def main(argv=None) -> int:
     started = time.time()
     kernels = sys.modules["anexa_kernels.flash_attention_kernels"]
     device = torch.cuda.get_device_name()
-    report = Report(args.out, [
-        f"# Triton attention vs SDPA (flash backend) on {device}",
-        "",
-        f"torch {torch.__version__}, triton {triton.__version__}. Median ms of `triton.testing.do_bench`. "
-        "FLOPs: forward 4·B·H·T²·D (halved when causal), forward+backward 3.5× that. "
-        "ratio = SDPA ms / Triton ms (above 1: Triton faster). "
-        "rel err = ‖triton − sdpa‖/‖sdpa‖ of the forward output.",
-        "",
-        "| case | fwd ms triton | fwd ms sdpa | fwd TFLOP/s triton | fwd TFLOP/s sdpa | fwd ratio "
-        "| fwd+bwd ms triton | fwd+bwd ms sdpa | fwd+bwd TFLOP/s triton | fwd+bwd TFLOP/s sdpa "
-        "| fwd+bwd ratio "
-        "| rel err | tuned configs (fwd / dkdv / dq) |",
-        "|---|" + "---:|" * 11 + "---|",
-    ])
+    report = Report(
+        args.out,
+        [
+            f"# Triton attention vs SDPA (flash backend) on {device}",
+            "",
+            f"torch {torch.__version__}, triton {triton.__version__}. Median ms of `triton.testing.do_bench`. "
+            "FLOPs: forward 4·B·H·T²·D (halved when causal), forward+backward 3.5× that. "
+            "ratio = SDPA ms / Triton ms (above 1: Triton faster). "
+            "rel err = ‖triton − sdpa‖/‖sdpa‖ of the forward output.",
+            "",
+            "| case | fwd ms triton | fwd ms sdpa | fwd TFLOP/s triton | fwd TFLOP/s sdpa | fwd ratio "
+            "| fwd+bwd ms triton | fwd+bwd ms sdpa | fwd+bwd TFLOP/s triton | fwd+bwd TFLOP/s sdpa "
+            "| fwd+bwd ratio "
+            "| rel err | tuned configs (fwd / dkdv / dq) |",
+            "|---|" + "---:|" * 11 + "---|",
+        ],
+    )
 
     def make_inputs(batch, heads, t, head_dim, dtype):
         shape = (batch, heads, t, head_dim)
@@ -146,9 +161,7 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         return do_bench(step, grad_to_none=[q, k, v], return_mode="median")
 
-    tuned_kernels = (
-        kernels._attention_forward, kernels._attention_backward_dkdv, kernels._attention_backward_dq
-    )
+    tuned_kernels = (kernels._attention_forward, kernels._attention_backward_dkdv, kernels._attention_backward_dq)
 
     def first_line(exc):
         return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}"
@@ -174,8 +187,13 @@ def main(argv=None) -> int:
             for backward, flops in ((False, case.forward_flops), (True, 3.5 * case.forward_flops)):
                 ms_triton = timed(triton_attention, q, k, v, grad_out, case.causal, backward)
                 ms_sdpa = timed(sdpa, q, k, v, grad_out, case.causal, backward)
-                cells += [f"{ms_triton:.3f}", f"{ms_sdpa:.3f}", f"{flops / ms_triton / 1e9:.0f}",
-                          f"{flops / ms_sdpa / 1e9:.0f}", f"{ms_sdpa / ms_triton:.2f}"]
+                cells += [
+                    f"{ms_triton:.3f}",
+                    f"{ms_sdpa:.3f}",
+                    f"{flops / ms_triton / 1e9:.0f}",
+                    f"{flops / ms_sdpa / 1e9:.0f}",
+                    f"{ms_sdpa / ms_triton:.2f}",
+                ]
             tuned = " / ".join(best(kernel) for kernel in tuned_kernels)
             report.add(f"| {case.label} | " + " | ".join(cells) + f" | {error:.1e} | {tuned} |")
             del q, k, v, grad_out, want
@@ -186,9 +204,11 @@ def main(argv=None) -> int:
     report.add()
     report.add(f"## Peak memory, forward+backward, bf16 causal D={SWEEP_HEAD_DIM}, B·H·T={SWEEP_TOKENS}")
     report.add()
-    report.add("Memory above the inputs (q, k, v, grad_out), from `torch.cuda.max_memory_allocated`. "
-               "With B·H·T fixed, memory linear in T stays flat; "
-               "the materialised T×T scores (math) grow with T.")
+    report.add(
+        "Memory above the inputs (q, k, v, grad_out), from `torch.cuda.max_memory_allocated`. "
+        "With B·H·T fixed, memory linear in T stays flat; "
+        "the materialised T×T scores (math) grow with T."
+    )
     report.add()
     report.add("| T | B×H | triton MiB | sdpa flash MiB | math MiB | triton fwd+bwd ms |")
     report.add("|---:|---:|---:|---:|---:|---:|")

@@ -37,8 +37,12 @@ def read_until(process, marker: bytes, seen: bytearray, deadline: float) -> floa
 def once(run: str, prompt: str) -> tuple[float, float]:
     anexa = Path(sys.executable).with_name("anexa")
     started = time.perf_counter()
-    process = subprocess.Popen([str(anexa), "chat", "--model", run, "-n", "20", "--seed", "0"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [str(anexa), "chat", "--model", run, "-n", "20", "--seed", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     seen = bytearray()
     ready = read_until(process, b"Prompt: ", seen, started + 60) - started
     sent = time.perf_counter()

@@ -57,7 +57,7 @@ def generate(folder: Path, size_bytes: int, files: int, seed: int = 0) -> int:
             lengths = rng.integers(2, 9, 4096)
             at = 0
             for length in lengths:
-                paragraph = b" ".join(encoded[i] for i in picks[at:at + length]) + b"\n\n"
+                paragraph = b" ".join(encoded[i] for i in picks[at : at + length]) + b"\n\n"
                 at = (at + length) % 4000
                 parts.append(paragraph)
                 size += len(paragraph)
@@ -101,25 +101,45 @@ def child(args: argparse.Namespace) -> None:
                 self.first_step = time.time()
 
     reporter = Reporter()
-    overrides = dict(data=args.data, tokenizer=args.tokenizer, steps=1, eval_every=1, eval_batches=1,
-                     device="cpu")
+    overrides = dict(data=args.data, tokenizer=args.tokenizer, steps=1, eval_every=1, eval_batches=1, device="cpu")
     model_config, train_config = configs.resolve("seed", overrides=overrides)
     training.train(model_config, train_config, Path(args.out), reporter)
-    print(json.dumps({
-        "import_s": imported - args.spawned, "prepare_data_s": timing["prepare_data_s"],
-        "data_ready_s": reporter.ready - args.spawned,
-        "first_step_s": reporter.first_step - args.spawned,
-        "phases": {name: {"seconds": e["end"] - e["start"], "bytes": e["bytes"]} for name, e in phases.items()},
-        "train_tokens": reporter.info["train_tokens"], "val_tokens": reporter.info["val_tokens"],
-        "vocab_size": reporter.info["vocab_size"],
-    }))
+    print(
+        json.dumps(
+            {
+                "import_s": imported - args.spawned,
+                "prepare_data_s": timing["prepare_data_s"],
+                "data_ready_s": reporter.ready - args.spawned,
+                "first_step_s": reporter.first_step - args.spawned,
+                "phases": {name: {"seconds": e["end"] - e["start"], "bytes": e["bytes"]} for name, e in phases.items()},
+                "train_tokens": reporter.info["train_tokens"],
+                "val_tokens": reporter.info["val_tokens"],
+                "vocab_size": reporter.info["vocab_size"],
+            }
+        )
+    )
 
 
 def run_child(tokenizer: str, data: Path, out: Path, cache: Path) -> dict:
     env = {**os.environ, "ANEXA_CACHE": str(cache), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     spawned = time.time()
-    process = subprocess.Popen([sys.executable, __file__, "--child", "--data", str(data), "--tokenizer", tokenizer,
-                                "--out", str(out), "--spawned", repr(spawned)], stdout=subprocess.PIPE, env=env)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "--data",
+            str(data),
+            "--tokenizer",
+            tokenizer,
+            "--out",
+            str(out),
+            "--spawned",
+            repr(spawned),
+        ],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
     stdout = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -136,8 +156,11 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=16, help="files the corpus is split into")
     parser.add_argument("--tokenizers", default="char,bpe")
     parser.add_argument("--second-runs", type=int, default=3, help="second runs per tokenizer (the median is shown)")
-    parser.add_argument("--second-only", action="store_true",
-                        help="only the second runs, on the caches a previous run left in --workdir")
+    parser.add_argument(
+        "--second-only",
+        action="store_true",
+        help="only the second runs, on the caches a previous run left in --workdir",
+    )
     parser.add_argument("--workdir", type=Path, help="keep the corpus and caches here (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -158,8 +181,13 @@ def main() -> None:
             size = generate(corpus, int(args.size_mb * MB), args.files)
             print(f"generated {size / MB:.0f} MB in {args.files} files in {time.time() - started:.0f}s", flush=True)
         size = sum(p.stat().st_size for p in corpus.iterdir())
-        rows = {"corpus_mb": size / MB, "files": args.files, "cpus": os.cpu_count(), "python": platform.python_version(),
-                "runs": {}}
+        rows = {
+            "corpus_mb": size / MB,
+            "files": args.files,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "runs": {},
+        }
         for tokenizer in args.tokenizers.split(","):
             cache = work / f"cache-{tokenizer}"
             shutil.rmtree(work / "runs", ignore_errors=True)
@@ -183,8 +211,10 @@ def main() -> None:
             print("|---|---:|---:|---:|---:|---:|")
             for tokenizer, run in rows["runs"].items():
                 for second in run["second_runs"]:
-                    print(f"| {tokenizer} | {second['prepare_data_s']:.2f} | {second['data_ready_s']:.2f} | "
-                          f"{second['first_step_s']:.2f} | {second['import_s']:.2f} | {second['peak_rss_mb']:.0f} |")
+                    print(
+                        f"| {tokenizer} | {second['prepare_data_s']:.2f} | {second['data_ready_s']:.2f} | "
+                        f"{second['first_step_s']:.2f} | {second['import_s']:.2f} | {second['peak_rss_mb']:.0f} |"
+                    )
             return
         print()
         print("| tokenizer | phase (first run) | seconds | MB/s |")
@@ -194,17 +224,21 @@ def main() -> None:
                 rate = entry["bytes"] / MB / entry["seconds"] if entry["seconds"] else float("nan")
                 print(f"| {tokenizer} | {phase} | {entry['seconds']:.1f} | {rate:.1f} |")
         print()
-        print("| tokenizer | tokens | token cache MB | 1st run: peak RSS MB | 1st run: prepare_data s "
-              "| 2nd run: prepare_data s | 2nd run: s to loop start / first step done (import s) "
-              "| 2nd run: peak RSS MB |")
+        print(
+            "| tokenizer | tokens | token cache MB | 1st run: peak RSS MB | 1st run: prepare_data s "
+            "| 2nd run: prepare_data s | 2nd run: s to loop start / first step done (import s) "
+            "| 2nd run: peak RSS MB |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for tokenizer, run in rows["runs"].items():
             first, second = run["first"], run["second"]
             tokens = first["train_tokens"] + first["val_tokens"]
-            print(f"| {tokenizer} | {tokens:,} | {run['cache_mb']:.0f} | {first['peak_rss_mb']:.0f} | "
-                  f"{first['prepare_data_s']:.1f} | {second['prepare_data_s']:.2f} | "
-                  f"{second['data_ready_s']:.1f} / {second['first_step_s']:.1f} ({second['import_s']:.1f}) | "
-                  f"{second['peak_rss_mb']:.0f} |")
+            print(
+                f"| {tokenizer} | {tokens:,} | {run['cache_mb']:.0f} | {first['peak_rss_mb']:.0f} | "
+                f"{first['prepare_data_s']:.1f} | {second['prepare_data_s']:.2f} | "
+                f"{second['data_ready_s']:.1f} / {second['first_step_s']:.1f} ({second['import_s']:.1f}) | "
+                f"{second['peak_rss_mb']:.0f} |"
+            )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -16,8 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-SHAPES = [(12, 4, 128, 32), (12, 8, 128, 16), (12, 4, 128, 64), (12, 4, 256, 32), (16, 6, 256, 64),
-          (12, 4, 512, 32), (4, 8, 1024, 64)]  # (B, H, T, D): the seed preset first, the small preset's (16, 6, 256, 64)
+SHAPES = [
+    (12, 4, 128, 32),
+    (12, 8, 128, 16),
+    (12, 4, 128, 64),
+    (12, 4, 256, 32),
+    (16, 6, 256, 64),
+    (12, 4, 512, 32),
+    (4, 8, 1024, 64),
+]  # (B, H, T, D): the seed preset first, the small preset's (16, 6, 256, 64)
 
 
 def mean_ms(fn, calls: int = 20, warmup: int = 3) -> float:
@@ -37,6 +44,7 @@ def main() -> None:
             q, k, v = (torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(3))
             times = {}
             for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+
                 def forward(backend=backend, q=q, k=k, v=v):
                     with torch.no_grad(), sdpa_kernel(backend):
                         F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -48,8 +56,10 @@ def main() -> None:
 
                 times[backend] = (mean_ms(forward), mean_ms(forward_backward))
             flash, math = times[SDPBackend.FLASH_ATTENTION], times[SDPBackend.MATH]
-            print(f"{shape!s:>20} {str(dtype).removeprefix('torch.'):>9} {flash[0]:10.2f} {math[0]:9.2f} "
-                  f"{flash[1]:10.2f} {math[1]:9.2f}")
+            print(
+                f"{shape!s:>20} {str(dtype).removeprefix('torch.'):>9} {flash[0]:10.2f} {math[0]:9.2f} "
+                f"{flash[1]:10.2f} {math[1]:9.2f}"
+            )
 
 
 if __name__ == "__main__":

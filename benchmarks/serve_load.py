@@ -34,17 +34,50 @@ ANEXA = [sys.executable, "-m", "anexa_cli"]
 
 def train_seed_model(out: Path, data: str, steps: int) -> Path:
     """A seed-preset model (4 layers, width 128, context 128, char tokenizer), trained ``steps`` steps."""
-    subprocess.run([*ANEXA, "train", "--data", data, "--preset", "seed", "--steps", str(steps),
-                    "--eval-every", str(steps), "--out", str(out), "--device", "cpu"], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            *ANEXA,
+            "train",
+            "--data",
+            data,
+            "--preset",
+            "seed",
+            "--steps",
+            str(steps),
+            "--eval-every",
+            str(steps),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return out
 
 
 def start_server(model: Path, parallel: int, queue: int, threads: int) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [*ANEXA, "serve", "--model", str(model), "--port", "0", "--parallel", str(parallel), "--queue", str(queue),
-         "--threads", str(threads), "--device", "cpu"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        [
+            *ANEXA,
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            "0",
+            "--parallel",
+            str(parallel),
+            "--queue",
+            str(queue),
+            "--threads",
+            str(threads),
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
     )
     line = process.stderr.readline()
     if " on http://" not in line:
@@ -65,8 +98,14 @@ def start_server(model: Path, parallel: int, queue: int, threads: int) -> tuple[
 
 async def one_request(http: httpx.AsyncClient, model: str, seed: int, tokens: int) -> tuple[float, float, int]:
     """(TTFT seconds, total seconds, completion tokens) of one streaming completion."""
-    body = {"model": model, "prompt": "Sherlock Holmes", "max_tokens": tokens, "seed": seed, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": "Sherlock Holmes",
+        "max_tokens": tokens,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     first = None
     used = 0
@@ -108,8 +147,11 @@ async def load(url: str, model: str, clients: int, requests: int, tokens: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="run folder (default: train a seed-preset model briefly)")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "sherlock.txt"),
-                        help="training text for the default model")
+    parser.add_argument(
+        "--data",
+        default=str(REPO.parent / "shared" / "data" / "sherlock.txt"),
+        help="training text for the default model",
+    )
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--clients", default="1,8", help="concurrency levels, comma-separated")
     parser.add_argument("--requests", type=int, default=8, help="requests per client")
@@ -131,13 +173,17 @@ def main() -> None:
 
     import torch
 
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"--parallel {args.parallel} --threads {args.threads}, {args.requests} requests per client, max_tokens {args.tokens}")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"--parallel {args.parallel} --threads {args.threads}, {args.requests} requests per client, max_tokens {args.tokens}"
+    )
     print("| clients | requests | requests/s | tokens/s | TTFT median ms | TTFT p90 ms | latency median ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['clients']} | {row['requests']} | {row['requests_per_s']:.2f} | {row['tokens_per_s']:.0f} | "
-              f"{row['ttft_median_ms']:.1f} | {row['ttft_p90_ms']:.1f} | {row['latency_median_ms']:.0f} |")
+        print(
+            f"| {row['clients']} | {row['requests']} | {row['requests_per_s']:.2f} | {row['tokens_per_s']:.0f} | "
+            f"{row['ttft_median_ms']:.1f} | {row['ttft_p90_ms']:.1f} | {row['latency_median_ms']:.0f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -19,7 +19,7 @@ def quadratic_stream(tokenizer, ids):
         if text.endswith("\ufffd"):
             continue
         if len(text) > len(emitted):
-            yield text[len(emitted):]
+            yield text[len(emitted) :]
             emitted = text
 
 

@@ -13,7 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 # Mutation testing (docs/testing.md): mutmut copies the project into ./mutants and runs these tests there.
 UNDER_MUTMUT = REPO.name == "mutants"
-DATA_DIR = Path(os.environ.get("ANEXA_DATA_DIR", (REPO.parent.parent if UNDER_MUTMUT else REPO.parent) / "shared" / "data"))
+DATA_DIR = Path(
+    os.environ.get("ANEXA_DATA_DIR", (REPO.parent.parent if UNDER_MUTMUT else REPO.parent) / "shared" / "data")
+)
 
 
 def _import_the_mutated_plugins() -> None:

@@ -120,8 +120,9 @@ def extra_attention():
 def test_non_causal_is_checked_against_a_non_causal_reference(extra_attention):
     (honest,) = bench.bench_attention(seqs=(16,), attention=["sdpa"], causal=False, **TINY)
     assert honest["max_abs_err"] < 1e-4 and honest["causal"] is False
-    causal, full = (bench.bench_attention(seqs=(16,), attention=["always_causal"], causal=c, **TINY)[0]
-                    for c in (True, False))
+    causal, full = (
+        bench.bench_attention(seqs=(16,), attention=["always_causal"], causal=c, **TINY)[0] for c in (True, False)
+    )
     assert causal["max_abs_err"] < 1e-4
     assert full["max_abs_err"] > 1e-2, "a backend that ignores causal=False must show a large error"
 
@@ -149,7 +150,25 @@ def test_cli_prints_every_backend_and_writes_json(no_interpreter, tmp_path):
 
 def test_cli_plot_writes_a_png(tmp_path):
     target = tmp_path / "attention.png"
-    args = ["--seq", "16,32", "--head-dim", "16", "--batch", "1", "--heads", "1", "--repeats", "1", "-a", "sdpa", "-a", "math", "--device", "cpu", "--plot"]
+    args = [
+        "--seq",
+        "16,32",
+        "--head-dim",
+        "16",
+        "--batch",
+        "1",
+        "--heads",
+        "1",
+        "--repeats",
+        "1",
+        "-a",
+        "sdpa",
+        "-a",
+        "math",
+        "--device",
+        "cpu",
+        "--plot",
+    ]
     result = CliRunner().invoke(bench_app, [*args, str(target)])
     assert result.exit_code == 0, result.output
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

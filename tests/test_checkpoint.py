@@ -44,31 +44,56 @@ def _train_run(sherlock_path, tmp_path):
     text = tmp_path / "holmes.txt"
     text.write_text(sherlock_path.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     out = tmp_path / "run"
-    model_config = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, attention="math",
-                               blocks_options={"bias": False}, tie_embeddings=False)
-    train_config = TrainConfig(data=str(text), tokenizer="bpe", tokenizer_options={"vocab_size": 300},
-                               optimizer_options={"weight_decay": 0.05}, steps=6, batch_size=4, lr=3e-3,
-                               warmup_steps=1, eval_every=3, eval_batches=2, save_every=100, device="cpu")
+    model_config = ModelConfig(
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        block_size=32,
+        attention="math",
+        blocks_options={"bias": False},
+        tie_embeddings=False,
+    )
+    train_config = TrainConfig(
+        data=str(text),
+        tokenizer="bpe",
+        tokenizer_options={"vocab_size": 300},
+        optimizer_options={"weight_decay": 0.05},
+        steps=6,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=1,
+        eval_every=3,
+        eval_batches=2,
+        save_every=100,
+        device="cpu",
+    )
     started = time.perf_counter()
     result = train(model_config, train_config, out)
     wall_s = time.perf_counter() - started
     metrics = [json.loads(line) for line in (out / checkpoint.METRICS_FILE).read_text().splitlines()]
-    return dict(out=out, result=result, model_config=model_config, train_config=train_config, metrics=metrics,
-                wall_s=wall_s)
+    return dict(
+        out=out, result=result, model_config=model_config, train_config=train_config, metrics=metrics, wall_s=wall_s
+    )
 
 
 def _expected_model_meta(run):
     tokenizer_options = {"vocab_size": 300, "max_train_chars": 100_000_000}
     model_config = dataclasses.replace(run["model_config"], vocab_size=300, blocks_options={"bias": False})
-    train_config = dataclasses.replace(run["train_config"], decay_steps=6, tokenizer_options=tokenizer_options,
-                                       optimizer_options={"weight_decay": 0.05, "beta1": 0.9, "beta2": 0.99,
-                                                          "eps": 1e-8})
+    train_config = dataclasses.replace(
+        run["train_config"],
+        decay_steps=6,
+        tokenizer_options=tokenizer_options,
+        optimizer_options={"weight_decay": 0.05, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8},
+    )
     return {
         "format": "anexa/2",
         "anexa_version": VERSION,
         "model_config": dataclasses.asdict(model_config),
-        "plugins": {"blocks": _provenance("gpt2", {"bias": False}), "attention": _provenance("math", {}),
-                    "tokenizer": _provenance("bpe", tokenizer_options)},
+        "plugins": {
+            "blocks": _provenance("gpt2", {"bias": False}),
+            "attention": _provenance("math", {}),
+            "tokenizer": _provenance("bpe", tokenizer_options),
+        },
         "train_config": dataclasses.asdict(train_config),
     }, tokenizer_options
 
@@ -77,8 +102,16 @@ def _check_latest(run):
     meta = checkpoint.read_metadata(run["out"] / checkpoint.MODEL_FILE)
     expected, tokenizer_options = _expected_model_meta(run)
     last = run["metrics"][-1]
-    assert meta.keys() == {*expected, "tokenizer", "step", "val_loss", "train_loss", "best_step", "best_val_loss",
-                           "elapsed_s"}
+    assert meta.keys() == {
+        *expected,
+        "tokenizer",
+        "step",
+        "val_loss",
+        "train_loss",
+        "best_step",
+        "best_val_loss",
+        "elapsed_s",
+    }
     for key, value in expected.items():
         assert meta[key] == value, key
     assert meta["tokenizer"]["name"] == "bpe" and meta["tokenizer"]["options"] == tokenizer_options
@@ -135,8 +168,9 @@ def _check_state(run):
     assert meta["train_config"] == expected["train_config"]
     assert meta["best_step"] == model_meta["best_step"] and meta["best_val_loss"] == model_meta["best_val_loss"]
     assert meta["elapsed_s"] == model_meta["elapsed_s"]
-    assert meta["optimizer_plugin"] == _provenance("adamw", {"weight_decay": 0.05, "beta1": 0.9, "beta2": 0.99,
-                                                             "eps": 1e-8})
+    assert meta["optimizer_plugin"] == _provenance(
+        "adamw", {"weight_decay": 0.05, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
+    )
     assert meta["aliases"] == {}  # the head is untied: nothing stored once for two names
     weights = safetensors.torch.load_file(run["out"] / checkpoint.MODEL_FILE)
     assert state.weights.keys() == weights.keys()
@@ -156,8 +190,13 @@ def _check_state(run):
 
 def test_tied_weights_are_stored_once_in_the_training_state_and_restored_as_one(sherlock_path, tmp_path):
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
-    train(tiny, TrainConfig(data=str(sherlock_path), steps=2, batch_size=4, eval_every=2, eval_batches=1,
-                            save_every=2, device="cpu"), tmp_path)
+    train(
+        tiny,
+        TrainConfig(
+            data=str(sherlock_path), steps=2, batch_size=4, eval_every=2, eval_batches=1, save_every=2, device="cpu"
+        ),
+        tmp_path,
+    )
     state = checkpoint.load_train_state(tmp_path)
     assert state.meta["aliases"] == {"lm_head.weight": "wte.weight"}
     stored = safetensors.torch.load_file(tmp_path / checkpoint.STATE_FILE)
@@ -197,7 +236,8 @@ def test_weights_of_other_blocks_are_refused_naming_what_does_not_match(tmp_path
         f"checkpoint {path} does not match the 'llama' blocks (missing ['blocks.layers.0.input_layernorm.weight', "
         "'blocks.layers.0.mlp.down_proj.weight', 'blocks.layers.0.mlp.gate_proj.weight'], unexpected "
         "['blocks.layers.0.attn.proj.bias', 'blocks.layers.0.attn.proj.weight', 'blocks.layers.0.attn.qkv.bias']): "
-        "is the right plugin installed?")
+        "is the right plugin installed?"
+    )
 
 
 def test_a_missing_or_an_extra_tensor_alone_is_refused(tmp_path):
@@ -206,8 +246,11 @@ def test_a_missing_or_an_extra_tensor_alone_is_refused(tmp_path):
     meta = {"anexa": json.dumps(checkpoint.model_metadata(model, tokenizer, "char", {}))}
     weights = {name: t.contiguous() for name, t in model.state_dict().items() if name != "lm_head.weight"}
     safetensors.torch.save_file({**weights, "extra.weight": torch.zeros(2)}, tmp_path / "extra.safetensors", meta)
-    with pytest.raises(AnexaError, match=r"^checkpoint .*extra.safetensors does not match the 'gpt2' blocks \(missing "
-                                         r"\[\], unexpected \['extra.weight'\]\)"):
+    with pytest.raises(
+        AnexaError,
+        match=r"^checkpoint .*extra.safetensors does not match the 'gpt2' blocks \(missing "
+        r"\[\], unexpected \['extra.weight'\]\)",
+    ):
         checkpoint.load_model(tmp_path / "extra.safetensors")
     weights.pop("blocks.ln_f.bias")
     safetensors.torch.save_file(weights, tmp_path / "missing.safetensors", meta)
@@ -240,8 +283,11 @@ def test_weights_of_another_shape_are_a_corrupt_checkpoint(tmp_path):
 
 def test_a_malformed_model_config_names_the_checkpoint(tmp_path):
     path = _save(tmp_path / "model.safetensors", tiny_model(), model_config={"n_head": 5})
-    with pytest.raises(AnexaError, match=rf"^checkpoint {path} has a malformed model config \(n_embd \(32\) must be "
-                                         r"divisible by n_head \(5\)\): retrain or pass another --model$"):
+    with pytest.raises(
+        AnexaError,
+        match=rf"^checkpoint {path} has a malformed model config \(n_embd \(32\) must be "
+        r"divisible by n_head \(5\)\): retrain or pass another --model$",
+    ):
         checkpoint.load_model(path)
 
 
@@ -265,15 +311,27 @@ def test_another_attention_and_its_options_replace_the_recorded_one(tmp_path):
 def _anexa_01(path, model, tokenizer_name, tokenizer_state, bias, vocab_size=None):
     """A checkpoint as anexa 0.1 wrote it: ``bias`` in the model config, no plugin options, the tokenizer's
     vocabulary under ``data`` and its plugin under ``tokenizers``."""
-    config = {key: value for key, value in dataclasses.asdict(model.config).items()
-              if key not in ("blocks_options", "attention_options")}
+    config = {
+        key: value
+        for key, value in dataclasses.asdict(model.config).items()
+        if key not in ("blocks_options", "attention_options")
+    }
     config["bias"] = bias
     old = {"name": "x", "distribution": "anexa", "version": "0.1.0"}
-    meta = {"format": "anexa/1", "anexa_version": "0.1.0", "model_config": config, "step": 9, "val_loss": 1.25,
-            "tokenizer": {"name": tokenizer_name, "data": tokenizer_state},
-            "plugins": {"blocks": {**old, "name": config["blocks"]}, "attention": {**old, "name": "sdpa"},
-                        "tokenizers": {**old, "name": tokenizer_name}},
-            "train_config": {"steps": 9, "vocab_size": vocab_size}}
+    meta = {
+        "format": "anexa/1",
+        "anexa_version": "0.1.0",
+        "model_config": config,
+        "step": 9,
+        "val_loss": 1.25,
+        "tokenizer": {"name": tokenizer_name, "data": tokenizer_state},
+        "plugins": {
+            "blocks": {**old, "name": config["blocks"]},
+            "attention": {**old, "name": "sdpa"},
+            "tokenizers": {**old, "name": tokenizer_name},
+        },
+        "train_config": {"steps": 9, "vocab_size": vocab_size},
+    }
     safetensors.torch.save_model(model, str(path), metadata={"anexa": json.dumps(meta)})
     return path
 
@@ -290,9 +348,11 @@ def test_an_anexa_01_checkpoint_loads_with_its_settings_as_plugin_options(tmp_pa
     assert meta["model_config"]["attention_options"] == {}
     assert meta["tokenizer"] == {"name": "char", "options": {}, "state": CHARS}
     old = {"distribution": "anexa", "version": "0.1.0"}
-    assert meta["plugins"] == {"blocks": {"name": "gpt2", **old, "options": {"bias": False}},
-                               "attention": {"name": "sdpa", **old, "options": {}},
-                               "tokenizer": {"name": "char", **old, "options": {}}}
+    assert meta["plugins"] == {
+        "blocks": {"name": "gpt2", **old, "options": {"bias": False}},
+        "attention": {"name": "sdpa", **old, "options": {}},
+        "tokenizer": {"name": "char", **old, "options": {}},
+    }
     loaded, tokenizer, _ = checkpoint.load_model(path)
     ids = torch.randint(0, TINY.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
     assert torch.equal(loaded(ids)[0], model(ids)[0])
@@ -323,13 +383,16 @@ def test_an_anexa_01_checkpoint_of_other_blocks_gets_no_bias_option(tmp_path):
 
 def test_an_anexa_01_training_state_is_read_as_it_is_and_cannot_be_resumed(tmp_path):
     old_state = {"format": "anexa/1", "step": 5, "optimizer": "adamw"}
-    safetensors.torch.save_file({"x": torch.zeros(1)}, tmp_path / checkpoint.STATE_FILE,
-                                metadata={"anexa": json.dumps(old_state)})
+    safetensors.torch.save_file(
+        {"x": torch.zeros(1)}, tmp_path / checkpoint.STATE_FILE, metadata={"anexa": json.dumps(old_state)}
+    )
     assert checkpoint.read_metadata(tmp_path / checkpoint.STATE_FILE) == old_state
     with pytest.raises(AnexaError) as error:
         checkpoint.load_train_state(tmp_path)
-    assert str(error.value) == (f"{tmp_path} was trained by anexa 0.1, whose runs cannot be resumed by anexa {VERSION}: "
-                                "start a new run (its model still loads for generate and chat)")
+    assert str(error.value) == (
+        f"{tmp_path} was trained by anexa 0.1, whose runs cannot be resumed by anexa {VERSION}: "
+        "start a new run (its model still loads for generate and chat)"
+    )
 
 
 # --- finding runs ---------------------------------------------------------------------------------
@@ -393,14 +456,26 @@ def test_the_tokenizer_is_rebuilt_with_its_recorded_options(tmp_path):
         assert loaded.shift == 3 and loaded.encode("abc") == tokenizer.encode("abc") == [3, 4, 5]
 
 
-@pytest.mark.parametrize("kind, entry, message", [
-    ("tokenizer", {"name": "wordpiece", "distribution": "anexa-wordpiece", "version": "2.0"},
-     "this model needs tokenizer 'wordpiece' from anexa-wordpiece 2.0: pip install anexa-wordpiece"),
-    ("blocks", {"name": "mamba", "distribution": "anexa-mamba", "version": "0.3"},
-     "this model needs blocks 'mamba' from anexa-mamba 0.3: pip install anexa-mamba"),
-    ("attention", {"name": "flash3", "distribution": "anexa-flash", "version": "1.0"},
-     "this model needs attention 'flash3' from anexa-flash 1.0: pip install anexa-flash"),
-])
+@pytest.mark.parametrize(
+    "kind, entry, message",
+    [
+        (
+            "tokenizer",
+            {"name": "wordpiece", "distribution": "anexa-wordpiece", "version": "2.0"},
+            "this model needs tokenizer 'wordpiece' from anexa-wordpiece 2.0: pip install anexa-wordpiece",
+        ),
+        (
+            "blocks",
+            {"name": "mamba", "distribution": "anexa-mamba", "version": "0.3"},
+            "this model needs blocks 'mamba' from anexa-mamba 0.3: pip install anexa-mamba",
+        ),
+        (
+            "attention",
+            {"name": "flash3", "distribution": "anexa-flash", "version": "1.0"},
+            "this model needs attention 'flash3' from anexa-flash 1.0: pip install anexa-flash",
+        ),
+    ],
+)
 def test_a_checkpoint_of_a_plugin_that_is_not_installed_says_what_to_install(tmp_path, kind, entry, message):
     model = tiny_model()
     tokenizer = loaded_tokenizer("char", CHARS)
@@ -419,8 +494,11 @@ def test_a_checkpoint_of_a_plugin_that_is_not_installed_says_what_to_install(tmp
 
 def test_nested_optimizer_state_round_trips_through_the_training_state_format():
     tensors = {}
-    state = {"state": {0: {"step": torch.tensor(3.0), "pair": (torch.ones(2), [torch.zeros(1), {"x": torch.eye(2)}])}},
-             "param_groups": [{"betas": (0.9, 0.99), "name": None, "flag": True, "params": [0, 1]}], 7: "seven"}
+    state = {
+        "state": {0: {"step": torch.tensor(3.0), "pair": (torch.ones(2), [torch.zeros(1), {"x": torch.eye(2)}])}},
+        "param_groups": [{"betas": (0.9, 0.99), "name": None, "flag": True, "params": [0, 1]}],
+        7: "seven",
+    }
     flat = checkpoint._flatten(state, "optimizer", tensors)
     assert json.loads(json.dumps(flat)) == flat  # plain JSON, the tensors set aside
     assert all(isinstance(t, torch.Tensor) for t in tensors.values()) and len(tensors) == 4
@@ -438,8 +516,9 @@ def test_nested_optimizer_state_round_trips_through_the_training_state_format():
 def test_a_folder_without_a_training_state_is_no_run_to_resume(tmp_path):
     with pytest.raises(AnexaError) as error:
         checkpoint.load_train_state(tmp_path)
-    assert str(error.value) == (f"{tmp_path} holds no train_state.safetensors: pass the folder of an `anexa train` "
-                                "run that saved at least once")
+    assert str(error.value) == (
+        f"{tmp_path} holds no train_state.safetensors: pass the folder of an `anexa train` run that saved at least once"
+    )
 
 
 def _safetensors_with(path, metadata):
@@ -447,21 +526,45 @@ def _safetensors_with(path, metadata):
     return path
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d: d / "nothing.safetensors", "no checkpoint at {path}: train one with `anexa train` or pass --model DIR"),
-    (lambda d: d, "no checkpoint at {path}/model.safetensors: train one with `anexa train` or pass --model DIR"),
-    (lambda d: (d / "README.md").write_text("# notes\n") and d / "README.md",
-     "{path} is not a safetensors checkpoint: pass a run folder or a model.safetensors"),
-    (lambda d: _safetensors_with(d / "m.safetensors", None).write_bytes(b"\x10" * 20) and d / "m.safetensors",
-     "checkpoint {path} is corrupt (SafetensorError): retrain or pass another --model"),
-    (lambda d: _safetensors_with(d / "m.safetensors", None),
-     "{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`"),
-    (lambda d: _safetensors_with(d / "m.safetensors", {"anexa": json.dumps({"format": "other/1"})}),
-     "{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`"),
-    (lambda d: _safetensors_with(d / "m.safetensors", {"anexa": json.dumps(["anexa/2"])}),
-     "{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`"),
-], ids=["missing file", "folder without a run", "not safetensors", "truncated", "no anexa metadata",
-        "another format", "metadata not an object"])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda d: d / "nothing.safetensors",
+            "no checkpoint at {path}: train one with `anexa train` or pass --model DIR",
+        ),
+        (lambda d: d, "no checkpoint at {path}/model.safetensors: train one with `anexa train` or pass --model DIR"),
+        (
+            lambda d: (d / "README.md").write_text("# notes\n") and d / "README.md",
+            "{path} is not a safetensors checkpoint: pass a run folder or a model.safetensors",
+        ),
+        (
+            lambda d: _safetensors_with(d / "m.safetensors", None).write_bytes(b"\x10" * 20) and d / "m.safetensors",
+            "checkpoint {path} is corrupt (SafetensorError): retrain or pass another --model",
+        ),
+        (
+            lambda d: _safetensors_with(d / "m.safetensors", None),
+            "{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`",
+        ),
+        (
+            lambda d: _safetensors_with(d / "m.safetensors", {"anexa": json.dumps({"format": "other/1"})}),
+            "{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`",
+        ),
+        (
+            lambda d: _safetensors_with(d / "m.safetensors", {"anexa": json.dumps(["anexa/2"])}),
+            "{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`",
+        ),
+    ],
+    ids=[
+        "missing file",
+        "folder without a run",
+        "not safetensors",
+        "truncated",
+        "no anexa metadata",
+        "another format",
+        "metadata not an object",
+    ],
+)
 def test_each_kind_of_wrong_file_gets_its_own_one_line_message(tmp_path, make, message):
     path = make(tmp_path)
     with pytest.raises(AnexaError) as error:

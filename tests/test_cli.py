@@ -24,16 +24,34 @@ def run_dir(sherlock_path, tmp_path_factory):
     """A tiny model trained through the CLI itself."""
     out = tmp_path_factory.mktemp("run") / "tiny"
     result = runner.invoke(
-        app, ["train", "--data", str(sherlock_path), *TINY_FLAGS, "--steps", "30", "--eval-every", "15",
-              "--out", str(out), "--device", "cpu"]
+        app,
+        [
+            "train",
+            "--data",
+            str(sherlock_path),
+            *TINY_FLAGS,
+            "--steps",
+            "30",
+            "--eval-every",
+            "15",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
     )
     assert result.exit_code == 0, result.output
     return out
 
 
 def test_train_writes_a_run_folder(run_dir):
-    assert {p.name for p in run_dir.iterdir()} == {"model.safetensors", "best.safetensors", "train_state.safetensors",
-                                                   "metrics.jsonl", "loss.png"}
+    assert {p.name for p in run_dir.iterdir()} == {
+        "model.safetensors",
+        "best.safetensors",
+        "train_state.safetensors",
+        "metrics.jsonl",
+        "loss.png",
+    }
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [15, 30]
 
@@ -55,8 +73,9 @@ def test_generate_reads_the_prompt_from_stdin(run_dir):
 def test_generate_stops_at_a_stop_string(run_dir):
     free = runner.invoke(app, ["generate", "The ", "--model", str(run_dir), "-n", "30", "--temperature", "0"]).stdout
     stop = free[3:6]
-    stopped = runner.invoke(app, ["generate", "The ", "--model", str(run_dir), "-n", "30", "--temperature", "0",
-                                  "--stop", stop]).stdout
+    stopped = runner.invoke(
+        app, ["generate", "The ", "--model", str(run_dir), "-n", "30", "--temperature", "0", "--stop", stop]
+    ).stdout
     assert stopped == free[: free.index(stop)] + "\n"
 
 
@@ -91,11 +110,18 @@ def test_prompts_get_the_corpus_normalisation(run_dir):
 def test_plugins_json_lists_builtins_with_versions():
     result = runner.invoke(app, ["plugins", "--json"])
     listed = {p["name"]: p for p in json.loads(result.stdout)["plugins"]}
-    assert listed["sdpa"] == {"name": "sdpa", "distribution": "anexa", "version": listed["sdpa"]["version"],
-                              "status": "loaded", "error": None, "registers": {"attention": ["sdpa"]},
-                              "options": {"attention": {"sdpa": []}}}
+    assert listed["sdpa"] == {
+        "name": "sdpa",
+        "distribution": "anexa",
+        "version": listed["sdpa"]["version"],
+        "status": "loaded",
+        "error": None,
+        "registers": {"attention": ["sdpa"]},
+        "options": {"attention": {"sdpa": []}},
+    }
     assert listed["gpt2"]["options"]["blocks"]["gpt2"] == [
-        {"name": "bias", "type": "bool", "default": True, "help": "biases in linear layers and LayerNorms"}]
+        {"name": "bias", "type": "bool", "default": True, "help": "biases in linear layers and LayerNorms"}
+    ]
     assert listed["corpora"]["registers"] == {"datasets": ["sherlock", "tinyshakespeare"]}
     table = runner.invoke(app, ["plugins"]).stdout
     assert "gpt2" in table and "blocks" in table
@@ -147,8 +173,15 @@ def test_unseen_prompt_characters(run_dir):
     user_error(["generate", "naïve ☃", "--model", str(run_dir)], "never seen in training")
 
 
-@pytest.mark.parametrize("content,match", [(b"", "is empty"), (b"  \n\t ", "is empty"),
-                                           (b"\x89PNG\r\n\x1a\n\x00\x00", "binary"), (b"caf\xe9 " * 50, "UTF-8")])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", "is empty"),
+        (b"  \n\t ", "is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "binary"),
+        (b"caf\xe9 " * 50, "UTF-8"),
+    ],
+)
 def test_bad_corpus(tmp_path, content, match):
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(content)
@@ -182,8 +215,12 @@ def test_usage_mistakes_are_one_line_and_exit_2_through_the_console_script(args,
 
 
 def test_anexa_errors_exit_2_not_1_through_the_console_script(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "anexa_cli", "generate", "x", "--model", str(tmp_path)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "anexa_cli", "generate", "x", "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 2 and result.stderr.startswith("error: no checkpoint at"), result.stderr
 
 
@@ -193,12 +230,16 @@ def test_version_and_help_defaults():
     helped = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert "<bool>" not in helped.stdout
     shown = " ".join(helped.stdout.replace("│", " ").split())
-    for default in ("[default: seed]", "[default: 5000, or no limit with --minutes]",
-                    "[default: sherlock, shipped with Anexa]", "[default: 1337]",
-                    # what will run, preset by preset, where the presets differ (issue 20)
-                    "[default: by --preset: 0.001 (seed, small); 0.005 (fast)]",
-                    "[default: by --preset: adamw (seed, small); muon (fast)]",
-                    "[default: by --preset: gpt2 (seed, small); llama (fast)]"):
+    for default in (
+        "[default: seed]",
+        "[default: 5000, or no limit with --minutes]",
+        "[default: sherlock, shipped with Anexa]",
+        "[default: 1337]",
+        # what will run, preset by preset, where the presets differ (issue 20)
+        "[default: by --preset: 0.001 (seed, small); 0.005 (fast)]",
+        "[default: by --preset: adamw (seed, small); muon (fast)]",
+        "[default: by --preset: gpt2 (seed, small); llama (fast)]",
+    ):
         assert default in shown, default
     assert "--overwrite" in helped.stdout
 
@@ -213,8 +254,25 @@ def test_generate_help_lists_the_installed_samplers_in_chain_order():
 
 def test_verbose_prints_the_sampler_chain(run_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "anexa_cli", "-v", "generate", "x", "--model", str(run_dir), "-n", "2",
-         "-s", "top_p=0.9", "-s", "temperature=0.5"], capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "anexa_cli",
+            "-v",
+            "generate",
+            "x",
+            "--model",
+            str(run_dir),
+            "-n",
+            "2",
+            "-s",
+            "top_p=0.9",
+            "-s",
+            "temperature=0.5",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "sampler chain: Temperature(value=0.5) → TopP(p=0.9)" in result.stderr
@@ -247,8 +305,10 @@ def test_resume_continues_a_run(run_dir, tmp_path):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys\nfrom anexa_cli.main import app\ntry:\n    app(['--help'])\nexcept SystemExit:\n    pass\n" \
-           "assert 'torch' not in sys.modules, 'torch imported'\n"
+    code = (
+        "import sys\nfrom anexa_cli.main import app\ntry:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "generate" in result.stdout
@@ -258,14 +318,34 @@ def test_real_subprocess_train_then_generate(sherlock_path, tmp_path):
     anexa = Path(sys.executable).with_name("anexa")
     env = {**os.environ, "COLUMNS": "120"}
     trained = subprocess.run(
-        [str(anexa), "train", "--data", str(sherlock_path), *TINY_FLAGS, "--steps", "20", "--eval-every", "10",
-         "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True, env=env, check=False,
+        [
+            str(anexa),
+            "train",
+            "--data",
+            str(sherlock_path),
+            *TINY_FLAGS,
+            "--steps",
+            "20",
+            "--eval-every",
+            "10",
+            "--device",
+            "cpu",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     assert trained.returncode == 0, trained.stderr
     assert "M parameters" in trained.stderr and (tmp_path / "runs" / "sherlock-seed" / "model.safetensors").is_file()
     generated = subprocess.run(  # no --model: the newest run under ./runs
         [str(anexa), "generate", "Holmes", "-n", "25", "--seed", "0"],
-        cwd=tmp_path, capture_output=True, text=True, env=env, check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     assert generated.returncode == 0, generated.stderr
     assert len(generated.stdout) == 26 and generated.stderr == ""
@@ -273,8 +353,25 @@ def test_real_subprocess_train_then_generate(sherlock_path, tmp_path):
 
 def test_bpe_run_generates_from_any_text(sherlock_path, tmp_path):
     out = tmp_path / "bpe"
-    trained = runner.invoke(app, ["train", "--data", str(sherlock_path), "--tokenizer", "bpe", "--vocab-size", "300",
-                                  *TINY_FLAGS, "--steps", "6", "--eval-every", "6", "--out", str(out)])
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(sherlock_path),
+            "--tokenizer",
+            "bpe",
+            "--vocab-size",
+            "300",
+            *TINY_FLAGS,
+            "--steps",
+            "6",
+            "--eval-every",
+            "6",
+            "--out",
+            str(out),
+        ],
+    )
     assert trained.exit_code == 0, trained.output
     result = runner.invoke(app, ["generate", "naïve ☃ Holmes", "--model", str(out), "-n", "12", "--seed", "0"])
     assert result.exit_code == 0, result.output

@@ -32,8 +32,14 @@ from anexa_core.train.step import get_batch
 
 runner = CliRunner()
 BLOCK = 16
-LINES = ["It was a bright cold day in April.", "The clocks were striking thirteen.", "Winston Smith hurried home.",
-         "  An indented line, then a blank one:", "", "Ünïcödé and emoji 😀 stay exact."]
+LINES = [
+    "It was a bright cold day in April.",
+    "The clocks were striking thirteen.",
+    "Winston Smith hurried home.",
+    "  An indented line, then a blank one:",
+    "",
+    "Ünïcödé and emoji 😀 stay exact.",
+]
 
 
 def _text(seed: int, lines: int = 300) -> str:
@@ -49,9 +55,14 @@ def library(tmp_path):
     (root / ".git").mkdir()
     (root / "a.txt").write_text(_text(1), encoding="utf-8")
     (root / "b" / "notes.md").write_text(_text(2).rstrip("\n"), encoding="utf-8")  # no final newline
-    (root / "b" / "deep" / "c.txt").write_bytes(("*** START OF THE PROJECT GUTENBERG EBOOK X ***\r\n"
-                                                  + _text(3) + "*** END OF THE PROJECT GUTENBERG EBOOK X ***\r\n"
-                                                  "licence\r\n").encode("utf-8"))
+    (root / "b" / "deep" / "c.txt").write_bytes(
+        (
+            "*** START OF THE PROJECT GUTENBERG EBOOK X ***\r\n"
+            + _text(3)
+            + "*** END OF THE PROJECT GUTENBERG EBOOK X ***\r\n"
+            "licence\r\n"
+        ).encode("utf-8")
+    )
     (root / "b" / "image.png").write_bytes(bytes(range(256)))
     (root / ".hidden.txt").write_text("never read", encoding="utf-8")
     (root / ".git" / "HEAD.txt").write_text("never read", encoding="utf-8")
@@ -132,12 +143,15 @@ def test_streamed_reading_equals_reading_whole(tmp_path, monkeypatch, block):
     assert sum(read for _, read in pieces) == path.stat().st_size
     gz = tmp_path / "t.txt.gz"
     import gzip
+
     gz.write_bytes(gzip.compress(text.encode("utf-8")))
     assert "".join(piece for piece, _ in iter_text(gz, block_size=block)) == read_corpus(path)
 
 
-@pytest.mark.parametrize("content,problem", [(b"abc" * 10 + b"\x00rest", "looks binary"),
-                                             (b"abcdefghij\xff\xfe tail", "bad byte at offset 10")])
+@pytest.mark.parametrize(
+    "content,problem",
+    [(b"abc" * 10 + b"\x00rest", "looks binary"), (b"abcdefghij\xff\xfe tail", "bad byte at offset 10")],
+)
 def test_streamed_reading_names_the_same_faults(tmp_path, monkeypatch, content, problem):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
@@ -157,7 +171,7 @@ def test_chunked_bpe_equals_whole_text_bpe(sherlock_path):
     text = read_corpus(sherlock_path)[:150_000] + (" x  \n\n\tindented\n  two\n😀 中文\n'll\n" * 200)
     whole, _ = plugins.create("tokenizers", "bpe", {"vocab_size": 600})
     whole.train([text])
-    chunks = list(tokens.text_chunks([text[i:i + 999] for i in range(0, len(text), 999)], size=2000))
+    chunks = list(tokens.text_chunks([text[i : i + 999] for i in range(0, len(text), 999)], size=2000))
     assert "".join(chunks) == text and max(map(len, chunks)) <= 2000 and len(chunks) > 50
     chunked, _ = plugins.create("tokenizers", "bpe", {"vocab_size": 600})
     chunked.train(iter(chunks))
@@ -171,8 +185,11 @@ def test_char_encode_batch_matches_encode_and_its_errors(sherlock_path):
     tok.train(tokens.text_chunks([text], size=1000))
     assert tok.chars == "".join(sorted(set(text)))
     ascii_part, mixed = text[:5000], text[-3000:]
-    assert [a.tolist() for a in tok.encode_batch([ascii_part, mixed, ""])] == [tok.encode(ascii_part),
-                                                                              tok.encode(mixed), []]
+    assert [a.tolist() for a in tok.encode_batch([ascii_part, mixed, ""])] == [
+        tok.encode(ascii_part),
+        tok.encode(mixed),
+        [],
+    ]
     with pytest.raises(AnexaError, match="never seen in training"):
         tok.encode_batch(["fine", "中"])
 
@@ -217,25 +234,27 @@ def test_changing_one_file_or_the_tokenizer_invalidates_the_cache(library):
     target.write_text(old.replace("April", "March"), encoding="utf-8")  # same size, same second
     phases = _Phases()
     _, tok, _, train_ids, val_ids = prepare_data(
-        _config(str(library), tokenizer="bpe", tokenizer_options={"vocab_size": 300}), BLOCK, progress=phases)
+        _config(str(library), tokenizer="bpe", tokenizer_options={"vocab_size": 300}), BLOCK, progress=phases
+    )
     assert tokens.PHASE_TOKENIZE in phases.seen
     assert "March" in tok.decode(np.concatenate([train_ids, val_ids]).tolist())
     bigger = _Phases()
-    prepare_data(_config(str(library), tokenizer="bpe", tokenizer_options={"vocab_size": 320}), BLOCK,
-                 progress=bigger)
+    prepare_data(_config(str(library), tokenizer="bpe", tokenizer_options={"vocab_size": 320}), BLOCK, progress=bigger)
     assert tokens.PHASE_LEARN in bigger.seen and tokens.PHASE_TOKENIZE in bigger.seen
     target.write_text(old, encoding="utf-8")  # back as it was: the first cache is still valid
     back = _Phases()
     _, _, again = _prepared(str(library), "bpe", tokenizer_options={"vocab_size": 300})
     assert np.array_equal(again, before)
-    prepare_data(_config(str(library), tokenizer="bpe", tokenizer_options={"vocab_size": 300}), BLOCK,
-                 progress=back)
+    prepare_data(_config(str(library), tokenizer="bpe", tokenizer_options={"vocab_size": 300}), BLOCK, progress=back)
     assert tokens.PHASE_TOKENIZE not in back.seen and tokens.PHASE_LEARN not in back.seen
 
 
 def _cache_files(suffix):
-    found = sorted(p for p in tokens.tokens_dir().glob(f"*{suffix}")
-                   if not p.name.endswith(".tokenizer.json") and not p.name.startswith("files-"))
+    found = sorted(
+        p
+        for p in tokens.tokens_dir().glob(f"*{suffix}")
+        if not p.name.endswith(".tokenizer.json") and not p.name.startswith("files-")
+    )
     assert len(found) == 1, found
     return found[0]
 
@@ -293,8 +312,8 @@ def test_memmap_windows_equal_in_memory_windows(library):
         a = get_batch(train_ids, BLOCK, 8, torch.Generator().manual_seed(seed))
         b = get_batch(in_memory, BLOCK, 8, torch.Generator().manual_seed(seed))
         starts = torch.randint(len(in_memory) - BLOCK - 1, (8,), generator=torch.Generator().manual_seed(seed))
-        x = torch.stack([in_memory[s: s + BLOCK] for s in starts.tolist()])  # the loop get_batch replaced
-        y = torch.stack([in_memory[s + 1: s + 1 + BLOCK] for s in starts.tolist()])
+        x = torch.stack([in_memory[s : s + BLOCK] for s in starts.tolist()])  # the loop get_batch replaced
+        y = torch.stack([in_memory[s + 1 : s + 1 + BLOCK] for s in starts.tolist()])
         for got in (a, b):
             assert got[0].dtype == torch.int64 and got[0].is_contiguous() and got[1].is_contiguous()
             assert torch.equal(got[0], x) and torch.equal(got[1], y)
@@ -319,8 +338,16 @@ def test_train_config_takes_one_or_several_data_values(tmp_path):
 
 def test_resume_of_a_folder_run_reuses_the_cache_and_stays_exact(library, tmp_path, monkeypatch):
     model = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=BLOCK)
-    config = _config([str(library), str(library / "a.txt")], steps=4, eval_every=2, save_every=2, batch_size=4,
-                     eval_batches=2, warmup_steps=1, data_glob=["*.txt"])
+    config = _config(
+        [str(library), str(library / "a.txt")],
+        steps=4,
+        eval_every=2,
+        save_every=2,
+        batch_size=4,
+        eval_batches=2,
+        warmup_steps=1,
+        data_glob=["*.txt"],
+    )
     train(model, config, tmp_path / "straight")
     train(model, TrainConfig(**{**config.__dict__, "steps": 2, "decay_steps": 4}), tmp_path / "split")
     resumed_model, resumed_train = resume_configs(tmp_path / "split", {"steps": 4})
@@ -333,6 +360,7 @@ def test_resume_of_a_folder_run_reuses_the_cache_and_stays_exact(library, tmp_pa
     monkeypatch.setattr(tok_class, "encode_batch", refuse)
     train(resumed_model, resumed_train, tmp_path / "split", resume=True)
     import safetensors.torch
+
     a = safetensors.torch.load_file(tmp_path / "straight" / "model.safetensors")
     b = safetensors.torch.load_file(tmp_path / "split" / "model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
@@ -356,22 +384,43 @@ def test_a_file_rewritten_while_being_read_is_refused(library, monkeypatch):
 # --- bad inputs through the CLI: one line, exit 2 -------------------------------------------------
 
 
-TRAIN = ["train", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--steps", "2",
-         "--eval-every", "2", "--batch-size", "2", "--device", "cpu"]
+TRAIN = [
+    "train",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "16",
+    "--block-size",
+    "16",
+    "--steps",
+    "2",
+    "--eval-every",
+    "2",
+    "--batch-size",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 def test_bad_folders_give_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    user_error([*TRAIN, "--data", str(empty), "--out", str(tmp_path / "r1")],
-               f"folder {empty} holds no files matching *.txt, *.md (0 other files): pass --glob")
+    user_error(
+        [*TRAIN, "--data", str(empty), "--out", str(tmp_path / "r1")],
+        f"folder {empty} holds no files matching *.txt, *.md (0 other files): pass --glob",
+    )
     binaries = tmp_path / "binaries"
     binaries.mkdir()
     for i in range(3):
         (binaries / f"blob{i}.bin").write_bytes(bytes(range(256)))
     user_error([*TRAIN, "--data", str(binaries), "--out", str(tmp_path / "r2")], "(3 other files)")
-    line = user_error([*TRAIN, "--data", str(binaries), "--glob", "*.bin", "--out", str(tmp_path / "r3")],
-                      "looks binary (it contains NUL bytes): it must be UTF-8 text")
+    line = user_error(
+        [*TRAIN, "--data", str(binaries), "--glob", "*.bin", "--out", str(tmp_path / "r3")],
+        "looks binary (it contains NUL bytes): it must be UTF-8 text",
+    )
     assert "blob0.bin" in line
     blank = tmp_path / "blank"
     blank.mkdir()
@@ -390,15 +439,15 @@ def test_a_file_that_disappears_midway_gives_one_line(library, monkeypatch, tmp_
         return digests
 
     monkeypatch.setattr(tokens, "file_digests", then_delete)
-    user_error([*TRAIN, "--data", str(library), "--out", str(tmp_path / "run")],
-                f"corpus file {doomed} not found")
+    user_error([*TRAIN, "--data", str(library), "--out", str(tmp_path / "run")], f"corpus file {doomed} not found")
 
 
 def test_cli_trains_on_several_data_values_with_a_glob(library, tmp_path):
     extra = tmp_path / "extra.md"
     extra.write_text(_text(9), encoding="utf-8")
-    result = runner.invoke(app, [*TRAIN, "--data", str(library), "--data", str(extra), "--glob", "*.txt",
-                                 "--out", str(tmp_path / "run")])
+    result = runner.invoke(
+        app, [*TRAIN, "--data", str(library), "--data", str(extra), "--glob", "*.txt", "--out", str(tmp_path / "run")]
+    )
     assert result.exit_code == 0, result.output
     from anexa_core.io import checkpoint
 
@@ -419,8 +468,6 @@ def register_dataset(register_plugin):
         register_plugin(Plugin, f"test-{name}")
 
     return register
-
-
 
 
 def test_the_cache_header_describes_the_ids(library):

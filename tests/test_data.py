@@ -57,9 +57,7 @@ class _Server:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def url(self, path):
@@ -83,8 +81,6 @@ def server(sherlock_bytes, monkeypatch):
     served = _Server({"/books/sherlock.txt": sherlock_bytes, "/notes/field-notes.txt": b"A short note.\n"})
     yield served
     served.close()
-
-
 
 
 def _files_under(folder):
@@ -250,8 +246,10 @@ def test_project_gutenberg_header_and_footer_are_not_trained_on(tmp_path, caplog
     assert read_corpus(plain) == "*** START OF nothing ***\nkept as it is\n"
 
 
-@pytest.mark.parametrize("text,expected", [("a\r\nb", "a\nb"), ("a\rb", "a\nb"), ("\ufeffab", "ab"),
-                                           ("a\ufeffb", "a\ufeffb"), ("a\n\r\n", "a\n\n")])
+@pytest.mark.parametrize(
+    "text,expected",
+    [("a\r\nb", "a\nb"), ("a\rb", "a\nb"), ("\ufeffab", "ab"), ("a\ufeffb", "a\ufeffb"), ("a\n\r\n", "a\n\n")],
+)
 def test_one_normalisation_for_corpora_and_prompts(text, expected):
     assert normalize_text(text) == expected
 

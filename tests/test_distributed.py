@@ -12,26 +12,64 @@ from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.train.loop import train
 
 # float32: under bf16 autocast a batch split over two ranks rounds differently from one batch of both.
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--dropout", "0",
-        "--precision", "fp32"]
+TINY = [
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--block-size",
+    "32",
+    "--dropout",
+    "0",
+    "--precision",
+    "fp32",
+]
 
 
 def test_two_ranks_match_one_process_with_double_batch(sherlock_path, tmp_path):
     anexa = Path(sys.executable).with_name("anexa")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(anexa),
-         "train", "--data", str(sherlock_path), *TINY, "--batch-size", "4", "--steps", "6", "--eval-every", "6",
-         "--device", "cpu", "--out", str(tmp_path / "ddp")],
-        capture_output=True, text=True, env=env, check=False, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(anexa),
+            "train",
+            "--data",
+            str(sherlock_path),
+            *TINY,
+            "--batch-size",
+            "4",
+            "--steps",
+            "6",
+            "--eval-every",
+            "6",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("parameters ·") == 1  # only rank 0 reports
 
     single = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, dropout=0.0)
-    train(single, TrainConfig(data=str(sherlock_path), batch_size=8, steps=6, eval_every=6, device="cpu",
-                              precision="fp32"),
-          tmp_path / "single")
+    train(
+        single,
+        TrainConfig(data=str(sherlock_path), batch_size=8, steps=6, eval_every=6, device="cpu", precision="fp32"),
+        tmp_path / "single",
+    )
     ddp = safetensors.torch.load_file(tmp_path / "ddp" / "model.safetensors")
     one = safetensors.torch.load_file(tmp_path / "single" / "model.safetensors")
     for name in one:

@@ -40,8 +40,12 @@ def test_the_quick_tour_runs(tmp_path, monkeypatch):
     """Every command of the quick tour, in order, in an empty folder: `anexa …` through the CLI app
     in-process, `python …` as a real process, `hf …` only checked to exist (it needs the network)."""
     commands = _commands(_section(ARCHITECTURE.read_text(encoding="utf-8"), "Quick tour"))
-    assert [c.split()[:2] for c in commands][:4] == [["anexa", "train"], ["anexa", "generate"],
-                                                    ["anexa", "train"], ["python", "-m"]]
+    assert [c.split()[:2] for c in commands][:4] == [
+        ["anexa", "train"],
+        ["anexa", "generate"],
+        ["anexa", "train"],
+        ["python", "-m"],
+    ]
     monkeypatch.chdir(tmp_path)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     printed = {}

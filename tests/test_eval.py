@@ -28,9 +28,20 @@ def run(sherlock_path, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("ANEXA_CACHE", str(tmp_path_factory.mktemp("eval-cache")))
     try:
-        train(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=BLOCK),
-              TrainConfig(data=str(sherlock_path), steps=20, eval_every=20, save_every=20, batch_size=8,
-                          eval_batches=2, device="cpu", warmup_steps=2), out)
+        train(
+            ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=BLOCK),
+            TrainConfig(
+                data=str(sherlock_path),
+                steps=20,
+                eval_every=20,
+                save_every=20,
+                batch_size=8,
+                eval_batches=2,
+                device="cpu",
+                warmup_steps=2,
+            ),
+            out,
+        )
     finally:
         mp.undo()
     return out
@@ -58,8 +69,8 @@ def test_disjoint_windows_give_the_mean_of_per_window_losses(loaded, text_file):
     by_hand = []
     with torch.no_grad():
         for start in range(0, len(ids) - 1, BLOCK):
-            x = torch.tensor([ids[start:start + BLOCK]])
-            y = torch.tensor([ids[start + 1:start + BLOCK + 1]])
+            x = torch.tensor([ids[start : start + BLOCK]])
+            y = torch.tensor([ids[start + 1 : start + BLOCK + 1]])
             by_hand.append(model(x, y)[1].item())
     assert result.windows == len(by_hand) == 40 and result.tokens == len(ids) - 1
     assert result.nats_per_token == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-5)
@@ -80,8 +91,8 @@ def test_every_token_is_scored_once_with_the_context_its_window_gives(loaded, te
     expected = 0.0
     with torch.no_grad():
         for s, f in zip(starts, first, strict=True):
-            logits, _ = model(torch.tensor([ids[s:s + length]]))
-            losses = F.cross_entropy(logits[0], torch.tensor(ids[s + 1:s + length + 1]), reduction="none")
+            logits, _ = model(torch.tensor([ids[s : s + length]]))
+            losses = F.cross_entropy(logits[0], torch.tensor(ids[s + 1 : s + length + 1]), reduction="none")
             expected += losses[f:].double().sum().item()
             assert s == 0 or length - f <= stride  # later windows score only their newest tokens
     result = evaluation.evaluate(model, np.array(ids, dtype=np.uint16), len(ids) - 1, stride=stride, batch_size=3)
@@ -95,7 +106,7 @@ def test_stride_one_is_full_context_scoring(loaded, text_file):
     brute = 0.0
     with torch.no_grad():
         for t in range(1, len(ids)):  # each token after as many preceding tokens as the context holds
-            logits, _ = model(torch.tensor([ids[max(0, t - BLOCK):t]]))
+            logits, _ = model(torch.tensor([ids[max(0, t - BLOCK) : t]]))
             brute -= torch.log_softmax(logits[0, -1], -1)[ids[t]].item()
     result = evaluation.evaluate(model, np.array(ids), len(ids) - 1, stride=1)
     assert result.nats == pytest.approx(brute, rel=1e-5)
@@ -124,8 +135,9 @@ def test_cli_json_equals_the_core_and_reuses_the_token_cache(run, text_file):
     assert report["bits_per_char"] == pytest.approx(result.bits_per_char, rel=1e-6)
     assert report["data"] == [str(path)] and report["step"] == meta["step"] and report["stride"] == 8
     assert report["tokenized"] is True
-    again = json.loads(runner.invoke(app, ["eval", str(run), "--data", str(path), "--device", "cpu",
-                                           "--json", "--stride", "8"]).stdout)
+    again = json.loads(
+        runner.invoke(app, ["eval", str(run), "--data", str(path), "--device", "cpu", "--json", "--stride", "8"]).stdout
+    )
     assert again["tokenized"] is False and again["nats"] == report["nats"]
     table = runner.invoke(app, ["eval", str(run), "--data", str(path), "--device", "cpu"])
     assert table.exit_code == 0 and "bits per character" in table.stdout and "perplexity" in table.stdout

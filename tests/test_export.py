@@ -31,12 +31,41 @@ except ImportError:  # pragma: no cover - the dev extra installs it
     pytest.skip("transformers is not installed: .venv/bin/pip install transformers", allow_module_level=True)
 
 runner = CliRunner()
-SIZE = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--batch-size", "8",
-        "--lr", "3e-3", "--warmup-steps", "10", "--steps", "80", "--eval-every", "40", "--device", "cpu"]
+SIZE = [
+    "--n-layer",
+    "2",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--block-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "10",
+    "--steps",
+    "80",
+    "--eval-every",
+    "40",
+    "--device",
+    "cpu",
+]
 RUNS = {
     "char": [],
     "bpe": ["--tokenizer", "bpe", "--vocab-size", "400"],
-    "llama": ["--blocks", "llama", "-o", "blocks.n_kv_head=1", "-o", "blocks.rope_theta=500", "--config", "untied.toml"],
+    "llama": [
+        "--blocks",
+        "llama",
+        "-o",
+        "blocks.n_kv_head=1",
+        "-o",
+        "blocks.rope_theta=500",
+        "--config",
+        "untied.toml",
+    ],
     "qknorm": ["--blocks", "llama", "-o", "blocks.qk_norm=true", "--optimizer", "muon", "--config", "untied.toml"],
 }
 
@@ -72,12 +101,24 @@ def runs(workdir):
     return made
 
 
-@pytest.mark.parametrize("name,architecture", [("char", "GPT2LMHeadModel"), ("bpe", "GPT2LMHeadModel"),
-                                               ("llama", "LlamaForCausalLM"), ("qknorm", "Qwen3ForCausalLM")])
+@pytest.mark.parametrize(
+    "name,architecture",
+    [
+        ("char", "GPT2LMHeadModel"),
+        ("bpe", "GPT2LMHeadModel"),
+        ("llama", "LlamaForCausalLM"),
+        ("qknorm", "Qwen3ForCausalLM"),
+    ],
+)
 def test_transformers_matches_anexa_logits_greedy_text_and_tokens(runs, name, architecture, workdir):
     run, out = runs[name]
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     ours, tokenizer, _ = checkpoint.load_model(run)
     ours.eval()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -96,7 +137,7 @@ def test_transformers_matches_anexa_logits_greedy_text_and_tokens(runs, name, ar
         prompt = tokenizer.encode(text[start : start + 40])[:12]
         mine = list(generate_ids(ours, prompt, 50, Greedy(), context="sliding"))
         with torch.no_grad():
-            hf_ids = theirs.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False)[0, len(prompt):]
+            hf_ids = theirs.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False)[0, len(prompt) :]
         assert mine == hf_ids.tolist(), f"{name}: greedy text differs from prompt at {start}"
         assert tokenizer.decode(mine) == hf_tokenizer.decode(hf_ids)
 
@@ -157,11 +198,16 @@ def test_what_cannot_be_exported_says_so_in_one_line(workdir, tmp_path):
         ("llama", {"mlp": "relu2"}, "LlamaForCausalLM's and Qwen3ForCausalLM's MLP is swiglu only"),
         ("reference", {}, "defines no export_hf"),
     ]:
-        model = build_model(ModelConfig(vocab_size=4, n_layer=1, n_head=2, n_embd=8, block_size=8, blocks=blocks,
-                                        blocks_options=blocks_options))
+        model = build_model(
+            ModelConfig(
+                vocab_size=4, n_layer=1, n_head=2, n_embd=8, block_size=8, blocks=blocks, blocks_options=blocks_options
+            )
+        )
         path = tmp_path / f"{blocks}.safetensors"
         checkpoint.save_model(path, model, checkpoint.model_metadata(model, tokenizer, "char", options, step=0))
-        with pytest.raises(AnexaError, match=f"^blocks '{blocks}'.* cannot be exported to Hugging Face: .*{re.escape(reason)}"):
+        with pytest.raises(
+            AnexaError, match=f"^blocks '{blocks}'.* cannot be exported to Hugging Face: .*{re.escape(reason)}"
+        ):
             export(path, tmp_path / "out")
         assert not (tmp_path / "out").exists()
     result = _cli(["export", str(path), str(tmp_path / "out")], workdir)
@@ -171,9 +217,14 @@ def test_what_cannot_be_exported_says_so_in_one_line(workdir, tmp_path):
         export(path, tmp_path / "out", format="gguf")
 
 
-@pytest.mark.parametrize("blocks,options,tie", [("llama", {"n_kv_head": 2, "mlp_hidden": 48}, True),
-                                                 ("llama", {"qk_norm": True, "n_kv_head": 2}, False),
-                                                 ("gpt2", {"bias": False}, False)])
+@pytest.mark.parametrize(
+    "blocks,options,tie",
+    [
+        ("llama", {"n_kv_head": 2, "mlp_hidden": 48}, True),
+        ("llama", {"qk_norm": True, "n_kv_head": 2}, False),
+        ("gpt2", {"bias": False}, False),
+    ],
+)
 def test_an_untrained_checkpoint_exports_with_a_card_that_says_so(tmp_path, blocks, options, tie):
     """Saved without training: the card has no command; a tied llama, gpt2 without biases (exported as
     zeros) and an untied head."""
@@ -184,8 +235,18 @@ def test_an_untrained_checkpoint_exports_with_a_card_that_says_so(tmp_path, bloc
     tokenizer, tokenizer_options = plugins.create("tokenizers", "char")
     tokenizer.train(["Hello, world!\n"])
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_embd=32, block_size=32,
-                                    blocks=blocks, blocks_options=options, tie_embeddings=tie)).eval()
+    model = build_model(
+        ModelConfig(
+            vocab_size=tokenizer.vocab_size,
+            n_layer=2,
+            n_head=4,
+            n_embd=32,
+            block_size=32,
+            blocks=blocks,
+            blocks_options=options,
+            tie_embeddings=tie,
+        )
+    ).eval()
     with torch.no_grad():  # away from the initialisation (zero biases, unit norms) so every mapping shows
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.1)

@@ -189,7 +189,9 @@ def test_generate_text_seeds_its_own_generator():
     def text(seed):
         return "".join(generate_text(model, tokenizer, "abc", 30, chain, seed=seed))
 
-    expected = tokenizer.decode(generate_ids(model, tokenizer.encode("abc"), 30, chain, torch.Generator().manual_seed(7)))
+    expected = tokenizer.decode(
+        generate_ids(model, tokenizer.encode("abc"), 30, chain, torch.Generator().manual_seed(7))
+    )
     assert text(7) == expected and text(8) != expected
 
 
@@ -201,7 +203,9 @@ def test_generate_text_passes_the_context_policy_on():
         ids = generate_ids(model, tokenizer.encode("abc"), 40, chain, torch.Generator().manual_seed(0), context=policy)
         texts[policy] = "".join(generate_text(model, tokenizer, "abc", 40, chain, seed=0, context=policy))
         assert texts[policy] == tokenizer.decode(list(ids))
-    assert texts["shift"] != texts["sliding"], "past the window the policies should differ for this test to mean anything"
+    assert texts["shift"] != texts["sliding"], (
+        "past the window the policies should differ for this test to mean anything"
+    )
 
 
 def test_generate_text_without_a_seed_draws_from_torchs_global_generator():

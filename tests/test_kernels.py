@@ -273,7 +273,9 @@ def _candidate_configs():
     for case, (dtype, head_dim) in serves.items():
         if not ON_CUDA:
             dtype, head_dim = torch.float32, 16
-        for i, configs in enumerate(zip(k.FORWARD_CONFIGS[case], k.DKDV_CONFIGS[case], k.DQ_CONFIGS[case], strict=True)):
+        for i, configs in enumerate(
+            zip(k.FORWARD_CONFIGS[case], k.DKDV_CONFIGS[case], k.DQ_CONFIGS[case], strict=True)
+        ):
             cases.append(pytest.param(configs, dtype, head_dim, id=f"{case}-{i}"))
     return cases
 
@@ -414,8 +416,14 @@ def test_fallback_uses_sdpa_and_says_why_once(monkeypatch, caplog):
     assert relative_error(out, reference_attention(q, k, v, causal=True)) < 1e-5
 
 
-@pytest.mark.parametrize("t_q, t_k", [(fa.CPU_MATH_MAX_KEYS, fa.CPU_MATH_MAX_KEYS), (3, fa.CPU_MATH_MAX_KEYS),
-                                      (fa.CPU_MATH_MAX_KEYS + 1, fa.CPU_MATH_MAX_KEYS + 1)])
+@pytest.mark.parametrize(
+    "t_q, t_k",
+    [
+        (fa.CPU_MATH_MAX_KEYS, fa.CPU_MATH_MAX_KEYS),
+        (3, fa.CPU_MATH_MAX_KEYS),
+        (fa.CPU_MATH_MAX_KEYS + 1, fa.CPU_MATH_MAX_KEYS + 1),
+    ],
+)
 def test_sdpa_in_bf16_with_grad_on_either_cpu_backend_matches_float64(t_q, t_k, monkeypatch):
     """Training in bf16 on CPU takes SDPA's math backend up to CPU_MATH_MAX_KEYS keys, flash beyond: both
     give the float64 reference's output and gradients within bf16's precision."""
@@ -468,9 +476,7 @@ def test_works_without_triton_installed(tmp_path):
         "    print('refused:', exc)\n"
     )
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
-    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "shape (1, 2, 4, 16)" in result.stdout
     assert "refused: flash_attention needs triton" in result.stdout

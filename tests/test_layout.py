@@ -56,8 +56,10 @@ def test_the_real_kernels_distribution_wins_from_the_repository_root():
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    script = ("import kernels, transformers; transformers.GPT2LMHeadModel; transformers.LlamaForCausalLM; "
-              "print(kernels.__file__)")
+    script = (
+        "import kernels, transformers; transformers.GPT2LMHeadModel; transformers.LlamaForCausalLM; "
+        "print(kernels.__file__)"
+    )
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert not done.stdout.strip().startswith(str(REPO) + os.sep + "kernels"), done.stdout

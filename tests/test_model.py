@@ -113,8 +113,12 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     assert torch.equal(loaded(ids)[0], model(ids)[0])
     assert loaded.lm_head.weight is loaded.wte.weight
     assert meta["step"] == 7 and meta["model_config"]["n_layer"] == 2
-    assert meta["plugins"]["blocks"] == {"name": "gpt2", "options": {"bias": True}, "distribution": "anexa",
-                                         "version": meta["anexa_version"]}
+    assert meta["plugins"]["blocks"] == {
+        "name": "gpt2",
+        "options": {"bias": True},
+        "distribution": "anexa",
+        "version": meta["anexa_version"],
+    }
     assert tokenizer.vocab_size == TINY.vocab_size
     assert path.read_bytes()[:8] != b"\x80\x02\x8a\x0al\xfc\x9c"  # safetensors, not a pickle
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
@@ -165,7 +169,6 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
-
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_atomic_writes_give_ordinary_permissions(tmp_path, umask):
     """A checkpoint (atomic_path) and an export folder (atomic_folder) get the modes a plain ``open()`` /
@@ -185,6 +188,7 @@ def test_atomic_writes_give_ordinary_permissions(tmp_path, umask):
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(path) == mode(tmp_path / "export" / "config.json") == mode(plain) == 0o666 & ~umask
     assert mode(tmp_path / "export") == mode(tmp_path / "plain-folder") == 0o777 & ~umask
+
 
 # --- initialisation -------------------------------------------------------------------------------
 
@@ -239,11 +243,19 @@ def test_gpt2_initialisation_of_every_parameter_family(tie):
         assert model.lm_head.weight is model.wte.weight
     found = _init_families(model, families)
     assert len(found["residual projections"]) == 2 * INIT["n_layer"]
-    _assert_init(found, {
-        "token embedding": ("normal", 0.02), "head": ("normal", 0.02), "positions": ("normal", 0.02),
-        "residual projections": ("normal", RESIDUAL_STD), "other matrices": ("normal", 0.02),
-        "biases": ("const", 0.0), "norm gains": ("const", 1.0), "norm biases": ("const", 0.0),
-    })
+    _assert_init(
+        found,
+        {
+            "token embedding": ("normal", 0.02),
+            "head": ("normal", 0.02),
+            "positions": ("normal", 0.02),
+            "residual projections": ("normal", RESIDUAL_STD),
+            "other matrices": ("normal", 0.02),
+            "biases": ("const", 0.0),
+            "norm gains": ("const", 1.0),
+            "norm biases": ("const", 0.0),
+        },
+    )
 
 
 @pytest.mark.parametrize("options", [{}, {"zero_init": True, "mlp": "relu2", "qk_norm": True, "n_kv_head": 2}])
@@ -263,7 +275,13 @@ def test_llama_initialisation_of_every_parameter_family(options):
     found = _init_families(model, families)
     assert len(found["residual projections"]) == 2 * INIT["n_layer"]
     residual = ("const", 0.0) if options.get("zero_init") else ("normal", RESIDUAL_STD)
-    _assert_init(found, {
-        "token embedding": ("normal", 0.02), "head": ("normal", 0.02), "residual projections": residual,
-        "other matrices": ("normal", 0.02), "norm gains": ("const", 1.0),
-    })
+    _assert_init(
+        found,
+        {
+            "token embedding": ("normal", 0.02),
+            "head": ("normal", 0.02),
+            "residual projections": residual,
+            "other matrices": ("normal", 0.02),
+            "norm gains": ("const", 1.0),
+        },
+    )

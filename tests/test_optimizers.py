@@ -22,8 +22,18 @@ SMALL = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
 
 
 def _config(data, **changes):
-    values = dict(data=str(data), steps=8, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=4,
-                  eval_batches=2, save_every=4, device="cpu")
+    values = dict(
+        data=str(data),
+        steps=8,
+        batch_size=4,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=2,
+        eval_every=4,
+        eval_batches=2,
+        save_every=4,
+        device="cpu",
+    )
     return TrainConfig(**{**values, **changes})
 
 
@@ -41,8 +51,7 @@ def test_muon_takes_exactly_the_hidden_matrices(blocks):
     names = {id(p): n for n, p in model.named_parameters()}
     in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
     in_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
-    expected = {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2
-                and "wpe" not in n}
+    expected = {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2 and "wpe" not in n}
     assert in_muon == expected and in_muon
     assert {"wte.weight", "lm_head.weight"} <= in_adamw and not in_muon & in_adamw
     assert all(p.dim() == 2 for group in muon.param_groups for p in group["params"])
@@ -102,8 +111,9 @@ def test_minutes_ends_on_time_with_a_final_evaluation_and_checkpoint(sherlock_pa
     """The run stops after the first step that ends past the budget (on a busy machine a step can take
     long, so "on time" is judged by the steps' own clock), then evaluates and saves."""
     budget_s = 3.0
-    config = _config(sherlock_path, minutes=budget_s / 60, steps=2**53, eval_every=10**9, save_every=10**9,
-                     warmup_steps=0)
+    config = _config(
+        sherlock_path, minutes=budget_s / 60, steps=2**53, eval_every=10**9, save_every=10**9, warmup_steps=0
+    )
     clock = StepClock()
     result = train(SMALL, config, tmp_path, reporter=clock)
     assert len(clock.ends) == result.step >= 2

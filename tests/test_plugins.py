@@ -27,10 +27,24 @@ BUILTINS = {
     "datasets": {"sherlock", "tinyshakespeare"},
     "optimizers": {"adamw"},
 }
-TINY_TRAIN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
-              "--steps", "4", "--eval-every", "4", "--device", "cpu"]
-
-
+TINY_TRAIN = [
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--block-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--steps",
+    "4",
+    "--eval-every",
+    "4",
+    "--device",
+    "cpu",
+]
 
 
 # --- the built-ins --------------------------------------------------------------------------------
@@ -54,8 +68,13 @@ def test_builtins_pass_the_conformance_kit(kind, name):
     factory = plugins.get(kind, name)
     testing.CHECKS[kind](factory)
     built, _ = plugins.create(kind, name)
-    protocol = {"attention": interfaces.Attention, "blocks": interfaces.Blocks, "samplers": interfaces.Sampler,
-                "datasets": interfaces.Dataset, "optimizers": interfaces.Optimizer}[kind]
+    protocol = {
+        "attention": interfaces.Attention,
+        "blocks": interfaces.Blocks,
+        "samplers": interfaces.Sampler,
+        "datasets": interfaces.Dataset,
+        "optimizers": interfaces.Optimizer,
+    }[kind]
     assert isinstance(built, protocol)
 
 
@@ -68,10 +87,14 @@ def test_builtin_tokenizers_pass_the_conformance_kit(name, options, sherlock_pat
     assert isinstance(plugins.create("tokenizers", name, options)[0], interfaces.Tokenizer)
 
 
-@pytest.mark.parametrize("options", [
-    {"mlp": "relu2", "qk_norm": True}, {"mlp": "gelu", "n_kv_head": 1, "zero_init": True},
-    {"rope_theta": 500000.0, "mlp_hidden": 48},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"mlp": "relu2", "qk_norm": True},
+        {"mlp": "gelu", "n_kv_head": 1, "zero_init": True},
+        {"rope_theta": 500000.0, "mlp_hidden": 48},
+    ],
+)
 def test_llama_passes_the_kit_with_each_architectural_choice(options):
     testing.check_blocks(plugins.get("blocks", "llama"), **options)
 
@@ -125,8 +148,20 @@ class _FutureStack(torch.nn.Module):
 def test_public_namespace_is_all_a_plugin_needs():
     import anexa_core
 
-    for name in ("hookimpl", "AnexaError", "Tokenizer", "Attention", "Sampler", "Blocks", "Dataset", "Optimizer",
-                 "KVCache", "ModelConfig", "RemoteText", "LocalText"):
+    for name in (
+        "hookimpl",
+        "AnexaError",
+        "Tokenizer",
+        "Attention",
+        "Sampler",
+        "Blocks",
+        "Dataset",
+        "Optimizer",
+        "KVCache",
+        "ModelConfig",
+        "RemoteText",
+        "LocalText",
+    ):
         assert name in anexa_core.__all__ and getattr(anexa_core, name) is not None
 
 
@@ -143,8 +178,10 @@ def test_builtin_plugins_import_only_the_public_anexa_namespace():
 
 
 def test_core_imports_no_concrete_plugin_and_kernels_import_nothing_from_anexa():
-    for package, banned in (("anexa_core", ("anexa_plugins", "anexa_cli", "anexa_serve")),
-                            ("anexa_kernels", ("anexa_core", "anexa_plugins", "anexa_cli", "anexa_serve"))):
+    for package, banned in (
+        ("anexa_core", ("anexa_plugins", "anexa_cli", "anexa_serve")),
+        ("anexa_kernels", ("anexa_core", "anexa_plugins", "anexa_cli", "anexa_serve")),
+    ):
         paths = source_files(package)
         assert paths
         for path in paths:
@@ -179,8 +216,11 @@ def test_a_clash_is_reported_only_when_the_name_is_used(register_plugin):
             register("sdpa", lambda: None)
 
     register_plugin(Impostor(), "impostor")
-    with pytest.raises(AnexaError, match=r"attention 'sdpa' is registered by anexa .*\(plugin sdpa\) and plugin "
-                                         r"impostor: disable one, e.g. ANEXA_DISABLE_PLUGINS=impostor"):
+    with pytest.raises(
+        AnexaError,
+        match=r"attention 'sdpa' is registered by anexa .*\(plugin sdpa\) and plugin "
+        r"impostor: disable one, e.g. ANEXA_DISABLE_PLUGINS=impostor",
+    ):
         plugins.get("attention", "sdpa")
     assert plugins.get("attention", "math") is not None  # unrelated names still work
     (clash,) = [c for c in plugins.conflicts() if c["name"] == "sdpa"]
@@ -256,9 +296,23 @@ def fixture_site(tmp_path_factory):
         folders.append(str(target))
     site = tmp_path_factory.mktemp("site")
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(site), *folders],
-        capture_output=True, text=True, check=False, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            *folders,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     return site
@@ -288,8 +342,12 @@ def test_installed_distributions_are_discovered_with_their_options(fixture_site)
     listed, _, _ = listing(fixture_site, load="anexa-hello,anexa-bytes,anexa-tinyblocks")
     assert listed["hello"]["distribution"] == "anexa-hello" and listed["hello"]["version"] == "0.3.1"
     assert listed["hello"]["registers"] == {"attention": ["hello"]}
-    assert listed["hello"]["options"]["attention"]["hello"][0] == {"name": "chunk", "type": "int", "default": 0,
-                                                                   "help": ""}
+    assert listed["hello"]["options"]["attention"]["hello"][0] == {
+        "name": "chunk",
+        "type": "int",
+        "default": 0,
+        "help": "",
+    }
     assert listed["bytes"]["options"]["tokenizers"]["bytes"][0]["name"] == "lowercase"
     assert listed["tiny"]["registers"] == {"blocks": ["tiny"]}
 
@@ -309,49 +367,108 @@ def test_installed_plugins_pass_the_kit(fixture_site):
 def test_options_travel_with_the_weights_into_generate_and_resume(fixture_site, sherlock_path, tmp_path):
     load = "anexa-hello,anexa-bytes,anexa-tinyblocks"
     out = tmp_path / "run"
-    trained = run(fixture_site, "train", "--data", str(sherlock_path), *TINY_TRAIN, "--out", str(out),
-                  "--attention", "hello", "-o", "attention.chunk=3", "--tokenizer", "bytes",
-                  "-o", "tokenizer.lowercase=true", "--blocks", "tiny", "-o", "blocks.mlp_ratio=3", load=load)
+    trained = run(
+        fixture_site,
+        "train",
+        "--data",
+        str(sherlock_path),
+        *TINY_TRAIN,
+        "--out",
+        str(out),
+        "--attention",
+        "hello",
+        "-o",
+        "attention.chunk=3",
+        "--tokenizer",
+        "bytes",
+        "-o",
+        "tokenizer.lowercase=true",
+        "--blocks",
+        "tiny",
+        "-o",
+        "blocks.mlp_ratio=3",
+        load=load,
+    )
     assert trained.returncode == 0, trained.stderr
-    meta = json.loads(run(fixture_site, "import json; from anexa_core.io import checkpoint; "
-                                        f"print(json.dumps(checkpoint.read_metadata({str(out)!r})))",
-                          python=True, load=load).stdout)
-    assert meta["plugins"]["attention"] == {"name": "hello", "options": {"chunk": 3}, "distribution": "anexa-hello",
-                                            "version": "0.3.1"}
+    meta = json.loads(
+        run(
+            fixture_site,
+            "import json; from anexa_core.io import checkpoint; "
+            f"print(json.dumps(checkpoint.read_metadata({str(out)!r})))",
+            python=True,
+            load=load,
+        ).stdout
+    )
+    assert meta["plugins"]["attention"] == {
+        "name": "hello",
+        "options": {"chunk": 3},
+        "distribution": "anexa-hello",
+        "version": "0.3.1",
+    }
     assert meta["plugins"]["blocks"]["options"] == {"mlp_ratio": 3}
     assert meta["tokenizer"] == {"name": "bytes", "options": {"lowercase": True}, "state": {"type": "bytes"}}
     generated = run(fixture_site, "generate", "HOLMES", "--model", str(out), "-n", "5", "--seed", "0", load=load)
     assert generated.returncode == 0, generated.stderr
     resumed = run(fixture_site, "train", "--resume", str(out), "--steps", "6", load=load)
     assert resumed.returncode == 0, resumed.stderr
-    again = run(fixture_site, "import json; from anexa_core.io import checkpoint; "
-                              f"print(json.dumps(checkpoint.read_metadata({str(out / 'model.safetensors')!r})))",
-                python=True, load=load)
+    again = run(
+        fixture_site,
+        "import json; from anexa_core.io import checkpoint; "
+        f"print(json.dumps(checkpoint.read_metadata({str(out / 'model.safetensors')!r})))",
+        python=True,
+        load=load,
+    )
     resumed_meta = json.loads(again.stdout)
     assert resumed_meta["step"] == 6 and resumed_meta["plugins"] == meta["plugins"]
     # Without the distributions, the checkpoint names what to install; installed but left out, it says so.
     missing = run(None, "generate", "x", "--model", str(out))
     assert missing.returncode == 2
-    assert missing.stderr.strip() == ("error: this model needs blocks 'tiny' from anexa-tinyblocks 0.1.0: "
-                                      "pip install anexa-tinyblocks")
+    assert missing.stderr.strip() == (
+        "error: this model needs blocks 'tiny' from anexa-tinyblocks 0.1.0: pip install anexa-tinyblocks"
+    )
     left_out = run(fixture_site, "generate", "x", "--model", str(out), load="anexa-bytes,anexa-tinyblocks")
     assert left_out.returncode == 2
-    assert left_out.stderr.strip() == ("error: this model needs attention 'hello' from anexa-hello 0.3.1, which is "
-                                       "installed but not loaded: add it to ANEXA_LOAD_PLUGINS or unset it")
+    assert left_out.stderr.strip() == (
+        "error: this model needs attention 'hello' from anexa-hello 0.3.1, which is "
+        "installed but not loaded: add it to ANEXA_LOAD_PLUGINS or unset it"
+    )
 
 
 def test_a_clash_never_bricks_unrelated_commands_and_names_both_distributions(fixture_site, sherlock_path, tmp_path):
     listed, conflicts, _ = listing(fixture_site, load="anexa-clash")
     assert listed["clash"]["registers"] == {"attention": ["sdpa"]}
-    assert conflicts == [{"kind": "attention", "name": "sdpa", "providers": [
-        f"anexa {listed['sdpa']['version']} (plugin sdpa)", "anexa-clash 1.0.0 (plugin clash)"]}]
+    assert conflicts == [
+        {
+            "kind": "attention",
+            "name": "sdpa",
+            "providers": [f"anexa {listed['sdpa']['version']} (plugin sdpa)", "anexa-clash 1.0.0 (plugin clash)"],
+        }
+    ]
     table = run(fixture_site, "plugins", load="anexa-clash")
     assert table.returncode == 0 and "conflict: attention 'sdpa' is registered by" in table.stdout
-    works = run(fixture_site, "train", "--data", str(sherlock_path), *TINY_TRAIN, "--attention", "math",
-                "--out", str(tmp_path / "math"), load="anexa-clash")
+    works = run(
+        fixture_site,
+        "train",
+        "--data",
+        str(sherlock_path),
+        *TINY_TRAIN,
+        "--attention",
+        "math",
+        "--out",
+        str(tmp_path / "math"),
+        load="anexa-clash",
+    )
     assert works.returncode == 0, works.stderr
-    used = run(fixture_site, "train", "--data", str(sherlock_path), *TINY_TRAIN, "--out", str(tmp_path / "x"),
-               load="anexa-clash")
+    used = run(
+        fixture_site,
+        "train",
+        "--data",
+        str(sherlock_path),
+        *TINY_TRAIN,
+        "--out",
+        str(tmp_path / "x"),
+        load="anexa-clash",
+    )
     assert used.returncode == 2 and used.stderr.count("\n") == 1
     assert "attention 'sdpa' is registered by anexa" in used.stderr and "anexa-clash 1.0.0" in used.stderr
 
@@ -359,8 +476,13 @@ def test_a_clash_never_bricks_unrelated_commands_and_names_both_distributions(fi
 def test_disabling_a_builtin_lets_a_third_party_plugin_take_its_name(fixture_site):
     listed, conflicts, _ = listing(fixture_site, load="anexa-clash", disable="sdpa")
     assert conflicts == [] and listed["sdpa"]["status"] == "disabled"
-    owner = run(fixture_site, "from anexa_core import plugins; print(plugins.lookup('attention', 'sdpa').owner())",
-                python=True, load="anexa-clash", disable="sdpa")
+    owner = run(
+        fixture_site,
+        "from anexa_core import plugins; print(plugins.lookup('attention', 'sdpa').owner())",
+        python=True,
+        load="anexa-clash",
+        disable="sdpa",
+    )
     assert owner.stdout.strip() == "anexa-clash 1.0.0 (plugin clash)", owner.stderr
     flag = run(fixture_site, "--disable-plugin", "clash", "plugins", "--json", load="anexa-clash")
     assert json.loads(flag.stdout)["conflicts"] == []
@@ -394,15 +516,24 @@ def test_a_misspelt_hook_or_a_raising_hook_costs_only_that_plugin(fixture_site):
     listed = {p["name"]: p for p in json.loads(done.stdout)["plugins"]}
     assert listed["typo"]["status"] == "failed" and "register_sampler" in listed["typo"]["error"]
     assert "plugin typo from anexa-faulty 0.0.1 was not loaded" in done.stderr
-    assert "plugin raising (anexa-faulty 0.0.1) failed in register_attention and registers nothing: " \
-           "RuntimeError: attention registry exploded" in done.stderr
+    assert (
+        "plugin raising (anexa-faulty 0.0.1) failed in register_attention and registers nothing: "
+        "RuntimeError: attention registry exploded" in done.stderr
+    )
     assert {"sdpa", "math"} <= set(listed["sdpa"]["registers"]["attention"] + listed["math"]["registers"]["attention"])
 
 
 def test_a_name_that_matches_no_installed_plugin_is_warned_about(fixture_site):
     """A typo in --disable-plugin or either variable would otherwise be ignored without a word."""
-    done = run(fixture_site, "--disable-plugin", "sdpa_typo", "plugins", "--json", load="anexa-hello,hello_typo",
-               disable="anexa-clash:nothing")
+    done = run(
+        fixture_site,
+        "--disable-plugin",
+        "sdpa_typo",
+        "plugins",
+        "--json",
+        load="anexa-hello,hello_typo",
+        disable="anexa-clash:nothing",
+    )
     assert done.returncode == 0, done.stderr
     warned = [line for line in done.stderr.splitlines() if "matches no installed plugin" in line]
     assert warned == [

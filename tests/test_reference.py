@@ -47,14 +47,18 @@ def _lists(model):
 
 def _batch(config=CONFIG, batch=3, seed=1):
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, config.vocab_size, (batch, config.block_size), generator=generator),
-            torch.randint(0, config.vocab_size, (batch, config.block_size), generator=generator))
+    return (
+        torch.randint(0, config.vocab_size, (batch, config.block_size), generator=generator),
+        torch.randint(0, config.vocab_size, (batch, config.block_size), generator=generator),
+    )
 
 
 def _worst_gradient_error(model, grads):
     assert set(grads) == {name for name, _ in model.named_parameters()}
-    return max((torch.tensor(grads[name], dtype=torch.float64) - p.grad).abs().max().item()
-               for name, p in model.named_parameters())
+    return max(
+        (torch.tensor(grads[name], dtype=torch.float64) - p.grad).abs().max().item()
+        for name, p in model.named_parameters()
+    )
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -83,8 +87,10 @@ def test_sgd_and_adamw_steps_match_torch():
     ids, targets = _batch()
     for build, step in [
         (lambda params: torch.optim.SGD(params, lr=0.1), lambda p, g, s: ref.sgd_step(p, g, lr=0.1)),
-        (lambda params: torch.optim.AdamW(params, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1),
-         lambda p, g, s: ref.adam_step(p, g, s, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)),
+        (
+            lambda params: torch.optim.AdamW(params, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1),
+            lambda p, g, s: ref.adam_step(p, g, s, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1),
+        ),
     ]:
         model = _gpt2()
         params, state = _lists(model), {}
@@ -95,14 +101,18 @@ def test_sgd_and_adamw_steps_match_torch():
             optimizer.zero_grad()
             model(ids, targets)[1].backward()
             optimizer.step()
-        worst = max((torch.tensor(params[name], dtype=torch.float64) - p).abs().max().item()
-                    for name, p in model.named_parameters())
+        worst = max(
+            (torch.tensor(params[name], dtype=torch.float64) - p).abs().max().item()
+            for name, p in model.named_parameters()
+        )
         assert worst < TOLERANCE, f"{type(optimizer).__name__}: {worst:.2e}"
 
 
 def test_reference_file_uses_only_the_standard_library_math():
     tree = ast.parse((PACKAGES["anexa_plugins"] / "reference_gpt.py").read_text(encoding="utf-8"))
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported == {"math", "random"}
 
@@ -149,9 +159,34 @@ def test_reference_blocks_have_no_dropout():
 
 def test_anexa_train_runs_the_reference_and_its_weights_are_gpt2_weights(tmp_path, sherlock_path):
     out = tmp_path / "ref"
-    flags = ["--blocks", "reference", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
-             "--batch-size", "4", "--steps", "20", "--lr", "1e-2", "--warmup-steps", "0", "--eval-every", "10",
-             "--data", str(sherlock_path), "--device", "cpu", "--out", str(out)]
+    flags = [
+        "--blocks",
+        "reference",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "16",
+        "--block-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--steps",
+        "20",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "0",
+        "--eval-every",
+        "10",
+        "--data",
+        str(sherlock_path),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(app, ["train", *flags])
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

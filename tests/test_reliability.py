@@ -17,8 +17,20 @@ import pytest
 
 from anexa_core.io import checkpoint
 
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
-        "--device", "cpu"]
+TINY = [
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--block-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--device",
+    "cpu",
+]
 CLOSED_PORT_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused
 
 
@@ -29,17 +41,31 @@ def anexa_env(tmp_path, **extra):
 
 
 def anexa(*args, cwd, env, timeout=300):
-    return subprocess.run([sys.executable, "-m", "anexa_cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, check=False, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "anexa_cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
 
 
 def test_the_default_job_runs_offline_on_a_fresh_machine_and_never_reuses_a_run_folder(tmp_path):
     """`anexa train` with no --data: the shipped Sherlock, no network, an empty cache. Proxies point at a
     closed port, so any download would fail."""
-    offline = dict.fromkeys(("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"), CLOSED_PORT_PROXY)
+    offline = dict.fromkeys(
+        ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"), CLOSED_PORT_PROXY
+    )
     env = anexa_env(tmp_path, **offline)
-    probe = subprocess.run([sys.executable, "-c", "import urllib.request as u; u.urlopen('https://example.com', timeout=5)"],
-                           env=env, capture_output=True, text=True, check=False)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import urllib.request as u; u.urlopen('https://example.com', timeout=5)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert probe.returncode != 0, "the network must be unusable for this test to mean anything"
 
     first = anexa("train", "--steps", "3", "--eval-every", "3", cwd=tmp_path, env=env)
@@ -60,8 +86,20 @@ def test_the_default_job_runs_offline_on_a_fresh_machine_and_never_reuses_a_run_
 def test_progress_is_plain_lines_in_a_log_and_resumed_runs_say_so(sherlock_path, tmp_path):
     env = anexa_env(tmp_path)
     out = tmp_path / "run"
-    first = anexa("train", "--data", str(sherlock_path), *TINY, "--steps", "4", "--eval-every", "2", "--out",
-                  str(out), cwd=tmp_path, env=env)
+    first = anexa(
+        "train",
+        "--data",
+        str(sherlock_path),
+        *TINY,
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+        env=env,
+    )
     assert first.returncode == 0, first.stderr
     assert "step 4/4 · loss " in first.stderr and " tok/s · ETA " in first.stderr
     assert "nan" not in first.stderr.lower()
@@ -71,8 +109,14 @@ def test_progress_is_plain_lines_in_a_log_and_resumed_runs_say_so(sherlock_path,
 
 
 def _start(args, env, cwd):
-    return subprocess.Popen([sys.executable, "-m", "anexa_cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "anexa_cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_training(process, timeout=120):
@@ -93,8 +137,24 @@ def _wait_for_training(process, timeout=120):
 def test_ctrl_c_and_sigterm_finish_the_step_save_and_print_the_resume_command(sherlock_path, tmp_path, signum, code):
     env = anexa_env(tmp_path)
     out = tmp_path / "run"
-    process = _start(["train", "--data", str(sherlock_path), *TINY, "--steps", "100000", "--eval-every", "100000",
-                      "--save-every", "100000", "--out", str(out)], env, tmp_path)
+    process = _start(
+        [
+            "train",
+            "--data",
+            str(sherlock_path),
+            *TINY,
+            "--steps",
+            "100000",
+            "--eval-every",
+            "100000",
+            "--save-every",
+            "100000",
+            "--out",
+            str(out),
+        ],
+        env,
+        tmp_path,
+    )
     _wait_for_training(process)
     time.sleep(0.5)
     process.send_signal(signum)
@@ -112,8 +172,24 @@ def test_a_second_ctrl_c_leaves_at_once_without_damaging_a_file(sherlock_path, t
     """The first Ctrl-C starts a save that a test delay keeps busy; the second one lands inside it."""
     env = anexa_env(tmp_path, ANEXA_TEST_SAVE_DELAY="3")
     out = tmp_path / "run"
-    process = _start(["train", "--data", str(sherlock_path), *TINY, "--steps", "100000", "--eval-every", "100000",
-                      "--save-every", "100000", "--out", str(out)], env, tmp_path)
+    process = _start(
+        [
+            "train",
+            "--data",
+            str(sherlock_path),
+            *TINY,
+            "--steps",
+            "100000",
+            "--eval-every",
+            "100000",
+            "--save-every",
+            "100000",
+            "--out",
+            str(out),
+        ],
+        env,
+        tmp_path,
+    )
     _wait_for_training(process)
     time.sleep(0.3)
     process.send_signal(signal.SIGINT)
@@ -156,8 +232,18 @@ def test_sigkill_at_random_moments_never_loses_or_mixes_a_run(sherlock_path, tmp
     out = tmp_path / "run"
     config = tmp_path / "frequent.toml"
     config.write_text("eval_every = 5\nsave_every = 5\neval_batches = 2\n", encoding="utf-8")
-    fresh = ["train", "--data", str(sherlock_path), *TINY, "--steps", str(steps), "--config", str(config),
-             "--out", str(out)]
+    fresh = [
+        "train",
+        "--data",
+        str(sherlock_path),
+        *TINY,
+        "--steps",
+        str(steps),
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+    ]
     rng = random.Random(7)
     kills, steps_seen = 0, []
     while kills < 10:

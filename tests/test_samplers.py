@@ -136,17 +136,20 @@ def test_temperature_divides_a_row_whose_top_is_not_finite_without_shifting_it()
     assert out.tolist() == [[float("inf"), 4.0, float("-inf"), -2.0]]
 
 
-@pytest.mark.parametrize("sampler, options, message", [
-    (Temperature, {"value": float("inf")}, "temperature must be >= 0 (0 means greedy), got inf"),
-    (Temperature, {"value": -0.5}, "temperature must be >= 0 (0 means greedy), got -0.5"),
-    (RepetitionPenalty, {"penalty": float("inf")}, "repetition_penalty must be > 0 (1 = off, e.g. 1.2), got inf"),
-    (RepetitionPenalty, {"penalty": 0.0}, "repetition_penalty must be > 0 (1 = off, e.g. 1.2), got 0.0"),
-    (RepetitionPenalty, {"window": 0}, "repetition_penalty.window must be at least 1 token, got 0"),
-    (TopP, {"p": 0.0}, "top_p must be in (0, 1], got 0.0"),
-    (TopP, {"p": 1.5}, "top_p must be in (0, 1], got 1.5"),
-    (MinP, {"p": -0.1}, "min_p must be in [0, 1], got -0.1"),
-    (MinP, {"p": 1.1}, "min_p must be in [0, 1], got 1.1"),
-])
+@pytest.mark.parametrize(
+    "sampler, options, message",
+    [
+        (Temperature, {"value": float("inf")}, "temperature must be >= 0 (0 means greedy), got inf"),
+        (Temperature, {"value": -0.5}, "temperature must be >= 0 (0 means greedy), got -0.5"),
+        (RepetitionPenalty, {"penalty": float("inf")}, "repetition_penalty must be > 0 (1 = off, e.g. 1.2), got inf"),
+        (RepetitionPenalty, {"penalty": 0.0}, "repetition_penalty must be > 0 (1 = off, e.g. 1.2), got 0.0"),
+        (RepetitionPenalty, {"window": 0}, "repetition_penalty.window must be at least 1 token, got 0"),
+        (TopP, {"p": 0.0}, "top_p must be in (0, 1], got 0.0"),
+        (TopP, {"p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+        (MinP, {"p": -0.1}, "min_p must be in [0, 1], got -0.1"),
+        (MinP, {"p": 1.1}, "min_p must be in [0, 1], got 1.1"),
+    ],
+)
 def test_out_of_range_options_are_refused_by_the_processor_itself(sampler, options, message):
     """Code that builds processors directly (a server, a notebook) gets the same checks as -s; an infinite
     temperature or penalty would turn every logit into 0 or ±inf."""
@@ -220,7 +223,11 @@ def test_plus_inf_from_a_processor_makes_those_tokens_the_only_candidates_of_its
     generator = torch.Generator().manual_seed(0)
     state = generator.get_state()
     assert one_each.pick(torch.zeros(4, 3), torch.zeros(4, 0, dtype=torch.long), generator).flatten().tolist() == [
-        2, 0, 2, 0]
+        2,
+        0,
+        2,
+        0,
+    ]
     assert torch.equal(generator.get_state(), state)
 
 
@@ -235,8 +242,9 @@ class Broken:
 def test_nan_from_a_processor_is_an_error_naming_the_chain():
     with pytest.raises(AnexaError) as error:
         SamplerChain([Temperature(0.5), Broken()]).pick(torch.zeros(1, 3), NO_CONTEXT)
-    assert str(error.value) == ("the sampling chain Temperature(value=0.5) → Broken() produced NaN: a sampler plugin "
-                                "is broken; leave it out")
+    assert str(error.value) == (
+        "the sampling chain Temperature(value=0.5) → Broken() produced NaN: a sampler plugin is broken; leave it out"
+    )
 
 
 def test_the_chain_describes_itself_in_order():
@@ -250,8 +258,10 @@ def test_the_chain_names_its_processors_and_breaks_ties_in_order_by_name():
     """Unnamed processors are named by their class; two of the same order run by name, not by the order
     they were given in (nor by comparing the processors, which need not be comparable)."""
     certain, broken = CertainOf(tokens=((0,),)), Broken()  # both order 60
-    for given in ([("zeta", certain), ("alpha", broken), Temperature(0.5)],
-                  [Temperature(0.5), ("alpha", broken), ("zeta", certain)]):
+    for given in (
+        [("zeta", certain), ("alpha", broken), Temperature(0.5)],
+        [Temperature(0.5), ("alpha", broken), ("zeta", certain)],
+    ):
         chain = SamplerChain(given)
         assert chain.names == ["Temperature", "alpha", "zeta"]
         assert chain.processors[1] is broken and chain.processors[2] is certain
@@ -275,8 +285,9 @@ class _OrderAsTextPlugin:
 def test_a_sampler_without_an_int_order_is_refused_by_name():
     with registered(_OrderAsTextPlugin(), "test-order-as-text"), pytest.raises(AnexaError) as error:
         build_chain(["order_as_text"])
-    assert str(error.value) == ("sampler 'order_as_text' has no int `order`: fix or uninstall its plugin "
-                                "(see `anexa plugins`)")
+    assert str(error.value) == (
+        "sampler 'order_as_text' has no int `order`: fix or uninstall its plugin (see `anexa plugins`)"
+    )
 
 
 def test_chain_runs_in_order_not_command_line_order():
@@ -303,7 +314,12 @@ def test_documented_order_of_every_sampler():
     chain = build_chain(specs)
     assert [p.order for p in chain.processors] == [10, 20, 30, 40, 50, 90]
     assert [type(p).__name__ for p in chain.processors] == [
-        "RepetitionPenalty", "Temperature", "TopK", "TopP", "MinP", "Greedy"
+        "RepetitionPenalty",
+        "Temperature",
+        "TopK",
+        "TopP",
+        "MinP",
+        "Greedy",
     ]
 
 
@@ -387,7 +403,10 @@ def test_parse_sampler_options_forms():
         (["top_p=abc"], r"sampler top_p option p must be a finite number, got 'abc'"),
         (["repetition_penalty.window=2.5"], r"option window must be an integer"),
         (["greedy=1"], r"sampler greedy takes no options: use -s greedy"),
-        (["=3"], r"^bad sampler spec '=3': use -s NAME, -s NAME=VALUE or -s NAME\.OPTION=VALUE \(e\.g\. -s top_p=0\.9\)$"),
+        (
+            ["=3"],
+            r"^bad sampler spec '=3': use -s NAME, -s NAME=VALUE or -s NAME\.OPTION=VALUE \(e\.g\. -s top_p=0\.9\)$",
+        ),
         (["top_p.=0.9"], r"bad sampler spec"),
         (["top_p="], r"bad sampler spec"),
         (["top_p.p"], r"has no value: use -s top_p.p=VALUE"),
@@ -521,7 +540,7 @@ def test_the_first_occurrence_of_a_stop_in_a_piece_cuts_it():
 
 
 def test_a_found_stop_is_final_even_if_a_longer_stop_begins_at_the_same_place():
-    """"ab" is a stop; "abc" could still complete from the same index, but it would cut at the same place:
+    """ "ab" is a stop; "abc" could still complete from the same index, but it would cut at the same place:
     stop now, without pulling another piece."""
     pulled = []
 
@@ -557,7 +576,8 @@ def test_chain_that_removes_every_token_is_an_error():
     with pytest.raises(AnexaError) as error:
         SamplerChain([RemoveAll()]).pick(torch.zeros(2, 3), torch.zeros(2, 0, dtype=torch.long))
     assert str(error.value).startswith("the sampling chain ") and str(error.value).endswith(
-        " removed every token: loosen its options")
+        " removed every token: loosen its options"
+    )
 
     class RemoveSecondRow:
         order = 60

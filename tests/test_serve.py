@@ -39,9 +39,32 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 def run_dir(sherlock_path, tmp_path_factory):
     """A tiny char model trained through the CLI, plus a copy in another folder of the same name."""
     out = tmp_path_factory.mktemp("serve") / "tiny"
-    result = runner.invoke(cli, ["train", "--data", str(sherlock_path), "--n-layer", "1", "--n-head", "2",
-                                 "--n-embd", "32", "--block-size", "32", "--batch-size", "8", "--steps", "30",
-                                 "--eval-every", "15", "--out", str(out), "--device", "cpu"])
+    result = runner.invoke(
+        cli,
+        [
+            "train",
+            "--data",
+            str(sherlock_path),
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "32",
+            "--block-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--steps",
+            "30",
+            "--eval-every",
+            "15",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -110,7 +133,7 @@ def events(response):
     out = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             out.append(data if data == "[DONE]" else json.loads(data))
         else:
             assert line == "", f"unexpected SSE line {line!r}"
@@ -188,8 +211,12 @@ def test_completion_stream_is_openai_chunks(client):
 
 
 def test_chat_uses_the_template_streaming_and_not(client, models):
-    messages = [{"role": "system", "content": "A story."}, {"role": "user", "content": "Holmes"},
-                {"role": "assistant", "content": "Yes?"}, {"role": "user", "content": [{"type": "text", "text": "Go on"}]}]
+    messages = [
+        {"role": "system", "content": "A story."},
+        {"role": "user", "content": "Holmes"},
+        {"role": "assistant", "content": "Yes?"},
+        {"role": "user", "content": [{"type": "text", "text": "Go on"}]},
+    ]
     prompt = "A story.\n\nUser: Holmes\nAssistant: Yes?\nUser: Go on\nAssistant:"
     body = {"model": "tiny", "messages": messages, "max_tokens": 30, "seed": 11}
     want = expected(models, prompt, 30, 11, stop=ChatTemplate().stop)
@@ -207,8 +234,13 @@ def test_chat_uses_the_template_streaming_and_not(client, models):
 
 def test_chat_template_is_overridable_per_request(client, models):
     template = {"user": "Q: {content}\n", "generation_prompt": "A:", "stop": ["\nQ:"]}
-    body = {"messages": [{"role": "user", "content": "Who?"}], "model": "tiny", "max_tokens": 20, "seed": 2,
-            "anexa": {"chat_template": template}}
+    body = {
+        "messages": [{"role": "user", "content": "Who?"}],
+        "model": "tiny",
+        "max_tokens": 20,
+        "seed": 2,
+        "anexa": {"chat_template": template},
+    }
     answer = client.post("/v1/chat/completions", json=body).json()
     assert answer["choices"][0]["message"]["content"] == expected(models, "Q: Who?\nA:", 20, 2, stop=["\nQ:"])
     assert answer["usage"]["prompt_tokens"] == len("Q: Who?\nA:")
@@ -228,7 +260,11 @@ def test_stop_strings_and_usage_count_generated_tokens(client):
         request = {**body, "stop": [stop, "never-there"]}
         if streaming:
             chunks = stream(client, "/v1/completions", {**request, "stream_options": {"include_usage": True}})
-            text, finish, usage = streamed_text(chunks, False), chunks[-3]["choices"][0]["finish_reason"], chunks[-2]["usage"]
+            text, finish, usage = (
+                streamed_text(chunks, False),
+                chunks[-3]["choices"][0]["finish_reason"],
+                chunks[-2]["usage"],
+            )
         else:
             answer = client.post("/v1/completions", json=request).json()
             text, finish, usage = answer["choices"][0]["text"], answer["choices"][0]["finish_reason"], answer["usage"]
@@ -241,10 +277,12 @@ def test_samplers_extension_and_top_p_map_onto_cli_specs(client, models):
     specs = ["top_k=5", "repetition_penalty=1.3"]
     body = {"model": "tiny", "prompt": "Baker Street", "max_tokens": 30, "seed": 9, "anexa": {"samplers": specs}}
     assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected(
-        models, "Baker Street", 30, 9, specs)
+        models, "Baker Street", 30, 9, specs
+    )
     body = {"model": "tiny", "prompt": "Baker Street", "max_tokens": 30, "seed": 9, "top_p": 0.5, "temperature": 0.7}
     assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected(
-        models, "Baker Street", 30, 9, ["top_p=0.5"], temperature=0.7)
+        models, "Baker Street", 30, 9, ["top_p=0.5"], temperature=0.7
+    )
 
 
 # --- under load --------------------------------------------------------------------------------------
@@ -252,8 +290,17 @@ def test_samplers_extension_and_top_p_map_onto_cli_specs(client, models):
 
 def test_eight_concurrent_streams_each_get_their_solo_text(served, models):
     url, app = served
-    bodies = [{"model": ["tiny", "tiny-2"][i % 2], "prompt": f"Holmes {i}", "max_tokens": 120, "seed": 100 + i,
-               "temperature": 0.9, "anexa": {"samplers": ["top_p=0.95"]}} for i in range(8)]
+    bodies = [
+        {
+            "model": ["tiny", "tiny-2"][i % 2],
+            "prompt": f"Holmes {i}",
+            "max_tokens": 120,
+            "seed": 100 + i,
+            "temperature": 0.9,
+            "anexa": {"samplers": ["top_p=0.95"]},
+        }
+        for i in range(8)
+    ]
 
     def one(body):
         with httpx.Client(base_url=url, timeout=60) as http:
@@ -292,8 +339,12 @@ def test_client_disconnect_stops_its_generation(served):
 def test_requests_beyond_the_queue_get_429(models):
     app = create_app(models, ServeConfig(max_tokens_cap=CAP, parallel=1, queue=1))
     long = {"model": "tiny", "prompt": "Holmes", "max_tokens": CAP, "stream": True}
-    with running(app) as url, httpx.Client(base_url=url, timeout=30) as first, \
-            httpx.Client(base_url=url, timeout=30) as second, httpx.Client(base_url=url, timeout=30) as third:
+    with (
+        running(app) as url,
+        httpx.Client(base_url=url, timeout=30) as first,
+        httpx.Client(base_url=url, timeout=30) as second,
+        httpx.Client(base_url=url, timeout=30) as third,
+    ):
         with first.stream("POST", "/v1/completions", json=long) as running_one:
             lines = running_one.iter_lines()  # kept: a dropped iterator would close the connection
             assert next(lines).startswith("data: ")  # generating
@@ -320,33 +371,95 @@ BAD = {
     "model missing": ("/v1/completions", {"prompt": "x"}, 400, "model", None),
     "prompt missing": ("/v1/completions", {"model": "tiny"}, 400, "prompt", None),
     "unseen characters": ("/v1/completions", {"model": "tiny", "prompt": "日本"}, 400, "prompt", "unencodable_prompt"),
-    "unseen in chat": ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "日本"}]},
-                       400, "messages", "unencodable_prompt"),
+    "unseen in chat": (
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "日本"}]},
+        400,
+        "messages",
+        "unencodable_prompt",
+    ),
     "empty prompt": ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt", None),
-    "max_tokens over cap": ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": CAP + 1}, 400,
-                            "max_tokens", "max_tokens_over_cap"),
-    "max_tokens negative": ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -5}, 400, "max_tokens", None),
+    "max_tokens over cap": (
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "max_tokens": CAP + 1},
+        400,
+        "max_tokens",
+        "max_tokens_over_cap",
+    ),
+    "max_tokens negative": (
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "max_tokens": -5},
+        400,
+        "max_tokens",
+        None,
+    ),
     "max_tokens zero": ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", None),
-    "max_tokens text": ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "5"}, 400, "max_tokens", None),
-    "oversized body": ("/v1/completions", {"model": "tiny", "prompt": "a" * (BODY_LIMIT + 1)}, 413, None, "body_too_large"),
-    "unknown sampler": ("/v1/completions", {"model": "tiny", "prompt": "x", "anexa": {"samplers": ["nucleus=1"]}},
-                        400, "anexa.samplers", "invalid_sampler"),
-    "bad sampler value": ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 2.0}, 400, "anexa.samplers", None),
+    "max_tokens text": (
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "max_tokens": "5"},
+        400,
+        "max_tokens",
+        None,
+    ),
+    "oversized body": (
+        "/v1/completions",
+        {"model": "tiny", "prompt": "a" * (BODY_LIMIT + 1)},
+        413,
+        None,
+        "body_too_large",
+    ),
+    "unknown sampler": (
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "anexa": {"samplers": ["nucleus=1"]}},
+        400,
+        "anexa.samplers",
+        "invalid_sampler",
+    ),
+    "bad sampler value": (
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "top_p": 2.0},
+        400,
+        "anexa.samplers",
+        None,
+    ),
     "negative temperature": ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1.0}, 400, None, None),
-    "temperature twice": ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": 0.5,
-                                              "anexa": {"samplers": ["temperature=1"]}}, 400, "temperature", None),
-    "unknown anexa option": ("/v1/completions", {"model": "tiny", "prompt": "x", "anexa": {"sampler": []}}, 400,
-                             "anexa.sampler", None),
+    "temperature twice": (
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "temperature": 0.5, "anexa": {"samplers": ["temperature=1"]}},
+        400,
+        "temperature",
+        None,
+    ),
+    "unknown anexa option": (
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "anexa": {"sampler": []}},
+        400,
+        "anexa.sampler",
+        None,
+    ),
     "seed out of range": ("/v1/completions", {"model": "tiny", "prompt": "x", "seed": 2**70}, 400, "seed", None),
     "empty stop": ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": [""]}, 400, "stop[0]", None),
     "n above 1": ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2}, 400, "n", "unsupported"),
     "batch of prompts": ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt", "unsupported"),
     "no messages": ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages", None),
-    "unknown role": ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400,
-                     "messages[0].role", None),
-    "bad template": ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                              "anexa": {"chat_template": {"user": "no placeholder"}}}, 400,
-                     "anexa.chat_template", None),
+    "unknown role": (
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]},
+        400,
+        "messages[0].role",
+        None,
+    ),
+    "bad template": (
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}],
+            "anexa": {"chat_template": {"user": "no placeholder"}},
+        },
+        400,
+        "anexa.chat_template",
+        None,
+    ),
 }
 
 
@@ -393,15 +506,25 @@ def test_the_openai_package_streaming_and_not(url, models):
     extra = {"anexa": {"samplers": ["top_k=8"]}}
     answer = api.completions.create(model="tiny", prompt="Sherlock", max_tokens=30, seed=21, extra_body=extra)
     assert answer.choices[0].text == want and answer.usage.completion_tokens == 30
-    pieces = api.completions.create(model="tiny", prompt="Sherlock", max_tokens=30, seed=21, extra_body=extra, stream=True)
+    pieces = api.completions.create(
+        model="tiny", prompt="Sherlock", max_tokens=30, seed=21, extra_body=extra, stream=True
+    )
     assert "".join(chunk.choices[0].text for chunk in pieces) == want
 
     messages = [{"role": "user", "content": "Watson"}]
     chat_want = expected(models, chat_prompt("Watson"), 30, 8, stop=ChatTemplate().stop)
     reply = api.chat.completions.create(model="tiny-2", messages=messages, max_tokens=30, seed=8)
     assert reply.choices[0].message.content == chat_want and reply.usage.prompt_tokens == len(chat_prompt("Watson"))
-    chunks = list(api.chat.completions.create(model="tiny-2", messages=messages, max_tokens=30, seed=8, stream=True,
-                                              stream_options={"include_usage": True}))
+    chunks = list(
+        api.chat.completions.create(
+            model="tiny-2",
+            messages=messages,
+            max_tokens=30,
+            seed=8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat_want
     assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
 
@@ -442,9 +565,18 @@ def test_chat_page_in_a_real_browser(url, models, tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     try:
         browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(str(CHROMEDRIVER)))
@@ -458,9 +590,12 @@ def test_chat_page_in_a_real_browser(url, models, tmp_path):
         try:
             return waiter.until(condition)
         except TimeoutException:
-            shown = {name: browser.find_element(By.ID, name).get_property("textContent")[-300:]
-                     for name in ("error", "status", "log")}
+            shown = {
+                name: browser.find_element(By.ID, name).get_property("textContent")[-300:]
+                for name in ("error", "status", "log")
+            }
             pytest.fail(f"the page did not get there: {shown}")
+
     try:
         browser.get(url + "/")
         wait(lambda b: b.find_element(By.ID, "model").get_attribute("data-loaded") == "true")
@@ -512,8 +647,13 @@ def test_serve_command_errors_are_one_line(tmp_path):
 
 def test_serve_command_runs_a_server_with_an_api_key_from_the_environment(run_dir):
     env = {**os.environ, "ANEXA_API_KEY": "k3y", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "anexa_cli", "serve", "--model", str(run_dir), "--port", "0"],
-                               env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "anexa_cli", "serve", "--model", str(run_dir), "--port", "0"],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = process.stderr.readline()
         assert line.startswith("serving tiny on http://127.0.0.1:"), line

@@ -36,8 +36,9 @@ def start(*args, disable=None):
     env = {k: v for k, v in os.environ.items() if k not in ("ANEXA_LOAD_PLUGINS", "ANEXA_DISABLE_PLUGINS")}
     if disable is not None:
         env["ANEXA_DISABLE_PLUGINS"] = disable
-    return subprocess.Popen([sys.executable, "-m", "anexa_cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "anexa_cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def finish(process):
@@ -76,16 +77,23 @@ def test_its_reference_is_the_sliding_window(sliding):
     attend = plugins.create("attention", "sliding", {"window": "3"})[0]
     full = attend.reference(q, k, v, causal=True)
     # Query 5 sees keys 3, 4, 5 only: exact attention over those three.
-    assert torch.allclose(full[..., 5:6, :], testing.reference_attention(q[..., 5:6, :], k[..., 3:6, :], v[..., 3:6, :],
-                                                                          causal=False))
+    assert torch.allclose(
+        full[..., 5:6, :], testing.reference_attention(q[..., 5:6, :], k[..., 3:6, :], v[..., 3:6, :], causal=False)
+    )
     # Fewer queries than keys (decoding with a KV cache): the queries are the last positions.
     assert torch.allclose(attend.reference(q[..., -2:, :], k, v, causal=True), full[..., -2:, :])
-    assert torch.allclose(attend(q[..., -2:, :].float(), k.float(), v.float(), causal=True).double(), full[..., -2:, :],
-                          atol=1e-5)
+    assert torch.allclose(
+        attend(q[..., -2:, :].float(), k.float(), v.float(), causal=True).double(), full[..., -2:, :], atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("value,message", [("0", "sliding window must be at least 1, got 0"),
-                                           ("2.5", "attention sliding option window must be an integer, got '2.5'")])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("0", "sliding window must be at least 1, got 0"),
+        ("2.5", "attention sliding option window must be an integer, got '2.5'"),
+    ],
+)
 def test_a_bad_window_is_a_one_line_error(sliding, value, message):
     with pytest.raises(AnexaError, match=message):
         plugins.create("attention", "sliding", {"window": value})
@@ -101,15 +109,35 @@ def test_bench_labels_it_not_exact_and_checks_it_against_its_own_reference(slidi
 def sliding_run(sliding, sherlock_path, tmp_path_factory):
     """A tiny model trained with ``anexa train --attention sliding -o attention.window=8`` in a fresh process."""
     out = tmp_path_factory.mktemp("sliding") / "run"
-    done = anexa("train", "--data", str(sherlock_path), *TINY_FLAGS, "--steps", "6", "--eval-every", "3",
-                 "--device", "cpu", "--out", str(out), "--attention", "sliding", "-o", "attention.window=8")
+    done = anexa(
+        "train",
+        "--data",
+        str(sherlock_path),
+        *TINY_FLAGS,
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--attention",
+        "sliding",
+        "-o",
+        "attention.window=8",
+    )
     assert done.returncode == 0, done.stderr
     return out
 
 
 def test_the_checkpoint_records_the_plugin_its_options_and_its_distribution(sliding_run):
-    expected = {"name": "sliding", "options": {"window": 8}, "distribution": "anexa-sliding",
-                "version": importlib.metadata.version("anexa-sliding")}
+    expected = {
+        "name": "sliding",
+        "options": {"window": 8},
+        "distribution": "anexa-sliding",
+        "version": importlib.metadata.version("anexa-sliding"),
+    }
     for name in ("model.safetensors", "best.safetensors"):
         meta = checkpoint.read_metadata(sliding_run / name)
         assert meta["plugins"]["attention"] == expected
@@ -138,9 +166,24 @@ def test_generate_uses_the_stored_window(sliding_run):
     """`anexa generate` loads through checkpoint.load_model (above); the text agrees with window 8. (A model
     this small and short-trained writes nearly the same text with any window: the logits above prove the
     difference, the text would not.)"""
+
     def generate(*extra):
-        result = runner.invoke(app, ["generate", "Sherlock Holmes was", "--model", str(sliding_run), "-n", "40",
-                                     "--seed", "0", "--device", "cpu", *extra])
+        result = runner.invoke(
+            app,
+            [
+                "generate",
+                "Sherlock Holmes was",
+                "--model",
+                str(sliding_run),
+                "-n",
+                "40",
+                "--seed",
+                "0",
+                "--device",
+                "cpu",
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
         return result.stdout
 
@@ -163,4 +206,5 @@ def test_resume_keeps_the_window_and_a_missing_plugin_names_its_distribution(sli
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1] == (
         f"error: this model needs attention 'sliding' from anexa-sliding {version}, which is installed but disabled: "
-        "ANEXA_DISABLE_PLUGINS or --disable-plugin names it")
+        "ANEXA_DISABLE_PLUGINS or --disable-plugin names it"
+    )

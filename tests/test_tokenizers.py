@@ -13,9 +13,7 @@ from anexa_core.interfaces import Tokenizer
 
 BPE_TRAIN_CHARS = 200_000  # enough for real merges, still well under a second to train
 # Text no book teaches: accents, emoji, CJK, runs of whitespace, CRLF, control and zero-width chars.
-HARD_TEXT = (
-    "naïve café — “quoted” 😀🚀 中文テキスト\t tabs\n\n\n  indented\r\nCRLF \x00\x7f\u200b end  "
-)
+HARD_TEXT = "naïve café — “quoted” 😀🚀 中文テキスト\t tabs\n\n\n  indented\r\nCRLF \x00\x7f\u200b end  "
 
 
 @pytest.fixture(scope="module")

@@ -34,9 +34,7 @@ def list_samplers(load_plugins: str | None) -> dict:
     env = {key: value for key, value in os.environ.items() if key != "ANEXA_LOAD_PLUGINS"}
     if load_plugins is not None:
         env["ANEXA_LOAD_PLUGINS"] = load_plugins
-    done = subprocess.run(
-        [sys.executable, "-c", LIST_SAMPLERS], env=env, capture_output=True, text=True, timeout=120
-    )
+    done = subprocess.run([sys.executable, "-c", LIST_SAMPLERS], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 

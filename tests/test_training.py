@@ -23,8 +23,18 @@ SMALL = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
 
 
 def _train_config(data, **changes):
-    values = dict(data=str(data), steps=300, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=20,
-                  eval_every=100, eval_batches=8, save_every=300, device="cpu")
+    values = dict(
+        data=str(data),
+        steps=300,
+        batch_size=16,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=20,
+        eval_every=100,
+        eval_batches=8,
+        save_every=300,
+        device="cpu",
+    )
     return TrainConfig(**{**values, **changes})
 
 
@@ -104,8 +114,10 @@ def test_resume_refuses_what_would_change_the_checkpoints_meaning(sherlock_path,
     train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
     with pytest.raises(AnexaError) as caught:
         resume_configs(tmp_path, flags, options)
-    assert str(caught.value) == (f"cannot change {named} when resuming {tmp_path}: it would change what the "
-                                 "checkpoint means; start a new run instead (without --resume)")
+    assert str(caught.value) == (
+        f"cannot change {named} when resuming {tmp_path}: it would change what the "
+        "checkpoint means; start a new run instead (without --resume)"
+    )
 
 
 def test_resume_allows_what_does_not_change_the_meaning(sherlock_path, tmp_path):
@@ -187,8 +199,10 @@ def test_a_run_folder_is_never_overwritten_without_overwrite(sherlock_path, tmp_
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(AnexaError) as error:
         train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
-    assert str(error.value) == (f"{tmp_path} already holds a trained run: continue it with `anexa train --resume "
-                                f"{tmp_path}`, replace it with --overwrite, or pass another --out")
+    assert str(error.value) == (
+        f"{tmp_path} already holds a trained run: continue it with `anexa train --resume "
+        f"{tmp_path}`, replace it with --overwrite, or pass another --out"
+    )
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path, overwrite=True)
     assert checkpoint.read_metadata(tmp_path / "model.safetensors")["step"] == 2
@@ -219,8 +233,7 @@ def test_stop_request_saves_the_step_and_resume_equals_an_uninterrupted_run(sher
 def test_the_best_checkpoint_is_kept_and_loaded_by_default(sherlock_path, tmp_path):
     """With a learning rate that first helps then diverges, the best step is not the last."""
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
-    config = _train_config(sherlock_path, steps=60, eval_every=10, save_every=60, lr=3e-3, min_lr=3e-3,
-                           warmup_steps=0)
+    config = _train_config(sherlock_path, steps=60, eval_every=10, save_every=60, lr=3e-3, min_lr=3e-3, warmup_steps=0)
     result = train(tiny, config, tmp_path)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     best = min(metrics, key=lambda m: m["val_loss"])
@@ -249,8 +262,10 @@ def test_the_smallest_corpus_the_message_asks_for_trains_and_one_window_less_is_
     train(SMALL, _train_config(enough, steps=2, eval_every=2, save_every=2), tmp_path / "enough")
     with pytest.raises(AnexaError) as error:
         train(SMALL, _train_config(short, steps=2, eval_every=2, save_every=2), tmp_path / "short")
-    assert str(error.value) == (f"corpus {str(short)!r} has 650 tokens, too few for block_size 64: use a text of at "
-                                "least 660 tokens or a smaller --block-size")
+    assert str(error.value) == (
+        f"corpus {str(short)!r} has 650 tokens, too few for block_size 64: use a text of at "
+        "least 660 tokens or a smaller --block-size"
+    )
 
 
 # --- which data each part of the loop reads -------------------------------------------------------
@@ -272,8 +287,10 @@ def test_the_logged_losses_are_each_splits_loss_recomputed_from_the_saved_model(
     training = estimate_loss(model, train_ids, config, cpu, config.seed + 2)
     assert val == pytest.approx(logged["val_loss"], abs=1e-5) and val == pytest.approx(meta["val_loss"], abs=1e-6)
     assert training == pytest.approx(logged["train_loss"], abs=1e-5)
-    for wrong in (estimate_loss(model, train_ids, config, cpu, config.seed + 3),
-                  estimate_loss(model, val_ids, config, cpu, config.seed + 2)):
+    for wrong in (
+        estimate_loss(model, train_ids, config, cpu, config.seed + 3),
+        estimate_loss(model, val_ids, config, cpu, config.seed + 2),
+    ):
         assert abs(wrong - logged["val_loss"]) > 1e-3 and abs(wrong - logged["train_loss"]) > 1e-3
 
 
@@ -375,10 +392,14 @@ def test_metrics_lines_that_do_not_parse_are_skipped_not_fatal(tmp_path):
 def test_resume_of_a_folder_that_holds_no_run_or_an_anexa_01_run_says_so(tmp_path):
     with pytest.raises(AnexaError) as error:
         resume_configs(tmp_path, {})
-    assert str(error.value) == (f"{tmp_path} holds no train_state.safetensors: pass the folder of an `anexa train` "
-                                "run that saved at least once")
-    safetensors.torch.save_file({"x": torch.zeros(1)}, tmp_path / checkpoint.STATE_FILE,
-                                metadata={"anexa": json.dumps({"format": "anexa/1", "step": 5})})
+    assert str(error.value) == (
+        f"{tmp_path} holds no train_state.safetensors: pass the folder of an `anexa train` run that saved at least once"
+    )
+    safetensors.torch.save_file(
+        {"x": torch.zeros(1)},
+        tmp_path / checkpoint.STATE_FILE,
+        metadata={"anexa": json.dumps({"format": "anexa/1", "step": 5})},
+    )
     with pytest.raises(AnexaError, match=rf"^{tmp_path} was trained by anexa 0.1, whose runs cannot be resumed"):
         resume_configs(tmp_path, {})
 
@@ -460,8 +481,12 @@ def test_a_train_step_runs_the_given_forward_and_compiles_it_when_asked(monkeypa
 def test_bf16_is_detected_from_either_instruction_set(monkeypatch):
     from anexa_core.device import cpu_has_bf16
 
-    for capabilities, expected in (({"avx512_bf16": True}, True), ({"amx_bf16": True}, True),
-                                   ({"avx512_bf16": False, "amx_bf16": False}, False), ({}, False)):
+    for capabilities, expected in (
+        ({"avx512_bf16": True}, True),
+        ({"amx_bf16": True}, True),
+        ({"avx512_bf16": False, "amx_bf16": False}, False),
+        ({}, False),
+    ):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda c=capabilities: c)
         assert cpu_has_bf16() is expected, capabilities
     monkeypatch.delattr(torch.cpu, "get_capabilities")  # an older torch
@@ -523,13 +548,24 @@ def test_the_save_delay_test_hook(monkeypatch):
 # --- plugins are checked before any data is read --------------------------------------------------
 
 
-@pytest.mark.parametrize("model_changes, train_changes, message", [
-    ({"blocks_options": {"bias": "maybe"}}, {}, "blocks gpt2 option bias must be true or false, got 'maybe'"),
-    ({"attention_options": {"window": 3}}, {}, "attention sdpa takes no options, got 'window'"),
-    ({}, {"tokenizer": "bpe", "tokenizer_options": {"vocab_size": 5}}, "--vocab-size 5 does not fit byte-level BPE"),
-    ({}, {"optimizer_options": {"beta1": "high"}}, "optimizer adamw option beta1 must be a finite number, got 'high'"),
-    ({"blocks": "nope"}, {}, "unknown blocks 'nope': choose one of"),
-])
+@pytest.mark.parametrize(
+    "model_changes, train_changes, message",
+    [
+        ({"blocks_options": {"bias": "maybe"}}, {}, "blocks gpt2 option bias must be true or false, got 'maybe'"),
+        ({"attention_options": {"window": 3}}, {}, "attention sdpa takes no options, got 'window'"),
+        (
+            {},
+            {"tokenizer": "bpe", "tokenizer_options": {"vocab_size": 5}},
+            "--vocab-size 5 does not fit byte-level BPE",
+        ),
+        (
+            {},
+            {"optimizer_options": {"beta1": "high"}},
+            "optimizer adamw option beta1 must be a finite number, got 'high'",
+        ),
+        ({"blocks": "nope"}, {}, "unknown blocks 'nope': choose one of"),
+    ],
+)
 def test_a_bad_plugin_choice_fails_before_the_data_is_looked_at(tmp_path, model_changes, train_changes, message):
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, **model_changes)
     config = _train_config(tmp_path / "no-such-corpus.txt", **train_changes)
@@ -547,18 +583,38 @@ def _edit_training_state(run_dir, change):
     safetensors.torch.save_file(safetensors.torch.load_file(path), path, metadata={"anexa": json.dumps(meta)})
 
 
-@pytest.mark.parametrize("kind, setting, entry, message", [
-    ("blocks", "model_config", {"name": "mamba", "distribution": "anexa-mamba", "version": "0.3"},
-     "this model needs blocks 'mamba' from anexa-mamba 0.3: pip install anexa-mamba"),
-    ("attention", "model_config", {"name": "flash3", "distribution": "anexa-flash", "version": "1.0"},
-     "this model needs attention 'flash3' from anexa-flash 1.0: pip install anexa-flash"),
-    ("tokenizer", "train_config", {"name": "wordpiece", "distribution": "anexa-wordpiece", "version": "2.0"},
-     "this model needs tokenizer 'wordpiece' from anexa-wordpiece 2.0: pip install anexa-wordpiece"),
-    ("optimizer", "train_config", {"name": "lion", "distribution": "anexa-lion", "version": "1.1"},
-     "this model needs optimizer 'lion' from anexa-lion 1.1: pip install anexa-lion"),
-])
-def test_resuming_a_run_whose_plugin_is_gone_says_what_to_install(sherlock_path, tmp_path, kind, setting, entry,
-                                                                   message):
+@pytest.mark.parametrize(
+    "kind, setting, entry, message",
+    [
+        (
+            "blocks",
+            "model_config",
+            {"name": "mamba", "distribution": "anexa-mamba", "version": "0.3"},
+            "this model needs blocks 'mamba' from anexa-mamba 0.3: pip install anexa-mamba",
+        ),
+        (
+            "attention",
+            "model_config",
+            {"name": "flash3", "distribution": "anexa-flash", "version": "1.0"},
+            "this model needs attention 'flash3' from anexa-flash 1.0: pip install anexa-flash",
+        ),
+        (
+            "tokenizer",
+            "train_config",
+            {"name": "wordpiece", "distribution": "anexa-wordpiece", "version": "2.0"},
+            "this model needs tokenizer 'wordpiece' from anexa-wordpiece 2.0: pip install anexa-wordpiece",
+        ),
+        (
+            "optimizer",
+            "train_config",
+            {"name": "lion", "distribution": "anexa-lion", "version": "1.1"},
+            "this model needs optimizer 'lion' from anexa-lion 1.1: pip install anexa-lion",
+        ),
+    ],
+)
+def test_resuming_a_run_whose_plugin_is_gone_says_what_to_install(
+    sherlock_path, tmp_path, kind, setting, entry, message
+):
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
     train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
 
@@ -615,12 +671,16 @@ def test_resume_with_another_attention_and_its_options(sherlock_path, tmp_path):
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
     train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
     with registered(ScaledPlugin(), "test-scaled"):
-        train(*resume_configs(tmp_path, {"steps": 3, "attention": "scaled"}, {"attention": {"factor": "0.5"}}),
-              tmp_path, resume=True)
+        train(
+            *resume_configs(tmp_path, {"steps": 3, "attention": "scaled"}, {"attention": {"factor": "0.5"}}),
+            tmp_path,
+            resume=True,
+        )
         meta = checkpoint.read_metadata(tmp_path / "model.safetensors")
     assert meta["step"] == 3
     assert meta["model_config"]["attention"] == "scaled" and meta["model_config"]["attention_options"] == {
-        "factor": 0.5}
+        "factor": 0.5
+    }
     assert meta["plugins"]["attention"]["options"] == {"factor": 0.5}
 
 
@@ -634,8 +694,10 @@ def test_an_optimizer_state_that_does_not_fit_is_refused_on_resume(sherlock_path
     _edit_training_state(tmp_path, no_groups)
     with pytest.raises(AnexaError) as error:
         train(*resume_configs(tmp_path, {"steps": 4}), tmp_path, resume=True)
-    assert str(error.value) == (f"the optimizer state in {tmp_path} does not fit optimizer 'adamw' (loaded state "
-                                "dict has a different number of parameter groups): start a new run")
+    assert str(error.value) == (
+        f"the optimizer state in {tmp_path} does not fit optimizer 'adamw' (loaded state "
+        "dict has a different number of parameter groups): start a new run"
+    )
 
 
 class _Watching(SilentReporter):
@@ -672,12 +734,19 @@ def test_the_reporter_hears_about_the_data_the_steps_and_the_evaluations(sherloc
     assert fresh.phases == {"fingerprinting", "learning the vocabulary", "tokenizing"}
     assert fresh.steps == [1, 2, 3, 4] and fresh.evaluations == [2, 4] and fresh.finished == 1
     assert result.out_dir == tmp_path and 0 < result.seconds <= wall
-    (total, first, info), = fresh.started
+    ((total, first, info),) = fresh.started
     tokens = info["train_tokens"] + info["val_tokens"]
     assert (total, first) == (4, 0) and info == {
-        "parameters": result.parameters, "device": "cpu", "vocab_size": len(set(sherlock_path.read_text())),
-        "train_tokens": int(0.9 * tokens), "val_tokens": tokens - int(0.9 * tokens), "resumed_from": None,
-        "out_dir": str(tmp_path), "minutes": None, "elapsed_s": 0.0}
+        "parameters": result.parameters,
+        "device": "cpu",
+        "vocab_size": len(set(sherlock_path.read_text())),
+        "train_tokens": int(0.9 * tokens),
+        "val_tokens": tokens - int(0.9 * tokens),
+        "resumed_from": None,
+        "out_dir": str(tmp_path),
+        "minutes": None,
+        "elapsed_s": 0.0,
+    }
     # At least one batch of 16 windows of 32 tokens per step, within the call's wall time.
     assert all(rate >= 16 * 32 / wall for rate in fresh.rates), (fresh.rates, wall)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -687,7 +756,7 @@ def test_the_reporter_hears_about_the_data_the_steps_and_the_evaluations(sherloc
     train(*resume_configs(tmp_path, {"steps": 6, "minutes": 30}), tmp_path, reporter=resumed, resume=True)
     assert resumed.phases == {"checking the token cache"}  # the same files and tokenizer: nothing to tokenize
     assert resumed.steps == [5, 6] and resumed.evaluations == [6]
-    (total, first, info), = resumed.started
+    ((total, first, info),) = resumed.started
     assert (total, first, info["resumed_from"], info["minutes"], info["elapsed_s"]) == (6, 4, 4, 30, spent)
     assert spent > 0
 
@@ -739,7 +808,8 @@ def test_training_batches_are_not_the_windows_the_losses_are_measured_on(sherloc
 
 
 def test_a_time_budget_stops_after_the_last_step_that_leaves_time_for_the_final_evaluation(
-        sherlock_path, tmp_path, monkeypatch):
+    sherlock_path, tmp_path, monkeypatch
+):
     """Each step takes 1 s and each loss estimate 0.5 s (an evaluation 1 s) on a fake clock; the budget is
     10 s. The LR follows the share of the budget used when each step starts; throughput is tokens over the
     time since the last evaluation; the run stops once the time used plus the last evaluation's duration
@@ -775,8 +845,9 @@ def test_a_time_budget_stops_after_the_last_step_that_leaves_time_for_the_final_
             reports.append((step, type(loss), tokens_per_s))
 
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
-    config = _train_config(sherlock_path, steps=10**6, eval_every=4, save_every=10**6, warmup_steps=0, lr=1.0,
-                           min_lr=0.1, minutes=10 / 60)
+    config = _train_config(
+        sherlock_path, steps=10**6, eval_every=4, save_every=10**6, warmup_steps=0, lr=1.0, min_lr=0.1, minutes=10 / 60
+    )
     result = train(tiny, config, tmp_path, reporter=Rates())
     assert result.step == 8
     assert reports == [(step, float, 16 * 32 / 1.0) for step in range(1, 9)]  # one batch per (fake) second
@@ -790,8 +861,9 @@ def test_a_time_budget_stops_after_the_last_step_that_leaves_time_for_the_final_
     assert {group["lr"] for group in state.optimizer_state["param_groups"]} == {metrics[1]["lr"]}
     with pytest.raises(AnexaError) as error:
         train(*resume_configs(tmp_path, {}), tmp_path, resume=True)
-    assert str(error.value) == (f"run {tmp_path} already used its 0.166667-minute budget: pass a larger --minutes "
-                                "to continue")
+    assert str(error.value) == (
+        f"run {tmp_path} already used its 0.166667-minute budget: pass a larger --minutes to continue"
+    )
     clock[0] = 0.0
     assert train(*resume_configs(tmp_path, {"minutes": 12 / 60}), tmp_path, resume=True).step > 8
 

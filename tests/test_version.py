@@ -20,16 +20,23 @@ from anexa_core.kinds import KINDS
 
 RELEASED = {
     # version: checkpoint format, token cache formats, plugin contract fingerprint
-    "0.2.0": {"checkpoint": "anexa/2", "tokens": "anexa-tokens/1", "tokenizer_cache": "anexa-tokenizer-cache/1",
-              "contract": "36dabbc958356f4c"},
+    "0.2.0": {
+        "checkpoint": "anexa/2",
+        "tokens": "anexa-tokens/1",
+        "tokenizer_cache": "anexa-tokenizer-cache/1",
+        "contract": "36dabbc958356f4c",
+    },
 }
 
 
 def contract_fingerprint() -> str:
     """SHA-256 (first 16 hex digits) of the hook specs' names and arguments, each interface's public
     members with their signatures, and the table of plugin kinds."""
-    hooks = {name: list(inspect.signature(fn).parameters) for name, fn in vars(hookspecs).items()
-             if name.startswith("register_")}
+    hooks = {
+        name: list(inspect.signature(fn).parameters)
+        for name, fn in vars(hookspecs).items()
+        if name.startswith("register_")
+    }
     protocols = {}
     for name in ("Tokenizer", "Attention", "Sampler", "Blocks", "Dataset", "Optimizer"):
         protocol = getattr(interfaces, name)
@@ -48,18 +55,24 @@ def current() -> dict:
     from anexa_core.data import tokens
     from anexa_core.io import checkpoint
 
-    return {"checkpoint": checkpoint.FORMAT, "tokens": tokens.FORMAT, "tokenizer_cache": tokens.TOKENIZER_FORMAT,
-            "contract": contract_fingerprint()}
+    return {
+        "checkpoint": checkpoint.FORMAT,
+        "tokens": tokens.FORMAT,
+        "tokenizer_cache": tokens.TOKENIZER_FORMAT,
+        "contract": contract_fingerprint(),
+    }
 
 
 def test_formats_and_the_plugin_contract_change_only_with_the_version():
     version = importlib.metadata.version("anexa")
     assert version in RELEASED, (
-        f"anexa {version} has no entry in RELEASED: add one with {current()} (and a CHANGELOG section)")
+        f"anexa {version} has no entry in RELEASED: add one with {current()} (and a CHANGELOG section)"
+    )
     assert RELEASED[version] == current(), (
         f"anexa {version} recorded {RELEASED[version]}, but the code now has {current()}: a checkpoint or "
         "token-cache format or the plugin contract changed; bump the version in pyproject.toml, add a "
-        "CHANGELOG section saying how to migrate, and a RELEASED entry")
+        "CHANGELOG section saying how to migrate, and a RELEASED entry"
+    )
 
 
 def test_every_version_has_a_changelog_section_and_anexa_version_prints_it():

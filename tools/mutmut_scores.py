@@ -26,8 +26,10 @@ def main(wanted: list[str]) -> None:
             continue
         judged = counts["killed"] + counts["survived"]
         score = f"{counts['killed'] / judged:.1%}" if judged else "—"
-        print(f"{name:28} {counts['killed']:7} {counts['survived']:9} {counts['no tests']:9} {counts['timeout']:8} "
-              f"{counts['not run']:8} {score:>7}")
+        print(
+            f"{name:28} {counts['killed']:7} {counts['survived']:9} {counts['no tests']:9} {counts['timeout']:8} "
+            f"{counts['not run']:8} {score:>7}"
+        )
 
 
 if __name__ == "__main__":

@@ -353,8 +353,9 @@ def _spec_files(spec: str, globs: Sequence[str], options: dict | None = None) ->
     )
 
 
-def resolve_corpus(data: str | Sequence[str], globs: Sequence[str] = DEFAULT_GLOBS,
-                   options: dict | None = None) -> Corpus:
+def resolve_corpus(
+    data: str | Sequence[str], globs: Sequence[str] = DEFAULT_GLOBS, options: dict | None = None
+) -> Corpus:
     """The files of ``--data`` (one value or several, each a dataset name, file, folder or http(s) URL).
 
     Dataset names win over same-named files in the current folder (write ``./name`` for the file). URLs
@@ -450,8 +451,9 @@ class ReadErrors:
         raise AnexaError(f"cannot read corpus {path} ({exc.strerror or exc}): pass a readable text file") from None
 
 
-def iter_text(path: Path, block_size: int = READ_BLOCK, digest=None,
-              notes: list[tuple[Path, str]] | None = None) -> Iterator[tuple[str, int]]:
+def iter_text(
+    path: Path, block_size: int = READ_BLOCK, digest=None, notes: list[tuple[Path, str]] | None = None
+) -> Iterator[tuple[str, int]]:
     """One file's normalised text in pieces, each with the number of bytes (on disk) read for it.
 
     The pieces join to exactly what :func:`read_corpus` returns (see :data:`WHOLE_FILE_LIMIT` for the one
@@ -524,9 +526,13 @@ ProgressFn = Callable[..., None]
 """``progress(phase, done, total, unit="bytes")``: called as work advances; ``done == total`` ends a phase."""
 
 
-def corpus_pieces(files: Sequence[Path], block_size: int = READ_BLOCK, digests: Sequence[str] | None = None,
-                  on_bytes: Callable[[int], None] | None = None,
-                  notes: list[tuple[Path, str]] | None = None) -> Iterator[str]:
+def corpus_pieces(
+    files: Sequence[Path],
+    block_size: int = READ_BLOCK,
+    digests: Sequence[str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    notes: list[tuple[Path, str]] | None = None,
+) -> Iterator[str]:
     """The corpus as one text, in pieces: each file's text (:func:`iter_text`) in order, with a ``"\n"``
     between two files when the first does not end in one (a single file's text is therefore unchanged).
 
@@ -558,8 +564,9 @@ class ChangedWhileReading(AnexaError):
     """A corpus file's bytes differ from the digest it was fingerprinted with."""
 
     def __init__(self, path: Path):
-        super().__init__(f"corpus file {path} changed while Anexa was reading it: run again once nothing is "
-                         "writing to it")
+        super().__init__(
+            f"corpus file {path} changed while Anexa was reading it: run again once nothing is writing to it"
+        )
         self.path = path
 
 

@@ -35,8 +35,9 @@ def prepare_data(train_config: TrainConfig, block_size: int, tokenizer=None, pro
         try:
             stream = tokens.encoded(corpus, digests, tokenizer, train_config.tokenizer, options, progress)
         except tokens.TokenizeError as exc:
-            raise AnexaError(f"--data {corpora.data_label(train_config.data)} does not fit this run's tokenizer: "
-                             f"{exc}") from None
+            raise AnexaError(
+                f"--data {corpora.data_label(train_config.data)} does not fit this run's tokenizer: {exc}"
+            ) from None
     ids = stream.ids
     split = int(0.9 * len(ids))
     train_ids, val_ids = ids[:split], ids[split:]

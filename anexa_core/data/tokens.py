@@ -198,9 +198,13 @@ def file_digests(files: Sequence[Path], progress: ProgressFn | None = None) -> l
     for index, path in enumerate(files):
         st = _stat(path)
         entry = remembered.get(os.path.abspath(path))
-        if (isinstance(entry, dict) and entry.get("stat") == _stat_key(st) and isinstance(entry.get("sha256"), str)
-                and isinstance(entry.get("hashed_at_ns"), int)
-                and st.st_ctime_ns < entry["hashed_at_ns"] - int(STABLE_S * 1e9)):
+        if (
+            isinstance(entry, dict)
+            and entry.get("stat") == _stat_key(st)
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("hashed_at_ns"), int)
+            and st.st_ctime_ns < entry["hashed_at_ns"] - int(STABLE_S * 1e9)
+        ):
             digests.append(entry["sha256"])
         else:
             digests.append(None)
@@ -209,8 +213,11 @@ def file_digests(files: Sequence[Path], progress: ProgressFn | None = None) -> l
         return digests  # type: ignore[return-value]
     buffer = bytearray(corpora.READ_BLOCK)
     view = memoryview(buffer)
-    entries = {os.path.abspath(path): remembered[os.path.abspath(path)] for path, digest in zip(files, digests, strict=True)
-               if digest is not None}
+    entries = {
+        os.path.abspath(path): remembered[os.path.abspath(path)]
+        for path, digest in zip(files, digests, strict=True)
+        if digest is not None
+    }
     with _Meter(progress, PHASE_FINGERPRINT, sum(st.st_size for _, _, st in todo)) as meter:
         for index, path, st in todo:
             hashed_at = time.time_ns()
@@ -221,8 +228,11 @@ def file_digests(files: Sequence[Path], progress: ProgressFn | None = None) -> l
                     meter(count)
             digests[index] = digest.hexdigest()
             if _stat_key(_stat(path)) == _stat_key(st):  # not rewritten while hashed: worth remembering
-                entries[os.path.abspath(path)] = {"stat": _stat_key(st), "sha256": digests[index],
-                                                  "hashed_at_ns": hashed_at}
+                entries[os.path.abspath(path)] = {
+                    "stat": _stat_key(st),
+                    "sha256": digests[index],
+                    "hashed_at_ns": hashed_at,
+                }
     with contextlib.suppress(OSError), atomic_path(memo_path) as tmp:
         tmp.write_text(json.dumps({"format": FORMAT, "files": entries}), encoding="utf-8")
     return digests  # type: ignore[return-value]
@@ -316,8 +326,9 @@ def _require_text(corpus: Corpus) -> None:
 # --- tokenizers -----------------------------------------------------------------------------------
 
 
-def trained_tokenizer(corpus: Corpus, digests: Sequence[str], name: str, options: dict[str, Any],
-                      progress: ProgressFn | None = None) -> tuple[Any, dict[str, Any]]:
+def trained_tokenizer(
+    corpus: Corpus, digests: Sequence[str], name: str, options: dict[str, Any], progress: ProgressFn | None = None
+) -> tuple[Any, dict[str, Any]]:
     """The tokenizer plugin ``name`` with ``options``, trained on ``corpus`` — or loaded from the cache
     when the same tokenizer (name, options, plugin version) was trained on the same corpus before.
 
@@ -327,14 +338,26 @@ def trained_tokenizer(corpus: Corpus, digests: Sequence[str], name: str, options
     """
     tokenizer, resolved = plugins.create("tokenizers", name, options)
     provenance = plugins.provenance("tokenizers", name, resolved)
-    key = _sha({"format": TOKENIZER_FORMAT, "corpus": corpus_fingerprint(digests), "tokenizer": name,
-                "options": resolved, "distribution": provenance["distribution"],
-                "version": provenance["version"]})[:32]
+    key = _sha(
+        {
+            "format": TOKENIZER_FORMAT,
+            "corpus": corpus_fingerprint(digests),
+            "tokenizer": name,
+            "options": resolved,
+            "distribution": provenance["distribution"],
+            "version": provenance["version"],
+        }
+    )[:32]
     path = tokens_dir() / f"{key}.tokenizer.json"
     with _locked(key):
         cached = _read_json(path)
-        if (isinstance(cached, dict) and cached.get("format") == TOKENIZER_FORMAT and cached.get("key") == key
-                and "state" in cached and cached.get("state_sha256") == _sha(cached["state"])):
+        if (
+            isinstance(cached, dict)
+            and cached.get("format") == TOKENIZER_FORMAT
+            and cached.get("key") == key
+            and "state" in cached
+            and cached.get("state_sha256") == _sha(cached["state"])
+        ):
             try:
                 tokenizer.load_state_dict(cached["state"])
                 return tokenizer, resolved
@@ -355,8 +378,14 @@ def trained_tokenizer(corpus: Corpus, digests: Sequence[str], name: str, options
         _log_notes(notes)
         state = tokenizer.state_dict()
         with atomic_path(path) as tmp:
-            cached = {"format": TOKENIZER_FORMAT, "key": key, "tokenizer": name, "options": resolved,
-                      "state": state, "state_sha256": _sha(state)}
+            cached = {
+                "format": TOKENIZER_FORMAT,
+                "key": key,
+                "tokenizer": name,
+                "options": resolved,
+                "state": state,
+                "state_sha256": _sha(state),
+            }
             tmp.write_text(json.dumps(cached), encoding="utf-8")
     return tokenizer, resolved
 
@@ -388,10 +417,14 @@ def _valid_header(key: str, progress: ProgressFn | None) -> dict[str, Any] | Non
             logger.warning("token cache header %s is damaged: tokenizing again", header_path.name)
         return None
     fields = {"tokens": int, "bytes": int, "crc32": int, "characters": int}
-    if (not isinstance(header, dict) or header.get("format") != FORMAT or header.get("key") != key
-            or header.get("dtype") not in ("uint16", "uint32")
-            or any(not isinstance(header.get(name), kind) for name, kind in fields.items())
-            or header["bytes"] != header["tokens"] * np.dtype(header["dtype"]).itemsize):
+    if (
+        not isinstance(header, dict)
+        or header.get("format") != FORMAT
+        or header.get("key") != key
+        or header.get("dtype") not in ("uint16", "uint32")
+        or any(not isinstance(header.get(name), kind) for name, kind in fields.items())
+        or header["bytes"] != header["tokens"] * np.dtype(header["dtype"]).itemsize
+    ):
         logger.warning("token cache header %s is damaged: tokenizing again", header_path.name)
         return None
     try:
@@ -399,8 +432,12 @@ def _valid_header(key: str, progress: ProgressFn | None) -> dict[str, Any] | Non
     except FileNotFoundError:
         return None
     if size != header["bytes"]:
-        logger.warning("token cache %s holds %d bytes, its header says %d (truncated?): tokenizing again",
-                       bin_path.name, size, header["bytes"])
+        logger.warning(
+            "token cache %s holds %d bytes, its header says %d (truncated?): tokenizing again",
+            bin_path.name,
+            size,
+            header["bytes"],
+        )
         return None
     crc = 0
     buffer = bytearray(_VERIFY_BLOCK)
@@ -410,8 +447,12 @@ def _valid_header(key: str, progress: ProgressFn | None) -> dict[str, Any] | Non
             crc = zlib.crc32(view[:count], crc)
             meter(count)
     if crc != header["crc32"]:
-        logger.warning("token cache %s is corrupt (CRC-32 %08x, expected %08x): tokenizing again",
-                       bin_path.name, crc, header["crc32"])
+        logger.warning(
+            "token cache %s is corrupt (CRC-32 %08x, expected %08x): tokenizing again",
+            bin_path.name,
+            crc,
+            header["crc32"],
+        )
         return None
     return header
 
@@ -429,13 +470,27 @@ def _open(key: str, header: dict[str, Any], built: bool) -> TokenStream:
 def token_key(digests: Sequence[str], tokenizer: Any, name: str, options: dict[str, Any]) -> str:
     """The cache key of ``tokenizer``'s ids for the corpus with these file digests."""
     provenance = plugins.provenance("tokenizers", name, options)
-    return _sha({"format": FORMAT, "corpus": corpus_fingerprint(digests), "tokenizer": name, "options": options,
-                 "state": _sha(tokenizer.state_dict()), "distribution": provenance["distribution"],
-                 "version": provenance["version"]})[:32]
+    return _sha(
+        {
+            "format": FORMAT,
+            "corpus": corpus_fingerprint(digests),
+            "tokenizer": name,
+            "options": options,
+            "state": _sha(tokenizer.state_dict()),
+            "distribution": provenance["distribution"],
+            "version": provenance["version"],
+        }
+    )[:32]
 
 
-def encoded(corpus: Corpus, digests: Sequence[str], tokenizer: Any, name: str, options: dict[str, Any],
-            progress: ProgressFn | None = None) -> TokenStream:
+def encoded(
+    corpus: Corpus,
+    digests: Sequence[str],
+    tokenizer: Any,
+    name: str,
+    options: dict[str, Any],
+    progress: ProgressFn | None = None,
+) -> TokenStream:
     """``corpus`` as ids of ``tokenizer`` (plugin ``name`` with resolved ``options``), from the cache when
     an intact copy is there, else encoded now and cached (phase :data:`PHASE_TOKENIZE`, in bytes).
 
@@ -454,17 +509,23 @@ def encoded(corpus: Corpus, digests: Sequence[str], tokenizer: Any, name: str, o
         count = characters = crc = 0
         bin_path = tokens_dir() / f"{key}.bin"
         try:
-            with (_Meter(progress, PHASE_TOKENIZE, corpus.size) as meter,
-                  contextlib.closing(corpora.corpus_pieces(corpus.files, digests=digests, on_bytes=meter,
-                                                        notes=notes)) as pieces,
-                  atomic_path(bin_path) as tmp, open(tmp, "wb") as out):
+            with (
+                _Meter(progress, PHASE_TOKENIZE, corpus.size) as meter,
+                contextlib.closing(
+                    corpora.corpus_pieces(corpus.files, digests=digests, on_bytes=meter, notes=notes)
+                ) as pieces,
+                atomic_path(bin_path) as tmp,
+                open(tmp, "wb") as out,
+            ):
                 for batch in _batches(text_chunks(pieces)):
                     characters += sum(len(text) for text in batch)
                     for ids in _encode(tokenizer, batch):
                         array = np.asarray(ids)
                         if array.size and (array.min() < 0 or array.max() >= vocab):
-                            raise AnexaError(f"tokenizer {name!r} returned id {int(array.max())} outside its "
-                                             f"vocabulary of {vocab}: the plugin is broken")
+                            raise AnexaError(
+                                f"tokenizer {name!r} returned id {int(array.max())} outside its "
+                                f"vocabulary of {vocab}: the plugin is broken"
+                            )
                         array = array.astype(dtype, copy=False)
                         out.write(memoryview(array))
                         crc = zlib.crc32(memoryview(array).cast("B"), crc)
@@ -473,19 +534,30 @@ def encoded(corpus: Corpus, digests: Sequence[str], tokenizer: Any, name: str, o
             forget_digests(corpus.files)
             raise
         _log_notes(notes)
-        header = {"format": FORMAT, "key": key, "dtype": dtype.name, "tokens": count,
-                  "bytes": count * dtype.itemsize, "crc32": crc, "characters": characters, "vocab_size": vocab,
-                  "tokenizer": name, "options": options, "corpus": corpus_fingerprint(digests),
-                  "label": corpus.label, "file_count": len(corpus.files),
-                  "files": [str(path) for path in corpus.files[:100]],
-                  "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+        header = {
+            "format": FORMAT,
+            "key": key,
+            "dtype": dtype.name,
+            "tokens": count,
+            "bytes": count * dtype.itemsize,
+            "crc32": crc,
+            "characters": characters,
+            "vocab_size": vocab,
+            "tokenizer": name,
+            "options": options,
+            "corpus": corpus_fingerprint(digests),
+            "label": corpus.label,
+            "file_count": len(corpus.files),
+            "files": [str(path) for path in corpus.files[:100]],
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
         with atomic_path(tokens_dir() / f"{key}.json") as tmp:
             tmp.write_text(json.dumps(header, indent=1), encoding="utf-8")
         return _open(key, header, built=True)
 
 
-def tokenize(corpus: Corpus, tokenizer: Any, name: str, options: dict[str, Any],
-             progress: ProgressFn | None = None) -> TokenStream:
+def tokenize(
+    corpus: Corpus, tokenizer: Any, name: str, options: dict[str, Any], progress: ProgressFn | None = None
+) -> TokenStream:
     """:func:`encoded` with the corpus fingerprinted first (an already-trained ``tokenizer``)."""
     return encoded(corpus, file_digests(corpus.files, progress), tokenizer, name, options, progress)
-

@@ -65,8 +65,7 @@ class EvalResult:
         return asdict(self)
 
 
-def window_plan(n_tokens: int, block_size: int,
-                stride: int | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
+def window_plan(n_tokens: int, block_size: int, stride: int | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
     """``(starts, first_scored, L, stride)`` for strided windows over ``n_tokens`` ids (see the module docstring).
 
     ``starts`` (W,) int64: where each window's inputs begin; ``first_scored`` (W,) int64: the first of its
@@ -78,8 +77,10 @@ def window_plan(n_tokens: int, block_size: int,
     length = min(block_size, n_tokens - 1)
     stride = max(1, length // 2) if stride is None else stride
     if not 1 <= stride <= length:
-        raise AnexaError(f"--stride {stride} must be between 1 and the window length {length} (the model's "
-                         "context, or the text's length if shorter)")
+        raise AnexaError(
+            f"--stride {stride} must be between 1 and the window length {length} (the model's "
+            "context, or the text's length if shorter)"
+        )
     last = n_tokens - 1 - length
     starts = np.array([*list(range(0, last, stride)), last], dtype=np.int64)
     ends = starts + length  # each window's last predicted token
@@ -94,8 +95,16 @@ def auto_batch_size(length: int, vocab_size: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, ids: np.ndarray, characters: int, stride: int | None = None, batch_size: int | None = None,
-             device: torch.device | str = "cpu", progress=None, precision: str = "fp32") -> EvalResult:
+def evaluate(
+    model: GPT,
+    ids: np.ndarray,
+    characters: int,
+    stride: int | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+    progress=None,
+    precision: str = "fp32",
+) -> EvalResult:
     """Score every token of ``ids`` (1-D integer array, e.g. a token-cache memmap) but the first, once.
 
     ``characters``: the characters the predicted tokens spell (see the module docstring). The model runs
@@ -136,15 +145,31 @@ def evaluate(model: GPT, ids: np.ndarray, characters: int, stride: int | None = 
     if characters < 1:
         raise AnexaError("the scored tokens spell no characters: evaluate a longer text")
     per_token = total / count
-    return EvalResult(tokens=count, characters=characters, nats=total, nats_per_token=per_token,
-                      bits_per_char=total / math.log(2) / characters, perplexity=math.exp(per_token),
-                      windows=len(starts), window=length, stride=stride)
+    return EvalResult(
+        tokens=count,
+        characters=characters,
+        nats=total,
+        nats_per_token=per_token,
+        bits_per_char=total / math.log(2) / characters,
+        perplexity=math.exp(per_token),
+        windows=len(starts),
+        window=length,
+        stride=stride,
+    )
 
 
-def evaluate_text(model: GPT, tokenizer: Any, meta: dict[str, Any], data_specs: str | Sequence[str],
-                  globs: Sequence[str] = corpora.DEFAULT_GLOBS, stride: int | None = None,
-                  batch_size: int | None = None, device: torch.device | str = "cpu",
-                  progress=None, precision: str = "fp32") -> tuple[EvalResult, dict[str, Any]]:
+def evaluate_text(
+    model: GPT,
+    tokenizer: Any,
+    meta: dict[str, Any],
+    data_specs: str | Sequence[str],
+    globs: Sequence[str] = corpora.DEFAULT_GLOBS,
+    stride: int | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+    progress=None,
+    precision: str = "fp32",
+) -> tuple[EvalResult, dict[str, Any]]:
     """:func:`evaluate` on the text of ``--data`` (files, folders, datasets, URLs: see
     :func:`anexa_core.data.corpus.resolve_corpus`), tokenized with the model's tokenizer through the token cache.
 
@@ -163,5 +188,10 @@ def evaluate_text(model: GPT, tokenizer: Any, meta: dict[str, Any], data_specs: 
     ids = stream.ids
     first_chars = len(tokenizer.decode([int(ids[0])])) if len(ids) else 0
     result = evaluate(model, ids, stream.characters - first_chars, stride, batch_size, device, progress, precision)
-    return result, {"label": corpus.label, "files": len(corpus.files), "tokenized": stream.built,
-                    "total_tokens": len(ids), "total_characters": stream.characters}
+    return result, {
+        "label": corpus.label,
+        "files": len(corpus.files),
+        "tokenized": stream.built,
+        "total_tokens": len(ids),
+        "total_characters": stream.characters,
+    }

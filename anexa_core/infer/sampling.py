@@ -38,8 +38,7 @@ def parse_sampler_options(specs: Iterable[str]) -> dict[str, dict[str, str]]:
         match = _SPEC.fullmatch(spec.strip())
         if match is None or match["value"] == "":
             raise AnexaError(
-                f"bad sampler spec {spec!r}: use -s NAME, -s NAME=VALUE or -s NAME.OPTION=VALUE "
-                "(e.g. -s top_p=0.9)"
+                f"bad sampler spec {spec!r}: use -s NAME, -s NAME=VALUE or -s NAME.OPTION=VALUE (e.g. -s top_p=0.9)"
             )
         options = parsed.setdefault(match["name"], {})
         if match["value"] is None:

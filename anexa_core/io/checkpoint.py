@@ -44,8 +44,9 @@ def anexa_version() -> str:
     return importlib.metadata.version("anexa")
 
 
-def model_metadata(model: GPT, tokenizer: Tokenizer, tokenizer_name: str, tokenizer_options: dict[str, Any],
-                   **info: Any) -> dict[str, Any]:
+def model_metadata(
+    model: GPT, tokenizer: Tokenizer, tokenizer_name: str, tokenizer_options: dict[str, Any], **info: Any
+) -> dict[str, Any]:
     """Everything needed to rebuild ``model`` and its tokenizer, plus ``info`` (step, losses, …)."""
     config = model.config
     return {
@@ -91,8 +92,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
         meta = json.loads(raw) if raw else None
     except Exception as exc:  # safetensors raises several error types for damaged or foreign files
         if path.suffix != ".safetensors":
-            raise AnexaError(f"{path} is not a safetensors checkpoint: pass a run folder or a model.safetensors") from None
-        raise AnexaError(f"checkpoint {path} is corrupt ({type(exc).__name__}): retrain or pass another --model") from None
+            raise AnexaError(
+                f"{path} is not a safetensors checkpoint: pass a run folder or a model.safetensors"
+            ) from None
+        raise AnexaError(
+            f"checkpoint {path} is corrupt ({type(exc).__name__}): retrain or pass another --model"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, _OLD_FORMAT):
         raise AnexaError(f"{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`")
     return _migrate(meta) if meta["format"] == _OLD_FORMAT else meta
@@ -110,31 +115,40 @@ def _migrate(meta: dict[str, Any]) -> dict[str, Any]:
     tokenizer = meta["tokenizer"]
     vocab = (meta.get("train_config") or {}).get("vocab_size")
     options = {"vocab_size": vocab} if tokenizer["name"] == "bpe" and vocab else {}
-    new_plugins = {kind: {**old_plugins.get(kind, {}), "options": config[f"{kind}_options"]}
-                   for kind in ("blocks", "attention")}
+    new_plugins = {
+        kind: {**old_plugins.get(kind, {}), "options": config[f"{kind}_options"]} for kind in ("blocks", "attention")
+    }
     new_plugins["tokenizer"] = {**old_plugins.get("tokenizers", {}), "options": options}
-    return {**meta, "model_config": config, "plugins": new_plugins,
-            "tokenizer": {"name": tokenizer["name"], "options": options, "state": tokenizer["data"]}}
+    return {
+        **meta,
+        "model_config": config,
+        "plugins": new_plugins,
+        "tokenizer": {"name": tokenizer["name"], "options": options, "state": tokenizer["data"]},
+    }
 
 
 def _model_config(meta: dict[str, Any], path: Path) -> ModelConfig:
     try:
         return ModelConfig(**meta["model_config"])
     except (TypeError, KeyError, AnexaError) as exc:
-        raise AnexaError(f"checkpoint {path} has a malformed model config ({exc}): retrain or pass another --model") from None
+        raise AnexaError(
+            f"checkpoint {path} has a malformed model config ({exc}): retrain or pass another --model"
+        ) from None
 
 
 def load_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     """The tokenizer a checkpoint's metadata describes, created with its options and vocabulary."""
     entry = meta["tokenizer"]
-    tokenizer, _ = plugins.create("tokenizers", entry["name"], entry.get("options", {}),
-                                  needed_by=meta.get("plugins", {}).get("tokenizer"))
+    tokenizer, _ = plugins.create(
+        "tokenizers", entry["name"], entry.get("options", {}), needed_by=meta.get("plugins", {}).get("tokenizer")
+    )
     tokenizer.load_state_dict(entry["state"])
     return tokenizer
 
 
-def rebuild(meta: dict[str, Any], path: Path, attention: str | None = None,
-            attention_options: dict[str, Any] | None = None) -> tuple[GPT, Tokenizer]:
+def rebuild(
+    meta: dict[str, Any], path: Path, attention: str | None = None, attention_options: dict[str, Any] | None = None
+) -> tuple[GPT, Tokenizer]:
     """An untrained model and the tokenizer, exactly as ``meta`` describes them.
 
     ``attention`` swaps the attention plugin (with ``attention_options``); the weights do not depend on it,
@@ -146,8 +160,12 @@ def rebuild(meta: dict[str, Any], path: Path, attention: str | None = None,
     return build_model(config, needed_by=meta.get("plugins")), load_tokenizer(meta)
 
 
-def load_model(path: Path, device: str | torch.device = "cpu", attention: str | None = None,
-               attention_options: dict[str, Any] | None = None) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+def load_model(
+    path: Path,
+    device: str | torch.device = "cpu",
+    attention: str | None = None,
+    attention_options: dict[str, Any] | None = None,
+) -> tuple[GPT, Tokenizer, dict[str, Any]]:
     """``(model, tokenizer, metadata)`` from a checkpoint file or a run folder (its best checkpoint).
 
     The metadata gains ``"path"``: the file that was loaded.
@@ -160,7 +178,9 @@ def load_model(path: Path, device: str | torch.device = "cpu", attention: str | 
     try:
         missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False, device=str(device))
     except Exception as exc:
-        raise AnexaError(f"checkpoint {path} is corrupt ({type(exc).__name__}): retrain or pass another --model") from None
+        raise AnexaError(
+            f"checkpoint {path} is corrupt ({type(exc).__name__}): retrain or pass another --model"
+        ) from None
     _check_keys(model, path, missing, unexpected)
     return model.to(device), tokenizer, {**meta, "path": str(path)}
 
@@ -183,8 +203,12 @@ def _flatten(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
         tensors[prefix] = value.detach().contiguous().cpu()
         return {"__tensor__": prefix}
     if isinstance(value, dict):
-        return {"__dict__": [[_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
-                             for i, (k, v) in enumerate(value.items())]}
+        return {
+            "__dict__": [
+                [_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
+                for i, (k, v) in enumerate(value.items())
+            ]
+        }
     if isinstance(value, (list, tuple)):
         items = [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]
         return {"__tuple__": items} if isinstance(value, tuple) else items
@@ -205,8 +229,14 @@ def _unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
-def save_train_state(path: Path, model: GPT, optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor],
-                     model_meta: dict[str, Any], **info: Any) -> None:
+def save_train_state(
+    path: Path,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    rng: dict[str, torch.Tensor],
+    model_meta: dict[str, Any],
+    **info: Any,
+) -> None:
     """Weights, optimizer state and RNG states in one file, so ``--resume`` never mixes steps."""
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[tuple[int, int], str] = {}
@@ -221,8 +251,14 @@ def save_train_state(path: Path, model: GPT, optimizer: torch.optim.Optimizer, r
     optimizer_state = _flatten(optimizer.state_dict(), "optimizer", tensors)
     for name, tensor in rng.items():
         tensors[f"rng/{name}"] = tensor.contiguous().cpu()
-    meta = {"format": FORMAT, "kind": "train_state", "model": model_meta, "aliases": aliases,
-            "optimizer_state": optimizer_state, **info}
+    meta = {
+        "format": FORMAT,
+        "kind": "train_state",
+        "model": model_meta,
+        "aliases": aliases,
+        "optimizer_state": optimizer_state,
+        **info,
+    }
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata={"anexa": json.dumps(meta)})
 

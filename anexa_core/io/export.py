@@ -84,8 +84,15 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False) ->
         }
         (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
         (folder / "README.md").write_text(card, encoding="utf-8")
-    return Exported(out, list(HF_FILES), hf_config["architectures"][0], parameters, meta.get("step"),
-                    meta.get("val_loss"), Path(meta["path"]))
+    return Exported(
+        out,
+        list(HF_FILES),
+        hf_config["architectures"][0],
+        parameters,
+        meta.get("step"),
+        meta.get("val_loss"),
+        Path(meta["path"]),
+    )
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -103,13 +110,16 @@ def hf_model(model, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tor
 
     Raises :class:`AnexaError` when the blocks plugin has no ``export_hf`` or refuses the model's options."""
     config = model.config
-    family, _ = plugins.create("blocks", config.blocks, config.blocks_options,
-                               needed_by=meta.get("plugins", {}).get("blocks"))
+    family, _ = plugins.create(
+        "blocks", config.blocks, config.blocks_options, needed_by=meta.get("plugins", {}).get("blocks")
+    )
     mapping = getattr(family, "export_hf", None)
     if mapping is None:
         owner = plugins.lookup("blocks", config.blocks).owner()
-        raise AnexaError(f"blocks {config.blocks!r} cannot be exported to Hugging Face: its {owner} defines no "
-                         "export_hf mapping (see docs/plugins.md)")
+        raise AnexaError(
+            f"blocks {config.blocks!r} cannot be exported to Hugging Face: its {owner} defines no "
+            "export_hf mapping (see docs/plugins.md)"
+        )
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     if config.tie_embeddings:
         del state["lm_head.weight"]  # the same matrix as wte.weight; transformers ties it again on load
@@ -120,7 +130,9 @@ def hf_model(model, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tor
         "vocab_size": config.vocab_size,
         "tie_word_embeddings": config.tie_embeddings,
         # Anexa's tokenizers have no special tokens: no BOS/EOS/padding (Llama's config would default to 1 and 2).
-        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
         "dtype": str(dtype).removeprefix("torch."),
     }
     # Copies: safetensors refuses tensors that share memory (a view, the same tensor under two names).
@@ -147,8 +159,21 @@ def _flag_value(value: Any) -> str:
 
 
 _MODEL_FLAGS = ("blocks", "attention", "n_layer", "n_head", "n_embd", "block_size", "dropout")
-_TRAIN_FLAGS = ("data", "tokenizer", "optimizer", "steps", "decay_steps", "batch_size", "lr", "min_lr",
-                "warmup_steps", "eval_every", "save_every", "seed", "device")
+_TRAIN_FLAGS = (
+    "data",
+    "tokenizer",
+    "optimizer",
+    "steps",
+    "decay_steps",
+    "batch_size",
+    "lr",
+    "min_lr",
+    "warmup_steps",
+    "eval_every",
+    "save_every",
+    "seed",
+    "device",
+)
 _NO_FLAG = {"model": ("tie_embeddings",), "train": ("grad_clip", "eval_batches")}
 
 
@@ -215,7 +240,11 @@ def model_card(meta: dict[str, Any], hf_config: dict[str, Any], parameters: int,
     architecture = hf_config["architectures"][0]
     command, toml = training_command(model_config, train_config) if train_config else (None, None)
     step, run_steps = meta.get("step"), train_config.get("steps")
-    steps = f"{step}" if step == run_steps or run_steps is None else f"{step} (the best validation loss of a {run_steps}-step run)"
+    steps = (
+        f"{step}"
+        if step == run_steps or run_steps is None
+        else f"{step} (the best validation loss of a {run_steps}-step run)"
+    )
     name = out.resolve().name
     prompt = "Sherlock Holmes" if train_config.get("data") == "sherlock" else "The"
     lines = [
@@ -276,4 +305,3 @@ def model_card(meta: dict[str, Any], hf_config: dict[str, Any], parameters: int,
         "",
     ]
     return "\n".join(lines)
-

@@ -31,8 +31,13 @@ class Loaded:
     device: torch.device
 
 
-def load(model: str | Path | None = None, device: str | torch.device = "auto", attention: str | None = None,
-         attention_options: dict[str, Any] | None = None, runs_dir: Path = RUNS_DIR) -> Loaded:
+def load(
+    model: str | Path | None = None,
+    device: str | torch.device = "auto",
+    attention: str | None = None,
+    attention_options: dict[str, Any] | None = None,
+    runs_dir: Path = RUNS_DIR,
+) -> Loaded:
     """The model ``model`` names — a run folder (its best checkpoint), a ``.safetensors`` file, or ``None``
     for the newest run under ``runs_dir`` — on ``device`` (``auto``: CUDA when present), optionally with
     another attention plugin (``attention`` and its options; the weights do not depend on it).

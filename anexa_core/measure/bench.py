@@ -109,8 +109,9 @@ def median_ms(run: Callable[[], Any], device: torch.device, repeats: int, warmup
     return interleaved_ms({"run": run}, device, repeats, warmup)["run"]
 
 
-def interleaved_ms(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
-                   warmup: int) -> dict[str, float]:
+def interleaved_ms(
+    runs: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int
+) -> dict[str, float]:
     """Median milliseconds of each run, timed in alternation (a, b, c, a, b, c, …) so that a shared
     machine's drift hits every run alike and their ratios stay meaningful."""
     for run in runs.values():
@@ -207,9 +208,22 @@ def bench_attention(
         flops = attention_flops(batch, heads, seq, head_dim, causal)
         for name, attend in backends.items():
             row = dict(
-                attention=name, batch=batch, heads=heads, seq=seq, head_dim=head_dim, dtype=dtype,
-                causal=causal, device=_device_name(where), status="ok", reason=None, fwd_ms=None,
-                fwd_bwd_ms=None, fwd_tflops=None, fwd_bwd_tflops=None, peak_mem_mb=None, max_abs_err=None,
+                attention=name,
+                batch=batch,
+                heads=heads,
+                seq=seq,
+                head_dim=head_dim,
+                dtype=dtype,
+                causal=causal,
+                device=_device_name(where),
+                status="ok",
+                reason=None,
+                fwd_ms=None,
+                fwd_bwd_ms=None,
+                fwd_tflops=None,
+                fwd_bwd_tflops=None,
+                peak_mem_mb=None,
+                max_abs_err=None,
                 checked_against=None,
             )
             rows.append(row)
@@ -259,8 +273,9 @@ def _time_attention(attend, q, k, v, grad_out, causal, device, repeats, warmup) 
     )
 
 
-def bench_model(preset: str, attention: str, device: torch.device, batch_size: int | None = None,
-                precision: str | None = None):
+def bench_model(
+    preset: str, attention: str, device: torch.device, batch_size: int | None = None, precision: str | None = None
+):
     """A randomly initialised ``preset`` model using ``attention``, and the preset's training config.
 
     Benchmarks need no corpus: the vocabulary is :data:`BENCH_VOCAB` and the tokens are random, since
@@ -322,32 +337,70 @@ def bench_train(
     rows, runs = [], {}
     for name, attend in select_attention(attention).items():
         if isinstance(attend, AnexaError):
-            rows.append(dict(preset=preset, attention=name, device=_device_name(where), status="broken",
-                             reason=str(attend), tokens_per_s=None, step_ms=None, peak_mem_mb=None, vs_plain=None,
-                             batch_size=None, block_size=None, steps=steps, parameters=None, precision=None))
+            rows.append(
+                dict(
+                    preset=preset,
+                    attention=name,
+                    device=_device_name(where),
+                    status="broken",
+                    reason=str(attend),
+                    tokens_per_s=None,
+                    step_ms=None,
+                    peak_mem_mb=None,
+                    vs_plain=None,
+                    batch_size=None,
+                    block_size=None,
+                    steps=steps,
+                    parameters=None,
+                    precision=None,
+                )
+            )
             continue
         model, train_config = bench_model(preset, name, where, batch_size, precision)
         train_config = dataclasses.replace(train_config, compile=compile)
         config, batch = model.config, train_config.batch_size
         row = dict(
-            preset=preset, attention=name, device=_device_name(where), batch_size=batch,
-            block_size=config.block_size, steps=steps, status="ok", reason=None, tokens_per_s=None,
-            step_ms=None, peak_mem_mb=None, parameters=model.num_parameters(), vs_plain=None,
+            preset=preset,
+            attention=name,
+            device=_device_name(where),
+            batch_size=batch,
+            block_size=config.block_size,
+            steps=steps,
+            status="ok",
+            reason=None,
+            tokens_per_s=None,
+            step_ms=None,
+            peak_mem_mb=None,
+            parameters=model.num_parameters(),
+            vs_plain=None,
             precision="bf16" if uses_bf16(where, train_config.precision) else "fp32",
         )
         rows.append(row)
-        reason = kernel_fallback(name, attend, _attention_input(model, batch, config.block_size, where,
-                                                                train_config.precision))
+        reason = kernel_fallback(
+            name, attend, _attention_input(model, batch, config.block_size, where, train_config.precision)
+        )
         if reason is not None:
             row.update(status=fallback_label(attend), reason=reason)
             continue
         runs[name] = (row, model, train_config, make_train_step(model, train_config, where))
     if reference:
         model, train_config = bench_model(preset, "sdpa", where, batch_size, "fp32")
-        row = dict(preset=preset, attention=f"{PLAIN} (sdpa)", device=_device_name(where),
-                   batch_size=train_config.batch_size, block_size=model.config.block_size, steps=steps, status="ok",
-                   reason=None, tokens_per_s=None, step_ms=None, peak_mem_mb=None,
-                   parameters=model.num_parameters(), vs_plain=1.0, precision="fp32")
+        row = dict(
+            preset=preset,
+            attention=f"{PLAIN} (sdpa)",
+            device=_device_name(where),
+            batch_size=train_config.batch_size,
+            block_size=model.config.block_size,
+            steps=steps,
+            status="ok",
+            reason=None,
+            tokens_per_s=None,
+            step_ms=None,
+            peak_mem_mb=None,
+            parameters=model.num_parameters(),
+            vs_plain=1.0,
+            precision="fp32",
+        )
         rows.append(row)
         runs[PLAIN] = (row, model, train_config, plain_train_step(model, train_config, where))
     try:
@@ -362,8 +415,10 @@ def bench_train(
             row["status"] = "out of GPU memory"
         return rows
     for name, (row, model, train_config, _) in runs.items():
-        row.update(step_ms=medians[name],
-                   tokens_per_s=train_config.batch_size * model.config.block_size / (medians[name] * 1e-3))
+        row.update(
+            step_ms=medians[name],
+            tokens_per_s=train_config.batch_size * model.config.block_size / (medians[name] * 1e-3),
+        )
         if where.type == "cuda":
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated(where) / 2**20
     if PLAIN in medians:
@@ -395,8 +450,9 @@ def plain_train_step(model: GPT, train_config: TrainConfig, device: torch.device
     return train_step
 
 
-def _attention_input(model: GPT, batch: int, length: int, device: torch.device,
-                     precision: str = "auto") -> torch.Tensor:
+def _attention_input(
+    model: GPT, batch: int, length: int, device: torch.device, precision: str = "auto"
+) -> torch.Tensor:
     """A query shaped like the ones ``model`` gives its attention, in the dtype autocast gives it."""
     dtype = torch.bfloat16 if uses_bf16(device, precision) else torch.float32
     return torch.empty(batch, model.config.n_head, length, model.config.head_dim, device=device, dtype=dtype)
@@ -442,11 +498,19 @@ def bench_generate(
     seconds = {mode: median_ms(lambda mode=mode: decode(mode), where, repeats, warmup=1) / 1e3 for mode in modes}
     return [
         dict(
-            mode=mode, preset=preset, attention=attention, device=_device_name(where),
-            status="ok" if reason is None else fallback_label(attend), reason=reason,
-            prompt_len=prompt_len, new_tokens=new_tokens, block_size=model.config.block_size,
-            tokens_per_s=new_tokens / seconds[mode], ms_per_token=seconds[mode] / new_tokens * 1e3,
-            speedup=seconds["recompute"] / seconds[mode], same_tokens=generated[mode] == generated["recompute"],
+            mode=mode,
+            preset=preset,
+            attention=attention,
+            device=_device_name(where),
+            status="ok" if reason is None else fallback_label(attend),
+            reason=reason,
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            block_size=model.config.block_size,
+            tokens_per_s=new_tokens / seconds[mode],
+            ms_per_token=seconds[mode] / new_tokens * 1e3,
+            speedup=seconds["recompute"] / seconds[mode],
+            same_tokens=generated[mode] == generated["recompute"],
         )
         for mode in modes
     ]

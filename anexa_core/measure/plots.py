@@ -50,8 +50,9 @@ def plot_runs(runs: Sequence[Path], out: Path, labels: Sequence[str] | None = No
         minutes = [r["elapsed_s"] / 60 for r in records]
         for axis, x in ((by_step, steps), (by_time, minutes)):
             axis.plot(x, [r["val_loss"] for r in records], color=colour, marker=".", label=f"{label} val")
-            axis.plot(x, [r["train_loss"] for r in records], color=colour, linestyle="--", alpha=0.6,
-                      label=f"{label} train")
+            axis.plot(
+                x, [r["train_loss"] for r in records], color=colour, linestyle="--", alpha=0.6, label=f"{label} train"
+            )
     by_step.set(xlabel="step", ylabel="loss (nats/token)", title="loss by step")
     by_time.set(xlabel="wall-clock minutes", title="loss by time")
     for axis in (by_step, by_time):

@@ -99,4 +99,3 @@ def build_model(config: ModelConfig, needed_by: dict | None = None) -> GPT:
     )
     config = dataclasses.replace(config, blocks_options=blocks_options, attention_options=attention_options)
     return GPT(config, blocks.build(config, attention))
-

@@ -157,8 +157,16 @@ def train(
 # --- prepare ----------------------------------------------------------------------------------------
 
 
-def prepare(model_config: ModelConfig, train_config: TrainConfig, out_dir: Path, ranks: distributed.Ranks,
-            device: torch.device, resume: bool, overwrite: bool, reporter: Reporter) -> TrainingRun:
+def prepare(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    out_dir: Path,
+    ranks: distributed.Ranks,
+    device: torch.device,
+    resume: bool,
+    overwrite: bool,
+    reporter: Reporter,
+) -> TrainingRun:
     """The model, tokenizer, data and optimizer of a new run, or of the run in ``out_dir`` with ``resume``
     (weights, optimizer state, random generators and progress restored), and a run folder ready for it."""
     if not resume and checkpoint.holds_a_run(out_dir) and not overwrite:
@@ -172,21 +180,36 @@ def prepare(model_config: ModelConfig, train_config: TrainConfig, out_dir: Path,
     batch_generator = torch.Generator().manual_seed(train_config.seed + 1)
     progress = getattr(reporter, "data_progress", None)
     if state is not None:
-        model, tokenizer = checkpoint.rebuild(state.meta["model"], out_dir / checkpoint.STATE_FILE,
-                                              model_config.attention, model_config.attention_options)
+        model, tokenizer = checkpoint.rebuild(
+            state.meta["model"], out_dir / checkpoint.STATE_FILE, model_config.attention, model_config.attention_options
+        )
         model.load_state_dict(state.weights)
         model.to(device)
         _, _, tokenizer_options, train_ids, val_ids = prepare_data(
-            train_config, model.config.block_size, tokenizer, progress)
+            train_config, model.config.block_size, tokenizer, progress
+        )
     else:
         _, tokenizer, tokenizer_options, train_ids, val_ids = prepare_data(
-            train_config, model_config.block_size, None, progress)
+            train_config, model_config.block_size, None, progress
+        )
         model = build_model(dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)).to(device)
         train_config = dataclasses.replace(train_config, decay_steps=train_config.schedule_steps)
-    train_config = dataclasses.replace(train_config, tokenizer_options=tokenizer_options,
-                                       optimizer_options=optimizer_options)
-    run = TrainingRun(model, tokenizer, make_optimizer(model, train_config), train_config, train_ids, val_ids,
-                      out_dir, device, ranks, batch_generator, resumed=state is not None)
+    train_config = dataclasses.replace(
+        train_config, tokenizer_options=tokenizer_options, optimizer_options=optimizer_options
+    )
+    run = TrainingRun(
+        model,
+        tokenizer,
+        make_optimizer(model, train_config),
+        train_config,
+        train_ids,
+        val_ids,
+        out_dir,
+        device,
+        ranks,
+        batch_generator,
+        resumed=state is not None,
+    )
     if state is not None:
         _restore(run, state)
     if ranks.is_main:
@@ -198,18 +221,27 @@ def prepare(model_config: ModelConfig, train_config: TrainConfig, out_dir: Path,
     return run
 
 
-def _check_plugins(model_config: ModelConfig, train_config: TrainConfig,
-                   state: checkpoint.TrainState | None) -> dict[str, Any]:
+def _check_plugins(
+    model_config: ModelConfig, train_config: TrainConfig, state: checkpoint.TrainState | None
+) -> dict[str, Any]:
     """Fail on a misspelt plugin, a missing one or a bad option before spending time on data; returns
     every option of the optimizer (defaults included)."""
     recorded = state.meta["model"].get("plugins", {}) if state else {}
     plugins.create("tokenizers", train_config.tokenizer, train_config.tokenizer_options, recorded.get("tokenizer"))
     plugins.create("blocks", model_config.blocks, model_config.blocks_options, recorded.get("blocks"))
     stored_attention = recorded.get("attention") or {}
-    plugins.create("attention", model_config.attention, model_config.attention_options,
-                   stored_attention if stored_attention.get("name") == model_config.attention else None)
-    _, optimizer_options = plugins.create("optimizers", train_config.optimizer, train_config.optimizer_options,
-                                          state.meta.get("optimizer_plugin") if state else None)
+    plugins.create(
+        "attention",
+        model_config.attention,
+        model_config.attention_options,
+        stored_attention if stored_attention.get("name") == model_config.attention else None,
+    )
+    _, optimizer_options = plugins.create(
+        "optimizers",
+        train_config.optimizer,
+        train_config.optimizer_options,
+        state.meta.get("optimizer_plugin") if state else None,
+    )
     return optimizer_options
 
 
@@ -219,8 +251,9 @@ def _restore(run: TrainingRun, state: checkpoint.TrainState) -> None:
     try:
         run.optimizer.load_state_dict(state.optimizer_state)
     except (ValueError, KeyError) as exc:
-        raise AnexaError(f"the optimizer state in {run.out_dir} does not fit optimizer "
-                         f"{config.optimizer!r} ({exc}): start a new run") from None
+        raise AnexaError(
+            f"the optimizer state in {run.out_dir} does not fit optimizer {config.optimizer!r} ({exc}): start a new run"
+        ) from None
     run.first_step = state.step
     run.best_step = state.meta.get("best_step")
     if run.best_step is not None:
@@ -233,8 +266,9 @@ def _restore(run: TrainingRun, state: checkpoint.TrainState) -> None:
     if run.first_step >= config.steps:
         raise AnexaError(f"run {run.out_dir} already reached step {run.first_step}: pass a larger --steps to continue")
     if config.minutes is not None and run.elapsed_before >= config.minutes * 60:
-        raise AnexaError(f"run {run.out_dir} already used its {config.minutes:g}-minute budget: pass a larger "
-                         "--minutes to continue")
+        raise AnexaError(
+            f"run {run.out_dir} already used its {config.minutes:g}-minute budget: pass a larger --minutes to continue"
+        )
 
 
 def _start_info(run: TrainingRun) -> dict[str, Any]:
@@ -273,15 +307,15 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
         factor = lr / config.lr
         for group in run.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-        x, y = get_batch(run.train_ids, model.config.block_size, config.batch_size * ranks.world_size,
-                         run.batch_generator)
+        x, y = get_batch(
+            run.train_ids, model.config.block_size, config.batch_size * ranks.world_size, run.batch_generator
+        )
         loss = train_step(ranks.shard(x).to(device, non_blocking=True), ranks.shard(y).to(device, non_blocking=True))
         done = step + 1
         window_tokens += tokens_per_step
         tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
         reporter.step(done, loss.item(), tokens_per_s)
-        time_up = budget_s is not None and distributed.any_rank(run.elapsed() + eval_seconds >= budget_s, ranks,
-                                                                device)
+        time_up = budget_s is not None and distributed.any_rank(run.elapsed() + eval_seconds >= budget_s, ranks, device)
         last = done == config.steps or time_up
         new_best = False
         if done % config.eval_every == 0 or last:
@@ -296,9 +330,16 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
             raise TrainingInterrupted(done, run.out_dir, saved=True)
         if last:
             break
-    return TrainResult(out_dir=run.out_dir, step=done, val_loss=run.val_loss, train_loss=run.train_loss,
-                       best_step=run.best_step, best_val_loss=run.best_val_loss,
-                       parameters=model.num_parameters(), seconds=time.perf_counter() - run.started)
+    return TrainResult(
+        out_dir=run.out_dir,
+        step=done,
+        val_loss=run.val_loss,
+        train_loss=run.train_loss,
+        best_step=run.best_step,
+        best_val_loss=run.best_val_loss,
+        parameters=model.num_parameters(),
+        seconds=time.perf_counter() - run.started,
+    )
 
 
 def evaluate(run: TrainingRun, step: int, lr: float, tokens_per_s: float, reporter: Reporter) -> bool:
@@ -307,8 +348,14 @@ def evaluate(run: TrainingRun, step: int, lr: float, tokens_per_s: float, report
     config = run.train_config
     run.train_loss = estimate_loss(run.model, run.train_ids, config, run.device, config.seed + 2)
     run.val_loss = estimate_loss(run.model, run.val_ids, config, run.device, config.seed + 3)
-    record = {"step": step, "train_loss": round(run.train_loss, 5), "val_loss": round(run.val_loss, 5), "lr": lr,
-              "tokens_per_s": round(tokens_per_s, 1), "elapsed_s": run.elapsed()}
+    record = {
+        "step": step,
+        "train_loss": round(run.train_loss, 5),
+        "val_loss": round(run.val_loss, 5),
+        "lr": lr,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "elapsed_s": run.elapsed(),
+    }
     if run.ranks.is_main:
         append_metrics(run.out_dir / METRICS_FILE, record)
     new_best = run.val_loss < run.best_val_loss
@@ -327,14 +374,27 @@ def save(run: TrainingRun, step: int, best: bool = False) -> None:
     never disagree, and a run folder never holds a best model that ``--resume`` could not continue from."""
     config, model = run.train_config, run.model
     best_loss = None if run.best_step is None else run.best_val_loss
-    meta = _model_meta(run, step, val_loss=_number(run.val_loss), train_loss=_number(run.train_loss),
-                       best_step=run.best_step, best_val_loss=best_loss)
+    meta = _model_meta(
+        run,
+        step,
+        val_loss=_number(run.val_loss),
+        train_loss=_number(run.train_loss),
+        best_step=run.best_step,
+        best_val_loss=best_loss,
+    )
     rng = {"torch": torch.get_rng_state(), "batch": run.batch_generator.get_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
     checkpoint.save_train_state(
-        run.out_dir / checkpoint.STATE_FILE, model, run.optimizer, rng, meta, step=step,
-        train_config=dataclasses.asdict(config), best_step=run.best_step, best_val_loss=best_loss,
+        run.out_dir / checkpoint.STATE_FILE,
+        model,
+        run.optimizer,
+        rng,
+        meta,
+        step=step,
+        train_config=dataclasses.asdict(config),
+        best_step=run.best_step,
+        best_val_loss=best_loss,
         elapsed_s=run.elapsed(),
         optimizer_plugin=plugins.provenance("optimizers", config.optimizer, config.optimizer_options),
     )
@@ -343,15 +403,25 @@ def save(run: TrainingRun, step: int, best: bool = False) -> None:
         time.sleep(delay)
     checkpoint.save_model(run.out_dir / checkpoint.MODEL_FILE, model, meta)
     if best:
-        checkpoint.save_model(run.out_dir / checkpoint.BEST_FILE, model,
-                              _model_meta(run, step, val_loss=run.val_loss, train_loss=run.train_loss))
+        checkpoint.save_model(
+            run.out_dir / checkpoint.BEST_FILE,
+            model,
+            _model_meta(run, step, val_loss=run.val_loss, train_loss=run.train_loss),
+        )
 
 
 def _model_meta(run: TrainingRun, step: int, **losses: Any) -> dict[str, Any]:
     config = run.train_config
-    return checkpoint.model_metadata(run.model, run.tokenizer, config.tokenizer, config.tokenizer_options,
-                                     step=step, **losses, train_config=dataclasses.asdict(config),
-                                     elapsed_s=run.elapsed())
+    return checkpoint.model_metadata(
+        run.model,
+        run.tokenizer,
+        config.tokenizer,
+        config.tokenizer_options,
+        step=step,
+        **losses,
+        train_config=dataclasses.asdict(config),
+        elapsed_s=run.elapsed(),
+    )
 
 
 def _number(value: float) -> float | None:

@@ -12,12 +12,16 @@ from anexa_core.errors import AnexaError
 from anexa_core.io import checkpoint
 
 _FIXED_ON_RESUME = ({f.name for f in dataclasses.fields(ModelConfig)} - {"attention", "attention_options"}) | {
-    "tokenizer", "tokenizer_options", "optimizer", "optimizer_options"
+    "tokenizer",
+    "tokenizer_options",
+    "optimizer",
+    "optimizer_options",
 }
 
 
-def resume_configs(run_dir: Path, overrides: dict[str, Any],
-                   plugin_options: dict[str, dict[str, Any]] | None = None) -> tuple[ModelConfig, TrainConfig]:
+def resume_configs(
+    run_dir: Path, overrides: dict[str, Any], plugin_options: dict[str, dict[str, Any]] | None = None
+) -> tuple[ModelConfig, TrainConfig]:
     """The configs a run was started with, updated by the flags given now (a larger ``steps``, another
     ``data``, another attention). Flags that would change what the checkpoint means — the tokenizer and
     its vocabulary, the model's shape, blocks, the optimizer — are refused."""
@@ -42,8 +46,10 @@ def resume_configs(run_dir: Path, overrides: dict[str, Any],
 
     changed = sorted(key for key in given if fixed(key) and str(given[key]) != str(current(key)))
     if changed:
-        flags = ", ".join(f"-o {key.removesuffix('_options')}.…" if key.endswith("_options")
-                          else f"--{key.replace('_', '-')}" for key in changed)
+        flags = ", ".join(
+            f"-o {key.removesuffix('_options')}.…" if key.endswith("_options") else f"--{key.replace('_', '-')}"
+            for key in changed
+        )
         raise AnexaError(
             f"cannot change {flags} when resuming {run_dir}: it would change what the checkpoint means; "
             "start a new run instead (without --resume)"

@@ -30,8 +30,13 @@ def lr_at(step: int, config: TrainConfig, time_fraction: float | None = None) ->
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
 
-def make_train_step(model: GPT, optimizer: torch.optim.Optimizer, config: TrainConfig, device: torch.device,
-                    forward: torch.nn.Module | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_train_step(
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    device: torch.device,
+    forward: torch.nn.Module | None = None,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """One optimizer step on a batch ``(x, y)`` (B, T) int64 already on ``device``: forward under the
     configured precision (``forward``: ``model`` or its DDP wrapper; compiled with ``config.compile``),
     backward, gradient clipping, the optimizer's step. Returns the loss, a 0-d tensor (nats/token).

@@ -74,7 +74,9 @@ def _print_notes(rows: list[dict[str, Any]]) -> None:
     notes = {}
     for row in rows:
         if row["reason"]:
-            notes[row["attention"]] = row["reason"] + ("; * is the error of what ran instead" if _fallback_ran(row) else "")
+            notes[row["attention"]] = row["reason"] + (
+                "; * is the error of what ran instead" if _fallback_ran(row) else ""
+            )
     for name, note in notes.items():
         typer.echo(f"{name}: not timed, {note}")
 
@@ -111,8 +113,15 @@ def attention_bench(
     if plot is not None:
         bench.require_matplotlib()  # before minutes of measuring, not after
     rows = bench.bench_attention(
-        seqs=parse_seqs(seq or ["128,256,512"]), batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
-        causal=causal, attention=attention, repeats=repeats, device=device,
+        seqs=parse_seqs(seq or ["128,256,512"]),
+        batch=batch,
+        heads=heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        causal=causal,
+        attention=attention,
+        repeats=repeats,
+        device=device,
     )
     if plot is not None:
         bench.plot_attention(rows, plot)
@@ -153,8 +162,12 @@ def train(
     steps: Annotated[int, typer.Option(help="Timed training steps per row (the median is reported).")] = 3,
     batch_size: Annotated[int | None, typer.Option(help="Override the preset's batch size.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16 (default: the preset's, auto).")] = None,
-    reference: Annotated[bool, typer.Option("--reference/--no-reference", help="Time a plain nanoGPT-style loop beside.")] = True,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the step (warm-up includes compiling).")] = False,
+    reference: Annotated[
+        bool, typer.Option("--reference/--no-reference", help="Time a plain nanoGPT-style loop beside.")
+    ] = True,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the step (warm-up includes compiling).")
+    ] = False,
     device: Device = "auto",
     json_path: Json = None,
 ) -> None:
@@ -162,8 +175,14 @@ def train(
     from anexa_core.measure import bench
 
     rows = bench.bench_train(
-        preset=preset, attention=attention, steps=steps, batch_size=batch_size, device=device,
-        reference=reference, precision=precision, compile=compile,
+        preset=preset,
+        attention=attention,
+        steps=steps,
+        batch_size=batch_size,
+        device=device,
+        reference=reference,
+        precision=precision,
+        compile=compile,
     )
     first = rows[0]
     tokens = f"{first['batch_size']}×{first['block_size']} tokens"
@@ -199,7 +218,11 @@ def generate(
     from anexa_core.measure import bench
 
     rows = bench.bench_generate(
-        preset=preset, prompt_len=prompt_len, new_tokens=new_tokens, attention=attention, repeats=repeats,
+        preset=preset,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        attention=attention,
+        repeats=repeats,
         device=device,
     )
     lengths = f"prompt {prompt_len} + {new_tokens} new"

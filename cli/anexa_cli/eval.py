@@ -15,13 +15,42 @@ MAX_INT = 2**53
 
 @user_errors
 def evaluate(
-    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder (its best checkpoint) or a .safetensors file.")],
-    data: Annotated[list[str], typer.Option(help="Text to score: dataset name, file, folder (its *.txt and *.md files, recursively) or URL; repeat for several. Tokenized once with the model's tokenizer, then read from the cache.")],
-    glob: Annotated[list[str] | None, typer.Option("--glob", help="Files a --data folder contributes, repeatable. \\[default: *.txt, *.md]")] = None,
-    stride: Annotated[int | None, typer.Option(min=1, max=MAX_INT, help="Tokens between window starts; each scored token sees at least (context - stride) tokens before it. \\[default: half the model's context]")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, max=MAX_INT, help="Windows per forward pass. \\[default: as many as fit 128 MiB of logits, at most 64]")] = None,
+    run: Annotated[
+        Path, typer.Argument(metavar="RUN", help="Run folder (its best checkpoint) or a .safetensors file.")
+    ],
+    data: Annotated[
+        list[str],
+        typer.Option(
+            help="Text to score: dataset name, file, folder (its *.txt and *.md files, recursively) or URL; repeat for several. Tokenized once with the model's tokenizer, then read from the cache."
+        ),
+    ],
+    glob: Annotated[
+        list[str] | None,
+        typer.Option("--glob", help="Files a --data folder contributes, repeatable. \\[default: *.txt, *.md]"),
+    ] = None,
+    stride: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=MAX_INT,
+            help="Tokens between window starts; each scored token sees at least (context - stride) tokens before it. \\[default: half the model's context]",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=MAX_INT,
+            help="Windows per forward pass. \\[default: as many as fit 128 MiB of logits, at most 64]",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32 (the same numbers on every machine), or auto/bf16: bf16 autocast where supported, faster.")] = "fp32",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="fp32 (the same numbers on every machine), or auto/bf16: bf16 autocast where supported, faster."
+        ),
+    ] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Score a model on a text: bits per character (comparable across tokenizers), nats/token, perplexity.
@@ -39,12 +68,27 @@ def evaluate(
     loaded = load(run, device)
     model, tokenizer, meta, torch_device = loaded.model, loaded.tokenizer, loaded.meta, loaded.device
     result, described = evaluation.evaluate_text(
-        model, tokenizer, meta, data, glob or corpora.DEFAULT_GLOBS, stride, batch_size, torch_device,
-        DataProgress(console), precision,
+        model,
+        tokenizer,
+        meta,
+        data,
+        glob or corpora.DEFAULT_GLOBS,
+        stride,
+        batch_size,
+        torch_device,
+        DataProgress(console),
+        precision,
     )
-    report = {"model": meta["path"], "step": meta.get("step"), "data": list(data),
-              "files": described["files"], "tokenized": described["tokenized"], "device": str(torch_device), "precision": precision,
-              **result.as_dict()}
+    report = {
+        "model": meta["path"],
+        "step": meta.get("step"),
+        "data": list(data),
+        "files": described["files"],
+        "tokenized": described["tokenized"],
+        "device": str(torch_device),
+        "precision": precision,
+        **result.as_dict(),
+    }
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

@@ -16,10 +16,14 @@ from anexa_cli.errors import user_errors
 
 @user_errors
 def export(
-    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder (its best checkpoint) or a .safetensors checkpoint.")],
+    run: Annotated[
+        Path, typer.Argument(metavar="RUN", help="Run folder (its best checkpoint) or a .safetensors checkpoint.")
+    ],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write: new or empty, unless --overwrite.")],
     format: Annotated[str, typer.Option("--format", "-f", help="hf: a folder Hugging Face transformers loads.")] = "hf",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT (never an Anexa run).")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty OUT (never an Anexa run).")
+    ] = False,
 ) -> None:
     """Export a trained model: `--format hf` writes config.json, model.safetensors, tokenizer files and a model card."""
     from anexa_core.io.export import UPLOAD_COMMAND

@@ -61,20 +61,26 @@ OPTION_HELP = (
 )
 Model = Annotated[
     Path | None,
-    typer.Option("--model", "-m", help="Run folder (its best checkpoint) or a .safetensors file; default: newest under ./runs."),
+    typer.Option(
+        "--model", "-m", help="Run folder (its best checkpoint) or a .safetensors file; default: newest under ./runs."
+    ),
 ]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, max=MAX_INT, help="Tokens to generate.")]
 Temperature = Annotated[float | None, typer.Option(help="Sampling temperature; 0 picks the most likely token.")]
 Sample = Annotated[list[str] | None, typer.Option("--sample", "-s", help="Sampler, repeatable (see below).")]
 Stop = Annotated[
     list[str] | None,
-    typer.Option("--stop", help=r"Stop at this string (not printed); repeatable. \n, \t and \\ mean newline, tab, backslash."),
+    typer.Option(
+        "--stop", help=r"Stop at this string (not printed); repeatable. \n, \t and \\ mean newline, tab, backslash."
+    ),
 ]
 Seed = Annotated[int | None, typer.Option(min=0, max=MAX_INT, help="Random seed: same seed, same text.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
 Context = Annotated[
     str,
-    typer.Option(help="When the context is full: shift (keep the recent half, fast) or sliding (nanoGPT's exact window)."),
+    typer.Option(
+        help="When the context is full: shift (keep the recent half, fast) or sliding (nanoGPT's exact window)."
+    ),
 ]
 AttentionSwap = Annotated[str | None, typer.Option(help="Run with another attention plugin (same weights).")]
 PluginOption = Annotated[list[str] | None, typer.Option("--option", "-o", help=OPTION_HELP)]
@@ -90,12 +96,20 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def callback(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs (tracebacks of failed plugins, the sampler chain).")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show debug logs (tracebacks of failed plugins, the sampler chain).")
+    ] = False,
     disable_plugin: Annotated[
         list[str] | None,
-        typer.Option("--disable-plugin", metavar="NAME", help="Do not load this plugin (NAME, a distribution, or DIST:NAME), built-ins included; repeatable. Same as ANEXA_DISABLE_PLUGINS."),
+        typer.Option(
+            "--disable-plugin",
+            metavar="NAME",
+            help="Do not load this plugin (NAME, a distribution, or DIST:NAME), built-ins included; repeatable. Same as ANEXA_DISABLE_PLUGINS.",
+        ),
     ] = None,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
     if disable_plugin:
@@ -166,14 +180,41 @@ class _Interrupts:
 @app.command()
 @user_errors
 def train(
-    data: Annotated[list[str] | None, typer.Option(help="Dataset name (sherlock, tinyshakespeare, …), text file, folder (its *.txt and *.md files, recursively) or URL; repeat for several. Tokenized once, then read from the cache. \\[default: sherlock, shipped with Anexa]")] = None,
-    glob: Annotated[list[str] | None, typer.Option("--glob", help="Files a --data folder contributes, repeatable (matched from the right: '*.txt' at any depth). \\[default: *.txt, *.md]")] = None,
-    preset: Annotated[str, typer.Option(help="seed (~0.8M parameters, GPT-2 blocks), fast (~0.8M, LLaMA blocks + Muon: the most per minute) or small (~10.7M).")] = "seed",
-    config: Annotated[Path | None, typer.Option(help="TOML file overriding the preset (tables \\[model], \\[train], \\[attention], …).")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer plugin: char, bpe, … " + _default("tokenizer"))] = None,
-    vocab_size: Annotated[int | None, typer.Option(help="Shorthand for -o tokenizer.vocab_size=N (bpe). \\[default: 1024]")] = None,
-    attention: Annotated[str | None, typer.Option(help="Attention plugin: sdpa, math, triton, … " + _default("attention"))] = None,
-    blocks: Annotated[str | None, typer.Option(help="Blocks plugin (model family): gpt2, … " + _default("blocks"))] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Dataset name (sherlock, tinyshakespeare, …), text file, folder (its *.txt and *.md files, recursively) or URL; repeat for several. Tokenized once, then read from the cache. \\[default: sherlock, shipped with Anexa]"
+        ),
+    ] = None,
+    glob: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--glob",
+            help="Files a --data folder contributes, repeatable (matched from the right: '*.txt' at any depth). \\[default: *.txt, *.md]",
+        ),
+    ] = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="seed (~0.8M parameters, GPT-2 blocks), fast (~0.8M, LLaMA blocks + Muon: the most per minute) or small (~10.7M)."
+        ),
+    ] = "seed",
+    config: Annotated[
+        Path | None,
+        typer.Option(help="TOML file overriding the preset (tables \\[model], \\[train], \\[attention], …)."),
+    ] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Tokenizer plugin: char, bpe, … " + _default("tokenizer"))
+    ] = None,
+    vocab_size: Annotated[
+        int | None, typer.Option(help="Shorthand for -o tokenizer.vocab_size=N (bpe). \\[default: 1024]")
+    ] = None,
+    attention: Annotated[
+        str | None, typer.Option(help="Attention plugin: sdpa, math, triton, … " + _default("attention"))
+    ] = None,
+    blocks: Annotated[
+        str | None, typer.Option(help="Blocks plugin (model family): gpt2, … " + _default("blocks"))
+    ] = None,
     optimizer: Annotated[str | None, typer.Option(help="Optimizer plugin: adamw, … " + _default("optimizer"))] = None,
     option: PluginOption = None,
     n_layer: Annotated[int | None, typer.Option(help="Layers. " + _default("n_layer"))] = None,
@@ -181,18 +222,40 @@ def train(
     n_embd: Annotated[int | None, typer.Option(help="Width. " + _default("n_embd"))] = None,
     block_size: Annotated[int | None, typer.Option(help="Context length in tokens. " + _default("block_size"))] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout. " + _default("dropout"))] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps. \\[default: 5000, or no limit with --minutes]")] = None,
-    minutes: Annotated[float | None, typer.Option(help="Train for this many minutes of wall-clock; the LR decay follows the clock and the run ends with an evaluation and a checkpoint.")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto (bf16 on GPUs and CPUs that have it), fp32 or bf16. " + _default("precision"))] = None,
-    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model (slow to start; see benchmarks/RESULTS.md). \\[default: no]")] = None,
-    decay_steps: Annotated[int | None, typer.Option(help="Step at which the cosine LR decay ends. \\[default: --steps of the first run]")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Optimizer steps. \\[default: 5000, or no limit with --minutes]")
+    ] = None,
+    minutes: Annotated[
+        float | None,
+        typer.Option(
+            help="Train for this many minutes of wall-clock; the LR decay follows the clock and the run ends with an evaluation and a checkpoint."
+        ),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(help="auto (bf16 on GPUs and CPUs that have it), fp32 or bf16. " + _default("precision")),
+    ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the model (slow to start; see benchmarks/RESULTS.md). \\[default: no]",
+        ),
+    ] = None,
+    decay_steps: Annotated[
+        int | None, typer.Option(help="Step at which the cosine LR decay ends. \\[default: --steps of the first run]")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per step. " + _default("batch_size"))] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate. " + _default("lr"))] = None,
-    min_lr: Annotated[float | None, typer.Option(help="Learning rate at the end of the decay. " + _default("min_lr"))] = None,
+    min_lr: Annotated[
+        float | None, typer.Option(help="Learning rate at the end of the decay. " + _default("min_lr"))
+    ] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps. " + _default("warmup_steps"))] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps. " + _default("eval_every"))] = None,
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps. " + _default("save_every"))] = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder. \\[default: runs/<data>-<preset>, or -2, -3… if taken]")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run folder. \\[default: runs/<data>-<preset>, or -2, -3… if taken]")
+    ] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out.")] = False,
     device: Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu or cuda. \\[default: auto]")] = None,
@@ -206,12 +269,31 @@ def train(
     from anexa_core.train.resume import resume_configs
 
     overrides = dict(
-        data=(data[0] if len(data) == 1 else data) if data else None, data_glob=glob or None,
-        tokenizer=tokenizer, vocab_size=vocab_size, attention=attention, blocks=blocks,
-        optimizer=optimizer, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-        dropout=dropout, steps=steps, decay_steps=decay_steps, batch_size=batch_size, lr=lr, min_lr=min_lr,
-        warmup_steps=warmup_steps, eval_every=eval_every, save_every=save_every, device=device, seed=seed,
-        minutes=minutes, precision=precision, compile=compile,
+        data=(data[0] if len(data) == 1 else data) if data else None,
+        data_glob=glob or None,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        attention=attention,
+        blocks=blocks,
+        optimizer=optimizer,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        block_size=block_size,
+        dropout=dropout,
+        steps=steps,
+        decay_steps=decay_steps,
+        batch_size=batch_size,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_steps=warmup_steps,
+        eval_every=eval_every,
+        save_every=save_every,
+        device=device,
+        seed=seed,
+        minutes=minutes,
+        precision=precision,
+        compile=compile,
     )
     plugin_options = _plugin_options(option)
     if resume is not None:
@@ -227,16 +309,27 @@ def train(
     with _Interrupts(console) as interrupts:
         try:
             result = training.train(
-                model_config, train_config, out_dir, reporter_for(console), resume=resume is not None,
-                overwrite=overwrite, stop_requested=interrupts.requested,
+                model_config,
+                train_config,
+                out_dir,
+                reporter_for(console),
+                resume=resume is not None,
+                overwrite=overwrite,
+                stop_requested=interrupts.requested,
             )
         except training.TrainingInterrupted as stopped:
-            console.print(f"interrupted at step {stopped.step}; saved {stopped.out_dir}. Continue with:\n"
-                          f"  anexa train --resume {stopped.out_dir}", highlight=False)
+            console.print(
+                f"interrupted at step {stopped.step}; saved {stopped.out_dir}. Continue with:\n"
+                f"  anexa train --resume {stopped.out_dir}",
+                highlight=False,
+            )
             raise typer.Exit(128 + (interrupts.signal or signal.SIGINT)) from None
         except KeyboardInterrupt:
-            console.print(f"stopped at once; the last checkpoint in {out_dir}, if any, is intact "
-                          f"(continue with: anexa train --resume {out_dir})", highlight=False)
+            console.print(
+                f"stopped at once; the last checkpoint in {out_dir}, if any, is intact "
+                f"(continue with: anexa train --resume {out_dir})",
+                highlight=False,
+            )
             raise typer.Exit(130) from None
     best = f" · best val loss {result.best_val_loss:.4f} at step {result.best_step}" if result.best_step else ""
     console.print(
@@ -250,8 +343,14 @@ def _unescape(text: str) -> str:
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
-def _load(model: Path | None, device: str, sample: list[str] | None, temperature: float | None,
-          option: list[str] | None, attention: str | None):
+def _load(
+    model: Path | None,
+    device: str,
+    sample: list[str] | None,
+    temperature: float | None,
+    option: list[str] | None,
+    attention: str | None,
+):
     """The model the flags name (:func:`anexa_core.io.load.load`) and the sampler chain they ask for."""
     from anexa_core.infer import sampling
     from anexa_core.io.load import load
@@ -366,8 +465,9 @@ def chat(
         sys.stdout.write("Response: ")
         try:
             turn_seed = None if seed is None else seed + turn
-            for piece in generate_text(loaded.model, tokenizer, prompt, max_new_tokens, chain, turn_seed, stops,
-                                       context):
+            for piece in generate_text(
+                loaded.model, tokenizer, prompt, max_new_tokens, chain, turn_seed, stops, context
+            ):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except AnexaError as exc:
@@ -412,8 +512,10 @@ def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
     console = make_console()
     console.print(table)
     for clash in clashes:
-        console.print(f"conflict: {clash['kind']} {clash['name']!r} is registered by {' and '.join(clash['providers'])}",
-                      highlight=False)
+        console.print(
+            f"conflict: {clash['kind']} {clash['name']!r} is registered by {' and '.join(clash['providers'])}",
+            highlight=False,
+        )
     if verbose:
         for plugin in described:
             if plugin["traceback"]:

@@ -31,9 +31,7 @@ def _header(console: Console, first_step: int, info: dict) -> None:
 
 
 def _evaluated(console: Console, metrics: dict) -> None:
-    console.print(
-        f"step {metrics['step']}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}"
-    )
+    console.print(f"step {metrics['step']}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}")
 
 
 class RichReporter:
@@ -103,8 +101,9 @@ class PlainReporter:
             where = f"step {step}/{self.total}"
             rate = (step - self.first) / max(now - self.started, 1e-9)
             eta = (self.total - step) / rate if rate > 0 else float("inf")
-        self.console.print(f"{where} · loss {loss:.4f} · {tokens_per_s:,.0f} tok/s · ETA {_duration(eta)}",
-                           highlight=False)
+        self.console.print(
+            f"{where} · loss {loss:.4f} · {tokens_per_s:,.0f} tok/s · ETA {_duration(eta)}", highlight=False
+        )
 
     def evaluated(self, metrics):
         _evaluated(self.console, metrics)
@@ -169,8 +168,16 @@ class DataProgress:
             self.phase, self.unit, self.total, self.started, self.last = phase, unit, total, now, now
             if self.console.is_terminal:
                 amount = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(),)
-                self.bar = Progress(TextColumn(f"[bold]{phase}"), BarColumn(), *amount, TimeElapsedColumn(),
-                                    TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=True)
+                self.bar = Progress(
+                    TextColumn(f"[bold]{phase}"),
+                    BarColumn(),
+                    *amount,
+                    TimeElapsedColumn(),
+                    TextColumn("ETA"),
+                    TimeRemainingColumn(),
+                    console=self.console,
+                    transient=True,
+                )
                 self.bar.start()
                 self.task = self.bar.add_task(phase, total=max(total, 1))
         self.done, self.total = done, total
@@ -197,8 +204,9 @@ class DataProgress:
         seconds = now - self.started
         if seconds >= self.MIN_REPORT_S:
             rate = _amount(self.done / max(seconds, 1e-9), self.unit) + "/s"
-            self.console.print(f"{self.phase}: {_amount(self.done, self.unit)} in {seconds:.1f}s ({rate})",
-                               highlight=False)
+            self.console.print(
+                f"{self.phase}: {_amount(self.done, self.unit)} in {seconds:.1f}s ({rate})", highlight=False
+            )
         self.phase = None
 
 

@@ -18,7 +18,8 @@ from anexa_core.errors import AnexaError
 Models = Annotated[
     list[Path] | None,
     typer.Option(
-        "--model", "-m",
+        "--model",
+        "-m",
         help="Run folder or model.safetensors; repeatable. Requests name a model by its folder name "
         "(tiny, tiny-2 when two share a name). Default: the newest under ./runs.",
     ),
@@ -42,22 +43,30 @@ def _listen(host: str, port: int):
     try:
         return listen(host, port)
     except OSError as exc:
-        raise AnexaError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pick another --port or --host") from None
+        raise AnexaError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): pick another --port or --host"
+        ) from None
 
 
 @user_errors
 def serve(
     model: Models = None,
-    host: Annotated[str, typer.Option(help="Address to bind. Anything but loopback exposes the models to the network.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to bind. Anything but loopback exposes the models to the network.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0 picks a free one and prints it).")] = 8000,
     api_key: Annotated[
         str | None,
         typer.Option(envvar="ANEXA_API_KEY", show_envvar=True, help="Require `Authorization: Bearer KEY` on /v1."),
     ] = None,
     max_tokens_cap: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
-    default_max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens when a request gives none (at most the cap).")] = 200,
+    default_max_tokens: Annotated[
+        int, typer.Option(min=1, help="max_tokens when a request gives none (at most the cap).")
+    ] = 200,
     parallel: Annotated[int, typer.Option(min=1, help="Generations running at once (worker threads).")] = 8,
-    queue: Annotated[int, typer.Option(min=0, help="Requests that may wait for a free worker; more get HTTP 429.")] = 32,
+    queue: Annotated[
+        int, typer.Option(min=0, help="Requests that may wait for a free worker; more get HTTP 429.")
+    ] = 32,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Larger request bodies get HTTP 413.")] = 1 << 20,
     chat_template: Annotated[
         Path | None, typer.Option(help="TOML file overriding the chat template's keys (see docs/serve.md).")
@@ -65,8 +74,11 @@ def serve(
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
     threads: Annotated[
         int,
-        typer.Option(min=0, help="torch CPU threads per operation (sets OMP_NUM_THREADS unless it is set); "
-                     "0 keeps torch's default. Concurrent requests are the parallelism: 1 is fastest for small models."),
+        typer.Option(
+            min=0,
+            help="torch CPU threads per operation (sets OMP_NUM_THREADS unless it is set); "
+            "0 keeps torch's default. Concurrent requests are the parallelism: 1 is fastest for small models.",
+        ),
     ] = 1,
 ) -> None:
     """Serve models over an OpenAI-compatible API (/v1) with a chat page at /."""
@@ -83,7 +95,9 @@ def serve(
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
-        raise AnexaError(f"anexa serve needs the serve extra ({exc.name} is missing): pip install 'anexa[serve]'") from None
+        raise AnexaError(
+            f"anexa serve needs the serve extra ({exc.name} is missing): pip install 'anexa[serve]'"
+        ) from None
     from anexa_serve.chat import ChatTemplate
 
     template = ChatTemplate.from_toml(chat_template) if chat_template is not None else ChatTemplate()
@@ -115,7 +129,5 @@ def serve(
     app = create_app(served, config)
     bound = sock.getsockname()[1]
     shown = f"[{host.strip('[]')}]" if ":" in host else host
-    typer.echo(
-        f"serving {', '.join(served)} on http://{shown}:{bound} (chat page at /, OpenAI API at /v1)", err=True
-    )
+    typer.echo(f"serving {', '.join(served)} on http://{shown}:{bound} (chat page at /, OpenAI API at /v1)", err=True)
     uvicorn_server(app).run(sockets=[sock])

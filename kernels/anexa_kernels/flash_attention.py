@@ -89,10 +89,24 @@ def _forward(q, k, v, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torc
     grid = lambda meta: (_cdiv(t_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     with _launch_context(q):
         _kernels._attention_forward[grid](
-            q, k, v, out, lse,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            heads, t_q, t_k, sm_scale * math.log2(math.e), _bucket(t_q), _bucket(t_k),
-            HEAD_DIM=head_dim, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(out),
+            heads,
+            t_q,
+            t_k,
+            sm_scale * math.log2(math.e),
+            _bucket(t_q),
+            _bucket(t_k),
+            HEAD_DIM=head_dim,
+            CAUSAL=causal,
+            DOT_PRECISION=_dot_precision(q.dtype),
         )
     return out, lse
 
@@ -110,18 +124,61 @@ def _backward(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float):
     with _launch_context(q):
         block = _kernels.DELTA_BLOCK_M
         _kernels._attention_backward_delta[(_cdiv(t_q, block), batch * heads)](
-            out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, t_q,
-            HEAD_DIM=head_dim, BLOCK_M=block,
+            out,
+            grad_out,
+            delta,
+            *_strides(out),
+            *_strides(grad_out),
+            heads,
+            t_q,
+            HEAD_DIM=head_dim,
+            BLOCK_M=block,
         )
         _kernels._attention_backward_dkdv[lambda meta: (_cdiv(t_k, meta["BLOCK_N"]), batch * heads)](
-            q, k, v, grad_out, dk, dv, lse, delta,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-            heads, t_q, t_k, qk_scale, sm_scale, _bucket(t_q), _bucket(t_k), **common,
+            q,
+            k,
+            v,
+            grad_out,
+            dk,
+            dv,
+            lse,
+            delta,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(grad_out),
+            *_strides(dk),
+            *_strides(dv),
+            heads,
+            t_q,
+            t_k,
+            qk_scale,
+            sm_scale,
+            _bucket(t_q),
+            _bucket(t_k),
+            **common,
         )
         _kernels._attention_backward_dq[lambda meta: (_cdiv(t_q, meta["BLOCK_M"]), batch * heads)](
-            q, k, v, grad_out, dq, lse, delta,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-            heads, t_q, t_k, qk_scale, sm_scale, _bucket(t_q), _bucket(t_k), **common,
+            q,
+            k,
+            v,
+            grad_out,
+            dq,
+            lse,
+            delta,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(grad_out),
+            *_strides(dq),
+            heads,
+            t_q,
+            t_k,
+            qk_scale,
+            sm_scale,
+            _bucket(t_q),
+            _bucket(t_k),
+            **common,
         )
     return dq, dk, dv
 
@@ -165,9 +222,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, heads and head_dim"
-        )
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, heads and head_dim")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in SUPPORTED_DTYPES:
@@ -186,9 +241,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
             f"got {q.shape[2]} queries and {k.shape[2]} keys"
         )
     if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
-        raise ValueError(
-            f"batch × heads = {q.shape[0] * q.shape[1]} exceeds the kernel's grid limit {_MAX_GRID_Y}"
-        )
+        raise ValueError(f"batch × heads = {q.shape[0] * q.shape[1]} exceeds the kernel's grid limit {_MAX_GRID_Y}")
 
 
 def flash_attention(
@@ -240,8 +293,13 @@ every length (torch 2.13, 2 cores with AVX512-BF16; ``benchmarks/sdpa_cpu_backen
 
 def _prefers_math(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether SDPA's math backend is the faster one for this call (see :data:`CPU_MATH_MAX_KEYS`)."""
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
-            and q.requires_grad and k.shape[2] <= CPU_MATH_MAX_KEYS)
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and torch.is_grad_enabled()
+        and q.requires_grad
+        and k.shape[2] <= CPU_MATH_MAX_KEYS
+    )
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:

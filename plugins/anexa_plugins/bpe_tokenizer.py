@@ -36,15 +36,19 @@ class BPETokenizer:
     """
 
     def __init__(self, vocab_size: int = DEFAULT_VOCAB_SIZE, max_train_chars: int = DEFAULT_MAX_TRAIN_CHARS) -> None:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not (
-            MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE
+        if (
+            isinstance(vocab_size, bool)
+            or not isinstance(vocab_size, int)
+            or not (MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE)
         ):
             raise AnexaError(
                 f"--vocab-size {vocab_size} does not fit byte-level BPE: use {MIN_VOCAB_SIZE} to {MAX_VOCAB_SIZE} "
                 f"({BYTE_ALPHABET_SIZE} byte tokens plus merges), e.g. {DEFAULT_VOCAB_SIZE}"
             )
         if isinstance(max_train_chars, bool) or not isinstance(max_train_chars, int) or max_train_chars < 1:
-            raise AnexaError(f"tokenizer bpe option max_train_chars must be a positive integer, got {max_train_chars!r}")
+            raise AnexaError(
+                f"tokenizer bpe option max_train_chars must be a positive integer, got {max_train_chars!r}"
+            )
         self.target_size = vocab_size
         self.max_train_chars = max_train_chars
         self.vocab_size = 0

@@ -113,8 +113,10 @@ class GPT2:
         are exported as zeros, which computes the same. The activation is exact GELU (``"gelu"``), not
         GPT-2's tanh approximation (``"gelu_new"``).
         """
-        tensors = {"transformer.wte.weight": state_dict["wte.weight"],
-                   "transformer.wpe.weight": state_dict["blocks.wpe.weight"]}
+        tensors = {
+            "transformer.wte.weight": state_dict["wte.weight"],
+            "transformer.wpe.weight": state_dict["blocks.wpe.weight"],
+        }
 
         def copy(ours, theirs, transpose=False):
             weight = state_dict[f"{ours}.weight"]
@@ -134,14 +136,24 @@ class GPT2:
         if "lm_head.weight" in state_dict:
             tensors["lm_head.weight"] = state_dict["lm_head.weight"]
         hf_config = {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-            "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
-            "n_positions": config.block_size, "n_inner": 4 * config.n_embd,
-            "activation_function": "gelu", "layer_norm_epsilon": 1e-5,
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_embd": config.n_embd,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_positions": config.block_size,
+            "n_inner": 4 * config.n_embd,
+            "activation_function": "gelu",
+            "layer_norm_epsilon": 1e-5,
             # Anexa drops out the embeddings and each residual branch's output, never attention weights.
-            "embd_pdrop": config.dropout, "resid_pdrop": config.dropout, "attn_pdrop": 0.0,
-            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-            "initializer_range": 0.02, "use_cache": True,
+            "embd_pdrop": config.dropout,
+            "resid_pdrop": config.dropout,
+            "attn_pdrop": 0.0,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "initializer_range": 0.02,
+            "use_cache": True,
         }
         return hf_config, tensors
 

@@ -171,8 +171,10 @@ class Llama:
         that changes nothing.
         """
         if self.mlp != "swiglu":
-            raise AnexaError(f"blocks 'llama' with mlp={self.mlp!r} cannot be exported to Hugging Face: "
-                             "LlamaForCausalLM's and Qwen3ForCausalLM's MLP is swiglu only")
+            raise AnexaError(
+                f"blocks 'llama' with mlp={self.mlp!r} cannot be exported to Hugging Face: "
+                "LlamaForCausalLM's and Qwen3ForCausalLM's MLP is swiglu only"
+            )
         tensors = {"model.embed_tokens.weight": state_dict["wte.weight"]}
         for name, tensor in state_dict.items():
             if name.startswith("blocks."):
@@ -180,20 +182,36 @@ class Llama:
         if "lm_head.weight" in state_dict:
             tensors["lm_head.weight"] = state_dict["lm_head.weight"]
         hf_config = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": config.n_embd, "intermediate_size": self.hidden_size(config.n_embd),
-            "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-            "num_key_value_heads": self.n_kv_head or config.n_head, "head_dim": config.head_dim,
-            "max_position_embeddings": config.block_size, "rms_norm_eps": self.norm_eps,
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": config.n_embd,
+            "intermediate_size": self.hidden_size(config.n_embd),
+            "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_head,
+            "num_key_value_heads": self.n_kv_head or config.n_head,
+            "head_dim": config.head_dim,
+            "max_position_embeddings": config.block_size,
+            "rms_norm_eps": self.norm_eps,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "attention_dropout": 0.0,
             # transformers ≥ 5 reads rope_parameters; earlier versions read rope_theta.
-            "rope_theta": self.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
-            "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "initializer_range": 0.02,
+            "pretraining_tp": 1,
+            "use_cache": True,
         }
         if self.qk_norm:
-            hf_config.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False,
-                             sliding_window=None, max_window_layers=config.n_layer,
-                             layer_types=["full_attention"] * config.n_layer)
+            hf_config.update(
+                architectures=["Qwen3ForCausalLM"],
+                model_type="qwen3",
+                use_sliding_window=False,
+                sliding_window=None,
+                max_window_layers=config.n_layer,
+                layer_types=["full_attention"] * config.n_layer,
+            )
         return hf_config, tensors
 
 

@@ -37,13 +37,16 @@ class AdamW:
 
     def over(self, decayed, undecayed, lr) -> torch.optim.Optimizer:
         """AdamW over two families: ``decayed`` with weight decay, ``undecayed`` without."""
-        param_groups = [{"params": decayed, "weight_decay": self.weight_decay},
-                        {"params": undecayed, "weight_decay": 0.0}]
+        param_groups = [
+            {"params": decayed, "weight_decay": self.weight_decay},
+            {"params": undecayed, "weight_decay": 0.0},
+        ]
         # The fused kernel (CPU and CUDA) updates every tensor in one pass: measured 4× faster steps of the
         # optimizer alone on the seed model on this project's CPU than foreach=False.
         fused = all(p.device.type in ("cpu", "cuda") for p in decayed + undecayed)
-        return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=lr, betas=(self.beta1, self.beta2),
-                                 eps=self.eps, fused=fused)
+        return torch.optim.AdamW(
+            [g for g in param_groups if g["params"]], lr=lr, betas=(self.beta1, self.beta2), eps=self.eps, fused=fused
+        )
 
 
 @dataclass
@@ -71,8 +74,13 @@ class Muon:
         groups = model.parameter_groups()
         matrices = [p for p in groups["matrices"] if p.dim() == 2]
         others = [p for p in groups["matrices"] if p.dim() != 2]
-        muon = torch.optim.Muon(matrices, lr=config.lr * self.matrix_lr_scale, weight_decay=self.weight_decay,
-                                momentum=self.momentum, adjust_lr_fn=self.adjust_lr)
+        muon = torch.optim.Muon(
+            matrices,
+            lr=config.lr * self.matrix_lr_scale,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            adjust_lr_fn=self.adjust_lr,
+        )
         adamw = self._adamw.over(groups["embeddings"] + groups["head"] + others, groups["vectors"], config.lr)
         return [muon, adamw]
 

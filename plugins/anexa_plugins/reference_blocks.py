@@ -52,8 +52,10 @@ class _PurePythonStack(torch.autograd.Function):
         d_rows = grad_hidden.reshape(batch * time, width).tolist()
         dx, grads = reference_gpt.stack_backward(d_rows, ctx.tape, ctx.params)
         device = grad_hidden.device
-        d_weights = [torch.tensor(grads[name], dtype=dtype, device=device).view(shape)
-                     for name, (shape, dtype) in zip(ctx.names, ctx.shapes, strict=True)]
+        d_weights = [
+            torch.tensor(grads[name], dtype=dtype, device=device).view(shape)
+            for name, (shape, dtype) in zip(ctx.names, ctx.shapes, strict=True)
+        ]
         dx = torch.tensor(dx, dtype=grad_hidden.dtype, device=device).view(batch, time, width)
         return (dx, None, None, None, *d_weights)
 

@@ -170,8 +170,10 @@ def attention_forward(qkv, batch, n_head, remember=None, layer=0):
     t_q, d = rows // batch, width // n_head
 
     def heads(offset):  # [b][h][t] → the D numbers of head h of token t of sequence b
-        return [[[qkv[b * t_q + t][offset + h * d: offset + (h + 1) * d] for t in range(t_q)]
-                 for h in range(n_head)] for b in range(batch)]
+        return [
+            [[qkv[b * t_q + t][offset + h * d : offset + (h + 1) * d] for t in range(t_q)] for h in range(n_head)]
+            for b in range(batch)
+        ]
 
     q, k, v = heads(0), heads(width), heads(2 * width)
     if remember is not None:
@@ -187,7 +189,7 @@ def attention_forward(qkv, batch, n_head, remember=None, layer=0):
                 p = softmax([dot(q[b][h][t], keys[s]) * scale for s in range(visible)])
                 probs[b][h].append(p)
                 mixed = [sum(p[s] * values[s][i] for s in range(visible)) for i in range(d)]
-                out[b * t_q + t][h * d: (h + 1) * d] = mixed
+                out[b * t_q + t][h * d : (h + 1) * d] = mixed
     return out, (q, k, v, probs, scale)
 
 
@@ -208,7 +210,7 @@ def attention_backward(dout, tape):
             dv = [[0.0] * d for _ in range(t_q)]
             for t in range(t_q):
                 p = probs[b][h][t]
-                grad_out = dout[b * t_q + t][h * d: (h + 1) * d]
+                grad_out = dout[b * t_q + t][h * d : (h + 1) * d]
                 dp = [dot(grad_out, v[b][h][s]) for s in range(len(p))]
                 weighted = dot(p, dp)
                 ds = [p_s * (dp_s - weighted) for p_s, dp_s in zip(p, dp, strict=True)]
@@ -218,10 +220,10 @@ def attention_backward(dout, tape):
                         dv[s][i] += p_s * grad_out[i]
                         dq[i] += ds_s * k[b][h][s][i] * scale
                         dk[s][i] += ds_s * q[b][h][t][i] * scale
-                dqkv[b * t_q + t][h * d: (h + 1) * d] = dq
+                dqkv[b * t_q + t][h * d : (h + 1) * d] = dq
             for t in range(t_q):
-                dqkv[b * t_q + t][width + h * d: width + (h + 1) * d] = dk[t]
-                dqkv[b * t_q + t][2 * width + h * d: 2 * width + (h + 1) * d] = dv[t]
+                dqkv[b * t_q + t][width + h * d : width + (h + 1) * d] = dk[t]
+                dqkv[b * t_q + t][2 * width + h * d : 2 * width + (h + 1) * d] = dv[t]
     return dqkv
 
 
@@ -327,7 +329,7 @@ def stack_backward(d_hidden, tape, params):
 
 def stack_params(params):
     """The ``blocks.*`` entries of a model's parameters, under the stack's own names."""
-    return {name[len("blocks."):]: value for name, value in params.items() if name.startswith("blocks.")}
+    return {name[len("blocks.") :]: value for name, value in params.items() if name.startswith("blocks.")}
 
 
 def head_name(params):
@@ -440,14 +442,22 @@ def init_params(vocab_size, n_layer, n_embd, block_size, seed=0):
     params = {"wte.weight": normal(vocab_size, c), "blocks.wpe.weight": normal(block_size, c)}
     for layer in range(n_layer):
         prefix = f"blocks.layers.{layer}."
-        params.update({
-            prefix + "ln_1.weight": [1.0] * c, prefix + "ln_1.bias": [0.0] * c,
-            prefix + "attn.qkv.weight": normal(3 * c, c), prefix + "attn.qkv.bias": [0.0] * (3 * c),
-            prefix + "attn.proj.weight": normal(c, c, residual_std), prefix + "attn.proj.bias": [0.0] * c,
-            prefix + "ln_2.weight": [1.0] * c, prefix + "ln_2.bias": [0.0] * c,
-            prefix + "mlp.fc.weight": normal(4 * c, c), prefix + "mlp.fc.bias": [0.0] * (4 * c),
-            prefix + "mlp.proj.weight": normal(c, 4 * c, residual_std), prefix + "mlp.proj.bias": [0.0] * c,
-        })
+        params.update(
+            {
+                prefix + "ln_1.weight": [1.0] * c,
+                prefix + "ln_1.bias": [0.0] * c,
+                prefix + "attn.qkv.weight": normal(3 * c, c),
+                prefix + "attn.qkv.bias": [0.0] * (3 * c),
+                prefix + "attn.proj.weight": normal(c, c, residual_std),
+                prefix + "attn.proj.bias": [0.0] * c,
+                prefix + "ln_2.weight": [1.0] * c,
+                prefix + "ln_2.bias": [0.0] * c,
+                prefix + "mlp.fc.weight": normal(4 * c, c),
+                prefix + "mlp.fc.bias": [0.0] * (4 * c),
+                prefix + "mlp.proj.weight": normal(c, 4 * c, residual_std),
+                prefix + "mlp.proj.bias": [0.0] * c,
+            }
+        )
     params["blocks.ln_f.weight"], params["blocks.ln_f.bias"] = [1.0] * c, [0.0] * c
     return params
 
@@ -466,13 +476,15 @@ def _demo(steps=60, n_layer=1, n_head=2, n_embd=16, block_size=16, batch=4):
     ids = [chars.index(char) for char in text]
     params = init_params(len(chars), n_layer, n_embd, block_size)
     rng = random.Random(1)
-    print(f"{count_parameters(params)} parameters, {len(chars)} characters; the loss starts near "
-          f"ln({len(chars)}) = {math.log(len(chars)):.2f}")
+    print(
+        f"{count_parameters(params)} parameters, {len(chars)} characters; the loss starts near "
+        f"ln({len(chars)}) = {math.log(len(chars)):.2f}"
+    )
     state = {}
     for step in range(1, steps + 1):
         starts = [rng.randrange(len(ids) - block_size) for _ in range(batch)]
-        x = [ids[s: s + block_size] for s in starts]
-        y = [ids[s + 1: s + block_size + 1] for s in starts]
+        x = [ids[s : s + block_size] for s in starts]
+        y = [ids[s + 1 : s + block_size + 1] for s in starts]
         loss, grads = loss_and_gradients(params, n_head, x, y)
         adam_step(params, grads, state, lr=1e-2)
         if step == 1 or step % 10 == 0:

@@ -102,8 +102,9 @@ def _choice(chat: bool, text: str, finish: str | None) -> dict[str, Any]:
     return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
 
-def _chunk(head: dict[str, Any], chat: bool, text: str | None = None, finish: str | None = None,
-           role: bool = False) -> dict[str, Any]:
+def _chunk(
+    head: dict[str, Any], chat: bool, text: str | None = None, finish: str | None = None, role: bool = False
+) -> dict[str, Any]:
     """One streamed chunk: a piece of text, the opening role (chat), or the closing ``finish_reason``."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
@@ -209,8 +210,7 @@ def create_app(models: dict[str, ServedModel], config: ServeConfig | None = None
     async def read_json(request: Request) -> dict[str, Any]:
         """The body as a JSON object; 413 beyond ``max_body_bytes``, 400 when it is not a JSON object."""
         limit = config.max_body_bytes
-        too_large = APIError(413, f"request body over this server's limit of {limit} bytes",
-                             code="body_too_large")
+        too_large = APIError(413, f"request body over this server's limit of {limit} bytes", code="body_too_large")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise too_large
@@ -234,8 +234,10 @@ def create_app(models: dict[str, ServedModel], config: ServeConfig | None = None
             raise invalid(f"model is required: one of {', '.join(models)}", param="model")
         if name not in models:
             raise APIError(
-                404, f"model {name!r} does not exist: choose one of {', '.join(models)} (GET /v1/models)",
-                param="model", code="model_not_found",
+                404,
+                f"model {name!r} does not exist: choose one of {', '.join(models)} (GET /v1/models)",
+                param="model",
+                code="model_not_found",
             )
         return models[name]
 
@@ -248,7 +250,8 @@ def create_app(models: dict[str, ServedModel], config: ServeConfig | None = None
         if requested > cap:
             raise invalid(
                 f"max_tokens {requested} is over this server's cap of {cap} (anexa serve --max-tokens-cap)",
-                param="max_tokens", code="max_tokens_over_cap",
+                param="max_tokens",
+                code="max_tokens_over_cap",
             )
         return requested
 
@@ -298,11 +301,13 @@ def create_app(models: dict[str, ServedModel], config: ServeConfig | None = None
             raise invalid(problem[1], param=problem[0], code="unsupported")
         return req
 
-    async def respond(request: Request, req, served: ServedModel, prompt: str, prompt_ids: list[int],
-                      stops: list[str], chat: bool) -> Response:
+    async def respond(
+        request: Request, req, served: ServedModel, prompt: str, prompt_ids: list[int], stops: list[str], chat: bool
+    ) -> Response:
         """Generate for a checked request: one JSON answer, or server-sent events when ``req.stream``."""
-        generation = Generation(served, prompt, prompt_ids, max_tokens(req.max_tokens), sampler_chain(req),
-                                req.seed, stops, engine.stats)
+        generation = Generation(
+            served, prompt, prompt_ids, max_tokens(req.max_tokens), sampler_chain(req), req.seed, stops, engine.stats
+        )
         ticket = engine.admit()  # the last check: from here on the ticket is always released
         head = {
             "id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
@@ -391,7 +396,8 @@ def create_app(models: dict[str, ServedModel], config: ServeConfig | None = None
             if role not in ROLES:
                 raise invalid(
                     f"messages[{index}].role {message.role!r} is not supported: use system, user or assistant",
-                    param=f"messages[{index}].role", code="invalid_value",
+                    param=f"messages[{index}].role",
+                    code="invalid_value",
                 )
             messages.append((role, message.text()))
         prompt = template.render(messages)

@@ -84,6 +84,7 @@ def load_models(paths: list[Path] | None, device: Any = "auto") -> dict[str, Ser
     loaded = [load(path, device) for path in paths] if paths else [load(None, device)]
     served: dict[str, ServedModel] = {}
     for name, one in zip(unique_names([item.source for item in loaded]), loaded, strict=True):
-        served[name] = ServedModel(name, one.model, one.tokenizer, one.meta, one.source,
-                                   int(one.source.stat().st_mtime))
+        served[name] = ServedModel(
+            name, one.model, one.tokenizer, one.meta, one.source, int(one.source.stat().st_mtime)
+        )
     return served

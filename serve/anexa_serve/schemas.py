@@ -65,7 +65,7 @@ class _Common(BaseModel):
             return "logprobs", "logprobs are not supported"
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0:
-                return name, f"{name} is not supported: use \"anexa\": {{\"samplers\": [\"repetition_penalty=1.2\"]}}"
+                return name, f'{name} is not supported: use "anexa": {{"samplers": ["repetition_penalty=1.2"]}}'
         return None
 
     def stops(self) -> list[str]:
