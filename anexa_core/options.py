@@ -95,7 +95,7 @@ def describe(factory: Callable[..., Any]) -> list[Option]:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
         return []
-    hints = _hints(factory.__init__ if isinstance(factory, type) else factory)
+    hints = _hints(factory.__init__ if isinstance(factory, type) else factory)  # type: ignore[misc]
     found = []
     for parameter in signature.parameters.values():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):

@@ -145,6 +145,7 @@ def _drop_unknown_hooks(state: _State) -> None:
         except pluggy.PluginValidationError as exc:
             name = state.manager.get_name(exc.plugin)
             state.manager.unregister(exc.plugin)
+            name = name or repr(exc.plugin)
             record = state.records.pop(name, None) or PluginRecord(name, None, None)
             record.status, record.error = "failed", " ".join(str(exc).split())
             logger.warning(
@@ -253,7 +254,8 @@ def lookup(kind: str, name: str, needed_by: Mapping[str, Any] | None = None) -> 
     if entries:
         return entries[0]
     label = KINDS[kind].singular
-    dist = (needed_by or {}).get("distribution")
+    needed_by = needed_by or {}
+    dist = needed_by.get("distribution")
     if dist:
         version = needed_by.get("version") or ""
         needs = f"this model needs {label} {name!r} from {dist} {version}".rstrip()

@@ -112,7 +112,7 @@ def check_tokenizer(tokenizer: Any, text: str, **options: Any) -> None:
 
 
 def _tiny_config(**changes: Any) -> ModelConfig:
-    values = dict(vocab_size=23, n_layer=2, n_head=2, n_embd=32, block_size=16)
+    values: dict[str, Any] = dict(vocab_size=23, n_layer=2, n_head=2, n_embd=32, block_size=16)
     values.update(changes)
     return ModelConfig(**values)
 

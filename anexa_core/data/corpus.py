@@ -23,9 +23,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO, cast
 
 from anexa_core import plugins
 from anexa_core.errors import AnexaError
@@ -97,6 +98,7 @@ def download(url: str, sha256: str | None = None, filename: str | None = None) -
                     "discarded: pass --data FILE with a local copy of the text"
                 )
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
+        reason: object
         if isinstance(exc, urllib.error.HTTPError):
             reason = f"HTTP {exc.code} {exc.reason}"
         elif isinstance(exc, urllib.error.URLError):
@@ -468,12 +470,14 @@ def iter_text(
         handle = open(path, "rb")  # noqa: SIM115 - opened alone so that only opening maps to the errors above
     with handle:
         raw = _CountingReader(handle, digest)
+        readable = cast(BinaryIO, raw)  # a raw binary reader, duck-typed
+        stream: BinaryIO | lzma.LZMAFile | gzip.GzipFile
         if path.suffix == ".xz":
-            stream = lzma.LZMAFile(raw)  # noqa: SIM115 - closed with the file below
+            stream = lzma.LZMAFile(readable)  # noqa: SIM115 - closed with the file below
         elif path.suffix == ".gz":
-            stream = gzip.GzipFile(fileobj=raw)
+            stream = gzip.GzipFile(fileobj=readable)
         else:
-            stream = raw
+            stream = readable
         reported = 0
 
         def consumed() -> int:
@@ -532,7 +536,7 @@ def corpus_pieces(
     digests: Sequence[str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     notes: list[tuple[Path, str]] | None = None,
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     """The corpus as one text, in pieces: each file's text (:func:`iter_text`) in order, with a ``"\n"``
     between two files when the first does not end in one (a single file's text is therefore unchanged).
 
@@ -556,7 +560,7 @@ def corpus_pieces(
                     yield "\n"
             last = piece[-1]
             yield piece
-        if digests is not None and digest.hexdigest() != digests[index]:
+        if digest is not None and digests is not None and digest.hexdigest() != digests[index]:
             raise ChangedWhileReading(path)
 
 

@@ -190,9 +190,9 @@ def file_digests(files: Sequence[Path], progress: ProgressFn | None = None) -> l
     (see the module docstring). Reports phase :data:`PHASE_FINGERPRINT` in bytes when it has to hash.
     Raises :class:`AnexaError` for a missing or unreadable file."""
     memo_path = _memo_path(files)
-    memo = _read_json(memo_path)
-    memo = memo if isinstance(memo, dict) and memo.get("format") == FORMAT else {"format": FORMAT, "files": {}}
-    remembered = memo.get("files") if isinstance(memo.get("files"), dict) else {}
+    read = _read_json(memo_path)
+    memo: dict[str, Any] = read if isinstance(read, dict) and read.get("format") == FORMAT else {}
+    remembered: dict[str, Any] = memo["files"] if isinstance(memo.get("files"), dict) else {}
     digests: list[str | None] = []
     todo: list[tuple[int, Path, os.stat_result]] = []
     for index, path in enumerate(files):
@@ -527,8 +527,9 @@ def encoded(
                                 f"vocabulary of {vocab}: the plugin is broken"
                             )
                         array = array.astype(dtype, copy=False)
-                        out.write(memoryview(array))
-                        crc = zlib.crc32(memoryview(array).cast("B"), crc)
+                        buffer = memoryview(array.data)  # no copy
+                        out.write(buffer)
+                        crc = zlib.crc32(buffer.cast("B"), crc)
                         count += array.size
         except corpora.ChangedWhileReading:
             forget_digests(corpus.files)

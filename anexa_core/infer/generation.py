@@ -16,7 +16,7 @@ Both are identical to recomputation until the window first fills.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 
 import torch
 
@@ -138,7 +138,7 @@ def generate_text(
     seed: int | None = None,
     stop: Sequence[str] = (),
     context: str = "shift",
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     """Stream the continuation of ``prompt`` as text, ending early at any ``stop`` string (not included).
 
     The prompt goes through the same normalisation as training text (:func:`~anexa_core.data.corpus.normalize_text`).

@@ -10,7 +10,7 @@ top_k 30, top_p 40, min_p 50, greedy 90) and picks one token per row.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 
 import torch
 
@@ -174,7 +174,7 @@ class StopStrings:
         return None
 
 
-def stream_until_stop(pieces: Iterable[str], stops: Sequence[str]) -> Iterator[str]:
+def stream_until_stop(pieces: Iterable[str], stops: Sequence[str]) -> Generator[str, None, None]:
     """Yield streamed text until a stop string appears, even across pieces; no stops → pieces unchanged.
 
     It stops pulling from ``pieces`` at the stop, so a lazy generator of decoded tokens stops generating.

@@ -207,10 +207,10 @@ def training_command(model_config: dict[str, Any], train_config: dict[str, Any])
                 args += ["-o", f"{setting}.{name}={_flag_value(value)}"]
     toml_lines = []
     for section, keys in _NO_FLAG.items():
-        defaults = ModelConfig() if section == "model" else TrainConfig()
+        fresh: ModelConfig | TrainConfig = ModelConfig() if section == "model" else TrainConfig()
         config = model_config if section == "model" else train_config
         for key in keys:
-            if key in config and config[key] != getattr(defaults, key):
+            if key in config and config[key] != getattr(fresh, key):
                 toml_lines.append(f"{key} = {json.dumps(config[key])}")
     if toml_lines:
         args += ["--config", "train.toml"]

@@ -16,6 +16,7 @@ A backend that cannot run its own kernel here (``triton`` without CUDA) is not t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -137,7 +138,7 @@ def _peak_mb(run: Callable[[], Any], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def select_attention(names: Sequence[str] | None) -> dict[str, Callable]:
+def select_attention(names: Sequence[str] | None) -> dict[str, Callable | AnexaError]:
     """The registered attention backends with default options, all of them or the ``names`` asked for
     (in that order). Names that clash between two plugins are left out of "all" (``anexa plugins``
     lists them) and refused by name."""
@@ -207,7 +208,7 @@ def bench_attention(
         q, k, v, grad_out = (torch.randn(shape, generator=generator).to(where, torch_dtype) for _ in range(4))
         flops = attention_flops(batch, heads, seq, head_dim, causal)
         for name, attend in backends.items():
-            row = dict(
+            row: dict[str, Any] = dict(
                 attention=name,
                 batch=batch,
                 heads=heads,
@@ -489,13 +490,17 @@ def bench_generate(
     attend, _ = plugins.create("attention", attention)
     reason = kernel_fallback(attention, attend, _attention_input(model, 1, 1, where))
     prompt = torch.randint(BENCH_VOCAB, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    modes = {"shift": dict(context="shift"), "sliding": dict(context="sliding"), "recompute": dict(use_cache=False)}
+    modes: dict[str, dict[str, Any]] = {
+        "shift": dict(context="shift"),
+        "sliding": dict(context="sliding"),
+        "recompute": dict(use_cache=False),
+    }
     generated = {}
 
     def decode(mode: str) -> None:
         generated[mode] = list(generate_ids(model, prompt, new_tokens, _Greedy(), **modes[mode]))
 
-    seconds = {mode: median_ms(lambda mode=mode: decode(mode), where, repeats, warmup=1) / 1e3 for mode in modes}
+    seconds = {mode: median_ms(functools.partial(decode, mode), where, repeats, warmup=1) / 1e3 for mode in modes}
     return [
         dict(
             mode=mode,

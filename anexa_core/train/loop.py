@@ -395,7 +395,7 @@ def save(run: TrainingRun, step: int, best: bool = False) -> None:
         train_config=dataclasses.asdict(config),
         best_step=run.best_step,
         best_val_loss=best_loss,
-        elapsed_s=run.elapsed(),
+        elapsed_s=meta["elapsed_s"],  # one reading of the clock for both files
         optimizer_plugin=plugins.provenance("optimizers", config.optimizer, config.optimizer_options),
     )
     delay = _save_delay()

@@ -11,6 +11,7 @@ import torch
 from anexa_core.config import TrainConfig
 from anexa_core.device import autocast
 from anexa_core.model.gpt import GPT
+from anexa_core.train.optim import Optimizers
 
 
 def lr_at(step: int, config: TrainConfig, time_fraction: float | None = None) -> float:
@@ -32,7 +33,7 @@ def lr_at(step: int, config: TrainConfig, time_fraction: float | None = None) ->
 
 def make_train_step(
     model: GPT,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Optimizers,
     config: TrainConfig,
     device: torch.device,
     forward: torch.nn.Module | None = None,
@@ -43,14 +44,14 @@ def make_train_step(
 
     The training loop and ``anexa bench train`` both run exactly this, so the benchmark times the product.
     """
-    forward = forward if forward is not None else model
+    run: Callable[..., tuple[torch.Tensor, torch.Tensor]] = forward if forward is not None else model
     if config.compile:
-        forward = torch.compile(forward)
+        run = torch.compile(run)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(device, config.precision):
-            _, loss = forward(x, y)
+            _, loss = run(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:

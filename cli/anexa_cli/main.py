@@ -51,7 +51,7 @@ def _no_flag_metavar(self, ctx):
     return None if getattr(self, "is_flag", False) else _type_column(self, ctx)
 
 
-TyperOption.display_type_rich = _no_flag_metavar
+TyperOption.display_type_rich = _no_flag_metavar  # type: ignore[method-assign]  # typer has no setting for it
 
 MAX_INT = 2**53  # as anexa_core.config.MAX_INT (importing it here would be fine, but keep --help lean)
 

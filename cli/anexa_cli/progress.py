@@ -10,6 +10,7 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -159,7 +160,7 @@ class DataProgress:
         self.unit, self.done, self.total = "bytes", 0, 0
         self.started = self.last = 0.0
         self.bar: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
 
     def __call__(self, phase: str, done: int, total: int, unit: str = "bytes") -> None:
         now = time.monotonic()
@@ -181,7 +182,7 @@ class DataProgress:
                 self.bar.start()
                 self.task = self.bar.add_task(phase, total=max(total, 1))
         self.done, self.total = done, total
-        if self.bar is not None:
+        if self.bar is not None and self.task is not None:
             self.bar.update(self.task, completed=done, total=max(total, 1))
         elif now - self.last >= self.interval_s:
             self.last = now

@@ -109,6 +109,7 @@ def serve(
     import torch
 
     from anexa_serve import ServeConfig, create_app, load_models
+    from anexa_serve.app import LOOPBACK_HOSTS
     from anexa_serve.server import uvicorn_server
 
     if threads:
@@ -124,7 +125,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         api_key=api_key.strip() if api_key else None,
         chat_template=template,
-        allowed_hosts=(*ServeConfig().allowed_hosts, host.strip("[]").lower()) if is_loopback(host) else None,
+        allowed_hosts=(*LOOPBACK_HOSTS, host.strip("[]").lower()) if is_loopback(host) else None,
     )
     app = create_app(served, config)
     bound = sock.getsockname()[1]

@@ -22,7 +22,7 @@ class CharTokenizer:
         self.chars = ""
         self.vocab_size = 0
         self._ids: dict[str, int] = {}
-        self._table = None  # code point → id (-1: unseen), numpy, built on first encode_batch
+        self._table: Any = None  # code point → id (-1: unseen), a numpy array built on first encode_batch
 
     def _set(self, chars: str) -> None:
         self.chars = chars
@@ -64,13 +64,14 @@ class CharTokenizer:
         import numpy as np
 
         if self._table is None:
-            codes = [ord(char) for char in self.chars]
-            table = np.full(max(codes, default=0) + 1, -1, dtype=np.int32)
-            table[codes] = np.arange(len(codes), dtype=np.int32)
+            points = [ord(char) for char in self.chars]
+            table = np.full(max(points, default=0) + 1, -1, dtype=np.int32)
+            table[points] = np.arange(len(points), dtype=np.int32)
             self._table = table
         out = []
         for text in texts:
             try:
+                codes: Any
                 if text.isascii():
                     codes = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
                 else:

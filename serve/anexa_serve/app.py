@@ -11,7 +11,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -122,7 +122,7 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], cleanup: Callable[[], None]) -> None:
+    def __init__(self, content: AsyncGenerator[str, None], cleanup: Callable[[], None]) -> None:
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._content = content
         self._cleanup = cleanup
@@ -291,7 +291,7 @@ def create_app(models: dict[str, ServedModel], config: ServeConfig | None = None
             raise invalid("the prompt is empty: give at least one character of text", param=param)
         return ids
 
-    def parse(kind: type, data: dict[str, Any]):
+    def parse(kind: type[CompletionRequest] | type[ChatRequest], data: dict[str, Any]):
         try:
             req = kind.model_validate(data)
         except ValidationError as exc:
@@ -331,7 +331,7 @@ def create_app(models: dict[str, ServedModel], config: ServeConfig | None = None
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncGenerator[str, None]:
             try:
                 if chat:
                     yield _sse(_chunk(head, chat, role=True))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -217,7 +217,7 @@ class Engine:
             finally:
                 self.running -= 1
 
-    async def stream(self, ticket: Ticket, generation: Generation) -> AsyncIterator[str]:
+    async def stream(self, ticket: Ticket, generation: Generation) -> AsyncGenerator[str, None]:
         """Wait for a slot, then yield text pieces as the worker thread produces them.
 
         Leaving early (the caller stops iterating or is cancelled, e.g. the client disconnected)
