@@ -35,6 +35,11 @@ class Tokenizer(Protocol):
       used when present: tokenizing a corpus calls it on batches of chunks (about 2M characters).
     - Optional ``export_hf()`` → a ``tokenizers.Tokenizer`` giving the same ids and text, which
       ``anexa export --format hf`` saves as ``tokenizer.json``; without it that export is refused.
+    - Optional, for a pretrained model's tokenizer (the ``hf`` plugin): ``eos_ids`` (the ids that end a
+      reply: EOS and the chat template's end of turn; decoding stops there and never shows them),
+      ``bos_id`` and ``add_bos`` (prepend BOS to a prompt), ``special_tokens`` (``{"bos_token": …,
+      "eos_token": …}``, what a chat template may refer to) and ``chat_template`` (Jinja text rendered by
+      :mod:`anexa_core.infer.chat`).
     """
 
     vocab_size: int
@@ -52,10 +57,21 @@ class Tokenizer(Protocol):
 
 @runtime_checkable
 class Attention(Protocol):
-    """``(q, k, v, *, causal) -> out`` on ``(batch, heads, time, head_dim)`` tensors of one dtype.
+    """``(q, k, v, *, causal, lengths=None) -> out`` on ``(batch, heads, time, head_dim)`` tensors of one dtype.
 
     ``q`` may be shorter than ``k``/``v`` (decoding with a KV cache): queries are then the last
     positions, and the causal mask is aligned to the bottom right (query i sees keys ≤ i + Tk − Tq).
+    Two capabilities an attention declares with class attributes, and the model uses only then (for
+    any other it repeats the heads, or runs the rows one at a time — correct, slower):
+
+    - ``grouped_query = True``: ``k``/``v`` may have fewer heads than ``q`` (B, Hkv, Tk, D), ``H`` a
+      multiple of ``Hkv``; query head ``h`` reads key/value head ``h // (H / Hkv)`` (GQA, Ainslie et al.
+      2023; multi-query when ``Hkv`` = 1).
+    - ``ragged = True``: ``lengths`` (B,) int64 may be given: row ``b`` has ``lengths[b]`` ≥ Tq valid keys
+      and the rest is padding; its Tq queries are its last valid positions (query i sees keys
+      j < lengths[b], and j ≤ lengths[b] − Tq + i when causal). The batched engine decodes requests of
+      different lengths this way.
+
     An attention that deliberately computes something other than exact softmax attention (a sliding
     window, say) declares it with a ``reference(q, k, v, *, causal)`` method computing the same thing
     plainly; the conformance kit and ``anexa bench`` check it against that instead of ``math``.
@@ -87,9 +103,16 @@ class Blocks(Protocol):
     ``forward(x, positions, cache)`` maps token embeddings ``x`` (B, T, n_embd) to final-normalised
     hidden states (B, T, n_embd). ``positions`` (T,) int64 are the absolute positions of the T tokens
     (0-based; the core numbers them). ``cache`` is ``None`` or a :class:`~anexa_core.KVCache`: each
-    attention layer ``i`` calls ``cache.update(i, k, v)`` once per forward with its new keys and values
-    (B, H, T, D) and attends over what it returns. The stack owns positions (learned or rotary), norms
-    and the final norm; the core owns the token embedding, the head and the cache's lifetime.
+    attention layer ``i`` calls ``k, v = cache.update(i, k, v)`` once per forward with its new keys and
+    values (B, Hkv, T, D) and attends over what it returns, passing ``lengths=cache.lengths(i)`` to the
+    attention (``None`` unless rows are ragged). Keys and values may keep fewer heads than the queries
+    (grouped-query): the attention the stack is given serves them to the query heads. The stack owns
+    positions (learned or rotary), norms and the final norm; the core owns the token embedding, the head
+    and the cache's lifetime.
+
+    A stack that sets the class attribute ``batched = True`` takes ``positions`` (B, T) too — rows at
+    different positions, with a ragged cache — which lets the batched engine decode several requests in
+    one forward; the engine decodes the models of other stacks one request at a time.
 
     Optional ``export_hf(config, state_dict) -> (hf_config, hf_state_dict)`` maps the family onto a
     Hugging Face transformers architecture for ``anexa export --format hf``. ``state_dict`` holds the
@@ -99,6 +122,14 @@ class Blocks(Protocol):
     ``dtype``) and every tensor under transformers' names, the embedding included. Raise
     :class:`~anexa_core.AnexaError` ("… cannot be exported to Hugging Face: why") for options the target
     cannot express. Without the method, export is refused with a one-line error.
+
+    Its inverse, for ``anexa import``: the factory's ``hf_architectures`` (class attribute, e.g.
+    ``("LlamaForCausalLM",)``) names the transformers architectures it reads, and its static method
+    ``import_hf(hf_config, tensors) -> (settings, options, state_dict)`` maps a checkpoint of one of them
+    (``config.json`` entries, tensors under transformers' names) to :class:`~anexa_core.ModelConfig`
+    settings (``n_layer``, ``n_head``, ``n_embd``, ``block_size``, ``vocab_size``, ``tie_embeddings``),
+    the family's options, and every tensor under Anexa's names; it raises ``AnexaError`` for what the
+    family cannot compute.
     """
 
     def build(self, config: ModelConfig, attention: Attention) -> nn.Module: ...
@@ -128,3 +159,15 @@ class Optimizer(Protocol):
     """
 
     def build(self, model: GPT, config: TrainConfig) -> torch.optim.Optimizer | list[torch.optim.Optimizer]: ...
+
+
+OPTIONAL_MEMBERS: dict[str, tuple[str, ...]] = {
+    "Tokenizer": ("encode_batch", "export_hf", "eos_ids", "bos_id", "add_bos", "special_tokens", "chat_template"),
+    "Attention": ("reference", "fallback_reason", "fallback_backend", "grouped_query", "ragged", "lengths="),
+    "Sampler": (),
+    "Blocks": ("export_hf", "hf_architectures", "import_hf", "stack.batched", "positions (B, T)", "cache.lengths"),
+    "Dataset": (),
+    "Optimizer": (),
+}
+"""What each kind of plugin may offer beyond its protocol, as the docstrings above describe: part of the
+public contract (a change to it changes the version)."""

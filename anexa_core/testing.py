@@ -24,7 +24,7 @@ import torch
 from anexa_core import options as plugin_options
 from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.model.cache import KVCache
-from anexa_core.model.gpt import GPT
+from anexa_core.model.gpt import GPT, Attend
 
 ATTENTION_SHAPES = [  # (batch, heads, query length, key length, head dim)
     (1, 1, 1, 1, 16),
@@ -35,14 +35,39 @@ ATTENTION_SHAPES = [  # (batch, heads, query length, key length, head dim)
 ]
 
 
+GROUPED_QUERY_SHAPES = [  # (batch, query heads, key/value heads, query length, key length, head dim)
+    (2, 4, 2, 7, 7, 16),
+    (1, 6, 1, 3, 9, 32),  # multi-query, decoding with a cache
+    (2, 4, 1, 1, 12, 16),
+]
+RAGGED_SHAPES = [  # (query length, head dim, valid keys per row): rows of one batch at different lengths
+    (1, 16, [10, 4, 1]),  # batched decoding: one new token per row
+    (3, 16, [9, 5, 3]),  # a chunk of three new tokens per row
+]
+
+
 def _build(factory: Any, options: dict[str, Any]) -> Any:
     """The object a plugin's registered factory makes with ``options``, as the plugin manager would."""
     return plugin_options.create(getattr(factory, "__name__", "plugin"), factory, options)[0]
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
-    """softmax(QKᵀ/√d)·V in float64 with the bottom-right causal mask (Vaswani et al. 2017, eq. 1)."""
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(QKᵀ/√d)·V in float64 with the bottom-right causal mask (Vaswani et al. 2017, eq. 1).
+
+    Grouped-query ``k``, ``v`` (fewer heads) are repeated to the query heads; with ``lengths`` each row is
+    computed alone over its ``lengths[b]`` valid keys (the Attention contract's ragged rows)."""
     q, k, v = q.double(), k.double(), v.double()
+    if k.size(1) != q.size(1):
+        group = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if lengths is not None:
+        rows = [
+            reference_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], causal=causal)
+            for b, n in enumerate(lengths.tolist())
+        ]
+        return torch.cat(rows)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
     if causal:
         t_q, t_k = q.size(-2), k.size(-2)
@@ -56,23 +81,38 @@ def check_attention(
 ) -> None:
     """Outputs and gradients match the reference — exact softmax attention, or the attention's own
     ``reference(q, k, v, *, causal)`` when it declares one — on random shapes, q shorter than k, causal
-    and not; shapes and dtypes are preserved. ``tolerance`` is relative to the reference's scale."""
+    and not; shapes and dtypes are preserved. ``tolerance`` is relative to the reference's scale.
+
+    An attention that declares ``grouped_query = True`` is also given keys and values with fewer heads
+    than the queries, and one that declares ``ragged = True`` per-row ``lengths`` (see
+    :class:`~anexa_core.interfaces.Attention`); the model gives the others neither (it repeats the heads
+    and runs ragged rows one at a time for them)."""
     attend = _build(attention, options)
     own = getattr(attend, "reference", None)
     reference = own if callable(own) else reference_attention
     generator = torch.Generator().manual_seed(0)
-    for batch, heads, t_q, t_k, dim in ATTENTION_SHAPES:
+    cases: list[tuple[int, int, int, int, int, int, list[int] | None]] = [
+        (batch, heads, heads, t_q, t_k, dim, None) for batch, heads, t_q, t_k, dim in ATTENTION_SHAPES
+    ]
+    if getattr(attend, "grouped_query", False):
+        cases += [(b, h, kv, tq, tk, d, None) for b, h, kv, tq, tk, d in GROUPED_QUERY_SHAPES]
+    if getattr(attend, "ragged", False):
+        kv_heads = 1 if getattr(attend, "grouped_query", False) else 2
+        cases += [(len(n), 2, kv_heads, tq, max(n), d, n) for tq, d, n in RAGGED_SHAPES]
+    for batch, heads, kv_heads, t_q, t_k, dim, row_lengths in cases:
+        lengths = None if row_lengths is None else torch.tensor(row_lengths, device=device)
+        extra = {} if lengths is None else {"lengths": lengths}
         for causal in (True, False):
             q = torch.randn(batch, heads, t_q, dim, generator=generator).to(device, dtype)
-            k, v = (torch.randn(batch, heads, t_k, dim, generator=generator).to(device, dtype) for _ in range(2))
+            k, v = (torch.randn(batch, kv_heads, t_k, dim, generator=generator).to(device, dtype) for _ in range(2))
             weight = torch.randn(batch, heads, t_q, dim, generator=generator).to(device, dtype)
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            out = attend(*leaves, causal=causal)
-            case = f"shape q {tuple(q.shape)} k {tuple(k.shape)}, causal={causal}"
+            out = attend(*leaves, causal=causal, **extra)
+            case = f"shape q {tuple(q.shape)} k {tuple(k.shape)}, lengths {row_lengths}, causal={causal}"
             assert out.shape == q.shape, f"{case}: output shape {tuple(out.shape)}, expected {tuple(q.shape)}"
             assert out.dtype == dtype, f"{case}: output dtype {out.dtype}, expected {dtype}"
             ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-            expected = reference(*ref_leaves, causal=causal).double()
+            expected = reference(*ref_leaves, causal=causal, **extra).double()
             scale = expected.abs().max().item() + 1e-12
             error = (out.double() - expected).abs().max().item()
             assert error <= tolerance * max(scale, 1.0), f"{case}: max error {error:.2e} against the reference"
@@ -118,18 +158,23 @@ def _tiny_config(**changes: Any) -> ModelConfig:
 
 
 class _ReferenceAttention:
-    def __call__(self, q, k, v, *, causal):
-        return reference_attention(q, k, v, causal=causal).to(q.dtype)
+    grouped_query = True
+    ragged = True
+
+    def __call__(self, q, k, v, *, causal, lengths=None):
+        return reference_attention(q, k, v, causal=causal, lengths=lengths).to(q.dtype)
 
 
 def check_blocks(blocks: Any, **options: Any) -> None:
     """Builds a tiny model with the family: shapes, every parameter gets a finite gradient, outputs do not
     depend on later tokens (causal), and decoding with a :class:`~anexa_core.KVCache` one token at a time
-    gives the logits of recomputing the whole sequence, up to the full ``block_size``."""
+    gives the logits of recomputing the whole sequence, up to the full ``block_size``. A stack that
+    declares ``batched = True`` must also decode rows at different positions in one batch (a ragged
+    cache) exactly as each row alone."""
     family = _build(blocks, options)
     config = _tiny_config()
     torch.manual_seed(0)
-    model = GPT(config, family.build(config, _ReferenceAttention())).double().eval()
+    model = GPT(config, family.build(config, Attend(_ReferenceAttention()))).double().eval()
     ids = torch.randint(0, config.vocab_size, (2, config.block_size), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(config.block_size)
     hidden = model.blocks(model.wte(ids), positions, None)
@@ -147,12 +192,34 @@ def check_blocks(blocks: Any, **options: Any) -> None:
     error = (cached - full).abs().max().item()
     assert error < 1e-9, f"cached decoding differs from recomputation by {error:.2e}"
     assert len(cache) == config.block_size, "the cache should hold every position after decoding them"
+    if getattr(model.blocks, "batched", False):
+        _check_ragged_rows(model, ids[0], full[0])
     model.train()
     _, loss = model(ids[:, :-1], ids[:, 1:])
     loss.backward()
     for name, param in model.named_parameters():
         assert param.grad is not None, f"parameter {name} gets no gradient"
         assert torch.isfinite(param.grad).all(), f"parameter {name} has a non-finite gradient"
+
+
+def _check_ragged_rows(model: GPT, ids: torch.Tensor, full: torch.Tensor) -> None:
+    """Three rows prefilled alone to 3, 7 and 11 positions join one ragged cache; decoding the next tokens
+    of all three together gives each row's logits of recomputation."""
+    lengths = [3, 7, 11]
+    batch: KVCache | None = None
+    for row, length in enumerate(lengths):
+        alone = KVCache(model.config.block_size)
+        model(ids[None, :length], cache=alone)
+        if batch is None:
+            batch = KVCache.batch_like(alone, len(lengths))
+        batch.copy_row(row, alone)
+    assert batch is not None
+    for step in range(4):
+        tokens = torch.stack([ids[length + step] for length in lengths])[:, None]
+        logits, _ = model(tokens, cache=batch)
+        for row, length in enumerate(lengths):
+            error = (logits[row, -1] - full[length + step]).abs().max().item()
+            assert error < 1e-9, f"a ragged row at position {length + step} differs from recomputation by {error:.2e}"
 
 
 def check_sampler(sampler: Any, **options: Any) -> None:
@@ -193,7 +260,7 @@ def check_optimizer(optimizer: Any, **options: Any) -> None:
     config = _tiny_config()
     torch.manual_seed(0)
     blocks, _ = plugins.create("blocks", config.blocks)
-    model = GPT(config, blocks.build(config, _ReferenceAttention()))
+    model = GPT(config, blocks.build(config, Attend(_ReferenceAttention())))
     train = TrainConfig(lr=3e-3, warmup_steps=0)
     from anexa_core.train.optim import combine
 

@@ -78,7 +78,9 @@ def _train_run(sherlock_path, tmp_path):
 
 def _expected_model_meta(run):
     tokenizer_options = {"vocab_size": 300, "max_train_chars": 100_000_000}
-    model_config = dataclasses.replace(run["model_config"], vocab_size=300, blocks_options={"bias": False})
+    model_config = dataclasses.replace(
+        run["model_config"], vocab_size=300, blocks_options={"bias": False, "gelu": "exact"}
+    )
     train_config = dataclasses.replace(
         run["train_config"],
         decay_steps=6,
@@ -90,7 +92,7 @@ def _expected_model_meta(run):
         "anexa_version": VERSION,
         "model_config": dataclasses.asdict(model_config),
         "plugins": {
-            "blocks": _provenance("gpt2", {"bias": False}),
+            "blocks": _provenance("gpt2", {"bias": False, "gelu": "exact"}),
             "attention": _provenance("math", {}),
             "tokenizer": _provenance("bpe", tokenizer_options),
         },

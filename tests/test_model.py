@@ -115,7 +115,7 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     assert meta["step"] == 7 and meta["model_config"]["n_layer"] == 2
     assert meta["plugins"]["blocks"] == {
         "name": "gpt2",
-        "options": {"bias": True},
+        "options": {"bias": True, "gelu": "exact"},
         "distribution": "anexa",
         "version": meta["anexa_version"],
     }

@@ -127,7 +127,10 @@ def test_resume_allows_what_does_not_change_the_meaning(sherlock_path, tmp_path)
     assert same[0].attention == "math" and same[1].steps == 4
     # Shorthands for plugin options are compared with the option recorded for the plugin.
     unchanged = resume_configs(tmp_path, {"weight_decay": 0.1, "beta2": 0.99, "bias": True, "n_head": None})
-    assert unchanged[1].optimizer_options == ADAMW_DEFAULTS and unchanged[0].blocks_options == {"bias": True}
+    assert unchanged[1].optimizer_options == ADAMW_DEFAULTS and unchanged[0].blocks_options == {
+        "bias": True,
+        "gelu": "exact",
+    }
     assert unchanged[0].n_head == 2  # a flag not given (None) changes nothing
     other = resume_configs(tmp_path, {"attention": "sdpa"}, {"attention": {}})
     assert other[0].attention == "sdpa" and other[0].attention_options == {}

@@ -26,12 +26,18 @@ RELEASED = {
         "tokenizer_cache": "anexa-tokenizer-cache/1",
         "contract": "36dabbc958356f4c",
     },
+    "0.3.0": {
+        "checkpoint": "anexa/2",
+        "tokens": "anexa-tokens/1",
+        "tokenizer_cache": "anexa-tokenizer-cache/1",
+        "contract": "22972e76b308b2d1",
+    },
 }
 
 
 def contract_fingerprint() -> str:
     """SHA-256 (first 16 hex digits) of the hook specs' names and arguments, each interface's public
-    members with their signatures, and the table of plugin kinds."""
+    members with their signatures, the optional members each kind may offer, and the table of kinds."""
     hooks = {
         name: list(inspect.signature(fn).parameters)
         for name, fn in vars(hookspecs).items()
@@ -47,7 +53,8 @@ def contract_fingerprint() -> str:
             members[member] = str(inspect.signature(value)) if callable(value) else "attribute"
         protocols[name] = members
     kinds = {kind.name: [kind.hook, kind.singular, kind.setting, kind.config] for kind in KINDS.values()}
-    text = json.dumps({"hooks": hooks, "protocols": protocols, "kinds": kinds}, sort_keys=True)
+    optional = {name: list(members) for name, members in interfaces.OPTIONAL_MEMBERS.items()}
+    text = json.dumps({"hooks": hooks, "protocols": protocols, "optional": optional, "kinds": kinds}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -1,41 +1,29 @@
-"""Incremental decoding with a KV cache, streamed as token ids or text.
+"""Decoding one prompt, streamed as token ids or text: the single-request face of the engine.
 
-A prompt longer than the context is cropped from the left. While the context has room, each new token
-costs one position through the model. What happens when it is full is the *context policy*:
-
-- ``shift`` (default): keep the most recent half of the window, recompute it once into a fresh cache,
-  and continue one position per token until the window is full again. Each recompute buys
-  ``block_size / 2`` cheap tokens, so long outputs cost little more than short ones. The model sees a
-  window of between half and all of ``block_size`` tokens.
-- ``sliding``: nanoGPT's ``generate`` exactly — every token is predicted from the last ``block_size``
-  tokens, which means recomputing the whole window for each token once it is full (learned positions
-  cannot be shifted inside a cache). Identical output to recomputation, at recomputation's cost.
-
-Both are identical to recomputation until the window first fills.
+:func:`generate_ids` runs one request through :class:`~anexa_core.infer.engine.Engine` (which holds the
+KV cache and the context policies), :func:`decode_stream` turns ids into text pieces as they arrive, and
+:func:`generate_text` joins the two with stop strings. A prompt longer than the context is cropped from
+the left.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Collection, Generator, Iterator, Sequence
 
 import torch
 
 from anexa_core.data.corpus import normalize_text
-from anexa_core.device import decoding_autocast
-from anexa_core.errors import AnexaError
+from anexa_core.infer.engine import CONTEXT_POLICIES, Engine, Request
 from anexa_core.infer.sampling import stream_until_stop
-from anexa_core.model.cache import KVCache
 from anexa_core.model.gpt import GPT
 
-CONTEXT_POLICIES = ("shift", "sliding")
-
+__all__ = ["CONTEXT_POLICIES", "decode_stream", "encode_prompt", "generate_ids", "generate_text"]
 
 MAX_PENDING_TOKENS = 16
 """Tokens the text stream holds back while they decode to an unfinished character (U+FFFD) before
 giving up and showing the replacement character: UTF-8 characters are at most 4 bytes."""
 
 
-@torch.no_grad()
 def generate_ids(
     model: GPT,
     prompt_ids: Sequence[int],
@@ -44,57 +32,19 @@ def generate_ids(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     context: str = "shift",
+    stop_ids: Collection[int] = (),
 ) -> Iterator[int]:
-    """Yield ``max_new_tokens`` ids; ``chain.pick(logits, context_ids, generator)`` chooses each one.
+    """Yield up to ``max_new_tokens`` ids; ``chain.pick(logits, context_ids, generator)`` chooses each one,
+    and a pick in ``stop_ids`` (the tokenizer's end of turn) ends the output without being yielded.
 
-    ``context`` is the context policy (see the module docstring). ``use_cache=False`` recomputes the
-    whole window for every token: the reference the cache is tested and benchmarked against (equal to
-    ``sliding``).
+    ``context`` is the context policy (see :mod:`anexa_core.infer.engine`). ``use_cache=False`` recomputes
+    the whole window for every token: the reference the cache is tested and benchmarked against (equal
+    to ``sliding``). Raises :class:`~anexa_core.AnexaError` for an empty prompt or an unknown policy.
     """
-    if not prompt_ids:
-        raise AnexaError("the prompt is empty: give at least one character of text")
-    if context not in CONTEXT_POLICIES:
-        raise AnexaError(f"unknown context policy {context!r}: use one of {', '.join(CONTEXT_POLICIES)}")
-    model.eval()
-    block_size = model.config.block_size
-    keep = max(1, block_size // 2) if context == "shift" else block_size
-    device = next(model.parameters()).device
-    prompt = list(prompt_ids)[-block_size:]
-    # Every id so far, for the samplers (a repetition penalty looks back): a buffer that doubles when
-    # full, so appending stays O(1) per token; ``history`` is the filled part.
-    buffer = torch.empty(1, max(16, 2 * (len(prompt) + max_new_tokens // 8)), dtype=torch.long, device=device)
-    buffer[0, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-    history = buffer[:, : len(prompt)]
-    cache = None
-
-    def forward_window(length: int) -> torch.Tensor:
-        """Logits after the last ``length`` tokens, recomputed into a fresh cache."""
-        nonlocal cache
-        cache = KVCache(block_size) if use_cache else None
-        with decoding_autocast(device):
-            logits, _ = model(history[:, -length:], cache=cache, last_only=True)
-        return logits[:, -1, :].float()
-
-    def forward_next(token: torch.Tensor) -> torch.Tensor:
-        if cache is None:
-            return forward_window(block_size)
-        if len(cache) >= block_size:
-            return forward_window(keep)
-        with decoding_autocast(device):
-            logits, _ = model(token, cache=cache, last_only=True)
-        return logits[:, -1, :].float()
-
-    logits = forward_window(block_size)
-    for produced in range(1, max_new_tokens + 1):
-        next_id = chain.pick(logits, history, generator).view(1, 1).to(device)
-        length = history.size(1)
-        if length == buffer.size(1):
-            buffer = torch.cat([buffer, torch.empty_like(buffer)], dim=1)
-        buffer[:, length] = next_id[:, 0]
-        history = buffer[:, : length + 1]
-        yield int(next_id)
-        if produced < max_new_tokens:  # no forward pass for a token nobody asked for
-            logits = forward_next(next_id)
+    engine = Engine(model, max_rows=1, use_cache=use_cache)
+    request = Request(prompt_ids, max_new_tokens, chain, generator=generator, stop_ids=stop_ids, context=context)
+    for _, token in engine.run([request]):
+        yield token.id
 
 
 def decode_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:
@@ -122,29 +72,36 @@ def decode_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:
             yield tail
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """The ids ``generate_text`` feeds for ``prompt``: normalised like training text
-    (:func:`~anexa_core.data.corpus.normalize_text`), then encoded. Raises the tokenizer's ``AnexaError`` for text
-    it cannot encode."""
-    return tokenizer.encode(normalize_text(prompt))
+def encode_prompt(tokenizer, prompt: str, bos: bool = True) -> list[int]:
+    """The ids fed for ``prompt``: normalised like training text
+    (:func:`~anexa_core.data.corpus.normalize_text`), encoded, and — when ``bos`` and the tokenizer asks
+    for it (``add_bos``, a pretrained model's) — after its BOS id. A rendered chat template writes its own
+    special tokens: encode those with ``bos=False``. Raises the tokenizer's ``AnexaError`` for text it
+    cannot encode."""
+    ids = tokenizer.encode(normalize_text(prompt))
+    bos_id = getattr(tokenizer, "bos_id", None)
+    if bos and getattr(tokenizer, "add_bos", False) and bos_id is not None:
+        ids = [bos_id, *ids]
+    return ids
 
 
 def generate_text(
     model: GPT,
     tokenizer,
-    prompt: str,
+    prompt: str | Sequence[int],
     max_new_tokens: int,
     chain,
     seed: int | None = None,
     stop: Sequence[str] = (),
     context: str = "shift",
 ) -> Generator[str, None, None]:
-    """Stream the continuation of ``prompt`` as text, ending early at any ``stop`` string (not included).
-
-    The prompt goes through the same normalisation as training text (:func:`~anexa_core.data.corpus.normalize_text`).
-    """
+    """Stream the continuation of ``prompt`` (text, encoded with :func:`encode_prompt`, or ids already
+    encoded) as text, ending at the tokenizer's end-of-turn ids (``eos_ids``, never shown) or at any
+    ``stop`` string (not included)."""
     generator = None
     if seed is not None:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    ids = generate_ids(model, encode_prompt(tokenizer, prompt), max_new_tokens, chain, generator, context=context)
+    prompt_ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+    stop_ids = getattr(tokenizer, "eos_ids", ())
+    ids = generate_ids(model, prompt_ids, max_new_tokens, chain, generator, context=context, stop_ids=stop_ids)
     yield from stream_until_stop(decode_stream(tokenizer, ids), stop)

@@ -1,4 +1,9 @@
-"""The KV cache: keys and values of the positions decoded so far, so each new token costs one position."""
+"""The KV cache: keys and values of the positions decoded so far, so each new token costs one position.
+
+One preallocated buffer pair per attention layer, ``(rows, kv_heads, max_len, head_dim)``. Rows are
+sequences. Usually they advance together; in the batched engine they are *ragged*: each row holds its
+own number of positions, so requests of different lengths decode in one forward pass.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +11,126 @@ import torch
 
 
 class KVCache:
-    """Keys and values of the positions seen so far: one preallocated buffer pair per attention layer.
+    """Keys and values of the positions seen so far: one buffer pair per attention layer.
 
-    The whole protocol is :meth:`update`: an attention layer passes its new keys and values and gets
-    back everything it has stored, to attend over. Each layer's length advances inside its own
-    ``update``; nothing else moves. ``len(cache)`` is the number of positions stored, read by the model
-    *between* forward passes to number the next tokens (a blocks plugin gets them as ``positions``).
+    The protocol for an attention layer ``i`` is :meth:`update`, then :meth:`lengths`: it passes its new
+    keys and values and gets back everything it has stored to attend over, and ``lengths(i)`` says how
+    many of those positions are valid in each row (``None`` when every row has them all, the usual
+    case). Each layer's lengths advance inside its own ``update``; nothing else moves. The model reads
+    :meth:`positions` *between* forward passes to number the next tokens (a blocks plugin gets them as
+    ``positions``).
     """
 
     def __init__(self, max_len: int):
-        """``max_len``: the most positions it will hold (the model's ``block_size``)."""
+        """``max_len``: the most positions a row holds (the model's ``block_size``). Rows start empty and
+        advance together; :meth:`batch_like` makes a ragged cache."""
         self.max_len = max_len
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
-        self._lengths: list[int] = []
+        self._lengths: list[int] = []  # per layer, while rows advance together
+        self._row_lengths: list[torch.Tensor] | None = None  # per layer (B,) int64, for ragged rows
+
+    @classmethod
+    def batch_like(cls, source: KVCache, rows: int) -> KVCache:
+        """An empty ragged cache of ``rows`` rows with ``source``'s layers, heads, dtype and device."""
+        cache = cls(source.max_len)
+        for keys in source._keys:
+            shape = (rows, *keys.shape[1:])
+            cache._keys.append(keys.new_zeros(shape))
+            cache._values.append(keys.new_zeros(shape))
+        cache._lengths = [0] * len(source._keys)
+        device = source._keys[0].device if source._keys else None
+        cache._row_lengths = [torch.zeros(rows, dtype=torch.long, device=device) for _ in source._keys]
+        return cache
+
+    @property
+    def ragged(self) -> bool:
+        """Whether rows may hold different numbers of positions."""
+        return self._row_lengths is not None
 
     def __len__(self) -> int:
+        """Positions held: every row's, or the longest row's when they differ."""
+        if self._row_lengths is not None:
+            lengths = self._row_lengths[0]
+            return int(lengths.max()) if len(lengths) else 0
         return self._lengths[0] if self._lengths else 0
+
+    def positions(self, length: int, device: torch.device) -> torch.Tensor:
+        """The absolute positions of the next ``length`` tokens: (T,) int64, or (B, T) for ragged rows."""
+        steps = torch.arange(length, device=device)
+        if self._row_lengths is None:
+            return steps + len(self)
+        return self._row_lengths[0].to(device)[:, None] + steps
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k, v`` (B, H, T, D) to layer ``layer``; return its keys and values so far (B, H, T', D).
 
-        Layers are numbered 0, 1, … in the order they first call. Raises ``ValueError`` beyond ``max_len``.
+        For ragged rows each row's ``T`` new positions land after its own last one, and ``T'`` is the
+        longest row's length (the others are padded: see :meth:`lengths`). Layers are numbered 0, 1, … in
+        the order they first call. Raises ``ValueError`` beyond ``max_len``.
         """
-        if layer == len(self._keys):
+        if layer == len(self._keys) and self._row_lengths is None:
             shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self._keys.append(k.new_empty(shape))
-            self._values.append(v.new_empty(shape))
+            # Zeros, not empty memory: a padded slot is masked out, and 0 × a finite value stays 0.
+            self._keys.append(k.new_zeros(shape))
+            self._values.append(v.new_zeros(shape))
             self._lengths.append(0)
-        elif layer > len(self._keys):
+        elif layer >= len(self._keys):
             raise ValueError(f"KV cache layers must be used in order 0, 1, …: got layer {layer} first")
-        start = self._lengths[layer]
-        end = start + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
-        self._keys[layer][:, :, start:end] = k
-        self._values[layer][:, :, start:end] = v
-        self._lengths[layer] = end
-        return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
+        if self._row_lengths is None:
+            start = self._lengths[layer]
+            end = start + k.size(2)
+            if end > self.max_len:
+                raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+            self._keys[layer][:, :, start:end] = k
+            self._values[layer][:, :, start:end] = v
+            self._lengths[layer] = end
+            return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
+        lengths = self._row_lengths[layer]
+        longest = int(lengths.max()) + k.size(2)
+        if longest > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {longest} requested")
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        slots = lengths[:, None] + torch.arange(k.size(2), device=k.device)  # (B, T)
+        self._keys[layer][rows, :, slots] = k.transpose(1, 2)  # advanced indexing: (B, T, H, D)
+        self._values[layer][rows, :, slots] = v.transpose(1, 2)
+        lengths.add_(k.size(2))  # in place: a narrowed view advances its parent's rows too
+        return self._keys[layer][:, :, :longest], self._values[layer][:, :, :longest]
+
+    def lengths(self, layer: int) -> torch.Tensor | None:
+        """Valid positions per row (B,) int64 of what layer ``layer``'s last :meth:`update` returned, or
+        ``None`` when every row has them all. Pass it to the attention as ``lengths``."""
+        return None if self._row_lengths is None else self._row_lengths[layer]
+
+    # --- rows of the batched engine -----------------------------------------------------------------
+
+    def row_length(self, row: int) -> int:
+        """Positions held by row ``row``."""
+        return len(self) if self._row_lengths is None else int(self._row_lengths[0][row])
+
+    def copy_row(self, row: int, source: KVCache, source_row: int = 0) -> None:
+        """Ragged row ``row`` becomes a copy of ``source``'s row ``source_row``, its length too: how a
+        request prefilled on its own joins the batch."""
+        assert self._row_lengths is not None, "copy_row needs a ragged cache (KVCache.batch_like)"
+        length = source.row_length(source_row)
+        for layer in range(len(self._keys)):
+            self._keys[layer][row, :, :length] = source._keys[layer][source_row, :, :length]
+            self._values[layer][row, :, :length] = source._values[layer][source_row, :, :length]
+            self._row_lengths[layer][row] = length
+
+    def free_row(self, row: int) -> None:
+        """Row ``row`` holds nothing any more (its memory is reused by the next request)."""
+        assert self._row_lengths is not None, "free_row needs a ragged cache (KVCache.batch_like)"
+        for lengths in self._row_lengths:
+            lengths[row] = 0
+
+    def narrow(self, rows: int) -> KVCache:
+        """A cache over the first ``rows`` rows sharing this one's memory: what it stores and how far its
+        rows advance is this cache's too."""
+        view = KVCache(self.max_len)
+        view._keys = [keys[:rows] for keys in self._keys]
+        view._values = [values[:rows] for values in self._values]
+        view._lengths = list(self._lengths)
+        if self._row_lengths is not None:
+            view._row_lengths = [lengths[:rows] for lengths in self._row_lengths]
+        return view

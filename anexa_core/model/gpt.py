@@ -7,6 +7,7 @@ attention plugin. The core embeds tokens, numbers their positions, owns the head
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from torch import nn
 
 from anexa_core import plugins
 from anexa_core.config import ModelConfig
+from anexa_core.interfaces import Attention
 from anexa_core.model.cache import KVCache
 
 
@@ -28,6 +30,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = blocks
+        self.batched = bool(getattr(blocks, "batched", False))  # rows at different positions in one batch
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
         if config.tie_embeddings:
@@ -43,12 +46,17 @@ class GPT(nn.Module):
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids ``idx`` (B, T) int64, and the mean cross-entropy (nats per
-        token) when ``targets`` (B, T) are given. With ``cache``, ``idx`` continues the cached positions.
+        token) when ``targets`` (B, T) are given (targets of -100 are ignored: prompt tokens in
+        fine-tuning). With ``cache``, ``idx`` continues each row's cached positions.
 
         ``last_only`` computes logits for the final position only, which is all decoding needs.
         """
-        start = len(cache) if cache is not None else 0
-        positions = torch.arange(start, start + idx.size(1), device=idx.device)
+        if cache is None:
+            positions = torch.arange(idx.size(1), device=idx.device)
+        else:
+            if cache.ragged and not self.batched:
+                raise ValueError(f"blocks {self.config.blocks!r} do not decode ragged rows (no `batched`)")
+            positions = cache.positions(idx.size(1), idx.device)
         hidden = self.blocks(self.drop(self.wte(idx)), positions, cache)
         if last_only:
             hidden = hidden[:, -1:, :]
@@ -98,4 +106,38 @@ def build_model(config: ModelConfig, needed_by: dict | None = None) -> GPT:
         "attention", config.attention, config.attention_options, needed_by.get("attention")
     )
     config = dataclasses.replace(config, blocks_options=blocks_options, attention_options=attention_options)
-    return GPT(config, blocks.build(config, attention))
+    return GPT(config, blocks.build(config, Attend(attention)))
+
+
+class Attend:
+    """An attention plugin as the blocks call it: ``(q, k, v, *, causal, lengths=None)``.
+
+    The contract (:class:`~anexa_core.interfaces.Attention`) lets blocks pass keys and values with fewer
+    heads than the queries (grouped-query) and per-row ``lengths`` (ragged rows of the batched engine).
+    A plugin that declares ``grouped_query`` or ``ragged`` gets them as they are; for one that does not,
+    this repeats the key/value heads, or runs each row alone over its valid keys — slower, never wrong.
+    """
+
+    def __init__(self, plugin: Attention):
+        self.plugin: Any = plugin  # called with `lengths` only when it declares `ragged`
+        self.grouped_query = bool(getattr(plugin, "grouped_query", False))
+        self.ragged = bool(getattr(plugin, "ragged", False))
+
+    def __repr__(self) -> str:
+        return repr(self.plugin)
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if k.size(1) != q.size(1) and not self.grouped_query:
+            group = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        if lengths is None:
+            return self.plugin(q, k, v, causal=causal)
+        if self.ragged:
+            return self.plugin(q, k, v, causal=causal, lengths=lengths)
+        rows = [
+            self.plugin(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], causal=causal)
+            for b, n in enumerate(lengths.tolist())
+        ]
+        return torch.cat(rows)

@@ -302,27 +302,54 @@ def _prefers_math(q: torch.Tensor, k: torch.Tensor) -> bool:
     )
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """PyTorch's SDPA with bottom-right causal alignment when queries are fewer than keys.
 
-    (SDPA's own ``is_causal`` aligns top-left; a single query sees every key either way.) PyTorch picks
-    the backend, except when training on CPU in bf16/fp16 with at most :data:`CPU_MATH_MAX_KEYS` keys,
-    where its math backend is the faster one.
+    ``q`` (B, H, Tq, D); ``k``, ``v`` (B, Hkv, Tk, D) with ``H`` a multiple of ``Hkv`` (grouped-query
+    attention: query head ``h`` reads key/value head ``h // (H / Hkv)``, Ainslie et al. 2023).
+    ``lengths`` (B,) int64, optional: row ``b`` has ``lengths[b]`` valid keys (the rest is padding) and
+    its queries are its last ``Tq`` valid positions, so query ``i`` sees keys ``j < lengths[b]`` and, when
+    causal, ``j <= lengths[b] - Tq + i``. (SDPA's own ``is_causal`` aligns top-left; a single query sees
+    every key either way.) PyTorch picks the backend, except when training on CPU in bf16/fp16 with at
+    most :data:`CPU_MATH_MAX_KEYS` keys, where its math backend is the faster one.
     """
     if _prefers_math(q, k):
         with sdpa_kernel(SDPBackend.MATH):
-            return _sdpa(q, k, v, causal)
-    return _sdpa(q, k, v, causal)
+            return _sdpa(q, k, v, causal, lengths)
+    return _sdpa(q, k, v, causal, lengths)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def visible_keys(t_q: int, t_k: int, causal: bool, lengths: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The boolean mask of which key each query sees: (Tq, Tk), or (B, 1, Tq, Tk) with ``lengths`` (see
+    :func:`sdpa_attention`). A query that would see no key (a padded query of a short row) sees key 0, so
+    no row of the softmax is empty."""
+    keys = torch.arange(t_k, device=device)
+    if lengths is None:
+        return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+    ends = lengths.to(device)[:, None, None, None]  # (B, 1, 1, 1)
+    mask = keys < ends
+    if causal:
+        last = ends - t_q + torch.arange(t_q, device=device)[:, None]  # (B, 1, Tq, 1): each query's last key
+        mask = mask & (keys <= last)
+    return mask | (keys == 0)
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     t_q, t_k = q.shape[2], k.shape[2]
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    if lengths is not None:
+        mask = visible_keys(t_q, t_k, causal, lengths, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
     if not causal or t_q == 1:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, **gqa)
     if t_q == t_k:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    visible = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+    visible = visible_keys(t_q, t_k, causal, None, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, **gqa)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:

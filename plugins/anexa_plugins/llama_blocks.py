@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +22,15 @@ from anexa_core import AnexaError, hookimpl
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate ``x`` (B, H, T, D) by the angles of ``positions`` (T,): pairs (i, i + D/2) turn by
-    ``position / theta^(2i/D)``. A dot product of two rotated vectors depends only on their distance."""
+    """Rotate ``x`` (B, H, T, D) by the angles of ``positions`` (T,), or (B, T) for rows at different
+    positions: pairs (i, i + D/2) turn by ``position / theta^(2i/D)``. A dot product of two rotated vectors
+    depends only on their distance."""
     half = x.size(-1) // 2
     dtype = torch.promote_types(x.dtype, torch.float32)  # angles in float32 at least, float64 for a float64 x
     inv_freq = theta ** (-torch.arange(0, half, device=x.device, dtype=dtype) / half)
-    angles = positions.to(dtype)[:, None] * inv_freq[None, :]  # (T, D/2)
+    angles = positions.to(dtype)[..., None] * inv_freq  # (T, D/2) or (B, T, D/2)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # (B, 1, T, D/2): the same angles for every head
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     first, second = x[..., :half], x[..., half:]
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
@@ -39,7 +42,7 @@ class Attention(nn.Module):
         self.layer, self.attention, self.family = layer, attention, family
         self.n_head = config.n_head
         self.n_kv_head = family.n_kv_head or config.n_head
-        self.head_dim = config.head_dim
+        self.head_dim = family.head_dim or config.head_dim
         self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
@@ -57,12 +60,12 @@ class Attention(nn.Module):
             dtype = self.q_norm.weight.dtype
             q, k = self.q_norm(q.to(dtype)).to(v.dtype), self.k_norm(k.to(dtype)).to(v.dtype)
         q, k = rotary(q, positions, self.family.rope_theta), rotary(k, positions, self.family.rope_theta)
+        lengths = None
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # the cache keeps the (fewer) key/value heads
-        if self.n_kv_head != self.n_head:
-            repeat = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        y = self.attention(q, k, v, causal=True).transpose(1, 2).reshape(batch, time, -1)
+            lengths = cache.lengths(self.layer)
+        # Grouped-query: k and v keep their n_kv_head heads; the attention serves each to n_head / n_kv_head queries.
+        y = self.attention(q, k, v, causal=True, lengths=lengths).transpose(1, 2).reshape(batch, time, -1)
         return self.drop(self.o_proj(y))
 
 
@@ -104,6 +107,8 @@ class Block(nn.Module):
 class LlamaStack(nn.Module):
     """``n_layer`` blocks and the final RMSNorm; positions enter through the rotary embedding only."""
 
+    batched = True  # rows at different positions ((B, T) positions, ragged cache lengths) in one batch
+
     def __init__(self, config, attention, family: Llama):
         super().__init__()
         self.layers = nn.ModuleList(Block(config, attention, i, family) for i in range(config.n_layer))
@@ -133,14 +138,15 @@ class Llama:
     mlp_hidden: int = field(default=0, metadata={"help": "MLP width; 0: 8/3·n_embd (swiglu) or 4·n_embd"})
     qk_norm: bool = field(default=False, metadata={"help": "RMSNorm on queries and keys per head"})
     n_kv_head: int = field(default=0, metadata={"help": "key/value heads (grouped-query); 0: n_head"})
+    head_dim: int = field(default=0, metadata={"help": "width of each head; 0: n_embd / n_head"})
     norm_eps: float = 1e-5
     zero_init: bool = field(default=False, metadata={"help": "output projections start at zero"})
 
     def __post_init__(self) -> None:
         if not self.rope_theta > 1:
             raise AnexaError(f"llama rope_theta must be above 1, got {self.rope_theta}")
-        if self.mlp_hidden < 0 or self.n_kv_head < 0:
-            raise AnexaError("llama mlp_hidden and n_kv_head must not be negative (0 picks the default)")
+        if self.mlp_hidden < 0 or self.n_kv_head < 0 or self.head_dim < 0:
+            raise AnexaError("llama mlp_hidden, n_kv_head and head_dim must not be negative (0 picks the default)")
         if not self.norm_eps > 0:
             raise AnexaError(f"llama norm_eps must be positive, got {self.norm_eps}")
 
@@ -154,11 +160,67 @@ class Llama:
         return 4 * n_embd
 
     def build(self, config, attention) -> nn.Module:
-        if config.head_dim % 2:
-            raise AnexaError(f"rotary embeddings need an even head_dim, got {config.head_dim}: change n_embd or n_head")
+        head_dim = self.head_dim or config.head_dim
+        if head_dim % 2:
+            raise AnexaError(f"rotary embeddings need an even head_dim, got {head_dim}: change n_embd or n_head")
         if config.n_head % (self.n_kv_head or config.n_head):
             raise AnexaError(f"n_head ({config.n_head}) must be a multiple of llama n_kv_head ({self.n_kv_head})")
         return LlamaStack(config, attention, self)
+
+    hf_architectures: ClassVar[tuple[str, ...]] = ("LlamaForCausalLM", "Qwen3ForCausalLM")
+
+    @staticmethod
+    def import_hf(hf_config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+        """The inverse of :meth:`Llama.export_hf`: a transformers ``LlamaForCausalLM`` or ``Qwen3ForCausalLM``
+        (``config.json`` entries and weights under its names) as ``(model settings, blocks options, state dict
+        under Anexa's names)``. Grouped-query heads, a tied or untied head, ``rope_theta``, the RMSNorm
+        epsilon, Qwen3's QK-norm and a head width other than ``hidden_size / num_attention_heads`` carry over;
+        what these blocks cannot compute (rotary scaling, attention or MLP biases, another activation, sliding
+        windows) raises :class:`AnexaError` naming it."""
+        architecture = hf_config["architectures"][0]
+        name = f"{architecture} cannot be imported into blocks 'llama'"
+        rope = dict(hf_config.get("rope_parameters") or {})
+        scalings = [dict(part) for part in (hf_config.get("rope_scaling"), rope) if part]
+        kinds = [part.get("rope_type") or part.get("type") or "default" for part in scalings]
+        rope_type = next((kind for kind in kinds if kind != "default"), "default")
+        refusals = {
+            f"rotary scaling {rope_type!r}": rope_type != "default",
+            "attention biases": bool(hf_config.get("attention_bias")),
+            "MLP biases": bool(hf_config.get("mlp_bias")),
+            f"activation {hf_config.get('hidden_act')!r}": hf_config.get("hidden_act", "silu") != "silu",
+            "sliding-window attention": bool(hf_config.get("use_sliding_window"))
+            or any(kind != "full_attention" for kind in hf_config.get("layer_types") or []),
+        }
+        for what, refused in refusals.items():
+            if refused:
+                raise AnexaError(f"{name}: it uses {what}, which Anexa's llama blocks do not compute")
+        n_embd, n_head = int(hf_config["hidden_size"]), int(hf_config["num_attention_heads"])
+        n_kv_head = int(hf_config.get("num_key_value_heads") or n_head)
+        head_dim = int(hf_config.get("head_dim") or n_embd // n_head)
+        settings = {
+            "n_layer": int(hf_config["num_hidden_layers"]),
+            "n_head": n_head,
+            "n_embd": n_embd,
+            "block_size": int(hf_config.get("max_position_embeddings") or 2048),
+            "vocab_size": int(hf_config["vocab_size"]),
+            "tie_embeddings": bool(hf_config.get("tie_word_embeddings", "lm_head.weight" not in tensors)),
+        }
+        options = {
+            "rope_theta": float(rope.get("rope_theta") or hf_config.get("rope_theta") or 10000.0),
+            "mlp": "swiglu",
+            "mlp_hidden": int(hf_config["intermediate_size"]),
+            "qk_norm": architecture == "Qwen3ForCausalLM",
+            "n_kv_head": n_kv_head if n_kv_head != n_head else 0,
+            "head_dim": head_dim if head_dim * n_head != n_embd else 0,
+            "norm_eps": float(hf_config.get("rms_norm_eps", 1e-6)),
+        }
+        state = {"wte.weight": tensors["model.embed_tokens.weight"]}
+        for key, tensor in tensors.items():
+            if key.startswith("model.") and key != "model.embed_tokens.weight":
+                state["blocks." + key.removeprefix("model.")] = tensor
+        if not settings["tie_embeddings"]:
+            state["lm_head.weight"] = tensors["lm_head.weight"]
+        return settings, options, state
 
     def export_hf(self, config, state_dict):
         """Hugging Face's ``LlamaForCausalLM``, or ``Qwen3ForCausalLM`` with ``qk_norm`` (Qwen3's attention
@@ -189,7 +251,7 @@ class Llama:
             "num_hidden_layers": config.n_layer,
             "num_attention_heads": config.n_head,
             "num_key_value_heads": self.n_kv_head or config.n_head,
-            "head_dim": config.head_dim,
+            "head_dim": self.head_dim or config.head_dim,
             "max_position_embeddings": config.block_size,
             "rms_norm_eps": self.norm_eps,
             "hidden_act": "silu",

@@ -1,0 +1,365 @@
+"""The one inference engine: ``generate``, ``chat``, ``eval`` and the server all decode through it.
+
+Continuous batching, as llama.cpp's server, vLLM and TGI do it: every running request is a *row* of one
+batch; each :meth:`Engine.step` feeds every row its last token in one forward pass (rows at different
+lengths: a ragged :class:`~anexa_core.model.cache.KVCache`) and picks each row's next token with that
+request's own sampler chain and seeded generator. A finished or cancelled request leaves its row at the
+next step and a waiting one takes it, its prompt prefilled on its own and copied in. Memory is bounded:
+at most ``max_rows`` rows of at most ``block_size`` positions, and ``max_waiting`` requests in line.
+
+Past the context, a row follows its request's *context policy*:
+
+- ``shift`` (default): keep the most recent half of the window, recompute it once, and continue one
+  position per token until the window is full again. Each recompute buys ``block_size / 2`` cheap
+  tokens. The model sees between half and all of ``block_size`` tokens.
+- ``sliding``: nanoGPT's ``generate`` exactly — every token predicted from the last ``block_size``
+  tokens, recomputing the window for each token once it is full.
+
+Both equal recomputation until the window first fills; ``use_cache=False`` recomputes always (the
+reference the cache is tested and benchmarked against). Models whose blocks cannot decode rows at
+different positions (no ``batched``) run their requests one row at a time, correctly.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from anexa_core.device import decoding_autocast
+from anexa_core.errors import AnexaError
+from anexa_core.model.cache import KVCache
+from anexa_core.model.gpt import GPT
+
+CONTEXT_POLICIES = ("shift", "sliding")
+
+
+@dataclass
+class Request:
+    """One sequence to decode.
+
+    ``prompt_ids``: at least one id (cropped from the left to the context). ``chain``: what picks each
+    token, ``chain.pick(logits (1, V), context (1, T), generator) -> (1, 1)`` (a
+    :class:`~anexa_core.infer.sampling.SamplerChain`). ``seed``: the request's own generator (``None``:
+    torch's global one; ``generator`` gives one explicitly). ``stop_ids``: ids that end the reply (the
+    tokenizer's end of turn; not part of the output). ``logprobs``: ``None``, or N ≥ 0 — each generated
+    token's log-probability under the model (natural log) and the N most likely alternatives; ``echo``:
+    also the prompt's (each token given the ones before it; the first has none).
+    """
+
+    prompt_ids: Sequence[int]
+    max_new_tokens: int
+    chain: Any
+    seed: int | None = None
+    generator: torch.Generator | None = None
+    stop_ids: Collection[int] = ()
+    context: str = "shift"
+    logprobs: int | None = None
+    echo: bool = False
+
+
+@dataclass(frozen=True)
+class Token:
+    """A generated token: its id, its log-probability (``None`` unless asked for) and the top alternatives
+    ``[(id, logprob), …]`` (most likely first)."""
+
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class Stream:
+    """A request while the engine runs it. ``tokens``: generated so far (a stop id is not among them);
+    ``finish_reason``: ``None`` while running, then ``"stop"`` (a stop id), ``"length"``
+    (``max_new_tokens``) or ``"cancelled"``; ``prompt_tokens``: the prompt as fed (cropped);
+    ``prompt_logprobs``: with ``echo``, one per prompt token (``None`` for the first)."""
+
+    request: Request
+    prompt: list[int]
+    generator: torch.Generator | None
+    on_token: Callable[[Token], None] | None = None
+    tokens: list[Token] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    history: list[int] = field(default_factory=list)
+    row: int | None = None  # its slot in the batch's cache
+    cache: KVCache | None = None  # its own, when the engine runs one row at a time
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+
+class EngineBusy(AnexaError):
+    """Every row is taken and the waiting line is full."""
+
+
+class Engine:
+    """Decodes many requests together; see the module docstring.
+
+    ``max_rows``: requests decoded at once (rows of the batch); ``max_waiting``: requests that may wait for
+    a row (beyond: :class:`EngineBusy`). ``use_cache=False`` recomputes the window for every token.
+    :meth:`submit` and :meth:`cancel` may be called from any thread; :meth:`step` from one thread at a time.
+    """
+
+    def __init__(self, model: GPT, max_rows: int = 8, max_waiting: int | None = None, use_cache: bool = True):
+        if max_rows < 1:
+            raise ValueError("max_rows must be at least 1")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.block_size = model.config.block_size
+        self.max_rows = max_rows if getattr(model, "batched", False) and use_cache else 1
+        self.max_waiting = max_waiting
+        self.use_cache = use_cache
+        self.rows: list[Stream] = []  # running, in row order (row i of the batch cache)
+        self.waiting: deque[Stream] = deque()
+        self._cache: KVCache | None = None  # the batch's ragged cache, when more than one row
+        self._lock = threading.Lock()
+        self.forwards = 0  # forward passes run: one per step plus one per prefill (benchmarks read it)
+
+    # --- the outside world -------------------------------------------------------------------------
+
+    def submit(self, request: Request, on_token: Callable[[Token], None] | None = None) -> Stream:
+        """Queue ``request``; ``on_token`` is called (from the stepping thread) for each generated token.
+        Raises :class:`AnexaError` for an empty prompt or an unknown context policy, :class:`EngineBusy`
+        when the line is full."""
+        if not request.prompt_ids:
+            raise AnexaError("the prompt is empty: give at least one character of text")
+        if request.context not in CONTEXT_POLICIES:
+            raise AnexaError(f"unknown context policy {request.context!r}: use one of {', '.join(CONTEXT_POLICIES)}")
+        generator = request.generator
+        if generator is None and request.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        prompt = list(request.prompt_ids)[-self.block_size :]
+        stream = Stream(request, prompt, generator, on_token, history=list(prompt))
+        with self._lock:
+            if self.max_waiting is not None and len(self.rows) + len(self.waiting) >= self.max_rows + self.max_waiting:
+                raise EngineBusy(
+                    f"the engine is busy: {len(self.rows)} requests running and {len(self.waiting)} "
+                    "waiting; retry shortly"
+                )
+            self.waiting.append(stream)
+        return stream
+
+    def cancel(self, stream: Stream) -> None:
+        """Stop ``stream``; its row is freed at the next step."""
+        stream.cancelled = True
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is running or waiting."""
+        return bool(self.rows or self.waiting)
+
+    def run(self, requests: Sequence[Request]) -> Iterator[tuple[int, Token]]:
+        """Decode ``requests`` together (at most ``max_rows`` at a time) and yield ``(index, token)`` as
+        tokens come; the streams' states are in :attr:`last_streams` afterwards. Closing the iterator
+        cancels what is still running."""
+        produced: deque[tuple[int, Token]] = deque()
+
+        def collect(index: int) -> Callable[[Token], None]:
+            return lambda token: produced.append((index, token))
+
+        self.last_streams = [self.submit(request, collect(index)) for index, request in enumerate(requests)]
+        try:
+            while self.busy:
+                self.step()
+                while produced:
+                    yield produced.popleft()
+        finally:
+            for stream in self.last_streams:
+                if not stream.done:
+                    self.cancel(stream)
+            if self.busy:
+                self.step()  # frees the rows of what was cancelled
+
+    # --- one step -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One token for every running request: free what finished, admit what waits, recompute alone
+        the rows that need it (a new prompt; a full window, by the context policy), feed every other row
+        its last token in one forward pass, and pick each row's next token."""
+        self._release()
+        fresh = self._admit()
+        if not self.rows:
+            return
+        recompute = [s for s in self.rows if s in fresh or not self.use_cache or self._full(s)]
+        computed = {id(s): self._alone(s, self._window(s, s in fresh)) for s in recompute}
+        feed = [s for s in self.rows if id(s) not in computed]
+        self._arrange(feed, [(s, computed[id(s)][0]) for s in recompute])
+        logits = self._feed(feed) if feed else None
+        for stream in list(self.rows):
+            row_logits = computed[id(stream)][1] if id(stream) in computed else None
+            if row_logits is None:
+                assert logits is not None
+                row = stream.row or 0  # one row at a time: row 0
+                row_logits = logits[row : row + 1]
+            self._pick(stream, row_logits)
+        self._release()
+
+    def _window(self, stream: Stream, fresh: bool) -> list[int]:
+        """The ids to recompute: a new prompt whole; without a cache, or under ``sliding``, the last
+        ``block_size`` ids; under ``shift``, the most recent half of the window."""
+        if fresh or not self.use_cache or stream.request.context == "sliding":
+            return stream.history[-self.block_size :]
+        return stream.history[-max(1, self.block_size // 2) :]
+
+    def _full(self, stream: Stream) -> bool:
+        """Whether feeding ``stream``'s last token would overflow its window."""
+        length = len(stream.cache) if stream.cache is not None else self._batch_cache(None).row_length(stream.row or 0)
+        return length >= self.block_size
+
+    def _alone(self, stream: Stream, ids: list[int]) -> tuple[KVCache | None, torch.Tensor]:
+        """``ids`` through the model on their own: a fresh cache holding them (``None`` without a cache)
+        and the logits (1, V) float32 after the last."""
+        cache = KVCache(self.block_size) if self.use_cache else None
+        with decoding_autocast(self.device):
+            logits, _ = self.model(
+                torch.tensor([ids], dtype=torch.long, device=self.device), cache=cache, last_only=True
+            )
+        self.forwards += 1
+        return cache, logits[:, -1, :].float()
+
+    def _arrange(self, feed: list[Stream], recomputed: list[tuple[Stream, KVCache | None]]) -> None:
+        """Give the rows to feed the batch's first slots (so one narrowed view covers them) and the
+        recomputed rows the slots after, holding their fresh keys and values."""
+        if self.max_rows == 1:
+            for stream, cache in recomputed:
+                stream.cache = cache
+            return
+        batch = self._batch_cache(recomputed[0][1] if recomputed else None)
+        free = sorted(
+            {s.row for s, _ in recomputed if s.row is not None and s.row < len(feed)}
+            | (set(range(len(feed))) - {s.row for s in self.rows if s.row is not None})
+        )
+        for stream in feed:
+            if stream.row is not None and stream.row >= len(feed):
+                target = free.pop(0)
+                batch.copy_row(target, batch, stream.row)
+                stream.row = target
+        for slot, (stream, cache) in enumerate(recomputed, start=len(feed)):
+            assert cache is not None
+            batch.copy_row(slot, cache)
+            stream.row = slot
+        for slot in range(len(self.rows), self.max_rows):
+            batch.free_row(slot)
+
+    def _feed(self, feed: list[Stream]) -> torch.Tensor:
+        """Logits (rows, V) float32 after feeding each row of ``feed`` its last token: one forward pass."""
+        tokens = torch.tensor([[s.history[-1]] for s in sorted(feed, key=lambda s: s.row or 0)], device=self.device)
+        cache = feed[0].cache if self.max_rows == 1 else self._batch_cache(None).narrow(len(feed))
+        with decoding_autocast(self.device):
+            logits, _ = self.model(tokens, cache=cache, last_only=True)
+        self.forwards += 1
+        return logits[:, -1, :].float()
+
+    def _release(self) -> None:
+        for stream in [s for s in self.rows if s.cancelled or s.done]:
+            if stream.finish_reason is None:
+                stream.finish_reason = "cancelled"
+            self.rows.remove(stream)
+            if self._cache is not None and stream.row is not None:
+                self._cache.free_row(stream.row)
+            stream.row, stream.cache = None, None
+        with self._lock:
+            for stream in [s for s in self.waiting if s.cancelled]:
+                self.waiting.remove(stream)
+                stream.finish_reason = "cancelled"
+
+    def _admit(self) -> list[Stream]:
+        admitted = []
+        while len(self.rows) < self.max_rows:
+            with self._lock:
+                if not self.waiting:
+                    break
+                stream = self.waiting.popleft()
+            if stream.request.echo:
+                stream.prompt_logprobs = self._prompt_logprobs(stream)
+            if stream.request.max_new_tokens < 1:
+                stream.finish_reason = "length"
+                continue
+            self.rows.append(stream)
+            admitted.append(stream)
+        return admitted
+
+    def _batch_cache(self, like: KVCache | None) -> KVCache:
+        """The batch's ragged cache, allocated on first use with the layers of ``like`` (or of a one-token
+        probe forward)."""
+        if self._cache is None:
+            if like is None:
+                like = KVCache(self.block_size)
+                with decoding_autocast(self.device):
+                    self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=like)
+            self._cache = KVCache.batch_like(like, self.max_rows)
+        return self._cache
+
+    def _pick(self, stream: Stream, logits: torch.Tensor) -> None:
+        """The next token of ``stream`` from its ``logits`` (1, V); it finishes on a stop id or at its length."""
+        request = stream.request
+        context = torch.tensor([stream.history], dtype=torch.long, device=self.device)
+        picked = int(request.chain.pick(logits, context, stream.generator).view(-1)[0])
+        token = Token(picked, *self._logprobs(logits, picked, request.logprobs))
+        stream.history.append(picked)
+        if picked in request.stop_ids:
+            stream.finish_reason = "stop"
+            return
+        stream.tokens.append(token)
+        if stream.on_token is not None:
+            stream.on_token(token)
+        if len(stream.tokens) >= request.max_new_tokens:
+            stream.finish_reason = "length"
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, picked: int, top: int | None) -> tuple[float | None, list | None]:
+        if top is None:
+            return None, None
+        logp = torch.log_softmax(logits.float(), dim=-1)[0]
+        best = torch.topk(logp, top) if top else None
+        alternatives = list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else []
+        return float(logp[picked]), alternatives
+
+    def _prompt_logprobs(self, stream: Stream) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """Each prompt token's log-probability given the ones before it (and the top alternatives)."""
+        top = stream.request.logprobs or 0
+        scores = token_logprobs(self.model, torch.tensor([stream.prompt], device=self.device), top)
+        self.forwards += 1
+        return [None, *scores[0]]
+
+
+def token_logprobs(model: GPT, ids: torch.Tensor, top: int = 0) -> list[list[tuple[float, list[tuple[int, float]]]]]:
+    """For each row of ``ids`` (B, T) int64 and each position t ≥ 1: ``(log p(ids[t] | ids[:t]), the top
+    alternatives)`` in natural log, computed in float32 from one forward pass. Used for ``echo`` and
+    lm-evaluation-harness's loglikelihood requests."""
+    with torch.no_grad(), decoding_autocast(ids.device):
+        logits, _ = model(ids)
+    logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]
+    chosen = logp.gather(-1, ids[:, 1:, None])[..., 0]
+    best = torch.topk(logp, top) if top else None
+    rows = []
+    for b in range(ids.size(0)):
+        row = []
+        for t in range(ids.size(1) - 1):
+            alternatives = (
+                list(zip(best.indices[b, t].tolist(), best.values[b, t].tolist(), strict=True))
+                if best is not None
+                else []
+            )
+            row.append((float(chosen[b, t]), alternatives))
+        rows.append(row)
+    return rows
+
+
+def nats_to_bits(nats: float) -> float:
+    """A log-likelihood in nats as bits."""
+    return nats / math.log(2)

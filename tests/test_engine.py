@@ -1,0 +1,139 @@
+"""The batched engine: rows at different lengths decode together exactly as each would alone.
+
+Continuous batching (more requests than rows: finished ones leave, waiting ones take their row), both
+context policies past the window, greedy and seeded sampling, blocks and attention plugins that cannot
+batch (run one row at a time), stop ids, cancellation, a bounded queue, and log-probabilities equal to the
+model's own log-softmax.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import TINY, Greedy, Scaled, ScaledPlugin, registered, tiny_model
+
+from anexa_core.infer.engine import Engine, EngineBusy, Request, token_logprobs
+from anexa_core.infer.generation import generate_ids
+from anexa_core.infer.sampling import build_chain
+
+
+def _prompts(count: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [1, 5, 9, 14, 16, 20, 3, 7, 11, 2, 13, 6, 8, 4, 15, 10][:count]
+    return [torch.randint(0, TINY.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _run(engine: Engine, requests: list[Request]) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in requests]
+    for index, token in engine.run(requests):
+        out[index].append(token.id)
+    return out
+
+
+def _alone(model, request: Request, seed: int | None) -> list[int]:
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return list(
+        generate_ids(
+            model, request.prompt_ids, request.max_new_tokens, request.chain, generator, context=request.context
+        )
+    )
+
+
+@pytest.mark.parametrize("blocks", ["gpt2", "llama"])
+@pytest.mark.parametrize("sampler", [[], ["temperature=0"]])
+def test_rows_at_different_lengths_decode_as_each_would_alone(blocks, sampler):
+    """Eight requests (prompts of 1–20 tokens, past the 16-token window under both policies) on three rows."""
+    model = tiny_model(seed=3, blocks=blocks)
+    requests = [
+        Request(p, 40, build_chain(sampler), seed=100 + i, context="shift" if i % 2 else "sliding")
+        for i, p in enumerate(_prompts(8))
+    ]
+    engine = Engine(model, max_rows=3)
+    together = _run(engine, requests)
+    assert together == [_alone(model, r, 100 + i) for i, r in enumerate(requests)]
+    assert engine.max_rows == 3 and not engine.busy
+
+
+def test_a_seeded_request_gives_the_same_tokens_alone_or_beside_fifteen_others():
+    model = tiny_model(seed=4, blocks="llama")
+    requests = [Request(p, 25, build_chain(["top_p=0.9"]), seed=7 + i) for i, p in enumerate(_prompts(16, seed=1))]
+    together = _run(Engine(model, max_rows=16), requests)
+    for index, request in enumerate(requests):
+        assert _run(Engine(model, max_rows=16), [request]) == [together[index]]
+
+
+def test_plugins_that_cannot_batch_run_one_row_at_a_time_correctly(register_plugin):
+    """The reference blocks have no `batched`: the engine runs their requests one row at a time. The `scaled`
+    attention declares neither grouped-query nor ragged support: the model repeats its key/value heads and
+    attends row by row over each row's own keys."""
+    reference = tiny_model(seed=5, blocks="reference", n_layer=1)
+    engine = Engine(reference, max_rows=4)
+    assert engine.max_rows == 1
+    requests = [Request(p, 6, Greedy()) for p in _prompts(3)]
+    assert _run(engine, requests) == [_alone(reference, r, None) for r in requests]
+    with registered(ScaledPlugin(), "scaled-test"):
+        model = tiny_model(seed=6, blocks="llama", attention="scaled", blocks_options={"n_kv_head": 1})
+        exact = tiny_model(seed=6, blocks="llama", blocks_options={"n_kv_head": 1})
+        requests = [Request(p, 20, Greedy()) for p in _prompts(5)]
+        assert _run(Engine(model, max_rows=3), requests) == _run(Engine(exact, max_rows=3), requests)
+        assert not hasattr(Scaled, "ragged")
+
+
+def test_a_stop_id_ends_the_reply_and_is_not_part_of_it():
+    model = tiny_model(seed=7)
+    free = _run(Engine(model), [Request([1, 2, 3], 30, Greedy())])[0]
+    stop = free[5]
+    engine = Engine(model)
+    tokens = _run(engine, [Request([1, 2, 3], 30, Greedy(), stop_ids={stop})])[0]
+    assert tokens == free[: free.index(stop)] and engine.last_streams[0].finish_reason == "stop"
+    assert _run(Engine(model), [Request([1, 2, 3], 0, Greedy())]) == [[]]
+
+
+def test_cancelled_requests_free_their_row_and_the_queue_is_bounded():
+    model = tiny_model(seed=8)
+    engine = Engine(model, max_rows=2, max_waiting=1)
+    first, second = (engine.submit(Request([1, 2], 50, Greedy())) for _ in range(2))
+    engine.step()
+    assert len(engine.rows) == 2
+    waiting = engine.submit(Request([3], 5, Greedy()))
+    with pytest.raises(EngineBusy, match="the engine is busy: 2 requests running and 1 waiting"):
+        engine.submit(Request([4], 5, Greedy()))
+    engine.cancel(first)
+    engine.step()
+    assert first.finish_reason == "cancelled" and waiting in engine.rows and second in engine.rows
+    while engine.busy:
+        engine.step()
+    assert (second.finish_reason, waiting.finish_reason) == ("length", "length")
+    assert len(second.tokens) == 50 and len(waiting.tokens) == 5
+
+
+def test_logprobs_are_the_models_log_softmax_and_echo_scores_the_prompt():
+    model = tiny_model(seed=9, blocks="llama")
+    prompt = _prompts(1, seed=3)[0] + [5, 6, 7]
+    engine = Engine(model)
+    list(engine.run([Request(prompt, 4, Greedy(), logprobs=3, echo=True)]))
+    stream = engine.last_streams[0]
+    ids = torch.tensor([prompt + [t.id for t in stream.tokens]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids)[0].double(), -1)[0]
+    for step, token in enumerate(stream.tokens):
+        position = len(prompt) - 1 + step
+        assert token.logprob == pytest.approx(float(logp[position, token.id]), abs=1e-4)
+        assert [i for i, _ in token.top] == logp[position].topk(3).indices.tolist()
+    assert stream.prompt_logprobs[0] is None and len(stream.prompt_logprobs) == len(prompt)
+    for t, entry in enumerate(stream.prompt_logprobs[1:], start=1):
+        assert entry[0] == pytest.approx(float(logp[t - 1, prompt[t]]), abs=1e-4)
+    scores = token_logprobs(model, torch.tensor([prompt]))
+    assert [s for s, _ in scores[0]] == pytest.approx([e[0] for e in stream.prompt_logprobs[1:]], abs=1e-6)
+
+
+def test_a_ragged_batch_equals_each_row_through_sdpa_and_math():
+    """The same ragged step through the two built-in attentions that take `lengths` natively."""
+    for attention in ("sdpa", "math"):
+        model = tiny_model(seed=10, blocks="llama", attention=attention, blocks_options={"n_kv_head": 2})
+        requests = [Request(p, 12, Greedy()) for p in _prompts(6, seed=5)]
+        assert _run(Engine(model, max_rows=6), requests) == [_alone(model, r, None) for r in requests]
+
+
+def test_tiny_config_is_what_the_tests_assume():
+    assert dataclasses.replace(TINY).block_size == 16
