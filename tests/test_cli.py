@@ -120,7 +120,13 @@ def test_plugins_json_lists_builtins_with_versions():
         "options": {"attention": {"sdpa": []}},
     }
     assert listed["gpt2"]["options"]["blocks"]["gpt2"] == [
-        {"name": "bias", "type": "bool", "default": True, "help": "biases in linear layers and LayerNorms"}
+        {"name": "bias", "type": "bool", "default": True, "help": "biases in linear layers and LayerNorms"},
+        {
+            "name": "gelu",
+            "type": "'exact' | 'tanh'",
+            "default": "exact",
+            "help": "GELU exactly (erf), or its tanh approximation (OpenAI's GPT-2)",
+        },
     ]
     assert listed["corpora"]["registers"] == {"datasets": ["sherlock", "tinyshakespeare"]}
     table = runner.invoke(app, ["plugins"]).stdout

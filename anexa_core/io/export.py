@@ -35,7 +35,7 @@ from anexa_core.io.files import atomic_folder
 from anexa_core.io.load import load
 from anexa_core.kinds import SETTINGS
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "gguf")
 UPLOAD_COMMAND = "hf upload USER/NAME {out} ."
 """How to upload an exported folder with huggingface_hub's CLI (after ``hf auth login``)."""
 
@@ -66,11 +66,15 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False) ->
     if format not in FORMATS:
         raise AnexaError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     out = Path(out)
+    if format == "gguf":
+        return export_gguf(run, out, overwrite)
     _check_target(out, overwrite)
     loaded = load(run, "cpu")
     model, tokenizer, meta = loaded.model, loaded.tokenizer, loaded.meta
     hf_config, tensors = hf_model(model, meta)
     hf_tokenizer = tokenizer_hf(tokenizer, meta)
+    specials = special_tokens(tokenizer)
+    hf_config.update(specials["ids"])
     parameters = model.num_parameters()
     card = model_card(meta, hf_config, parameters, out)
     with atomic_folder(out, replace=out.exists()) as folder:
@@ -81,6 +85,7 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False) ->
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": model.config.block_size,
             "clean_up_tokenization_spaces": False,  # decode must give the text back exactly
+            **specials["config"],
         }
         (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
         (folder / "README.md").write_text(card, encoding="utf-8")
@@ -138,6 +143,26 @@ def hf_model(model, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tor
     # Copies: safetensors refuses tensors that share memory (a view, the same tensor under two names).
     tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in hf_state.items()}
     return hf_config, tensors
+
+
+def special_tokens(tokenizer) -> dict[str, dict[str, Any]]:
+    """What a pretrained model's tokenizer (the ``hf`` plugin) says is special, for ``config.json``
+    (``ids``: ``bos_token_id``, ``eos_token_id`` — every end-of-turn id) and ``tokenizer_config.json``
+    (``config``: the special tokens, ``add_bos_token``, ``chat_template``). Empty for Anexa's own
+    tokenizers, which have none."""
+    special = getattr(tokenizer, "special_tokens", None)
+    if not special:
+        return {"ids": {}, "config": {}}
+    eos_ids = list(getattr(tokenizer, "eos_ids", []))
+    ids = {
+        "bos_token_id": getattr(tokenizer, "bos_id", None),
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids or None,
+    }
+    config = {key: value for key, value in special.items() if value is not None}
+    config["add_bos_token"] = bool(getattr(tokenizer, "add_bos", False))
+    if getattr(tokenizer, "chat_template", None):
+        config["chat_template"] = tokenizer.chat_template
+    return {"ids": ids, "config": config}
 
 
 def tokenizer_hf(tokenizer, meta: dict[str, Any]):
@@ -305,3 +330,57 @@ def model_card(meta: dict[str, Any], hf_config: dict[str, Any], parameters: int,
         "",
     ]
     return "\n".join(lines)
+
+
+# --- GGUF -------------------------------------------------------------------------------------------
+
+
+def export_gguf(run: Path, out: Path, overwrite: bool = False, dtype: str = "f32") -> Exported:
+    """Write the model of ``run`` as one GGUF file ``out`` (``….gguf``) for llama.cpp and ollama: the same
+    transformers mapping as ``--format hf`` (:func:`hf_model`), through :func:`anexa_core.io.gguf.write_gguf`,
+    with the tokenizer and the chat template in the file's metadata.
+
+    Raises :class:`AnexaError` for an ``out`` that is not a ``.gguf`` path or exists (without
+    ``overwrite``), a char tokenizer (GGUF has no character-level tokenizer), GPT-2 blocks with the exact
+    GELU (llama.cpp's GPT-2 computes the tanh approximation), and what :func:`hf_model` refuses."""
+    from anexa_core.io import gguf
+
+    if out.suffix.lower() != ".gguf":
+        raise AnexaError(f"{out}: a GGUF export is one file: pass OUT ending in .gguf")
+    if out.is_dir() or (out.exists() and not overwrite):
+        raise AnexaError(f"{out} exists: pass --overwrite to replace it, or another file")
+    loaded = load(run, "cpu")
+    model, tokenizer, meta = loaded.model, loaded.tokenizer, loaded.meta
+    config = model.config
+    if config.blocks == "gpt2" and config.blocks_options.get("gelu", "exact") == "exact":
+        raise AnexaError(
+            "blocks 'gpt2' with gelu='exact' cannot be exported to GGUF: llama.cpp's GPT-2 computes the tanh "
+            "GELU, so its logits would differ; export --format hf, or train with -o blocks.gelu=tanh"
+        )
+    hf_config, tensors = hf_model(model, meta)
+    if meta["tokenizer"]["name"] == "hf":
+        state = tokenizer.state_dict()
+    elif meta["tokenizer"]["name"] == "char":
+        raise AnexaError(
+            "tokenizer 'char' cannot be exported to GGUF (llama.cpp has no character-level "
+            "tokenizer): export --format hf, or train with --tokenizer bpe"
+        )
+    else:
+        state = {
+            "type": "hf",
+            "tokenizer": tokenizer_hf(tokenizer, meta).to_str(),
+            "special_tokens": {},
+            "eos_tokens": [],
+            "add_bos": False,
+            "chat_template": None,
+        }
+    gguf.write_gguf(out, hf_config, tensors, state, name=out.stem, dtype=dtype)
+    return Exported(
+        out,
+        [out.name],
+        hf_config["architectures"][0],
+        model.num_parameters(),
+        meta.get("step"),
+        meta.get("val_loss"),
+        Path(meta["path"]),
+    )

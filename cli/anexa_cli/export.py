@@ -19,8 +19,18 @@ def export(
     run: Annotated[
         Path, typer.Argument(metavar="RUN", help="Run folder (its best checkpoint) or a .safetensors checkpoint.")
     ],
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write: new or empty, unless --overwrite.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="hf: a folder Hugging Face transformers loads.")] = "hf",
+    out: Annotated[
+        Path,
+        typer.Argument(metavar="OUT", help="Folder to write (hf: new or empty, unless --overwrite), or FILE.gguf."),
+    ],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="hf: a folder Hugging Face transformers loads; gguf: one file for llama.cpp and ollama.",
+        ),
+    ] = "hf",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a non-empty OUT (never an Anexa run).")
     ] = False,
@@ -32,6 +42,13 @@ def export(
     done = export_model(run, out, format, overwrite)
     val = f", val loss {done.val_loss:.4f}" if isinstance(done.val_loss, (int, float)) else ""
     quoted = shlex.quote(str(done.out))
+    if format == "gguf":
+        typer.echo(
+            f"exported {done.source} (step {done.step}{val}) to {done.out}: {done.architecture}, "
+            f"{done.parameters:,} parameters\n"
+            f"  run it: llama-cli -m {quoted}, or ollama: echo 'FROM {quoted}' > Modelfile && ollama create NAME"
+        )
+        return
     typer.echo(
         f"exported {done.source} (step {done.step}{val}) to {done.out}: {done.architecture}, "
         f"{done.parameters:,} parameters, {', '.join(done.files)}\n"

@@ -7,6 +7,7 @@ value of the wrong type) into one line and exit code 2, like Anexa's own errors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from anexa_cli.bench import bench_app
 from anexa_cli.errors import user_errors
 from anexa_cli.eval import evaluate
 from anexa_cli.export import export
+from anexa_cli.imports import import_model
 from anexa_cli.plot import plot
 from anexa_cli.serve import serve
 from anexa_core.errors import AnexaError
@@ -41,6 +43,7 @@ app.add_typer(bench_app, name="bench")
 app.command()(plot)
 app.command("eval")(evaluate)
 app.command()(export)
+app.command("import")(import_model)
 app.command()(serve)
 
 _type_column = TyperOption.display_type_rich
@@ -426,6 +429,7 @@ def generate(
 @user_errors
 def chat(
     model: Model = None,
+    system: Annotated[str | None, typer.Option(help="A system message that opens the conversation.")] = None,
     max_new_tokens: MaxNew = 200,
     temperature: Temperature = None,
     sample: Sample = None,
@@ -436,38 +440,56 @@ def chat(
     option: PluginOption = None,
     device: Device = "auto",
 ) -> None:
-    """Continue prompts interactively, streaming tokens; `quit`, `exit` or Ctrl-D ends."""
+    """Chat with a model, streaming its replies. The conversation is kept (the oldest turns are dropped when
+    it outgrows the context); a pretrained chat model gets its own template, other models a User:/Assistant:
+    transcript. `/reset` starts over; `quit`, `exit` or Ctrl-D ends."""
+    from anexa_core.infer.chat import Conversation, JinjaTemplate, template_for
     from anexa_core.infer.generation import encode_prompt, generate_text
 
     loaded, chain = _load(model, device, sample, temperature, option, attention)
-    tokenizer, meta = loaded.tokenizer, loaded.meta
+    tokenizer, meta, block_size = loaded.tokenizer, loaded.meta, loaded.model.config.block_size
+    template = template_for(tokenizer)
+    bos = not isinstance(template, JinjaTemplate)  # a model's own template writes its special tokens itself
+    conversation = Conversation(template)
+    if system:
+        conversation.add("system", system)
     val = meta.get("val_loss")
     val_text = f", val loss {val:.4f}" if isinstance(val, float) else ""
-    typer.echo(f"loaded {meta['path']}: step {meta.get('step')}{val_text}. `quit` to leave.")
-    stops = [_unescape(text) for text in stop or []]
+    kind = "its chat template" if not bos else "a User:/Assistant: transcript"
+    typer.echo(f"loaded {loaded.path}: step {meta.get('step')}{val_text}; chatting through {kind}. `quit` to leave.")
+    stops = [*(_unescape(text) for text in stop or []), *template.stop]
+    history = _line_editing()
     turn = 0
     while True:
         try:
             prompt = input("Prompt: ")
         except (EOFError, KeyboardInterrupt):
             typer.echo()
-            return
+            break
         if prompt.strip() in ("quit", "exit"):
             typer.echo()
-            return
+            break
+        if prompt.strip() == "/reset":
+            conversation = Conversation(template, conversation.messages[:1] if system else [])
+            typer.echo("(a new conversation)")
+            continue
         if not prompt:
             continue
-        try:
-            encode_prompt(tokenizer, prompt)  # refuse before printing "Response:"
+        conversation.add("user", prompt)
+        try:  # refuse before printing "Response:"
+            ids = conversation.prompt_ids(
+                lambda text: encode_prompt(tokenizer, text, bos), block_size, min(max_new_tokens, block_size // 2)
+            )
         except AnexaError as exc:
+            conversation.messages.pop()
             typer.echo(f"error: {exc}")
             continue
         sys.stdout.write("Response: ")
+        reply = []
         try:
             turn_seed = None if seed is None else seed + turn
-            for piece in generate_text(
-                loaded.model, tokenizer, prompt, max_new_tokens, chain, turn_seed, stops, context
-            ):
+            for piece in generate_text(loaded.model, tokenizer, ids, max_new_tokens, chain, turn_seed, stops, context):
+                reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except AnexaError as exc:
@@ -475,7 +497,34 @@ def chat(
         except KeyboardInterrupt:
             sys.stdout.write(" [interrupted]")
         sys.stdout.write("\n")
+        conversation.add("assistant", "".join(reply).strip())
         turn += 1
+    if history is not None:
+        history()
+
+
+def _line_editing():
+    """On a terminal: line editing and a history of what was typed (``$ANEXA_CACHE/chat_history``, 1,000
+    lines), through the readline module. Returns the function that saves the history, or ``None``."""
+    if not sys.stdin.isatty():
+        return None
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: input() still works, without history
+        return None
+    from anexa_core.data.corpus import cache_dir
+
+    path = cache_dir() / "chat_history"
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+
+    return save
 
 
 @app.command("plugins")

@@ -1,0 +1,322 @@
+"""``anexa import``: a pretrained model as an ordinary Anexa run.
+
+A source is a local Hugging Face folder (``config.json``, safetensors weights, tokenizer files), a hub
+id (``HuggingFaceTB/SmolLM2-135M-Instruct``: downloaded once through ``huggingface_hub`` into its cache,
+which ``HF_HUB_OFFLINE=1`` restricts to), a hub id with a GGUF file name (``org/repo/model.Q4_K_M.gguf``),
+or a local GGUF file (every tensor type the ``gguf`` package dequantizes). All three become transformers'
+representation — ``config.json`` entries and tensors under transformers' names — which the blocks plugin
+that names the architecture in its ``hf_architectures`` maps onto its own layout (``import_hf``, the
+inverse of its ``export_hf``). The model's own tokenizer, special tokens and chat template become the
+``hf`` tokenizer plugin's state. The result is a run folder holding ``model.safetensors``: ``chat``,
+``generate``, ``serve``, ``eval``, ``bench``, ``export`` and ``train --init-from`` take it like any run.
+
+Nothing is written unless all of it can be: the folder appears complete or not at all. Safetensors and
+GGUF only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from anexa_core import plugins
+from anexa_core.config import ModelConfig
+from anexa_core.errors import AnexaError
+from anexa_core.io import checkpoint
+from anexa_core.io.files import atomic_folder
+from anexa_core.model.gpt import build_model
+
+logger = logging.getLogger("anexa")
+
+HUB_FILES = [
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+]  # fmt: skip
+"""What a hub download fetches: never pickled weights (``*.bin``, ``*.pt``)."""
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^/]+\.gguf)?$")
+_END_OF_TURN = re.compile(r"end|eot", re.I)
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A pretrained model in transformers' representation, wherever it came from.
+
+    ``hf_config``: ``config.json`` entries; ``tensors``: weights under transformers' names (CPU);
+    ``tokenizer``: the ``hf`` tokenizer plugin's state; ``source``: what the run records about its
+    origin (kind, name, hash or revision, licence) — never a local path."""
+
+    hf_config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    tokenizer: dict[str, Any]
+    source: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Imported:
+    """What :func:`import_model` wrote: the run folder, the transformers architecture and Anexa's blocks,
+    unique parameters, and seconds spent."""
+
+    out: Path
+    architecture: str
+    blocks: str
+    parameters: int
+    seconds: float
+
+
+def import_model(source: str | Path, out: Path, overwrite: bool = False) -> Imported:
+    """Import ``source`` (see the module docstring) into the new run folder ``out``.
+
+    Raises :class:`AnexaError` (one line, nothing written) for a missing source, a hub id that is not
+    cached while offline, an unsupported architecture (naming the supported ones), a truncated or
+    corrupt GGUF file, a tensor type that cannot be dequantized, weights that do not match the config,
+    or an ``out`` that holds a run (unless ``overwrite``) or other files.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    _check_target(out, overwrite)
+    pretrained = read_pretrained(source)
+    architecture = (pretrained.hf_config.get("architectures") or ["?"])[0]
+    name, factory = blocks_for(architecture)
+    settings, options, state = factory.import_hf(pretrained.hf_config, pretrained.tensors)
+    try:
+        config = ModelConfig(**settings, blocks=name, blocks_options=options)
+    except (TypeError, AnexaError) as exc:
+        raise AnexaError(f"the {architecture} config does not fit Anexa's model ({exc})") from None
+    with torch.device("meta"):  # no time spent initialising weights that are replaced at once
+        model = build_model(config)
+    model = model.to_empty(device="cpu")
+    load_weights(model, state, architecture)
+    tokenizer, _ = plugins.create("tokenizers", "hf")
+    tokenizer.load_state_dict(pretrained.tokenizer)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise AnexaError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}: "
+            "the weights and the tokenizer do not belong together"
+        )
+    meta = checkpoint.model_metadata(
+        model, tokenizer, "hf", {}, step=0, imported_from=pretrained.source, hf_architecture=architecture
+    )
+    with atomic_folder(out, replace=overwrite and out.exists()) as folder:
+        checkpoint.save_model(folder / checkpoint.MODEL_FILE, model, meta)
+    return Imported(out, architecture, name, model.num_parameters(), time.perf_counter() - started)
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise AnexaError(f"{out} is a file: pass a new folder for the imported run")
+    if checkpoint.holds_a_run(out) and not overwrite:
+        raise AnexaError(f"{out} already holds a run: pass --overwrite to replace it, or another --out")
+    if out.is_dir() and any(out.iterdir()) and not checkpoint.holds_a_run(out):
+        raise AnexaError(f"{out} is not empty: pass a new or empty folder for the imported run")
+
+
+def blocks_for(architecture: str) -> tuple[str, Any]:
+    """The blocks plugin (name, factory) whose ``hf_architectures`` names ``architecture``; a one-line error
+    naming the architectures the installed plugins read."""
+    readers: dict[str, str] = {}
+    for name, entry in plugins.registered("blocks").items():
+        for known in getattr(entry.obj, "hf_architectures", ()):
+            readers.setdefault(known, name)
+    if architecture not in readers:
+        listed = ", ".join(f"{arch} (blocks {name})" for arch, name in sorted(readers.items())) or "none"
+        raise AnexaError(f"unsupported architecture {architecture!r}: Anexa imports {listed}")
+    return readers[architecture], plugins.get("blocks", readers[architecture])
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], architecture: str) -> None:
+    """Copy ``state`` into ``model`` (float32), or a one-line error naming the first mismatching tensors."""
+    expected = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{key} {tuple(state[key].shape)} ≠ {tuple(expected[key].shape)}"
+        for key in sorted(set(expected) & set(state))
+        if tuple(state[key].shape) != tuple(expected[key].shape)
+    ]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            part
+            for part in (
+                f"missing {missing[:3]}" if missing else "",
+                f"unexpected {unexpected[:3]}" if unexpected else "",
+                f"shapes {wrong[:2]}" if wrong else "",
+            )
+            if part
+        )
+        raise AnexaError(
+            f"the {architecture} weights do not match its config ({details}): the files are "
+            "damaged or belong to another model"
+        )
+    with torch.no_grad():
+        for key, tensor in state.items():
+            expected[key].copy_(tensor.to(torch.float32))
+    if getattr(model.config, "tie_embeddings", False):
+        model.lm_head.weight = model.wte.weight  # type: ignore[union-attr]
+
+
+# --- sources ----------------------------------------------------------------------------------------
+
+
+def read_pretrained(source: str | Path) -> Pretrained:
+    """``source`` in transformers' representation (see :class:`Pretrained`)."""
+    path = Path(source).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return read_gguf_file(path)
+    if path.is_dir():
+        return read_hf_folder(path, {"kind": "folder", "name": path.resolve().name})
+    if path.exists():
+        raise AnexaError(f"{source} is neither a GGUF file nor a Hugging Face folder (config.json and safetensors)")
+    text = str(source)
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        return read_hub(text)
+    raise AnexaError(f"{source} does not exist: pass a GGUF file, a Hugging Face folder or a hub id (ORG/NAME)")
+
+
+def read_gguf_file(path: Path, source: dict[str, Any] | None = None) -> Pretrained:
+    """A GGUF file through :func:`anexa_core.io.gguf.read_gguf`, with its SHA-256 recorded."""
+    from anexa_core.io import gguf
+
+    model = gguf.read_gguf(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    origin = source or {"kind": "gguf", "name": path.name}
+    origin = {
+        **origin,
+        "sha256": digest.hexdigest(),
+        "license": model.metadata.get("general.license"),
+        "model_name": model.metadata.get("general.name"),
+    }
+    return Pretrained(model.hf_config, model.tensors, model.tokenizer, origin)
+
+
+def read_hf_folder(folder: Path, source: dict[str, Any]) -> Pretrained:
+    """A Hugging Face model folder: ``config.json``, ``model.safetensors`` (or shards with their index) and
+    the tokenizer files. Pickled weights are refused."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise AnexaError(f"{folder} holds no config.json: pass a Hugging Face model folder or a GGUF file")
+    hf_config = _read_json(config_file)
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = f" (it has {', '.join(pickled[:2])}: pickled weights, which Anexa never loads)" if pickled else ""
+        raise AnexaError(f"{folder} holds no safetensors weights{hint}: pass a folder with model.safetensors")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weights:
+        try:
+            tensors.update(safetensors.torch.load_file(str(file)))
+        except Exception as exc:
+            raise AnexaError(f"{file.name} in {folder} is damaged ({type(exc).__name__}): download it again") from None
+    return Pretrained(hf_config, tensors, tokenizer_from_folder(folder, hf_config), source)
+
+
+def read_hub(hub_id: str) -> Pretrained:
+    """A hub model through ``huggingface_hub``: from its cache when there, else downloaded into it (unless
+    offline: ``HF_HUB_OFFLINE=1``). ``ORG/NAME/FILE.gguf`` fetches one GGUF file of the repository."""
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    parts = hub_id.split("/")
+    repo, gguf_name = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+    try:
+        if gguf_name:
+            path = Path(hf_hub_download(repo, gguf_name))
+            return read_gguf_file(path, {"kind": "hub", "name": hub_id})
+        folder = Path(snapshot_download(repo, allow_patterns=HUB_FILES))
+    except (LocalEntryNotFoundError, OSError) as exc:
+        offline = constants.HF_HUB_OFFLINE or isinstance(exc, LocalEntryNotFoundError)
+        if offline:
+            raise AnexaError(
+                f"{hub_id} is not in the Hugging Face cache and the hub cannot be reached (offline): download it "
+                "once with network access, or pass a local folder or GGUF file"
+            ) from None
+        raise AnexaError(f"cannot download {hub_id} ({type(exc).__name__}: {exc}): check the network") from None
+    except (RepositoryNotFoundError, HFValidationError):
+        raise AnexaError(f"{hub_id} is not a model on the Hugging Face hub: check the name") from None
+    revision = folder.name  # the snapshot folder is named after the commit
+    return read_hf_folder(folder, {"kind": "hub", "name": hub_id, "revision": revision})
+
+
+# --- the tokenizer ----------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AnexaError(f"{path.name} is not valid JSON ({exc}): the model folder is damaged") from None
+    if not isinstance(value, dict):
+        raise AnexaError(f"{path.name} is not a JSON object: the model folder is damaged")
+    return value
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an ``AddedToken`` dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def tokenizer_from_folder(folder: Path, hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The ``hf`` tokenizer plugin's state from ``tokenizer.json``, ``tokenizer_config.json`` (special
+    tokens, ``add_bos_token``, ``chat_template``), ``chat_template.jinja`` and ``generation_config.json``
+    (its ``eos_token_id`` list: the ids that end a reply)."""
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise AnexaError(f"{folder} holds no tokenizer.json: Anexa needs the model's fast tokenizer file")
+    text = tokenizer_file.read_text(encoding="utf-8")
+    settings = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    template = settings.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    special = {key: _token_text(settings.get(key)) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    vocab = _vocabulary(text)
+    generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    end_ids = generation.get("eos_token_id", hf_config.get("eos_token_id"))
+    end_ids = end_ids if isinstance(end_ids, list) else [end_ids] if isinstance(end_ids, int) else []
+    by_id = {index: token for token, index in vocab.items()}
+    eos_tokens = [by_id[i] for i in end_ids if i in by_id]
+    eos_tokens += end_of_turn_tokens(template, vocab)
+    return {
+        "type": "hf",
+        "tokenizer": text,
+        "special_tokens": special,
+        "eos_tokens": list(dict.fromkeys(eos_tokens)),
+        "add_bos": bool(settings.get("add_bos_token", False)),
+        "chat_template": template if isinstance(template, str) else None,
+    }
+
+
+def _vocabulary(tokenizer_json: str) -> dict[str, int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True)
+
+
+def end_of_turn_tokens(template: str | None, vocab: dict[str, int], special: set[str] | None = None) -> list[str]:
+    """Special tokens a chat template writes that end a turn (``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>``): tokens that look like markup (``<…>``), appear in the template and name an end.
+    Generation stops at them as at EOS (llama.cpp decides end-of-turn tokens by their text the same way)."""
+    if not template:
+        return []
+    found = []
+    for token in vocab:
+        markup = token.startswith("<") and token.endswith(">")
+        if markup and (special is None or token in special) and token in template and _END_OF_TURN.search(token):
+            found.append(token)
+    return found

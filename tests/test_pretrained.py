@@ -1,0 +1,190 @@
+"""`anexa import`: Hugging Face folders and hub ids become Anexa runs that compute what transformers computes.
+
+Tiny random models of each family the blocks read (Llama with grouped-query heads and an untied head,
+Qwen3 with QK-norm and a head wider than hidden/heads, GPT-2 with the tanh GELU) are saved by transformers'
+`save_pretrained` with a real fast tokenizer and a ChatML template, imported, and compared with transformers
+in float32: logits within 1e-4 and greedy continuations token for token. The GGUF path and the real
+SmolLM2 model are in test_smollm2.py.
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from helpers import user_error
+
+from anexa_core import AnexaError
+from anexa_core.infer.generation import generate_ids
+from anexa_core.io.load import load
+from anexa_core.io.pretrained import import_model
+
+transformers = pytest.importorskip("transformers")
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+FAMILIES = {
+    "llama": lambda vocab: transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=96,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    ),
+    "qwen3": lambda vocab: transformers.Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=96,
+        rope_theta=20000.0,
+        tie_word_embeddings=True,
+        architectures=["Qwen3ForCausalLM"],
+    ),
+    "gpt2": lambda vocab: transformers.GPT2Config(
+        vocab_size=vocab,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=96,
+        activation_function="gelu_new",
+        architectures=["GPT2LMHeadModel"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory, sherlock_path):
+    """A byte-level BPE trained on Sherlock with ChatML's special tokens, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([sherlock_path.read_text(encoding="utf-8")[:200_000]], trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, hf_tokenizer):
+    """Each family saved by transformers (float32, random weights) with the tokenizer."""
+    made = {}
+    for name, make in FAMILIES.items():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(make(len(hf_tokenizer)), dtype=torch.float32)
+        folder = tmp_path_factory.mktemp(f"hf-{name}")
+        model.save_pretrained(folder)
+        hf_tokenizer.save_pretrained(folder)
+        made[name] = (folder, model.eval())
+    return made
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_an_imported_model_computes_what_transformers_computes(folders, family, tmp_path, hf_tokenizer):
+    folder, reference = folders[family]
+    done = import_model(folder, tmp_path / "run")
+    assert done.architecture == reference.config.architectures[0]
+    loaded = load(tmp_path / "run", "cpu")
+    ids = torch.randint(0, len(hf_tokenizer), (2, 90), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, _ = loaded.model(ids)
+        theirs = reference(ids).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    prompt = hf_tokenizer("It was a dark night, and Holmes", add_special_tokens=False).input_ids
+    assert loaded.tokenizer.encode("It was a dark night, and Holmes") == prompt
+    with torch.no_grad():
+        expected = reference.generate(
+            torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
+    greedy = type("Greedy", (), {"pick": lambda self, logits, context, generator=None: logits.argmax(-1, keepdim=True)})
+    assert list(generate_ids(loaded.model, prompt, 30, greedy())) == expected
+    assert loaded.tokenizer.chat_template == CHATML and loaded.tokenizer.eos_ids == [hf_tokenizer.eos_token_id]
+    meta = loaded.meta
+    assert meta["imported_from"]["kind"] == "folder" and str(tmp_path) not in json.dumps(meta["imported_from"])
+
+
+def test_what_cannot_be_imported_is_refused_in_one_line_and_nothing_is_written(folders, tmp_path):
+    folder, _ = folders["llama"]
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(AnexaError) as error:
+        import_model(broken, tmp_path / "out")
+    assert str(error.value).startswith(
+        "unsupported architecture 'MambaForCausalLM': Anexa imports GPT2LMHeadModel "
+        "(blocks gpt2), LlamaForCausalLM (blocks llama), Qwen3ForCausalLM (blocks llama)"
+    )
+    (broken / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(
+        AnexaError, match=r"the LlamaForCausalLM weights do not match its config \(missing \['blocks.layers.2"
+    ):
+        import_model(broken, tmp_path / "out")
+    (broken / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "llama3", "factor": 8}}))
+    with pytest.raises(AnexaError, match="it uses rotary scaling 'llama3', which Anexa's llama blocks do not compute"):
+        import_model(broken, tmp_path / "out")
+    (broken / "config.json").write_text(json.dumps(config))
+    for weights in broken.glob("*.safetensors"):
+        weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(AnexaError, match=r"holds no safetensors weights \(it has model.bin: pickled weights"):
+        import_model(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    user_error(["import", str(tmp_path / "nothing-here.gguf")], "does not exist")
+
+
+def test_a_hub_id_comes_from_the_huggingface_cache_and_offline_without_it_is_one_line(folders, tmp_path, monkeypatch):
+    """huggingface_hub's cache layout (models--ORG--NAME/refs/main → snapshots/COMMIT) filled by hand: the
+    import reads it offline; an id not in the cache names the fix."""
+    folder, _ = folders["gpt2"]
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--anexa-test--tiny-gpt2"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    import_model("anexa-test/tiny-gpt2", tmp_path / "run")
+    meta = load(tmp_path / "run", "cpu").meta
+    assert meta["imported_from"] == {"kind": "hub", "name": "anexa-test/tiny-gpt2", "revision": commit}
+    with pytest.raises(AnexaError) as error:
+        import_model("anexa-test/not-downloaded", tmp_path / "other")
+    assert str(error.value) == (
+        "anexa-test/not-downloaded is not in the Hugging Face cache and the hub cannot be reached (offline): "
+        "download it once with network access, or pass a local folder or GGUF file"
+    )
+    assert not (tmp_path / "other").exists()
+
+
+def test_an_imported_run_is_never_overwritten_without_asking(folders, tmp_path):
+    folder, _ = folders["gpt2"]
+    import_model(folder, tmp_path / "run")
+    with pytest.raises(AnexaError, match="already holds a run: pass --overwrite"):
+        import_model(folder, tmp_path / "run")
+    import_model(folder, tmp_path / "run", overwrite=True)
+    assert os.listdir(tmp_path / "run") == ["model.safetensors"]
