@@ -127,6 +127,9 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32
     compile: bool = False  # torch.compile the model (pays off only for long runs; see benchmarks/RESULTS.md)
     minutes: float | None = None  # train to a wall-clock budget: the LR schedule follows the time
+    init_from: str | None = None  # fine-tune this model (a run, a GGUF file, a Hugging Face folder or hub id)
+    lora: str | None = None  # train LoRA adapters only: "r=16,alpha=32,dropout=0.05,targets=q_proj,v_proj"
+    seq_len: int | None = None  # tokens per training window; None: the model's block_size
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -158,6 +161,10 @@ class TrainConfig:
             raise AnexaError(f"--seed must be between 0 and {MAX_INT}")
         if self.precision not in PRECISIONS:
             raise AnexaError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise AnexaError("--seq-len must be at least 1")
+        if self.lora is not None and self.init_from is None:
+            raise AnexaError("--lora trains adapters on a pretrained model: pass --init-from MODEL too")
         if self.minutes is not None and not 0 < self.minutes <= MAX_INT:
             raise AnexaError(f"--minutes must be a positive number of minutes, got {self.minutes}")
 
@@ -199,11 +206,25 @@ PRESETS = {
 }
 
 
+FINETUNE: dict[str, Any] = dict(
+    lr=1e-4, min_lr=1e-5, warmup_steps=10, batch_size=8, seq_len=256, steps=300, eval_every=50, eval_batches=8,
+    save_every=100,
+)  # fmt: skip
+"""Fine-tuning's defaults (``--init-from``, every weight trains): the model's own settings, short windows."""
+LORA: dict[str, Any] = {**FINETUNE, "lr": 1e-3, "min_lr": 1e-4}
+"""LoRA's defaults (``--init-from … --lora``): the adapters start at zero and take a larger learning rate."""
+
+
 def preset_values(key: str) -> dict[str, Any]:
     """What each preset runs with for the setting ``key`` (a :class:`ModelConfig` or :class:`TrainConfig`
-    field): the preset's own value, else the config's default. ``--help`` shows these."""
+    field): the preset's own value, else the config's default; and what a fine-tune (``--init-from``) and
+    a LoRA fine-tune run with where they set it. ``--help`` shows these."""
     defaults = {**dataclasses.asdict(ModelConfig()), **dataclasses.asdict(TrainConfig())}
-    return {name: {**defaults, **preset.model, **preset.train}.get(key) for name, preset in PRESETS.items()}
+    values = {name: {**defaults, **preset.model, **preset.train}.get(key) for name, preset in PRESETS.items()}
+    for label, finetune in (("--init-from", FINETUNE), ("--lora", LORA)):
+        if key in finetune:
+            values[label] = finetune[key]
+    return values
 
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}

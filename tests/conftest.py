@@ -134,6 +134,24 @@ def smollm2_gguf() -> Path:
         pytest.skip(message)
 
 
+@pytest.fixture(scope="session")
+def smollm2_run(smollm2_gguf, tmp_path_factory):
+    """The SmolLM2 GGUF imported once per session, as an Anexa run folder."""
+    from anexa_core.io.pretrained import import_model
+
+    out = tmp_path_factory.mktemp("smollm2") / "run"
+    import_model(smollm2_gguf, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_run):
+    """The imported SmolLM2 run, loaded once per session (:class:`anexa_core.io.load.Loaded`, CPU)."""
+    from anexa_core.io.load import load
+
+    return load(smollm2_run, "cpu")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """No test touches the user's cache (downloads, token ids): each gets an empty one, outside its

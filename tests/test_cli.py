@@ -242,7 +242,8 @@ def test_version_and_help_defaults():
         "[default: sherlock, shipped with Anexa]",
         "[default: 1337]",
         # what will run, preset by preset, where the presets differ (issue 20)
-        "[default: by --preset: 0.001 (seed, small); 0.005 (fast)]",
+        "[default: by --preset: 0.001 (seed, small); 0.005 (fast); 0.0001 with --init-from, 0.001 with --lora]",
+        "[default: --block-size; 256 with --init-from, 256 with --lora]",
         "[default: by --preset: adamw (seed, small); muon (fast)]",
         "[default: by --preset: gpt2 (seed, small); llama (fast)]",
     ):

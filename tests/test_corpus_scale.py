@@ -69,12 +69,20 @@ def library(tmp_path):
     return root
 
 
+def _arrays(prepared):
+    """prepare_data's result with the windows' token ids (numpy memmaps) in place of the windows."""
+    name, tokenizer, options, train, val = prepared
+    return name, tokenizer, options, train.ids, val.ids
+
+
 def _config(data_value, **changes):
     return TrainConfig(**{"data": data_value, "device": "cpu", **changes})
 
 
 def _prepared(data_value, tokenizer="char", **changes):
-    _, tok, options, train_ids, val_ids = prepare_data(_config(data_value, tokenizer=tokenizer, **changes), BLOCK)
+    _, tok, options, train_ids, val_ids = _arrays(
+        prepare_data(_config(data_value, tokenizer=tokenizer, **changes), BLOCK)
+    )
     return tok, options, np.concatenate([train_ids, val_ids])
 
 
@@ -199,7 +207,7 @@ def test_char_encode_batch_matches_encode_and_its_errors(sherlock_path):
 
 def test_the_second_run_reads_the_cache_without_tokenizing(library, monkeypatch):
     first = _Phases()
-    _, tok, _, train_ids, val_ids = prepare_data(_config(str(library)), BLOCK, progress=first)
+    _, tok, _, train_ids, val_ids = _arrays(prepare_data(_config(str(library)), BLOCK, progress=first))
     assert first.seen == [tokens.PHASE_FINGERPRINT, tokens.PHASE_LEARN, tokens.PHASE_TOKENIZE]
     assert isinstance(train_ids, np.memmap) and train_ids.dtype == np.uint16 and not train_ids.flags.writeable
     assert len(train_ids) == int(0.9 * (len(train_ids) + len(val_ids)))
@@ -213,7 +221,7 @@ def test_the_second_run_reads_the_cache_without_tokenizing(library, monkeypatch)
     for method in ("train", "encode", "encode_batch"):
         monkeypatch.setattr(char, method, refuse)
     second = _Phases()
-    _, tok2, _, train2, val2 = prepare_data(_config(str(library)), BLOCK, progress=second)
+    _, tok2, _, train2, val2 = _arrays(prepare_data(_config(str(library)), BLOCK, progress=second))
     assert tokens.PHASE_LEARN not in second.seen and tokens.PHASE_TOKENIZE not in second.seen
     assert tok2.state_dict() == tok.state_dict()
     assert np.array_equal(train2, train_ids) and np.array_equal(val2, val_ids)
@@ -233,8 +241,10 @@ def test_changing_one_file_or_the_tokenizer_invalidates_the_cache(library):
     old = target.read_text(encoding="utf-8")
     target.write_text(old.replace("April", "March"), encoding="utf-8")  # same size, same second
     phases = _Phases()
-    _, tok, _, train_ids, val_ids = prepare_data(
-        _config(str(library), tokenizer="bpe", tokenizer_options={"vocab_size": 300}), BLOCK, progress=phases
+    _, tok, _, train_ids, val_ids = _arrays(
+        prepare_data(
+            _config(str(library), tokenizer="bpe", tokenizer_options={"vocab_size": 300}), BLOCK, progress=phases
+        )
     )
     assert tokens.PHASE_TOKENIZE in phases.seen
     assert "March" in tok.decode(np.concatenate([train_ids, val_ids]).tolist())
@@ -277,7 +287,7 @@ def test_a_damaged_cache_is_detected_and_rebuilt(library, damage, caplog):
         next(tokens.tokens_dir().glob("*.tokenizer.json")).write_text("{}", encoding="utf-8")
     phases = _Phases()
     with caplog.at_level(logging.WARNING, logger="anexa"):
-        _, _tok, _, train_ids, val_ids = prepare_data(_config(str(library)), BLOCK, progress=phases)
+        _, _tok, _, train_ids, val_ids = _arrays(prepare_data(_config(str(library)), BLOCK, progress=phases))
     assert np.array_equal(np.concatenate([train_ids, val_ids]), expected)
     if damage == "tokenizer":
         assert tokens.PHASE_LEARN in phases.seen and "damaged" in caplog.text
@@ -306,7 +316,7 @@ def test_uint32_ids_when_the_vocabulary_does_not_fit_uint16(tmp_path):
 
 
 def test_memmap_windows_equal_in_memory_windows(library):
-    _, _, train_ids, _ = prepare_data(_config(str(library)), BLOCK)[1:]
+    _, _, train_ids, _ = _arrays(prepare_data(_config(str(library)), BLOCK))[1:]
     in_memory = torch.tensor(np.asarray(train_ids), dtype=torch.long)
     for seed in (0, 7):
         a = get_batch(train_ids, BLOCK, 8, torch.Generator().manual_seed(seed))

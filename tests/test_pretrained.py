@@ -171,7 +171,13 @@ def test_a_hub_id_comes_from_the_huggingface_cache_and_offline_without_it_is_one
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     import_model("anexa-test/tiny-gpt2", tmp_path / "run")
     meta = load(tmp_path / "run", "cpu").meta
-    assert meta["imported_from"] == {"kind": "hub", "name": "anexa-test/tiny-gpt2", "revision": commit}
+    source = meta["imported_from"]
+    assert {key: source[key] for key in ("kind", "name", "revision")} == {
+        "kind": "hub",
+        "name": "anexa-test/tiny-gpt2",
+        "revision": commit,
+    }
+    assert len(source["sha256"]) == 64
     with pytest.raises(AnexaError) as error:
         import_model("anexa-test/not-downloaded", tmp_path / "other")
     assert str(error.value) == (

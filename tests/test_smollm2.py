@@ -48,19 +48,6 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="session")
-def smollm2_run(smollm2_gguf, tmp_path_factory):
-    """The GGUF imported once, as an Anexa run folder."""
-    out = tmp_path_factory.mktemp("smollm2") / "run"
-    import_model(smollm2_gguf, out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def smollm2(smollm2_run):
-    return load(smollm2_run, "cpu")
-
-
-@pytest.fixture(scope="session")
 def reference(smollm2_gguf, tmp_path_factory):
     """transformers' model and tokenizer of the same GGUF file, float32."""
     folder = tmp_path_factory.mktemp("smollm2-hf")

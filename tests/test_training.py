@@ -15,7 +15,7 @@ from anexa_core.errors import AnexaError
 from anexa_core.io import checkpoint
 from anexa_core.train.loop import SilentReporter, TrainingInterrupted, train
 from anexa_core.train.resume import resume_configs
-from anexa_core.train.step import estimate_loss, get_batch, lr_at
+from anexa_core.train.step import Windows, estimate_loss, get_batch, lr_at
 
 ADAMW_DEFAULTS = {"weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8}
 
@@ -301,7 +301,9 @@ def test_the_split_is_the_first_90_percent_of_the_token_stream_and_the_rest(tmp_
     text = "".join(f"line {i}: the quick brown fox\n" for i in range(400))
     (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
     config = TrainConfig(data=str(tmp_path / "corpus.txt"))
-    name, tokenizer, options, train_ids, val_ids = prepare_data(config, 32)
+    name, tokenizer, options, train_data, val_data = prepare_data(config, 32)
+    train_ids, val_ids = train_data.ids, val_data.ids
+    assert train_data.length == val_data.length == 32
     ids = tokenizer.encode(text)
     assert name == "corpus" and options == {}
     assert len(train_ids) == int(0.9 * len(ids))
@@ -336,11 +338,12 @@ def test_evaluation_is_the_mean_over_fixed_batches_and_leaves_the_mode_alone():
         model.eval()
         expected.append(model(x, y)[1].item())
     model.train()
-    loss = estimate_loss(model, ids, config, torch.device("cpu"), seed=9)
+    windows = Windows(ids, TINY.block_size)
+    loss = estimate_loss(model, windows, config, torch.device("cpu"), seed=9)
     assert loss == pytest.approx(sum(expected) / 4, rel=1e-6)
     assert model.training  # dropout back on for the next step
-    assert estimate_loss(model.eval(), ids, config, torch.device("cpu"), seed=9) == loss and not model.training
-    assert estimate_loss(model, ids, config, torch.device("cpu"), seed=10) != loss
+    assert estimate_loss(model.eval(), windows, config, torch.device("cpu"), seed=9) == loss and not model.training
+    assert estimate_loss(model, windows, config, torch.device("cpu"), seed=10) != loss
 
 
 # --- several optimizers as one --------------------------------------------------------------------
@@ -783,27 +786,24 @@ def test_the_save_delay_hook_sleeps_between_the_two_files_of_each_save(sherlock_
 
 
 def test_training_batches_are_not_the_windows_the_losses_are_measured_on(sherlock_path, tmp_path, monkeypatch):
-    from anexa_core.train import loop as training
+    from anexa_core.train import step
 
     drawn = []
-    real = training.get_batch
+    real = step.get_batch
 
     def recording(ids, block_size, batch_size, generator):
         x, y = real(ids, block_size, batch_size, generator)
         drawn.append(x)
         return x, y
 
-    from anexa_core.train import step
-
-    monkeypatch.setattr(training, "get_batch", recording)
-    monkeypatch.setattr(step, "get_batch", recording)  # estimate_loss draws its batches there
+    monkeypatch.setattr(step, "get_batch", recording)  # training and evaluation batches both come from it
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
     train(tiny, _train_config(sherlock_path, steps=1, eval_every=1, save_every=1, eval_batches=1), tmp_path)
     first_batch, train_eval, val_eval = drawn
     assert not torch.equal(first_batch, train_eval) and not torch.equal(first_batch, val_eval)
     # Batches come from their own generator (seeded seed + 1), not torch's global one that dropout draws from.
-    _, _, _, train_ids, _ = prepare_data(_train_config(sherlock_path), 32)
-    expected, _ = real(train_ids, 32, 16, torch.Generator().manual_seed(1337 + 1))
+    _, _, _, train_data, _ = prepare_data(_train_config(sherlock_path), 32)
+    expected, _ = real(train_data.ids, 32, 16, torch.Generator().manual_seed(1337 + 1))
     assert torch.equal(first_batch, expected)
 
 

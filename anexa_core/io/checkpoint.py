@@ -64,9 +64,15 @@ def model_metadata(
 
 
 def save_model(path: Path, model: GPT, meta: dict[str, Any]) -> None:
-    """Write ``model``'s weights with ``meta`` (from :func:`model_metadata`) atomically."""
+    """Write ``model``'s weights with ``meta`` (from :func:`model_metadata`) atomically — for a LoRA run
+    (``meta["lora"]``) only its adapters: the base stays where it is, named and hashed in ``meta``."""
     with atomic_path(path) as tmp:
-        safetensors.torch.save_model(model, str(tmp), metadata={"anexa": json.dumps(meta)})
+        if meta.get("lora"):
+            from anexa_core.model.lora import adapter_state
+
+            safetensors.torch.save_file(adapter_state(model), str(tmp), metadata={"anexa": json.dumps(meta)})
+        else:
+            safetensors.torch.save_model(model, str(tmp), metadata={"anexa": json.dumps(meta)})
 
 
 def checkpoint_file(path: Path) -> Path:
@@ -241,7 +247,13 @@ def save_train_state(
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[tuple[int, int], str] = {}
     aliases = {}
-    for name, tensor in model.state_dict().items():  # tied weights are stored once
+    if model_meta.get("lora"):  # a LoRA run resumes from its base and these adapters
+        from anexa_core.model.lora import adapter_state
+
+        weights = adapter_state(model)
+    else:
+        weights = model.state_dict()
+    for name, tensor in weights.items():  # tied weights are stored once
         key = (tensor.data_ptr(), tensor.numel())
         if key in seen:
             aliases[name] = seen[key]

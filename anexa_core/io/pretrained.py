@@ -83,6 +83,17 @@ def import_model(source: str | Path, out: Path, overwrite: bool = False) -> Impo
     started = time.perf_counter()
     out = Path(out)
     _check_target(out, overwrite)
+    model, tokenizer, source_info = pretrained_model(source)
+    meta = checkpoint.model_metadata(model, tokenizer, "hf", {}, step=0, **source_info)
+    with atomic_folder(out, replace=overwrite and out.exists()) as folder:
+        checkpoint.save_model(folder / checkpoint.MODEL_FILE, model, meta)
+    architecture = source_info["hf_architecture"]
+    return Imported(out, architecture, model.config.blocks, model.num_parameters(), time.perf_counter() - started)
+
+
+def pretrained_model(source: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+    """``source`` as an Anexa model (float32, CPU, eval mode), its ``hf`` tokenizer, and what a run records
+    about it (``imported_from``, ``hf_architecture``). Raises :class:`AnexaError` as :func:`import_model`."""
     pretrained = read_pretrained(source)
     architecture = (pretrained.hf_config.get("architectures") or ["?"])[0]
     name, factory = blocks_for(architecture)
@@ -102,12 +113,7 @@ def import_model(source: str | Path, out: Path, overwrite: bool = False) -> Impo
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}: "
             "the weights and the tokenizer do not belong together"
         )
-    meta = checkpoint.model_metadata(
-        model, tokenizer, "hf", {}, step=0, imported_from=pretrained.source, hf_architecture=architecture
-    )
-    with atomic_folder(out, replace=overwrite and out.exists()) as folder:
-        checkpoint.save_model(folder / checkpoint.MODEL_FILE, model, meta)
-    return Imported(out, architecture, name, model.num_parameters(), time.perf_counter() - started)
+    return model.eval(), tokenizer, {"imported_from": pretrained.source, "hf_architecture": architecture}
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -188,14 +194,10 @@ def read_gguf_file(path: Path, source: dict[str, Any] | None = None) -> Pretrain
     from anexa_core.io import gguf
 
     model = gguf.read_gguf(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
     origin = source or {"kind": "gguf", "name": path.name}
     origin = {
         **origin,
-        "sha256": digest.hexdigest(),
+        "sha256": file_sha256(path),
         "license": model.metadata.get("general.license"),
         "model_name": model.metadata.get("general.name"),
     }
@@ -215,12 +217,24 @@ def read_hf_folder(folder: Path, source: dict[str, Any]) -> Pretrained:
         hint = f" (it has {', '.join(pickled[:2])}: pickled weights, which Anexa never loads)" if pickled else ""
         raise AnexaError(f"{folder} holds no safetensors weights{hint}: pass a folder with model.safetensors")
     tensors: dict[str, torch.Tensor] = {}
+    digest = hashlib.sha256()
     for file in weights:
+        digest.update(file_sha256(file).encode())
         try:
             tensors.update(safetensors.torch.load_file(str(file)))
         except Exception as exc:
             raise AnexaError(f"{file.name} in {folder} is damaged ({type(exc).__name__}): download it again") from None
+    source = {**source, "sha256": digest.hexdigest()}
     return Pretrained(hf_config, tensors, tokenizer_from_folder(folder, hf_config), source)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_hub(hub_id: str) -> Pretrained:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from anexa_core import plugins
@@ -29,11 +28,13 @@ from anexa_core.device import pick_device
 from anexa_core.errors import AnexaError
 from anexa_core.interfaces import Tokenizer
 from anexa_core.io import checkpoint
+from anexa_core.io.load import Base, base_of, load_base
 from anexa_core.io.metrics import METRICS_FILE, append_metrics, truncate_metrics
 from anexa_core.model.gpt import GPT, build_model
+from anexa_core.model.lora import LoraSpec, apply_lora, load_adapter
 from anexa_core.train import distributed
 from anexa_core.train.optim import make_optimizer
-from anexa_core.train.step import estimate_loss, get_batch, lr_at, make_train_step
+from anexa_core.train.step import Conversations, Windows, estimate_loss, lr_at, make_train_step
 
 logger = logging.getLogger("anexa")
 
@@ -102,8 +103,8 @@ class TrainingRun:
     tokenizer: Tokenizer
     optimizer: Any
     train_config: TrainConfig
-    train_ids: np.ndarray
-    val_ids: np.ndarray
+    train_data: Windows | Conversations
+    val_data: Windows | Conversations
     out_dir: Path
     device: torch.device
     ranks: distributed.Ranks
@@ -116,6 +117,7 @@ class TrainingRun:
     train_loss: float = float("nan")
     elapsed_before: float = 0.0
     started: float = dataclasses.field(default_factory=time.perf_counter)
+    lora: dict[str, Any] | None = None  # a LoRA run's adapters and base: what its checkpoints record
 
     def elapsed(self) -> float:
         """Seconds of training, earlier sessions of a resumed run included (to 0.01 s)."""
@@ -130,18 +132,20 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     stop_requested: Callable[[], bool] | None = None,
+    base: Base | None = None,
 ) -> TrainResult:
     """Train (or, with ``resume``, continue training) and write checkpoints under ``out_dir``.
 
     ``out_dir`` holding a run is refused unless ``resume`` or ``overwrite``. ``stop_requested`` is polled
     after every step; when it returns true the step's checkpoint is written and
-    :class:`TrainingInterrupted` is raised. Raises :class:`AnexaError` (one line) for every mistake a user
+    :class:`TrainingInterrupted` is raised. ``base``: the model of ``train_config.init_from`` when the caller
+    has loaded it already (:func:`anexa_core.train.finetune.finetune_configs`). Raises :class:`AnexaError` (one line) for every mistake a user
     can make, before any time is spent on the data where it can be found out earlier.
     """
     ranks, device = distributed.setup(pick_device(train_config.device))
     reporter = (reporter or SilentReporter()) if ranks.is_main else SilentReporter()
     try:
-        run = prepare(model_config, train_config, Path(out_dir), ranks, device, resume, overwrite, reporter)
+        run = prepare(model_config, train_config, Path(out_dir), ranks, device, resume, overwrite, reporter, base)
         reporter.start(run.train_config.steps, run.first_step, _start_info(run))
         try:
             result = fit(run, reporter, stop_requested)
@@ -166,9 +170,11 @@ def prepare(
     resume: bool,
     overwrite: bool,
     reporter: Reporter,
+    base: Base | None = None,
 ) -> TrainingRun:
-    """The model, tokenizer, data and optimizer of a new run, or of the run in ``out_dir`` with ``resume``
-    (weights, optimizer state, random generators and progress restored), and a run folder ready for it."""
+    """The model, tokenizer, data and optimizer of a new run (from scratch, or fine-tuning ``base`` / the
+    model of ``train_config.init_from``), or of the run in ``out_dir`` with ``resume`` (weights, optimizer
+    state, random generators and progress restored), and a run folder ready for it."""
     if not resume and checkpoint.holds_a_run(out_dir) and not overwrite:
         raise AnexaError(
             f"{out_dir} already holds a trained run: continue it with `anexa train --resume {out_dir}`, "
@@ -176,24 +182,29 @@ def prepare(
         )
     state = checkpoint.load_train_state(out_dir) if resume else None
     optimizer_options = _check_plugins(model_config, train_config, state)
+    if state is None and train_config.init_from is not None and base is None:
+        base = load_base(train_config.init_from)
     torch.manual_seed(train_config.seed)
     batch_generator = torch.Generator().manual_seed(train_config.seed + 1)
     progress = getattr(reporter, "data_progress", None)
     if state is not None:
-        model, tokenizer = checkpoint.rebuild(
-            state.meta["model"], out_dir / checkpoint.STATE_FILE, model_config.attention, model_config.attention_options
+        model, tokenizer = _resumed_model(state, model_config, out_dir)
+        _, _, tokenizer_options, train_data, val_data = prepare_data(
+            train_config, _window(train_config, model), tokenizer, progress
         )
-        model.load_state_dict(state.weights)
-        model.to(device)
-        _, _, tokenizer_options, train_ids, val_ids = prepare_data(
-            train_config, model.config.block_size, tokenizer, progress
+    elif base is not None:
+        model, tokenizer = _finetuned_model(base, model_config, train_config)
+        _, _, tokenizer_options, train_data, val_data = prepare_data(
+            train_config, _window(train_config, model), tokenizer, progress
         )
-    else:
-        _, tokenizer, tokenizer_options, train_ids, val_ids = prepare_data(
-            train_config, model_config.block_size, None, progress
-        )
-        model = build_model(dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)).to(device)
         train_config = dataclasses.replace(train_config, decay_steps=train_config.schedule_steps)
+    else:
+        _, tokenizer, tokenizer_options, train_data, val_data = prepare_data(
+            train_config, train_config.seq_len or model_config.block_size, None, progress
+        )
+        model = build_model(dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size))
+        train_config = dataclasses.replace(train_config, decay_steps=train_config.schedule_steps)
+    model.to(device)
     train_config = dataclasses.replace(
         train_config, tokenizer_options=tokenizer_options, optimizer_options=optimizer_options
     )
@@ -202,14 +213,23 @@ def prepare(
         tokenizer,
         make_optimizer(model, train_config),
         train_config,
-        train_ids,
-        val_ids,
+        train_data,
+        val_data,
         out_dir,
         device,
         ranks,
         batch_generator,
         resumed=state is not None,
     )
+    if train_config.lora is not None:
+        run.lora = (
+            state.meta["model"]["lora"]
+            if state is not None
+            else {
+                "spec": LoraSpec.parse(train_config.lora).as_dict(),
+                "base": base.reference if base is not None else {"init_from": train_config.init_from},
+            }
+        )
     if state is not None:
         _restore(run, state)
     if ranks.is_main:
@@ -219,6 +239,43 @@ def prepare(
         elif out_dir.is_dir():
             checkpoint.clear_run(out_dir)
     return run
+
+
+def _window(config: TrainConfig, model: GPT) -> int:
+    """Tokens per training window: ``seq_len`` (at most the model's context), else the context."""
+    if config.seq_len is not None and config.seq_len > model.config.block_size:
+        raise AnexaError(
+            f"--seq-len {config.seq_len} is longer than the model's context of {model.config.block_size} "
+            "tokens: use a smaller one"
+        )
+    return config.seq_len or model.config.block_size
+
+
+def _finetuned_model(base: Base, model_config: ModelConfig, train_config: TrainConfig) -> tuple[GPT, Any]:
+    """``base``'s weights in a model of ``model_config`` (the base's, with the attention and dropout asked
+    for), with LoRA adapters when ``train_config.lora``; the tokenizer is the base's."""
+    model = build_model(model_config)
+    model.load_state_dict(base.model.state_dict())
+    if train_config.lora is not None:
+        trainable = apply_lora(model, LoraSpec.parse(train_config.lora))
+        logger.info("LoRA: %s trainable parameters of %s", f"{trainable:,}", f"{model.num_parameters():,}")
+    return model, base.tokenizer
+
+
+def _resumed_model(state: checkpoint.TrainState, model_config: ModelConfig, out_dir: Path) -> tuple[GPT, Any]:
+    """The model and tokenizer of a training state: every weight, or a LoRA run's base and adapters."""
+    meta = state.meta["model"]
+    model, tokenizer = checkpoint.rebuild(
+        meta, out_dir / checkpoint.STATE_FILE, model_config.attention, model_config.attention_options
+    )
+    if "lora" not in meta:
+        model.load_state_dict(state.weights)
+        return model, tokenizer
+    base = base_of(meta["lora"]["base"])
+    model.load_state_dict(base.model.state_dict())
+    apply_lora(model, LoraSpec.from_dict(meta["lora"]["spec"]))
+    load_adapter(model, state.weights)
+    return model, base.tokenizer
 
 
 def _check_plugins(
@@ -277,8 +334,8 @@ def _start_info(run: TrainingRun) -> dict[str, Any]:
         "parameters": run.model.num_parameters(),
         "device": str(run.device),
         "vocab_size": run.model.config.vocab_size,
-        "train_tokens": len(run.train_ids),
-        "val_tokens": len(run.val_ids),
+        "train_tokens": run.train_data.tokens,
+        "val_tokens": run.val_data.tokens,
         "resumed_from": run.first_step if run.resumed else None,
         "out_dir": str(run.out_dir),
         "minutes": run.train_config.minutes,
@@ -296,7 +353,7 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
     model, config, ranks, device = run.model, run.train_config, run.ranks, run.device
     model.train()
     train_step = make_train_step(model, run.optimizer, config, device, distributed.wrap(model, ranks, device))
-    tokens_per_step = config.batch_size * model.config.block_size * ranks.world_size
+    tokens_per_step = config.batch_size * _window(config, model) * ranks.world_size
     budget_s = config.minutes * 60 if config.minutes is not None else None
     eval_seconds = 0.0  # how long an evaluation takes, so a time budget ends with its final one on time
     window_start, window_tokens = time.perf_counter(), 0
@@ -307,9 +364,7 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
         factor = lr / config.lr
         for group in run.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-        x, y = get_batch(
-            run.train_ids, model.config.block_size, config.batch_size * ranks.world_size, run.batch_generator
-        )
+        x, y = run.train_data.batch(config.batch_size * ranks.world_size, run.batch_generator)
         loss = train_step(ranks.shard(x).to(device, non_blocking=True), ranks.shard(y).to(device, non_blocking=True))
         done = step + 1
         window_tokens += tokens_per_step
@@ -346,8 +401,8 @@ def evaluate(run: TrainingRun, step: int, lr: float, tokens_per_s: float, report
     """Train and validation loss on fixed batches, appended to ``metrics.jsonl`` and reported; returns
     whether the validation loss is a new best (a tie keeps the earlier one)."""
     config = run.train_config
-    run.train_loss = estimate_loss(run.model, run.train_ids, config, run.device, config.seed + 2)
-    run.val_loss = estimate_loss(run.model, run.val_ids, config, run.device, config.seed + 3)
+    run.train_loss = estimate_loss(run.model, run.train_data, config, run.device, config.seed + 2)
+    run.val_loss = estimate_loss(run.model, run.val_data, config, run.device, config.seed + 3)
     record = {
         "step": step,
         "train_loss": round(run.train_loss, 5),
@@ -412,6 +467,8 @@ def save(run: TrainingRun, step: int, best: bool = False) -> None:
 
 def _model_meta(run: TrainingRun, step: int, **losses: Any) -> dict[str, Any]:
     config = run.train_config
+    if config.lora is not None:
+        losses["lora"] = run.lora
     return checkpoint.model_metadata(
         run.model,
         run.tokenizer,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from anexa_core.config import TrainConfig
+from anexa_core.data.chats import IGNORE, Example
 from anexa_core.device import autocast
 from anexa_core.model.gpt import GPT
 from anexa_core.train.optim import Optimizers
@@ -77,9 +79,49 @@ def get_batch(
     return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
 
 
+@dataclass(frozen=True)
+class Windows:
+    """Training examples from a token stream: random windows of ``length`` tokens (:func:`get_batch`)."""
+
+    ids: np.ndarray | torch.Tensor
+    length: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return get_batch(self.ids, self.length, batch_size, generator)
+
+
+@dataclass(frozen=True)
+class Conversations:
+    """Training examples from conversations (:mod:`anexa_core.data.chats`): ``batch_size`` of them drawn at
+    random, right-padded to the longest; targets are the next ids where the loss counts them (assistant
+    tokens) and -100 elsewhere (``F.cross_entropy``'s ``ignore_index``: prompts and padding)."""
+
+    examples: list[Example]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(example.ids) for example in self.examples)
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        picked = [self.examples[i] for i in torch.randint(len(self.examples), (batch_size,), generator=generator)]
+        length = max(len(example.ids) for example in picked) - 1
+        x = torch.zeros(batch_size, length, dtype=torch.long)
+        y = torch.full((batch_size, length), IGNORE, dtype=torch.long)
+        for row, example in enumerate(picked):
+            ids = torch.tensor(example.ids, dtype=torch.long)
+            counted = torch.tensor(example.trained[1:], dtype=torch.bool)
+            x[row, : len(ids) - 1] = ids[:-1]
+            y[row, : len(ids) - 1] = torch.where(counted, ids[1:], IGNORE)
+        return x, y
+
+
 @torch.no_grad()
 def estimate_loss(
-    model: GPT, ids: np.ndarray | torch.Tensor, config: TrainConfig, device: torch.device, seed: int
+    model: GPT, data: Windows | Conversations, config: TrainConfig, device: torch.device, seed: int
 ) -> float:
     """Mean loss (nats/token) over ``eval_batches`` batches drawn from a generator seeded with ``seed``,
     so the same windows are scored at every evaluation and losses are comparable across steps."""
@@ -88,7 +130,7 @@ def estimate_loss(
     model.eval()
     losses = []
     for _ in range(config.eval_batches):
-        x, y = get_batch(ids, model.config.block_size, config.batch_size, generator)
+        x, y = data.batch(config.batch_size, generator)
         with autocast(device, config.precision):
             _, loss = model(x.to(device), y.to(device))
         losses.append(loss.item())

@@ -121,17 +121,25 @@ def callback(
 
 
 def _default(key: str) -> str:
-    """The help's ``[default: …]`` for a setting: the value that will run, preset by preset where they differ."""
+    """The help's ``[default: …]`` for a setting: the value that will run, preset by preset where they differ,
+    and when fine-tuning (``--init-from``, ``--lora``) where that sets it."""
     from anexa_core.config import preset_values
 
+    def shown(value) -> str:
+        return "--block-size" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
     by_value: dict[str, list[str]] = {}
-    for preset, value in preset_values(key).items():
-        shown = f"{value:g}" if isinstance(value, float) else str(value)
-        by_value.setdefault(shown, []).append(preset)
+    finetune = []
+    for name, value in preset_values(key).items():
+        if name.startswith("--"):
+            finetune.append(f"{shown(value)} with {name}")
+        else:
+            by_value.setdefault(shown(value), []).append(name)
     if len(by_value) == 1:
-        return f"\\[default: {next(iter(by_value))}]"
-    listed = "; ".join(f"{value} ({', '.join(presets)})" for value, presets in by_value.items())
-    return f"\\[default: by --preset: {listed}]"
+        text = next(iter(by_value))
+    else:
+        text = "by --preset: " + "; ".join(f"{value} ({', '.join(names)})" for value, names in by_value.items())
+    return f"\\[default: {text}{'; ' + ', '.join(finetune) if finetune else ''}]"
 
 
 def _plugin_options(specs: list[str] | None) -> dict[str, dict[str, str]]:
@@ -260,6 +268,25 @@ def train(
         Path | None, typer.Option(help="Run folder. \\[default: runs/<data>-<preset>, or -2, -3… if taken]")
     ] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            help="Fine-tune this model: an Anexa run, a GGUF file, a Hugging Face folder or hub id (its "
+            "architecture and tokenizer are kept; the fine-tuning defaults below apply)."
+        ),
+    ] = None,
+    lora: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SPEC",
+            help="With --init-from: train LoRA adapters only, r=16,alpha=32,dropout=0.05,targets=q_proj,v_proj "
+            "(every key optional; targets default to the attention projections). The run stores only the adapters.",
+        ),
+    ] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(help="Tokens per training window (at most the model's context). " + _default("seq_len")),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out.")] = False,
     device: Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu or cuda. \\[default: auto]")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed. " + _default("seed"))] = None,
@@ -297,13 +324,23 @@ def train(
         minutes=minutes,
         precision=precision,
         compile=compile,
+        lora=lora,
+        seq_len=seq_len,
     )
     plugin_options = _plugin_options(option)
+    base = None
     if resume is not None:
-        if config is not None or out is not None or overwrite:
-            raise AnexaError("--resume continues a run as it was: drop --config, --out and --overwrite")
+        if config is not None or out is not None or overwrite or init_from is not None:
+            raise AnexaError("--resume continues a run as it was: drop --config, --out, --overwrite and --init-from")
         model_config, train_config = resume_configs(resume, overrides, plugin_options)
         out_dir = resume
+    elif init_from is not None:
+        from anexa_core.train.finetune import finetune_configs
+
+        model_config, train_config, base = finetune_configs(init_from, overrides, plugin_options, config)
+        first_data = train_config.data if isinstance(train_config.data, str) else train_config.data[0]
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(init_from.rstrip("/")).stem).strip(".-") or "model"
+        out_dir = out or _default_out(first_data, f"{name}-{'lora' if lora else 'finetune'}")
     else:
         model_config, train_config = configs.resolve(preset, config, overrides, plugin_options)
         first_data = train_config.data if isinstance(train_config.data, str) else train_config.data[0]
@@ -319,6 +356,7 @@ def train(
                 resume=resume is not None,
                 overwrite=overwrite,
                 stop_requested=interrupts.requested,
+                base=base,
             )
         except training.TrainingInterrupted as stopped:
             console.print(

@@ -1,0 +1,218 @@
+"""Fine-tuning with `anexa train --init-from`: full and LoRA, on text and on conversations.
+
+A tiny llama run with a BPE tokenizer is the base; LoRA lowers the loss on new text, stores only the
+adapters with a hashed reference to its base, resumes bit for bit, merges into plain weights that
+transformers reads back (HF and GGUF) with equal logits; conversations train only on the assistant's
+tokens — checked against the real SmolLM2 template's rendered spans.
+"""
+
+import json
+import shutil
+
+import pytest
+import safetensors
+import torch
+from helpers import user_error
+from typer.testing import CliRunner
+
+from anexa_cli.main import app
+from anexa_core import AnexaError
+from anexa_core.config import TrainConfig
+from anexa_core.data.chats import IGNORE, assistant_spans, encode_conversation, load_chats
+from anexa_core.infer.chat import template_for
+from anexa_core.io import checkpoint
+from anexa_core.io.load import load
+from anexa_core.model.lora import LoraSpec
+from anexa_core.train.finetune import finetune_configs
+from anexa_core.train.loop import TrainingInterrupted, train
+from anexa_core.train.resume import resume_configs
+from anexa_core.train.step import Conversations
+
+runner = CliRunner()
+SMALL = ["--steps", "8", "--eval-every", "4", "--batch-size", "4", "--seq-len", "32", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, sherlock_path):
+    """A tiny llama run (grouped-query, untied head) with a BPE tokenizer, trained briefly on Sherlock."""
+    folder = tmp_path_factory.mktemp("base")
+    (folder / "text.txt").write_text(sherlock_path.read_text(encoding="utf-8")[:150_000], encoding="utf-8")
+    (folder / "base.toml").write_text("tie_embeddings = false\neval_batches = 2\n", encoding="utf-8")
+    result = runner.invoke(app, [
+        "train", "--data", str(folder / "text.txt"), "--blocks", "llama", "-o", "blocks.n_kv_head=1",
+        "--tokenizer", "bpe", "--vocab-size", "320", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
+        "--block-size", "64", "--batch-size", "8", "--steps", "40", "--eval-every", "20", "--lr", "3e-3",
+        "--config", str(folder / "base.toml"), "--out", str(folder / "run"), "--device", "cpu",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def _finetune(base, out, *flags, data=None):
+    text = data or str(base / "text.txt")
+    result = runner.invoke(app, ["train", "--init-from", str(base / "run"), "--data", text, *SMALL,
+                                 "--config", str(base / "base.toml"), "--out", str(out), *flags])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_lowers_the_loss_and_stores_only_its_adapters_and_its_base(base, tmp_path):
+    metrics = _finetune(
+        base, tmp_path / "lora", "--lora", "r=4,alpha=8,dropout=0,targets=q_proj,v_proj", "--lr", "1e-2"
+    )
+    assert metrics[-1]["val_loss"] < metrics[0]["val_loss"] or metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    with safetensors.safe_open(str(tmp_path / "lora" / "model.safetensors"), framework="pt") as handle:
+        names = sorted(handle.keys())
+    assert names and all(".lora_A." in name or ".lora_B." in name for name in names)
+    assert {name.split(".")[-3] for name in names} == {"q_proj", "v_proj"} and len(names) == 2 * 2 * 2
+    meta = checkpoint.read_metadata(tmp_path / "lora")
+    assert meta["lora"]["spec"] == {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}
+    assert meta["lora"]["base"]["sha256"] == checkpoint_sha256(base / "run")
+    assert meta["tokenizer"]["name"] == "bpe" and meta["train_config"]["init_from"] == str(base / "run")
+    merged = load(tmp_path / "lora", "cpu").model
+    plain = load(base / "run", "cpu").model
+    assert set(merged.state_dict()) == set(plain.state_dict())  # adapters folded in: the base's own names
+    moved = [n for n, p in merged.state_dict().items() if not torch.equal(p, plain.state_dict()[n])]
+    assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in moved)
+
+
+def checkpoint_sha256(run):
+    from anexa_core.io.pretrained import file_sha256
+
+    return file_sha256(checkpoint.checkpoint_file(run))
+
+
+def test_full_fine_tuning_keeps_the_model_and_its_tokenizer(base, tmp_path):
+    metrics = _finetune(base, tmp_path / "full", "--lr", "3e-3")
+    assert metrics[-1]["val_loss"] < metrics[0]["val_loss"] + 0.05
+    tuned, original = checkpoint.read_metadata(tmp_path / "full"), checkpoint.read_metadata(base / "run")
+    assert tuned["tokenizer"] == original["tokenizer"] and tuned["model_config"] == original["model_config"]
+    assert "lora" not in tuned and tuned["train_config"]["seq_len"] == 32
+
+
+def test_a_changed_or_missing_base_is_one_line(base, tmp_path):
+    _finetune(base, tmp_path / "lora", "--lora", "r=2")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(base / "run", moved)
+    spec = checkpoint.read_metadata(tmp_path / "lora")["lora"]
+    shutil.rmtree(base / "run.bak", ignore_errors=True)
+    (base / "run").rename(base / "run.bak")
+    try:
+        user_error(["generate", "x", "-m", str(tmp_path / "lora"), "-n", "2"], "this LoRA run's base")
+    finally:
+        (base / "run.bak").rename(base / "run")
+    assert spec["base"]["path"] == str((base / "run").resolve())
+    best = base / "run" / "best.safetensors"
+    saved = best.read_bytes()
+    try:
+        model, _, meta = checkpoint.load_model(base / "run")
+        with torch.no_grad():
+            model.wte.weight[0, 0] += 1
+        checkpoint.save_model(best, model, {key: value for key, value in meta.items() if key != "path"})
+        user_error(["generate", "x", "-m", str(tmp_path / "lora"), "-n", "2"], "has changed since it was trained")
+    finally:
+        best.write_bytes(saved)
+
+
+def test_lora_resume_is_bit_identical(base, tmp_path):
+    model_config, train_config, loaded = finetune_configs(
+        str(base / "run"), {"lora": "r=4,dropout=0.1", "steps": 6, "eval_every": 3, "batch_size": 4, "seq_len": 32,
+                            "data": str(base / "text.txt"), "device": "cpu", "eval_batches": 2},
+    )  # fmt: skip
+    train(model_config, train_config, tmp_path / "whole", base=loaded)
+    calls = []
+
+    def stop_after_two():
+        calls.append(1)
+        return len(calls) == 2
+
+    with pytest.raises(TrainingInterrupted):
+        train(model_config, train_config, tmp_path / "split", base=loaded, stop_requested=stop_after_two)
+    train(*resume_configs(tmp_path / "split", {}), tmp_path / "split", resume=True)
+    for name in ("model.safetensors", "train_state.safetensors"):
+        whole = safetensors.torch.load_file(str(tmp_path / "whole" / name))
+        split = safetensors.torch.load_file(str(tmp_path / "split" / name))
+        assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole), name
+
+
+def test_a_merged_lora_run_exports_to_transformers_and_gguf_with_equal_logits(base, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from anexa_core.io.export import export
+
+    _finetune(base, tmp_path / "lora", "--lora", "r=4,targets=q_proj,k_proj,v_proj,o_proj,down_proj", "--lr", "1e-2")
+    merged = load(tmp_path / "lora", "cpu").model
+    ids = torch.randint(0, merged.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = merged(ids)[0]
+    export(tmp_path / "lora", tmp_path / "hf", "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    export(tmp_path / "lora", tmp_path / "lora.gguf", "gguf")
+    gguf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="lora.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        assert (hf(ids).logits - ours).abs().max().item() < 1e-4
+        assert (gguf.eval()(ids).logits - ours).abs().max().item() < 1e-4
+
+
+def test_what_fine_tuning_refuses_is_one_line(base, tmp_path):
+    init = ["train", "--init-from", str(base / "run"), "--data", str(base / "text.txt"), "--out", str(tmp_path / "x")]
+    user_error([*init, "--n-embd", "64"], "--n-embd in flags contradicts the model of --init-from")
+    user_error([*init, "--tokenizer", "char"], "--tokenizer in flags contradicts the model of --init-from")
+    user_error([*init, "--vocab-size", "500"], "--vocab-size in flags: fine-tuning keeps the model's tokenizer")
+    user_error([*init, "-o", "blocks.rope_theta=5"], "-o blocks.… in flags contradicts the model of --init-from")
+    user_error(
+        [*init, "--lora", "targets=c_attn"],
+        "--lora targets c_attn match no linear layer of this model: "
+        "choose from down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
+    )
+    user_error([*init, "--lora", "rank=4"], "--lora has no key 'rank': use r, alpha, dropout and targets")
+    user_error(["train", "--lora", "r=4", "--out", str(tmp_path / "y")], "--lora trains adapters on a pretrained model")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    user_error([*init[:3], "--data", str(chats), "--out", str(tmp_path / "z")],
+               "conversations need the model's chat template, and this model has none")  # fmt: skip
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+# --- conversations ----------------------------------------------------------------------------------
+
+CHATS = [
+    [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": "Who is Holmes?"},
+     {"role": "assistant", "content": "Indeed: a detective."}],
+    [{"role": "user", "content": "Where does he live?"}, {"role": "assistant", "content": "Indeed: Baker Street."},
+     {"role": "user", "content": "And Watson?"}, {"role": "assistant", "content": "Indeed: with him, at first."}],
+]  # fmt: skip
+
+
+def test_the_loss_counts_exactly_the_assistant_tokens_of_the_template(smollm2):
+    tokenizer = smollm2.tokenizer
+    template = template_for(tokenizer)
+    for messages in CHATS:
+        text, spans = assistant_spans(template, messages)
+        example = encode_conversation(template, tokenizer, messages)
+        assert tokenizer.decode(example.ids) == text
+        trained = tokenizer.decode([i for i, t in zip(example.ids, example.trained, strict=True) if t])
+        assert trained == "".join(text[start:end] for start, end in spans)
+        assert all(text[start:end].startswith("Indeed:") and text[start:end].endswith("<|im_end|>\n")
+                   for start, end in spans)  # fmt: skip
+    x, y = Conversations([encode_conversation(template, tokenizer, m) for m in CHATS]).batch(
+        4, torch.Generator().manual_seed(0))  # fmt: skip
+    assert x.shape == y.shape and (y == IGNORE).any() and (y != IGNORE).any()
+
+
+def test_conversations_fine_tune_with_malformed_lines_and_long_ones_named(smollm2, smollm2_run, tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": m}) for m in CHATS * 3) + "\n")
+    loaded = load_chats(chats, smollm2.tokenizer, 24)
+    assert loaded.truncated == 6 and all(len(e.ids) == 25 for e in loaded.examples)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": CHATS[0]}) + "\n{oops\n")
+    with pytest.raises(AnexaError, match=r"^bad.jsonl line 2 is not JSON \("):
+        load_chats(bad, smollm2.tokenizer, 64)
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(AnexaError, match=r"bad\.jsonl line 1 has no assistant message"):
+        load_chats(bad, smollm2.tokenizer, 64)
+    config = TrainConfig(data=str(chats), init_from=str(smollm2_run), lora="r=2", steps=2, eval_every=2,
+                         eval_batches=1, batch_size=2, seq_len=48, device="cpu")  # fmt: skip
+    result = train(smollm2.model.config, config, tmp_path / "run")
+    assert result.step == 2 and (tmp_path / "run" / "model.safetensors").is_file()
+    assert LoraSpec.parse("r=2").r == 2
