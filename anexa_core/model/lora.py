@@ -86,10 +86,20 @@ def linear_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "lm_head"]
 
 
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise AnexaError("LoRA needs the peft library: pip install 'anexa[lora]'") from None
+    return peft
+
+
 def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
     """Wrap the linear layers ``spec.targets`` match with LoRA adapters (in place), freeze everything else;
-    returns the number of trainable parameters. Raises :class:`AnexaError` when no layer matches."""
-    from peft import LoraConfig, inject_adapter_in_model
+    returns the number of trainable parameters. Raises :class:`AnexaError` when no layer matches, or
+    when peft is not installed."""
+    peft = _peft()
+    LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model
 
     names = linear_names(model)
     matched = [name for name in names if any(name == t or name.endswith("." + t) for t in spec.targets)]
