@@ -137,3 +137,18 @@ def test_a_ragged_batch_equals_each_row_through_sdpa_and_math():
 
 def test_tiny_config_is_what_the_tests_assume():
     assert dataclasses.replace(TINY).block_size == 16
+
+
+def test_num_samples_are_the_single_seed_texts_decoded_as_one_batch(sherlock_path):
+    """`anexa generate --num-samples N`: sample i is what generate_text gives alone with seed + i, stop
+    strings cut each sample where it appears."""
+    from helpers import trained_tokenizer
+
+    from anexa_core.infer.generation import generate_samples, generate_text
+
+    tokenizer = trained_tokenizer("char", sherlock_path.read_text(encoding="utf-8")[:20_000])
+    model = tiny_model(seed=11, vocab_size=tokenizer.vocab_size, blocks="llama")
+    chain = build_chain(["temperature=1.5"])
+    samples = generate_samples(model, tokenizer, "Holmes", 5, 30, chain, seed=40, stop=["e "])
+    alone = ["".join(generate_text(model, tokenizer, "Holmes", 30, chain, 40 + i, ["e "])) for i in range(5)]
+    assert samples == alone and len(set(samples)) > 1

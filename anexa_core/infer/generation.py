@@ -17,7 +17,7 @@ from anexa_core.infer.engine import CONTEXT_POLICIES, Engine, Request
 from anexa_core.infer.sampling import stream_until_stop
 from anexa_core.model.gpt import GPT
 
-__all__ = ["CONTEXT_POLICIES", "decode_stream", "encode_prompt", "generate_ids", "generate_text"]
+__all__ = ["CONTEXT_POLICIES", "decode_stream", "encode_prompt", "generate_ids", "generate_samples", "generate_text"]
 
 MAX_PENDING_TOKENS = 16
 """Tokens the text stream holds back while they decode to an unfinished character (U+FFFD) before
@@ -105,3 +105,40 @@ def generate_text(
     stop_ids = getattr(tokenizer, "eos_ids", ())
     ids = generate_ids(model, prompt_ids, max_new_tokens, chain, generator, context=context, stop_ids=stop_ids)
     yield from stream_until_stop(decode_stream(tokenizer, ids), stop)
+
+
+def generate_samples(
+    model: GPT,
+    tokenizer,
+    prompt: str | Sequence[int],
+    count: int,
+    max_new_tokens: int,
+    chain,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    context: str = "shift",
+    rows: int = 8,
+) -> list[str]:
+    """``count`` continuations of ``prompt`` decoded together as rows of one batch (at most ``rows`` at a
+    time), sample ``i`` with seed ``seed + i`` (``None``: torch's global generator) — each the text
+    :func:`generate_text` gives alone with that seed. A sample ends at the tokenizer's end of turn, its
+    length, or a ``stop`` string (cut there)."""
+    prompt_ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+    stop_ids = getattr(tokenizer, "eos_ids", ())
+    engine = Engine(model, max_rows=rows)
+    requests = [
+        Request(prompt_ids, max_new_tokens, chain, None if seed is None else seed + i, stop_ids=stop_ids,
+                context=context)
+        for i in range(count)
+    ]  # fmt: skip
+    ids: list[list[int]] = [[] for _ in requests]
+    for index, token in engine.run(requests):
+        ids[index].append(token.id)
+        if stop and any(s in tokenizer.decode(ids[index]) for s in stop):
+            engine.cancel(engine.last_streams[index])
+    texts = []
+    for sample in ids:
+        text = tokenizer.decode(sample)
+        cut = min((text.find(s) for s in stop if s in text), default=len(text))
+        texts.append(text[:cut])
+    return texts

@@ -449,14 +449,32 @@ def generate(
     attention: AttentionSwap = None,
     option: PluginOption = None,
     device: Device = "auto",
+    num_samples: Annotated[
+        int,
+        typer.Option(
+            "--num-samples",
+            min=1,
+            max=1024,
+            help="Continuations to write, decoded together as one batch; sample i uses seed + i.",
+        ),
+    ] = 1,
 ) -> None:
-    """Print one continuation of PROMPT (only the generated text, for scripts)."""
-    from anexa_core.infer.generation import generate_text
+    """Print continuations of PROMPT (only the generated text, for scripts)."""
+    from anexa_core.infer.generation import generate_samples, generate_text
 
     loaded, chain = _load(model, device, sample, temperature, option, attention)
     if prompt is None:
         prompt = sys.stdin.read()
     stops = [_unescape(text) for text in stop or []]
+    if num_samples > 1:
+        samples = generate_samples(
+            loaded.model, loaded.tokenizer, prompt, num_samples, max_new_tokens, chain, seed, stops, context
+        )
+        for index, text in enumerate(samples):
+            label = "" if seed is None else f", seed {seed + index}"
+            separator = "" if index == 0 else "\n"
+            sys.stdout.write(f"{separator}=== sample {index + 1} of {num_samples}{label} ===\n{text}\n")
+        return
     for piece in generate_text(loaded.model, loaded.tokenizer, prompt, max_new_tokens, chain, seed, stops, context):
         sys.stdout.write(piece)
         sys.stdout.flush()
