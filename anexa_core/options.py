@@ -134,7 +134,7 @@ def _annotation(kind: Any, default: Any, owner: Any) -> Any:
     return kind
 
 
-def convert(owner: str, option: Option, value: Any) -> Any:
+def convert(owner: str, option: Option, value: Any) -> Any:  # noqa: C901 - one branch per option type, read top to bottom
     """``value`` (command-line text, or a TOML/JSON value) as the option's type, or a one-line error."""
     base, choices = _base(option.type), _choices(option.type)
     if value is None or (isinstance(value, str) and value.lower() == "none" and _nullable(option.type)):

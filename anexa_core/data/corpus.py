@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 from anexa_core import plugins
 from anexa_core.errors import AnexaError
@@ -495,35 +495,42 @@ def iter_text(
                 notes.append((path, note))
             yield text, consumed()
             return
-        decoder = codecs.getincrementaldecoder("utf-8")("strict")
-        decoded_bytes, first, carry_cr = 0, True, False
-        while True:
-            final = not data
-            if b"\x00" in data:
-                raise _binary_error(path)
-            try:
-                text = decoder.decode(data, final)
-            except UnicodeDecodeError as exc:
-                buffered = len(exc.object) - len(data)
-                raise _utf8_error(path, decoded_bytes - buffered + exc.start) from None
-            decoded_bytes += len(data)
-            if text and first:
-                text, first = text.removeprefix("\ufeff"), False
-            if text and carry_cr:  # a \r\n split between two blocks: the \r already became \n
-                carry_cr = False
-                if text[0] == "\n":
-                    text = text[1:]
-            if text:
-                carry_cr = text[-1] == "\r"
-                if "\r" in text:
-                    text = text.replace("\r\n", "\n").replace("\r", "\n")
-            if final:
-                yield text, consumed()
-                return
-            if text:
-                yield text, consumed()
-            with ReadErrors(path):
-                data = stream.read(block_size)
+        for text in _normalized_blocks(stream, path, data, block_size):
+            yield text, consumed()
+
+
+def _normalized_blocks(stream: Any, path: Path, data: bytes, block_size: int) -> Iterator[str]:
+    """A large file's text block by block from ``data`` (its first block) on, normalised as
+    :func:`normalize_text` would the whole (BOM, ``\\r\\n`` split between two blocks); the last piece may
+    be empty. Raises the one-line errors of binary and non-UTF-8 files with the byte offset."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    decoded_bytes, first, carry_cr = 0, True, False
+    while True:
+        final = not data
+        if b"\x00" in data:
+            raise _binary_error(path)
+        try:
+            text = decoder.decode(data, final)
+        except UnicodeDecodeError as exc:
+            buffered = len(exc.object) - len(data)
+            raise _utf8_error(path, decoded_bytes - buffered + exc.start) from None
+        decoded_bytes += len(data)
+        if text and first:
+            text, first = text.removeprefix("\ufeff"), False
+        if text and carry_cr:  # a \r\n split between two blocks: the \r already became \n
+            carry_cr = False
+            if text[0] == "\n":
+                text = text[1:]
+        if text:
+            carry_cr = text[-1] == "\r"
+            if "\r" in text:
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if final or text:
+            yield text
+        if final:
+            return
+        with ReadErrors(path):
+            data = stream.read(block_size)
 
 
 ProgressFn = Callable[..., None]

@@ -500,10 +500,9 @@ def chat(
     it outgrows the context); a pretrained chat model gets its own template, other models a User:/Assistant:
     transcript. `/reset` starts over; `quit`, `exit` or Ctrl-D ends."""
     from anexa_core.infer.chat import Conversation, JinjaTemplate, template_for
-    from anexa_core.infer.generation import encode_prompt, generate_text
 
     loaded, chain = _load(model, device, sample, temperature, option, attention)
-    tokenizer, meta, block_size = loaded.tokenizer, loaded.meta, loaded.model.config.block_size
+    tokenizer, meta = loaded.tokenizer, loaded.meta
     template = template_for(tokenizer)
     bos = not isinstance(template, JinjaTemplate)  # a model's own template writes its special tokens itself
     conversation = Conversation(template)
@@ -531,32 +530,51 @@ def chat(
             continue
         if not prompt:
             continue
-        conversation.add("user", prompt)
-        try:  # refuse before printing "Response:"
-            ids = conversation.prompt_ids(
-                lambda text: encode_prompt(tokenizer, text, bos), block_size, min(max_new_tokens, block_size // 2)
-            )
-        except AnexaError as exc:
-            conversation.messages.pop()
-            typer.echo(f"error: {exc}")
-            continue
-        sys.stdout.write("Response: ")
-        reply = []
-        try:
-            turn_seed = None if seed is None else seed + turn
-            for piece in generate_text(loaded.model, tokenizer, ids, max_new_tokens, chain, turn_seed, stops, context):
-                reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except AnexaError as exc:
-            sys.stdout.write(f"\nerror: {exc}")
-        except KeyboardInterrupt:
-            sys.stdout.write(" [interrupted]")
-        sys.stdout.write("\n")
-        conversation.add("assistant", "".join(reply).strip())
+        turn_seed = None if seed is None else seed + turn
+        _answer(loaded, conversation, prompt, bos, max_new_tokens, chain, turn_seed, stops, context)
         turn += 1
     if history is not None:
         history()
+
+
+def _answer(
+    loaded,
+    conversation,
+    prompt: str,
+    bos: bool,
+    max_new_tokens: int,
+    chain,
+    seed: int | None,
+    stops: list[str],
+    context: str,
+) -> None:
+    """One turn of `anexa chat`: the user's message joins the conversation, the reply streams to stdout
+    and joins it too. A prompt the tokenizer refuses is one line, before "Response:"."""
+    from anexa_core.infer.generation import encode_prompt, generate_text
+
+    tokenizer, block_size = loaded.tokenizer, loaded.model.config.block_size
+    conversation.add("user", prompt)
+    try:
+        ids = conversation.prompt_ids(
+            lambda text: encode_prompt(tokenizer, text, bos), block_size, min(max_new_tokens, block_size // 2)
+        )
+    except AnexaError as exc:
+        conversation.messages.pop()
+        typer.echo(f"error: {exc}")
+        return
+    sys.stdout.write("Response: ")
+    reply = []
+    try:
+        for piece in generate_text(loaded.model, tokenizer, ids, max_new_tokens, chain, seed, stops, context):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except AnexaError as exc:
+        sys.stdout.write(f"\nerror: {exc}")
+    except KeyboardInterrupt:
+        sys.stdout.write(" [interrupted]")
+    sys.stdout.write("\n")
+    conversation.add("assistant", "".join(reply).strip())
 
 
 def _line_editing():
