@@ -1,5 +1,6 @@
 """`anexa serve`: a real uvicorn server on 127.0.0.1, driven by raw HTTP, the `openai` package, `llm` and
-a headless browser. Every expected text comes from the core's own `generate_text` with the same seed."""
+a headless browser. Every expected text comes from the core's own `generate_text` with the same seed.
+The API's newer parts (n, logprobs, echo, batches, refusals, Jinja chat) are in test_serve_api.py."""
 
 import json
 import os
@@ -21,9 +22,10 @@ uvicorn = pytest.importorskip("uvicorn")
 from typer.testing import CliRunner  # noqa: E402
 
 from anexa_cli.main import app as cli  # noqa: E402
+from anexa_core.infer.chat import Transcript  # noqa: E402
 from anexa_core.infer.generation import generate_text  # noqa: E402
 from anexa_core.infer.sampling import build_chain  # noqa: E402
-from anexa_serve import ChatTemplate, ServeConfig, create_app, load_models  # noqa: E402
+from anexa_serve import ServeConfig, create_app, load_models  # noqa: E402
 from anexa_serve.server import listen, uvicorn_server  # noqa: E402
 
 runner = CliRunner()
@@ -93,11 +95,12 @@ def running(app):
         server.should_exit = True
         thread.join(10)
         sock.close()
+        app.state.server.close()
 
 
 @pytest.fixture(scope="module")
 def served(models):
-    """(base URL, app) of the main server: two models, 8 workers."""
+    """(base URL, app) of the main server: two models, 8 rows each."""
     app = create_app(models, ServeConfig(max_tokens_cap=CAP, parallel=8, queue=8, max_body_bytes=BODY_LIMIT))
     with running(app) as url:
         yield url, app
@@ -125,7 +128,7 @@ def expected(models, prompt, max_tokens, seed, specs=(), temperature=None, stop=
 
 
 def chat_prompt(*user_messages):
-    return ChatTemplate().render([("user", text) for text in user_messages])
+    return Transcript().render([{"role": "user", "content": text} for text in user_messages])
 
 
 def events(response):
@@ -219,7 +222,7 @@ def test_chat_uses_the_template_streaming_and_not(client, models):
     ]
     prompt = "A story.\n\nUser: Holmes\nAssistant: Yes?\nUser: Go on\nAssistant:"
     body = {"model": "tiny", "messages": messages, "max_tokens": 30, "seed": 11}
-    want = expected(models, prompt, 30, 11, stop=ChatTemplate().stop)
+    want = expected(models, prompt, 30, 11, stop=Transcript().stop)
     answer = client.post("/v1/chat/completions", json=body).json()
     assert answer["object"] == "chat.completion" and answer["id"].startswith("chatcmpl-")
     assert answer["choices"][0]["message"] == {"role": "assistant", "content": want}
@@ -309,30 +312,37 @@ def test_eight_concurrent_streams_each_get_their_solo_text(served, models):
     solo = [one(body) for body in bodies]
     assert solo[0] == expected(models, "Holmes 0", 120, 100, ["top_p=0.95"], temperature=0.9)
     assert len(set(solo)) == 8
-    app.state.engine.stats.peak_running = 0
+    decoders = app.state.server.decoders.values()
+    for decoder in decoders:
+        decoder.stats.peak_rows = 0
+    steps, tokens = (sum(getattr(d.stats, name) for d in decoders) for name in ("steps", "tokens_generated"))
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(one, bodies))
     assert together == solo
-    assert app.state.engine.stats.peak_running >= 2  # they really ran side by side
+    # Four per model, decoded as rows of one batch: far fewer forward passes than tokens.
+    assert all(decoder.stats.peak_rows >= 2 for decoder in decoders)
+    new_steps = sum(d.stats.steps for d in decoders) - steps
+    assert new_steps < 0.75 * (sum(d.stats.tokens_generated for d in decoders) - tokens)
 
 
 def test_client_disconnect_stops_its_generation(served):
     url, app = served
-    stats, engine = app.state.engine.stats, app.state.engine
+    decoder = app.state.server.decoders["tiny"]
+    stats = decoder.stats
     before_tokens, before_cancelled = stats.tokens_generated, stats.requests_cancelled
     body = {"model": "tiny", "prompt": "Holmes", "max_tokens": CAP, "stream": True}
     with httpx.Client(base_url=url, timeout=30) as http, http.stream("POST", "/v1/completions", json=body) as response:
         for index, _ in enumerate(response.iter_lines()):
             if index > 10:
                 break
-    wait_until(lambda: engine.running == 0 and stats.requests_cancelled == before_cancelled + 1)
+    wait_until(lambda: decoder.held == 0 and stats.requests_cancelled == before_cancelled + 1)
     generated = stats.tokens_generated - before_tokens
     time.sleep(0.3)
     assert stats.tokens_generated - before_tokens == generated < CAP // 4  # stopped, far short of max_tokens
     # A non-streaming client that gives up stops its generation too.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Holmes", "max_tokens": CAP}, timeout=0.5)
-    wait_until(lambda: engine.running == 0 and stats.requests_cancelled == before_cancelled + 2)
+    wait_until(lambda: decoder.held == 0 and stats.requests_cancelled == before_cancelled + 2)
     assert stats.tokens_generated - before_tokens < CAP // 2
 
 
@@ -349,14 +359,15 @@ def test_requests_beyond_the_queue_get_429(models):
             lines = running_one.iter_lines()  # kept: a dropped iterator would close the connection
             assert next(lines).startswith("data: ")  # generating
             with second.stream("POST", "/v1/completions", json=long) as queued:
-                assert queued.status_code == 200  # admitted: waits for the worker
+                assert queued.status_code == 200  # admitted: waits for the row
                 refused = third.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
                 error = assert_error(refused, 429, code="queue_full")
                 assert error["type"] == "rate_limit_error" and refused.headers["retry-after"] == "1"
-                assert app.state.engine.running == 1 and app.state.engine.waiting == 1
-                running_one.close()  # frees the worker: the queued request starts
+                decoder = app.state.server.decoders["tiny"]
+                assert decoder.running == 1 and decoder.waiting == 1
+                running_one.close()  # frees the row: the queued request starts
                 assert next(queued.iter_lines()).startswith("data: ")
-        wait_until(lambda: app.state.engine.admitted == 0)
+        wait_until(lambda: app.state.server.decoders["tiny"].held == 0)
         ok = third.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 3})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
 
@@ -415,14 +426,14 @@ BAD = {
         "anexa.samplers",
         "invalid_sampler",
     ),
-    "bad sampler value": (
+    "bad sampler value": ("/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 2.0}, 400, "top_p", None),
+    "negative temperature": (
         "/v1/completions",
-        {"model": "tiny", "prompt": "x", "top_p": 2.0},
+        {"model": "tiny", "prompt": "x", "temperature": -1.0},
         400,
-        "anexa.samplers",
-        None,
+        "temperature",
+        "invalid_sampler",
     ),
-    "negative temperature": ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1.0}, 400, None, None),
     "temperature twice": (
         "/v1/completions",
         {"model": "tiny", "prompt": "x", "temperature": 0.5, "anexa": {"samplers": ["temperature=1"]}},
@@ -439,8 +450,6 @@ BAD = {
     ),
     "seed out of range": ("/v1/completions", {"model": "tiny", "prompt": "x", "seed": 2**70}, 400, "seed", None),
     "empty stop": ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": [""]}, 400, "stop[0]", None),
-    "n above 1": ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2}, 400, "n", "unsupported"),
-    "batch of prompts": ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt", "unsupported"),
     "no messages": ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages", None),
     "unknown role": (
         "/v1/chat/completions",
@@ -512,7 +521,7 @@ def test_the_openai_package_streaming_and_not(url, models):
     assert "".join(chunk.choices[0].text for chunk in pieces) == want
 
     messages = [{"role": "user", "content": "Watson"}]
-    chat_want = expected(models, chat_prompt("Watson"), 30, 8, stop=ChatTemplate().stop)
+    chat_want = expected(models, chat_prompt("Watson"), 30, 8, stop=Transcript().stop)
     reply = api.chat.completions.create(model="tiny-2", messages=messages, max_tokens=30, seed=8)
     assert reply.choices[0].message.content == chat_want and reply.usage.prompt_tokens == len(chat_prompt("Watson"))
     chunks = list(
@@ -549,7 +558,7 @@ def test_llm_cli_through_its_openai_compatible_model_file(url, models, tmp_path)
         return done.stdout
 
     options = ["-o", "seed", "13", "-o", "max_tokens", "25"]
-    chat_want = expected(models, chat_prompt("Holmes"), 25, 13, stop=ChatTemplate().stop)
+    chat_want = expected(models, chat_prompt("Holmes"), 25, 13, stop=Transcript().stop)
     assert llm("-m", "anexa-chat", *options, "Holmes") == chat_want + "\n"
     text_want = expected(models, "Holmes", 25, 13, name="tiny-2")
     assert llm("-m", "anexa-text", *options, "--no-stream", "Holmes") == text_want + "\n"
@@ -607,7 +616,7 @@ def test_chat_page_in_a_real_browser(url, models, tmp_path):
         browser.find_element(By.ID, "send").click()
         wait(lambda b: b.find_element(By.CSS_SELECTOR, last_answer).get_attribute("data-done") == "true")
         answer = browser.find_element(By.CSS_SELECTOR, last_answer).get_property("textContent")
-        assert answer == expected(models, chat_prompt("Sherlock Holmes"), 40, 17, stop=ChatTemplate().stop)
+        assert answer == expected(models, chat_prompt("Sherlock Holmes"), 40, 17, stop=Transcript().stop)
         assert "generated" in browser.find_element(By.ID, "status").text
 
         # A long completion streams in piece by piece; Stop ends it (the server stops generating).
@@ -643,6 +652,12 @@ def test_serve_command_errors_are_one_line(tmp_path):
     (tmp_path / "t.toml").write_text('user = "no placeholder"\n')
     result = runner.invoke(cli, ["serve", "--chat-template", str(tmp_path / "t.toml")])
     assert result.exit_code == 2 and result.stderr.startswith("error: chat template 'user' must be text containing")
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.content }")
+    result = runner.invoke(cli, ["serve", "--chat-template", str(tmp_path / "t.jinja")])
+    assert result.exit_code == 2 and result.stderr.startswith(
+        f"error: chat template {tmp_path / 't.jinja'} does not parse"
+    )
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_serve_command_runs_a_server_with_an_api_key_from_the_environment(run_dir):

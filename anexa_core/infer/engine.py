@@ -78,7 +78,8 @@ class Stream:
     """A request while the engine runs it. ``tokens``: generated so far (a stop id is not among them);
     ``finish_reason``: ``None`` while running, then ``"stop"`` (a stop id), ``"length"``
     (``max_new_tokens``) or ``"cancelled"``; ``prompt_tokens``: the prompt as fed (cropped);
-    ``prompt_logprobs``: with ``echo``, one per prompt token (``None`` for the first)."""
+    ``prompt_logprobs``: with ``echo``, one per prompt token of the last ``block_size + 1`` (``None`` for the
+    first)."""
 
     request: Request
     prompt: list[int]
@@ -330,20 +331,24 @@ class Engine:
         return float(logp[picked]), alternatives
 
     def _prompt_logprobs(self, stream: Stream) -> list[tuple[float, list[tuple[int, float]]] | None]:
-        """Each prompt token's log-probability given the ones before it (and the top alternatives)."""
+        """Each prompt token's log-probability given the ones before it (and the top alternatives), for the
+        last ``block_size + 1`` prompt ids: the last one is scored from the ``block_size`` before it."""
         top = stream.request.logprobs or 0
-        scores = token_logprobs(self.model, torch.tensor([stream.prompt], device=self.device), top)
+        scored = list(stream.request.prompt_ids)[-(self.block_size + 1) :]
+        scores = token_logprobs(self.model, torch.tensor([scored], device=self.device), top)
         self.forwards += 1
         return [None, *scores[0]]
 
 
 def token_logprobs(model: GPT, ids: torch.Tensor, top: int = 0) -> list[list[tuple[float, list[tuple[int, float]]]]]:
     """For each row of ``ids`` (B, T) int64 and each position t ≥ 1: ``(log p(ids[t] | ids[:t]), the top
-    alternatives)`` in natural log, computed in float32 from one forward pass. Used for ``echo`` and
-    lm-evaluation-harness's loglikelihood requests."""
+    alternatives)`` in natural log, computed in float32 from one forward pass over ``ids[:, :-1]`` (so T may
+    be ``block_size + 1``). Used for ``echo`` and lm-evaluation-harness's loglikelihood requests."""
+    if ids.size(1) < 2:
+        return [[] for _ in range(ids.size(0))]
     with torch.no_grad(), decoding_autocast(ids.device):
-        logits, _ = model(ids)
-    logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]
+        logits, _ = model(ids[:, :-1])
+    logp = torch.log_softmax(logits.float(), dim=-1)
     chosen = logp.gather(-1, ids[:, 1:, None])[..., 0]
     best = torch.topk(logp, top) if top else None
     rows = []

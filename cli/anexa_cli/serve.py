@@ -63,21 +63,27 @@ def serve(
     default_max_tokens: Annotated[
         int, typer.Option(min=1, help="max_tokens when a request gives none (at most the cap).")
     ] = 200,
-    parallel: Annotated[int, typer.Option(min=1, help="Generations running at once (worker threads).")] = 8,
+    parallel: Annotated[
+        int, typer.Option(min=1, help="Rows each model's engine decodes at once (one batch, one forward per token).")
+    ] = 8,
     queue: Annotated[
-        int, typer.Option(min=0, help="Requests that may wait for a free worker; more get HTTP 429.")
+        int, typer.Option(min=0, help="Requests (choices) that may wait for a row; more get HTTP 429.")
     ] = 32,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Larger request bodies get HTTP 413.")] = 1 << 20,
     chat_template: Annotated[
-        Path | None, typer.Option(help="TOML file overriding the chat template's keys (see docs/serve.md).")
+        Path | None,
+        typer.Option(
+            help="FILE.toml: the plain transcript's keys, for models without a template of their own; "
+            "FILE.jinja: a Jinja chat template replacing every model's (see docs/serve.md)."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
     threads: Annotated[
         int,
         typer.Option(
             min=0,
-            help="torch CPU threads per operation (sets OMP_NUM_THREADS unless it is set); "
-            "0 keeps torch's default. Concurrent requests are the parallelism: 1 is fastest for small models.",
+            help="torch CPU threads of each model's engine (sets OMP_NUM_THREADS unless it is set); "
+            "0 keeps torch's default (one per core). 1 leaves the other cores to HTTP: fastest on small CPUs.",
         ),
     ] = 1,
 ) -> None:
@@ -98,13 +104,14 @@ def serve(
         raise AnexaError(
             f"anexa serve needs the serve extra ({exc.name} is missing): pip install 'anexa[serve]'"
         ) from None
-    from anexa_serve.chat import ChatTemplate
+    from anexa_core.infer.chat import Transcript
+    from anexa_serve.chat import read_override
 
-    template = ChatTemplate.from_toml(chat_template) if chat_template is not None else ChatTemplate()
+    template = read_override(chat_template) if chat_template is not None else Transcript()
 
     if threads and "OMP_NUM_THREADS" not in os.environ:
-        # Read by OpenMP when torch loads, and the only setting that reaches the worker threads:
-        # torch.set_num_threads sets it for the calling thread alone.
+        # Read by OpenMP when torch loads, so it reaches the engines' threads too: torch.set_num_threads
+        # sets it for the calling thread alone (each engine thread also sets it for itself).
         os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
@@ -126,6 +133,7 @@ def serve(
         api_key=api_key.strip() if api_key else None,
         chat_template=template,
         allowed_hosts=(*LOOPBACK_HOSTS, host.strip("[]").lower()) if is_loopback(host) else None,
+        threads=threads,
     )
     app = create_app(served, config)
     bound = sock.getsockname()[1]

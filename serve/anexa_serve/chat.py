@@ -1,89 +1,96 @@
-"""Chat messages → one prompt for a base model.
+"""Which template each served model chats through, and one request's chat prompt.
 
-Anexa models are *base* models: they were trained only to continue text, never to follow
-instructions or to take turns. "Chat" therefore means: the conversation is written out as a plain
-transcript, the assistant's next line is opened, and the model continues it; stop strings end the
-reply where the transcript would move on. The default transcript is::
+A model's template is, in order: ``--chat-template FILE.jinja`` (replacing every model's), the model's
+own Jinja template (a pretrained chat model's, kept in its ``hf`` tokenizer), or the plain
+:class:`~anexa_core.infer.chat.Transcript` for base models (changed server-wide by ``--chat-template
+FILE.toml`` and per request by ``anexa.chat_template``). All come from the core's
+:func:`~anexa_core.infer.chat.template_for`; Jinja is rendered in its immutable sandbox.
 
-    {system content}
-
-    User: {user content}
-    Assistant: {assistant content}
-    User: {user content}
-    Assistant:
-
-and the reply stops at a blank line or where the model starts writing the next ``User:`` /
-``Assistant:`` line. Every piece is overridable (server-wide with ``anexa serve --chat-template
-FILE.toml``, per request with ``"anexa": {"chat_template": {...}}``), using the keys of
-:class:`ChatTemplate`. ``{content}`` in a role's template is replaced by the message text (a plain
-text replacement: braces in messages are never interpreted).
+A Jinja template writes its own special tokens, so its prompt is encoded without another BOS; replies end
+at the tokenizer's end-of-turn ids (never shown) and at the text of its special tokens, so no template
+marker reaches a reply. A transcript's replies end at its ``stop`` strings.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from anexa_core.errors import AnexaError
+from anexa_core.infer.chat import JinjaTemplate, Template, Transcript, normalize_messages, template_for
+from anexa_serve.errors import invalid
 
-PLACEHOLDER = "{content}"
-ROLES = ("system", "user", "assistant")
-ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
+ChatOverride = Transcript | str | None
+"""``--chat-template``: a transcript (TOML), Jinja source text, or None."""
+
+
+def read_override(path: Path) -> Transcript | str:
+    """``--chat-template FILE``: ``.jinja`` (or ``.j2``) is Jinja source text, anything else a TOML
+    transcript. Raises :class:`AnexaError` for a missing, unreadable or invalid file."""
+    if path.suffix.lower() in (".jinja", ".j2"):
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AnexaError(f"chat template {path} cannot be read ({exc}): give a UTF-8 Jinja file") from None
+        from jinja2 import Environment, TemplateSyntaxError
+        from jinja2.ext import loopcontrols
+
+        try:  # parsing runs nothing: a broken template fails at start-up, not at the first request
+            Environment(extensions=[loopcontrols]).parse(source)
+        except TemplateSyntaxError as exc:
+            raise AnexaError(
+                f"chat template {path} does not parse (line {exc.lineno}: {exc.message}): fix it or leave --chat-template out"
+            ) from None
+        return source
+    return Transcript.from_toml(path)
+
+
+def model_template(tokenizer: Any, override: ChatOverride) -> Template:
+    """The template a model chats through (see the module docstring)."""
+    if isinstance(override, str) or getattr(tokenizer, "chat_template", None):
+        return template_for(tokenizer, override if isinstance(override, str) else None)
+    return template_for(tokenizer, override or Transcript())
 
 
 @dataclass(frozen=True)
-class ChatTemplate:
-    """How each message is written into the prompt, what opens the reply, and where the reply ends.
+class ChatPrompt:
+    """A rendered conversation: the ``text``, the ``user_text`` inside it (to tell whose characters a
+    tokenizer refuses), whether to add a BOS id, and what ends the reply."""
 
-    ``system``/``user``/``assistant``: text with one ``{content}`` placeholder, written per message in
-    order. ``generation_prompt``: appended after the last message (the opened assistant line).
-    ``stop``: strings that end the reply (not included), added to the request's own ``stop``.
-    """
+    text: str
+    user_text: str
+    bos: bool
+    stops: tuple[str, ...]
+    stop_ids: tuple[int, ...]
 
-    system: str = "{content}\n\n"
-    user: str = "User: {content}\n"
-    assistant: str = "Assistant: {content}\n"
-    generation_prompt: str = "Assistant:"
-    stop: tuple[str, ...] = ("\n\n", "\nUser:", "\nAssistant:")
 
-    def __post_init__(self) -> None:
-        for role in ROLES:
-            value = getattr(self, role)
-            if not isinstance(value, str) or PLACEHOLDER not in value:
-                raise AnexaError(f"chat template {role!r} must be text containing {PLACEHOLDER}, got {value!r}")
-        if not isinstance(self.generation_prompt, str):
-            raise AnexaError("chat template 'generation_prompt' must be text")
-        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
-            raise AnexaError("chat template 'stop' must be a list of non-empty strings")
-        object.__setattr__(self, "stop", tuple(self.stop))
-
-    def render(self, messages: Iterable[tuple[str, str]]) -> str:
-        """``(role, content)`` pairs (roles already normalised to :data:`ROLES`) → the prompt text."""
-        parts = [getattr(self, role).replace(PLACEHOLDER, content) for role, content in messages]
-        return "".join(parts) + self.generation_prompt
-
-    def updated(self, changes: Mapping[str, Any]) -> ChatTemplate:
-        """This template with some keys replaced; unknown keys or bad values raise :class:`AnexaError`."""
-        names = {field.name for field in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise AnexaError(f"unknown chat template key {unknown[0]!r}: use {', '.join(sorted(names))}")
-        values = dict(changes)
-        if "stop" in values and isinstance(values["stop"], list):
-            values["stop"] = tuple(values["stop"])
-        return dataclasses.replace(self, **values)
-
-    @classmethod
-    def from_toml(cls, path: Path) -> ChatTemplate:
-        """The default template with the keys of a TOML file replaced (see :class:`ChatTemplate`)."""
+def render(
+    template: Template, tokenizer: Any, messages: Sequence[Mapping[str, str]], changes: dict[str, Any] | None
+) -> ChatPrompt:
+    """``messages`` (``role``, ``content``) through ``template``, with this request's transcript
+    ``changes``. Raises :class:`~anexa_serve.errors.APIError` 400 naming ``anexa.chat_template`` or
+    ``messages``."""
+    if changes:
+        if not isinstance(template, Transcript):
+            raise invalid(
+                "anexa.chat_template changes the plain transcript, but this model chats through its own "
+                "Jinja template: leave anexa.chat_template out",
+                param="anexa.chat_template",
+                code="invalid_value",
+            )
         try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise AnexaError(f"chat template {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise AnexaError(f"chat template {path} is not a readable TOML file: {exc}") from None
-        return cls().updated(data)
+            template = template.updated(changes)
+        except (AnexaError, TypeError) as exc:
+            raise invalid(str(exc), param="anexa.chat_template", code="invalid_value") from None
+    try:
+        text = template.render(normalize_messages(messages))
+    except AnexaError as exc:
+        raise invalid(str(exc), param="messages", code="invalid_value") from None
+    user_text = "".join(message["content"] for message in messages)
+    if isinstance(template, JinjaTemplate):
+        markers = tuple(value for value in template.special_tokens.values() if value)
+        stop_ids = tuple(getattr(tokenizer, "eos_ids", ()) or ())
+        return ChatPrompt(text, user_text, False, tuple(dict.fromkeys(markers)), stop_ids)
+    return ChatPrompt(text, user_text, True, tuple(template.stop), tuple(getattr(tokenizer, "eos_ids", ()) or ()))

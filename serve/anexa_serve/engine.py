@@ -1,239 +1,197 @@
-"""Admission, worker threads and one request's generation; the model work itself is the core's.
+"""One core :class:`~anexa_core.infer.engine.Engine` per served model, stepped by one background thread.
 
-* :class:`Engine.admit` is the queue: at most ``parallel`` generations run and at most ``queue`` more
-  wait (first come, first served); one more request gets HTTP 429 at once instead of waiting without
-  bound.
-* Generation is CPU-bound torch code, so each token is pulled from the core's lazy
-  :func:`anexa_core.infer.generation.generate_text` in a worker thread (``anyio.to_thread`` with a
-  ``parallel``-sized limiter), never on the event loop. A request that stops being read (client gone)
-  stops pulling, which stops the generation: nothing runs ahead of the client.
-* Every request gets its own sampler chain and its own seeded ``torch.Generator`` (a random seed when
-  the request gives none), so nothing random is shared between threads; see :mod:`anexa_serve.models`
-  for why sharing the model is safe.
+Every request of a model becomes one or more rows of that model's engine (continuous batching: each
+:meth:`Engine.step <anexa_core.infer.engine.Engine.step>` is one forward pass for every running row), so
+concurrent clients share forward passes instead of fighting for the cores. The stepping thread sleeps
+while nothing runs and is woken by :meth:`Decoder.submit` and :meth:`Decoder.cancel`.
+
+Tokens leave the stepping thread through the request's ``on_token`` callback and the end of a row
+through ``on_done``; both run on the stepping thread, so callers hand them to their event loop
+(``loop.call_soon_threadsafe``). Memory is bounded: ``rows`` rows decode at once and ``waiting`` more
+wait; beyond that :meth:`Decoder.submit` raises :class:`~anexa_core.infer.engine.EngineBusy`.
+
+A sampler chain that raises fails only its own request (:class:`_Isolated`); a failing forward pass fails
+the rows that were running. Neither stops the thread.
 """
 
 from __future__ import annotations
 
-import secrets
+import logging
 import threading
-from collections.abc import AsyncGenerator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
+from anexa_core.errors import AnexaError
+from anexa_core.infer.engine import Engine, EngineBusy, Request, Stream, Token
 
-from anexa_serve.errors import APIError
-from anexa_serve.models import ServedModel
+logger = logging.getLogger("anexa.serve")
 
 SEED_RANGE = (-(2**63), 2**64 - 1)
 """Seeds ``torch.Generator.manual_seed`` accepts."""
 
+OnToken = Callable[[Token], None]
+OnDone = Callable[[Stream, BaseException | None], None]
+"""Called once when a row ends: the stream (its ``finish_reason`` set) and the error that ended it, if any."""
+
 
 @dataclass
 class Stats:
-    """Counters for logs and tests; ``tokens_generated`` is updated from worker threads under a lock."""
+    """Counters for logs, tests and benchmarks; written by the stepping thread (plus ``requests_rejected``
+    by submitters), read from anywhere. ``peak_rows``: the most rows one step decoded."""
 
     tokens_generated: int = 0
     requests_finished: int = 0
     requests_cancelled: int = 0
     requests_rejected: int = 0
-    peak_running: int = 0
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-
-    def add_token(self) -> None:
-        with self._lock:
-            self.tokens_generated += 1
+    requests_failed: int = 0
+    steps: int = 0
+    peak_rows: int = 0
 
 
-class _CountingChain:
-    """The request's :class:`~anexa_core.infer.sampling.SamplerChain`, unchanged, watching what it is given.
+class _Isolated:
+    """A request's sampler chain whose failure is its own: the error is kept (the row is then cancelled)
+    and the argmax stands in for the pick, so the rest of the batch decodes on."""
 
-    The core calls ``pick(logits, context, generator)`` exactly once per generated token, with
-    ``context`` the ids fed so far (B=1, T). So ``ids`` are the generated tokens (including those of a
-    stop string, which were generated before the stop was seen) and the first call's ``context`` is the
-    prompt as the model was fed it: after the core's own normalisation and cropping to the context.
-    """
-
-    def __init__(self, chain: Any, stats: Stats) -> None:
+    def __init__(self, chain: Any) -> None:
         self.chain = chain
-        self.stats = stats
-        self.ids: list[int] = []
-        self.prompt_tokens: int | None = None
+        self.error: BaseException | None = None
 
     def pick(self, logits, context, generator=None):
-        if self.prompt_tokens is None:
-            self.prompt_tokens = int(context.size(-1))
-        picked = self.chain.pick(logits, context, generator)
-        self.ids.append(int(picked.view(-1)[0]))
-        self.stats.add_token()
-        return picked
-
-    def __repr__(self) -> str:
-        return repr(self.chain)
+        try:
+            return self.chain.pick(logits, context, generator)
+        except Exception as exc:
+            self.error = self.error or exc
+            return logits.argmax(-1, keepdim=True)
 
 
-class Generation:
-    """One request's continuation: a lazy core generator plus what ``usage`` and ``finish_reason`` need.
+class Decoder:
+    """The engine of one served model and the thread that steps it.
 
-    ``prompt_ids`` are the prompt's token ids (already checked to be encodable and non-empty).
-    ``prompt_tokens`` is how many tokens the model was fed as the prompt (cropped from the left to the
-    context length). ``seed`` None draws a fresh random seed, so even unseeded requests share no
-    random state.
+    ``rows``: requests decoded at once (``--parallel``); ``waiting``: requests that may wait for a row
+    (``--queue``); ``threads``: torch CPU threads of the stepping thread (0 keeps torch's default). The
+    thread starts at the first :meth:`submit` and ends at :meth:`close`.
     """
 
-    def __init__(
-        self,
-        served: ServedModel,
-        prompt: str,
-        prompt_ids: Sequence[int],
-        max_tokens: int,
-        chain: Any,
-        seed: int | None,
-        stop: Sequence[str],
-        stats: Stats,
-    ) -> None:
-        from anexa_core.infer.generation import generate_text
-
-        self.served = served
-        self.max_tokens = max_tokens
-        self.stops = tuple(stop)
-        self._prompt_ids = len(prompt_ids)
-        self.seed = secrets.randbits(63) if seed is None else seed
-        self._text: list[str] = []
-        self._chain = _CountingChain(chain, stats)
-        self._pieces = generate_text(served.model, served.tokenizer, prompt, max_tokens, self._chain, self.seed, stop)
-        self.done = False
-
-    @property
-    def text(self) -> str:
-        """The text generated so far (stop strings removed)."""
-        return "".join(self._text)
-
-    @property
-    def prompt_tokens(self) -> int:
-        """Prompt tokens fed to the model (seen at the first pick; before it, the cropped encoding)."""
-        seen = self._chain.prompt_tokens
-        return seen if seen is not None else min(self._prompt_ids, self.served.context_length)
-
-    @property
-    def completion_tokens(self) -> int:
-        """Tokens generated so far."""
-        return len(self._chain.ids)
-
-    @property
-    def finish_reason(self) -> str:
-        """``stop`` when a stop string ended the text, ``length`` when ``max_tokens`` did."""
-        if self.completion_tokens < self.max_tokens:
-            return "stop"
-        if not self.stops:
-            return "length"
-        # All tokens were generated: a stop string may still have cut the last piece.
-        return "stop" if self.text != self.served.tokenizer.decode(self._chain.ids) else "length"
-
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
-
-    def next_piece(self) -> str | None:
-        """The next piece of text, or None at the end. Blocking torch work: call it in a worker thread."""
-        piece = next(self._pieces, None)
-        if piece is None:
-            self.done = True
-        else:
-            self._text.append(piece)
-        return piece
-
-    def close(self) -> None:
-        """Stop generating (closes the core's generator); safe to call twice."""
-        self._pieces.close()
-
-
-class Ticket:
-    """A request's place in the engine: counted from :meth:`Engine.admit` until :meth:`release`."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._released = False
-
-    def release(self) -> None:
-        """Give the place back; idempotent, so every exit path may call it."""
-        if not self._released:
-            self._released = True
-            self._engine.admitted -= 1
-
-
-class Engine:
-    """Runs generations in at most ``parallel`` worker threads with at most ``queue`` waiting requests.
-
-    All counters except :attr:`Stats.tokens_generated` are touched only on the event loop thread.
-    """
-
-    def __init__(self, parallel: int, queue: int) -> None:
-        if parallel < 1 or queue < 0:
-            raise ValueError("parallel must be >= 1 and queue >= 0")
-        self.parallel = parallel
-        self.queue = queue
-        self.admitted = 0
-        self.running = 0
+    def __init__(self, model: Any, rows: int, waiting: int, threads: int = 0, name: str = "model") -> None:
+        self.engine = Engine(model, max_rows=rows, max_waiting=waiting)
+        self.name = name
+        self.threads = threads
         self.stats = Stats()
-        self._slots: anyio.Semaphore | None = None
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._watched: dict[int, tuple[Stream, OnDone, _Isolated]] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def capacity(self) -> int:
+        """Rows plus waiting places: the most requests this decoder holds at once."""
+        return self.engine.max_rows + (self.engine.max_waiting or 0)
+
+    @property
+    def running(self) -> int:
+        return len(self.engine.rows)
 
     @property
     def waiting(self) -> int:
-        return self.admitted - self.running
+        return len(self.engine.waiting)
 
-    def admit(self) -> Ticket:
-        """A place for one request, or :class:`APIError` 429 when ``parallel + queue`` are taken."""
-        if self.admitted >= self.parallel + self.queue:
-            self.stats.requests_rejected += 1
-            raise APIError(
-                429,
-                f"the server is busy: {self.running} generations running and {self.waiting} waiting "
-                f"(queue length {self.queue}); retry shortly",
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": "1"},
-            )
-        self.admitted += 1
-        return Ticket(self)
+    @property
+    def held(self) -> int:
+        """Requests submitted and not yet ended (``on_done`` not yet called)."""
+        return len(self._watched)
 
-    @asynccontextmanager
-    async def _slot(self):
-        if self._slots is None:  # anyio primitives belong to the running event loop: create them there
-            self._slots = anyio.Semaphore(self.parallel)
-            self._limiter = anyio.CapacityLimiter(self.parallel)
-        async with self._slots:
-            self.running += 1
-            self.stats.peak_running = max(self.stats.peak_running, self.running)
-            try:
-                yield
-            finally:
-                self.running -= 1
+    def submit(self, request: Request, on_token: OnToken, on_done: OnDone) -> Stream:
+        """Queue ``request`` (its ``chain`` is wrapped, see :class:`_Isolated`). Raises :class:`EngineBusy`
+        when every row and waiting place is taken, :class:`~anexa_core.errors.AnexaError` for an empty prompt."""
+        guard = _Isolated(request.chain)
+        request.chain = guard
 
-    async def stream(self, ticket: Ticket, generation: Generation) -> AsyncGenerator[str, None]:
-        """Wait for a slot, then yield text pieces as the worker thread produces them.
+        def counted(token: Token) -> None:
+            self.stats.tokens_generated += 1
+            if guard.error is None:
+                on_token(token)
 
-        Leaving early (the caller stops iterating or is cancelled, e.g. the client disconnected)
-        stops the generation and frees the slot; callers must close this iterator (``aclosing``).
-        """
+        self._start()
         try:
-            async with self._slot():
-                while True:
-                    piece = await anyio.to_thread.run_sync(generation.next_piece, limiter=self._limiter)
-                    if piece is None:
-                        break
-                    yield piece
-        finally:
-            generation.close()
-            ticket.release()
-            if generation.done:
-                self.stats.requests_finished += 1
-            else:
+            stream = self.engine.submit(request, counted)
+        except EngineBusy:
+            self.stats.requests_rejected += 1
+            raise
+        with self._lock:
+            self._watched[id(stream)] = (stream, on_done, guard)
+        self._wake.set()
+        return stream
+
+    def cancel(self, stream: Stream) -> None:
+        """Stop ``stream``: its row is freed at the next step (from any thread; idempotent)."""
+        if not stream.done:
+            self.engine.cancel(stream)
+            self._wake.set()
+
+    def close(self) -> None:
+        """Cancel everything and stop the thread."""
+        self._closed = True
+        for stream, _, _ in list(self._watched.values()):
+            self.engine.cancel(stream)
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(10)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._loop, name=f"anexa-engine-{self.name}", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)  # per thread under OpenMP: set it on the thread that computes
+        while not self._closed:
+            self._wake.clear()  # before looking: a submit from now on wakes the wait below
+            self._report()
+            if not self.engine.busy:
+                self._wake.wait()
+                continue
+            try:
+                self.engine.step()
+            except Exception as exc:
+                self._fail_running(exc)
+            self.stats.steps += 1
+            self.stats.peak_rows = max(self.stats.peak_rows, len(self.engine.rows))
+        self._report()
+
+    def _report(self) -> None:
+        """``on_done`` for every watched stream that ended; a row whose sampler failed is cancelled first."""
+        for key, (stream, on_done, guard) in list(self._watched.items()):
+            if guard.error is not None and not stream.done:
+                self.engine.cancel(stream)
+                continue  # freed, and reported, after the next step
+            if not stream.done:
+                continue
+            with self._lock:
+                del self._watched[key]
+            if guard.error is not None:
+                self.stats.requests_failed += 1
+            elif stream.finish_reason == "cancelled":
                 self.stats.requests_cancelled += 1
+            else:
+                self.stats.requests_finished += 1
+            on_done(stream, guard.error)
+
+    def _fail_running(self, exc: Exception) -> None:
+        """A step raised: every watched request that had left the waiting line ends with ``exc``."""
+        if not isinstance(exc, AnexaError):
+            logger.error("decoding failed for model %s", self.name, exc_info=exc)
+        waiting = {id(stream) for stream in list(self.engine.waiting)}
+        rows = {id(stream) for stream in self.engine.rows}
+        for key, (stream, _, guard) in list(self._watched.items()):
+            if key in waiting or stream.done:
+                continue
+            guard.error = guard.error or exc
+            self.engine.cancel(stream)
+            if key not in rows:  # taken from the line by the failed step and never given a row
+                stream.finish_reason = "cancelled"

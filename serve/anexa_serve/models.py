@@ -1,12 +1,11 @@
 """The served models: each checkpoint loaded once, named after its run folder, shared by all requests.
 
-Thread safety: one model instance serves several generation threads at once. That is safe because
-decoding only reads the weights (under ``torch.no_grad``, in eval mode) and keeps all per-request
-state outside the model: the KV cache is created per call, the sampler chain per request and the
-random generator per request (``torch.Generator`` seeded from the request's ``seed``). The only
-shared write is ``model.eval()``, which every call repeats with the same value. So a request's text
-depends only on its own prompt, options and seed, not on what runs beside it (tested with 8
-concurrent clients).
+One model instance serves every request: each model has one engine, stepped by one thread
+(:mod:`anexa_serve.engine`), so the weights are only ever read by that thread (in eval mode, under
+``torch.no_grad``). All per-request state lives outside the model: each request is a row of the engine's
+KV cache with its own sampler chain and its own ``torch.Generator`` seeded from its ``seed``. So a
+request's text depends only on its own prompt, options and seed, not on what runs beside it (tested with
+8 concurrent clients).
 """
 
 from __future__ import annotations

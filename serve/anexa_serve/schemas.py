@@ -1,9 +1,12 @@
 """Request bodies of the OpenAI endpoints, validated strictly (a string is not a number).
 
-Unknown top-level OpenAI fields are accepted and ignored, except those whose meaning Anexa cannot
-honour (``n`` > 1, ``best_of`` > 1, ``echo``, ``logprobs``, ``suffix``, ``tools``, non-zero
-``presence_penalty``/``frequency_penalty``): those are refused rather than silently dropped.
-Anexa's own options go in the ``anexa`` extension object.
+Every field is honoured or refused with a 400 naming it. Unknown fields are refused. So are known fields
+Anexa cannot honour, when set to anything but their neutral value: ``best_of`` > 1, ``suffix``,
+``logit_bias``, ``presence_penalty``/``frequency_penalty`` (use ``repetition_penalty``), ``tools``,
+``functions``, a ``tool_choice`` that asks for a call, a ``response_format`` other than text, ``store:
+true``, ``modalities`` other than text. A few fields that clients send and that change nothing here are
+accepted: ``user``, and for chat ``metadata``, ``safety_identifier``, ``prompt_cache_key`` and
+``parallel_tool_calls``. Anexa's own options go in the ``anexa`` extension object.
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from anexa_serve.engine import SEED_RANGE
 
+MAX_LOGPROBS = 20
+"""Most alternatives per token (``logprobs`` of completions, ``top_logprobs`` of chat), as OpenAI's chat API."""
+
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+TokenIds = Annotated[list[int], Field(min_length=1)]
+Refusal = tuple[str, str]
+"""``(param, message)``: why a request is refused."""
 
 
 class _Strict(BaseModel):
@@ -22,25 +31,27 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    """``include_usage``: send a last chunk with ``usage`` (and no choices) before ``[DONE]``."""
+    """``include_usage``: send a last chunk with ``usage`` (and no choices) before ``[DONE]``.
+    ``include_obfuscation`` (padding against length side channels over TLS) changes nothing here."""
 
     include_usage: bool = False
+    include_obfuscation: bool | None = None
 
 
 class AnexaOptions(_Strict):
     """The ``anexa`` extension field.
 
-    ``samplers``: the CLI's ``-s`` specs, e.g. ``["top_k=40", "repetition_penalty=1.2"]`` (any
-    installed sampler plugin). ``chat_template``: keys of :class:`anexa_serve.chat.ChatTemplate` to
-    change for this request (chat endpoint only).
+    ``samplers``: the CLI's ``-s`` specs, e.g. ``["top_k=40", "repetition_penalty=1.2"]`` (any installed
+    sampler plugin). ``chat_template``: keys of :class:`anexa_core.infer.chat.Transcript` to change for
+    this request (chat with a model that has no template of its own).
     """
 
     samplers: list[str] = Field(default_factory=list)
     chat_template: dict[str, Any] | None = None
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+class GenerationRequest(_Strict):
+    """The fields both generation endpoints share."""
 
     model: str | None = None
     max_tokens: int | None = None
@@ -48,24 +59,22 @@ class _Common(BaseModel):
     top_p: float | None = None
     stop: NonEmpty | list[NonEmpty] | None = None
     seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    logprobs: Any = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    n: Annotated[int, Field(ge=1)] | None = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
     anexa: AnexaOptions = Field(default_factory=AnexaOptions)
 
-    def unsupported(self) -> tuple[str, str] | None:
-        """``(param, reason)`` for the first option Anexa cannot honour, else None."""
-        if self.n != 1:
-            return "n", "n must be 1: send several requests (with different seeds) for several completions"
-        if self.logprobs not in (None, False):
-            return "logprobs", "logprobs are not supported"
+    def refusal(self) -> Refusal | None:
+        """``(param, reason)`` for the first field Anexa cannot honour, else None."""
         for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
+            if getattr(self, name):
                 return name, f'{name} is not supported: use "anexa": {{"samplers": ["repetition_penalty=1.2"]}}'
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported: leave it out"
         return None
 
     def stops(self) -> list[str]:
@@ -73,43 +82,51 @@ class _Common(BaseModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
-class CompletionRequest(_Common):
-    """``POST /v1/completions``: ``prompt`` is a string (or a list holding exactly one string)."""
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
-    prompt: str | list[str]
-    echo: bool = False
-    best_of: int = 1
+
+class CompletionRequest(GenerationRequest):
+    """``POST /v1/completions``. ``prompt``: a string, a list of token ids, or a list of either (a batch:
+    ``n`` choices per prompt). ``logprobs``: 0 to :data:`MAX_LOGPROBS` alternatives per token. ``echo``: the
+    prompt comes back before the completion, with its tokens' log-probabilities; ``max_tokens`` may then be 0."""
+
+    prompt: str | TokenIds | Annotated[list[str | TokenIds], Field(min_length=1)]
+    echo: bool | None = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    best_of: int | None = None
     suffix: str | None = None
 
-    def unsupported(self) -> tuple[str, str] | None:
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            return "prompt", "prompt must be a string or a list of exactly one string (no batches)"
-        if self.echo:
-            return "echo", "echo is not supported"
-        if self.best_of != 1:
-            return "best_of", "best_of must be 1"
+    def refusal(self) -> Refusal | None:
+        if self.best_of not in (None, 1):
+            return "best_of", "best_of must be 1: ask for n choices and pick among them yourself"
         if self.suffix:
             return "suffix", "suffix (fill-in-the-middle) is not supported by these left-to-right models"
-        return super().unsupported()
+        return super().refusal()
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompt_list(self) -> list[str | list[int]]:
+        """The prompts of the batch: one for a string or a list of ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        ids = [item for item in self.prompt if isinstance(item, int)]
+        return [ids] if ids else [item for item in self.prompt if not isinstance(item, int)]
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
-    """One chat message: ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts."""
+class Message(_Strict):
+    """One chat message: ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts;
+    ``developer`` is OpenAI's newer name for ``system``."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    role: str
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
@@ -120,12 +137,26 @@ class Message(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ChatRequest(_Common):
-    """``POST /v1/chat/completions``: ``messages`` become the prompt through the chat template."""
+class ChatRequest(GenerationRequest):
+    """``POST /v1/chat/completions``: ``messages`` become the prompt through the model's chat template.
+    ``logprobs: true`` returns each token's log-probability, ``top_logprobs`` (0 to :data:`MAX_LOGPROBS`)
+    that many alternatives."""
 
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: int | None = None
-    tools: Any = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
 
     @model_validator(mode="after")
     def _one_max(self) -> ChatRequest:
@@ -133,7 +164,49 @@ class ChatRequest(_Common):
             self.max_tokens = self.max_completion_tokens
         return self
 
-    def unsupported(self) -> tuple[str, str] | None:
-        if self.tools:
-            return "tools", "tools (function calling) are not supported by these base models"
-        return super().unsupported()
+    def refusal(self) -> Refusal | None:
+        calls = "asks for a function call: these models make none"
+        checks = [
+            ("tools", bool(self.tools), "tools (function calling) are not supported by these models"),
+            ("functions", bool(self.functions), "functions (function calling) are not supported by these models"),
+            (
+                "tool_choice",
+                self.tool_choice not in (None, "none", "auto"),
+                f"tool_choice {self.tool_choice!r} {calls}",
+            ),
+            ("function_call", self.function_call not in (None, "none", "auto"), f"function_call {calls}"),
+            (
+                "response_format",
+                self.response_format not in (None, {"type": "text"}),
+                'response_format must be {"type": "text"}: these models cannot be held to JSON',
+            ),
+            (
+                "modalities",
+                self.modalities not in (None, ["text"]),
+                'modalities must be ["text"]: these models write text',
+            ),
+            ("store", bool(self.store), "store is not supported: this server keeps no completions"),
+            ("top_logprobs", self.top_logprobs is not None and not self.logprobs, "top_logprobs needs logprobs: true"),
+        ]
+        refused = next(((param, message) for param, wrong, message in checks if wrong), None)
+        return refused or super().refusal()
+
+    def top(self) -> int | None:
+        """Alternatives per token for the engine: None without ``logprobs``."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(_Strict):
+    """``POST /tokenize`` (vLLM's shape): the ids of ``prompt``; ``add_special_tokens`` adds the BOS id
+    where the tokenizer asks for one."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize`` (vLLM's shape): the text of ``tokens``."""
+
+    model: str | None = None
+    tokens: list[int]

@@ -33,7 +33,8 @@ def listen(host: str, port: int, backlog: int = 128) -> socket.socket:
 
 
 def uvicorn_server(app: Any, log_level: str = "info"):
-    """A ``uvicorn.Server`` for ``app``; run it with ``server.run(sockets=[listen(host, port)])``."""
+    """A ``uvicorn.Server`` for ``app``; run it with ``server.run(sockets=[listen(host, port)])``. The app's
+    lifespan runs, so its engines' threads stop when the server does."""
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=2))
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2))

@@ -1,0 +1,145 @@
+"""One choice's text, built as its tokens arrive: incremental decoding, then stop strings.
+
+The engine pushes tokens (one per step), so the text is decoded push-style by :class:`TextDecoder`, which
+keeps exactly the two offsets of the core's pull-style :func:`~anexa_core.infer.generation.decode_stream`
+(and gives the same pieces: tested). :class:`ChoiceState` feeds those pieces through
+:class:`~anexa_core.infer.sampling.StopStrings` and hands out :class:`Update` s: text that may be shown,
+the tokens that came with it, and the finish reason once the choice has ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from anexa_core.infer.engine import Stream, Token
+from anexa_core.infer.generation import MAX_PENDING_TOKENS
+from anexa_core.infer.sampling import StopStrings
+
+
+class TextDecoder:
+    """Token ids in, new text out, decoding only a short tail each time (linear in the output length).
+
+    The text of ``ids[prefix:read]`` was shown already; the text of ``ids[prefix:]`` minus it is new. A tail
+    ending in U+FFFD (a character split across tokens) is held back for at most
+    :data:`~anexa_core.infer.generation.MAX_PENDING_TOKENS` tokens, as ``decode_stream`` does.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = self._read = 0
+
+    def add(self, token_id: int) -> str:
+        """The text ``token_id`` completes ("" while a character is unfinished)."""
+        self.ids.append(token_id)
+        shown = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        text = self.tokenizer.decode(self.ids[self._prefix :])
+        if text.endswith("\ufffd") and len(self.ids) - self._read < MAX_PENDING_TOKENS:
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(shown) :] if len(text) > len(shown) else ""
+
+    def flush(self) -> str:
+        """What is still held back, at the end of the output."""
+        if self._read == len(self.ids):
+            return ""
+        shown = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        tail = self.tokenizer.decode(self.ids[self._prefix :])[len(shown) :]
+        self._prefix = self._read = len(self.ids)
+        return tail
+
+
+@dataclass
+class Update:
+    """What one choice has new: ``text`` that may be shown (possibly ""), the ``tokens`` that came with it
+    (with ``offset``, the character offset of the first one in the choice's text: the prompt's length
+    unless these are the echoed prompt's tokens), and ``finish_reason`` once the choice has ended
+    (``stop``: a stop string or an end-of-turn id; ``length``: ``max_tokens``)."""
+
+    index: int
+    text: str
+    tokens: list[Token]
+    offset: int
+    finish_reason: str | None = None
+
+
+@dataclass
+class ChoiceState:
+    """One choice of a request: its prompt ids, its stream in the engine, the text and tokens so far.
+
+    ``token_text(id)`` is the text of one token (for offsets; only called when logprobs are asked for).
+    ``tokens`` counts every generated token consumed, those that formed a stop string included (they
+    were generated before the stop was seen); tokens the engine delivers after the choice ended are
+    ignored.
+    """
+
+    index: int
+    prompt_ids: list[int]
+    tokenizer: Any
+    stops: Sequence[str]
+    echo: bool = False
+    token_text: Callable[[int], str] | None = None
+    stream: Stream | None = None
+    text: list[str] = field(default_factory=list)
+    tokens: list[Token] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self._decoder = TextDecoder(self.tokenizer)
+        self._stops = StopStrings(self.stops)
+        self._unsent = 0
+        self._offset: int | None = None
+        self._echoed = not self.echo
+
+    def echo_update(self) -> Update | None:
+        """The echoed prompt (text and scored tokens, the first without a log-probability), once: call it
+        when the stream has its ``prompt_logprobs`` (at its first token or its end)."""
+        if self._echoed:
+            return None
+        self._echoed = True
+        assert self.stream is not None
+        scores = self.stream.prompt_logprobs or []
+        ids = self.prompt_ids[-len(scores) :] if scores else []
+        tokens = [
+            Token(token_id) if score is None else Token(token_id, score[0], score[1])
+            for token_id, score in zip(ids, scores, strict=True)
+        ]
+        return Update(self.index, self.prompt_text(), tokens, 0)
+
+    def add(self, token: Token) -> Update | None:
+        """Consume a generated token: an update when there is text to show or the choice just ended."""
+        if self.finish_reason is not None:
+            return None
+        self.tokens.append(token)
+        text = self._stops.feed(self._decoder.add(token.id))
+        if self._stops.stopped:
+            self.finish_reason = "stop"
+        if not text and self.finish_reason is None:
+            return None
+        return self._update(text)
+
+    def end(self, engine_reason: str | None) -> Update | None:
+        """The engine ended the stream (``stop``: an end-of-turn id; ``length``; ``cancelled``): the final update."""
+        if self.finish_reason is not None:
+            return None
+        text = self._stops.feed(self._decoder.flush())
+        text += self._stops.flush()
+        self.finish_reason = "stop" if self._stops.stopped or engine_reason == "stop" else "length"
+        return self._update(text)
+
+    def prompt_text(self) -> str:
+        return self.tokenizer.decode(self.prompt_ids)
+
+    def _update(self, text: str) -> Update:
+        self.text.append(text)
+        tokens = self.tokens[self._unsent :]
+        self._unsent = len(self.tokens)
+        offset = 0
+        if self.token_text is not None:
+            if self._offset is None:
+                self._offset = len(self.prompt_text())
+            offset = self._offset
+            self._offset += sum(len(self.token_text(token.id)) for token in tokens)
+        return Update(self.index, text, tokens, offset, self.finish_reason)

@@ -1,0 +1,484 @@
+"""`anexa serve`'s API beyond one plain completion: n choices, logprobs, echo, batches of prompts (text or token
+ids), the tokenizer routes, refused and accepted fields, chat through a model's own Jinja template, and a
+failing sampler. Every expectation is the core's: texts from `generate_text` with the same seed, log-probabilities
+from the model's own log-softmax. The models are small and random (no training), so the module is quick."""
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="anexa serve needs the serve extra: pip install -e '.[dev]'")
+httpx = pytest.importorskip("httpx")
+
+import torch  # noqa: E402
+from helpers import trained_tokenizer  # noqa: E402
+
+from anexa_core import hookimpl, plugins  # noqa: E402
+from anexa_core.config import ModelConfig  # noqa: E402
+from anexa_core.errors import AnexaError  # noqa: E402
+from anexa_core.infer.chat import JinjaTemplate  # noqa: E402
+from anexa_core.infer.generation import decode_stream, encode_prompt, generate_ids, generate_text  # noqa: E402
+from anexa_core.infer.sampling import build_chain  # noqa: E402
+from anexa_core.model.gpt import build_model  # noqa: E402
+from anexa_serve import ServeConfig, ServedModel, create_app  # noqa: E402
+from anexa_serve.decoding import TextDecoder  # noqa: E402
+from anexa_serve.server import listen, uvicorn_server  # noqa: E402
+
+BLOCK = 32
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# --- fixtures ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text(sherlock_path):
+    return sherlock_path.read_text(encoding="utf-8")[:60_000]
+
+
+def _served(name, tokenizer, blocks="gpt2", seed=0, tokenizer_name="char"):
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=BLOCK, blocks=blocks
+    )
+    model = build_model(config).eval()
+    return ServedModel(name, model, tokenizer, {"tokenizer": {"name": tokenizer_name}}, Path(name), 0)
+
+
+@pytest.fixture(scope="module")
+def tiny(text):
+    """A random gpt2-blocks model over a char tokenizer of the book."""
+    return _served("tiny", trained_tokenizer("char", text))
+
+
+@pytest.fixture(scope="module")
+def chatml(text):
+    """A random llama-blocks model over a byte-level BPE with ChatML's special tokens and template (an `hf`
+    tokenizer, as `anexa import` makes for a pretrained chat model)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|im_start|>", "<|im_end|>"],
+        show_progress=False,
+    )
+    bpe.train_from_iterator([text], trainer)
+    tokenizer, _ = plugins.create("tokenizers", "hf", {})
+    tokenizer.load_state_dict(
+        {
+            "type": "hf",
+            "tokenizer": bpe.to_str(),
+            "special_tokens": {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"},
+            "eos_tokens": ["<|im_end|>"],
+            "chat_template": CHATML,
+        }
+    )
+    return _served("chatml", tokenizer, blocks="llama", seed=1, tokenizer_name="hf")
+
+
+@contextmanager
+def running(app):
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn_server(app, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        app.state.server.close()
+
+
+@pytest.fixture(scope="module")
+def app(tiny, chatml):
+    return create_app({"tiny": tiny, "chatml": chatml}, ServeConfig(max_tokens_cap=400, parallel=8, queue=8))
+
+
+@pytest.fixture(scope="module")
+def url(app):
+    with running(app) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with httpx.Client(base_url=url, timeout=60) as http:
+        yield http
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def expected(served, prompt, max_tokens, seed, specs=(), temperature=None, stop=()):
+    chain = build_chain(list(specs), temperature)
+    return "".join(generate_text(served.model, served.tokenizer, prompt, max_tokens, chain, seed, list(stop)))
+
+
+def post(client, path, body):
+    response = client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def events(client, path, body):
+    with client.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def log_softmax(served, ids):
+    """(T, V) float64: row t is log p(· | ids[:t + 1]) by the model's own forward pass."""
+    with torch.no_grad():
+        logits, _ = served.model(torch.tensor([ids]))
+    return torch.log_softmax(logits[0].double(), -1)
+
+
+def assert_error(response, status, param=None, code=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+# --- n, batches, token ids ----------------------------------------------------------------------------
+
+
+def test_n_choices_equal_n_separate_seeded_requests(client, tiny):
+    body = {"model": "tiny", "prompt": "Holmes", "max_tokens": 30, "seed": 40, "n": 3, "temperature": 0.9}
+    answer = post(client, "/v1/completions", body)
+    want = [expected(tiny, "Holmes", 30, 40 + i, temperature=0.9) for i in range(3)]
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in answer["choices"]] == want and len(set(want)) == 3
+    assert answer["usage"] == {"prompt_tokens": 6, "completion_tokens": 90, "total_tokens": 96}
+    streamed = ["", "", ""]
+    for chunk in events(client, "/v1/completions", body):
+        (choice,) = chunk["choices"]
+        streamed[choice["index"]] += choice["text"]
+    assert streamed == want
+
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Who?"}], "max_tokens": 20, "seed": 3, "n": 2}
+    prompt = "User: Who?\nAssistant:"
+    stops = ["\n\n", "\nUser:", "\nAssistant:"]
+    reply = post(client, "/v1/chat/completions", chat)
+    assert [c["message"]["content"] for c in reply["choices"]] == [
+        expected(tiny, prompt, 20, 3 + i, stop=stops) for i in range(2)
+    ]
+    chunks = events(client, "/v1/chat/completions", chat)
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}] * 2
+    assert {c["choices"][0]["index"] for c in chunks} == {0, 1}
+
+
+def test_batches_of_prompts_text_or_token_ids(client, tiny):
+    watson = encode_prompt(tiny.tokenizer, "Watson")
+    body = {"model": "tiny", "prompt": ["Holmes", watson], "max_tokens": 12, "seed": 7, "n": 2}
+    answer = post(client, "/v1/completions", body)
+    want = [
+        expected(tiny, p, 12, 7 + p_index * 2 + j) for p_index, p in enumerate(["Holmes", "Watson"]) for j in (0, 1)
+    ]
+    assert [c["text"] for c in answer["choices"]] == want
+    assert answer["usage"]["prompt_tokens"] == 12  # once per prompt, not per choice
+    single = post(client, "/v1/completions", {"model": "tiny", "prompt": watson, "max_tokens": 12, "seed": 9})
+    assert single["choices"][0]["text"] == expected(tiny, "Watson", 12, 9)
+    nested = post(client, "/v1/completions", {"model": "tiny", "prompt": [watson], "max_tokens": 12, "seed": 9})
+    assert nested["choices"][0]["text"] == single["choices"][0]["text"]
+
+
+# --- logprobs and echo --------------------------------------------------------------------------------
+
+
+def test_completion_logprobs_are_the_models_log_softmax(client, tiny):
+    body = {"model": "tiny", "prompt": "Baker", "max_tokens": 12, "seed": 5, "logprobs": 3, "temperature": 0.8}
+    (choice,) = post(client, "/v1/completions", body)["choices"]
+    logprobs = choice["logprobs"]
+    prompt = encode_prompt(tiny.tokenizer, "Baker")
+    generated = encode_prompt(tiny.tokenizer, choice["text"])
+    assert "".join(logprobs["tokens"]) == choice["text"] == expected(tiny, "Baker", 12, 5, temperature=0.8)
+    assert logprobs["text_offset"] == list(range(5, 5 + 12))  # one character per token, after the prompt
+    logp = log_softmax(tiny, prompt + generated)
+    for step, (token, score, top) in enumerate(
+        zip(generated, logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True)
+    ):
+        row = logp[len(prompt) - 1 + step]
+        assert score == pytest.approx(float(row[token]), abs=1e-4)
+        best = {tiny.tokenizer.decode([i]) for i in row.topk(3).indices.tolist()}
+        assert set(top) == best | {tiny.tokenizer.decode([token])}  # the top 3 and the chosen token
+        assert all(
+            value == pytest.approx(float(row[tiny.tokenizer.encode(t)[0]]), abs=1e-4) for t, value in top.items()
+        )
+    streamed = events(client, "/v1/completions", body)
+    tokens = [t for c in streamed for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])]
+    offsets = [o for c in streamed for o in (c["choices"][0]["logprobs"] or {}).get("text_offset", [])]
+    assert tokens == logprobs["tokens"] and offsets == logprobs["text_offset"]
+
+
+def test_chat_logprobs_and_top_logprobs(client, tiny):
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 8,
+        "seed": 2,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    (choice,) = post(client, "/v1/chat/completions", body)["choices"]
+    content = choice["logprobs"]["content"]
+    prompt = encode_prompt(tiny.tokenizer, "User: Hi\nAssistant:")
+    ids = [tiny.tokenizer.encode(entry["token"])[0] for entry in content]
+    assert "".join(entry["token"] for entry in content).startswith(choice["message"]["content"])
+    logp = log_softmax(tiny, prompt + ids)
+    for step, entry in enumerate(content):
+        row = logp[len(prompt) - 1 + step]
+        assert entry["logprob"] == pytest.approx(float(row[ids[step]]), abs=1e-4)
+        assert entry["bytes"] == list(entry["token"].encode())
+        assert [t["token"] for t in entry["top_logprobs"]] == [tiny.tokenizer.decode([i]) for i in row.topk(2).indices]
+    plain = post(client, "/v1/chat/completions", {**body, "logprobs": False, "top_logprobs": None})
+    assert plain["choices"][0]["logprobs"] is None
+    assert plain["choices"][0]["message"] == choice["message"]
+
+
+def test_echo_scores_the_prompt_as_lm_eval_asks(client, tiny):
+    """lm-evaluation-harness's loglikelihood request: token ids, echo, logprobs 1, max_tokens 1 (or 0), a
+    prompt of up to the context plus one token; the first token has no log-probability."""
+    ids = encode_prompt(tiny.tokenizer, "It is a capital mistake to theorize before one has data.")[: BLOCK + 1]
+    logp = log_softmax(tiny, ids[:-1])
+    want = [None] + [pytest.approx(float(logp[t - 1, ids[t]]), abs=1e-4) for t in range(1, len(ids))]
+    for max_tokens in (0, 1):
+        body = {"model": "tiny", "prompt": [ids, ids[:10]], "echo": True, "logprobs": 1, "max_tokens": max_tokens}
+        body.update(temperature=0, seed=1234)
+        first, second = post(client, "/v1/completions", body)["choices"]
+        scores = first["logprobs"]["token_logprobs"]
+        assert scores[: len(ids)] == want and len(scores) == len(ids) + max_tokens
+        assert first["logprobs"]["top_logprobs"][0] is None and first["text"].startswith(tiny.tokenizer.decode(ids))
+        assert second["logprobs"]["token_logprobs"][1:10] == pytest.approx(scores[1:10], abs=1e-5)
+        assert first["finish_reason"] == "length"
+    assert first["logprobs"]["text_offset"][: len(ids)] == list(range(len(ids)))
+    chunks = events(client, "/v1/completions", {"model": "tiny", "prompt": "Holmes", "echo": True, "max_tokens": 5})
+    assert chunks[0]["choices"][0]["text"] == "Holmes"  # the prompt comes first
+    too_long = {"model": "tiny", "prompt": ids + ids, "echo": True, "max_tokens": 0}
+    assert "at most 33 tokens" in assert_error(client.post("/v1/completions", json=too_long), 400, "prompt")["message"]
+
+
+def test_the_openai_package_reads_n_logprobs_and_echo(url, tiny):
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    answer = api.completions.create(model="tiny", prompt="Holmes", n=2, max_tokens=5, seed=3, logprobs=2, echo=True)
+    assert [c.index for c in answer.choices] == [0, 1]
+    assert answer.choices[1].text == "Holmes" + expected(tiny, "Holmes", 5, 4)
+    assert answer.choices[0].logprobs.token_logprobs[0] is None and len(answer.choices[0].logprobs.tokens) == 11
+    messages = [{"role": "user", "content": "Hi"}]
+    reply = api.chat.completions.create(model="tiny", messages=messages, max_tokens=4, logprobs=True, top_logprobs=3)
+    entry = reply.choices[0].logprobs.content[0]
+    assert len(entry.top_logprobs) == 3 and entry.logprob <= entry.top_logprobs[0].logprob
+    chunks = list(api.completions.create(model="tiny", prompt="Holmes", n=2, max_tokens=5, seed=3, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices[0].index == 1) == expected(tiny, "Holmes", 5, 4)
+
+
+# --- the tokenizer routes -----------------------------------------------------------------------------
+
+
+def test_tokenizer_routes_give_the_servers_own_ids(client, tiny, chatml):
+    ids = client.post("/tokenize", json={"model": "tiny", "prompt": "Holmes"}).json()
+    assert ids == {"count": 6, "max_model_len": BLOCK, "tokens": tiny.tokenizer.encode("Holmes")}
+    assert client.post("/detokenize", json={"model": "tiny", "tokens": ids["tokens"]}).json() == {"prompt": "Holmes"}
+    info = client.get("/tokenizer_info", params={"model": "chatml"}).json()
+    assert info["eos_token"] == "<|im_end|>" and info["chat_template"] == CHATML and info["model_max_length"] == BLOCK
+    assert client.get("/tokenizer_info", params={"model": "tiny"}).json()["eos_token"] is None
+    assert_error(client.get("/tokenizer_info"), 400, "model")  # two models: name one
+    assert_error(client.post("/detokenize", json={"model": "tiny", "tokens": [10**6]}), 400, "tokens")
+
+
+# --- refused and accepted fields ----------------------------------------------------------------------
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "seed": 1}
+TEXT = {"model": "tiny", "prompt": "x", "max_tokens": 3, "seed": 1}
+REFUSED = {
+    "unknown field": ("/v1/completions", {**TEXT, "frequency": 1}, "frequency"),
+    "unknown chat field": ("/v1/chat/completions", {**CHAT, "reasoning_effort": "low"}, "reasoning_effort"),
+    "unknown message field": (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": "x", "name": "a"}]},
+        "messages[0].name",
+    ),
+    "logit_bias": ("/v1/completions", {**TEXT, "logit_bias": {"5": 10}}, "logit_bias"),
+    "response_format json": (
+        "/v1/chat/completions",
+        {**CHAT, "response_format": {"type": "json_object"}},
+        "response_format",
+    ),
+    "tool_choice required": ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),
+    "tools": ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools"),
+    "functions": ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions"),
+    "store": ("/v1/chat/completions", {**CHAT, "store": True}, "store"),
+    "chat logprobs 0": ("/v1/chat/completions", {**CHAT, "logprobs": 0}, "logprobs"),
+    "top_logprobs alone": ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
+    "top_logprobs 21": ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    "logprobs 21": ("/v1/completions", {**TEXT, "logprobs": 21}, "logprobs"),
+    "logprobs true": ("/v1/completions", {**TEXT, "logprobs": True}, "logprobs"),
+    "best_of": ("/v1/completions", {**TEXT, "best_of": 2}, "best_of"),
+    "suffix": ("/v1/completions", {**TEXT, "suffix": "end"}, "suffix"),
+    "presence_penalty": ("/v1/completions", {**TEXT, "presence_penalty": 0.5}, "presence_penalty"),
+    "max_tokens 0 without echo": ("/v1/completions", {**TEXT, "max_tokens": 0}, "max_tokens"),
+    "n 0": ("/v1/completions", {**TEXT, "n": 0}, "n"),
+    "n beyond the queue": ("/v1/completions", {**TEXT, "n": 17}, "n"),
+    "token id outside": ("/v1/completions", {**TEXT, "prompt": [1, 10**6]}, "prompt"),
+    "empty ids": ("/v1/completions", {**TEXT, "prompt": [[]]}, "prompt[0]"),
+    "bad prompt in a batch": ("/v1/completions", {**TEXT, "prompt": ["x", "日本"]}, "prompt[1]"),
+    "tool role": ("/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    "image part": (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content[0].type",
+    ),
+    "template keys for a jinja model": (
+        "/v1/chat/completions",
+        {**CHAT, "model": "chatml", "anexa": {"chat_template": {"user": "Q: {content}"}}},
+        "anexa.chat_template",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_fields_not_honoured_are_refused_naming_them(client, case):
+    path, body, param = REFUSED[case]
+    error = assert_error(client.post(path, json=body), 400, param)
+    assert "Traceback" not in error["message"]
+
+
+def test_fields_that_change_nothing_are_accepted(client):
+    plain = post(client, "/v1/chat/completions", CHAT)["choices"][0]["message"]
+    extras = {
+        "user": "someone",
+        "metadata": {"run": "1"},
+        "store": False,
+        "safety_identifier": "x",
+        "prompt_cache_key": "k",
+        "parallel_tool_calls": False,
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "modalities": ["text"],
+        "stream_options": {"include_usage": False, "include_obfuscation": False},
+        "presence_penalty": 0,
+        "logit_bias": {},
+        "n": 1,
+    }
+    assert post(client, "/v1/chat/completions", {**CHAT, **extras})["choices"][0]["message"] == plain
+    text = {**TEXT, "user": "someone", "best_of": 1, "echo": False, "suffix": None, "logprobs": None}
+    assert (
+        post(client, "/v1/completions", text)["choices"][0]["text"]
+        == post(client, "/v1/completions", TEXT)["choices"][0]["text"]
+    )
+
+
+# --- chat through the model's own template ------------------------------------------------------------
+
+
+def test_chat_renders_the_models_jinja_template_and_stops_at_its_end_of_turn(client, chatml):
+    tokenizer = chatml.tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is at the door?"}]
+    template = JinjaTemplate(CHATML, tokenizer.special_tokens)
+    ids = encode_prompt(tokenizer, template.render(messages), bos=False)
+    # A seed whose reply ends at the end-of-turn id before max_tokens (the model is random).
+    seed = next(s for s in range(200) if len(_ids(chatml, ids, s)) < 100)
+    want = expected(chatml, ids, 100, seed, temperature=2.0, stop=["<|im_start|>", "<|im_end|>"])
+    body = {"model": "chatml", "messages": messages, "max_tokens": 100, "seed": seed, "temperature": 2.0}
+    answer = post(client, "/v1/chat/completions", body)
+    (choice,) = answer["choices"]
+    assert choice["message"]["content"] == want and "<|im" not in want
+    assert choice["finish_reason"] == "stop" and answer["usage"]["prompt_tokens"] == min(len(ids), BLOCK)
+
+
+def _ids(served, ids, seed):
+    """The ids generated at temperature 2, up to 100 or the end-of-turn id."""
+    generator = torch.Generator().manual_seed(seed)
+    stop_ids = served.tokenizer.eos_ids
+    return list(generate_ids(served.model, ids, 100, build_chain([], 2.0), generator, stop_ids=stop_ids))
+
+
+def test_a_jinja_file_replaces_every_models_template(tiny):
+    source = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    app = create_app({"tiny": tiny}, ServeConfig(chat_template=source))
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 15, "seed": 4}
+        reply = post(http, "/v1/chat/completions", body)
+        assert reply["choices"][0]["message"]["content"] == expected(tiny, "user: Hi\nassistant:", 15, 4)
+        assert http.get("/tokenizer_info").json()["chat_template"] == source
+
+
+def test_chat_with_smollm2_through_its_own_template_answers_paris(smollm2):
+    served = ServedModel("smol", smollm2.model, smollm2.tokenizer, smollm2.meta, Path("smol"), 0)
+    app = create_app({"smol": served})
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 60}
+    with running(app) as url, httpx.Client(base_url=url, timeout=120) as http:
+        answer = post(http, "/v1/chat/completions", {**body, "temperature": 0})
+    (choice,) = answer["choices"]
+    assert "Paris" in choice["message"]["content"] and "<|im" not in choice["message"]["content"]
+    assert choice["finish_reason"] == "stop" and answer["usage"]["completion_tokens"] < 60
+
+
+# --- one request's failure is its own ----------------------------------------------------------------
+
+
+class _Breaks:
+    """A sampler that raises once the context is 8 tokens long."""
+
+    order = 25
+
+    def __call__(self, logits, context):
+        if context.size(-1) >= 8:
+            raise AnexaError("the breaking sampler broke")
+        return logits
+
+
+class _BreaksPlugin:
+    @hookimpl
+    def register_samplers(self, register):
+        register("breaks", _Breaks)
+
+
+def test_a_failing_sampler_fails_only_its_own_request(client, tiny, register_plugin):
+    register_plugin(_BreaksPlugin(), "breaks-test")
+    healthy = {"model": "tiny", "prompt": "Holmes", "max_tokens": 300, "seed": 8}
+    broken = {"model": "tiny", "prompt": "Holmes", "max_tokens": 60, "anexa": {"samplers": ["breaks"]}}
+    with client.stream("POST", "/v1/completions", json={**healthy, "stream": True}) as running_one:
+        lines = running_one.iter_lines()
+        assert next(lines).startswith("data: ")  # decoding beside the broken one
+        error = assert_error(client.post("/v1/completions", json=broken), 400, code="generation_failed")
+        assert "broke" in error["message"]
+        rest = [line[6:] for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "[DONE]" and all("error" not in json.loads(r) for r in rest[:-1])
+    assert post(client, "/v1/completions", healthy)["choices"][0]["text"] == expected(tiny, "Holmes", 300, 8)
+
+
+# --- the push-style decoder ----------------------------------------------------------------------------
+
+
+def test_text_decoder_gives_the_pieces_of_decode_stream(text):
+    tokenizer = trained_tokenizer("bpe", text + " naïve café — 日本語 ½ ✓ 🙂", vocab_size=300)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(0, tokenizer.vocab_size, (60,), generator=generator).tolist()
+        decoder = TextDecoder(tokenizer)
+        pushed = [decoder.add(i) for i in ids] + [decoder.flush()]
+        assert [p for p in pushed if p] == list(decode_stream(tokenizer, iter(ids)))
