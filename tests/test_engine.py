@@ -152,3 +152,23 @@ def test_num_samples_are_the_single_seed_texts_decoded_as_one_batch(sherlock_pat
     samples = generate_samples(model, tokenizer, "Holmes", 5, 30, chain, seed=40, stop=["e "])
     alone = ["".join(generate_text(model, tokenizer, "Holmes", 30, chain, 40 + i, ["e "])) for i in range(5)]
     assert samples == alone and len(set(samples)) > 1
+
+
+def test_the_cache_grows_as_rows_lengthen_and_a_narrowed_view_cannot_grow():
+    """Buffers start at what the prompts need (64 positions at least) and double up to the context, so a
+    long context costs memory only when used; decoding across the doublings equals recomputation."""
+    from anexa_core.model.cache import MIN_CAPACITY, KVCache
+
+    model = tiny_model(seed=12, blocks="llama", block_size=300)
+    requests = [Request(p, 150, Greedy()) for p in _prompts(3, seed=7)]
+    engine = Engine(model, max_rows=3)
+    assert _run(engine, requests) == [_alone(model, r, None) for r in requests]
+    assert engine._cache is not None and MIN_CAPACITY < engine._cache.capacity <= 300
+    cache = KVCache(300)
+    model(torch.tensor([[1, 2, 3]]), cache=cache)
+    assert cache.capacity == MIN_CAPACITY
+    batch = KVCache.batch_like(cache, 2)
+    batch.copy_row(0, cache)
+    view = batch.narrow(1)
+    with pytest.raises(ValueError, match="a narrowed KV cache cannot grow"):
+        view.update(0, torch.zeros(1, 4, 70, 8), torch.zeros(1, 4, 70, 8))

@@ -90,12 +90,29 @@ class Stream:
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     history: list[int] = field(default_factory=list)
     row: int | None = None  # its slot in the batch's cache
+    _context: torch.Tensor | None = None  # the history as a (1, capacity) tensor, doubled when full
+    _filled: int = 0
     cache: KVCache | None = None  # its own, when the engine runs one row at a time
     cancelled: bool = False
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    def context(self, device: torch.device) -> torch.Tensor:
+        """Every id so far (prompt and generated) as a (1, T) int64 tensor for the samplers, kept in a buffer
+        that doubles when full, so each token costs O(1) however long the history."""
+        if self._context is None or self._context.size(1) < len(self.history):
+            capacity = max(16, 2 * len(self.history))
+            grown = torch.empty(1, capacity, dtype=torch.long, device=device)
+            grown[0, : self._filled] = self._context[0, : self._filled] if self._context is not None else grown[0, :0]
+            self._context = grown
+        if self._filled < len(self.history):
+            self._context[0, self._filled : len(self.history)] = torch.tensor(
+                self.history[self._filled :], device=device
+            )
+            self._filled = len(self.history)
+        return self._context[:, : self._filled]
 
     @property
     def prompt_tokens(self) -> int:
@@ -253,13 +270,16 @@ class Engine:
             assert cache is not None
             batch.copy_row(slot, cache)
             stream.row = slot
-        for slot in range(len(self.rows), self.max_rows):
-            batch.free_row(slot)
 
     def _feed(self, feed: list[Stream]) -> torch.Tensor:
         """Logits (rows, V) float32 after feeding each row of ``feed`` its last token: one forward pass."""
         tokens = torch.tensor([[s.history[-1]] for s in sorted(feed, key=lambda s: s.row or 0)], device=self.device)
-        cache = feed[0].cache if self.max_rows == 1 else self._batch_cache(None).narrow(len(feed))
+        if self.max_rows == 1:
+            cache = feed[0].cache
+        else:
+            batch = self._batch_cache(None)
+            batch.reserve(len(batch) + 1)  # a narrowed view cannot grow the buffers itself
+            cache = batch.narrow(len(feed))
         with decoding_autocast(self.device):
             logits, _ = self.model(tokens, cache=cache, last_only=True)
         self.forwards += 1
@@ -308,8 +328,7 @@ class Engine:
     def _pick(self, stream: Stream, logits: torch.Tensor) -> None:
         """The next token of ``stream`` from its ``logits`` (1, V); it finishes on a stop id or at its length."""
         request = stream.request
-        context = torch.tensor([stream.history], dtype=torch.long, device=self.device)
-        picked = int(request.chain.pick(logits, context, stream.generator).view(-1)[0])
+        picked = int(request.chain.pick(logits, stream.context(self.device), stream.generator).view(-1)[0])
         token = Token(picked, *self._logprobs(logits, picked, request.logprobs))
         stream.history.append(picked)
         if picked in request.stop_ids:

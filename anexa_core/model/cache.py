@@ -1,13 +1,17 @@
 """The KV cache: keys and values of the positions decoded so far, so each new token costs one position.
 
-One preallocated buffer pair per attention layer, ``(rows, kv_heads, max_len, head_dim)``. Rows are
-sequences. Usually they advance together; in the batched engine they are *ragged*: each row holds its
+One buffer pair per attention layer, ``(rows, kv_heads, capacity, head_dim)``: the capacity starts at
+what the first tokens need and doubles when a row outgrows it, up to ``max_len`` (a 8,192-token context
+costs memory only when it is used). Rows are sequences. Usually they advance together; in the batched engine they are *ragged*: each row holds its
 own number of positions, so requests of different lengths decode in one forward pass.
 """
 
 from __future__ import annotations
 
 import torch
+
+MIN_CAPACITY = 64
+"""Positions a new cache's buffers hold at first (at most ``max_len``)."""
 
 
 class KVCache:
@@ -29,6 +33,7 @@ class KVCache:
         self._values: list[torch.Tensor] = []
         self._lengths: list[int] = []  # per layer, while rows advance together
         self._row_lengths: list[torch.Tensor] | None = None  # per layer (B,) int64, for ragged rows
+        self._view = False  # a narrowed view shares its parent's buffers and must not replace them
 
     @classmethod
     def batch_like(cls, source: KVCache, rows: int) -> KVCache:
@@ -70,7 +75,7 @@ class KVCache:
         the order they first call. Raises ``ValueError`` beyond ``max_len``.
         """
         if layer == len(self._keys) and self._row_lengths is None:
-            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            shape = (k.size(0), k.size(1), min(self.max_len, max(MIN_CAPACITY, k.size(2))), k.size(3))
             # Zeros, not empty memory: a padded slot is masked out, and 0 × a finite value stays 0.
             self._keys.append(k.new_zeros(shape))
             self._values.append(v.new_zeros(shape))
@@ -82,6 +87,7 @@ class KVCache:
             end = start + k.size(2)
             if end > self.max_len:
                 raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+            self._grow(layer, end)
             self._keys[layer][:, :, start:end] = k
             self._values[layer][:, :, start:end] = v
             self._lengths[layer] = end
@@ -90,12 +96,40 @@ class KVCache:
         longest = int(lengths.max()) + k.size(2)
         if longest > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {longest} requested")
+        self._grow(layer, longest)
         rows = torch.arange(k.size(0), device=k.device)[:, None]
         slots = lengths[:, None] + torch.arange(k.size(2), device=k.device)  # (B, T)
         self._keys[layer][rows, :, slots] = k.transpose(1, 2)  # advanced indexing: (B, T, H, D)
         self._values[layer][rows, :, slots] = v.transpose(1, 2)
         lengths.add_(k.size(2))  # in place: a narrowed view advances its parent's rows too
         return self._keys[layer][:, :, :longest], self._values[layer][:, :, :longest]
+
+    @property
+    def capacity(self) -> int:
+        """Positions every row can hold now without the buffers growing."""
+        return self._keys[0].size(2) if self._keys else 0
+
+    def reserve(self, length: int) -> None:
+        """Make room for ``length`` positions per row in every layer now (a narrowed view cannot grow its
+        parent's buffers: reserve on the parent first)."""
+        for layer in range(len(self._keys)):
+            self._grow(layer, length)
+
+    def _grow(self, layer: int, length: int) -> None:
+        """Double layer ``layer``'s buffers until they hold ``length`` positions (at most ``max_len``)."""
+        keys = self._keys[layer]
+        length = min(length, self.max_len)
+        if length <= keys.size(2):
+            return
+        if self._view:
+            raise ValueError("a narrowed KV cache cannot grow: reserve() on the cache it was narrowed from")
+        capacity = keys.size(2)
+        while capacity < length:
+            capacity = min(self.max_len, 2 * capacity)
+        for buffers in (self._keys, self._values):
+            grown = buffers[layer].new_zeros((*buffers[layer].shape[:2], capacity, buffers[layer].size(3)))
+            grown[:, :, : buffers[layer].size(2)] = buffers[layer]
+            buffers[layer] = grown
 
     def lengths(self, layer: int) -> torch.Tensor | None:
         """Valid positions per row (B,) int64 of what layer ``layer``'s last :meth:`update` returned, or
@@ -113,6 +147,7 @@ class KVCache:
         request prefilled on its own joins the batch."""
         assert self._row_lengths is not None, "copy_row needs a ragged cache (KVCache.batch_like)"
         length = source.row_length(source_row)
+        self.reserve(length)
         for layer in range(len(self._keys)):
             self._keys[layer][row, :, :length] = source._keys[layer][source_row, :, :length]
             self._values[layer][row, :, :length] = source._values[layer][source_row, :, :length]
@@ -128,6 +163,7 @@ class KVCache:
         """A cache over the first ``rows`` rows sharing this one's memory: what it stores and how far its
         rows advance is this cache's too."""
         view = KVCache(self.max_len)
+        view._view = True
         view._keys = [keys[:rows] for keys in self._keys]
         view._values = [values[:rows] for values in self._values]
         view._lengths = list(self._lengths)
