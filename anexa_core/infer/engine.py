@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from anexa_core.device import decoding_autocast
+from anexa_core.device import autocast, decoding_autocast
 from anexa_core.errors import AnexaError
 from anexa_core.model.cache import KVCache
 from anexa_core.model.gpt import GPT
@@ -359,16 +359,28 @@ class Engine:
         return [None, *scores[0]]
 
 
-def token_logprobs(model: GPT, ids: torch.Tensor, top: int = 0) -> list[list[tuple[float, list[tuple[int, float]]]]]:
-    """For each row of ``ids`` (B, T) int64 and each position t ≥ 1: ``(log p(ids[t] | ids[:t]), the top
-    alternatives)`` in natural log, computed in float32 from one forward pass over ``ids[:, :-1]`` (so T may
-    be ``block_size + 1``). Used for ``echo`` and lm-evaluation-harness's loglikelihood requests."""
-    if ids.size(1) < 2:
-        return [[] for _ in range(ids.size(0))]
-    with torch.no_grad(), decoding_autocast(ids.device):
+def score(model: GPT, ids: torch.Tensor, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's log-probabilities of given tokens — the one scoring pass ``echo``, lm-evaluation-harness's
+    loglikelihood requests and ``anexa eval`` all use.
+
+    ``ids`` (B, T) int64: one forward pass over ``ids[:, :-1]`` (so T may be ``block_size + 1``). Returns
+    ``(chosen, logp)``: ``chosen`` (B, T − 1) float32, ``log p(ids[t] | ids[:t])`` for t ≥ 1 in nats, and
+    ``logp`` (B, T − 1, V) float32, every token's. ``precision``: ``None`` for decoding's (float32 on a CPU,
+    bf16 on CUDA), else ``fp32``/``auto``/``bf16`` as training has them."""
+    context = decoding_autocast(ids.device) if precision is None else autocast(ids.device, precision)
+    with torch.no_grad(), context:
         logits, _ = model(ids[:, :-1])
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(-1, ids[:, 1:, None])[..., 0]
+    return logp.gather(-1, ids[:, 1:, None])[..., 0], logp
+
+
+def token_logprobs(model: GPT, ids: torch.Tensor, top: int = 0) -> list[list[tuple[float, list[tuple[int, float]]]]]:
+    """For each row of ``ids`` (B, T) int64 and each position t ≥ 1: ``(log p(ids[t] | ids[:t]), the top
+    alternatives)`` in natural log (:func:`score`). Used for ``echo`` and lm-evaluation-harness's
+    loglikelihood requests."""
+    if ids.size(1) < 2:
+        return [[] for _ in range(ids.size(0))]
+    chosen, logp = score(model, ids)
     best = torch.topk(logp, top) if top else None
     rows = []
     for b in range(ids.size(0)):

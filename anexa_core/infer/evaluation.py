@@ -31,13 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from anexa_core.config import PRECISIONS
 from anexa_core.data import corpus as corpora
 from anexa_core.data import tokens
-from anexa_core.device import autocast
 from anexa_core.errors import AnexaError
+from anexa_core.infer.engine import score
 from anexa_core.model.gpt import GPT
 
 LOGITS_BUDGET = 1 << 25
@@ -128,10 +127,7 @@ def evaluate(
         for begin in range(0, len(starts), batch):
             chunk = slice(begin, begin + batch)
             windows = torch.from_numpy(np.asarray(ids[starts[chunk, None] + offsets], dtype=np.int64)).to(device)
-            x, y = windows[:, :-1], windows[:, 1:]
-            with autocast(device, precision):
-                logits, _ = model(x)
-            nll = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (b, L)
+            nll = -score(model, windows, precision)[0]  # (b, L): the engine's scoring pass
             scored = positions[None, :] >= torch.from_numpy(first[chunk]).to(device)[:, None]
             total += float(nll.double().masked_fill(~scored, 0.0).sum())
             done = min(begin + batch, len(starts))
