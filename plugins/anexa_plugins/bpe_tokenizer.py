@@ -7,13 +7,14 @@ exactly the original text. Merges learned from the corpus make common words sing
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from anexa_core import AnexaError, hookimpl
+from anexa_plugins.hf_backed import HFBacked
 
 DEFAULT_VOCAB_SIZE = 1024
 BYTE_ALPHABET_SIZE = 256
@@ -22,7 +23,7 @@ MAX_VOCAB_SIZE = 2**20
 DEFAULT_MAX_TRAIN_CHARS = 100_000_000
 
 
-class BPETokenizer:
+class BPETokenizer(HFBacked):
     """Byte-level BPE (GPT-2's scheme, Radford et al. 2019): 256 byte tokens + learned merges.
 
     Option ``vocab_size`` is an upper bound: a small corpus with fewer distinct merges yields a smaller
@@ -34,6 +35,8 @@ class BPETokenizer:
     a larger corpus is still encoded whole). Merge statistics settle long before that for vocabularies
     of this size, and the cap bounds training time and the memory of its word counts.
     """
+
+    _missing = "the BPE tokenizer is not trained: train it on a corpus or load a checkpoint first"
 
     def __init__(self, vocab_size: int = DEFAULT_VOCAB_SIZE, max_train_chars: int = DEFAULT_MAX_TRAIN_CHARS) -> None:
         if (
@@ -49,14 +52,9 @@ class BPETokenizer:
             raise AnexaError(
                 f"tokenizer bpe option max_train_chars must be a positive integer, got {max_train_chars!r}"
             )
+        super().__init__()
         self.target_size = vocab_size
         self.max_train_chars = max_train_chars
-        self.vocab_size = 0
-        self._tokenizer: HFTokenizer | None = None
-
-    def _set(self, tokenizer: HFTokenizer) -> None:
-        self._tokenizer = tokenizer
-        self.vocab_size = tokenizer.get_vocab_size()
 
     def train(self, texts: Iterable[str]) -> None:
         tokenizer = HFTokenizer(models.BPE())
@@ -85,37 +83,8 @@ class BPETokenizer:
             raise AnexaError("cannot train a BPE tokenizer on empty text: pass a corpus with some content")
         self._set(tokenizer)
 
-    def _trained(self) -> HFTokenizer:
-        if self._tokenizer is None:
-            raise AnexaError("the BPE tokenizer is not trained: train it on a corpus or load a checkpoint first")
-        return self._tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        return self._trained().encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encodes in parallel threads (the ``tokenizers`` library's Rust pool), without character offsets."""
-        tokenizer = self._trained()
-        batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-        return [encoding.ids for encoding in batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise AnexaError(
-                f"token id {bad[0]} is outside this tokenizer's {self.vocab_size} tokens: "
-                "the ids come from a model trained with a different tokenizer"
-            )
-        # Ids that end inside a multi-byte character (a generation cut short) decode to U+FFFD.
-        return self._trained().decode(ids, skip_special_tokens=False)
-
     def state_dict(self) -> dict[str, Any]:
         return {"type": "bpe", "tokenizer": self._trained().to_str()}
-
-    def export_hf(self) -> HFTokenizer:
-        """A copy of the Hugging Face ``tokenizers.Tokenizer`` this already is (byte-level BPE)."""
-        return HFTokenizer.from_str(self._trained().to_str())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         serialized = state.get("tokenizer") if isinstance(state, dict) and state.get("type") == "bpe" else None

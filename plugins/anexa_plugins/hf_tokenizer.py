@@ -7,15 +7,16 @@ model's chat template. It is never trained on a corpus: fine-tuning keeps the mo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
 from anexa_core import AnexaError, hookimpl
+from anexa_plugins.hf_backed import HFBacked
 
 
-class PretrainedTokenizer:
+class PretrainedTokenizer(HFBacked):
     """A pretrained model's tokenizer. No options: everything comes from the model it was imported with.
 
     ``encode`` turns special-token text (``<|im_start|>``) into its id, as a rendered chat template needs
@@ -24,14 +25,15 @@ class PretrainedTokenizer:
     end of turn); ``bos_id`` is prepended to a prompt when the model expects it (``add_bos``).
     """
 
+    _missing = "tokenizer 'hf' has no vocabulary: it is loaded with a model (`anexa import`)"
+
     def __init__(self) -> None:
-        self.vocab_size = 0
+        super().__init__()
         self.chat_template: str | None = None
         self.special_tokens: dict[str, str | None] = {}
         self.eos_ids: list[int] = []
         self.bos_id: int | None = None
         self.add_bos = False
-        self._tokenizer: HFTokenizer | None = None
         self._state: dict[str, Any] = {}
 
     def train(self, texts: Iterable[str]) -> None:
@@ -40,39 +42,12 @@ class PretrainedTokenizer:
             "`anexa train --init-from MODEL` (which keeps the model's tokenizer), or pick --tokenizer bpe"
         )
 
-    def _trained(self) -> HFTokenizer:
-        if self._tokenizer is None:
-            raise AnexaError("tokenizer 'hf' has no vocabulary: it is loaded with a model (`anexa import`)")
-        return self._tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        return self._trained().encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        tokenizer = self._trained()
-        batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-        return [encoding.ids for encoding in batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise AnexaError(
-                f"token id {bad[0]} is outside this tokenizer's {self.vocab_size} tokens: "
-                "the ids come from a model with a different tokenizer"
-            )
-        return self._trained().decode(ids, skip_special_tokens=False)
-
     def token_id(self, token: str | None) -> int | None:
         """The id of a whole token (``<|im_end|>``), or ``None``."""
         return None if token is None else self._trained().token_to_id(token)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self._state)
-
-    def export_hf(self) -> HFTokenizer:
-        """A copy of the ``tokenizers.Tokenizer`` this is."""
-        return HFTokenizer.from_str(self._trained().to_str())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """``{"type": "hf", "tokenizer": tokenizer.json text, "special_tokens": {"bos_token", "eos_token",
@@ -91,8 +66,8 @@ class PretrainedTokenizer:
             raise AnexaError(
                 f"saved tokenizer 'hf' is malformed ({detail}): the checkpoint is damaged; import the model again"
             ) from None
-        self._tokenizer, self._state = tokenizer, dict(state)
-        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._set(tokenizer)
+        self._state = dict(state)
         self.special_tokens, self.chat_template = special, template
         self.add_bos = bool(state.get("add_bos", False))
         self.bos_id = self.token_id(special.get("bos_token"))
