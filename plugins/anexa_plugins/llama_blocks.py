@@ -21,17 +21,26 @@ from torch import nn
 from anexa_core import AnexaError, hookimpl
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate ``x`` (B, H, T, D) by the angles of ``positions`` (T,), or (B, T) for rows at different
-    positions: pairs (i, i + D/2) turn by ``position / theta^(2i/D)``. A dot product of two rotated vectors
-    depends only on their distance."""
-    half = x.size(-1) // 2
-    dtype = torch.promote_types(x.dtype, torch.float32)  # angles in float32 at least, float64 for a float64 x
-    inv_freq = theta ** (-torch.arange(0, half, device=x.device, dtype=dtype) / half)
+def rotary_angles(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of the rotary angles of ``positions`` (T,) — or (B, T) for rows at different
+    positions — for heads of width ``head_dim``: pair (i, i + D/2) turns by ``position / theta^(2i/D)``
+    (Su et al. 2021). Shapes (T, D/2) or (B, 1, T, D/2), in ``dtype`` (float32 at least: the stack computes
+    them once per forward pass for every layer)."""
+    half = head_dim // 2
+    inv_freq = theta ** (-torch.arange(0, half, device=positions.device, dtype=dtype) / half)
     angles = positions.to(dtype)[..., None] * inv_freq  # (T, D/2) or (B, T, D/2)
     if angles.dim() == 3:
         angles = angles[:, None]  # (B, 1, T, D/2): the same angles for every head
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, H, T, D) by :func:`rotary_angles` in the "rotate half" layout. A dot product of two
+    rotated vectors depends only on their distance."""
+    half = x.size(-1) // 2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     first, second = x[..., :half], x[..., half:]
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
@@ -51,7 +60,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=family.norm_eps) if family.qk_norm else None
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, positions, cache=None):
+    def forward(self, x, angles, cache=None):
         batch, time, _ = x.shape
         q = self.q_proj(x).view(batch, time, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -59,7 +68,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # in the norm weights' dtype: float32 under bf16 autocast, else the model's
             dtype = self.q_norm.weight.dtype
             q, k = self.q_norm(q.to(dtype)).to(v.dtype), self.k_norm(k.to(dtype)).to(v.dtype)
-        q, k = rotary(q, positions, self.family.rope_theta), rotary(k, positions, self.family.rope_theta)
+        q, k = apply_rotary(q, *angles), apply_rotary(k, *angles)
         lengths = None
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # the cache keeps the (fewer) key/value heads
@@ -99,8 +108,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(config.n_embd, eps=family.norm_eps)
         self.mlp = MLP(config, family)
 
-    def forward(self, x, positions, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
+    def forward(self, x, angles, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), angles, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -113,6 +122,7 @@ class LlamaStack(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(Block(config, attention, i, family) for i in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=family.norm_eps)
+        self.rope_theta = family.rope_theta
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -124,8 +134,11 @@ class LlamaStack(nn.Module):
                     nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def forward(self, x, positions, cache=None):
+        # The angles are the same in every layer: computed once per forward, not n_layer times.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        angles = rotary_angles(positions, self.layers[0].self_attn.head_dim, self.rope_theta, dtype)
         for layer in self.layers:
-            x = layer(x, positions, cache)
+            x = layer(x, angles, cache)
         return self.norm(x)
 
 
