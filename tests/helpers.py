@@ -2,6 +2,8 @@
 
 import contextlib
 import dataclasses
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -130,3 +132,26 @@ class ScaledPlugin:
     @hookimpl
     def register_attention(self, register):
         register("scaled", Scaled)
+
+
+@contextlib.contextmanager
+def running(app):
+    """Serve the FastAPI ``app`` with uvicorn in a thread on a free loopback port; yields the base URL
+    (``http://127.0.0.1:PORT``) and on exit stops the server and closes the app's engines."""
+    from anexa_serve.server import listen, uvicorn_server  # the serve extra: only tests that serve need it
+
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn_server(app, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        app.state.server.close()

@@ -7,10 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ fastapi = pytest.importorskip("fastapi", reason="anexa serve needs the serve ext
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
+from helpers import running  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from anexa_cli.main import app as cli  # noqa: E402
@@ -26,7 +25,7 @@ from anexa_core.infer.chat import Transcript  # noqa: E402
 from anexa_core.infer.generation import generate_text  # noqa: E402
 from anexa_core.infer.sampling import build_chain  # noqa: E402
 from anexa_serve import ServeConfig, create_app, load_models  # noqa: E402
-from anexa_serve.server import listen, uvicorn_server  # noqa: E402
+from anexa_serve.server import listen  # noqa: E402
 
 runner = CliRunner()
 CAP = 20000  # long enough that an abandoned generation would visibly run on (~2000 tokens/s here)
@@ -76,26 +75,6 @@ def models(run_dir):
     twin = run_dir.parent / "elsewhere" / "tiny"
     shutil.copytree(run_dir, twin)
     return load_models([run_dir, twin])
-
-
-@contextmanager
-def running(app):
-    """Serve ``app`` with uvicorn in a thread on a free loopback port; yields the base URL."""
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn_server(app, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-        app.state.server.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,6 @@ failing sampler. Every expectation is the core's: texts from `generate_text` wit
 from the model's own log-softmax. The models are small and random (no training), so the module is quick."""
 
 import json
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ pytest.importorskip("fastapi", reason="anexa serve needs the serve extra: pip in
 httpx = pytest.importorskip("httpx")
 
 import torch  # noqa: E402
-from helpers import trained_tokenizer  # noqa: E402
+from helpers import running, trained_tokenizer  # noqa: E402
 
 from anexa_core import hookimpl, plugins  # noqa: E402
 from anexa_core.config import ModelConfig  # noqa: E402
@@ -26,7 +23,6 @@ from anexa_core.infer.sampling import build_chain  # noqa: E402
 from anexa_core.model.gpt import build_model  # noqa: E402
 from anexa_serve import ServeConfig, ServedModel, create_app  # noqa: E402
 from anexa_serve.decoding import TextDecoder  # noqa: E402
-from anexa_serve.server import listen, uvicorn_server  # noqa: E402
 
 BLOCK = 32
 CHATML = (
@@ -85,24 +81,6 @@ def chatml(text):
         }
     )
     return _served("chatml", tokenizer, blocks="llama", seed=1, tokenizer_name="hf")
-
-
-@contextmanager
-def running(app):
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn_server(app, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-        app.state.server.close()
 
 
 @pytest.fixture(scope="module")

@@ -908,28 +908,38 @@ def write_gguf(
         raise AnexaError(f"cannot write {where}: {exc.strerror or exc}: free space or pick another folder") from None
 
 
+# llama.cpp's hyperparameter keys ({arch}.block_count, …): the GGUFWriter method that writes each, and the
+# transformers config field it takes its value from.
+_ARCHITECTURE_KEYS = {
+    "gpt2": (
+        ("add_context_length", "n_positions"),
+        ("add_embedding_length", "n_embd"),
+        ("add_feed_forward_length", "n_inner"),
+        ("add_block_count", "n_layer"),
+        ("add_head_count", "n_head"),
+        ("add_layer_norm_eps", "layer_norm_epsilon"),
+    ),
+    "llama": (
+        ("add_context_length", "max_position_embeddings"),
+        ("add_embedding_length", "hidden_size"),
+        ("add_feed_forward_length", "intermediate_size"),
+        ("add_block_count", "num_hidden_layers"),
+        ("add_head_count", "num_attention_heads"),
+        ("add_head_count_kv", "num_key_value_heads"),
+        ("add_key_length", "head_dim"),
+        ("add_value_length", "head_dim"),
+        ("add_rope_dimension_count", "head_dim"),
+        ("add_rope_freq_base", "rope_theta"),
+        ("add_layer_norm_rms_eps", "rms_norm_eps"),
+    ),
+}
+
+
 def _add_architecture_keys(writer: Any, arch: str, cfg: Mapping[str, Any]) -> None:
-    """llama.cpp's hyperparameter keys (``{arch}.block_count``, …) for the config."""
+    """llama.cpp's hyperparameter keys for the config (:data:`_ARCHITECTURE_KEYS`)."""
     writer.add_vocab_size(cfg["vocab_size"])
-    if arch == "gpt2":
-        writer.add_context_length(cfg["n_positions"])
-        writer.add_embedding_length(cfg["n_embd"])
-        writer.add_feed_forward_length(cfg["n_inner"])
-        writer.add_block_count(cfg["n_layer"])
-        writer.add_head_count(cfg["n_head"])
-        writer.add_layer_norm_eps(cfg["layer_norm_epsilon"])
-        return
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_head_count(cfg["num_attention_heads"])
-    writer.add_head_count_kv(cfg["num_key_value_heads"])
-    writer.add_key_length(cfg["head_dim"])
-    writer.add_value_length(cfg["head_dim"])
-    writer.add_rope_dimension_count(cfg["head_dim"])
-    writer.add_rope_freq_base(cfg["rope_theta"])
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    for method, name in _ARCHITECTURE_KEYS["gpt2" if arch == "gpt2" else "llama"]:
+        getattr(writer, method)(cfg[name])
 
 
 def _add_tokenizer_keys(writer: Any, vocab: _Vocab, state: Mapping[str, Any]) -> None:
