@@ -144,7 +144,7 @@ class Engine:
         self.waiting: deque[Stream] = deque()
         self._cache: KVCache | None = None  # the batch's ragged cache, when more than one row
         self._lock = threading.Lock()
-        self.forwards = 0  # forward passes run: one per step plus one per prefill (benchmarks read it)
+        self.forwards = 0  # forward passes run: one per step, per prefill and per cache probe (benchmarks read it)
 
     # --- the outside world -------------------------------------------------------------------------
 
@@ -203,7 +203,6 @@ class Engine:
 
     # --- one step -----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self) -> None:
         """One token for every running request: free what finished, admit what waits, recompute alone
         the rows that need it (a new prompt; a full window, by the context policy), feed every other row
@@ -242,12 +241,7 @@ class Engine:
         """``ids`` through the model on their own: a fresh cache holding them (``None`` without a cache)
         and the logits (1, V) float32 after the last."""
         cache = KVCache(self.block_size) if self.use_cache else None
-        with decoding_autocast(self.device):
-            logits, _ = self.model(
-                torch.tensor([ids], dtype=torch.long, device=self.device), cache=cache, last_only=True
-            )
-        self.forwards += 1
-        return cache, logits[:, -1, :].float()
+        return cache, self._forward(torch.tensor([ids], dtype=torch.long, device=self.device), cache)
 
     def _arrange(self, feed: list[Stream], recomputed: list[tuple[Stream, KVCache | None]]) -> None:
         """Give the rows to feed the batch's first slots (so one narrowed view covers them) and the
@@ -280,8 +274,13 @@ class Engine:
             batch = self._batch_cache(None)
             batch.reserve(len(batch) + 1)  # a narrowed view cannot grow the buffers itself
             cache = batch.narrow(len(feed))
-        with decoding_autocast(self.device):
-            logits, _ = self.model(tokens, cache=cache, last_only=True)
+        return self._forward(tokens, cache)
+
+    def _forward(self, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Logits (rows, V) float32 after the last position of ``ids`` (rows, T) int64, through ``cache``;
+        counted in :attr:`forwards`. (``no_grad`` as a context, not a decorator, so mutmut mutates callers.)"""
+        with torch.no_grad(), decoding_autocast(self.device):
+            logits, _ = self.model(ids, cache=cache, last_only=True)
         self.forwards += 1
         return logits[:, -1, :].float()
 
@@ -320,8 +319,7 @@ class Engine:
         if self._cache is None:
             if like is None:
                 like = KVCache(self.block_size)
-                with decoding_autocast(self.device):
-                    self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=like)
+                self._forward(torch.zeros(1, 1, dtype=torch.long, device=self.device), like)
             self._cache = KVCache.batch_like(like, self.max_rows)
         return self._cache
 

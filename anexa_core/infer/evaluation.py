@@ -93,7 +93,6 @@ def auto_batch_size(length: int, vocab_size: int) -> int:
     return max(1, min(MAX_AUTO_BATCH, LOGITS_BUDGET // max(1, length * vocab_size)))
 
 
-@torch.no_grad()
 def evaluate(
     model: GPT,
     ids: np.ndarray,
