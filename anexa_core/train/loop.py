@@ -11,6 +11,7 @@ SIGTERM or SIGKILL) in ``docs/reliability.md``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -25,7 +26,7 @@ import torch
 from anexa_core import plugins
 from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.data.prepare import prepare_data
-from anexa_core.device import pick_device
+from anexa_core.device import configure_threads, pick_device
 from anexa_core.errors import AnexaError
 from anexa_core.interfaces import Tokenizer
 from anexa_core.io import checkpoint
@@ -45,7 +46,9 @@ class Reporter(Protocol):
     (fingerprinting, training the tokenizer, tokenizing: bytes; see :func:`prepare_data`).
     """
 
-    def start(self, total_steps: int, first_step: int, info: dict[str, Any]) -> None: ...
+    def start(self, total_steps: int | None, first_step: int, info: dict[str, Any]) -> None:
+        """Training begins at ``first_step``; ``total_steps`` is where it ends, ``None`` when only the time
+        budget (``info["minutes"]``) ends it."""
 
     def step(self, step: int, loss: float, tokens_per_s: float) -> None: ...
 
@@ -116,6 +119,7 @@ class TrainingRun:
     train_loss: float = float("nan")
     elapsed_before: float = 0.0
     started: float = dataclasses.field(default_factory=time.perf_counter)
+    threads: int = 1  # CPU threads torch computes with in this session
 
     def elapsed(self) -> float:
         """Seconds of training, earlier sessions of a resumed run included (to 0.01 s)."""
@@ -137,11 +141,15 @@ def train(
     after every step; when it returns true the step's checkpoint is written and
     :class:`TrainingInterrupted` is raised. Raises :class:`AnexaError` (one line) for every mistake a user
     can make, before any time is spent on the data where it can be found out earlier.
+
+    Sets this process's CPU threads (``train_config.threads``; see
+    :func:`~anexa_core.device.configure_threads`) first.
     """
+    threads = configure_threads(train_config.threads)
     ranks, device = distributed.setup(pick_device(train_config.device))
     reporter = (reporter or SilentReporter()) if ranks.is_main else SilentReporter()
     try:
-        run = prepare(model_config, train_config, Path(out_dir), ranks, device, resume, overwrite, reporter)
+        run = prepare(model_config, train_config, Path(out_dir), ranks, device, resume, overwrite, reporter, threads)
         reporter.start(run.train_config.steps, run.first_step, _start_info(run))
         try:
             result = fit(run, reporter, stop_requested)
@@ -166,6 +174,7 @@ def prepare(
     resume: bool,
     overwrite: bool,
     reporter: Reporter,
+    threads: int = 1,
 ) -> TrainingRun:
     """The model, tokenizer, data and optimizer of a new run, or of the run in ``out_dir`` with ``resume``
     (weights, optimizer state, random generators and progress restored), and a run folder ready for it."""
@@ -193,7 +202,7 @@ def prepare(
             train_config, model_config.block_size, None, progress
         )
         model = build_model(dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)).to(device)
-        train_config = dataclasses.replace(train_config, decay_steps=train_config.schedule_steps)
+        train_config = train_config.with_schedule()
     train_config = dataclasses.replace(
         train_config, tokenizer_options=tokenizer_options, optimizer_options=optimizer_options
     )
@@ -209,6 +218,7 @@ def prepare(
         ranks,
         batch_generator,
         resumed=state is not None,
+        threads=threads,
     )
     if state is not None:
         _restore(run, state)
@@ -259,11 +269,21 @@ def _restore(run: TrainingRun, state: checkpoint.TrainState) -> None:
     if run.best_step is not None:
         run.best_val_loss = state.meta["best_val_loss"]
     run.elapsed_before = state.meta.get("elapsed_s", 0.0)
+    trained_with = state.meta.get("threads")
+    if run.device.type == "cpu" and isinstance(trained_with, int) and trained_with != run.threads:
+        logger.info(
+            "computing with %d CPU threads where %s was trained with %d: sums add up in another order, so the "
+            "result may differ from an uninterrupted run in the last bits (--threads %d matches it)",
+            run.threads,
+            run.out_dir,
+            trained_with,
+            trained_with,
+        )
     torch.set_rng_state(state.rng["torch"])
     run.batch_generator.set_state(state.rng["batch"])
     if run.device.type == "cuda" and "cuda" in state.rng:
         torch.cuda.set_rng_state(state.rng["cuda"], run.device)
-    if run.first_step >= config.steps:
+    if config.steps is not None and run.first_step >= config.steps:
         raise AnexaError(f"run {run.out_dir} already reached step {run.first_step}: pass a larger --steps to continue")
     if config.minutes is not None and run.elapsed_before >= config.minutes * 60:
         raise AnexaError(
@@ -292,18 +312,23 @@ def _start_info(run: TrainingRun) -> dict[str, Any]:
 def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
     """Steps from ``run.first_step`` to ``train_config.steps`` (or until the ``--minutes`` budget, less the
     time of one final evaluation, is used): each sets the scheduled learning rate, trains on a fresh batch,
-    evaluates every ``eval_every`` steps and at the end, and checkpoints (see :func:`save`)."""
+    evaluates every ``eval_every`` steps and at the end, and checkpoints (see :func:`save`).
+
+    The schedule follows the step count up to ``schedule_steps``, or, for a run whose horizon is in
+    minutes (``decay_minutes``), the share of that horizon the run has used, earlier sessions included."""
     model, config, ranks, device = run.model, run.train_config, run.ranks, run.device
     model.train()
     train_step = make_train_step(model, run.optimizer, config, device, distributed.wrap(model, ranks, device))
     tokens_per_step = config.batch_size * model.config.block_size * ranks.world_size
     budget_s = config.minutes * 60 if config.minutes is not None else None
+    horizon_s = config.decay_minutes * 60 if config.decay_minutes is not None else None
     eval_seconds = 0.0  # how long an evaluation takes, so a time budget ends with its final one on time
     window_start, window_tokens = time.perf_counter(), 0
     run.started = time.perf_counter()
     done = run.first_step
-    for step in range(run.first_step, config.steps):
-        lr = lr_at(step, config, None if budget_s is None else run.elapsed() / budget_s)
+    steps = range(run.first_step, config.steps) if config.steps is not None else itertools.count(run.first_step)
+    for step in steps:
+        lr = lr_at(step, config, None if horizon_s is None else run.elapsed() / horizon_s)
         factor = lr / config.lr
         for group in run.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
@@ -396,6 +421,7 @@ def save(run: TrainingRun, step: int, best: bool = False) -> None:
         best_step=run.best_step,
         best_val_loss=best_loss,
         elapsed_s=meta["elapsed_s"],  # one reading of the clock for both files
+        threads=run.threads,
         optimizer_plugin=plugins.provenance("optimizers", config.optimizer, config.optimizer_options),
     )
     delay = _save_delay()

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from anexa_cli.errors import user_errors
+from anexa_cli.threads import Threads, use_threads
 from anexa_core.errors import AnexaError
 
 bench_app = typer.Typer(
@@ -104,10 +105,12 @@ def attention_bench(
     device: Device = "auto",
     json_path: Json = None,
     plot: Annotated[Path | None, typer.Option(help="Also plot time and FLOP/s against length to this PNG.")] = None,
+    threads: Threads = None,
 ) -> None:
     """Time every attention plugin (forward, forward+backward) and check it against `math`."""
     if ctx.invoked_subcommand is not None:
         return
+    use_threads(threads)
     from anexa_core.measure import bench
 
     if plot is not None:
@@ -170,8 +173,10 @@ def train(
     ] = False,
     device: Device = "auto",
     json_path: Json = None,
+    threads: Threads = None,
 ) -> None:
     """Tokens/s of full training steps per attention plugin, side by side with a plain eager loop."""
+    use_threads(threads)
     from anexa_core.measure import bench
 
     rows = bench.bench_train(
@@ -213,8 +218,10 @@ def generate(
     repeats: Annotated[int, typer.Option(help="Timed decodes per mode (the median is reported).")] = 3,
     device: Device = "auto",
     json_path: Json = None,
+    threads: Threads = None,
 ) -> None:
     """Decode tokens/s with the KV cache against recomputing the whole context for every token."""
+    use_threads(threads)
     from anexa_core.measure import bench
 
     rows = bench.bench_generate(

@@ -27,6 +27,7 @@ from anexa_cli.eval import evaluate
 from anexa_cli.export import export
 from anexa_cli.plot import plot
 from anexa_cli.serve import serve
+from anexa_cli.threads import Threads, use_threads
 from anexa_core.errors import AnexaError
 
 app = typer.Typer(
@@ -53,7 +54,17 @@ def _no_flag_metavar(self, ctx):
 
 TyperOption.display_type_rich = _no_flag_metavar  # type: ignore[method-assign]  # typer has no setting for it
 
-MAX_INT = 2**53  # as anexa_core.config.MAX_INT (importing it here would be fine, but keep --help lean)
+MAX_NEW_TOKENS = 10_000_000
+"""The most tokens one generation may ask for: decoding keeps every id of the output in one buffer."""
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest
+
+
+def _check_seed(value: int | None) -> int | None:
+    """A seed torch can use (help shows no upper bound: no one needs to think about it)."""
+    if value is not None and value > MAX_SEED:
+        raise typer.BadParameter(f"{value} is beyond the largest seed, 2**64 - 1")
+    return value
+
 
 OPTION_HELP = (
     "Plugin option, repeatable: KIND.OPTION=VALUE for the attention, blocks, tokenizer, optimizer or data "
@@ -65,7 +76,7 @@ Model = Annotated[
         "--model", "-m", help="Run folder (its best checkpoint) or a .safetensors file; default: newest under ./runs."
     ),
 ]
-MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, max=MAX_INT, help="Tokens to generate.")]
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, max=MAX_NEW_TOKENS, help="Tokens to generate.")]
 Temperature = Annotated[float | None, typer.Option(help="Sampling temperature; 0 picks the most likely token.")]
 Sample = Annotated[list[str] | None, typer.Option("--sample", "-s", help="Sampler, repeatable (see below).")]
 Stop = Annotated[
@@ -74,7 +85,7 @@ Stop = Annotated[
         "--stop", help=r"Stop at this string (not printed); repeatable. \n, \t and \\ mean newline, tab, backslash."
     ),
 ]
-Seed = Annotated[int | None, typer.Option(min=0, max=MAX_INT, help="Random seed: same seed, same text.")]
+Seed = Annotated[int | None, typer.Option(min=0, callback=_check_seed, help="Random seed: same seed, same text.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
 Context = Annotated[
     str,
@@ -223,12 +234,15 @@ def train(
     block_size: Annotated[int | None, typer.Option(help="Context length in tokens. " + _default("block_size"))] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout. " + _default("dropout"))] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Optimizer steps. \\[default: 5000, or no limit with --minutes]")
+        int | None,
+        typer.Option(
+            help="Optimizer steps. With --resume, a larger --steps extends the run: the LR decay still ends where the first run set it (its --steps or --decay-steps), and the extra steps run at --min-lr. \\[default: 5000, or no limit with --minutes]"
+        ),
     ] = None,
     minutes: Annotated[
         float | None,
         typer.Option(
-            help="Train for this many minutes of wall-clock; the LR decay follows the clock and the run ends with an evaluation and a checkpoint."
+            help="Train for this many minutes of wall-clock (a resumed run's earlier sessions count); the LR decay follows the clock and the run ends with an evaluation and a checkpoint. With --resume, a larger --minutes extends the run: the decay still ends at the first run's minutes, and the extra time runs at --min-lr."
         ),
     ] = None,
     precision: Annotated[
@@ -243,7 +257,10 @@ def train(
         ),
     ] = None,
     decay_steps: Annotated[
-        int | None, typer.Option(help="Step at which the cosine LR decay ends. \\[default: --steps of the first run]")
+        int | None,
+        typer.Option(
+            help="Step at which the cosine LR decay ends (with --minutes too: the decay then follows steps, not the clock). \\[default: --steps of the first run; with --minutes, the first run's minutes on the clock]"
+        ),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per step. " + _default("batch_size"))] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate. " + _default("lr"))] = None,
@@ -256,12 +273,19 @@ def train(
     out: Annotated[
         Path | None, typer.Option(help="Run folder. \\[default: runs/<data>-<preset>, or -2, -3… if taken]")
     ] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue the run in this folder, bit for bit as if it had not stopped (same thread count); its LR schedule never changes (see --steps and --minutes)."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out.")] = False,
     device: Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu or cuda. \\[default: auto]")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed. " + _default("seed"))] = None,
+    threads: Threads = None,
 ) -> None:
     """Train a GPT on a text corpus and write it into a run folder (model, best model, training state)."""
+    use_threads(threads)  # before torch loads (a threads key of --config applies when training starts)
     from anexa_cli.console import console as make_console
     from anexa_cli.progress import reporter_for
     from anexa_core import config as configs
@@ -294,6 +318,7 @@ def train(
         minutes=minutes,
         precision=precision,
         compile=compile,
+        threads=threads,
     )
     plugin_options = _plugin_options(option)
     if resume is not None:
@@ -408,8 +433,10 @@ def generate(
     attention: AttentionSwap = None,
     option: PluginOption = None,
     device: Device = "auto",
+    threads: Threads = None,
 ) -> None:
     """Print one continuation of PROMPT (only the generated text, for scripts)."""
+    use_threads(threads)
     from anexa_core.infer.generation import generate_text
 
     loaded, chain = _load(model, device, sample, temperature, option, attention)
@@ -435,8 +462,10 @@ def chat(
     attention: AttentionSwap = None,
     option: PluginOption = None,
     device: Device = "auto",
+    threads: Threads = None,
 ) -> None:
     """Continue prompts interactively, streaming tokens; `quit`, `exit` or Ctrl-D ends."""
+    use_threads(threads)
     from anexa_core.infer.generation import encode_prompt, generate_text
 
     loaded, chain = _load(model, device, sample, temperature, option, attention)

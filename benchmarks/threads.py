@@ -1,0 +1,136 @@
+"""CPU threads: the wall-clock of a seed run with Anexa's default thread count against explicit counts,
+on an idle machine and beside a busy process.
+
+    .venv/bin/python benchmarks/threads.py                      # 300 steps, idle and busy, every row
+    .venv/bin/python benchmarks/threads.py --steps 100 --conditions busy --json out.json
+
+Each row is one fresh ``anexa train --steps N`` process (the seed preset on the packaged Sherlock, a
+token cache made once beforehand so no row tokenizes), timed from its start to its exit: what a user
+waits for. Rows: the default (no ``--threads``), ``--threads 1`` … ``--threads C`` for the C usable
+cores, and ``--threads C`` with libgomp's own spin-waiting (``GOMP_SPINCOUNT=300000``, its default when
+``OMP_WAIT_POLICY`` is unset), which is what Anexa 0.2 ran by default. "busy" runs one process that
+spins on a core (``while True: pass``) from before the row starts until it ends. The rows of a
+condition run in turn, ``--repeats`` rounds; the table shows each row's median seconds and its ratio to
+the fastest explicit count. The machine's load average and the cores ``anexa_core.device.busy_cores``
+saw busy are recorded before each row, because on a shared machine other work may be running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ANEXA = [sys.executable, "-m", "anexa_cli"]
+SPINNING = {"GOMP_SPINCOUNT": "300000"}
+"""libgomp's spin count when OMP_WAIT_POLICY is unset: what an Anexa 0.2 run waited with."""
+
+
+def rows(cores: int) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Label → (extra flags, extra environment) of each row."""
+    made: dict[str, tuple[list[str], dict[str, str]]] = {"default": ([], {})}
+    for count in range(1, cores + 1):
+        made[f"--threads {count}"] = (["--threads", str(count)], {})
+    made[f"--threads {cores}, spinning (0.2's default)"] = (["--threads", str(cores)], SPINNING)
+    return made
+
+
+def run_once(steps: int, flags: list[str], env: dict[str, str], workdir: Path, timeout_s: float) -> float | None:
+    """Seconds from starting ``anexa train`` to its exit; ``None`` when it ran past ``timeout_s``."""
+    out = Path(tempfile.mkdtemp(dir=workdir)) / "run"
+    command = [*ANEXA, "train", "--steps", str(steps), "--device", "cpu", "--out", str(out), *flags]
+    environment = {**os.environ, **env}
+    for name in ("ANEXA_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY"):
+        if name not in env:
+            environment.pop(name, None)
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    from anexa_core.device import busy_cores, usable_cores
+
+    cores = usable_cores()
+    workdir = Path(tempfile.mkdtemp(prefix="anexa-threads-"))
+    os.environ["ANEXA_CACHE"] = str(workdir / "cache")
+    run_once(1, ["--threads", "1"], {}, workdir, 600)  # the token cache, once
+    results = []
+    for condition in args.conditions:
+        for round_ in range(args.repeats):
+            for label, (flags, env) in rows(cores).items():
+                spinner = None
+                if condition == "busy":
+                    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                    time.sleep(0.5)
+                load, seen = os.getloadavg()[0], busy_cores()
+                try:
+                    seconds = run_once(args.steps, flags, env, workdir, args.timeout)
+                finally:
+                    if spinner is not None:
+                        spinner.kill()
+                        spinner.wait()
+                result = {
+                    "condition": condition,
+                    "row": label,
+                    "round": round_,
+                    "seconds": seconds,
+                    "load_1min": round(load, 2),
+                    "busy_cores_seen": round(seen, 2),
+                }
+                print(json.dumps(result), flush=True)
+                results.append(result)
+    return results
+
+
+def table(results: list[dict], steps: int) -> str:
+    lines = [
+        f"| condition | row | seconds ({steps} steps, median) | × the best explicit count | load (1 min) before |",
+        "|---|---|---:|---:|---|",
+    ]
+    for condition in dict.fromkeys(r["condition"] for r in results):
+        mine = [r for r in results if r["condition"] == condition]
+        medians = {}
+        for label in dict.fromkeys(r["row"] for r in mine):
+            times = [r["seconds"] for r in mine if r["row"] == label]
+            medians[label] = None if None in times else statistics.median(times)
+        explicit = [s for label, s in medians.items() if label.startswith("--threads") and "," not in label and s]
+        best = min(explicit) if explicit else None
+        for label, seconds in medians.items():
+            loads = ", ".join(f"{r['load_1min']:.2f}" for r in mine if r["row"] == label)
+            shown = "timed out" if seconds is None else f"{seconds:.1f}"
+            ratio = "—" if seconds is None or best is None else f"{seconds / best:.2f}"
+            lines.append(f"| {condition} | {label} | {shown} | {ratio} | {loads} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--conditions", nargs="+", choices=("idle", "busy"), default=["idle", "busy"])
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before a row counts as timed out")
+    parser.add_argument("--json", type=Path, help="also write every measurement here")
+    args = parser.parse_args()
+    results = measure(args)
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
+    print(table(results, args.steps))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
