@@ -146,6 +146,8 @@ def test_plugins_json_lists_builtins_with_versions():
         (["train", "--steps", "0"], "--steps must be at least 1"),
         (["train", "--n-embd", "30", "--n-head", "4"], "divisible"),
         (["train", "--data", "no-such-corpus"], "neither a dataset"),
+        (["train", "--glob", "*.rst"], "--glob '*.rst' picks the files of a --data folder, but --data"),
+        (["train", "--minutes", "1e308"], "--minutes must be a positive number of minutes that fits in seconds"),
         (["train", "--device", "tpu"], "unknown device"),
         (["generate", "x", "--model", "/nonexistent"], "no checkpoint at"),
         (["generate", "x", "-s", "top_p=1.5"], "top_p must be in (0, 1], got 1.5"),
@@ -376,3 +378,14 @@ def test_bpe_run_generates_from_any_text(sherlock_path, tmp_path):
     result = runner.invoke(app, ["generate", "naïve ☃ Holmes", "--model", str(out), "-n", "12", "--seed", "0"])
     assert result.exit_code == 0, result.output
     assert result.stdout.endswith("\n") and len(result.stdout) > 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["train"], ["generate"], ["chat"], ["eval"], ["export"], ["serve"], ["bench"], ["bench", "train"], ["plot"]],
+    ids=" ".join,
+)
+def test_no_help_shows_the_json_integer_limit_as_a_range(command):
+    """Issue 24: `[1<=x<=9007199254740992]` in --help read as a number that means something."""
+    text = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "300"}).stdout
+    assert text and str(2**53) not in text

@@ -286,3 +286,42 @@ def test_out_is_never_half_written_and_never_a_run(runs, tmp_path, monkeypatch):
     done = export(run, out, overwrite=True)
     assert "notes.txt" not in {p.name for p in out.iterdir()} and done.architecture == "GPT2LMHeadModel"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_what_is_written_for_sharing_holds_no_local_path_or_user_name_and_true_numbers(workdir, tmp_path):
+    """Issue 24: the card of a --minutes run said 9007199254740992 steps, gave a command without
+    --minutes, and held the training file's absolute path. Now: the steps the run reached, the command
+    it ran (the file by its name), and nothing of the folders it came from — nor of where OUT is."""
+    import getpass
+
+    home = tmp_path / "home" / "alice-5f3c"
+    corpus = home / "notes" / "corpus.txt"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text((workdir / "corpus.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    run, out = home / "runs" / "timed", home / "hf" / "timed"
+    flags = [*SIZE[: SIZE.index("--steps")], "--eval-every", "10", "--device", "cpu"]
+    result = _cli(["train", "--data", str(corpus), *flags, "--minutes", "0.04", "--out", str(run)], workdir)
+    assert result.exit_code == 0, result.output
+    result = _cli(["export", str(run), str(out)], workdir)
+    assert result.exit_code == 0, result.output
+
+    latest = checkpoint.read_metadata(run / "model.safetensors")
+    best = checkpoint.read_metadata(run)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    shared = {path.name: path.read_bytes() for path in [*out.iterdir(), run / "loss.png", run / "metrics.jsonl"]}
+    private = [str(tmp_path), "alice-5f3c", str(tmp_path.resolve()), "9007199254740992"]
+    user = getpass.getuser()
+    for name, content in shared.items():
+        for secret in private:
+            assert secret.encode() not in content, f"{name} holds {secret!r}"
+        if len(user) > 3:
+            assert not re.search(rb"\b" + re.escape(user.encode()) + rb"\b", content), f"{name} names the user"
+    command = re.search(r"## How it was trained\n\n```sh\n(.+)\n```", card).group(1)
+    args = shlex.split(command)
+    assert args[args.index("--data") + 1] == "corpus.txt" and args[args.index("--minutes") + 1] == "0.04"
+    assert "--steps" not in args and "--threads" not in args
+    steps = f"{best['step']}" if best["step"] == latest["step"] else f"{best['step']} of the run's {latest['step']} "
+    assert f"| steps | {steps}" in card
+    assert f"| training time | {latest['elapsed_s'] / 60:.1f} minutes of a 0.04-minute budget |" in card
+    assert "| data | `corpus.txt` (a local file or folder) |" in card
+    assert "hf upload USER/NAME timed ." in card

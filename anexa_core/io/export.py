@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False) ->
     hf_config, tensors = hf_model(model, meta)
     hf_tokenizer = tokenizer_hf(tokenizer, meta)
     parameters = model.num_parameters()
-    card = model_card(meta, hf_config, parameters, out)
+    card = model_card(meta, hf_config, parameters, out, latest_of_run(meta))
     with atomic_folder(out, replace=out.exists()) as folder:
         (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         safetensors.torch.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -160,10 +161,10 @@ def _flag_value(value: Any) -> str:
 
 _MODEL_FLAGS = ("blocks", "attention", "n_layer", "n_head", "n_embd", "block_size", "dropout")
 _TRAIN_FLAGS = (
-    "data",
     "tokenizer",
     "optimizer",
     "steps",
+    "minutes",
     "decay_steps",
     "batch_size",
     "lr",
@@ -173,8 +174,30 @@ _TRAIN_FLAGS = (
     "save_every",
     "seed",
     "device",
+    "precision",
 )
-_NO_FLAG = {"model": ("tie_embeddings",), "train": ("grad_clip", "eval_batches")}
+_NO_FLAG = {"model": ("tie_embeddings",), "train": ("grad_clip", "eval_batches", "decay_minutes")}
+
+
+def shareable_data(spec: str) -> str:
+    """A ``--data`` value as it may appear in something shared: a dataset name or an http(s) URL (without
+    user, password, query or fragment) as it is, a local file or folder by its name alone — never the
+    path, which would tell where the files lie and, often, the user's name."""
+    if spec in plugins.registered("datasets"):
+        return spec
+    parsed = urllib.parse.urlsplit(spec)
+    if parsed.scheme in ("http", "https"):
+        return urllib.parse.urlunsplit((parsed.scheme, parsed.hostname or "", parsed.path, "", ""))
+    return Path(spec.rstrip("/\\")).name or "data"
+
+
+def _data_list(train_config: dict[str, Any]) -> list[str]:
+    data = train_config.get("data")
+    return [data] if isinstance(data, str) else list(data or [])
+
+
+def _shareable(values: Any) -> list[str]:
+    return [shareable_data(spec) for spec in ([values] if isinstance(values, str) else list(values or []))]
 
 
 def training_command(model_config: dict[str, Any], train_config: dict[str, Any]) -> tuple[str, str | None]:
@@ -183,16 +206,27 @@ def training_command(model_config: dict[str, Any], train_config: dict[str, Any])
 
     Every setting with a flag is given (presets do not matter then); plugin options as ``-o
     KIND.OPTION=VALUE`` where they differ from the installed plugin's default (all of them when the
-    plugin is not installed). ``--decay-steps`` only when it differs from ``--steps``, ``--device`` only
-    when not ``auto``.
+    plugin is not installed). ``--data`` values as :func:`shareable_data` shows them (a local file by its
+    name). ``--steps`` only when the run had a step limit, ``--minutes`` only when it had a time budget,
+    ``--decay-steps`` only when it differs from ``--steps`` (and ``decay_minutes`` from ``--minutes``),
+    ``--device`` and ``--precision`` only when not ``auto``; never ``--threads``, which changes only the
+    speed (and the last bits of the sums).
     """
     args = ["anexa", "train"]
     settings = {**model_config, **train_config}
+    for spec in _shareable(train_config.get("data", "sherlock")):
+        args += ["--data", spec]
+    globs = train_config.get("data_glob")
+    if globs and tuple(globs) != ("*.txt", "*.md"):
+        for glob in globs:
+            args += ["--glob", glob]
     for key in _MODEL_FLAGS + _TRAIN_FLAGS:
         value = settings.get(key)
         if key == "decay_steps" and value in (None, settings.get("steps")):
             continue
-        if key == "device" and value == "auto":
+        if key in ("steps", "minutes") and value is None:
+            continue
+        if key in ("device", "precision") and value == "auto":
             continue
         args += [f"--{key.replace('_', '-')}", _flag_value(value)]
     for setting, kind in SETTINGS.items():
@@ -210,6 +244,8 @@ def training_command(model_config: dict[str, Any], train_config: dict[str, Any])
         fresh: ModelConfig | TrainConfig = ModelConfig() if section == "model" else TrainConfig()
         config = model_config if section == "model" else train_config
         for key in keys:
+            if key == "decay_minutes" and config.get(key) == config.get("minutes"):
+                continue
             if key in config and config[key] != getattr(fresh, key):
                 toml_lines.append(f"{key} = {json.dumps(config[key])}")
     if toml_lines:
@@ -217,34 +253,79 @@ def training_command(model_config: dict[str, Any], train_config: dict[str, Any])
     return shlex.join(args), ("\n".join(toml_lines) + "\n" if toml_lines else None)
 
 
-def _describe_data(spec: str) -> str:
+def _describe_data(data: Any) -> str:
+    """The card's data cell: each ``--data`` value as :func:`shareable_data` shows it, a dataset with its
+    description, a local file or folder said to be one."""
     datasets = plugins.registered("datasets")
-    if spec in datasets:
-        try:
-            corpus, _ = plugins.create("datasets", spec)
-            return f"`{spec}`: {' '.join(corpus.description.split())}"
-        except AnexaError:
-            pass
-    return f"`{spec}`"
+    described = []
+    for spec in [data] if isinstance(data, str) else list(data or ["?"]):
+        shown = shareable_data(spec)
+        if spec in datasets:
+            try:
+                corpus, _ = plugins.create("datasets", spec)
+                described.append(f"`{spec}`: {' '.join(corpus.description.split())}")
+                continue
+            except AnexaError:
+                pass
+        described.append(f"`{shown}`" if shown == spec or "://" in shown else f"`{shown}` (a local file or folder)")
+    return "; ".join(described)
 
 
 def _loss(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "not evaluated"
 
 
-def model_card(meta: dict[str, Any], hf_config: dict[str, Any], parameters: int, out: Path) -> str:
+def latest_of_run(meta: dict[str, Any]) -> dict[str, Any]:
+    """The metadata of the latest checkpoint of the run the checkpoint ``meta`` (with ``"path"``) belongs
+    to: its folder's ``model.safetensors`` when that holds the same model, else ``meta`` itself."""
+    source = Path(meta["path"])
+    latest_path = source.parent / checkpoint.MODEL_FILE
+    if latest_path == source or not latest_path.is_file():
+        return meta
+    try:
+        latest = checkpoint.read_metadata(latest_path)
+    except AnexaError:
+        return meta
+    same = all(latest.get(key) == meta.get(key) for key in ("model_config", "tokenizer"))
+    return latest if same else meta
+
+
+def _steps_cell(meta: dict[str, Any], latest: dict[str, Any]) -> str:
+    step, last = meta.get("step"), latest.get("step")
+    if last is None or step == last:
+        return f"{step}"
+    return f"{step} of the run's {last} (the checkpoint with the best validation loss)"
+
+
+def _time_cell(latest: dict[str, Any], train_config: dict[str, Any]) -> str | None:
+    elapsed = latest.get("elapsed_s")
+    if not isinstance(elapsed, (int, float)):
+        return None
+    budget = train_config.get("minutes")
+    limit = f" of a {budget:g}-minute budget" if isinstance(budget, (int, float)) else ""
+    return f"{elapsed / 60:.1f} minutes{limit}"
+
+
+def model_card(
+    meta: dict[str, Any],
+    hf_config: dict[str, Any],
+    parameters: int,
+    out: Path,
+    latest: dict[str, Any] | None = None,
+) -> str:
     """The README.md of an exported folder: front matter for the Hub, then what the model is, how it was
-    trained (the command), and how to load and upload it."""
-    model_config, train_config = meta["model_config"], meta.get("train_config") or {}
+    trained (the command), and how to load and upload it.
+
+    ``latest``: the metadata of the run's latest checkpoint (:func:`latest_of_run`), for the steps and
+    time the run trained when ``meta`` is its best checkpoint. Every number is read from the metadata;
+    no local path appears (data by :func:`shareable_data`, the folder by its name)."""
+    latest = latest or meta
+    model_config, train_config = meta["model_config"], latest.get("train_config") or meta.get("train_config") or {}
     tokenizer = meta["tokenizer"]["name"]
     architecture = hf_config["architectures"][0]
     command, toml = training_command(model_config, train_config) if train_config else (None, None)
-    step, run_steps = meta.get("step"), train_config.get("steps")
-    steps = (
-        f"{step}"
-        if step == run_steps or run_steps is None
-        else f"{step} (the best validation loss of a {run_steps}-step run)"
-    )
+    steps = _steps_cell(meta, latest)
+    trained_for = _time_cell(latest, train_config)
     name = out.resolve().name
     prompt = "Sherlock Holmes" if train_config.get("data") == "sherlock" else "The"
     lines = [
@@ -263,6 +344,7 @@ def model_card(meta: dict[str, Any], hf_config: dict[str, Any], parameters: int,
         "| --- | --- |",
         f"| data | {_describe_data(train_config.get('data', '?'))} |",
         f"| steps | {steps} |",
+        *([f"| training time | {trained_for} |"] if trained_for else []),
         f"| val loss | {_loss(meta.get('val_loss'))} nats/token (train {_loss(meta.get('train_loss'))}) |",
         f"| parameters | {parameters:,} |",
         f"| architecture | Anexa blocks `{model_config['blocks']}` → `{architecture}`: {model_config['n_layer']} layers, "
@@ -275,6 +357,22 @@ def model_card(meta: dict[str, Any], hf_config: dict[str, Any], parameters: int,
         lines += ["## How it was trained", "", "```sh", command, "```", ""]
         if toml:
             lines += ["with `train.toml`:", "", "```toml", toml.rstrip("\n"), "```", ""]
+        local = [
+            shown
+            for spec, shown in zip(_data_list(train_config), _shareable(train_config.get("data")), strict=True)
+            if shown != spec and "://" not in shown
+        ]
+        if local:
+            lines += [
+                f"{', '.join(f'`{name}`' for name in local)}: a local file or folder of the trainer's; put your copy there.",
+                "",
+            ]
+        if train_config.get("minutes") is not None:
+            lines += [
+                "`--minutes` ends the run when its time is up, so the same command trains more or fewer steps on "
+                "a faster or slower machine.",
+                "",
+            ]
     lines += [
         "## Use",
         "",
@@ -300,7 +398,7 @@ def model_card(meta: dict[str, Any], hf_config: dict[str, Any], parameters: int,
         "",
         "```sh",
         "hf auth login",
-        UPLOAD_COMMAND.format(out=shlex.quote(str(out))),
+        UPLOAD_COMMAND.format(out=shlex.quote(name)) + "   # from the folder that holds this one",
         "```",
         "",
     ]
