@@ -194,6 +194,22 @@ def normalize_text(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
+def hf_normalizer():
+    """:func:`normalize_text` as a Hugging Face ``tokenizers`` normalizer (for exported tokenizers, which
+    must turn text into the ids Anexa would): a byte-order mark at the very start removed (``\\A`` anchors
+    at the start of the text, not of each line), then ``\\r\\n`` and ``\\r`` replaced by ``\\n``, in
+    that order."""
+    from tokenizers import Regex, normalizers
+
+    return normalizers.Sequence(
+        [
+            normalizers.Replace(Regex("\\A\ufeff"), ""),
+            normalizers.Replace("\r\n", "\n"),
+            normalizers.Replace("\r", "\n"),
+        ]
+    )
+
+
 _GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)\b.*$", re.I | re.M)
 _GUTENBERG_END = re.compile(r"^\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)\b.*$", re.I | re.M)
 

@@ -30,6 +30,7 @@ import torch
 
 from anexa_core import options, plugins
 from anexa_core.config import ModelConfig, TrainConfig
+from anexa_core.data.corpus import hf_normalizer
 from anexa_core.errors import AnexaError
 from anexa_core.io import checkpoint
 from anexa_core.io.files import atomic_folder
@@ -109,8 +110,11 @@ def hf_model(model, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tor
     """``(config.json entries, tensors under transformers' names)`` for ``model``, from its blocks plugin's
     ``export_hf`` plus the entries the core owns. The tensors are contiguous CPU copies sharing no memory.
 
-    Raises :class:`AnexaError` when the blocks plugin has no ``export_hf`` or refuses the model's options."""
+    Raises :class:`AnexaError` when the blocks plugin has no ``export_hf`` or refuses the model's options,
+    or when the attention plugin computes something else than the exact softmax attention every
+    transformers architecture computes (:func:`check_exact_attention`)."""
     config = model.config
+    check_exact_attention(config, meta)
     family, _ = plugins.create(
         "blocks", config.blocks, config.blocks_options, needed_by=meta.get("plugins", {}).get("blocks")
     )
@@ -141,13 +145,59 @@ def hf_model(model, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tor
     return hf_config, tensors
 
 
+def _described(name: str, options_given: dict[str, Any]) -> str:
+    shown = ", ".join(f"{key}={value!r}" for key, value in options_given.items())
+    return f"{name!r} ({shown})" if shown else repr(name)
+
+
+def check_exact_attention(config, meta: dict[str, Any]) -> None:
+    """Refuse a model whose attention plugin, with its options, does not compute exact causal softmax
+    attention over the whole context — the only attention ``GPT2LMHeadModel``, ``LlamaForCausalLM`` and
+    ``Qwen3ForCausalLM`` compute — so an export never silently changes what the model says.
+
+    Judged by what the plugin computes, not by its name: random queries, keys and values of the model's
+    shapes (every position of a full context, and the last few queries against all keys, as when
+    decoding), compared with :func:`anexa_core.testing.reference_attention` in float64. A sliding window
+    at least as long as the context passes (it is exact there); a shorter one does not.
+    Raises :class:`AnexaError` naming the plugin and its options."""
+    from anexa_core.testing import reference_attention
+
+    attend, options_used = plugins.create(
+        "attention", config.attention, config.attention_options, needed_by=meta.get("plugins", {}).get("attention")
+    )
+    generator = torch.Generator().manual_seed(0)
+    length, heads, dim = config.block_size, config.n_head, config.head_dim
+    worst = 0.0
+    for queries in (length, min(3, length)):
+        q = torch.randn(2, heads, queries, dim, generator=generator)
+        k, v = (torch.randn(2, heads, length, dim, generator=generator) for _ in range(2))
+        with torch.no_grad():
+            got = attend(q, k, v, causal=True).double()
+        expected = reference_attention(q, k, v, causal=True)
+        worst = max(worst, (got - expected).abs().max().item() / max(1.0, expected.abs().max().item()))
+    if not worst <= 1e-4:  # also catches NaN
+        raise AnexaError(
+            f"attention {_described(config.attention, options_used)} cannot be exported to Hugging Face: it is "
+            f"not exact softmax attention over the {length}-token context (it differs by {worst:.2g} on random "
+            "inputs), which is all transformers computes; export a model trained with exact attention (sdpa)"
+        )
+
+
 def tokenizer_hf(tokenizer, meta: dict[str, Any]):
-    """The tokenizer plugin's ``export_hf()``: a ``tokenizers.Tokenizer`` with the same ids."""
+    """The tokenizer plugin's ``export_hf()`` — a ``tokenizers.Tokenizer`` with the plugin's ids — behind
+    Anexa's own text normalisation (:func:`~anexa_core.data.corpus.hf_normalizer`, ahead of any normalizer
+    the plugin's has), so the export turns any text into the ids Anexa feeds the model for it
+    (:func:`~anexa_core.infer.generation.encode_prompt`): ``a\\r\\nb`` like ``a\\nb``, no byte-order mark."""
+    from tokenizers import normalizers
+
     mapping = getattr(tokenizer, "export_hf", None)
     name = meta["tokenizer"]["name"]
     if mapping is None:
         raise AnexaError(f"tokenizer {name!r} cannot be exported to Hugging Face: its plugin defines no export_hf")
-    return mapping()
+    exported = mapping()
+    own = exported.normalizer
+    exported.normalizer = normalizers.Sequence([hf_normalizer(), *([own] if own is not None else [])])
+    return exported
 
 
 # --- the model card ---------------------------------------------------------------------------------
