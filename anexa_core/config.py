@@ -11,8 +11,12 @@ a plugin is a table holding its name and options::
     name = "sliding"
     window = 64
 
-A layer that changes a plugin's name drops the options earlier layers gave the old one. A few flat
-keys are shorthands for the options of the chosen plugin (:data:`SHORTHANDS`): ``vocab_size`` sets the
+A layer that changes a plugin's name drops the options the preset (or, on resume, the run) gave the
+old one. Options a user gives — in the file, with or without a ``name``, or as ``-o`` flags — are never
+dropped: they go to whichever plugin the last layer names, which must accept them, or the run is refused
+in one line naming the option (``blocks gpt2 has no option 'rope_theta'``). So ``--blocks llama`` with a
+file whose ``[blocks]`` table holds ``rope_theta = 5000.0`` trains llama with that base. A few flat keys
+are shorthands for the options of the chosen plugin (:data:`SHORTHANDS`): ``vocab_size`` sets the
 tokenizer's, ``weight_decay``/``beta1``/``beta2`` the optimizer's, ``bias`` the blocks'.
 """
 
@@ -292,15 +296,35 @@ def resolve(
             raise AnexaError(f"-o {kind}.…: {kind!r} is not a plugin setting: use one of {', '.join(SETTINGS)}")
         flags[f"{kind}_options"] = dict(given)
     layers.append((flags, "flags"))
-    for values, source in layers:
-        merge(settings, values, source)
+    apply_layers(settings, layers)
     if settings.get("minutes") is not None and not any("steps" in values for values, _ in layers):
         settings["steps"] = None  # a time budget without a step count: the clock decides
     return split(settings)
 
 
-def merge(settings: dict[str, Any], values: dict[str, Any], source: str) -> None:
-    """Apply one layer of ``values`` onto ``settings`` in place (see the module docstring for the rules)."""
+def apply_layers(settings: dict[str, Any], layers: list[tuple[dict[str, Any], str]]) -> None:
+    """Apply the user's layers (``(values, source)``: a TOML file, the flags) in order onto ``settings``
+    (a preset's, or a stored run's) in place. A plugin name a layer changes drops the options ``settings``
+    had for the old plugin; plugin options the layers give are gathered and go, last layer winning, to
+    the plugin finally named (see the module docstring)."""
+    given: dict[str, dict[str, Any]] = {kind: {} for kind in SETTINGS}
+    for values, source in layers:
+        merge(settings, values, source, given)
+    for kind, options in given.items():
+        if options:
+            settings[f"{kind}_options"] = {**settings.get(f"{kind}_options", {}), **options}
+
+
+def merge(
+    settings: dict[str, Any], values: dict[str, Any], source: str, given: dict[str, dict[str, Any]] | None = None
+) -> None:
+    """Apply one layer of ``values`` onto ``settings`` in place (see the module docstring for the rules).
+
+    ``given`` collects the layer's plugin options per kind instead of writing them into ``settings``, so a
+    later layer naming another plugin does not drop them (:func:`apply_layers`); without it they are
+    written at once."""
+    at_once = given is None
+    given = {kind: {} for kind in SETTINGS} if given is None else given
     known = _MODEL_FIELDS | _TRAIN_FIELDS
     for key in values:
         if key not in known and key not in SHORTHANDS:
@@ -314,13 +338,16 @@ def merge(settings: dict[str, Any], values: dict[str, Any], source: str) -> None
         if options_key in values:
             if not isinstance(values[options_key], dict):
                 raise AnexaError(f"{options_key} in {source} must be a table of options")
-            settings[options_key] = {**settings.get(options_key, {}), **values[options_key]}
+            given[kind].update(values[options_key])
     for key, value in values.items():
         if key in SHORTHANDS:
-            kind = SHORTHANDS[key]
-            settings[f"{kind}_options"] = {**settings.get(f"{kind}_options", {}), key: value}
+            given[SHORTHANDS[key]][key] = value
         elif key not in _OPTION_FIELDS:
             settings[key] = value
+    if at_once:
+        for kind, options in given.items():
+            if options:
+                settings[f"{kind}_options"] = {**settings.get(f"{kind}_options", {}), **options}
 
 
 def split(settings: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:

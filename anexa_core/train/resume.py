@@ -56,7 +56,7 @@ def resume_configs(
         )
     if "data" in given and "data_glob" not in given:
         settings.pop("data_glob", None)  # the earlier --glob picked files of the earlier --data
-    configs.merge(settings, given, "flags")
+    configs.apply_layers(settings, [(given, "flags")])
     model_config, train_config = configs.split(settings)
     return dataclasses.replace(model_config, vocab_size=meta["model"]["model_config"]["vocab_size"]), train_config
 
