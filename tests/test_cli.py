@@ -71,12 +71,25 @@ def test_generate_reads_the_prompt_from_stdin(run_dir):
 
 
 def test_generate_stops_at_a_stop_string(run_dir):
-    free = runner.invoke(app, ["generate", "The ", "--model", str(run_dir), "-n", "30", "--temperature", "0"]).stdout
-    stop = free[3:6]
-    stopped = runner.invoke(
-        app, ["generate", "The ", "--model", str(run_dir), "-n", "30", "--temperature", "0", "--stop", stop]
-    ).stdout
-    assert stopped == free[: free.index(stop)] + "\n"
+    args = ["generate", "The ", "--model", str(run_dir), "-n", "60", "--seed", "2"]
+    free = runner.invoke(app, args).stdout
+    visible = next(i for i, char in enumerate(free) if not char.isspace())
+    stop = free[visible + 3 : visible + 6]
+    assert len(stop) == 3, "the sampled text should go on after its first visible character"
+    stopped = runner.invoke(app, [*args, "--stop", stop]).stdout
+    assert stopped == free[: free.index(stop, visible + 1)] + "\n"
+
+
+def test_a_reply_is_never_empty_because_the_stop_string_came_first(run_dir):
+    """Issue 24: chat returned an empty reply for some seeds because the model wrote the stop string
+    first. A stop counts only after some text that is not whitespace (docs/serve.md, StopStrings)."""
+    args = ["chat", "--model", str(run_dir), "-n", "12", "--seed", "4"]
+    reply = runner.invoke(app, args, input="Holmes\nquit\n").stdout.split("Response: ")[1].split("\nPrompt: ")[0]
+    assert reply.strip(), "the free reply should hold some text for this test to mean anything"
+    for stop in (reply[:1], reply[:2], reply[: reply.index(reply.strip()[0]) + 1]):
+        stopped = runner.invoke(app, [*args, "--stop", stop], input="Holmes\nquit\n").stdout
+        answer = stopped.split("Response: ")[1].split("\nPrompt: ")[0]
+        assert answer.strip() and reply.startswith(answer), (stop, answer)
 
 
 def test_chat_streams_responses_until_quit(run_dir):

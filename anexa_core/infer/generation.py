@@ -30,9 +30,11 @@ from anexa_core.model.gpt import GPT
 CONTEXT_POLICIES = ("shift", "sliding")
 
 
-MAX_PENDING_TOKENS = 16
-"""Tokens the text stream holds back while they decode to an unfinished character (U+FFFD) before
-giving up and showing the replacement character: UTF-8 characters are at most 4 bytes."""
+MAX_PENDING_TOKENS = 64
+"""Tokens the text stream waits, at most, for the replacement characters (U+FFFD) that end the text so far
+to become a character. One unfinished character is at most 3 bytes, but tokens that each end inside the
+next character — ``——`` as ``E2 80 | 94 E2 | 80 94 E2 | …`` — keep the text unfinished for as long as
+they last; past this many the replacement characters are shown (they are garbage then)."""
 
 
 @torch.no_grad()
@@ -98,28 +100,35 @@ def generate_ids(
 
 
 def decode_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Text pieces as ids arrive, decoding only a short tail each time (linear in the output length).
+    """Text pieces as ids arrive: never a piece of a character, and work linear in the output length.
 
-    Keeps two offsets into the ids (as Hugging Face's text-generation-inference does): the text of
-    ``ids[prefix:read]`` was shown already; the text of ``ids[prefix:]`` minus it is new. A tail that
-    ends in U+FFFD (a character split across tokens) is held back until it completes, for at most
-    :data:`MAX_PENDING_TOKENS` tokens.
+    Each id decodes a short window, ``tokenizer.decode(ids[prefix:])``. All of that text but the
+    replacement characters (U+FFFD) that end it is final — by the Tokenizer contract the only part later
+    ids can change is an unfinished character at the end, which decodes to U+FFFD — so it is yielded at
+    once; the trailing U+FFFD wait until an id completes the character, or follows them with something
+    else (then they were garbage and are shown), for at most :data:`MAX_PENDING_TOKENS` ids, or until the
+    stream ends. When nothing waits, the window moves on, keeping the last group of ids as context (as
+    Hugging Face's text-generation-inference does, for tokenizers whose decoding depends on the id
+    before). Joined, the pieces are ``tokenizer.decode`` of all the ids.
     """
     generated: list[int] = []
-    prefix = read = 0
+    prefix = read = 0  # the window is generated[prefix:]; the text of generated[:read] was complete
+    shown = 0  # characters of the window's text already yielded
     for token in ids:
         generated.append(token)
-        shown = tokenizer.decode(generated[prefix:read])
         text = tokenizer.decode(generated[prefix:])
-        if text.endswith("\ufffd") and len(generated) - read < MAX_PENDING_TOKENS:
-            continue
-        if len(text) > len(shown):
-            yield text[len(shown) :]
-        prefix, read = read, len(generated)
-    if read < len(generated):
-        tail = tokenizer.decode(generated[prefix:])[len(tokenizer.decode(generated[prefix:read])) :]
-        if tail:
-            yield tail
+        final = len(text)
+        if len(generated) - read < MAX_PENDING_TOKENS:
+            final = len(text.rstrip("\ufffd"))
+        if final > shown:
+            yield text[shown:final]
+            shown = final
+        if final == len(text):  # nothing waits: the next window starts at this one's last group
+            prefix, read = read, len(generated)
+            shown = len(tokenizer.decode(generated[prefix:]))
+    tail = tokenizer.decode(generated[prefix:])[shown:]
+    if tail:
+        yield tail
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
