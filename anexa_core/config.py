@@ -130,6 +130,7 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     eval_every: int = 250
+    log_every: int = 10  # a line of steps.jsonl (training loss, LR, tokens/s) every this many steps
     eval_batches: int = 20
     save_every: int = 1000
     seed: int = 1337
@@ -156,7 +157,7 @@ class TrainConfig:
         ):
             raise AnexaError(f"data_glob (--glob) must be a non-empty list of patterns, got {self.data_glob!r}")
         self.data_glob = list(self.data_glob)
-        for name in ("batch_size", "eval_every", "eval_batches", "save_every"):
+        for name in ("batch_size", "eval_every", "log_every", "eval_batches", "save_every"):
             if getattr(self, name) < 1:
                 raise AnexaError(f"--{name.replace('_', '-')} must be at least 1")
         if self.steps is None and self.minutes is None:

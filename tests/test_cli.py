@@ -50,6 +50,7 @@ def test_train_writes_a_run_folder(run_dir):
         "best.safetensors",
         "train_state.safetensors",
         "metrics.jsonl",
+        "steps.jsonl",
         "loss.png",
     }
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -402,3 +403,30 @@ def test_no_help_shows_the_json_integer_limit_as_a_range(command):
     """Issue 24: `[1<=x<=9007199254740992]` in --help read as a number that means something."""
     text = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "300"}).stdout
     assert text and str(2**53) not in text
+
+
+def test_generate_without_a_prompt_says_so_on_a_terminal_and_not_in_a_pipe(run_dir):
+    """Issue 24: `anexa generate` without a prompt, on a terminal, waited for stdin without a word."""
+    import pty
+    import select
+
+    args = [sys.executable, "-m", "anexa_cli", "generate", "--model", str(run_dir), "-n", "5", "-s", "greedy"]
+    master, terminal = pty.openpty()
+    process = subprocess.Popen(args, stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(terminal)
+    said = b""
+    try:
+        while b"Ctrl-D" not in said and select.select([process.stderr], [], [], 120)[0]:
+            chunk = os.read(process.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            said += chunk
+        assert said.decode().startswith("reading the prompt from the terminal"), said
+        os.write(master, b"Watson\n\x04")  # a line, then Ctrl-D on the next
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        os.close(master)
+    assert process.returncode == 0, err
+    piped = runner.invoke(app, args[3:], input="Watson\n")
+    assert out.decode() == piped.stdout and "reading the prompt" not in piped.stderr

@@ -994,3 +994,35 @@ def test_a_larger_minutes_on_resume_continues_at_min_lr_instead_of_restarting_th
     assert result.step > len(first)
     resumed = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][len(first) :]
     assert resumed and {record["lr"] for record in resumed} == {0.1}, [r["lr"] for r in resumed]
+
+
+def test_the_training_loss_lr_and_throughput_are_logged_every_few_steps(sherlock_path, tmp_path):
+    """Issue 24: loss curves had a point every 250 steps only. steps.jsonl has a line every --log-every
+    steps: the mean of those steps' batch losses, the LR of the last one, their tokens/s; a resumed run
+    drops what a killed run wrote past its checkpoint, so no step is logged twice."""
+
+    class Losses(SilentReporter):
+        def __init__(self):
+            self.losses = []
+
+        def step(self, step, loss, tokens_per_s):
+            self.losses.append(loss)
+
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    config = _train_config(sherlock_path, steps=5, log_every=2, eval_every=3, save_every=4, warmup_steps=3)
+    heard = Losses()
+    train(tiny, config, tmp_path, reporter=heard)
+    lines = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 5]  # and the last step
+    means = [sum(heard.losses[0:2]) / 2, sum(heard.losses[2:4]) / 2, heard.losses[4]]
+    assert [line["loss"] for line in lines] == [round(mean, 5) for mean in means]
+    stored = checkpoint.load_train_state(tmp_path).meta["train_config"]
+    assert [line["lr"] for line in lines] == [lr_at(s - 1, TrainConfig(**stored)) for s in (2, 4, 5)]
+    assert all(line["tokens_per_s"] > 0 and line["elapsed_s"] > 0 for line in lines)
+    # A killed run had logged step 6 past its last checkpoint (step 5): the resumed run logs it once.
+    with (tmp_path / "steps.jsonl").open("a") as handle:
+        handle.write(json.dumps({"step": 6, "loss": 9.9, "lr": 0.1, "tokens_per_s": 1.0, "elapsed_s": 1.0}) + "\n")
+        handle.write('{"step": 7, "lo')  # cut short by SIGKILL
+    train(*resume_configs(tmp_path, {"steps": 8}), tmp_path, resume=True)
+    lines = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 5, 6, 8] and lines[3]["loss"] != 9.9

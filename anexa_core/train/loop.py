@@ -30,7 +30,7 @@ from anexa_core.device import configure_threads, pick_device
 from anexa_core.errors import AnexaError
 from anexa_core.interfaces import Tokenizer
 from anexa_core.io import checkpoint
-from anexa_core.io.metrics import METRICS_FILE, append_metrics, truncate_metrics
+from anexa_core.io.metrics import METRICS_FILE, RUN_METRICS, STEPS_FILE, append_metrics, truncate_metrics
 from anexa_core.model.gpt import GPT, build_model
 from anexa_core.train import distributed
 from anexa_core.train.optim import make_optimizer
@@ -225,7 +225,8 @@ def prepare(
     if ranks.is_main:
         checkpoint.remove_stale_temp_files(out_dir)
         if resume:
-            truncate_metrics(out_dir / METRICS_FILE, run.first_step)
+            for name in RUN_METRICS:
+                truncate_metrics(out_dir / name, run.first_step)
         elif out_dir.is_dir():
             checkpoint.clear_run(out_dir)
     return run
@@ -312,7 +313,9 @@ def _start_info(run: TrainingRun) -> dict[str, Any]:
 def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
     """Steps from ``run.first_step`` to ``train_config.steps`` (or until the ``--minutes`` budget, less the
     time of one final evaluation, is used): each sets the scheduled learning rate, trains on a fresh batch,
-    evaluates every ``eval_every`` steps and at the end, and checkpoints (see :func:`save`).
+    evaluates every ``eval_every`` steps and at the end, and checkpoints (see :func:`save`). Every
+    ``log_every`` steps (and at the end) a line of ``steps.jsonl`` records the mean training loss of
+    those steps, the learning rate and their tokens/s (:mod:`anexa_core.io.metrics`).
 
     The schedule follows the step count up to ``schedule_steps``, or, for a run whose horizon is in
     minutes (``decay_minutes``), the share of that horizon the run has used, earlier sessions included."""
@@ -324,6 +327,7 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
     horizon_s = config.decay_minutes * 60 if config.decay_minutes is not None else None
     eval_seconds = 0.0  # how long an evaluation takes, so a time budget ends with its final one on time
     window_start, window_tokens = time.perf_counter(), 0
+    log = _StepLog(run.out_dir / STEPS_FILE if ranks.is_main else None, tokens_per_step)
     run.started = time.perf_counter()
     done = run.first_step
     steps = range(run.first_step, config.steps) if config.steps is not None else itertools.count(run.first_step)
@@ -339,15 +343,20 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
         done = step + 1
         window_tokens += tokens_per_step
         tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-        reporter.step(done, loss.item(), tokens_per_s)
+        value = loss.item()
+        reporter.step(done, value, tokens_per_s)
         time_up = budget_s is not None and distributed.any_rank(run.elapsed() + eval_seconds >= budget_s, ranks, device)
         last = done == config.steps or time_up
+        log.add(value)
+        if done % config.log_every == 0 or last:
+            log.write(done, lr, run.elapsed())
         new_best = False
         if done % config.eval_every == 0 or last:
             eval_started = time.perf_counter()
             new_best = evaluate(run, done, lr, tokens_per_s, reporter)
             eval_seconds = time.perf_counter() - eval_started
             window_start, window_tokens = time.perf_counter(), 0
+            log.pause(eval_seconds)
         interrupted = distributed.any_rank(bool(stop_requested and stop_requested()), ranks, device)
         if ranks.is_main and (interrupted or new_best or last or done % config.save_every == 0):
             save(run, done, best=new_best)
@@ -365,6 +374,36 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
         parameters=model.num_parameters(),
         seconds=time.perf_counter() - run.started,
     )
+
+
+class _StepLog:
+    """The lines of ``steps.jsonl``: the steps' losses since the last line, and their throughput (the time
+    of evaluations left out). ``path`` ``None``: record nothing (every rank but the first)."""
+
+    def __init__(self, path: Path | None, tokens_per_step: int):
+        self.path, self.tokens_per_step = path, tokens_per_step
+        self.losses: list[float] = []
+        self.started = time.perf_counter()
+
+    def add(self, loss: float) -> None:
+        self.losses.append(loss)
+
+    def pause(self, seconds: float) -> None:
+        """``seconds`` spent on something else (an evaluation): not the steps' time."""
+        self.started += seconds
+
+    def write(self, step: int, lr: float, elapsed_s: float) -> None:
+        if self.path is not None and self.losses:
+            seconds = max(time.perf_counter() - self.started, 1e-9)
+            record = {
+                "step": step,
+                "loss": round(sum(self.losses) / len(self.losses), 5),
+                "lr": lr,
+                "tokens_per_s": round(len(self.losses) * self.tokens_per_step / seconds, 1),
+                "elapsed_s": elapsed_s,
+            }
+            append_metrics(self.path, record)
+        self.losses, self.started = [], time.perf_counter()
 
 
 def evaluate(run: TrainingRun, step: int, lr: float, tokens_per_s: float, reporter: Reporter) -> bool:

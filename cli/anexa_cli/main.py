@@ -269,6 +269,13 @@ def train(
     ] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps. " + _default("warmup_steps"))] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps. " + _default("eval_every"))] = None,
+    log_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Record the training loss, learning rate and tokens/s every N steps in the run's steps.jsonl. "
+            + _default("log_every")
+        ),
+    ] = None,
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps. " + _default("save_every"))] = None,
     out: Annotated[
         Path | None, typer.Option(help="Run folder. \\[default: runs/<data>-<preset>, or -2, -3… if taken]")
@@ -312,6 +319,7 @@ def train(
         min_lr=min_lr,
         warmup_steps=warmup_steps,
         eval_every=eval_every,
+        log_every=log_every,
         save_every=save_every,
         device=device,
         seed=seed,
@@ -441,6 +449,12 @@ def generate(
 
     loaded, chain = _load(model, device, sample, temperature, option, attention)
     if prompt is None:
+        if sys.stdin.isatty():  # a pipe says nothing; a person at a terminal would wait without a word
+            typer.echo(
+                "reading the prompt from the terminal: type it, then press Ctrl-D on a new line "
+                '(or pass it as an argument: anexa generate "…")',
+                err=True,
+            )
         prompt = sys.stdin.read()
     stops = [_unescape(text) for text in stop or []]
     for piece in generate_text(loaded.model, loaded.tokenizer, prompt, max_new_tokens, chain, seed, stops, context):
