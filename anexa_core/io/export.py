@@ -33,7 +33,7 @@ from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.data.corpus import hf_normalizer
 from anexa_core.errors import AnexaError
 from anexa_core.io import checkpoint
-from anexa_core.io.files import atomic_folder
+from anexa_core.io.files import atomic_folder, sweep_stale
 from anexa_core.io.load import load
 from anexa_core.kinds import SETTINGS
 
@@ -68,6 +68,7 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False) ->
     if format not in FORMATS:
         raise AnexaError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     out = Path(out)
+    sweep_stale(out.parent, out.name)  # an export killed mid-rename put the old OUT aside: back first
     _check_target(out, overwrite)
     loaded = load(run, "cpu")
     model, tokenizer, meta = loaded.model, loaded.tokenizer, loaded.meta
