@@ -354,7 +354,8 @@ def test_real_subprocess_train_then_generate(sherlock_path, tmp_path):
         check=False,
     )
     assert trained.returncode == 0, trained.stderr
-    assert "M parameters" in trained.stderr and (tmp_path / "runs" / "sherlock-seed" / "model.safetensors").is_file()
+    parameters = checkpoint_parameters(tmp_path / "runs" / "sherlock-seed")
+    assert f"{parameters:,} parameters" in trained.stderr, "a count under 0.1M in full, never 0.00M"
     generated = subprocess.run(  # no --model: the newest run under ./runs
         [str(anexa), "generate", "Holmes", "-n", "25", "--seed", "0"],
         cwd=tmp_path,
@@ -430,3 +431,80 @@ def test_generate_without_a_prompt_says_so_on_a_terminal_and_not_in_a_pipe(run_d
     assert process.returncode == 0, err
     piped = runner.invoke(app, args[3:], input="Watson\n")
     assert out.decode() == piped.stdout and "reading the prompt" not in piped.stderr
+
+
+def checkpoint_parameters(run):
+    from anexa_core.io import checkpoint
+
+    return checkpoint.load_model(run)[0].num_parameters()
+
+
+def test_a_runs_default_name_says_what_it_is(sherlock_path, tmp_path, monkeypatch):
+    """Issue 24: a `--blocks llama --optimizer muon` run was named sherlock-seed-2."""
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", str(sherlock_path), *TINY_FLAGS, "--steps", "1", "--eval-every", "1", "--device", "cpu"]
+    for flags, name in [
+        ([], "sherlock-seed"),
+        (["--blocks", "llama", "--optimizer", "muon"], "sherlock-seed-llama-muon"),
+        (["--preset", "fast"], "sherlock-fast"),
+        (["--preset", "fast", "--blocks", "gpt2", "--optimizer", "adamw"], "sherlock-fast-gpt2-adamw"),
+        (["--tokenizer", "bpe", "--vocab-size", "300"], "sherlock-seed-bpe"),
+        ([], "sherlock-seed-2"),
+    ]:
+        result = runner.invoke(app, [*args, *flags])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "runs" / name / "model.safetensors").is_file(), sorted(
+            p.name for p in (tmp_path / "runs").iterdir()
+        )
+
+
+def test_the_header_counts_parameters_without_rounding_them_away():
+    from anexa_cli.console import count
+
+    assert (count(4_864), count(99_999), count(820_992), count(10_651_008)) == ("4,864", "99,999", "0.82M", "10.65M")
+
+
+def test_runs_lists_the_runs_newest_first_like_ollama_list(run_dir, tmp_path):
+    """Issue 24: `anexa runs` — architecture, parameters, steps, best validation loss, size, date; --json."""
+    import shutil
+    import time
+
+    from anexa_core.io import checkpoint
+
+    folder = tmp_path / "runs"
+    shutil.copytree(run_dir, folder / "older")
+    shutil.copytree(run_dir, folder / "newer")
+    (folder / "notes").mkdir()  # not a run: not listed
+    (folder / "broken").mkdir()
+    (folder / "broken" / "model.safetensors").write_bytes(b"\x00" * 4)
+    now = time.time()
+    os.utime(folder / "older" / "model.safetensors", (now - 3 * 86400, now - 3 * 86400))
+    listed = runner.invoke(app, ["runs", str(folder), "--json"])
+    assert listed.exit_code == 0, listed.output
+    report = json.loads(listed.stdout)
+    assert [run["name"] for run in report["runs"]] == ["newer", "older"]
+    assert [Path(entry["path"]).name for entry in report["unreadable"]] == ["broken"]
+    run = report["runs"][0]
+    meta = checkpoint.read_metadata(run_dir / "model.safetensors")
+    best = checkpoint.read_metadata(run_dir / "best.safetensors")
+    assert run["step"] == meta["step"] and run["best_val_loss"] == best["val_loss"] and run["best_step"] == best["step"]
+    assert run["parameters"] == checkpoint_parameters(run_dir)
+    assert run["size_bytes"] == sum(p.stat().st_size for p in run_dir.iterdir())
+    assert run["architecture"] == f"gpt2 1×32 · char {meta['model_config']['vocab_size']}"
+    table = runner.invoke(app, ["runs", str(folder)])
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == [
+        "NAME",
+        "ARCHITECTURE",
+        "PARAMETERS",
+        "STEPS",
+        "BEST",
+        "VAL",
+        "LOSS",
+        "SIZE",
+        "MODIFIED",
+    ]
+    assert lines[1].startswith("newer") and lines[1].endswith("just now") and lines[2].endswith("3 days ago")
+    assert f"{run['best_val_loss']:.4f} @ {run['best_step']}" in lines[1] and "skipped" in table.stderr
+    empty = runner.invoke(app, ["runs", str(tmp_path / "none")])
+    assert empty.exit_code == 0 and empty.stdout == "" and "no runs under" in empty.stderr

@@ -213,7 +213,12 @@ def train(
 def generate(
     preset: Preset = "seed",
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 64,
-    new_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 64,
+    new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens to decode. \\[default: twice the preset's context, so decoding goes past it and the context policy is measured]"
+        ),
+    ] = None,
     attention: Annotated[str, typer.Option(help="Attention plugin.")] = "sdpa",
     repeats: Annotated[int, typer.Option(help="Timed decodes per mode (the median is reported).")] = 3,
     device: Device = "auto",
@@ -232,7 +237,7 @@ def generate(
         repeats=repeats,
         device=device,
     )
-    lengths = f"prompt {prompt_len} + {new_tokens} new"
+    lengths = f"prompt {prompt_len} + {rows[0]['new_tokens']} new, context {rows[0]['block_size']}"
     _print_table(
         f"decoding · preset {preset} · {lengths} · {attention} · {rows[0]['device']}",
         {

@@ -26,6 +26,7 @@ from anexa_cli.errors import user_errors
 from anexa_cli.eval import evaluate
 from anexa_cli.export import export
 from anexa_cli.plot import plot
+from anexa_cli.runs import runs
 from anexa_cli.serve import serve
 from anexa_cli.threads import Threads, use_threads
 from anexa_core.errors import AnexaError
@@ -43,6 +44,7 @@ app.command()(plot)
 app.command("eval")(evaluate)
 app.command()(export)
 app.command()(serve)
+app.command()(runs)
 
 _type_column = TyperOption.display_type_rich
 
@@ -148,11 +150,15 @@ def _plugin_options(specs: list[str] | None) -> dict[str, dict[str, str]]:
     return parse_assignments(specs or [], "-o")
 
 
-def _default_out(data: str, preset: str) -> Path:
-    """``runs/<data>-<preset>``, or the first ``-2``, ``-3``, … that holds no run yet."""
+def _default_out(data: str, preset: str, chosen: dict[str, str]) -> Path:
+    """``runs/<data>-<preset>``, followed by each plugin ``chosen`` (blocks, attention, tokenizer,
+    optimizer) that differs from the preset's — ``runs/sherlock-seed-llama-muon`` for ``--blocks llama
+    --optimizer muon`` — or the first ``-2``, ``-3``, … of that which holds no run yet."""
+    from anexa_core.config import preset_values
     from anexa_core.io.checkpoint import holds_a_run
 
-    base = Path("runs") / f"{Path(data.rstrip('/')).stem or 'data'}-{preset}"
+    differing = [name for key, name in chosen.items() if preset_values(key)[preset] != name]
+    base = Path("runs") / "-".join([Path(data.rstrip("/")).stem or "data", preset, *differing])
     candidate, number = base, 1
     while holds_a_run(candidate):
         number += 1
@@ -278,7 +284,10 @@ def train(
     ] = None,
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps. " + _default("save_every"))] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Run folder. \\[default: runs/<data>-<preset>, or -2, -3… if taken]")
+        Path | None,
+        typer.Option(
+            help="Run folder. \\[default: runs/<data>-<preset>, then the blocks, attention, tokenizer and optimizer that differ from the preset's (runs/sherlock-seed-llama-muon), with -2, -3… if taken]"
+        ),
     ] = None,
     resume: Annotated[
         Path | None,
@@ -337,7 +346,13 @@ def train(
     else:
         model_config, train_config = configs.resolve(preset, config, overrides, plugin_options)
         first_data = train_config.data if isinstance(train_config.data, str) else train_config.data[0]
-        out_dir = out or _default_out(first_data, preset)
+        chosen = {
+            "blocks": model_config.blocks,
+            "attention": model_config.attention,
+            "tokenizer": train_config.tokenizer,
+            "optimizer": train_config.optimizer,
+        }
+        out_dir = out or _default_out(first_data, preset, chosen)
     console = make_console(stderr=True)
     with _Interrupts(console) as interrupts:
         try:
