@@ -125,3 +125,11 @@ def test_a_run_records_its_threads_and_training_applies_the_setting(restore_thre
     train(tiny, config, tmp_path)
     assert torch.get_num_threads() == 1
     assert checkpoint.load_train_state(tmp_path).meta["threads"] == 1
+
+
+def test_threads_given_before_a_bench_subcommand_reach_it(restore_threads):
+    torch.set_num_threads(2)
+    args = ["bench", "--threads", "1", "generate", "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1"]
+    result = runner.invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == 1

@@ -109,6 +109,7 @@ def attention_bench(
 ) -> None:
     """Time every attention plugin (forward, forward+backward) and check it against `math`."""
     if ctx.invoked_subcommand is not None:
+        ctx.obj = {"threads": threads}  # `anexa bench --threads 1 train`: the subcommand's unless it has its own
         return
     use_threads(threads)
     from anexa_core.measure import bench
@@ -157,9 +158,15 @@ def attention_bench(
     _write_json(rows, json_path)
 
 
+def _threads(ctx: typer.Context, threads: int | None) -> int | None:
+    """A subcommand's ``--threads``, else the one given before it (``anexa bench --threads 1 train``)."""
+    return threads if threads is not None else (ctx.obj or {}).get("threads")
+
+
 @bench_app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     preset: Preset = "seed",
     attention: Attention = None,
     steps: Annotated[int, typer.Option(help="Timed training steps per row (the median is reported).")] = 3,
@@ -176,7 +183,7 @@ def train(
     threads: Threads = None,
 ) -> None:
     """Tokens/s of full training steps per attention plugin, side by side with a plain eager loop."""
-    use_threads(threads)
+    use_threads(_threads(ctx, threads))
     from anexa_core.measure import bench
 
     rows = bench.bench_train(
@@ -211,6 +218,7 @@ def train(
 @bench_app.command()
 @user_errors
 def generate(
+    ctx: typer.Context,
     preset: Preset = "seed",
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 64,
     new_tokens: Annotated[
@@ -226,7 +234,7 @@ def generate(
     threads: Threads = None,
 ) -> None:
     """Decode tokens/s with the KV cache against recomputing the whole context for every token."""
-    use_threads(threads)
+    use_threads(_threads(ctx, threads))
     from anexa_core.measure import bench
 
     rows = bench.bench_generate(
