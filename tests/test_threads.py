@@ -23,6 +23,7 @@ TORCH_COMMANDS = [
     ["generate"],
     ["chat"],
     ["eval"],
+    ["export"],
     ["serve"],
     ["bench"],
     ["bench", "train"],
