@@ -10,9 +10,11 @@ waits for. Rows: the default (no ``--threads``), ``--threads 1`` … ``--threads
 cores, and ``--threads C`` with libgomp's own spin-waiting (``GOMP_SPINCOUNT=300000``, its default when
 ``OMP_WAIT_POLICY`` is unset), which is what Anexa 0.2 ran by default. "busy" runs one process that
 spins on a core (``while True: pass``) from before the row starts until it ends. The rows of a
-condition run in turn, ``--repeats`` rounds; the table shows each row's median seconds and its ratio to
-the fastest explicit count. The machine's load average and the cores ``anexa_core.device.busy_cores``
-saw busy are recorded before each row, because on a shared machine other work may be running.
+condition run in turn, ``--repeats`` rounds. On a shared machine other work comes and goes, so each round
+also measures the cores other processes kept busy while it ran (the machine's CPU time from /proc/stat
+less the run's own, from ``wait4``); the table takes each row's median over the rounds whose other work
+fits the condition (about none idle, about the spinner's one core busy) and shows that ratio to the
+fastest explicit count, listing every round's measured other work.
 """
 
 from __future__ import annotations
@@ -43,22 +45,40 @@ def rows(cores: int) -> dict[str, tuple[list[str], dict[str, str]]]:
     return made
 
 
-def run_once(steps: int, flags: list[str], env: dict[str, str], workdir: Path, timeout_s: float) -> float | None:
-    """Seconds from starting ``anexa train`` to its exit; ``None`` when it ran past ``timeout_s``."""
+def _machine_busy_s() -> float:
+    """CPU seconds every process of the machine has used since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def run_once(
+    steps: int, flags: list[str], env: dict[str, str], workdir: Path, timeout_s: float
+) -> tuple[float | None, float]:
+    """``(seconds from starting anexa train to its exit, or None past timeout_s; the cores other work kept
+    busy meanwhile on average)`` — the machine's CPU time over the run less the run's own (``wait4``)."""
     out = Path(tempfile.mkdtemp(dir=workdir)) / "run"
     command = [*ANEXA, "train", "--steps", str(steps), "--device", "cpu", "--out", str(out), *flags]
     environment = {**os.environ, **env}
     for name in ("ANEXA_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY"):
         if name not in env:
             environment.pop(name, None)
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return None
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    return time.perf_counter() - started
+    machine, started = _machine_busy_s(), time.perf_counter()
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = started + timeout_s
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            process.kill()
+            process.wait()
+            return None, 0.0
+        time.sleep(0.05)
+    seconds = time.perf_counter() - started
+    other = (_machine_busy_s() - machine - usage.ru_utime - usage.ru_stime) / seconds
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read()[-2000:].decode()}")
+    return seconds, max(0.0, other)
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
@@ -78,7 +98,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     time.sleep(0.5)
                 load, seen = os.getloadavg()[0], busy_cores()
                 try:
-                    seconds = run_once(args.steps, flags, env, workdir, args.timeout)
+                    seconds, other = run_once(args.steps, flags, env, workdir, args.timeout)
                 finally:
                     if spinner is not None:
                         spinner.kill()
@@ -90,41 +110,64 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     "seconds": seconds,
                     "load_1min": round(load, 2),
                     "busy_cores_seen": round(seen, 2),
+                    "other_cores_during": round(other, 2),
                 }
                 print(json.dumps(result), flush=True)
                 results.append(result)
     return results
 
 
+CLEAN = {"idle": (0.0, 0.15), "busy": (0.85, 1.25)}
+"""The other work (cores kept busy on average) a row of each condition may have had to count: none when
+idle; the spinning process, about one core, when busy. Rows outside are listed but not counted."""
+
+
+def _clean(record: dict) -> bool:
+    low, high = CLEAN[record["condition"]]
+    return record["seconds"] is not None and low <= record.get("other_cores_during", 0.0) <= high
+
+
 def table(results: list[dict], steps: int) -> str:
+    """Each row's median seconds over its undisturbed rounds (see :data:`CLEAN`), its ratio to the fastest
+    explicit ``--threads`` count, and the other work measured during each round (disturbed ones marked *)."""
     lines = [
-        f"| condition | row | seconds ({steps} steps, median) | × the best explicit count | load (1 min) before |",
+        f"| condition | row | seconds ({steps} steps, median of undisturbed) | × the best explicit count "
+        "| other work during each round (cores; * disturbed) |",
         "|---|---|---:|---:|---|",
     ]
     for condition in dict.fromkeys(r["condition"] for r in results):
         mine = [r for r in results if r["condition"] == condition]
         medians = {}
         for label in dict.fromkeys(r["row"] for r in mine):
-            times = [r["seconds"] for r in mine if r["row"] == label]
-            medians[label] = None if None in times else statistics.median(times)
+            times = [r["seconds"] for r in mine if r["row"] == label and _clean(r)]
+            medians[label] = statistics.median(times) if times else None
         explicit = [s for label, s in medians.items() if label.startswith("--threads") and "," not in label and s]
         best = min(explicit) if explicit else None
         for label, seconds in medians.items():
-            loads = ", ".join(f"{r['load_1min']:.2f}" for r in mine if r["row"] == label)
-            shown = "timed out" if seconds is None else f"{seconds:.1f}"
+            rounds = ", ".join(
+                f"{r.get('other_cores_during', float('nan')):.2f}{'' if _clean(r) else '*'}"
+                for r in mine
+                if r["row"] == label
+            )
+            shown = "—" if seconds is None else f"{seconds:.1f}"
             ratio = "—" if seconds is None or best is None else f"{seconds / best:.2f}"
-            lines.append(f"| {condition} | {label} | {shown} | {ratio} | {loads} |")
+            lines.append(f"| {condition} | {label} | {shown} | {ratio} | {rounds} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", type=Path, nargs="+", help="print the table of earlier --json files instead")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--conditions", nargs="+", choices=("idle", "busy"), default=["idle", "busy"])
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before a row counts as timed out")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     args = parser.parse_args()
+    if args.table:
+        results = [row for path in args.table for row in json.loads(path.read_text(encoding="utf-8"))]
+        print(table(results, args.steps))
+        return
     results = measure(args)
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
     print(table(results, args.steps))
