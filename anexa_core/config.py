@@ -11,14 +11,19 @@ a plugin is a table holding its name and options::
     name = "sliding"
     window = 64
 
-A layer that changes a plugin's name drops the options earlier layers gave the old one. A few flat
-keys are shorthands for the options of the chosen plugin (:data:`SHORTHANDS`): ``vocab_size`` sets the
+A layer that changes a plugin's name drops the options the preset (or, on resume, the run) gave the
+old one. Options a user gives — in the file, with or without a ``name``, or as ``-o`` flags — are never
+dropped: they go to whichever plugin the last layer names, which must accept them, or the run is refused
+in one line naming the option (``blocks gpt2 has no option 'rope_theta'``). So ``--blocks llama`` with a
+file whose ``[blocks]`` table holds ``rope_theta = 5000.0`` trains llama with that base. A few flat keys
+are shorthands for the options of the chosen plugin (:data:`SHORTHANDS`): ``vocab_size`` sets the
 tokenizer's, ``weight_decay``/``beta1``/``beta2`` the optimizer's, ``bias`` the blocks'.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -31,7 +36,9 @@ from anexa_core.kinds import SETTINGS
 PRECISIONS = ("auto", "fp32", "bf16")
 
 MAX_INT = 2**53
-"""Largest integer setting: beyond it JSON metadata (and floats) stop being exact."""
+"""Largest integer setting: beyond it JSON metadata (and floats) stop being exact. Messages call it
+:data:`MAX_INT_TEXT`; it is a limit, never a stand-in for "no limit" (``steps=None`` is that)."""
+MAX_INT_TEXT = "2**53 (JSON stores larger integers inexactly)"
 
 
 SHORTHANDS = {
@@ -57,7 +64,9 @@ def _check_fields(config: Any) -> None:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise AnexaError(f"{flag} must be an integer, got {value!r}")
             if abs(value) > MAX_INT:
-                raise AnexaError(f"{flag} is {value}, beyond the largest supported value {MAX_INT}: use a smaller one")
+                raise AnexaError(
+                    f"{flag} is {value}, beyond the largest supported value {MAX_INT_TEXT}: use a smaller one"
+                )
         elif base is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
                 raise AnexaError(f"{flag} must be a number, got {value!r}")
@@ -112,27 +121,49 @@ class TrainConfig:
     tokenizer_options: dict[str, Any] = field(default_factory=dict)
     optimizer: str = "adamw"
     optimizer_options: dict[str, Any] = field(default_factory=dict)
-    steps: int = 5000
-    decay_steps: int | None = None  # the LR schedule's horizon; None: ``steps``
+    steps: int | None = 5000  # None: no step limit (only with ``minutes``: the clock ends the run)
+    decay_steps: int | None = None  # the LR schedule's horizon in steps; None: ``steps``
+    decay_minutes: float | None = None  # the horizon in minutes: the LR follows the clock (see schedule_by_time)
     batch_size: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
     grad_clip: float = 1.0
     eval_every: int = 250
+    log_every: int = 10  # a line of steps.jsonl (training loss, LR, tokens/s) every this many steps
     eval_batches: int = 20
     save_every: int = 1000
     seed: int = 1337
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with bf16 instructions, else fp32
     compile: bool = False  # torch.compile the model (pays off only for long runs; see benchmarks/RESULTS.md)
-    minutes: float | None = None  # train to a wall-clock budget: the LR schedule follows the time
+    minutes: float | None = None  # train to a wall-clock budget (earlier sessions of a resumed run count)
+    threads: int | None = None  # CPU threads for torch; None or 0: chosen (anexa_core.device.configure_threads)
     init_from: str | None = None  # fine-tune this model (a run, a GGUF file, a Hugging Face folder or hub id)
     lora: str | None = None  # train LoRA adapters only: "r=16,alpha=32,dropout=0.05,targets=q_proj,v_proj"
     seq_len: int | None = None  # tokens per training window; None: the model's block_size
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        self._check_data()
+        self._check_length()
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise AnexaError("learning rates must satisfy 0 <= min_lr <= lr and lr > 0")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise AnexaError("--warmup-steps and --grad-clip must not be negative")
+        if not 0 <= self.seed <= MAX_INT:
+            raise AnexaError(f"--seed must be between 0 and {MAX_INT_TEXT}, got {self.seed}")
+        if self.precision not in PRECISIONS:
+            raise AnexaError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise AnexaError("--seq-len must be at least 1")
+        if self.lora is not None and self.init_from is None:
+            raise AnexaError("--lora trains adapters on a pretrained model: pass --init-from MODEL too")
+        if self.threads is not None and self.threads < 0:
+            raise AnexaError(f"--threads must be 0 (choose) or a number of threads, got {self.threads}")
+
+    def _check_data(self) -> None:
+        """``data`` and ``data_glob`` as non-empty lists of strings (a single string stays one)."""
         if isinstance(self.data, tuple):
             self.data = list(self.data)
         if not (isinstance(self.data, str) and self.data) and not (
@@ -148,30 +179,47 @@ class TrainConfig:
         ):
             raise AnexaError(f"data_glob (--glob) must be a non-empty list of patterns, got {self.data_glob!r}")
         self.data_glob = list(self.data_glob)
-        for name in ("steps", "batch_size", "eval_every", "eval_batches", "save_every"):
+
+    def _check_length(self) -> None:
+        """Counts at least 1, a length (``steps`` or ``minutes``) and one end of the LR decay."""
+        for name in ("batch_size", "eval_every", "log_every", "eval_batches", "save_every"):
             if getattr(self, name) < 1:
                 raise AnexaError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.steps is None and self.minutes is None:
+            raise AnexaError("a run needs a length: pass --steps N or --minutes M")
+        if self.steps is not None and self.steps < 1:
+            raise AnexaError("--steps must be at least 1")
         if self.decay_steps is not None and self.decay_steps < 1:
             raise AnexaError("--decay-steps must be at least 1")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise AnexaError("learning rates must satisfy 0 <= min_lr <= lr and lr > 0")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise AnexaError("--warmup-steps and --grad-clip must not be negative")
-        if not 0 <= self.seed <= MAX_INT:
-            raise AnexaError(f"--seed must be between 0 and {MAX_INT}")
-        if self.precision not in PRECISIONS:
-            raise AnexaError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if self.seq_len is not None and self.seq_len < 1:
-            raise AnexaError("--seq-len must be at least 1")
-        if self.lora is not None and self.init_from is None:
-            raise AnexaError("--lora trains adapters on a pretrained model: pass --init-from MODEL too")
-        if self.minutes is not None and not 0 < self.minutes <= MAX_INT:
-            raise AnexaError(f"--minutes must be a positive number of minutes, got {self.minutes}")
+        if self.decay_steps is not None and self.decay_minutes is not None:
+            raise AnexaError("decay_steps and decay_minutes both set where the LR decay ends: give one")
+        for name in ("minutes", "decay_minutes"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value * 60)):
+                flag = "--minutes" if name == "minutes" else name
+                raise AnexaError(f"{flag} must be a positive number of minutes that fits in seconds, got {value:g}")
 
     @property
-    def schedule_steps(self) -> int:
-        """The step at which the LR reaches ``min_lr``: ``decay_steps``, else ``steps``."""
+    def schedule_steps(self) -> int | None:
+        """The step at which the LR reaches ``min_lr``: ``decay_steps``, else ``steps`` (``None`` for a run
+        without a step limit, whose schedule follows the clock)."""
         return self.decay_steps if self.decay_steps is not None else self.steps
+
+    @property
+    def schedule_by_time(self) -> bool:
+        """Whether the LR decay follows the clock (``decay_minutes``) rather than the step count."""
+        return self.decay_minutes is not None
+
+    def with_schedule(self) -> TrainConfig:
+        """This config with the LR schedule's horizon fixed, as a new run fixes it once: ``decay_minutes =
+        minutes`` when there is a time budget and no ``decay_steps`` was given (the decay follows the clock),
+        else ``decay_steps = schedule_steps``. A resumed run keeps the horizon its first session fixed, so
+        a larger ``steps`` or ``minutes`` continues at ``min_lr`` instead of restarting the decay."""
+        if self.decay_minutes is not None or self.decay_steps is not None:
+            return self
+        if self.minutes is not None:
+            return dataclasses.replace(self, decay_minutes=self.minutes)
+        return dataclasses.replace(self, decay_steps=self.schedule_steps)
 
 
 @dataclass
@@ -278,15 +326,35 @@ def resolve(
             raise AnexaError(f"-o {kind}.…: {kind!r} is not a plugin setting: use one of {', '.join(SETTINGS)}")
         flags[f"{kind}_options"] = dict(given)
     layers.append((flags, "flags"))
-    for values, source in layers:
-        merge(settings, values, source)
+    apply_layers(settings, layers)
     if settings.get("minutes") is not None and not any("steps" in values for values, _ in layers):
-        settings["steps"] = MAX_INT  # a time budget without a step count: the clock decides
+        settings["steps"] = None  # a time budget without a step count: the clock decides
     return split(settings)
 
 
-def merge(settings: dict[str, Any], values: dict[str, Any], source: str) -> None:
-    """Apply one layer of ``values`` onto ``settings`` in place (see the module docstring for the rules)."""
+def apply_layers(settings: dict[str, Any], layers: list[tuple[dict[str, Any], str]]) -> None:
+    """Apply the user's layers (``(values, source)``: a TOML file, the flags) in order onto ``settings``
+    (a preset's, or a stored run's) in place. A plugin name a layer changes drops the options ``settings``
+    had for the old plugin; plugin options the layers give are gathered and go, last layer winning, to
+    the plugin finally named (see the module docstring)."""
+    given: dict[str, dict[str, Any]] = {kind: {} for kind in SETTINGS}
+    for values, source in layers:
+        merge(settings, values, source, given)
+    for kind, options in given.items():
+        if options:
+            settings[f"{kind}_options"] = {**settings.get(f"{kind}_options", {}), **options}
+
+
+def merge(
+    settings: dict[str, Any], values: dict[str, Any], source: str, given: dict[str, dict[str, Any]] | None = None
+) -> None:
+    """Apply one layer of ``values`` onto ``settings`` in place (see the module docstring for the rules).
+
+    ``given`` collects the layer's plugin options per kind instead of writing them into ``settings``, so a
+    later layer naming another plugin does not drop them (:func:`apply_layers`); without it they are
+    written at once."""
+    at_once = given is None
+    given = {kind: {} for kind in SETTINGS} if given is None else given
     known = _MODEL_FIELDS | _TRAIN_FIELDS
     for key in values:
         if key not in known and key not in SHORTHANDS:
@@ -300,13 +368,16 @@ def merge(settings: dict[str, Any], values: dict[str, Any], source: str) -> None
         if options_key in values:
             if not isinstance(values[options_key], dict):
                 raise AnexaError(f"{options_key} in {source} must be a table of options")
-            settings[options_key] = {**settings.get(options_key, {}), **values[options_key]}
+            given[kind].update(values[options_key])
     for key, value in values.items():
         if key in SHORTHANDS:
-            kind = SHORTHANDS[key]
-            settings[f"{kind}_options"] = {**settings.get(f"{kind}_options", {}), key: value}
+            given[SHORTHANDS[key]][key] = value
         elif key not in _OPTION_FIELDS:
             settings[key] = value
+    if at_once:
+        for kind, options in given.items():
+            if options:
+                settings[f"{kind}_options"] = {**settings.get(f"{kind}_options", {}), **options}
 
 
 def split(settings: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:

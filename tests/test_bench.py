@@ -240,3 +240,13 @@ def test_a_backend_can_say_when_it_falls_back():
     assert bench.kernel_fallback("any", attend, torch.zeros(1)) == "only float64 here"
     assert bench.kernel_fallback("any", attend, torch.zeros(1, dtype=torch.float64)) is None
     assert bench.kernel_fallback("sdpa", plugins.create("attention", "sdpa")[0], torch.zeros(1)) is None
+
+
+def test_generate_decodes_past_the_context_by_default(one_thread, tmp_path):
+    """Issue 24: the defaults (64 + 64 tokens in a 128-token context) never measured the context shift."""
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(bench_app, ["generate", "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert all(row["prompt_len"] + row["new_tokens"] > row["block_size"] for row in rows)
+    assert rows[0]["new_tokens"] == 2 * rows[0]["block_size"]

@@ -50,6 +50,7 @@ def test_train_writes_a_run_folder(run_dir):
         "best.safetensors",
         "train_state.safetensors",
         "metrics.jsonl",
+        "steps.jsonl",
         "loss.png",
     }
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -71,12 +72,25 @@ def test_generate_reads_the_prompt_from_stdin(run_dir):
 
 
 def test_generate_stops_at_a_stop_string(run_dir):
-    free = runner.invoke(app, ["generate", "The ", "--model", str(run_dir), "-n", "30", "--temperature", "0"]).stdout
-    stop = free[3:6]
-    stopped = runner.invoke(
-        app, ["generate", "The ", "--model", str(run_dir), "-n", "30", "--temperature", "0", "--stop", stop]
-    ).stdout
-    assert stopped == free[: free.index(stop)] + "\n"
+    args = ["generate", "The ", "--model", str(run_dir), "-n", "60", "--seed", "2"]
+    free = runner.invoke(app, args).stdout
+    visible = next(i for i, char in enumerate(free) if not char.isspace())
+    stop = free[visible + 3 : visible + 6]
+    assert len(stop) == 3, "the sampled text should go on after its first visible character"
+    stopped = runner.invoke(app, [*args, "--stop", stop]).stdout
+    assert stopped == free[: free.index(stop, visible + 1)] + "\n"
+
+
+def test_a_reply_is_never_empty_because_the_stop_string_came_first(run_dir):
+    """Issue 24: chat returned an empty reply for some seeds because the model wrote the stop string
+    first. A stop counts only after some text that is not whitespace (docs/serve.md, StopStrings)."""
+    args = ["chat", "--model", str(run_dir), "-n", "12", "--seed", "4"]
+    reply = runner.invoke(app, args, input="Holmes\nquit\n").stdout.split("Response: ")[1].split("\nPrompt: ")[0]
+    assert reply.strip(), "the free reply should hold some text for this test to mean anything"
+    for stop in (reply[:1], reply[:2], reply[: reply.index(reply.strip()[0]) + 1]):
+        stopped = runner.invoke(app, [*args, "--stop", stop], input="Holmes\nquit\n").stdout
+        answer = stopped.split("Response: ")[1].split("\nPrompt: ")[0]
+        assert answer.strip() and reply.startswith(answer), (stop, answer)
 
 
 def test_chat_streams_responses_until_quit(run_dir):
@@ -152,6 +166,8 @@ def test_plugins_json_lists_builtins_with_versions():
         (["train", "--steps", "0"], "--steps must be at least 1"),
         (["train", "--n-embd", "30", "--n-head", "4"], "divisible"),
         (["train", "--data", "no-such-corpus"], "neither a dataset"),
+        (["train", "--glob", "*.rst"], "--glob '*.rst' picks the files of a --data folder, but --data"),
+        (["train", "--minutes", "1e308"], "--minutes must be a positive number of minutes that fits in seconds"),
         (["train", "--device", "tpu"], "unknown device"),
         (["generate", "x", "--model", "/nonexistent"], "no checkpoint at"),
         (["generate", "x", "-s", "top_p=1.5"], "top_p must be in (0, 1], got 1.5"),
@@ -345,7 +361,8 @@ def test_real_subprocess_train_then_generate(sherlock_path, tmp_path):
         check=False,
     )
     assert trained.returncode == 0, trained.stderr
-    assert "M parameters" in trained.stderr and (tmp_path / "runs" / "sherlock-seed" / "model.safetensors").is_file()
+    parameters = checkpoint_parameters(tmp_path / "runs" / "sherlock-seed")
+    assert f"{parameters:,} parameters" in trained.stderr, "a count under 0.1M in full, never 0.00M"
     generated = subprocess.run(  # no --model: the newest run under ./runs
         [str(anexa), "generate", "Holmes", "-n", "25", "--seed", "0"],
         cwd=tmp_path,
@@ -383,3 +400,118 @@ def test_bpe_run_generates_from_any_text(sherlock_path, tmp_path):
     result = runner.invoke(app, ["generate", "naïve ☃ Holmes", "--model", str(out), "-n", "12", "--seed", "0"])
     assert result.exit_code == 0, result.output
     assert result.stdout.endswith("\n") and len(result.stdout) > 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["train"], ["generate"], ["chat"], ["eval"], ["export"], ["serve"], ["bench"], ["bench", "train"], ["plot"]],
+    ids=" ".join,
+)
+def test_no_help_shows_the_json_integer_limit_as_a_range(command):
+    """Issue 24: `[1<=x<=9007199254740992]` in --help read as a number that means something."""
+    text = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "300"}).stdout
+    assert text and str(2**53) not in text
+
+
+def test_generate_without_a_prompt_says_so_on_a_terminal_and_not_in_a_pipe(run_dir):
+    """Issue 24: `anexa generate` without a prompt, on a terminal, waited for stdin without a word."""
+    import pty
+    import select
+
+    args = [sys.executable, "-m", "anexa_cli", "generate", "--model", str(run_dir), "-n", "5", "-s", "greedy"]
+    master, terminal = pty.openpty()
+    process = subprocess.Popen(args, stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(terminal)
+    said = b""
+    try:
+        while b"Ctrl-D" not in said and select.select([process.stderr], [], [], 120)[0]:
+            chunk = os.read(process.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            said += chunk
+        assert said.decode().startswith("reading the prompt from the terminal"), said
+        os.write(master, b"Watson\n\x04")  # a line, then Ctrl-D on the next
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        os.close(master)
+    assert process.returncode == 0, err
+    piped = runner.invoke(app, args[3:], input="Watson\n")
+    assert out.decode() == piped.stdout and "reading the prompt" not in piped.stderr
+
+
+def checkpoint_parameters(run):
+    from anexa_core.io import checkpoint
+
+    return checkpoint.load_model(run)[0].num_parameters()
+
+
+def test_a_runs_default_name_says_what_it_is(sherlock_path, tmp_path, monkeypatch):
+    """Issue 24: a `--blocks llama --optimizer muon` run was named sherlock-seed-2."""
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", str(sherlock_path), *TINY_FLAGS, "--steps", "1", "--eval-every", "1", "--device", "cpu"]
+    for flags, name in [
+        ([], "sherlock-seed"),
+        (["--blocks", "llama", "--optimizer", "muon"], "sherlock-seed-llama-muon"),
+        (["--preset", "fast"], "sherlock-fast"),
+        (["--preset", "fast", "--blocks", "gpt2", "--optimizer", "adamw"], "sherlock-fast-gpt2-adamw"),
+        (["--tokenizer", "bpe", "--vocab-size", "300"], "sherlock-seed-bpe"),
+        ([], "sherlock-seed-2"),
+    ]:
+        result = runner.invoke(app, [*args, *flags])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "runs" / name / "model.safetensors").is_file(), sorted(
+            p.name for p in (tmp_path / "runs").iterdir()
+        )
+
+
+def test_the_header_counts_parameters_without_rounding_them_away():
+    from anexa_cli.console import count
+
+    assert (count(4_864), count(99_999), count(820_992), count(10_651_008)) == ("4,864", "99,999", "0.82M", "10.65M")
+
+
+def test_runs_lists_the_runs_newest_first_like_ollama_list(run_dir, tmp_path):
+    """Issue 24: `anexa runs` — architecture, parameters, steps, best validation loss, size, date; --json."""
+    import shutil
+    import time
+
+    from anexa_core.io import checkpoint
+
+    folder = tmp_path / "runs"
+    shutil.copytree(run_dir, folder / "older")
+    shutil.copytree(run_dir, folder / "newer")
+    (folder / "notes").mkdir()  # not a run: not listed
+    (folder / "broken").mkdir()
+    (folder / "broken" / "model.safetensors").write_bytes(b"\x00" * 4)
+    now = time.time()
+    os.utime(folder / "older" / "model.safetensors", (now - 3 * 86400, now - 3 * 86400))
+    listed = runner.invoke(app, ["runs", str(folder), "--json"])
+    assert listed.exit_code == 0, listed.output
+    report = json.loads(listed.stdout)
+    assert [run["name"] for run in report["runs"]] == ["newer", "older"]
+    assert [Path(entry["path"]).name for entry in report["unreadable"]] == ["broken"]
+    run = report["runs"][0]
+    meta = checkpoint.read_metadata(run_dir / "model.safetensors")
+    best = checkpoint.read_metadata(run_dir / "best.safetensors")
+    assert run["step"] == meta["step"] and run["best_val_loss"] == best["val_loss"] and run["best_step"] == best["step"]
+    assert run["parameters"] == checkpoint_parameters(run_dir)
+    assert run["size_bytes"] == sum(p.stat().st_size for p in run_dir.iterdir())
+    assert run["architecture"] == f"gpt2 1×32 · char {meta['model_config']['vocab_size']}"
+    table = runner.invoke(app, ["runs", str(folder)])
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == [
+        "NAME",
+        "ARCHITECTURE",
+        "PARAMETERS",
+        "STEPS",
+        "BEST",
+        "VAL",
+        "LOSS",
+        "SIZE",
+        "MODIFIED",
+    ]
+    assert lines[1].startswith("newer") and lines[1].endswith("just now") and lines[2].endswith("3 days ago")
+    assert f"{run['best_val_loss']:.4f} @ {run['best_step']}" in lines[1] and "skipped" in table.stderr
+    empty = runner.invoke(app, ["runs", str(tmp_path / "none")])
+    assert empty.exit_code == 0 and empty.stdout == "" and "no runs under" in empty.stderr

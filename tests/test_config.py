@@ -61,3 +61,56 @@ def test_nothing_loads_or_saves_with_pickle():
         text = path.read_text(encoding="utf-8")
         for banned in ("torch.load(", "import pickle", "pickle.load", "torch.save("):
             assert banned not in text, f"{banned} in {path}"
+
+
+def test_plugin_options_a_user_gives_are_never_dropped(tmp_path, sherlock_path):
+    """Issue 24: `--blocks llama --config my.toml` with `[blocks]` holding `rope_theta = 5000.0` (no name)
+    trained with rope_theta 10000: naming the plugin on the command line dropped the file's options."""
+    from helpers import user_error
+
+    from anexa_core.io import checkpoint
+
+    config = tmp_path / "my.toml"
+    config.write_text("[blocks]\nrope_theta = 5000.0\n", encoding="utf-8")
+    model, _ = resolve("seed", config, {"blocks": "llama"})
+    assert (model.blocks, model.blocks_options) == ("llama", {"rope_theta": 5000.0})
+    # The preset's options belong to the preset's plugin: --blocks gpt2 on `fast` drops llama's.
+    assert resolve("fast", None, {"blocks": "gpt2"})[0].blocks_options == {}
+    assert resolve("fast", config)[0].blocks_options == {
+        "mlp": "swiglu",
+        "qk_norm": True,
+        "zero_init": True,
+        "rope_theta": 5000.0,
+    }
+    # Through the CLI, to the checkpoint.
+    from typer.testing import CliRunner
+
+    from anexa_cli.main import app
+
+    tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4"]
+    args = ["train", "--data", str(sherlock_path), *tiny, "--steps", "2", "--eval-every", "2", "--device", "cpu"]
+    result = CliRunner().invoke(
+        app, [*args, "--blocks", "llama", "--config", str(config), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 0, result.output
+    assert checkpoint.read_metadata(tmp_path / "r")["model_config"]["blocks_options"]["rope_theta"] == 5000.0
+    # Options the chosen plugin does not take are refused in one line, never dropped.
+    config.write_text('[attention]\nname = "sliding"\nwindow = 64\n', encoding="utf-8")
+    user_error(
+        [*args, "--attention", "sdpa", "--config", str(config), "--out", str(tmp_path / "s")],
+        "attention sdpa takes no options, got 'window'",
+    )
+    user_error(
+        [
+            *args,
+            "--config",
+            str(config),
+            "--blocks",
+            "gpt2",
+            "-o",
+            "blocks.rope_theta=1e4",
+            "--out",
+            str(tmp_path / "t"),
+        ],
+        "has no option 'rope_theta'",
+    )

@@ -7,6 +7,8 @@ tokens — checked against the real SmolLM2 template's rendered spans.
 """
 
 import json
+import re
+import shlex
 import shutil
 
 import pytest
@@ -151,6 +153,11 @@ def test_a_merged_lora_run_exports_to_transformers_and_gguf_with_equal_logits(ba
     with torch.no_grad():
         assert (hf(ids).logits - ours).abs().max().item() < 1e-4
         assert (gguf.eval()(ids).logits - ours).abs().max().item() < 1e-4
+    # The card retrains it as it was trained: from its base (by name, not the local path), as LoRA.
+    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    args = shlex.split(re.search(r"## How it was trained\n\n```sh\n(.+)\n```", card).group(1))
+    assert args[args.index("--init-from") + 1] == "run" and args[args.index("--lora") + 1].startswith("r=4,")
+    assert not {"--n-layer", "--blocks", "--tokenizer"} & set(args) and str(tmp_path) not in card
 
 
 def test_what_fine_tuning_refuses_is_one_line(base, tmp_path):

@@ -265,3 +265,131 @@ def test_sigkill_at_random_moments_never_loses_or_mixes_a_run(sherlock_path, tmp
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(5, steps + 1, 5)), "metrics: each eval once, in order"
     assert any(s is not None and s > 0 for s in steps_seen), steps_seen
+
+
+# --- SIGKILL while tokenizing and exporting: nothing lost, nothing left to trip over or to pile up ----
+
+SLOW_TOKENIZE = r"""
+import sys, time
+from pathlib import Path
+from anexa_core import hookimpl, plugins
+from anexa_core.data import corpus, tokens
+from anexa_plugins.char_tokenizer import CharTokenizer
+
+class Slow(CharTokenizer):
+    def encode_batch(self, texts):
+        time.sleep(0.3)  # a big corpus, in short: SIGKILL lands while the ids are being written
+        return super().encode_batch(texts)
+
+class Plugin:
+    @hookimpl
+    def register_tokenizers(self, register):
+        register("slow", Slow)
+
+plugins.plugin_manager().register(Plugin(), name="slow")
+data = corpus.resolve_corpus(sys.argv[1])
+tokenizer, options = tokens.trained_tokenizer(data, tokens.file_digests(data.files), "slow", {})
+print("tokenizing", flush=True)
+tokens.tokenize(data, tokenizer, "slow", options)
+"""
+
+
+def test_sigkill_while_tokenizing_leaves_nothing_a_later_run_trips_over_or_that_piles_up(tmp_path, sherlock_path):
+    """Each kill lands while the ids are written: its temp file (as large as what was written) is
+    removed by the next process that uses the cache, which then tokenizes the corpus whole."""
+    text = sherlock_path.read_text(encoding="utf-8")
+    corpus_file = tmp_path / "big.txt"
+    corpus_file.write_text(text * 12, encoding="utf-8")  # about 7 MB: several batches
+    env = anexa_env(tmp_path)
+    cache = Path(env["ANEXA_CACHE"]) / "tokens"
+    for _ in range(3):
+        process = subprocess.Popen(
+            [sys.executable, "-c", SLOW_TOKENIZE, str(corpus_file)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        assert process.stdout.readline().strip() == "tokenizing"
+        deadline = time.monotonic() + 60
+        while not list(cache.glob(".*.bin.*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        process.kill()
+        process.wait()
+        assert len(list(cache.glob(".*.bin.*.tmp"))) == 1, "the killed writer's temp file, and only it"
+        assert not list(cache.glob("*.bin")), "no half-written cache entry under a real name"
+    from anexa_core.data import corpus, tokens
+
+    os.environ["ANEXA_CACHE"] = env["ANEXA_CACHE"]  # the autouse fixture restores it
+    data = corpus.resolve_corpus(str(corpus_file))
+    tokenizer, options = tokens.trained_tokenizer(data, tokens.file_digests(data.files), "char", {})
+    stream = tokens.tokenize(data, tokenizer, "char", options)
+    assert stream.built and len(stream.ids) == len(text * 12)
+    assert not [p for p in cache.rglob(".*") if p.name.endswith((".tmp", ".old"))], "stale temp files removed"
+    assert len(list((cache / "locks").iterdir())) <= 256 and not list(cache.glob("*.lock"))
+
+
+KILLED_EXPORT = r"""
+import os, signal, sys
+from anexa_core.io import export
+real_rename = os.rename
+
+def rename(source, destination):
+    real_rename(source, destination)
+    if str(destination).endswith("folder"):  # OUT moved aside, the new folder not yet in
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.rename = rename
+export.export(sys.argv[1], sys.argv[2], overwrite=True)
+"""
+
+
+def test_sigkill_between_an_exports_two_renames_loses_nothing(tmp_path, sherlock_path):
+    """`--overwrite` moves the old OUT aside, then the new one in. Killed between the two, OUT is gone
+    for a moment; the next export (or anything writing OUT) puts the old one back first, so the user's
+    folder is never lost, and no temp folder stays."""
+    from anexa_core.io.export import export
+
+    env = anexa_env(tmp_path)
+    run = tmp_path / "run"
+    done = anexa("train", "--data", str(sherlock_path), *TINY, "--steps", "2", "--out", str(run), cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's", encoding="utf-8")
+    killed = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(run), str(out)], env=env, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert not out.exists() and len([p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]) == 2
+    with pytest.raises(Exception, match="is not empty: pass --overwrite"):
+        export(run, out)  # the old folder is back, and still refused without --overwrite
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "the user's"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]
+    export(run, out, overwrite=True)
+    assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
+
+
+KILLED_WRITE = r"""
+import os, signal, sys
+from anexa_core.io.files import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"half")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_every_atomic_writer_removes_what_killed_writers_of_its_target_left(tmp_path):
+    """The mechanism the token cache, checkpoints, downloads and exports (and any later command) share:
+    temp names carry the writer's pid; the next writer of the target removes those of dead processes,
+    never a live one's."""
+    from anexa_core.io.files import atomic_path, sweep_stale
+
+    target = tmp_path / "data.bin"
+    for _ in range(3):
+        killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(target)], check=False)
+        assert killed.returncode == -signal.SIGKILL
+    # Each killed writer removed its killed predecessor's: one left, never a pile.
+    assert len(list(tmp_path.glob(".data.bin.*.tmp"))) == 1 and not target.exists()
+    alive = tmp_path / f".data.bin.{os.getpid()}.abcd1234.tmp"  # a writer still at work
+    alive.write_bytes(b"busy")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"whole")
+    assert target.read_bytes() == b"whole"
+    assert [p.name for p in tmp_path.glob(".data.bin.*.tmp")] == [alive.name]
+    assert sweep_stale(tmp_path) == [] and alive.exists()

@@ -516,7 +516,20 @@ def test_false_start_prefix_still_finds_the_stop():
 
 def test_stop_inside_one_piece_drops_the_rest():
     assert list(stream_until_stop(["fooSTOPbar"], ["STOP"])) == ["foo"]
-    assert list(stream_until_stop(["STOP"], ["STOP"])) == []
+    assert list(stream_until_stop(["aSTOP"], ["STOP"])) == ["a"]
+
+
+def test_a_stop_counts_only_after_text_that_is_not_whitespace():
+    """Issue 24: a chat reply came back empty because the model wrote the stop string first. A stop at
+    the start, or after only whitespace, is text; the next one ends it."""
+    chat = ["\n\n", "\nUser:"]
+    assert "".join(stream_until_stop(["\n", "\nHolmes", " said.\n\nUser: hi"], chat)) == "\n\nHolmes said."
+    assert "".join(stream_until_stop(["\nUser: hi", "\nUser: again"], chat)) == "\nUser: hi"
+    assert list(stream_until_stop(["STOP"], ["STOP"])) == ["STOP"]  # the stream ended: it is the text
+    assert "".join(stream_until_stop([" ", " STOP", "x STOP y"], ["STOP"])) == "  STOPx "
+    matcher = StopStrings(["\n\n"])
+    assert matcher.feed("\n\n") == "\n\n" and matcher.feed("a\n") == "a" and matcher.feed("\nb") == ""
+    assert matcher.stopped
 
 
 def test_earliest_of_several_stops_wins_even_when_a_longer_one_finishes_later():

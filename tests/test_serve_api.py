@@ -18,11 +18,10 @@ from anexa_core import hookimpl, plugins  # noqa: E402
 from anexa_core.config import ModelConfig  # noqa: E402
 from anexa_core.errors import AnexaError  # noqa: E402
 from anexa_core.infer.chat import JinjaTemplate  # noqa: E402
-from anexa_core.infer.generation import decode_stream, encode_prompt, generate_ids, generate_text  # noqa: E402
+from anexa_core.infer.generation import encode_prompt, generate_ids, generate_text  # noqa: E402
 from anexa_core.infer.sampling import build_chain  # noqa: E402
 from anexa_core.model.gpt import build_model  # noqa: E402
 from anexa_serve import ServeConfig, ServedModel, create_app  # noqa: E402
-from anexa_serve.decoding import TextDecoder  # noqa: E402
 
 BLOCK = 32
 CHATML = (
@@ -447,16 +446,3 @@ def test_a_failing_sampler_fails_only_its_own_request(client, tiny, register_plu
         rest = [line[6:] for line in lines if line.startswith("data: ")]
     assert rest[-1] == "[DONE]" and all("error" not in json.loads(r) for r in rest[:-1])
     assert post(client, "/v1/completions", healthy)["choices"][0]["text"] == expected(tiny, "Holmes", 300, 8)
-
-
-# --- the push-style decoder ----------------------------------------------------------------------------
-
-
-def test_text_decoder_gives_the_pieces_of_decode_stream(text):
-    tokenizer = trained_tokenizer("bpe", text + " naïve café — 日本語 ½ ✓ 🙂", vocab_size=300)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        ids = torch.randint(0, tokenizer.vocab_size, (60,), generator=generator).tolist()
-        decoder = TextDecoder(tokenizer)
-        pushed = [decoder.add(i) for i in ids] + [decoder.flush()]
-        assert [p for p in pushed if p] == list(decode_stream(tokenizer, iter(ids)))

@@ -937,3 +937,95 @@ def test_a_tie_in_val_loss_keeps_the_earlier_best(sherlock_path, tmp_path, monke
     result = train(tiny, _train_config(sherlock_path, steps=4, eval_every=2, save_every=4), tmp_path)
     assert result.best_step == 2 and result.best_val_loss == 2.0
     assert checkpoint.read_metadata(tmp_path / checkpoint.BEST_FILE)["step"] == 2
+
+
+def _fake_clock(monkeypatch, step_s: float = 1.0, estimate_s: float = 0.5) -> list[float]:
+    """Training on a clock the test controls: each step takes ``step_s``, each loss estimate ``estimate_s``."""
+    import types
+
+    from anexa_core.train import loop as training
+
+    clock = [0.0]
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], sleep=lambda s: None))
+    real_make_train_step, real_estimate_loss = training.make_train_step, training.estimate_loss
+
+    def timed_steps(*args, **kwargs):
+        step = real_make_train_step(*args, **kwargs)
+
+        def one(x, y):
+            clock[0] += step_s
+            return step(x, y)
+
+        return one
+
+    def timed_estimate(*args, **kwargs):
+        clock[0] += estimate_s
+        return real_estimate_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "make_train_step", timed_steps)
+    monkeypatch.setattr(training, "estimate_loss", timed_estimate)
+    return clock
+
+
+@pytest.mark.parametrize("written_by", ["this version", "anexa 0.2"])
+def test_a_larger_minutes_on_resume_continues_at_min_lr_instead_of_restarting_the_decay(
+    sherlock_path, tmp_path, monkeypatch, written_by
+):
+    """Issue 24: a 10 s run resumed with a 20 s budget went from min_lr back up the cosine. The decay ends
+    where the first run's budget did, whatever later budgets say, as a larger --steps keeps --decay-steps;
+    runs of anexa 0.2 (steps stored as 2**53, no decay_minutes) are read the same way."""
+    clock = _fake_clock(monkeypatch, step_s=1.0, estimate_s=0.0)
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    config = _train_config(
+        sherlock_path, steps=None, eval_every=1, save_every=10**6, warmup_steps=0, lr=1.0, min_lr=0.1, minutes=10 / 60
+    )
+    train(tiny, config, tmp_path)
+    state = checkpoint.load_train_state(tmp_path).meta["train_config"]
+    assert (state["steps"], state["decay_steps"], state["decay_minutes"]) == (None, None, 10 / 60)
+    if written_by == "anexa 0.2":
+
+        def as_before(meta):
+            for section in (meta["train_config"], meta["model"]["train_config"]):
+                section.update(steps=2**53, decay_steps=2**53)
+                del section["decay_minutes"]
+
+        _edit_training_state(tmp_path, as_before)
+    first = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert first[-1]["lr"] < 0.2 and all(a["lr"] > b["lr"] for a, b in itertools.pairwise(first))
+    clock[0] = 0.0
+    result = train(*resume_configs(tmp_path, {"minutes": 20 / 60}), tmp_path, resume=True)
+    assert result.step > len(first)
+    resumed = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][len(first) :]
+    assert resumed and {record["lr"] for record in resumed} == {0.1}, [r["lr"] for r in resumed]
+
+
+def test_the_training_loss_lr_and_throughput_are_logged_every_few_steps(sherlock_path, tmp_path):
+    """Issue 24: loss curves had a point every 250 steps only. steps.jsonl has a line every --log-every
+    steps: the mean of those steps' batch losses, the LR of the last one, their tokens/s; a resumed run
+    drops what a killed run wrote past its checkpoint, so no step is logged twice."""
+
+    class Losses(SilentReporter):
+        def __init__(self):
+            self.losses = []
+
+        def step(self, step, loss, tokens_per_s):
+            self.losses.append(loss)
+
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    config = _train_config(sherlock_path, steps=5, log_every=2, eval_every=3, save_every=4, warmup_steps=3)
+    heard = Losses()
+    train(tiny, config, tmp_path, reporter=heard)
+    lines = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 5]  # and the last step
+    means = [sum(heard.losses[0:2]) / 2, sum(heard.losses[2:4]) / 2, heard.losses[4]]
+    assert [line["loss"] for line in lines] == [round(mean, 5) for mean in means]
+    stored = checkpoint.load_train_state(tmp_path).meta["train_config"]
+    assert [line["lr"] for line in lines] == [lr_at(s - 1, TrainConfig(**stored)) for s in (2, 4, 5)]
+    assert all(line["tokens_per_s"] > 0 and line["elapsed_s"] > 0 for line in lines)
+    # A killed run had logged step 6 past its last checkpoint (step 5): the resumed run logs it once.
+    with (tmp_path / "steps.jsonl").open("a") as handle:
+        handle.write(json.dumps({"step": 6, "loss": 9.9, "lr": 0.1, "tokens_per_s": 1.0, "elapsed_s": 1.0}) + "\n")
+        handle.write('{"step": 7, "lo')  # cut short by SIGKILL
+    train(*resume_configs(tmp_path, {"steps": 8}), tmp_path, resume=True)
+    lines = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 5, 6, 8] and lines[3]["loss"] != 9.9

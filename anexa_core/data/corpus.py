@@ -194,6 +194,22 @@ def normalize_text(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
+def hf_normalizer():
+    """:func:`normalize_text` as a Hugging Face ``tokenizers`` normalizer (for exported tokenizers, which
+    must turn text into the ids Anexa would): a byte-order mark at the very start removed (``\\A`` anchors
+    at the start of the text, not of each line), then ``\\r\\n`` and ``\\r`` replaced by ``\\n``, in
+    that order."""
+    from tokenizers import Regex, normalizers
+
+    return normalizers.Sequence(
+        [
+            normalizers.Replace(Regex("\\A\ufeff"), ""),
+            normalizers.Replace("\r\n", "\n"),
+            normalizers.Replace("\r", "\n"),
+        ]
+    )
+
+
 _GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)\b.*$", re.I | re.M)
 _GUTENBERG_END = re.compile(r"^\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)\b.*$", re.I | re.M)
 
@@ -355,6 +371,13 @@ def _spec_files(spec: str, globs: Sequence[str], options: dict | None = None) ->
     )
 
 
+def _is_folder(spec: str) -> bool:
+    """Whether a ``--data`` value is a local folder (a dataset name wins over a folder of that name)."""
+    if _is_url(spec) or spec in plugins.registered("datasets"):
+        return False
+    return Path(spec).expanduser().is_dir()
+
+
 def resolve_corpus(
     data: str | Sequence[str], globs: Sequence[str] = DEFAULT_GLOBS, options: dict | None = None
 ) -> Corpus:
@@ -363,14 +386,20 @@ def resolve_corpus(
     Dataset names win over same-named files in the current folder (write ``./name`` for the file). URLs
     and datasets are downloaded once into the cache. ``options`` (``-o data.OPTION=VALUE``) go to every
     dataset plugin named. Raises :class:`AnexaError` (one line) for a value that is none of these, a
-    folder without matching files (see :func:`folder_files`), a failed download, or options with no
-    dataset to take them.
+    folder without matching files (see :func:`folder_files`), a failed download, options with no
+    dataset to take them, or ``globs`` other than the default with no folder to apply them to.
     """
     specs = data_specs(data)
     if not specs:
         raise AnexaError("--data is empty: pass a dataset name, a text file, a folder, or an http(s) URL")
     if options and not set(specs) & set(plugins.registered("datasets")):
         raise AnexaError("-o data.… sets a dataset plugin's options, but --data names no dataset: drop it")
+    if tuple(globs) != DEFAULT_GLOBS and not any(_is_folder(spec) for spec in specs):
+        patterns = ", ".join(repr(glob) for glob in globs)
+        raise AnexaError(
+            f"--glob {patterns} picks the files of a --data folder, but --data {data_label(specs)} names no "
+            "folder: drop --glob or pass a folder"
+        )
     files: list[Path] = []
     seen: set[str] = set()
     names = []

@@ -19,8 +19,11 @@ What lives in ``$ANEXA_CACHE/tokens`` (:func:`tokens_dir`), all written atomical
 - ``<key>.tokenizer.json``: a tokenizer trained on a corpus (keyed by the corpus fingerprint, the
   tokenizer's name, options and plugin version), so a new run on the same data does not retrain it.
 - ``files-<id>.json``: per list of files, each file's size, times, inode and SHA-256 (below).
-- ``<key>.lock``: empty files that let one process tokenize while others (``torchrun`` ranks, a second
-  run on the same data) wait for it rather than do the same work.
+- ``locks/<xx>.lock``: 256 empty files at most that let one process tokenize while others (``torchrun``
+  ranks, a second run on the same data) wait for it rather than do the same work.
+
+A process killed while it tokenizes leaves a temp file (``.<key>.bin.<pid>.<random>.tmp``, as large as
+the ids written so far); the next process that takes a lock here removes those whose process is gone.
 
 **Fingerprint.** A corpus is identified by the SHA-256 of each file's bytes as stored, in order
 (:func:`file_digests`), never by names or times: a moved or copied corpus keeps its cache, and a
@@ -55,7 +58,7 @@ from anexa_core import plugins
 from anexa_core.data import corpus as corpora
 from anexa_core.data.corpus import Corpus, ProgressFn
 from anexa_core.errors import AnexaError
-from anexa_core.io.files import atomic_path
+from anexa_core.io.files import atomic_path, sweep_stale
 
 logger = logging.getLogger("anexa")
 
@@ -137,8 +140,13 @@ class _Meter:
 
 @contextlib.contextmanager
 def _locked(name: str) -> Iterator[None]:
-    """An exclusive lock on ``tokens_dir()/name.lock`` (POSIX ``flock``; no lock where it is missing)."""
-    path = tokens_dir() / f"{name}.lock"
+    """An exclusive lock for the cache entry ``name`` (a hex key), on one of 256 lock files
+    ``tokens_dir()/locks/<first two hex digits>.lock`` — so their number never grows — through POSIX
+    ``flock`` (no lock where it is missing). Two keys that share a file only wait for each other.
+
+    Temp files of killed writers in the cache are removed first (:func:`anexa_core.io.files.sweep_stale`)."""
+    sweep_stale(tokens_dir())
+    path = tokens_dir() / "locks" / f"{name[:2]}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl

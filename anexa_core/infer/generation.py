@@ -9,6 +9,7 @@ the left.
 from __future__ import annotations
 
 from collections.abc import Collection, Generator, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -19,9 +20,11 @@ from anexa_core.model.gpt import GPT
 
 __all__ = ["CONTEXT_POLICIES", "decode_stream", "encode_prompt", "generate_ids", "generate_samples", "generate_text"]
 
-MAX_PENDING_TOKENS = 16
-"""Tokens the text stream holds back while they decode to an unfinished character (U+FFFD) before
-giving up and showing the replacement character: UTF-8 characters are at most 4 bytes."""
+MAX_PENDING_TOKENS = 64
+"""Tokens the text stream waits, at most, for the replacement characters (U+FFFD) that end the text so far
+to become a character. One unfinished character is at most 3 bytes, but tokens that each end inside the
+next character — ``——`` as ``E2 80 | 94 E2 | 80 94 E2 | …`` — keep the text unfinished for as long as
+they last; past this many the replacement characters are shown (they are garbage then)."""
 
 
 def generate_ids(
@@ -47,29 +50,59 @@ def generate_ids(
         yield token.id
 
 
-def decode_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Text pieces as ids arrive, decoding only a short tail each time (linear in the output length).
+class TextStream:
+    """Token ids in, new text out, as ids arrive (push-style; :func:`decode_stream` is the pull-style form):
+    never a piece of a character, and work linear in the output length.
 
-    Keeps two offsets into the ids (as Hugging Face's text-generation-inference does): the text of
-    ``ids[prefix:read]`` was shown already; the text of ``ids[prefix:]`` minus it is new. A tail that
-    ends in U+FFFD (a character split across tokens) is held back until it completes, for at most
-    :data:`MAX_PENDING_TOKENS` tokens.
+    Each id decodes a short window, ``tokenizer.decode(ids[prefix:])``. All of that text but the
+    replacement characters (U+FFFD) that end it is final — by the Tokenizer contract the only part later
+    ids can change is an unfinished character at the end, which decodes to U+FFFD — so :meth:`add` returns
+    it at once; the trailing U+FFFD wait until an id completes the character, or follows them with
+    something else (then they were garbage and are shown), for at most :data:`MAX_PENDING_TOKENS` ids, or
+    until :meth:`flush`. When nothing waits, the window moves on, keeping the last group of ids as context
+    (as Hugging Face's text-generation-inference does, for tokenizers whose decoding depends on the id
+    before). Joined, the pieces are ``tokenizer.decode`` of all the ids.
     """
-    generated: list[int] = []
-    prefix = read = 0
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = self._read = 0  # the window is ids[prefix:]; the text of ids[:read] was complete
+        self._shown = 0  # characters of the window's text already returned
+
+    def add(self, token: int) -> str:
+        """The text ``token`` makes final ("" while it only continues an unfinished character)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids[self._prefix :])
+        final = len(text)
+        if len(self.ids) - self._read < MAX_PENDING_TOKENS:
+            final = len(text.rstrip("\ufffd"))
+        piece = text[self._shown : final]
+        self._shown = max(self._shown, final)
+        if final == len(text):  # nothing waits: the next window starts at this one's last group
+            self._prefix, self._read = self._read, len(self.ids)
+            self._shown = len(self.tokenizer.decode(self.ids[self._prefix :]))
+        return piece
+
+    def flush(self) -> str:
+        """What still waits (an unfinished character's U+FFFD), at the end of the output."""
+        tail = self.tokenizer.decode(self.ids[self._prefix :])[self._shown :]
+        self._prefix = self._read = len(self.ids)
+        self._shown = 0
+        return tail
+
+
+def decode_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:
+    """Text pieces as ``ids`` arrive, each non-empty, through one :class:`TextStream`; joined, they are
+    ``tokenizer.decode`` of all the ids."""
+    stream = TextStream(tokenizer)
     for token in ids:
-        generated.append(token)
-        shown = tokenizer.decode(generated[prefix:read])
-        text = tokenizer.decode(generated[prefix:])
-        if text.endswith("\ufffd") and len(generated) - read < MAX_PENDING_TOKENS:
-            continue
-        if len(text) > len(shown):
-            yield text[len(shown) :]
-        prefix, read = read, len(generated)
-    if read < len(generated):
-        tail = tokenizer.decode(generated[prefix:])[len(tokenizer.decode(generated[prefix:read])) :]
-        if tail:
-            yield tail
+        piece = stream.add(token)
+        if piece:
+            yield piece
+    tail = stream.flush()
+    if tail:
+        yield tail
 
 
 def encode_prompt(tokenizer, prompt: str, bos: bool = True) -> list[int]:

@@ -128,6 +128,12 @@ class StopStrings:
     ``feed`` returns the text that can safely be shown: text that could still be the start of a stop
     string is held back until the next piece settles it. Once a stop string appears, ``stopped`` is
     true and neither the stop string nor anything after it is ever returned.
+
+    **The text before a stop is never blank.** A stop string counts only where the text before it holds
+    something other than whitespace: one the model writes first — ``\\n\\n`` or ``User:`` right after a
+    chat's ``Assistant:`` — is kept as text and the generation goes on to the next one. So a reply is
+    never empty, or only spaces and newlines, because of a stop string (it can still be short, or end
+    at the token limit).
     """
 
     def __init__(self, stops: Sequence[str] = ()) -> None:
@@ -136,6 +142,7 @@ class StopStrings:
         self.stops = tuple(stops)
         self.stopped = False
         self._held = ""
+        self._visible = False  # whether the text released so far holds a non-whitespace character
 
     def feed(self, piece: str) -> str:
         """Add the next piece of text; returns what may be shown now (possibly "")."""
@@ -152,9 +159,16 @@ class StopStrings:
 
     def _release(self, final: bool) -> str:
         text = self._held
-        found = [index for index in (text.find(stop) for stop in self.stops) if index >= 0]
+        floor = 0
+        if not self._visible:  # a stop counts only after the first non-whitespace character
+            first = next((index for index, char in enumerate(text) if not char.isspace()), None)
+            if first is None:  # blank so far: no stop can count in it yet
+                self._held = ""
+                return text
+            floor = first + 1
+        found = [index for index in (text.find(stop, floor) for stop in self.stops) if index >= 0]
         first_stop = min(found) if found else None
-        partial = None if final else self._partial_start(text)
+        partial = None if final else self._partial_start(text, floor)
         # A stop string found later than an unfinished one might still be preceded by it: wait.
         if first_stop is not None and (partial is None or partial >= first_stop):
             self.stopped = True
@@ -162,12 +176,14 @@ class StopStrings:
             return text[:first_stop]
         cut = len(text) if partial is None else partial
         self._held = text[cut:]
+        self._visible = self._visible or floor > 0  # the first visible character is before ``cut``
         return text[:cut]
 
-    def _partial_start(self, text: str) -> int | None:
-        """Earliest index from which the rest of ``text`` is a proper prefix of some stop string."""
+    def _partial_start(self, text: str, floor: int = 0) -> int | None:
+        """Earliest index from ``floor`` on from which the rest of ``text`` is a proper prefix of some stop
+        string."""
         longest = max((len(stop) for stop in self.stops), default=0)
-        for start in range(max(0, len(text) - longest + 1), len(text)):
+        for start in range(max(floor, len(text) - longest + 1), len(text)):
             tail = text[start:]
             if any(len(stop) > len(tail) and stop.startswith(tail) for stop in self.stops):
                 return start

@@ -29,8 +29,9 @@ from anexa_core import plugins
 from anexa_core.config import ModelConfig
 from anexa_core.errors import AnexaError
 from anexa_core.interfaces import Tokenizer
-from anexa_core.io.files import atomic_path
-from anexa_core.io.metrics import METRICS_FILE
+from anexa_core.io.files import atomic_path, sweep_stale
+from anexa_core.io.metrics import METRICS_FILE as METRICS_FILE  # a run folder's file names live here too
+from anexa_core.io.metrics import RUN_METRICS
 from anexa_core.model.gpt import GPT, build_model
 
 MODEL_FILE = "model.safetensors"
@@ -329,12 +330,15 @@ def holds_a_run(folder: Path) -> bool:
 
 def clear_run(out_dir: Path) -> None:
     """``--overwrite``: remove what an earlier run wrote in ``out_dir``."""
-    for name in (MODEL_FILE, BEST_FILE, STATE_FILE, METRICS_FILE):
+    for name in (MODEL_FILE, BEST_FILE, STATE_FILE, *RUN_METRICS):
         (out_dir / name).unlink(missing_ok=True)
 
 
 def remove_stale_temp_files(out_dir: Path) -> None:
-    """A SIGKILL during a save leaves ``.model.safetensors.*.tmp`` behind; the real files are intact."""
+    """A SIGKILL during a save leaves ``.model.safetensors.*.tmp`` behind; the real files are intact.
+    Called as a run starts, before it writes: a run folder has one writer, so every such file is stale."""
     if out_dir.is_dir():
         for stale in out_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+        sweep_stale(out_dir)

@@ -19,7 +19,9 @@ Uploading is ``huggingface_hub``'s job: ``hf upload USER/NAME OUT .``. Nothing h
 from __future__ import annotations
 
 import json
+import re
 import shlex
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +31,10 @@ import torch
 
 from anexa_core import options, plugins
 from anexa_core.config import ModelConfig, TrainConfig
+from anexa_core.data.corpus import hf_normalizer
 from anexa_core.errors import AnexaError
 from anexa_core.io import checkpoint
-from anexa_core.io.files import atomic_folder
+from anexa_core.io.files import atomic_folder, sweep_stale
 from anexa_core.io.load import load
 from anexa_core.kinds import SETTINGS
 
@@ -66,6 +69,7 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False) ->
     if format not in FORMATS:
         raise AnexaError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     out = Path(out)
+    sweep_stale(out.parent, out.name)  # an export killed mid-rename put the old OUT aside: back first
     if format == "gguf":
         return export_gguf(run, out, overwrite)
     _check_target(out, overwrite)
@@ -76,7 +80,7 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False) ->
     specials = special_tokens(tokenizer)
     hf_config.update(specials["ids"])
     parameters = model.num_parameters()
-    card = model_card(meta, hf_config, parameters, out)
+    card = model_card(meta, hf_config, parameters, out, latest_of_run(meta))
     with atomic_folder(out, replace=out.exists()) as folder:
         (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         safetensors.torch.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -113,8 +117,11 @@ def hf_model(model, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tor
     """``(config.json entries, tensors under transformers' names)`` for ``model``, from its blocks plugin's
     ``export_hf`` plus the entries the core owns. The tensors are contiguous CPU copies sharing no memory.
 
-    Raises :class:`AnexaError` when the blocks plugin has no ``export_hf`` or refuses the model's options."""
+    Raises :class:`AnexaError` when the blocks plugin has no ``export_hf`` or refuses the model's options,
+    or when the attention plugin computes something else than the exact softmax attention every
+    transformers architecture computes (:func:`check_exact_attention`)."""
     config = model.config
+    check_exact_attention(config, meta)
     family, _ = plugins.create(
         "blocks", config.blocks, config.blocks_options, needed_by=meta.get("plugins", {}).get("blocks")
     )
@@ -165,13 +172,61 @@ def special_tokens(tokenizer) -> dict[str, dict[str, Any]]:
     return {"ids": ids, "config": config}
 
 
+def _described(name: str, options_given: dict[str, Any]) -> str:
+    shown = ", ".join(f"{key}={value!r}" for key, value in options_given.items())
+    return f"{name!r} ({shown})" if shown else repr(name)
+
+
+def check_exact_attention(config, meta: dict[str, Any]) -> None:
+    """Refuse a model whose attention plugin, with its options, does not compute exact causal softmax
+    attention over the whole context — the only attention ``GPT2LMHeadModel``, ``LlamaForCausalLM`` and
+    ``Qwen3ForCausalLM`` compute — so an export never silently changes what the model says.
+
+    Judged by what the plugin computes, not by its name: random queries, keys and values of the model's
+    shapes (every position of a context of up to 512 tokens, and the last 3 queries against keys of the
+    whole ``block_size``, as when decoding), compared with :func:`anexa_core.testing.reference_attention` in float64. A sliding window
+    at least as long as the context passes (it is exact there); a shorter one does not.
+    Raises :class:`AnexaError` naming the plugin and its options."""
+    from anexa_core.testing import reference_attention
+
+    attend, options_used = plugins.create(
+        "attention", config.attention, config.attention_options, needed_by=meta.get("plugins", {}).get("attention")
+    )
+    generator = torch.Generator().manual_seed(0)
+    length, heads, dim = config.block_size, config.n_head, config.head_dim
+    worst = 0.0
+    # Every position of a context of up to 512 tokens, then the last 3 queries against all block_size keys
+    # (a pretrained model's 8192-token context in full would take gigabytes of attention scores).
+    for queries, keys in ((min(length, 512),) * 2, (min(3, length), length)):
+        q = torch.randn(2, heads, queries, dim, generator=generator)
+        k, v = (torch.randn(2, heads, keys, dim, generator=generator) for _ in range(2))
+        with torch.no_grad():
+            got = attend(q, k, v, causal=True).double()
+        expected = reference_attention(q, k, v, causal=True)
+        worst = max(worst, (got - expected).abs().max().item() / max(1.0, expected.abs().max().item()))
+    if not worst <= 1e-4:  # also catches NaN
+        raise AnexaError(
+            f"attention {_described(config.attention, options_used)} cannot be exported to Hugging Face: it is "
+            f"not exact softmax attention over the {length}-token context (it differs by {worst:.2g} on random "
+            "inputs), which is all transformers computes; export a model trained with exact attention (sdpa)"
+        )
+
+
 def tokenizer_hf(tokenizer, meta: dict[str, Any]):
-    """The tokenizer plugin's ``export_hf()``: a ``tokenizers.Tokenizer`` with the same ids."""
+    """The tokenizer plugin's ``export_hf()`` — a ``tokenizers.Tokenizer`` with the plugin's ids — behind
+    Anexa's own text normalisation (:func:`~anexa_core.data.corpus.hf_normalizer`, ahead of any normalizer
+    the plugin's has), so the export turns any text into the ids Anexa feeds the model for it
+    (:func:`~anexa_core.infer.generation.encode_prompt`): ``a\\r\\nb`` like ``a\\nb``, no byte-order mark."""
+    from tokenizers import normalizers
+
     mapping = getattr(tokenizer, "export_hf", None)
     name = meta["tokenizer"]["name"]
     if mapping is None:
         raise AnexaError(f"tokenizer {name!r} cannot be exported to Hugging Face: its plugin defines no export_hf")
-    return mapping()
+    exported = mapping()
+    own = exported.normalizer
+    exported.normalizer = normalizers.Sequence([hf_normalizer(), *([own] if own is not None else [])])
+    return exported
 
 
 # --- the model card ---------------------------------------------------------------------------------
@@ -185,10 +240,10 @@ def _flag_value(value: Any) -> str:
 
 _MODEL_FLAGS = ("blocks", "attention", "n_layer", "n_head", "n_embd", "block_size", "dropout")
 _TRAIN_FLAGS = (
-    "data",
     "tokenizer",
     "optimizer",
     "steps",
+    "minutes",
     "decay_steps",
     "batch_size",
     "lr",
@@ -198,8 +253,38 @@ _TRAIN_FLAGS = (
     "save_every",
     "seed",
     "device",
+    "precision",
 )
-_NO_FLAG = {"model": ("tie_embeddings",), "train": ("grad_clip", "eval_batches")}
+_NO_FLAG = {"model": ("tie_embeddings",), "train": ("grad_clip", "eval_batches", "decay_minutes")}
+
+
+def shareable_data(spec: str) -> str:
+    """A ``--data`` value as it may appear in something shared: a dataset name or an http(s) URL (without
+    user, password, query or fragment) as it is, a local file or folder by its name alone — never the
+    path, which would tell where the files lie and, often, the user's name."""
+    if spec in plugins.registered("datasets"):
+        return spec
+    parsed = urllib.parse.urlsplit(spec)
+    if parsed.scheme in ("http", "https"):
+        return urllib.parse.urlunsplit((parsed.scheme, parsed.hostname or "", parsed.path, "", ""))
+    return Path(spec.rstrip("/\\")).name or "data"
+
+
+def _data_list(train_config: dict[str, Any]) -> list[str]:
+    data = train_config.get("data")
+    return [data] if isinstance(data, str) else list(data or [])
+
+
+def _shareable(values: Any) -> list[str]:
+    return [shareable_data(spec) for spec in ([values] if isinstance(values, str) else list(values or []))]
+
+
+def shareable_model(spec: str) -> str:
+    """An ``--init-from`` value as it may appear in something shared: a Hugging Face hub id (``ORG/NAME``,
+    not a local path) as it is, a local run, folder or file by its name alone."""
+    if not Path(spec).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        return spec
+    return Path(spec.rstrip("/\\")).name or "model"
 
 
 def training_command(model_config: dict[str, Any], train_config: dict[str, Any]) -> tuple[str, str | None]:
@@ -208,19 +293,55 @@ def training_command(model_config: dict[str, Any], train_config: dict[str, Any])
 
     Every setting with a flag is given (presets do not matter then); plugin options as ``-o
     KIND.OPTION=VALUE`` where they differ from the installed plugin's default (all of them when the
-    plugin is not installed). ``--decay-steps`` only when it differs from ``--steps``, ``--device`` only
-    when not ``auto``.
+    plugin is not installed). ``--data`` values as :func:`shareable_data` shows them (a local file by its
+    name). ``--steps`` only when the run had a step limit, ``--minutes`` only when it had a time budget,
+    ``--decay-steps`` only when it differs from ``--steps`` (and ``decay_minutes`` from ``--minutes``),
+    ``--device`` and ``--precision`` only when not ``auto``; never ``--threads``, which changes only the
+    speed (and the last bits of the sums). A fine-tuning run gives ``--init-from`` (as
+    :func:`shareable_model` shows it), ``--lora`` and ``--seq-len``, and none of the settings its base fixes
+    (shape, blocks, tokenizer).
     """
     args = ["anexa", "train"]
     settings = {**model_config, **train_config}
+    init_from = train_config.get("init_from")
+    fixed = _FIXED_BY_BASE if init_from is not None else ()
+    if init_from is not None:
+        args += ["--init-from", shareable_model(init_from)]
+        for key in ("lora", "seq_len"):
+            if train_config.get(key) is not None:
+                args += [f"--{key.replace('_', '-')}", _flag_value(train_config[key])]
+    for spec in _shareable(train_config.get("data", "sherlock")):
+        args += ["--data", spec]
+    globs = train_config.get("data_glob")
+    if globs and tuple(globs) != ("*.txt", "*.md"):
+        for glob in globs:
+            args += ["--glob", glob]
     for key in _MODEL_FLAGS + _TRAIN_FLAGS:
         value = settings.get(key)
-        if key == "decay_steps" and value in (None, settings.get("steps")):
+        if key in fixed or (key == "decay_steps" and value in (None, settings.get("steps"))):
             continue
-        if key == "device" and value == "auto":
+        if key in ("steps", "minutes") and value is None:
+            continue
+        if key in ("device", "precision") and value == "auto":
             continue
         args += [f"--{key.replace('_', '-')}", _flag_value(value)]
+    args += _option_flags(model_config, train_config, fixed)
+    toml_lines = _toml_lines(model_config, train_config, fixed)
+    if toml_lines:
+        args += ["--config", "train.toml"]
+    return shlex.join(args), ("\n".join(toml_lines) + "\n" if toml_lines else None)
+
+
+_FIXED_BY_BASE = ("n_layer", "n_head", "n_embd", "block_size", "tie_embeddings", "blocks", "tokenizer")
+"""What a fine-tuning run takes from its ``--init-from`` model, so its command leaves it out."""
+
+
+def _option_flags(model_config: dict[str, Any], train_config: dict[str, Any], fixed: tuple[str, ...]) -> list[str]:
+    """``-o KIND.OPTION=VALUE`` for each plugin option that differs from the installed plugin's default."""
+    flags = []
     for setting, kind in SETTINGS.items():
+        if setting in fixed:
+            continue
         config = model_config if kind.config == "model" else train_config
         given = config.get(f"{setting}_options") or {}
         try:
@@ -229,47 +350,97 @@ def training_command(model_config: dict[str, Any], train_config: dict[str, Any])
             defaults = {}
         for name, value in given.items():
             if name not in defaults or defaults[name] != value:
-                args += ["-o", f"{setting}.{name}={_flag_value(value)}"]
-    toml_lines = []
+                flags += ["-o", f"{setting}.{name}={_flag_value(value)}"]
+    return flags
+
+
+def _toml_lines(model_config: dict[str, Any], train_config: dict[str, Any], fixed: tuple[str, ...]) -> list[str]:
+    """The ``train.toml`` lines of the settings without a flag that differ from their defaults."""
+    lines = []
     for section, keys in _NO_FLAG.items():
         fresh: ModelConfig | TrainConfig = ModelConfig() if section == "model" else TrainConfig()
         config = model_config if section == "model" else train_config
         for key in keys:
+            if key in fixed or (key == "decay_minutes" and config.get(key) == config.get("minutes")):
+                continue
             if key in config and config[key] != getattr(fresh, key):
-                toml_lines.append(f"{key} = {json.dumps(config[key])}")
-    if toml_lines:
-        args += ["--config", "train.toml"]
-    return shlex.join(args), ("\n".join(toml_lines) + "\n" if toml_lines else None)
+                lines.append(f"{key} = {json.dumps(config[key])}")
+    return lines
 
 
-def _describe_data(spec: str) -> str:
+def _describe_data(data: Any) -> str:
+    """The card's data cell: each ``--data`` value as :func:`shareable_data` shows it, a dataset with its
+    description, a local file or folder said to be one."""
     datasets = plugins.registered("datasets")
-    if spec in datasets:
-        try:
-            corpus, _ = plugins.create("datasets", spec)
-            return f"`{spec}`: {' '.join(corpus.description.split())}"
-        except AnexaError:
-            pass
-    return f"`{spec}`"
+    described = []
+    for spec in [data] if isinstance(data, str) else list(data or ["?"]):
+        shown = shareable_data(spec)
+        if spec in datasets:
+            try:
+                corpus, _ = plugins.create("datasets", spec)
+                described.append(f"`{spec}`: {' '.join(corpus.description.split())}")
+                continue
+            except AnexaError:
+                pass
+        described.append(f"`{shown}`" if shown == spec or "://" in shown else f"`{shown}` (a local file or folder)")
+    return "; ".join(described)
 
 
 def _loss(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "not evaluated"
 
 
-def model_card(meta: dict[str, Any], hf_config: dict[str, Any], parameters: int, out: Path) -> str:
+def latest_of_run(meta: dict[str, Any]) -> dict[str, Any]:
+    """The metadata of the latest checkpoint of the run the checkpoint ``meta`` (with ``"path"``) belongs
+    to: its folder's ``model.safetensors`` when that holds the same model, else ``meta`` itself."""
+    source = Path(meta["path"])
+    latest_path = source.parent / checkpoint.MODEL_FILE
+    if latest_path == source or not latest_path.is_file():
+        return meta
+    try:
+        latest = checkpoint.read_metadata(latest_path)
+    except AnexaError:
+        return meta
+    same = all(latest.get(key) == meta.get(key) for key in ("model_config", "tokenizer"))
+    return latest if same else meta
+
+
+def _steps_cell(meta: dict[str, Any], latest: dict[str, Any]) -> str:
+    step, last = meta.get("step"), latest.get("step")
+    if last is None or step == last:
+        return f"{step}"
+    return f"{step} of the run's {last} (the checkpoint with the best validation loss)"
+
+
+def _time_cell(latest: dict[str, Any], train_config: dict[str, Any]) -> str | None:
+    elapsed = latest.get("elapsed_s")
+    if not isinstance(elapsed, (int, float)):
+        return None
+    budget = train_config.get("minutes")
+    limit = f" of a {budget:g}-minute budget" if isinstance(budget, (int, float)) else ""
+    return f"{elapsed / 60:.1f} minutes{limit}"
+
+
+def model_card(
+    meta: dict[str, Any],
+    hf_config: dict[str, Any],
+    parameters: int,
+    out: Path,
+    latest: dict[str, Any] | None = None,
+) -> str:
     """The README.md of an exported folder: front matter for the Hub, then what the model is, how it was
-    trained (the command), and how to load and upload it."""
-    model_config, train_config = meta["model_config"], meta.get("train_config") or {}
+    trained (the command), and how to load and upload it.
+
+    ``latest``: the metadata of the run's latest checkpoint (:func:`latest_of_run`), for the steps and
+    time the run trained when ``meta`` is its best checkpoint. Every number is read from the metadata;
+    no local path appears (data by :func:`shareable_data`, the folder by its name)."""
+    latest = latest or meta
+    model_config, train_config = meta["model_config"], latest.get("train_config") or meta.get("train_config") or {}
     tokenizer = meta["tokenizer"]["name"]
     architecture = hf_config["architectures"][0]
     command, toml = training_command(model_config, train_config) if train_config else (None, None)
-    step, run_steps = meta.get("step"), train_config.get("steps")
-    steps = (
-        f"{step}"
-        if step == run_steps or run_steps is None
-        else f"{step} (the best validation loss of a {run_steps}-step run)"
-    )
+    steps = _steps_cell(meta, latest)
+    trained_for = _time_cell(latest, train_config)
     name = out.resolve().name
     prompt = "Sherlock Holmes" if train_config.get("data") == "sherlock" else "The"
     lines = [
@@ -288,6 +459,7 @@ def model_card(meta: dict[str, Any], hf_config: dict[str, Any], parameters: int,
         "| --- | --- |",
         f"| data | {_describe_data(train_config.get('data', '?'))} |",
         f"| steps | {steps} |",
+        *([f"| training time | {trained_for} |"] if trained_for else []),
         f"| val loss | {_loss(meta.get('val_loss'))} nats/token (train {_loss(meta.get('train_loss'))}) |",
         f"| parameters | {parameters:,} |",
         f"| architecture | Anexa blocks `{model_config['blocks']}` → `{architecture}`: {model_config['n_layer']} layers, "
@@ -300,6 +472,22 @@ def model_card(meta: dict[str, Any], hf_config: dict[str, Any], parameters: int,
         lines += ["## How it was trained", "", "```sh", command, "```", ""]
         if toml:
             lines += ["with `train.toml`:", "", "```toml", toml.rstrip("\n"), "```", ""]
+        local = [
+            shown
+            for spec, shown in zip(_data_list(train_config), _shareable(train_config.get("data")), strict=True)
+            if shown != spec and "://" not in shown
+        ]
+        if local:
+            lines += [
+                f"{', '.join(f'`{name}`' for name in local)}: a local file or folder of the trainer's; put your copy there.",
+                "",
+            ]
+        if train_config.get("minutes") is not None:
+            lines += [
+                "`--minutes` ends the run when its time is up, so the same command trains more or fewer steps on "
+                "a faster or slower machine.",
+                "",
+            ]
     lines += [
         "## Use",
         "",
@@ -325,7 +513,7 @@ def model_card(meta: dict[str, Any], hf_config: dict[str, Any], parameters: int,
         "",
         "```sh",
         "hf auth login",
-        UPLOAD_COMMAND.format(out=shlex.quote(str(out))),
+        UPLOAD_COMMAND.format(out=shlex.quote(name)) + "   # from the folder that holds this one",
         "```",
         "",
     ]

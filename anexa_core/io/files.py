@@ -1,21 +1,42 @@
-"""Atomic writes: a temp file (or folder) beside the target, fsync, then rename. Readers never see half of one."""
+"""Atomic writes: a temp file (or folder) beside the target, fsync, then rename. Readers never see half of one.
+
+A process killed while writing (SIGKILL, a power cut) leaves its temp file or folder behind. Their names
+say whose they are — ``.<target>.<pid>.<random>.tmp`` (and ``….old`` for a folder :func:`atomic_folder`
+had moved aside) — so the next writer of the same target, and :func:`sweep_stale` run over a folder
+Anexa owns, remove those of processes that are gone, and put back a folder that a kill left moved
+aside. Nothing a killed write leaves behind is ever read as data, and nothing accumulates.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+_TEMP = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.(?P<random>[^.]+)\.(?P<kind>tmp|old)$")
+_UNOWNED = re.compile(r"^\.(?P<target>.+)\.(?P<random>[^.]+)\.tmp$")  # Anexa 0.2's names, without a pid
+UNOWNED_STALE_S = 24 * 3600.0
+"""A temp file without a process id (written by Anexa 0.2) counts as left behind once this old."""
+
+
+def _prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
 
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces ``target`` atomically, else it is removed."""
+    """Yield a temporary path to write; on success it replaces ``target`` atomically, else it is removed.
+
+    Temp files of earlier writers of ``target`` that were killed are removed first (:func:`sweep_stale`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    sweep_stale(target.parent, target.name)
+    fd, tmp_name = tempfile.mkstemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -52,12 +73,14 @@ def atomic_folder(target: str | os.PathLike[str], replace: bool = False) -> Iter
 
     Readers see either no ``target`` (or, with ``replace``, the old one) or the complete new folder,
     never a half-written one: the old folder is renamed aside, the new one renamed in, and the old one
-    removed only then. On an exception the temporary folder is removed and ``target`` is untouched.
+    removed only then. On an exception the temporary folder is removed and ``target`` is untouched; after
+    a kill, the next :func:`sweep_stale` (which this runs first) puts an old folder left aside back.
     Raises ``FileExistsError`` when ``target`` exists and ``replace`` is false.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    sweep_stale(target.parent, target.name)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent))
     umask = _umask()
     try:
         yield tmp
@@ -72,7 +95,7 @@ def atomic_folder(target: str | os.PathLike[str], replace: bool = False) -> Iter
         elif not replace:
             raise FileExistsError(f"{target} exists")
         else:
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".old", dir=target.parent))
             try:
                 os.rename(target, old / "folder")
             except OSError:
@@ -87,3 +110,57 @@ def atomic_folder(target: str | os.PathLike[str], replace: bool = False) -> Iter
         _fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a reused pid counts as alive: its files wait)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or a platform that cannot tell: leave its files
+    return True
+
+
+def sweep_stale(folder: str | os.PathLike[str], target: str | None = None) -> list[Path]:
+    """Clean up after writers in ``folder`` that were killed (of ``target`` only, when given): remove
+    their temp files and folders, and put a folder :func:`atomic_folder` had moved aside back where it
+    was when nothing took its place. Entries of live processes are left alone; Anexa 0.2's temp files
+    (no process id in the name) once :data:`UNOWNED_STALE_S` old. Returns what was removed or restored.
+    """
+    folder = Path(folder)
+    handled: list[Path] = []
+    try:
+        entries = [entry for entry in folder.iterdir() if entry.name.startswith(".")]
+    except OSError:
+        return handled
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if match is not None:
+            if (target is not None and match["target"] != target) or _alive(int(match["pid"])):
+                continue
+            original = folder / match["target"]
+            aside = entry / "folder"
+            with contextlib.suppress(OSError):
+                if match["kind"] == "old" and aside.is_dir() and not original.exists():
+                    os.rename(aside, original)  # killed between the two renames: the old folder comes back
+                _remove(entry)
+                handled.append(entry)
+            continue
+        unowned = _UNOWNED.match(entry.name)
+        if unowned is not None and (target is None or unowned["target"] == target):
+            with contextlib.suppress(OSError):
+                if time.time() - entry.lstat().st_mtime > UNOWNED_STALE_S:
+                    _remove(entry)
+                    handled.append(entry)
+    return handled
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

@@ -469,7 +469,7 @@ class _Greedy:
 def bench_generate(
     preset: str = "seed",
     prompt_len: int = 64,
-    new_tokens: int = 64,
+    new_tokens: int | None = None,
     attention: str = "sdpa",
     repeats: int = 3,
     device: str = "auto",
@@ -477,16 +477,21 @@ def bench_generate(
     """Decoding speed of each context policy against recomputing the whole window for every token
     (nanoGPT's ``generate``), on the same random prompt, greedily, with the same random model.
 
+    ``new_tokens`` defaults to twice the model's context, so prompt plus output go past it and the
+    context policies (the shift's recompute, the sliding window) are part of what is measured.
+
     Rows: ``shift`` and ``sliding`` (both with the KV cache, see :mod:`anexa_core.infer.generation`) and
     ``recompute``. ``same_tokens`` says whether a row produced recompute's tokens: ``sliding`` always
     must; ``shift`` must while prompt plus output fit the context, and past it predicts from a shorter
     window by design. A backend that would fall back here is still measured (the comparison is about
     the cache) and its rows say what ran.
     """
-    if prompt_len < 1 or new_tokens < 1 or repeats < 1:
+    if prompt_len < 1 or (new_tokens is not None and new_tokens < 1) or repeats < 1:
         raise AnexaError("--prompt-len, --new-tokens and --repeats must be at least 1")
     where = pick_device(device)
     model, _ = bench_model(preset, attention, where)
+    if new_tokens is None:
+        new_tokens = 2 * model.config.block_size
     attend, _ = plugins.create("attention", attention)
     reason = kernel_fallback(attention, attend, _attention_input(model, 1, 1, where))
     prompt = torch.randint(BENCH_VOCAB, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()

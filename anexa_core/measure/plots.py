@@ -1,13 +1,16 @@
-"""Loss curves as PNG (matplotlib, the ``plot`` extra): train and val loss against steps and wall-clock."""
+"""Loss curves as PNG (matplotlib, the ``plot`` extra): the training loss every few steps with the
+validation points, against steps and wall-clock, and the learning rate and throughput beside them."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from anexa_core.errors import AnexaError
 from anexa_core.io.files import atomic_path
+from anexa_core.io.metrics import METRICS_FILE, STEPS_FILE
+from anexa_core.io.metrics import read_metrics as read_lines
 
 
 def pyplot():
@@ -24,38 +27,68 @@ def pyplot():
 
 def read_metrics(run: Path) -> list[dict]:
     """A run folder's evaluations (``metrics.jsonl``), or a one-line error saying what is missing."""
-    path = Path(run) / "metrics.jsonl"
+    path = Path(run) / METRICS_FILE
     if not path.is_file():
-        raise AnexaError(f"{run} holds no metrics.jsonl: pass the folder of an `anexa train` run")
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed run
+        raise AnexaError(f"{run} holds no {METRICS_FILE}: pass the folder of an `anexa train` run")
+    records = read_lines(path)
     if not records:
         raise AnexaError(f"{run} has no evaluation yet: train until the first --eval-every step")
     return records
 
 
+def read_steps(run: Path) -> list[dict[str, Any]]:
+    """A run folder's training-loss records (``steps.jsonl``); ``[]`` for runs of Anexa 0.2, which had none."""
+    return read_lines(Path(run) / STEPS_FILE)
+
+
 def plot_runs(runs: Sequence[Path], out: Path, labels: Sequence[str] | None = None) -> Path:
-    """One PNG: val (solid) and train (dashed) loss in nats/token against steps (left) and wall-clock
-    minutes (right), one colour per run. Written atomically; returns ``out``."""
+    """One PNG, one colour per run: loss (nats/token) by step and by wall-clock minutes — the training
+    loss every ``log_every`` steps as a line (runs without ``steps.jsonl``: the evaluations' train loss,
+    dashed) and the validation loss as points — and the learning rate by step with tokens/s (dotted, right
+    axis). Written atomically; returns ``out``."""
     plt = pyplot()
     labels = list(labels) if labels else [Path(run).name for run in runs]
-    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for run, label, colour in zip(runs, labels, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10, strict=False):
-        records = read_metrics(run)
-        steps = [r["step"] for r in records]
-        minutes = [r["elapsed_s"] / 60 for r in records]
-        for axis, x in ((by_step, steps), (by_time, minutes)):
-            axis.plot(x, [r["val_loss"] for r in records], color=colour, marker=".", label=f"{label} val")
+    figure, (by_step, by_time, schedule) = plt.subplots(1, 3, figsize=(17, 4.5))
+    by_time.sharey(by_step)
+    throughput = schedule.twinx()
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
+    for run, label, colour in zip(runs, labels, colours, strict=False):
+        evaluations, steps = read_metrics(run), read_steps(run)
+        trained = steps or evaluations
+        loss_key = "loss" if steps else "train_loss"
+        for axis, unit in ((by_step, None), (by_time, 60.0)):
+
+            def x(records, unit=unit):
+                return [r["step"] if unit is None else r["elapsed_s"] / unit for r in records]
+
             axis.plot(
-                x, [r["train_loss"] for r in records], color=colour, linestyle="--", alpha=0.6, label=f"{label} train"
+                x(trained),
+                [r[loss_key] for r in trained],
+                color=colour,
+                linestyle="-" if steps else "--",
+                alpha=0.6,
+                linewidth=1,
+                label=f"{label} train",
             )
+            axis.plot(
+                x(evaluations),
+                [r["val_loss"] for r in evaluations],
+                color=colour,
+                marker="o",
+                markersize=4,
+                linestyle="none" if steps else "-",
+                label=f"{label} val",
+            )
+        schedule.plot([r["step"] for r in trained], [r["lr"] for r in trained], color=colour, label=f"{label} lr")
+        rates = [r for r in trained if r.get("tokens_per_s")]
+        throughput.plot(
+            [r["step"] for r in rates], [r["tokens_per_s"] for r in rates], color=colour, linestyle=":", alpha=0.7
+        )
     by_step.set(xlabel="step", ylabel="loss (nats/token)", title="loss by step")
     by_time.set(xlabel="wall-clock minutes", title="loss by time")
-    for axis in (by_step, by_time):
+    schedule.set(xlabel="step", ylabel="learning rate", title="learning rate (solid), tokens/s (dotted)")
+    throughput.set_ylabel("tokens/s")
+    for axis in (by_step, by_time, schedule):
         axis.grid(alpha=0.3)
     by_time.legend(fontsize="small")
     figure.tight_layout()

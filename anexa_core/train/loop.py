@@ -11,6 +11,7 @@ SIGTERM or SIGKILL) in ``docs/reliability.md``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -24,12 +25,12 @@ import torch
 from anexa_core import plugins
 from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.data.prepare import prepare_data
-from anexa_core.device import pick_device
+from anexa_core.device import configure_threads, pick_device
 from anexa_core.errors import AnexaError
 from anexa_core.interfaces import Tokenizer
 from anexa_core.io import checkpoint
 from anexa_core.io.load import Base, base_of, load_base
-from anexa_core.io.metrics import METRICS_FILE, append_metrics, truncate_metrics
+from anexa_core.io.metrics import METRICS_FILE, RUN_METRICS, STEPS_FILE, append_metrics, truncate_metrics
 from anexa_core.model.gpt import GPT, build_model
 from anexa_core.model.lora import LoraSpec, apply_lora, load_adapter
 from anexa_core.train import distributed
@@ -46,7 +47,9 @@ class Reporter(Protocol):
     (fingerprinting, training the tokenizer, tokenizing: bytes; see :func:`prepare_data`).
     """
 
-    def start(self, total_steps: int, first_step: int, info: dict[str, Any]) -> None: ...
+    def start(self, total_steps: int | None, first_step: int, info: dict[str, Any]) -> None:
+        """Training begins at ``first_step``; ``total_steps`` is where it ends, ``None`` when only the time
+        budget (``info["minutes"]``) ends it."""
 
     def step(self, step: int, loss: float, tokens_per_s: float) -> None: ...
 
@@ -118,6 +121,7 @@ class TrainingRun:
     elapsed_before: float = 0.0
     started: float = dataclasses.field(default_factory=time.perf_counter)
     lora: dict[str, Any] | None = None  # a LoRA run's adapters and base: what its checkpoints record
+    threads: int = 1  # CPU threads torch computes with in this session
 
     def elapsed(self) -> float:
         """Seconds of training, earlier sessions of a resumed run included (to 0.01 s)."""
@@ -141,11 +145,17 @@ def train(
     :class:`TrainingInterrupted` is raised. ``base``: the model of ``train_config.init_from`` when the caller
     has loaded it already (:func:`anexa_core.train.finetune.finetune_configs`). Raises :class:`AnexaError` (one line) for every mistake a user
     can make, before any time is spent on the data where it can be found out earlier.
+
+    Sets this process's CPU threads (``train_config.threads``; see
+    :func:`~anexa_core.device.configure_threads`) first.
     """
+    threads = configure_threads(train_config.threads)
     ranks, device = distributed.setup(pick_device(train_config.device))
     reporter = (reporter or SilentReporter()) if ranks.is_main else SilentReporter()
     try:
-        run = prepare(model_config, train_config, Path(out_dir), ranks, device, resume, overwrite, reporter, base)
+        run = prepare(
+            model_config, train_config, Path(out_dir), ranks, device, resume, overwrite, reporter, base, threads
+        )
         reporter.start(run.train_config.steps, run.first_step, _start_info(run))
         try:
             result = fit(run, reporter, stop_requested)
@@ -171,6 +181,7 @@ def prepare(
     overwrite: bool,
     reporter: Reporter,
     base: Base | None = None,
+    threads: int = 1,
 ) -> TrainingRun:
     """The model, tokenizer, data and optimizer of a new run (from scratch, or fine-tuning ``base`` / the
     model of ``train_config.init_from``), or of the run in ``out_dir`` with ``resume`` (weights, optimizer
@@ -197,13 +208,13 @@ def prepare(
         _, _, tokenizer_options, train_data, val_data = prepare_data(
             train_config, _window(train_config, model), tokenizer, progress
         )
-        train_config = dataclasses.replace(train_config, decay_steps=train_config.schedule_steps)
     else:
         _, tokenizer, tokenizer_options, train_data, val_data = prepare_data(
             train_config, train_config.seq_len or model_config.block_size, None, progress
         )
         model = build_model(dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size))
-        train_config = dataclasses.replace(train_config, decay_steps=train_config.schedule_steps)
+    if state is None:
+        train_config = train_config.with_schedule()  # a new run fixes where its LR decay ends, once
     model.to(device)
     train_config = dataclasses.replace(
         train_config, tokenizer_options=tokenizer_options, optimizer_options=optimizer_options
@@ -220,6 +231,7 @@ def prepare(
         ranks,
         batch_generator,
         resumed=state is not None,
+        threads=threads,
     )
     if train_config.lora is not None:
         run.lora = (
@@ -235,7 +247,8 @@ def prepare(
     if ranks.is_main:
         checkpoint.remove_stale_temp_files(out_dir)
         if resume:
-            truncate_metrics(out_dir / METRICS_FILE, run.first_step)
+            for name in RUN_METRICS:
+                truncate_metrics(out_dir / name, run.first_step)
         elif out_dir.is_dir():
             checkpoint.clear_run(out_dir)
     return run
@@ -316,11 +329,21 @@ def _restore(run: TrainingRun, state: checkpoint.TrainState) -> None:
     if run.best_step is not None:
         run.best_val_loss = state.meta["best_val_loss"]
     run.elapsed_before = state.meta.get("elapsed_s", 0.0)
+    trained_with = state.meta.get("threads")
+    if run.device.type == "cpu" and isinstance(trained_with, int) and trained_with != run.threads:
+        logger.info(
+            "computing with %d CPU threads where %s was trained with %d: sums add up in another order, so the "
+            "result may differ from an uninterrupted run in the last bits (--threads %d matches it)",
+            run.threads,
+            run.out_dir,
+            trained_with,
+            trained_with,
+        )
     torch.set_rng_state(state.rng["torch"])
     run.batch_generator.set_state(state.rng["batch"])
     if run.device.type == "cuda" and "cuda" in state.rng:
         torch.cuda.set_rng_state(state.rng["cuda"], run.device)
-    if run.first_step >= config.steps:
+    if config.steps is not None and run.first_step >= config.steps:
         raise AnexaError(f"run {run.out_dir} already reached step {run.first_step}: pass a larger --steps to continue")
     if config.minutes is not None and run.elapsed_before >= config.minutes * 60:
         raise AnexaError(
@@ -349,18 +372,26 @@ def _start_info(run: TrainingRun) -> dict[str, Any]:
 def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
     """Steps from ``run.first_step`` to ``train_config.steps`` (or until the ``--minutes`` budget, less the
     time of one final evaluation, is used): each sets the scheduled learning rate, trains on a fresh batch,
-    evaluates every ``eval_every`` steps and at the end, and checkpoints (see :func:`save`)."""
+    evaluates every ``eval_every`` steps and at the end, and checkpoints (see :func:`save`). Every
+    ``log_every`` steps (and at the end) a line of ``steps.jsonl`` records the mean training loss of
+    those steps, the learning rate and their tokens/s (:mod:`anexa_core.io.metrics`).
+
+    The schedule follows the step count up to ``schedule_steps``, or, for a run whose horizon is in
+    minutes (``decay_minutes``), the share of that horizon the run has used, earlier sessions included."""
     model, config, ranks, device = run.model, run.train_config, run.ranks, run.device
     model.train()
     train_step = make_train_step(model, run.optimizer, config, device, distributed.wrap(model, ranks, device))
     tokens_per_step = config.batch_size * _window(config, model) * ranks.world_size
     budget_s = config.minutes * 60 if config.minutes is not None else None
+    horizon_s = config.decay_minutes * 60 if config.decay_minutes is not None else None
     eval_seconds = 0.0  # how long an evaluation takes, so a time budget ends with its final one on time
     window_start, window_tokens = time.perf_counter(), 0
+    log = _StepLog(run.out_dir / STEPS_FILE if ranks.is_main else None, tokens_per_step)
     run.started = time.perf_counter()
     done = run.first_step
-    for step in range(run.first_step, config.steps):
-        lr = lr_at(step, config, None if budget_s is None else run.elapsed() / budget_s)
+    steps = range(run.first_step, config.steps) if config.steps is not None else itertools.count(run.first_step)
+    for step in steps:
+        lr = lr_at(step, config, None if horizon_s is None else run.elapsed() / horizon_s)
         factor = lr / config.lr
         for group in run.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
@@ -369,15 +400,20 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
         done = step + 1
         window_tokens += tokens_per_step
         tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-        reporter.step(done, loss.item(), tokens_per_s)
+        value = loss.item()
+        reporter.step(done, value, tokens_per_s)
         time_up = budget_s is not None and distributed.any_rank(run.elapsed() + eval_seconds >= budget_s, ranks, device)
         last = done == config.steps or time_up
+        log.add(value)
+        if done % config.log_every == 0 or last:
+            log.write(done, lr, run.elapsed())
         new_best = False
         if done % config.eval_every == 0 or last:
             eval_started = time.perf_counter()
             new_best = evaluate(run, done, lr, tokens_per_s, reporter)
             eval_seconds = time.perf_counter() - eval_started
             window_start, window_tokens = time.perf_counter(), 0
+            log.pause(eval_seconds)
         interrupted = distributed.any_rank(bool(stop_requested and stop_requested()), ranks, device)
         if ranks.is_main and (interrupted or new_best or last or done % config.save_every == 0):
             save(run, done, best=new_best)
@@ -395,6 +431,36 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
         parameters=model.num_parameters(),
         seconds=time.perf_counter() - run.started,
     )
+
+
+class _StepLog:
+    """The lines of ``steps.jsonl``: the steps' losses since the last line, and their throughput (the time
+    of evaluations left out). ``path`` ``None``: record nothing (every rank but the first)."""
+
+    def __init__(self, path: Path | None, tokens_per_step: int):
+        self.path, self.tokens_per_step = path, tokens_per_step
+        self.losses: list[float] = []
+        self.started = time.perf_counter()
+
+    def add(self, loss: float) -> None:
+        self.losses.append(loss)
+
+    def pause(self, seconds: float) -> None:
+        """``seconds`` spent on something else (an evaluation): not the steps' time."""
+        self.started += seconds
+
+    def write(self, step: int, lr: float, elapsed_s: float) -> None:
+        if self.path is not None and self.losses:
+            seconds = max(time.perf_counter() - self.started, 1e-9)
+            record = {
+                "step": step,
+                "loss": round(sum(self.losses) / len(self.losses), 5),
+                "lr": lr,
+                "tokens_per_s": round(len(self.losses) * self.tokens_per_step / seconds, 1),
+                "elapsed_s": elapsed_s,
+            }
+            append_metrics(self.path, record)
+        self.losses, self.started = [], time.perf_counter()
 
 
 def evaluate(run: TrainingRun, step: int, lr: float, tokens_per_s: float, reporter: Reporter) -> bool:
@@ -451,6 +517,7 @@ def save(run: TrainingRun, step: int, best: bool = False) -> None:
         best_step=run.best_step,
         best_val_loss=best_loss,
         elapsed_s=meta["elapsed_s"],  # one reading of the clock for both files
+        threads=run.threads,
         optimizer_plugin=plugins.provenance("optimizers", config.optimizer, config.optimizer_options),
     )
     delay = _save_delay()

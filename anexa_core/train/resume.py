@@ -32,7 +32,7 @@ def resume_configs(
     meta = checkpoint.read_metadata(state_file)
     if meta.get("kind") != "train_state":
         checkpoint.load_train_state(run_dir)  # the error for a run of an older Anexa
-    settings = {**meta["model"]["model_config"], **meta["train_config"]}
+    settings = {**meta["model"]["model_config"], **_migrated(meta["train_config"])}
     given = {key: value for key, value in overrides.items() if value is not None}
     for kind, options in (plugin_options or {}).items():
         given[f"{kind}_options"] = options
@@ -54,6 +54,21 @@ def resume_configs(
             f"cannot change {flags} when resuming {run_dir}: it would change what the checkpoint means; "
             "start a new run instead (without --resume)"
         )
-    configs.merge(settings, given, "flags")
+    if "data" in given and "data_glob" not in given:
+        settings.pop("data_glob", None)  # the earlier --glob picked files of the earlier --data
+    configs.apply_layers(settings, [(given, "flags")])
     model_config, train_config = configs.split(settings)
     return dataclasses.replace(model_config, vocab_size=meta["model"]["model_config"]["vocab_size"]), train_config
+
+
+def _migrated(train_config: dict[str, Any]) -> dict[str, Any]:
+    """A stored training config in today's terms. Runs of Anexa 0.2 with ``--minutes`` stored ``steps``
+    (and ``decay_steps``) as 2**53 for "no limit", and their decay followed the budget of each session:
+    now ``steps`` is ``None`` and the decay follows the clock up to the minutes the run was started with."""
+    config = dict(train_config)
+    if config.get("minutes") is not None and "decay_minutes" not in config:
+        if config.get("steps") == configs.MAX_INT:
+            config["steps"] = None
+        config["decay_steps"] = None
+        config["decay_minutes"] = config["minutes"]
+    return config

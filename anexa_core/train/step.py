@@ -20,13 +20,16 @@ def lr_at(step: int, config: TrainConfig, time_fraction: float | None = None) ->
     """The learning rate of (0-based) ``step``: linear warmup over ``warmup_steps`` to ``lr``, then cosine
     decay reaching ``min_lr`` at ``schedule_steps`` (SGDR, Loshchilov & Hutter 2017), ``min_lr`` after.
 
-    With a time budget (``--minutes``) the decay follows ``time_fraction``, the share of the budget used
-    so far, instead of the step count, so a short run still ends at ``min_lr``.
+    For a schedule in minutes (``decay_minutes``, which ``--minutes`` sets) the decay follows
+    ``time_fraction``, the share of that horizon used so far, instead of the step count, so a short run
+    still ends at ``min_lr``; past 1 it stays at ``min_lr``, like steps past ``schedule_steps``.
     """
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     if time_fraction is not None:
         progress = min(1.0, max(0.0, time_fraction))
+    elif config.schedule_steps is None:
+        raise ValueError("a schedule without decay_steps or steps follows the clock: pass time_fraction")
     else:
         span = max(1, config.schedule_steps - config.warmup_steps)
         progress = min(1.0, (step - config.warmup_steps) / span)
@@ -119,7 +122,6 @@ class Conversations:
         return x, y
 
 
-@torch.no_grad()
 def estimate_loss(
     model: GPT, data: Windows | Conversations, config: TrainConfig, device: torch.device, seed: int
 ) -> float:
@@ -131,7 +133,7 @@ def estimate_loss(
     losses = []
     for _ in range(config.eval_batches):
         x, y = data.batch(config.batch_size, generator)
-        with autocast(device, config.precision):
+        with torch.no_grad(), autocast(device, config.precision):  # a context, not a decorator: see docs/testing.md
             _, loss = model(x.to(device), y.to(device))
         losses.append(loss.item())
     model.train(was_training)

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from anexa_cli.errors import user_errors
+from anexa_cli.threads import Threads, use_threads
 from anexa_core.errors import AnexaError
 
 bench_app = typer.Typer(
@@ -104,10 +105,13 @@ def attention_bench(
     device: Device = "auto",
     json_path: Json = None,
     plot: Annotated[Path | None, typer.Option(help="Also plot time and FLOP/s against length to this PNG.")] = None,
+    threads: Threads = None,
 ) -> None:
     """Time every attention plugin (forward, forward+backward) and check it against `math`."""
     if ctx.invoked_subcommand is not None:
+        ctx.obj = {"threads": threads}  # `anexa bench --threads 1 train`: the subcommand's unless it has its own
         return
+    use_threads(threads)
     from anexa_core.measure import bench
 
     if plot is not None:
@@ -154,9 +158,15 @@ def attention_bench(
     _write_json(rows, json_path)
 
 
+def _threads(ctx: typer.Context, threads: int | None) -> int | None:
+    """A subcommand's ``--threads``, else the one given before it (``anexa bench --threads 1 train``)."""
+    return threads if threads is not None else (ctx.obj or {}).get("threads")
+
+
 @bench_app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     preset: Preset = "seed",
     attention: Attention = None,
     steps: Annotated[int, typer.Option(help="Timed training steps per row (the median is reported).")] = 3,
@@ -170,8 +180,10 @@ def train(
     ] = False,
     device: Device = "auto",
     json_path: Json = None,
+    threads: Threads = None,
 ) -> None:
     """Tokens/s of full training steps per attention plugin, side by side with a plain eager loop."""
+    use_threads(_threads(ctx, threads))
     from anexa_core.measure import bench
 
     rows = bench.bench_train(
@@ -206,15 +218,23 @@ def train(
 @bench_app.command()
 @user_errors
 def generate(
+    ctx: typer.Context,
     preset: Preset = "seed",
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 64,
-    new_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 64,
+    new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens to decode. \\[default: twice the preset's context, so decoding goes past it and the context policy is measured]"
+        ),
+    ] = None,
     attention: Annotated[str, typer.Option(help="Attention plugin.")] = "sdpa",
     repeats: Annotated[int, typer.Option(help="Timed decodes per mode (the median is reported).")] = 3,
     device: Device = "auto",
     json_path: Json = None,
+    threads: Threads = None,
 ) -> None:
     """Decode tokens/s with the KV cache against recomputing the whole context for every token."""
+    use_threads(_threads(ctx, threads))
     from anexa_core.measure import bench
 
     rows = bench.bench_generate(
@@ -225,7 +245,7 @@ def generate(
         repeats=repeats,
         device=device,
     )
-    lengths = f"prompt {prompt_len} + {new_tokens} new"
+    lengths = f"prompt {prompt_len} + {rows[0]['new_tokens']} new, context {rows[0]['block_size']}"
     _print_table(
         f"decoding · preset {preset} · {lengths} · {attention} · {rows[0]['device']}",
         {

@@ -9,8 +9,7 @@ from typing import Annotated
 import typer
 
 from anexa_cli.errors import user_errors
-
-MAX_INT = 2**53
+from anexa_cli.threads import Threads, use_threads
 
 
 @user_errors
@@ -32,7 +31,6 @@ def evaluate(
         int | None,
         typer.Option(
             min=1,
-            max=MAX_INT,
             help="Tokens between window starts; each scored token sees at least (context - stride) tokens before it. \\[default: half the model's context]",
         ),
     ] = None,
@@ -40,7 +38,6 @@ def evaluate(
         int | None,
         typer.Option(
             min=1,
-            max=MAX_INT,
             help="Windows per forward pass. \\[default: as many as fit 128 MiB of logits, at most 64]",
         ),
     ] = None,
@@ -52,12 +49,14 @@ def evaluate(
         ),
     ] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    threads: Threads = None,
 ) -> None:
     """Score a model on a text: bits per character (comparable across tokenizers), nats/token, perplexity.
 
     Every token is scored once, in strided windows over the whole text. Use it on text the model has not
     seen, and to compare runs on the same text.
     """
+    use_threads(threads)
     from anexa_cli.console import console as make_console
     from anexa_cli.progress import DataProgress
     from anexa_core.data import corpus as corpora

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from anexa_cli.errors import user_errors
+from anexa_cli.threads import Threads, use_threads
 
 
 @user_errors
@@ -34,8 +35,10 @@ def export(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a non-empty OUT (never an Anexa run).")
     ] = False,
+    threads: Threads = None,
 ) -> None:
     """Export a trained model: `--format hf` writes config.json, model.safetensors, tokenizer files and a model card."""
+    use_threads(threads)
     from anexa_core.io.export import UPLOAD_COMMAND
     from anexa_core.io.export import export as export_model
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from anexa_cli.errors import user_errors
+from anexa_cli.threads import Threads, use_threads
 
 
 def _default_out(source: str) -> Path:
@@ -30,8 +31,10 @@ def import_model(
     ],
     out: Annotated[Path | None, typer.Option(help="Run folder to write. \\[default: runs/<model name>]")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out.")] = False,
+    threads: Threads = None,
 ) -> None:
     """Import a pretrained model (GPT-2, Llama or Qwen3 family) with its tokenizer and chat template as a run."""
+    use_threads(threads)
     from anexa_core.io.pretrained import import_model as run_import
 
     target = out or _default_out(source)

@@ -28,7 +28,9 @@ from anexa_cli.eval import evaluate
 from anexa_cli.export import export
 from anexa_cli.imports import import_model
 from anexa_cli.plot import plot
+from anexa_cli.runs import runs
 from anexa_cli.serve import serve
+from anexa_cli.threads import Threads, use_threads
 from anexa_core.errors import AnexaError
 
 app = typer.Typer(
@@ -45,6 +47,7 @@ app.command("eval")(evaluate)
 app.command()(export)
 app.command("import")(import_model)
 app.command()(serve)
+app.command()(runs)
 
 _type_column = TyperOption.display_type_rich
 
@@ -56,7 +59,17 @@ def _no_flag_metavar(self, ctx):
 
 TyperOption.display_type_rich = _no_flag_metavar  # type: ignore[method-assign]  # typer has no setting for it
 
-MAX_INT = 2**53  # as anexa_core.config.MAX_INT (importing it here would be fine, but keep --help lean)
+MAX_NEW_TOKENS = 10_000_000
+"""The most tokens one generation may ask for: decoding keeps every id of the output in one buffer."""
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest
+
+
+def _check_seed(value: int | None) -> int | None:
+    """A seed torch can use (help shows no upper bound: no one needs to think about it)."""
+    if value is not None and value > MAX_SEED:
+        raise typer.BadParameter(f"{value} is beyond the largest seed, 2**64 - 1")
+    return value
+
 
 OPTION_HELP = (
     "Plugin option, repeatable: KIND.OPTION=VALUE for the attention, blocks, tokenizer, optimizer or data "
@@ -68,7 +81,7 @@ Model = Annotated[
         "--model", "-m", help="Run folder (its best checkpoint) or a .safetensors file; default: newest under ./runs."
     ),
 ]
-MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, max=MAX_INT, help="Tokens to generate.")]
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, max=MAX_NEW_TOKENS, help="Tokens to generate.")]
 Temperature = Annotated[float | None, typer.Option(help="Sampling temperature; 0 picks the most likely token.")]
 Sample = Annotated[list[str] | None, typer.Option("--sample", "-s", help="Sampler, repeatable (see below).")]
 Stop = Annotated[
@@ -77,7 +90,7 @@ Stop = Annotated[
         "--stop", help=r"Stop at this string (not printed); repeatable. \n, \t and \\ mean newline, tab, backslash."
     ),
 ]
-Seed = Annotated[int | None, typer.Option(min=0, max=MAX_INT, help="Random seed: same seed, same text.")]
+Seed = Annotated[int | None, typer.Option(min=0, callback=_check_seed, help="Random seed: same seed, same text.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
 Context = Annotated[
     str,
@@ -148,11 +161,16 @@ def _plugin_options(specs: list[str] | None) -> dict[str, dict[str, str]]:
     return parse_assignments(specs or [], "-o")
 
 
-def _default_out(data: str, preset: str) -> Path:
-    """``runs/<data>-<preset>``, or the first ``-2``, ``-3``, … that holds no run yet."""
+def _default_out(data: str, preset: str, chosen: dict[str, str] | None = None) -> Path:
+    """``runs/<data>-<preset>``, followed by each plugin ``chosen`` (blocks, attention, tokenizer,
+    optimizer) that differs from the preset's — ``runs/sherlock-seed-llama-muon`` for ``--blocks llama
+    --optimizer muon`` — or the first ``-2``, ``-3``, … of that which holds no run yet. A fine-tuning run
+    passes its own label (``smol-lora``) as ``preset`` and nothing ``chosen``."""
+    from anexa_core.config import preset_values
     from anexa_core.io.checkpoint import holds_a_run
 
-    base = Path("runs") / f"{Path(data.rstrip('/')).stem or 'data'}-{preset}"
+    differing = [name for key, name in (chosen or {}).items() if preset_values(key)[preset] != name]
+    base = Path("runs") / "-".join([Path(data.rstrip("/")).stem or "data", preset, *differing])
     candidate, number = base, 1
     while holds_a_run(candidate):
         number += 1
@@ -234,12 +252,15 @@ def train(
     block_size: Annotated[int | None, typer.Option(help="Context length in tokens. " + _default("block_size"))] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout. " + _default("dropout"))] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Optimizer steps. \\[default: 5000, or no limit with --minutes]")
+        int | None,
+        typer.Option(
+            help="Optimizer steps. With --resume, a larger --steps extends the run: the LR decay still ends where the first run set it (its --steps or --decay-steps), and the extra steps run at --min-lr. \\[default: 5000, or no limit with --minutes]"
+        ),
     ] = None,
     minutes: Annotated[
         float | None,
         typer.Option(
-            help="Train for this many minutes of wall-clock; the LR decay follows the clock and the run ends with an evaluation and a checkpoint."
+            help="Train for this many minutes of wall-clock (a resumed run's earlier sessions count); the LR decay follows the clock and the run ends with an evaluation and a checkpoint. With --resume, a larger --minutes extends the run: the decay still ends at the first run's minutes, and the extra time runs at --min-lr."
         ),
     ] = None,
     precision: Annotated[
@@ -254,7 +275,10 @@ def train(
         ),
     ] = None,
     decay_steps: Annotated[
-        int | None, typer.Option(help="Step at which the cosine LR decay ends. \\[default: --steps of the first run]")
+        int | None,
+        typer.Option(
+            help="Step at which the cosine LR decay ends (with --minutes too: the decay then follows steps, not the clock). \\[default: --steps of the first run; with --minutes, the first run's minutes on the clock]"
+        ),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per step. " + _default("batch_size"))] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate. " + _default("lr"))] = None,
@@ -263,11 +287,26 @@ def train(
     ] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps. " + _default("warmup_steps"))] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps. " + _default("eval_every"))] = None,
+    log_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Record the training loss, learning rate and tokens/s every N steps in the run's steps.jsonl. "
+            + _default("log_every")
+        ),
+    ] = None,
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps. " + _default("save_every"))] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Run folder. \\[default: runs/<data>-<preset>, or -2, -3… if taken]")
+        Path | None,
+        typer.Option(
+            help="Run folder. \\[default: runs/<data>-<preset>, then the blocks, attention, tokenizer and optimizer that differ from the preset's (runs/sherlock-seed-llama-muon), with -2, -3… if taken]"
+        ),
     ] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder.")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue the run in this folder, bit for bit as if it had not stopped (same thread count); its LR schedule never changes (see --steps and --minutes)."
+        ),
+    ] = None,
     init_from: Annotated[
         str | None,
         typer.Option(
@@ -290,8 +329,10 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out.")] = False,
     device: Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu or cuda. \\[default: auto]")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed. " + _default("seed"))] = None,
+    threads: Threads = None,
 ) -> None:
     """Train a GPT on a text corpus and write it into a run folder (model, best model, training state)."""
+    use_threads(threads)  # before torch loads (a threads key of --config applies when training starts)
     from anexa_cli.console import console as make_console
     from anexa_cli.progress import reporter_for
     from anexa_core import config as configs
@@ -318,6 +359,7 @@ def train(
         min_lr=min_lr,
         warmup_steps=warmup_steps,
         eval_every=eval_every,
+        log_every=log_every,
         save_every=save_every,
         device=device,
         seed=seed,
@@ -326,6 +368,7 @@ def train(
         compile=compile,
         lora=lora,
         seq_len=seq_len,
+        threads=threads,
     )
     plugin_options = _plugin_options(option)
     base = None
@@ -344,7 +387,13 @@ def train(
     else:
         model_config, train_config = configs.resolve(preset, config, overrides, plugin_options)
         first_data = train_config.data if isinstance(train_config.data, str) else train_config.data[0]
-        out_dir = out or _default_out(first_data, preset)
+        chosen = {
+            "blocks": model_config.blocks,
+            "attention": model_config.attention,
+            "tokenizer": train_config.tokenizer,
+            "optimizer": train_config.optimizer,
+        }
+        out_dir = out or _default_out(first_data, preset, chosen)
     console = make_console(stderr=True)
     with _Interrupts(console) as interrupts:
         try:
@@ -458,12 +507,20 @@ def generate(
             help="Continuations to write, decoded together as one batch; sample i uses seed + i.",
         ),
     ] = 1,
+    threads: Threads = None,
 ) -> None:
     """Print continuations of PROMPT (only the generated text, for scripts)."""
+    use_threads(threads)
     from anexa_core.infer.generation import generate_samples, generate_text
 
     loaded, chain = _load(model, device, sample, temperature, option, attention)
     if prompt is None:
+        if sys.stdin.isatty():  # a pipe says nothing; a person at a terminal would wait without a word
+            typer.echo(
+                "reading the prompt from the terminal: type it, then press Ctrl-D on a new line "
+                '(or pass it as an argument: anexa generate "…")',
+                err=True,
+            )
         prompt = sys.stdin.read()
     stops = [_unescape(text) for text in stop or []]
     if num_samples > 1:
@@ -495,10 +552,12 @@ def chat(
     attention: AttentionSwap = None,
     option: PluginOption = None,
     device: Device = "auto",
+    threads: Threads = None,
 ) -> None:
     """Chat with a model, streaming its replies. The conversation is kept (the oldest turns are dropped when
     it outgrows the context); a pretrained chat model gets its own template, other models a User:/Assistant:
     transcript. `/reset` starts over; `quit`, `exit` or Ctrl-D ends."""
+    use_threads(threads)
     from anexa_core.infer.chat import Conversation, JinjaTemplate, template_for
 
     loaded, chain = _load(model, device, sample, temperature, option, attention)

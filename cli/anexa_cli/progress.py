@@ -17,16 +17,17 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from anexa_cli.console import count
+
 PLAIN_INTERVAL_S = 10.0
 """How often a non-terminal stderr gets a progress line."""
 
 
 def _header(console: Console, first_step: int, info: dict) -> None:
-    millions = info["parameters"] / 1e6
     if info.get("resumed_from") is not None:
         console.print(f"resuming {info['out_dir']} from step {info['resumed_from']}")
     console.print(
-        f"{millions:.2f}M parameters · vocab {info['vocab_size']} · {info['train_tokens']:,} train / "
+        f"{count(info['parameters'])} parameters · vocab {info['vocab_size']} · {info['train_tokens']:,} train / "
         f"{info['val_tokens']:,} val tokens · device {info['device']}"
     )
 

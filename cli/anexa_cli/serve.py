@@ -6,13 +6,13 @@ fastapi, uvicorn and torch are imported inside the command, so ``anexa --help`` 
 from __future__ import annotations
 
 import ipaddress
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from anexa_cli.errors import user_errors
+from anexa_cli.threads import use_threads
 from anexa_core.errors import AnexaError
 
 Models = Annotated[
@@ -79,13 +79,15 @@ def serve(
     ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")] = "auto",
     threads: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
-            help="torch CPU threads of each model's engine (sets OMP_NUM_THREADS unless it is set); "
-            "0 keeps torch's default (one per core). 1 leaves the other cores to HTTP: fastest on small CPUs.",
+            show_default=False,
+            help="CPU threads for torch's operations; 0 chooses from the cores other work leaves free. "
+            "Concurrent requests are the parallelism: 1 is fastest for small models. "
+            "\\[default: $ANEXA_THREADS or $OMP_NUM_THREADS if set, else 1]",
         ),
-    ] = 1,
+    ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible API (/v1) with a chat page at /."""
     if not is_loopback(host):
@@ -109,18 +111,10 @@ def serve(
 
     template = read_override(chat_template) if chat_template is not None else Transcript()
 
-    if threads and "OMP_NUM_THREADS" not in os.environ:
-        # Read by OpenMP when torch loads, so it reaches the engines' threads too: torch.set_num_threads
-        # sets it for the calling thread alone (each engine thread also sets it for itself).
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
+    threads = use_threads(threads, default=1)  # before torch loads: the engines' threads read OMP_NUM_THREADS
     from anexa_serve import ServeConfig, create_app, load_models
     from anexa_serve.app import LOOPBACK_HOSTS
     from anexa_serve.server import uvicorn_server
-
-    if threads:
-        torch.set_num_threads(threads)
 
     sock = _listen(host, port)  # before loading: a taken port fails at once
     served = load_models(model, device)

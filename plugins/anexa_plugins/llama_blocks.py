@@ -175,7 +175,8 @@ class Llama:
     def build(self, config, attention) -> nn.Module:
         head_dim = self.head_dim or config.head_dim
         if head_dim % 2:
-            raise AnexaError(f"rotary embeddings need an even head_dim, got {head_dim}: change n_embd or n_head")
+            fix = "-o blocks.head_dim" if self.head_dim else "n_embd or n_head"
+            raise AnexaError(f"rotary embeddings need an even head_dim, got {head_dim}: change {fix}")
         if config.n_head % (self.n_kv_head or config.n_head):
             raise AnexaError(f"n_head ({config.n_head}) must be a multiple of llama n_kv_head ({self.n_kv_head})")
         return LlamaStack(config, attention, self)

@@ -1,8 +1,8 @@
 """One choice's text, built as its tokens arrive: incremental decoding, then stop strings.
 
-The engine pushes tokens (one per step), so the text is decoded push-style by :class:`TextDecoder`, which
-keeps exactly the two offsets of the core's pull-style :func:`~anexa_core.infer.generation.decode_stream`
-(and gives the same pieces: tested). :class:`ChoiceState` feeds those pieces through
+The engine pushes tokens (one per step), so the text is decoded push-style by the core's
+:class:`~anexa_core.infer.generation.TextStream` (what ``anexa generate`` streams through too).
+:class:`ChoiceState` feeds those pieces through
 :class:`~anexa_core.infer.sampling.StopStrings` and hands out :class:`Update` s: text that may be shown,
 the tokens that came with it, and the finish reason once the choice has ended.
 """
@@ -14,41 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from anexa_core.infer.engine import Stream, Token
-from anexa_core.infer.generation import MAX_PENDING_TOKENS
+from anexa_core.infer.generation import TextStream
 from anexa_core.infer.sampling import StopStrings
-
-
-class TextDecoder:
-    """Token ids in, new text out, decoding only a short tail each time (linear in the output length).
-
-    The text of ``ids[prefix:read]`` was shown already; the text of ``ids[prefix:]`` minus it is new. A tail
-    ending in U+FFFD (a character split across tokens) is held back for at most
-    :data:`~anexa_core.infer.generation.MAX_PENDING_TOKENS` tokens, as ``decode_stream`` does.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._prefix = self._read = 0
-
-    def add(self, token_id: int) -> str:
-        """The text ``token_id`` completes ("" while a character is unfinished)."""
-        self.ids.append(token_id)
-        shown = self.tokenizer.decode(self.ids[self._prefix : self._read])
-        text = self.tokenizer.decode(self.ids[self._prefix :])
-        if text.endswith("\ufffd") and len(self.ids) - self._read < MAX_PENDING_TOKENS:
-            return ""
-        self._prefix, self._read = self._read, len(self.ids)
-        return text[len(shown) :] if len(text) > len(shown) else ""
-
-    def flush(self) -> str:
-        """What is still held back, at the end of the output."""
-        if self._read == len(self.ids):
-            return ""
-        shown = self.tokenizer.decode(self.ids[self._prefix : self._read])
-        tail = self.tokenizer.decode(self.ids[self._prefix :])[len(shown) :]
-        self._prefix = self._read = len(self.ids)
-        return tail
 
 
 @dataclass
@@ -87,7 +54,7 @@ class ChoiceState:
     finish_reason: str | None = None
 
     def __post_init__(self) -> None:
-        self._decoder = TextDecoder(self.tokenizer)
+        self._decoder = TextStream(self.tokenizer)
         self._stops = StopStrings(self.stops)
         self._unsent = 0
         self._offset: int | None = None
