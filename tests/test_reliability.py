@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from anexa_core.errors import AnexaError
 from anexa_core.io import checkpoint
 
 TINY = [
@@ -326,9 +327,9 @@ def test_sigkill_while_tokenizing_leaves_nothing_a_later_run_trips_over_or_that_
     assert len(list((cache / "locks").iterdir())) <= 256 and not list(cache.glob("*.lock"))
 
 
-KILLED_EXPORT = r"""
+KILLED_BETWEEN_RENAMES = r"""
 import os, signal, sys
-from anexa_core.io import export
+from anexa_core.io import export, pretrained
 real_rename = os.rename
 
 def rename(source, destination):
@@ -337,7 +338,10 @@ def rename(source, destination):
         os.kill(os.getpid(), signal.SIGKILL)
 
 os.rename = rename
-export.export(sys.argv[1], sys.argv[2], overwrite=True)
+if sys.argv[1] == "export":
+    export.export(sys.argv[2], sys.argv[3], overwrite=True)
+else:
+    pretrained.import_model(sys.argv[2], sys.argv[3], overwrite=True)
 """
 
 
@@ -354,7 +358,9 @@ def test_sigkill_between_an_exports_two_renames_loses_nothing(tmp_path, sherlock
     out = tmp_path / "hf"
     out.mkdir()
     (out / "notes.txt").write_text("the user's", encoding="utf-8")
-    killed = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(run), str(out)], env=env, check=False)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, "export", str(run), str(out)], env=env, check=False
+    )
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists() and len([p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]) == 2
     with pytest.raises(Exception, match="is not empty: pass --overwrite"):
@@ -363,6 +369,32 @@ def test_sigkill_between_an_exports_two_renames_loses_nothing(tmp_path, sherlock
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]
     export(run, out, overwrite=True)
     assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
+
+
+def test_sigkill_between_an_imports_two_renames_loses_nothing(tmp_path, sherlock_path):
+    """The same for `anexa import --overwrite` over a run it imported before: killed between the two
+    renames, the next import puts the old run back first (and refuses it without --overwrite)."""
+    from anexa_core.io.export import export
+    from anexa_core.io.pretrained import import_model
+
+    env = anexa_env(tmp_path)
+    run = tmp_path / "run"
+    done = anexa("train", "--data", str(sherlock_path), *TINY, "--steps", "2", "--out", str(run), cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    export(run, tmp_path / "hf")
+    out = tmp_path / "imported"
+    import_model(tmp_path / "hf", out)
+    before = (out / "model.safetensors").read_bytes()
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, "import", str(tmp_path / "hf"), str(out)], env=env, check=False
+    )
+    assert killed.returncode == -signal.SIGKILL and not out.exists()
+    with pytest.raises(AnexaError, match="already holds a run: pass --overwrite"):
+        import_model(tmp_path / "hf", out)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".imported.")]
+    import_model(tmp_path / "hf", out, overwrite=True)
+    assert (out / "model.safetensors").is_file()
 
 
 KILLED_WRITE = r"""

@@ -32,7 +32,7 @@ from anexa_core import plugins
 from anexa_core.config import ModelConfig
 from anexa_core.errors import AnexaError
 from anexa_core.io import checkpoint
-from anexa_core.io.files import atomic_folder
+from anexa_core.io.files import atomic_folder, sweep_stale
 from anexa_core.model.gpt import build_model
 
 logger = logging.getLogger("anexa")
@@ -82,6 +82,7 @@ def import_model(source: str | Path, out: Path, overwrite: bool = False) -> Impo
     """
     started = time.perf_counter()
     out = Path(out)
+    sweep_stale(out.parent, out.name)  # an import killed mid-rename put the old OUT aside: back first
     _check_target(out, overwrite)
     model, tokenizer, source_info = pretrained_model(source)
     meta = checkpoint.model_metadata(model, tokenizer, "hf", {}, step=0, **source_info)
