@@ -123,8 +123,29 @@ def test_logprobs_are_the_models_log_softmax_and_echo_scores_the_prompt():
     assert stream.prompt_logprobs[0] is None and len(stream.prompt_logprobs) == len(prompt)
     for t, entry in enumerate(stream.prompt_logprobs[1:], start=1):
         assert entry[0] == pytest.approx(float(logp[t - 1, prompt[t]]), abs=1e-4)
+        assert [i for i, _ in entry[1]] == logp[t - 1].topk(3).indices.tolist()  # the prompt's alternatives too
     scores = token_logprobs(model, torch.tensor([prompt]))
     assert [s for s, _ in scores[0]] == pytest.approx([e[0] for e in stream.prompt_logprobs[1:]], abs=1e-6)
+
+
+def test_echo_of_a_prompt_longer_than_the_context_scores_its_last_block_size_plus_one_tokens():
+    """lm-evaluation-harness's rolling loglikelihood sends windows of block_size + 1 tokens: the last
+    block_size + 1 ids are scored (the first from nothing, each other from the ids before it), in one
+    forward pass; ``logprobs: 0`` gives no alternatives."""
+    model = tiny_model(seed=4)
+    block = model.config.block_size
+    prompt = [(7 * i) % 36 + 1 for i in range(block + 7)]
+    engine = Engine(model)
+    list(engine.run([Request(prompt, 0, Greedy(), logprobs=0, echo=True)]))
+    scored = engine.last_streams[0].prompt_logprobs
+    assert engine.forwards == 1 and len(scored) == block + 1 and scored[0] is None
+    last = torch.tensor([prompt[-(block + 1) :]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(last[:, :-1])[0].double(), -1)[0]
+    assert [entry[0] for entry in scored[1:]] == pytest.approx(
+        logp.gather(1, last[0, 1:, None])[:, 0].tolist(), abs=1e-5
+    )
+    assert all(entry[1] == [] for entry in scored[1:])
 
 
 def test_a_ragged_batch_equals_each_row_through_sdpa_and_math():

@@ -817,30 +817,7 @@ def test_a_time_budget_stops_after_the_last_step_that_leaves_time_for_the_final_
     10 s. The LR follows the share of the budget used when each step starts; throughput is tokens over the
     time since the last evaluation; the run stops once the time used plus the last evaluation's duration
     reaches the budget (after step 8 at 9 s), evaluates, saves at 10 s, and refuses to resume from there."""
-    import types
-
-    from anexa_core.train import loop as training
-
-    clock = [0.0]
-    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], sleep=lambda s: None))
-    real_make_train_step, real_estimate_loss = training.make_train_step, training.estimate_loss
-
-    def timed_steps(*args, **kwargs):
-        step = real_make_train_step(*args, **kwargs)
-
-        def one(x, y):
-            loss = step(x, y)
-            clock[0] += 1.0
-            return loss
-
-        return one
-
-    def timed_estimate(*args, **kwargs):
-        clock[0] += 0.5
-        return real_estimate_loss(*args, **kwargs)
-
-    monkeypatch.setattr(training, "make_train_step", timed_steps)
-    monkeypatch.setattr(training, "estimate_loss", timed_estimate)
+    clock = _fake_clock(monkeypatch)
     reports = []
 
     class Rates(SilentReporter):
@@ -1029,3 +1006,24 @@ def test_the_training_loss_lr_and_throughput_are_logged_every_few_steps(sherlock
     train(*resume_configs(tmp_path, {"steps": 8}), tmp_path, resume=True)
     lines = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4, 5, 6, 8] and lines[3]["loss"] != 9.9
+
+
+def test_a_batch_of_conversations_pads_right_and_targets_only_the_assistant_tokens():
+    """Each row is one conversation drawn at random, right-padded (id 0) to the longest less one; its
+    targets are the next ids where that next token is the assistant's and -100 (ignored) elsewhere,
+    padding included — the mask `chats.jsonl` training relies on."""
+    from anexa_core.data.chats import IGNORE, Example
+    from anexa_core.train.step import Conversations
+
+    short = Example([5, 6, 7], [False, True, True])
+    long = Example([1, 2, 3, 4, 8, 9], [False, False, True, True, False, True])
+    data = Conversations([short, long])
+    assert data.tokens == 9
+    generator = torch.Generator().manual_seed(0)
+    x, y = data.batch(6, generator)
+    drawn = torch.randint(2, (6,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert x.shape == y.shape == (6, 5) and x.dtype == y.dtype == torch.long
+    rows = {0: ([5, 6, 0, 0, 0], [6, 7, IGNORE, IGNORE, IGNORE]), 1: ([1, 2, 3, 4, 8], [IGNORE, 3, 4, IGNORE, 9])}
+    for row, which in enumerate(drawn):
+        assert (x[row].tolist(), y[row].tolist()) == rows[which]
+    assert set(drawn) == {0, 1}
