@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import TINY, Greedy, Scaled, ScaledPlugin, registered, tiny_model
 
-from anexa_core.infer.engine import Engine, EngineBusy, Request, token_logprobs
+from anexa_core.infer.engine import Engine, EngineBusy, Request, score, token_logprobs
 from anexa_core.infer.generation import generate_ids
 from anexa_core.infer.sampling import build_chain
 
@@ -193,3 +193,61 @@ def test_the_cache_grows_as_rows_lengthen_and_a_narrowed_view_cannot_grow():
     view = batch.narrow(1)
     with pytest.raises(ValueError, match="a narrowed KV cache cannot grow"):
         view.update(0, torch.zeros(1, 4, 70, 8), torch.zeros(1, 4, 70, 8))
+
+
+class _Recording:
+    """Greedy, recording the context each pick is given."""
+
+    def __init__(self):
+        self.contexts = []
+
+    def pick(self, logits, context, generator=None):
+        self.contexts.append(context.tolist())
+        return logits.argmax(dim=-1, keepdim=True)
+
+
+def test_the_samplers_see_the_whole_history_as_one_row_however_long_it_grows():
+    """Repetition penalties read the context: each pick gets (1, T) — the prompt and every token so far,
+    past the context window and the buffer's doublings."""
+    model = tiny_model(seed=6)
+    chains = [_Recording(), _Recording()]
+    prompts = [[3, 1, 4], [2, 7]]
+    engine = Engine(model, max_rows=2)
+    list(engine.run([Request(p, 40, chain) for p, chain in zip(prompts, chains, strict=True)]))
+    for prompt, chain, stream in zip(prompts, chains, engine.last_streams, strict=True):
+        generated = [t.id for t in stream.tokens]
+        assert chain.contexts == [[prompt + generated[:n]] for n in range(40)]
+
+
+def test_closing_the_run_early_cancels_what_still_runs_and_frees_its_rows():
+    model = tiny_model(seed=2)
+    engine = Engine(model, max_rows=2)
+    tokens = engine.run([Request([1, 2], 30, Greedy()), Request([3], 30, Greedy()), Request([4], 30, Greedy())])
+    next(tokens)
+    tokens.close()
+    assert [s.finish_reason for s in engine.last_streams] == ["cancelled"] * 3
+    assert not engine.busy and not engine.rows and not engine.waiting
+
+
+def test_token_logprobs_score_every_token_after_the_first():
+    model = tiny_model(seed=1)
+    assert token_logprobs(model, torch.tensor([[5], [6], [7]])) == [[], [], []]  # nothing to score
+    two = token_logprobs(model, torch.tensor([[5, 9], [6, 2]]), top=2)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([[5], [6]]))[0].double(), -1)[:, 0]
+    for row, (target, scores) in enumerate(zip((9, 2), two, strict=True)):
+        assert len(scores) == 1 and scores[0][0] == pytest.approx(float(logp[row, target]), abs=1e-5)
+        assert [i for i, _ in scores[0][1]] == logp[row].topk(2).indices.tolist()
+
+
+def test_score_computes_in_the_precision_asked_for():
+    """``anexa eval --precision`` scores as training evaluates: fp32 is exact, bf16 rounds."""
+    model = tiny_model(seed=3)
+    ids = torch.tensor([[(5 * i) % 37 for i in range(16)]])
+    with torch.no_grad():
+        exact = torch.log_softmax(model.double()(ids[:, :-1])[0], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    model.float()
+    fp32, _ = score(model, ids, "fp32")
+    bf16, _ = score(model, ids, "bf16")
+    assert (fp32.double() - exact).abs().max().item() < 1e-5
+    assert 1e-4 < (bf16.double() - exact).abs().max().item() < 0.1

@@ -212,7 +212,7 @@ class Engine:
         if not self.rows:
             return
         recompute = [s for s in self.rows if s in fresh or not self.use_cache or self._full(s)]
-        computed = {id(s): self._alone(s, self._window(s, s in fresh)) for s in recompute}
+        computed = {id(s): self._alone(self._window(s, s in fresh)) for s in recompute}
         feed = [s for s in self.rows if id(s) not in computed]
         self._arrange(feed, [(s, computed[id(s)][0]) for s in recompute])
         logits = self._feed(feed) if feed else None
@@ -234,10 +234,10 @@ class Engine:
 
     def _full(self, stream: Stream) -> bool:
         """Whether feeding ``stream``'s last token would overflow its window."""
-        length = len(stream.cache) if stream.cache is not None else self._batch_cache(None).row_length(stream.row or 0)
+        length = len(stream.cache) if stream.cache is not None else self._batch.row_length(stream.row or 0)
         return length >= self.block_size
 
-    def _alone(self, stream: Stream, ids: list[int]) -> tuple[KVCache | None, torch.Tensor]:
+    def _alone(self, ids: list[int]) -> tuple[KVCache | None, torch.Tensor]:
         """``ids`` through the model on their own: a fresh cache holding them (``None`` without a cache)
         and the logits (1, V) float32 after the last."""
         cache = KVCache(self.block_size) if self.use_cache else None
@@ -250,7 +250,10 @@ class Engine:
             for stream, cache in recomputed:
                 stream.cache = cache
             return
-        batch = self._batch_cache(recomputed[0][1] if recomputed else None)
+        if self._cache is None:  # every row starts recomputed, so the first step has a cache to copy
+            assert recomputed[0][1] is not None
+            self._cache = KVCache.batch_like(recomputed[0][1], self.max_rows)
+        batch = self._cache
         free = sorted(
             {s.row for s, _ in recomputed if s.row is not None and s.row < len(feed)}
             | (set(range(len(feed))) - {s.row for s in self.rows if s.row is not None})
@@ -271,7 +274,7 @@ class Engine:
         if self.max_rows == 1:
             cache = feed[0].cache
         else:
-            batch = self._batch_cache(None)
+            batch = self._batch
             batch.reserve(len(batch) + 1)  # a narrowed view cannot grow the buffers itself
             cache = batch.narrow(len(feed))
         return self._forward(tokens, cache)
@@ -313,14 +316,10 @@ class Engine:
             admitted.append(stream)
         return admitted
 
-    def _batch_cache(self, like: KVCache | None) -> KVCache:
-        """The batch's ragged cache, allocated on first use with the layers of ``like`` (or of a one-token
-        probe forward)."""
-        if self._cache is None:
-            if like is None:
-                like = KVCache(self.block_size)
-                self._forward(torch.zeros(1, 1, dtype=torch.long, device=self.device), like)
-            self._cache = KVCache.batch_like(like, self.max_rows)
+    @property
+    def _batch(self) -> KVCache:
+        """The batch's ragged cache, made by :meth:`_arrange` from the first recomputed row's."""
+        assert self._cache is not None
         return self._cache
 
     def _pick(self, stream: Stream, logits: torch.Tensor) -> None:
