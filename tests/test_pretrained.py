@@ -181,8 +181,8 @@ def test_a_hub_id_comes_from_the_huggingface_cache_and_offline_without_it_is_one
     with pytest.raises(AnexaError) as error:
         import_model("anexa-test/not-downloaded", tmp_path / "other")
     assert str(error.value) == (
-        "anexa-test/not-downloaded is not in the Hugging Face cache and the hub cannot be reached (offline): "
-        "download it once with network access, or pass a local folder or GGUF file"
+        "anexa-test/not-downloaded is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it once "
+        "with network access (HF_HUB_OFFLINE unset), or pass a local folder or GGUF file"
     )
     assert not (tmp_path / "other").exists()
 

@@ -252,11 +252,15 @@ def read_hub(hub_id: str) -> Pretrained:
             return read_gguf_file(path, {"kind": "hub", "name": hub_id})
         folder = Path(snapshot_download(repo, allow_patterns=HUB_FILES))
     except (LocalEntryNotFoundError, OSError) as exc:
-        offline = constants.HF_HUB_OFFLINE or isinstance(exc, LocalEntryNotFoundError)
-        if offline:
+        if constants.HF_HUB_OFFLINE:
             raise AnexaError(
-                f"{hub_id} is not in the Hugging Face cache and the hub cannot be reached (offline): download it "
-                "once with network access, or pass a local folder or GGUF file"
+                f"{hub_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it once with "
+                "network access (HF_HUB_OFFLINE unset), or pass a local folder or GGUF file"
+            ) from None
+        if isinstance(exc, LocalEntryNotFoundError):
+            raise AnexaError(
+                f"{hub_id} is not in the Hugging Face cache and the hub could not be reached: download it once "
+                "with network access, or pass a local folder or GGUF file"
             ) from None
         raise AnexaError(f"cannot download {hub_id} ({type(exc).__name__}: {exc}): check the network") from None
     except (RepositoryNotFoundError, HFValidationError):
