@@ -139,6 +139,7 @@ def test_echo_of_a_prompt_longer_than_the_context_scores_its_last_block_size_plu
     list(engine.run([Request(prompt, 0, Greedy(), logprobs=0, echo=True)]))
     scored = engine.last_streams[0].prompt_logprobs
     assert engine.forwards == 1 and len(scored) == block + 1 and scored[0] is None
+    assert engine.last_streams[0].finish_reason == "length" and not engine.last_streams[0].tokens
     last = torch.tensor([prompt[-(block + 1) :]])
     with torch.no_grad():
         logp = torch.log_softmax(model(last[:, :-1])[0].double(), -1)[0]
@@ -251,3 +252,18 @@ def test_score_computes_in_the_precision_asked_for():
     bf16, _ = score(model, ids, "bf16")
     assert (fp32.double() - exact).abs().max().item() < 1e-5
     assert 1e-4 < (bf16.double() - exact).abs().max().item() < 0.1
+
+
+def test_a_request_cancelled_while_waiting_never_runs_and_each_token_costs_one_forward_pass():
+    model = tiny_model(seed=5)
+    engine = Engine(model, max_rows=1)
+    first = engine.submit(Request([1, 2, 3], 6, Greedy()))
+    waiting = engine.submit(Request([4], 6, Greedy()))
+    third = engine.submit(Request([5, 6], 6, Greedy()))
+    engine.cancel(waiting)
+    engine.step()
+    assert waiting.finish_reason == "cancelled" and waiting not in engine.waiting and not waiting.tokens
+    while engine.busy:
+        engine.step()
+    assert [len(first.tokens), len(waiting.tokens), len(third.tokens)] == [6, 0, 6]
+    assert engine.forwards == 12  # per request: one prefill, then one pass per further token
