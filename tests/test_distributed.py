@@ -63,6 +63,7 @@ def test_two_ranks_match_one_process_with_double_batch(sherlock_path, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("parameters ·") == 1  # only rank 0 reports
+    assert result.stderr.count("saved ") == 1  # and says where it saved, once
 
     single = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, dropout=0.0)
     train(

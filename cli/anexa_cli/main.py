@@ -421,6 +421,8 @@ def train(
                 highlight=False,
             )
             raise typer.Exit(130) from None
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun the first rank reports for all
     best = f" · best val loss {result.best_val_loss:.4f} at step {result.best_step}" if result.best_step else ""
     console.print(
         f"saved {result.out_dir} · step {result.step} · val loss {result.val_loss:.4f}{best} · {result.seconds:.0f}s",
