@@ -222,6 +222,12 @@ class TrainConfig:
         return dataclasses.replace(self, decay_steps=self.schedule_steps)
 
 
+FIXED_BY_BASE = ("n_layer", "n_head", "n_embd", "block_size", "tie_embeddings", "blocks", "blocks_options",
+                 "tokenizer", "tokenizer_options")  # fmt: skip
+"""The settings a fine-tuning run (``init_from``) takes from its base model: ``anexa train --init-from``
+refuses others, and a fine-tuned model's card leaves them out of its command."""
+
+
 @dataclass
 class Preset:
     model: dict[str, Any] = field(default_factory=dict)

@@ -30,7 +30,7 @@ import safetensors.torch
 import torch
 
 from anexa_core import options, plugins
-from anexa_core.config import ModelConfig, TrainConfig
+from anexa_core.config import FIXED_BY_BASE, ModelConfig, TrainConfig
 from anexa_core.data.corpus import hf_normalizer
 from anexa_core.errors import AnexaError
 from anexa_core.io import checkpoint
@@ -304,7 +304,7 @@ def training_command(model_config: dict[str, Any], train_config: dict[str, Any])
     args = ["anexa", "train"]
     settings = {**model_config, **train_config}
     init_from = train_config.get("init_from")
-    fixed = _FIXED_BY_BASE if init_from is not None else ()
+    fixed = FIXED_BY_BASE if init_from is not None else ()
     if init_from is not None:
         args += ["--init-from", shareable_model(init_from)]
         for key in ("lora", "seq_len"):
@@ -330,10 +330,6 @@ def training_command(model_config: dict[str, Any], train_config: dict[str, Any])
     if toml_lines:
         args += ["--config", "train.toml"]
     return shlex.join(args), ("\n".join(toml_lines) + "\n" if toml_lines else None)
-
-
-_FIXED_BY_BASE = ("n_layer", "n_head", "n_embd", "block_size", "tie_embeddings", "blocks", "tokenizer")
-"""What a fine-tuning run takes from its ``--init-from`` model, so its command leaves it out."""
 
 
 def _option_flags(model_config: dict[str, Any], train_config: dict[str, Any], fixed: tuple[str, ...]) -> list[str]:

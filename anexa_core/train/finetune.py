@@ -19,9 +19,6 @@ from anexa_core.config import FINETUNE, LORA, ModelConfig, TrainConfig
 from anexa_core.errors import AnexaError
 from anexa_core.io.load import Base, load_base
 
-_FIXED = ("n_layer", "n_head", "n_embd", "block_size", "tie_embeddings", "blocks", "blocks_options", "tokenizer",
-          "tokenizer_options")  # fmt: skip
-
 
 def finetune_configs(
     init_from: str,
@@ -59,7 +56,7 @@ def finetune_configs(
 
 def _refuse_changes(values: dict[str, Any], model: dict[str, Any], base: Base, source: str) -> None:
     current = {**model, "tokenizer": base.tokenizer_name, "tokenizer_options": base.tokenizer_options}
-    for key in _FIXED:
+    for key in configs.FIXED_BY_BASE:
         if key not in values or values[key] == current.get(key):
             continue
         if key.endswith("_options") and _same_options(values[key], current.get(key) or {}):
