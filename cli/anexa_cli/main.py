@@ -49,7 +49,7 @@ app.command("import")(import_model)
 app.command()(serve)
 app.command()(runs)
 
-_type_column = TyperOption.display_type_rich
+_type_column = getattr(TyperOption, "display_type_rich", None)  # typer 0.29 and later
 
 
 def _no_flag_metavar(self, ctx):
@@ -57,7 +57,8 @@ def _no_flag_metavar(self, ctx):
     return None if getattr(self, "is_flag", False) else _type_column(self, ctx)
 
 
-TyperOption.display_type_rich = _no_flag_metavar  # type: ignore[method-assign]  # typer has no setting for it
+if _type_column is not None:  # older typers show no type column to adjust
+    TyperOption.display_type_rich = _no_flag_metavar  # type: ignore[method-assign]  # typer has no setting for it
 
 MAX_NEW_TOKENS = 10_000_000
 """The most tokens one generation may ask for: decoding keeps every id of the output in one buffer."""
