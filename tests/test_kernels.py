@@ -1,4 +1,5 @@
-"""The Triton attention kernels against a float64 reference: output and dQ/dK/dV, masks, tails, strides.
+"""The Triton attention kernels against a float64 reference: output and dQ/dK/dV, masks, tails, strides,
+grouped-query heads and ragged rows (per-row ``lengths``).
 
 On CPU the real kernels run through Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py), so
 shapes stay tiny. With ``ANEXA_TEST_CUDA=1`` on a CUDA machine the same tests run compiled, plus the
@@ -52,9 +53,21 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # ----------------------------------------------------------------------------------------------------
 
 
-def reference_attention(q, k, v, causal, sm_scale=None):
-    """softmax(scale·QKᵀ)·V in float64, causal mask aligned bottom-right like Anexa's contract."""
+def reference_attention(q, k, v, causal, sm_scale=None, lengths=None):
+    """softmax(scale·QKᵀ)·V in float64, causal mask aligned bottom-right like Anexa's contract.
+
+    Grouped-query k/v (fewer heads) serve query head h from head h // (H / Hkv); with ``lengths`` each
+    row is computed alone over its first lengths[b] keys (its queries are its last positions)."""
     q, k, v = (t.double() for t in (q, k, v))
+    if k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if lengths is not None:
+        rows = [
+            reference_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], causal, sm_scale)
+            for b, n in enumerate(lengths.tolist())
+        ]
+        return torch.cat(rows)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ k.transpose(-2, -1)) * scale
     if causal:
@@ -64,9 +77,9 @@ def reference_attention(q, k, v, causal, sm_scale=None):
     return torch.softmax(scores, dim=-1) @ v
 
 
-def reference_with_grads(q, k, v, grad_out, causal, sm_scale=None):
+def reference_with_grads(q, k, v, grad_out, causal, sm_scale=None, lengths=None):
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out = reference_attention(*leaves, causal, sm_scale)
+    out = reference_attention(*leaves, causal, sm_scale, lengths)
     grads = torch.autograd.grad(out, leaves, grad_out.double())
     return out, grads
 
@@ -79,11 +92,12 @@ def relative_error(got, want) -> float:
     return (diff / scale).item() if scale > 0 else (diff / math.sqrt(want.numel())).item()
 
 
-def random_qkv(batch, heads, t_q, t_k, head_dim, dtype):
+def random_qkv(batch, heads, t_q, t_k, head_dim, dtype, kv_heads=None):
     # q scaled up so softmax rows are peaked, not flat: exercises the running max and rescaling.
+    kv_heads = heads if kv_heads is None else kv_heads
     q = 2 * torch.randn(batch, heads, t_q, head_dim, device=DEVICE)
-    k = torch.randn(batch, heads, t_k, head_dim, device=DEVICE)
-    v = torch.randn(batch, heads, t_k, head_dim, device=DEVICE)
+    k = torch.randn(batch, kv_heads, t_k, head_dim, device=DEVICE)
+    v = torch.randn(batch, kv_heads, t_k, head_dim, device=DEVICE)
     return [t.to(dtype).requires_grad_() for t in (q, k, v)]
 
 
@@ -127,12 +141,19 @@ def first_candidate_only(monkeypatch):
     return pin
 
 
-def check_against_reference(batch, heads, t_q, t_k, head_dim, causal, dtype, poisoned, sm_scale=None):
-    q, k, v = random_qkv(batch, heads, t_q, t_k, head_dim, dtype)
+def check_against_reference(
+    batch, heads, t_q, t_k, head_dim, causal, dtype, poisoned, sm_scale=None, kv_heads=None, lengths=None
+):
+    q, k, v = random_qkv(batch, heads, t_q, t_k, head_dim, dtype, kv_heads)
+    if lengths is not None:
+        lengths = torch.tensor(lengths, device=DEVICE)
+        with torch.no_grad():  # padding keys hold NaN: a kernel that reads one poisons its row
+            for b, n in enumerate(lengths.tolist()):
+                k[b, :, n:] = v[b, :, n:] = float("nan")
     grad_out = torch.randn(batch, heads, t_q, head_dim, device=DEVICE).to(dtype)
-    out = flash_attention(q, k, v, causal=causal, sm_scale=sm_scale)
+    out = flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, lengths=lengths)
     got_grads = torch.autograd.grad(out, (q, k, v), grad_out)  # not .backward(): .grad may be a copy
-    want_out, want_grads = reference_with_grads(q, k, v, grad_out, causal, sm_scale)
+    want_out, want_grads = reference_with_grads(q, k, v, grad_out, causal, sm_scale, lengths)
     handed_out = {t.data_ptr() for t in poisoned}
     tolerance = TOLERANCE[dtype]
     for name, got, want in (("out", out, want_out), *zip(("dq", "dk", "dv"), got_grads, want_grads, strict=True)):
@@ -229,6 +250,47 @@ def test_more_queries_than_keys_without_mask(poisoned, first_candidate_only):
 def test_custom_scale(poisoned, first_candidate_only):
     first_candidate_only(torch.float32, 32)
     check_against_reference(1, 1, 40, 40, 32, True, torch.float32, poisoned, sm_scale=0.7)
+
+
+@needs_triton
+@pytest.mark.parametrize("t_q, t_k", [(17, 17), (5, 70)])
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["multi-query", "grouped"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_grouped_query_heads(t_q, t_k, kv_heads, causal, poisoned, first_candidate_only):
+    """Four query heads over one or two key/value heads: head h reads kv head h // 2 (with two), and
+    dK/dV of a kv head sum over every query head of its group. Odd lengths leave ragged tiles."""
+    first_candidate_only(torch.float32, 32)
+    check_against_reference(2, 4, t_q, t_k, 32, causal, torch.float32, poisoned, kv_heads=kv_heads)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "t_q, lengths",
+    [
+        (1, [1, 66, 64]),  # batched decoding: a one-key row, full + edge key tiles, exactly one full tile
+        (3, [70, 5, 63]),  # a chunk of three new tokens per row; 63: one key short of a tile
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_ragged_rows(t_q, lengths, causal, poisoned, first_candidate_only):
+    """Per-row lengths over a 70-key cache whose padding is NaN (never read): output and gradients
+    against each row computed alone in float64, padding keys with zero gradients; grouped heads too."""
+    first_candidate_only(torch.float32, 32)
+    check_against_reference(3, 2, t_q, 70, 32, causal, torch.float32, poisoned, kv_heads=1, lengths=lengths)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_ragged_rows_match_sdpa_attention(causal, first_candidate_only):
+    """The kernel and the SDPA fallback agree on ragged grouped-query rows (visible_keys' masking)."""
+    first_candidate_only(torch.float32, 32)
+    q, k, v = (t.detach() for t in random_qkv(3, 4, 3, 20, 32, torch.float32, kv_heads=2))
+    lengths = torch.tensor([20, 3, 11], device=DEVICE)
+    got = flash_attention(q, k, v, causal=causal, lengths=lengths)
+    want = fa.sdpa_attention(q, k, v, causal=causal, lengths=lengths)
+    assert relative_error(got, want.double()) < 1e-5
+    # Not a mask the kernel ignores: the same call without lengths differs.
+    assert relative_error(flash_attention(q, k, v, causal=causal), want.double()) > 1e-2
 
 
 @needs_triton
@@ -359,8 +421,10 @@ def _t(*shape, dtype=torch.float32, device="cpu"):
     [
         (_t(2, 5, 16), _t(2, 5, 16), _t(2, 5, 16), False, "4-D"),
         (_t(1, 2, 5, 16), _t(1, 2, 5, 16), _t(1, 2, 6, 16), False, "same shape"),
-        (_t(1, 2, 5, 16), _t(1, 3, 5, 16), _t(1, 3, 5, 16), False, "agree on batch, heads and head_dim"),
-        (_t(1, 2, 5, 32), _t(1, 2, 5, 16), _t(1, 2, 5, 16), False, "agree on batch, heads and head_dim"),
+        (_t(1, 2, 5, 16), _t(2, 2, 5, 16), _t(2, 2, 5, 16), False, "agree on batch and head_dim"),
+        (_t(1, 2, 5, 32), _t(1, 2, 5, 16), _t(1, 2, 5, 16), False, "agree on batch and head_dim"),
+        (_t(1, 2, 5, 16), _t(1, 3, 5, 16), _t(1, 3, 5, 16), False, "q has 2 heads, not a multiple of k/v's 3"),
+        (_t(1, 6, 5, 16), _t(1, 4, 5, 16), _t(1, 4, 5, 16), False, "q has 6 heads, not a multiple of k/v's 4"),
         (_t(1, 2, 5, 16), _t(1, 2, 5, 16, dtype=torch.float16), _t(1, 2, 5, 16), False, "one dtype"),
         (*(_t(1, 2, 5, 16, dtype=torch.float64),) * 3, False, "float16, bfloat16 and float32"),
         (_t(1, 2, 5, 16), _t(1, 2, 5, 16, device="meta"), _t(1, 2, 5, 16), False, "one device"),
@@ -375,6 +439,28 @@ def test_rejects_bad_input(q, k, v, causal, message):
     if fa._kernels is not None:
         with pytest.raises(ValueError, match=message):
             flash_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize(
+    "lengths, message",
+    [
+        (torch.tensor([5]), r"lengths must have shape \(batch,\) = \(2,\), got \(1,\)"),
+        (torch.tensor([[5, 5]]), r"lengths must have shape \(batch,\) = \(2,\), got \(1, 2\)"),
+        ([5, 5], r"lengths must have shape \(batch,\) = \(2,\), got list"),
+        (torch.tensor([5, 5], dtype=torch.int32), "lengths must be int64, got torch.int32"),
+        (torch.tensor([5, 5], device="meta"), "lengths must be on q's device cpu, got meta"),
+        (torch.tensor([9, 2]), r"between the query count 3 and the key count 9, got values in \[2, 9\]"),
+        (torch.tensor([10, 3]), r"between the query count 3 and the key count 9, got values in \[3, 10\]"),
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_rejects_bad_lengths(lengths, message, causal):
+    q, k = _t(2, 4, 3, 16), _t(2, 2, 9, 16)
+    with pytest.raises(ValueError, match=message):
+        attention(q, k, k, causal=causal, lengths=lengths)
+    if fa._kernels is not None:
+        with pytest.raises(ValueError, match=message):
+            flash_attention(q, k, k, causal=causal, lengths=lengths)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -392,10 +478,13 @@ def test_dispatcher_runs_the_kernel_without_logging(monkeypatch, caplog, first_c
     monkeypatch.setattr(fa, "_fallback_logged", False)
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: pytest.fail("fell back to SDPA"))
     q, k, v = (t.detach() for t in random_qkv(1, 2, 9, 33, 32, torch.float32))
+    lengths = torch.tensor([20], device=DEVICE)
     with caplog.at_level(logging.DEBUG, logger="anexa_kernels"):
         out = attention(q, k, v, causal=True)
+        ragged = attention(q, k[:, :1], v[:, :1], causal=True, lengths=lengths)  # grouped heads too
     assert _kernel_log(caplog) == []
     assert torch.equal(out, flash_attention(q, k, v, causal=True))
+    assert torch.equal(ragged, flash_attention(q, k[:, :1], v[:, :1], causal=True, lengths=lengths))
 
 
 def test_fallback_uses_sdpa_and_says_why_once(monkeypatch, caplog):
@@ -414,6 +503,17 @@ def test_fallback_uses_sdpa_and_says_why_once(monkeypatch, caplog):
     assert "fell back to torch scaled_dot_product_attention" in lines[0]
     assert ("TRITON_INTERPRET" in lines[0]) or ("triton is not importable" in lines[0])
     assert relative_error(out, reference_attention(q, k, v, causal=True)) < 1e-5
+
+
+def test_fallback_passes_grouped_heads_and_lengths_to_sdpa(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(fa, "_fallback_logged", True)
+    monkeypatch.setattr(fa.FlashAttention, "apply", lambda *a: pytest.fail("ran the kernel"))
+    q, k, v = (torch.randn(3, 4, 2, 16), torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16))
+    lengths = torch.tensor([9, 2, 5])
+    for causal in (False, True):
+        out = attention(q, k, v, causal=causal, lengths=lengths)
+        assert relative_error(out, reference_attention(q, k, v, causal, lengths=lengths)) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -500,6 +600,14 @@ def test_plugin_registers_triton_attention(first_candidate_only):
     q, k, v = (torch.randn(1, 2, t, 32, device=DEVICE) for t in (3, 8, 8))
     got = triton_fn(q, k, v, causal=True)
     assert relative_error(got, reference_attention(q, k, v, causal=True)) < 1e-5
+
+    assert triton_fn.grouped_query and triton_fn.ragged
+    kv = torch.randn(2, 1, 8, 32, device=DEVICE)
+    query = torch.randn(2, 2, 1, 32, device=DEVICE)
+    lengths = torch.tensor([8, 3], device=DEVICE)
+    got = triton_fn(query, kv, kv, causal=True, lengths=lengths)
+    want = reference_attention(query, kv, kv, causal=True, lengths=lengths)
+    assert relative_error(got, want) < 1e-5
 
     wide = torch.randn(1, 2, 3, 48, device=DEVICE)
     with pytest.raises(AnexaError, match="head_dim 48"):

@@ -3,6 +3,12 @@
 Reading order: the ``@triton.jit`` kernels in :mod:`flash_attention_kernels`, then the launchers here
 that compute the grids, then :class:`FlashAttention` tying forward to backward.
 
+Shapes: ``q`` (B, H, Tq, D); ``k``, ``v`` (B, Hkv, Tk, D) with ``H`` a multiple of ``Hkv``: grouped-query
+attention (GQA, Ainslie et al. 2023), query head ``h`` reads key/value head ``h // (H / Hkv)``
+(multi-query when ``Hkv`` = 1). Optional ``lengths`` (B,) int64 makes the rows ragged: row ``b`` has
+``lengths[b]`` valid keys (``Tq <= lengths[b] <= Tk``; the rest is padding, never read) and its queries
+are its last ``Tq`` valid positions (see :func:`sdpa_attention`, the reference semantics).
+
 Cost, per (batch, head) with ``Tq`` queries, ``Tk`` keys and head dim ``D``:
 
 * FLOPs. Forward: two matmuls, ``S = QKᵀ`` and ``O = PV``, ``4·Tq·Tk·D``; causal skips the blocks above
@@ -34,7 +40,7 @@ try:
 
     TRITON_IMPORT_ERROR: str | None = None
 except ImportError as exc:  # triton is an optional dependency
-    _kernels = None
+    _kernels = None  # type: ignore[assignment]
     TRITON_IMPORT_ERROR = f"triton is not importable ({exc})"
 
 logger = logging.getLogger("anexa_kernels")
@@ -77,7 +83,12 @@ def _launch_context(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _forward(q, k, v, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _group(q: torch.Tensor, k: torch.Tensor) -> int:
+    """How many query heads share one key/value head (1 without grouped-query attention)."""
+    return q.shape[1] // k.shape[1] if k.shape[1] else 1
+
+
+def _forward(q, k, v, causal: bool, sm_scale: float, lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel: the output (same layout as ``q``) and the fp32 base-2 row log-sum-exp."""
     batch, heads, t_q, head_dim = q.shape
     t_k = k.shape[2]
@@ -94,11 +105,13 @@ def _forward(q, k, v, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torc
             v,
             out,
             lse,
+            lse if lengths is None else lengths,  # unread without lengths (RAGGED=False)
             *_strides(q),
             *_strides(k),
             *_strides(v),
             *_strides(out),
             heads,
+            _group(q, k),
             t_q,
             t_k,
             sm_scale * math.log2(math.e),
@@ -106,21 +119,23 @@ def _forward(q, k, v, causal: bool, sm_scale: float) -> tuple[torch.Tensor, torc
             _bucket(t_k),
             HEAD_DIM=head_dim,
             CAUSAL=causal,
+            RAGGED=lengths is not None,
             DOT_PRECISION=_dot_precision(q.dtype),
         )
     return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float):
-    """Run the three backward kernels: delta pre-pass, dK/dV, dQ."""
+def _backward(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, lengths=None):
+    """Run the three backward kernels: delta pre-pass, dK/dV (one program per key/value head), dQ."""
     batch, heads, t_q, head_dim = q.shape
-    t_k = k.shape[2]
+    kv_heads, t_k = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     delta = torch.empty((batch * heads, t_q), device=q.device, dtype=torch.float32)
     qk_scale = sm_scale * math.log2(math.e)
-    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype))
+    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, RAGGED=lengths is not None, DOT_PRECISION=_dot_precision(q.dtype))
+    row_lengths = lse if lengths is None else lengths  # unread without lengths (RAGGED=False)
     with _launch_context(q):
         block = _kernels.DELTA_BLOCK_M
         _kernels._attention_backward_delta[(_cdiv(t_q, block), batch * heads)](
@@ -134,7 +149,7 @@ def _backward(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float):
             HEAD_DIM=head_dim,
             BLOCK_M=block,
         )
-        _kernels._attention_backward_dkdv[lambda meta: (_cdiv(t_k, meta["BLOCK_N"]), batch * heads)](
+        _kernels._attention_backward_dkdv[lambda meta: (_cdiv(t_k, meta["BLOCK_N"]), batch * kv_heads)](
             q,
             k,
             v,
@@ -143,6 +158,7 @@ def _backward(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float):
             dv,
             lse,
             delta,
+            row_lengths,
             *_strides(q),
             *_strides(k),
             *_strides(v),
@@ -150,6 +166,7 @@ def _backward(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float):
             *_strides(dk),
             *_strides(dv),
             heads,
+            _group(q, k),
             t_q,
             t_k,
             qk_scale,
@@ -166,12 +183,14 @@ def _backward(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float):
             dq,
             lse,
             delta,
+            row_lengths,
             *_strides(q),
             *_strides(k),
             *_strides(v),
             *_strides(grad_out),
             *_strides(dq),
             heads,
+            _group(q, k),
             t_q,
             t_k,
             qk_scale,
@@ -189,21 +208,21 @@ def _backward(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float):
 
 
 class FlashAttention(torch.autograd.Function):
-    """Forward saves Q, K, V, O and the row lse; backward recomputes P tile by tile from them."""
+    """Forward saves Q, K, V, O, the row lse (and the lengths); backward recomputes P tile by tile from them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, sm_scale: float):
-        out, lse = _forward(q, k, v, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, causal: bool, sm_scale: float, lengths: torch.Tensor | None = None):
+        out, lse = _forward(q, k, v, causal, sm_scale, lengths)
+        ctx.save_for_backward(q, k, v, out, lse, lengths)
         ctx.causal, ctx.sm_scale = causal, sm_scale
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None
+        q, k, v, out, lse, lengths = ctx.saved_tensors
+        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.sm_scale, lengths)
+        return dq, dk, dv, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,8 +230,12 @@ class FlashAttention(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
-    """Raise ValueError naming what is wrong with ``q, k, v``; shared by the kernel and the dispatcher."""
+def check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, lengths: torch.Tensor | None = None
+) -> None:
+    """Raise ValueError naming what is wrong with ``q, k, v`` (and ``lengths``); shared by the kernel and
+    the dispatcher. The values of ``lengths`` are checked on the CPU only: on a GPU that read would wait
+    for the device at every call (the batched engine, their one caller there, computes them itself)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -221,8 +244,13 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
             )
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, heads and head_dim")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch and head_dim")
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if (kv_heads == 0 and heads != 0) or (kv_heads != 0 and heads % kv_heads != 0):
+        raise ValueError(
+            f"q has {heads} heads, not a multiple of k/v's {kv_heads} heads (grouped-query attention needs one)"
+        )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in SUPPORTED_DTYPES:
@@ -242,24 +270,56 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
         )
     if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
         raise ValueError(f"batch × heads = {q.shape[0] * q.shape[1]} exceeds the kernel's grid limit {_MAX_GRID_Y}")
+    if lengths is not None:
+        _check_lengths(lengths, q, k)
+
+
+def _check_lengths(lengths: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+    batch, t_q, t_k = q.shape[0], q.shape[2], k.shape[2]
+    if not isinstance(lengths, torch.Tensor) or lengths.shape != (batch,):
+        shape = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+        raise ValueError(f"lengths must have shape (batch,) = ({batch},), got {shape}")
+    if lengths.dtype != torch.int64:
+        raise ValueError(f"lengths must be int64, got {lengths.dtype}")
+    if lengths.device != q.device:
+        raise ValueError(f"lengths must be on q's device {q.device}, got {lengths.device}")
+    if batch == 0 or lengths.is_cuda:  # on a GPU reading the values back would stall every call: trusted
+        return
+    low, high = (int(x) for x in torch.aminmax(lengths))
+    if low < t_q or high > t_k:
+        raise ValueError(
+            f"lengths must be between the query count {t_q} and the key count {t_k}, got values in [{low}, {high}]"
+        )
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, sm_scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(sm_scale·QKᵀ [+ causal mask])·V by the Triton kernels, differentiable.
 
-    ``(batch, heads, time, head_dim)`` tensors of one dtype (fp16, bf16, fp32; fp32 accumulation inside)
-    on one device; any strides. ``q`` may have fewer rows than ``k``/``v``: queries are then the last
-    positions and the causal mask is aligned bottom-right. ``sm_scale`` defaults to ``1/sqrt(head_dim)``.
-    Needs triton, and CUDA tensors (or ``TRITON_INTERPRET=1`` set before import, for any device).
+    ``q`` (B, H, Tq, D), ``k`` and ``v`` (B, Hkv, Tk, D) with ``H`` a multiple of ``Hkv`` (grouped-query
+    attention: query head ``h`` reads key/value head ``h // (H / Hkv)``, Ainslie et al. 2023), of one
+    dtype (fp16, bf16, fp32; fp32 accumulation inside) on one device; any strides. ``q`` may have fewer
+    rows than ``k``/``v``: queries are then the last positions and the causal mask is aligned
+    bottom-right. ``lengths`` (B,) int64 on the same device, optional: row ``b`` has ``lengths[b]`` valid
+    keys, ``Tq <= lengths[b] <= Tk``, and its queries are its last ``Tq`` valid positions (query ``i``
+    sees keys ``j < lengths[b]``, and ``j <= lengths[b] - Tq + i`` when causal); padding keys are never
+    read and get zero gradients. ``sm_scale`` defaults to ``1/sqrt(head_dim)``. Needs triton, and CUDA
+    tensors (or ``TRITON_INTERPRET=1`` set before import, for any device).
     """
     if _kernels is None:
         raise RuntimeError(f"flash_attention needs triton: {TRITON_IMPORT_ERROR}")
-    check_inputs(q, k, v, causal)
+    check_inputs(q, k, v, causal, lengths)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
-    return FlashAttention.apply(q, k, v, bool(causal), float(sm_scale))
+    if lengths is not None:
+        lengths = lengths.contiguous()
+    return FlashAttention.apply(q, k, v, bool(causal), float(sm_scale), lengths)
 
 
 def fallback_reason(q: torch.Tensor) -> str | None:
@@ -303,7 +363,12 @@ def _prefers_math(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, lengths: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    lengths: torch.Tensor | None = None,
+    backend: SDPBackend | None = None,
 ) -> torch.Tensor:
     """PyTorch's SDPA with bottom-right causal alignment when queries are fewer than keys.
 
@@ -312,9 +377,13 @@ def sdpa_attention(
     ``lengths`` (B,) int64, optional: row ``b`` has ``lengths[b]`` valid keys (the rest is padding) and
     its queries are its last ``Tq`` valid positions, so query ``i`` sees keys ``j < lengths[b]`` and, when
     causal, ``j <= lengths[b] - Tq + i``. (SDPA's own ``is_causal`` aligns top-left; a single query sees
-    every key either way.) PyTorch picks the backend, except when training on CPU in bf16/fp16 with at
-    most :data:`CPU_MATH_MAX_KEYS` keys, where its math backend is the faster one.
+    every key either way.) ``backend``: the one SDPA backend to use (PyTorch raises ``RuntimeError`` "No
+    available kernel" when it cannot run the inputs). ``None``: PyTorch picks, except when training on CPU
+    in bf16/fp16 with at most :data:`CPU_MATH_MAX_KEYS` keys, where its math backend is the faster one.
     """
+    if backend is not None:
+        with sdpa_kernel(backend):
+            return _sdpa(q, k, v, causal, lengths)
     if _prefers_math(q, k):
         with sdpa_kernel(SDPBackend.MATH):
             return _sdpa(q, k, v, causal, lengths)
@@ -340,29 +409,34 @@ def _sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, lengths: torch.Tensor | None = None
 ) -> torch.Tensor:
     t_q, t_k = q.shape[2], k.shape[2]
-    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    gqa = k.shape[1] != q.shape[1]  # False is SDPA's default: plain attention is passed as before
     if lengths is not None:
         mask = visible_keys(t_q, t_k, causal, lengths, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if not causal or t_q == 1:
-        return F.scaled_dot_product_attention(q, k, v, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if t_q == t_k:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     visible = visible_keys(t_q, t_k, causal, None, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, **gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """The Triton kernel where it can run, else PyTorch SDPA (same maths); the first fallback logs why.
 
-    Inputs are validated the same way on both paths, so a model that works here works on a GPU.
+    Grouped-query ``k``/``v`` and per-row ``lengths`` as in :func:`flash_attention`. Inputs are validated
+    the same way on both paths, so a model that works here works on a GPU.
     """
     global _fallback_logged
-    check_inputs(q, k, v, causal)
+    check_inputs(q, k, v, causal, lengths)
     reason = fallback_reason(q)
     if reason is None:
-        return FlashAttention.apply(q, k, v, bool(causal), 1.0 / math.sqrt(q.shape[-1]))
+        if lengths is not None:
+            lengths = lengths.contiguous()
+        return FlashAttention.apply(q, k, v, bool(causal), 1.0 / math.sqrt(q.shape[-1]), lengths)
     if not _fallback_logged:
         _fallback_logged = True
         logger.warning("Triton attention fell back to torch scaled_dot_product_attention: %s", reason)
-    return sdpa_attention(q, k, v, causal)
+    return sdpa_attention(q, k, v, causal, lengths)

@@ -7,6 +7,16 @@ queries, ``BLOCK_N`` rows of keys, query row ``i`` at absolute position ``i + kv
 ``kv_offset = Tk - Tq`` (queries are the last ``Tq`` positions; causal means key ``j`` is visible to
 query ``i`` when ``j <= i + kv_offset``).
 
+Grouped-query attention (GQA, Ainslie et al. 2023): Q has ``H`` heads, K and V ``H / GROUP``; query
+head ``h`` reads key/value head ``h // GROUP``. The forward and dQ kernels run one program per query
+head; the dK/dV kernel runs one per key/value head and loops over the ``GROUP`` query heads that read
+it, so dK and dV are written once, without atomics.
+
+Ragged rows (``RAGGED``, a constexpr, so the kernels without it compile exactly as before): ``LENGTHS``
+(B,) int64 gives row ``b`` its own key count ``Tk = LENGTHS[b]`` (keys past it are padding, never read)
+and ``kv_offset = LENGTHS[b] - Tq``; the launcher checks ``Tq <= LENGTHS[b] <= Tk``. The dK/dV rows of
+padding keys are written as zeros.
+
 Scores live in the log2 domain: ``s = q·k * sm_scale * log2(e)``, so ``exp2`` replaces ``exp`` and the
 saved row log-sum-exp ``lse`` is in base 2 too (``p = exp2(s - lse)``).
 
@@ -73,7 +83,7 @@ DELTA_BLOCK_M = 64
 # every key anyway), not per exact length: decoding with a growing KV cache would re-tune every step.
 TUNING_KEY = ["HEAD_DIM", "CAUSAL", "TQ_BUCKET", "TK_BUCKET"]
 # Sizes are runtime values, not specialised on (==1, %16): one binary serves every shape.
-SIZE_ARGS = ["H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET"]
+SIZE_ARGS = ["H", "GROUP", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET"]
 
 
 def config_case(element_size: int, head_dim: int) -> str:
@@ -172,6 +182,7 @@ def _attention_forward(
     V,
     O,
     LSE,
+    LENGTHS,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -189,6 +200,7 @@ def _attention_forward(
     stride_ot,
     stride_od,
     H,
+    GROUP,
     Tq,
     Tk,
     qk_scale,
@@ -196,15 +208,19 @@ def _attention_forward(
     TK_BUCKET,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    RAGGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (batch, head); writes their output rows and lse."""
+    """One program: BLOCK_M query rows of one (batch, query head); writes their output rows and lse."""
     start_m = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
     batch = (batch_head // H).to(tl.int64)
     head = (batch_head % H).to(tl.int64)
+    kv_head = head // GROUP
+    if RAGGED:
+        Tk = tl.load(LENGTHS + batch).to(tl.int32)  # this row's keys; the rest is padding
     kv_offset = Tk - Tq
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -212,8 +228,8 @@ def _attention_forward(
     row_ok = offs_m < Tq
     q_ptrs = _tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qt, stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    k_base = K + batch * stride_kb + head * stride_kh
-    v_base = V + batch * stride_vb + head * stride_vh
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -391,6 +407,7 @@ def _attention_backward_dkdv(
     DV,
     LSE,
     DELTA,
+    LENGTHS,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -416,6 +433,7 @@ def _attention_backward_dkdv(
     stride_dvt,
     stride_dvd,
     H,
+    GROUP,
     Tq,
     Tk,
     qk_scale,
@@ -424,34 +442,37 @@ def _attention_backward_dkdv(
     TK_BUCKET,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    RAGGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One program: BLOCK_N key rows of one (batch, head); writes their dK and dV rows."""
+    """One program: BLOCK_N key rows of one (batch, key/value head); sums over the GROUP query heads
+    that read them, then writes their dK and dV rows."""
     start_n = tl.program_id(0) * BLOCK_N
-    batch_head = tl.program_id(1)
-    batch = (batch_head // H).to(tl.int64)
-    head = (batch_head % H).to(tl.int64)
-    kv_offset = Tk - Tq
-
+    batch_kv_head = tl.program_id(1)
+    kv_heads = H // GROUP
+    batch = (batch_kv_head // kv_heads).to(tl.int64)
+    kv_head = (batch_kv_head % kv_heads).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    store_ok = offs_n < Tk  # every key row of the tensor is written, padding included
+    if RAGGED:
+        Tk = tl.load(LENGTHS + batch).to(tl.int32)  # this row's keys; the rest is padding
+    kv_offset = Tk - Tq
+
     key_ok = offs_n < Tk
-    k_ptrs = _tile(K + batch * stride_kb + head * stride_kh, offs_n, offs_d, stride_kt, stride_kd)
-    v_ptrs = _tile(V + batch * stride_vb + head * stride_vh, offs_n, offs_d, stride_vt, stride_vd)
+    k_ptrs = _tile(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kt, stride_kd)
+    v_ptrs = _tile(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_d, stride_vt, stride_vd)
     k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
     v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-    q_base = Q + batch * stride_qb + head * stride_qh
-    do_base = DO + batch * stride_dob + head * stride_doh
-    lse_base = LSE + batch_head.to(tl.int64) * Tq
-    delta_base = DELTA + batch_head.to(tl.int64) * Tq
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
-    # Padded key rows (>= Tk) only pollute their own dK/dV rows, which are never stored, so only the
-    # query side needs masks. Causal: query rows before `first` see none of this tile, rows from
-    # `full_start` on see all of it; the band between is masked, and so is a ragged last query block.
+    # Padded key rows (>= Tk) only pollute their own dK/dV rows, which are never stored (or, for ragged
+    # rows, stored as zeros), so only the query side needs masks. Causal: query rows before `first` see
+    # none of this tile, rows from `full_start` on see all of it; the band between is masked, and so is
+    # a ragged last query block. The bounds are the same for every query head of the group.
     full_stop = (Tq // BLOCK_M) * BLOCK_M
     edge_stop = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
     first = 0
@@ -459,87 +480,97 @@ def _attention_backward_dkdv(
     if CAUSAL:
         first = (tl.maximum(start_n - kv_offset, 0) // BLOCK_M) * BLOCK_M
         full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - kv_offset, 0), BLOCK_M) * BLOCK_M
-    dk, dv = _dkdv_query_blocks(
-        dk,
-        dv,
-        k,
-        v,
-        q_base,
-        do_base,
-        lse_base,
-        delta_base,
-        stride_qt,
-        stride_qd,
-        stride_dot,
-        stride_dod,
-        offs_n,
-        offs_d,
-        first,
-        tl.minimum(full_start, edge_stop),
-        Tq,
-        kv_offset,
-        qk_scale,
-        CAUSAL,
-        True,
-        BLOCK_M,
-        DOT_PRECISION,
-    )
-    dk, dv = _dkdv_query_blocks(
-        dk,
-        dv,
-        k,
-        v,
-        q_base,
-        do_base,
-        lse_base,
-        delta_base,
-        stride_qt,
-        stride_qd,
-        stride_dot,
-        stride_dod,
-        offs_n,
-        offs_d,
-        full_start,
-        full_stop,
-        Tq,
-        kv_offset,
-        qk_scale,
-        CAUSAL,
-        False,
-        BLOCK_M,
-        DOT_PRECISION,
-    )
-    dk, dv = _dkdv_query_blocks(
-        dk,
-        dv,
-        k,
-        v,
-        q_base,
-        do_base,
-        lse_base,
-        delta_base,
-        stride_qt,
-        stride_qd,
-        stride_dot,
-        stride_dod,
-        offs_n,
-        offs_d,
-        tl.maximum(full_start, full_stop),
-        edge_stop,
-        Tq,
-        kv_offset,
-        qk_scale,
-        CAUSAL,
-        True,
-        BLOCK_M,
-        DOT_PRECISION,
-    )
+    for g in range(0, GROUP):
+        head = kv_head * GROUP + g
+        batch_head = batch * H + head
+        q_base = Q + batch * stride_qb + head * stride_qh
+        do_base = DO + batch * stride_dob + head * stride_doh
+        lse_base = LSE + batch_head * Tq
+        delta_base = DELTA + batch_head * Tq
+        dk, dv = _dkdv_query_blocks(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qt,
+            stride_qd,
+            stride_dot,
+            stride_dod,
+            offs_n,
+            offs_d,
+            first,
+            tl.minimum(full_start, edge_stop),
+            Tq,
+            kv_offset,
+            qk_scale,
+            CAUSAL,
+            True,
+            BLOCK_M,
+            DOT_PRECISION,
+        )
+        dk, dv = _dkdv_query_blocks(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qt,
+            stride_qd,
+            stride_dot,
+            stride_dod,
+            offs_n,
+            offs_d,
+            full_start,
+            full_stop,
+            Tq,
+            kv_offset,
+            qk_scale,
+            CAUSAL,
+            False,
+            BLOCK_M,
+            DOT_PRECISION,
+        )
+        dk, dv = _dkdv_query_blocks(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qt,
+            stride_qd,
+            stride_dot,
+            stride_dod,
+            offs_n,
+            offs_d,
+            tl.maximum(full_start, full_stop),
+            edge_stop,
+            Tq,
+            kv_offset,
+            qk_scale,
+            CAUSAL,
+            True,
+            BLOCK_M,
+            DOT_PRECISION,
+        )
 
     dk = dk * sm_scale  # S = sm_scale·QKᵀ, so dK = sm_scale·dSᵀQ
-    dk_ptrs = _tile(DK + batch * stride_dkb + head * stride_dkh, offs_n, offs_d, stride_dkt, stride_dkd)
-    dv_ptrs = _tile(DV + batch * stride_dvb + head * stride_dvh, offs_n, offs_d, stride_dvt, stride_dvd)
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+    if RAGGED:  # padding keys get no gradient
+        dk = tl.where(key_ok[:, None], dk, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
+    dk_ptrs = _tile(DK + batch * stride_dkb + kv_head * stride_dkh, offs_n, offs_d, stride_dkt, stride_dkd)
+    dv_ptrs = _tile(DV + batch * stride_dvb + kv_head * stride_dvh, offs_n, offs_d, stride_dvt, stride_dvd)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=store_ok[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=store_ok[:, None])
 
 
 @triton.jit
@@ -602,6 +633,7 @@ def _attention_backward_dq(
     DQ,
     LSE,
     DELTA,
+    LENGTHS,
     stride_qb,
     stride_qh,
     stride_qt,
@@ -623,6 +655,7 @@ def _attention_backward_dq(
     stride_dqt,
     stride_dqd,
     H,
+    GROUP,
     Tq,
     Tk,
     qk_scale,
@@ -631,15 +664,19 @@ def _attention_backward_dq(
     TK_BUCKET,
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    RAGGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (batch, head); writes their dQ rows."""
+    """One program: BLOCK_M query rows of one (batch, query head); writes their dQ rows."""
     start_m = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
     batch = (batch_head // H).to(tl.int64)
     head = (batch_head % H).to(tl.int64)
+    kv_head = head // GROUP
+    if RAGGED:
+        Tk = tl.load(LENGTHS + batch).to(tl.int32)  # this row's keys; the rest is padding
     kv_offset = Tk - Tq
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -651,8 +688,8 @@ def _attention_backward_dq(
     do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + batch_head.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + batch_head.to(tl.int64) * Tq + offs_m, mask=row_ok, other=0.0)
-    k_base = K + batch * stride_kb + head * stride_kh
-    v_base = V + batch * stride_vb + head * stride_vh
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     # The same full/edge split as the forward.
