@@ -186,6 +186,11 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch):
         (["--dtype", "float8"], "unknown dtype 'float8'"),
         (["--attention", "nope"], "unknown attention 'nope'"),
         (["--seq", "12x"], "--seq '12x' is not a list of integers"),
+        (["--head-dim", "16,x"], "--head-dim '16,x' is not a list of integers"),
+        (["--attention", "sdpa:backend=fast"], "attention sdpa option backend must be one of auto, flash"),
+        (["--attention", "sdpa:bakend=flash"], "attention sdpa has no option 'bakend': choose one of backend"),
+        (["--attention", "sdpa:backend"], "bad --attention 'sdpa:backend': use NAME or NAME:OPTION=VALUE"),
+        (["--attention", "math:backend=flash"], "attention math takes no options"),
         (["--batch", "0"], "--batch must be at least 1"),
         (["train", "--preset", "huge"], "unknown preset 'huge'"),
         (["generate", "--attention", "nope"], "unknown attention 'nope'"),
@@ -250,3 +255,78 @@ def test_generate_decodes_past_the_context_by_default(one_thread, tmp_path):
     rows = json.loads(out.read_text())
     assert all(row["prompt_len"] + row["new_tokens"] > row["block_size"] for row in rows)
     assert rows[0]["new_tokens"] == 2 * rows[0]["block_size"]
+
+
+def test_attention_specs_become_rows_labelled_as_written_with_their_options():
+    assert bench.parse_attention("sdpa") == ("sdpa", {})
+    assert bench.parse_attention(" sdpa:backend=cudnn ") == ("sdpa", {"backend": "cudnn"})
+    rows = bench.select_attention(["sdpa", "sdpa:backend=flash", "sdpa: backend = math", "math"])
+    assert list(rows) == ["sdpa", "sdpa:backend=flash", "sdpa: backend = math", "math"]
+    assert [getattr(rows[label], "backend", None) for label in rows] == ["auto", "flash", "math", None]
+
+
+def test_on_a_gpu_the_default_rows_add_sdpa_flash_and_cudnn_after_sdpa():
+    plain = list(bench.select_attention(None))
+    assert not any(":" in label for label in plain)  # the CPU default: plain plugins only
+    with_extras = list(bench.select_attention(None, bench.CUDA_DEFAULT_EXTRAS))
+    after = plain.index("sdpa") + 1
+    assert with_extras == [*plain[:after], "sdpa:backend=flash", "sdpa:backend=cudnn", *plain[after:]]
+
+
+def test_an_sdpa_backend_cpu_lacks_is_a_fallback_row_and_the_others_run(caplog):
+    """A pinned backend that cannot run is labelled as the triton plugin's fallback is (PyTorch's reason,
+    no timing); a model that pins it runs PyTorch's choice instead, the same numbers, logged once."""
+    rows = bench.bench_attention(seqs=(16,), attention=["sdpa:backend=cudnn", "sdpa:backend=math", "sdpa"], **TINY)
+    cudnn, math, default = rows
+    assert cudnn["attention"] == "sdpa:backend=cudnn" and cudnn["status"] == "fallback → sdpa (PyTorch's choice)"
+    assert "SDPA backend cudnn cannot run cpu float32" in cudnn["reason"] and cudnn["fwd_ms"] is None
+    for row in (math, default):
+        assert row["status"] == "ok" and row["fwd_bwd_ms"] > 0 and row["max_abs_err"] < 1e-4, row
+    pinned, auto = (plugins.create("attention", "sdpa", options)[0] for options in ({"backend": "efficient"}, {}))
+    q, k, v = torch.randn(3, 1, 2, 4, 8, generator=torch.Generator().manual_seed(0))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="anexa"):
+        for _ in range(2):
+            assert torch.equal(pinned(q, k, v, causal=True), auto(q, k, v, causal=True))
+    assert [record.getMessage() for record in caplog.records] == [
+        "SDPA backend efficient cannot run cpu float32 D=8: PyTorch's CPU SDPA has only the flash and math "
+        "backends: PyTorch's choice runs instead"
+    ]
+
+
+def test_cli_head_dims_as_a_comma_list_give_rows_for_each_and_plot(tmp_path):
+    out, target = tmp_path / "rows.json", tmp_path / "attention.png"
+    args = ["--seq", "16", "--head-dim", "16,32", "--batch", "1", "--heads", "1", "--repeats", "1", "--device"]
+    result = CliRunner().invoke(
+        bench_app, [*args, "cpu", "-a", "sdpa", "-a", "sdpa:backend=math", "--json", str(out), "--plot", str(target)]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [(row["head_dim"], row["attention"]) for row in rows] == [
+        (16, "sdpa"),
+        (16, "sdpa:backend=math"),
+        (32, "sdpa"),
+        (32, "sdpa:backend=math"),
+    ]
+    assert all(row["status"] == "ok" for row in rows)
+    assert "D=16,32" in result.output and "sdpa:backend=math" in result.output
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_pinned_sdpa_backend_reports_pytorchs_reasons_for_it_alone():
+    """The warnings torch 2.11 gave on an H200 for ``sdpa:backend=flash`` with float32 inputs."""
+    from anexa_plugins.sdpa_attention import _reasons
+
+    at = " (Triggered internally at /pytorch/aten/src/ATen/native/transformers/cuda/sdp_utils.cpp:988.)"
+    dtype = "Expected query, key and value to all be of dtype: {Half, BFloat16}. Got Query dtype: float"
+    messages = [
+        "Memory efficient kernel not used because:" + at,
+        "Memory Efficient attention has been runtime disabled." + at,
+        "Flash attention kernel not used because:" + at,
+        dtype + at,
+        "cuDNN attention kernel not used because:" + at,
+        "cuDNN attention has been runtime disabled." + at,
+    ]
+    assert _reasons("flash", messages) == [dtype]
+    assert _reasons("cudnn", messages) == []
+    assert _reasons("efficient", ["only this" + at]) == ["only this"]

@@ -131,7 +131,13 @@ def test_plugins_json_lists_builtins_with_versions():
         "status": "loaded",
         "error": None,
         "registers": {"attention": ["sdpa"]},
-        "options": {"attention": {"sdpa": []}},
+        "options": listed["sdpa"]["options"],
+    }
+    [backend] = listed["sdpa"]["options"]["attention"]["sdpa"]
+    assert {key: backend[key] for key in ("name", "type", "default")} == {
+        "name": "backend",
+        "type": "'auto' | 'flash' | 'efficient' | 'cudnn' | 'math'",
+        "default": "auto",
     }
     assert listed["gpt2"]["options"]["blocks"]["gpt2"] == [
         {"name": "bias", "type": "bool", "default": True, "help": "biases in linear layers and LayerNorms"},
@@ -154,7 +160,7 @@ def test_plugins_json_lists_builtins_with_versions():
         (["train", "--blocks", "nope"], "unknown blocks 'nope'"),
         (["train", "--tokenizer", "nope"], "unknown tokenizer 'nope'"),
         (["train", "--optimizer", "nope"], "unknown optimizer 'nope'"),
-        (["train", "-o", "attention.window=3"], "attention sdpa takes no options, got 'window'"),
+        (["train", "-o", "attention.window=3"], "attention sdpa has no option 'window': choose one of backend"),
         (["train", "-o", "blocks.bias=maybe"], "blocks gpt2 option bias must be true or false, got 'maybe'"),
         (["train", "-o", "window=3"], "bad -o 'window=3': use -o KIND.OPTION=VALUE"),
         (["train", "-o", "sampler.p=3"], "'sampler' is not a plugin setting"),

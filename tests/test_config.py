@@ -98,7 +98,7 @@ def test_plugin_options_a_user_gives_are_never_dropped(tmp_path, sherlock_path):
     config.write_text('[attention]\nname = "sliding"\nwindow = 64\n', encoding="utf-8")
     user_error(
         [*args, "--attention", "sdpa", "--config", str(config), "--out", str(tmp_path / "s")],
-        "attention sdpa takes no options, got 'window'",
+        "attention sdpa has no option 'window': choose one of backend",
     )
     user_error(
         [

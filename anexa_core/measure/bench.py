@@ -11,6 +11,10 @@ number that looks measured but is not.
 
 A backend that cannot run its own kernel here (``triton`` without CUDA) is not timed: its row says
 ``fallback → sdpa`` and why, instead of showing SDPA's numbers under the kernel's name.
+
+A row is an attention plugin with options, written ``NAME`` or ``NAME:OPTION=VALUE[,OPTION=VALUE]``
+(``sdpa:backend=cudnn``; the values go through :mod:`anexa_core.options` as ``-o`` values do) and
+labelled as written. On a GPU the default rows add :data:`CUDA_DEFAULT_EXTRAS` beside the plain plugins.
 """
 
 from __future__ import annotations
@@ -138,23 +142,66 @@ def _peak_mb(run: Callable[[], Any], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def select_attention(names: Sequence[str] | None) -> dict[str, Callable | AnexaError]:
-    """The registered attention backends with default options, all of them or the ``names`` asked for
-    (in that order). Names that clash between two plugins are left out of "all" (``anexa plugins``
-    lists them) and refused by name."""
+CUDA_DEFAULT_EXTRAS = ("sdpa:backend=flash", "sdpa:backend=cudnn")
+"""Rows ``anexa bench`` adds by default on a GPU, each after its plugin's plain row: SDPA's default backend
+(cuDNN attention on Hopper) beside its flash and cuDNN backends pinned, so all of them and ``triton``
+are compared in one run. On a CPU the default rows are the plain plugins only."""
+
+
+def parse_attention(spec: str) -> tuple[str, dict[str, str]]:
+    """``"sdpa:backend=cudnn"`` → ``("sdpa", {"backend": "cudnn"})``; a bare name has no options.
+
+    Options are comma-separated ``OPTION=VALUE`` after a colon; the values stay text here and are
+    converted (and checked) by :func:`anexa_core.options.create`, as ``-o attention.OPTION=VALUE`` is.
+    """
+    name, colon, rest = spec.strip().partition(":")
+    name, given = name.strip(), {}
+    usage = f"bad --attention {spec!r}: use NAME or NAME:OPTION=VALUE[,OPTION=VALUE], e.g. sdpa:backend=cudnn"
+    if not name:
+        raise AnexaError(usage)
+    if colon:
+        for part in rest.split(","):
+            key, equals, value = part.partition("=")
+            if not equals or not key.strip().isidentifier():
+                raise AnexaError(usage)
+            given[key.strip()] = value.strip()
+    return name, given
+
+
+def select_attention(
+    names: Sequence[str] | None, default_extras: Sequence[str] = ()
+) -> dict[str, Callable | AnexaError]:
+    """The attention rows asked for, keyed by their label (the spec as written, see :func:`parse_attention`),
+    in that order; without ``names`` every registered attention with default options, each followed by
+    those of ``default_extras`` that name it. Names that clash between two plugins are left out of "all"
+    (``anexa plugins`` lists them) and refused by name.
+
+    An unknown name, an unknown option or a bad value is an error (before anything is measured); a
+    plugin that fails to build with default options becomes its row's error, and the other rows still run.
+    """
     available = sorted(plugins.registered("attention"))
     if not names:
         clashing = {conflict["name"] for conflict in plugins.conflicts() if conflict["kind"] == "attention"}
-        names = [name for name in available if name not in clashing]
-    unknown = [name for name in names if name not in available]
+        extras = {extra: parse_attention(extra)[0] for extra in default_extras}
+        names = [
+            label
+            for name in available
+            if name not in clashing
+            for label in (name, *(extra for extra, base in extras.items() if base == name))
+        ]
+    specs = {spec.strip(): parse_attention(spec) for spec in names}
+    unknown = [name for name in dict.fromkeys(name for name, _ in specs.values()) if name not in available]
     if unknown:
         asked = ", ".join(map(repr, unknown))
         raise AnexaError(f"unknown attention {asked}: choose from {', '.join(available)} (see `anexa plugins`)")
-    return {name: _create_or_error(name) for name in dict.fromkeys(names)}
+    return {label: _create_or_error(name, given) for label, (name, given) in specs.items()}
 
 
-def _create_or_error(name: str) -> Callable | AnexaError:
-    """A backend with default options, or the error that prevents it (the row reports it; others still run)."""
+def _create_or_error(name: str, given: dict[str, str] | None = None) -> Callable | AnexaError:
+    """A backend with the ``given`` options, or with default options the error that prevents it (the row
+    reports it; others still run). With options given, their errors are the user's and propagate."""
+    if given:
+        return plugins.create("attention", name, given)[0]
     try:
         return plugins.create("attention", name)[0]
     except AnexaError as exc:
@@ -174,11 +221,25 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+def _check_sizes(seqs: Sequence[int], batch: int, heads: int, head_dim: int | Sequence[int], repeats: int) -> list[int]:
+    """The head dims as a list, after a one-line error for any size below 1."""
+    head_dims = [head_dim] if isinstance(head_dim, int) else list(head_dim)
+    if not head_dims or min(head_dims) < 1:
+        raise AnexaError("--head-dim must be at least 1 (one value or a comma list, e.g. --head-dim 64,128)")
+    sizes = {"--batch": batch, "--heads": heads, "--repeats": repeats}
+    for label, value in sizes.items():
+        if value < 1:
+            raise AnexaError(f"{label} must be at least 1")
+    if not seqs or min(seqs) < 1:
+        raise AnexaError("--seq must list positive sequence lengths, e.g. --seq 128,256")
+    return list(dict.fromkeys(head_dims))
+
+
 def bench_attention(
     seqs: Sequence[int] = (128, 256, 512),
     batch: int = 4,
     heads: int = 4,
-    head_dim: int = 64,
+    head_dim: int | Sequence[int] = 64,
     dtype: str = "float32",
     causal: bool = True,
     attention: Sequence[str] | None = None,
@@ -186,23 +247,24 @@ def bench_attention(
     warmup: int = 2,
     device: str = "auto",
 ) -> list[dict[str, Any]]:
-    """One row per backend per sequence length: forward and forward+backward time, TFLOP/s, memory, error.
+    """One row per head dim per sequence length per backend (in that nesting): forward and
+    forward+backward time, TFLOP/s, memory, error.
+
+    ``attention`` lists row specs (``sdpa``, ``sdpa:backend=cudnn``, see :func:`parse_attention`);
+    without it every plugin runs, plus :data:`CUDA_DEFAULT_EXTRAS` on a GPU. A backend that cannot run
+    the inputs (an SDPA backend pinned where PyTorch has no such kernel, a head dim a kernel lacks) gets
+    an ``unsupported`` row with the reason. ``head_dim`` is one or several head dimensions.
 
     The error is the largest absolute difference from the ``math`` backend run in float64 on the same
     inputs; with only ``math`` itself it measures math's own rounding at the input dtype.
     """
-    sizes = {"--batch": batch, "--heads": heads, "--head-dim": head_dim, "--repeats": repeats}
-    for label, value in sizes.items():
-        if value < 1:
-            raise AnexaError(f"{label} must be at least 1")
-    if not seqs or min(seqs) < 1:
-        raise AnexaError("--seq must list positive sequence lengths, e.g. --seq 128,256")
+    head_dims = _check_sizes(seqs, batch, heads, head_dim, repeats)
     torch_dtype = parse_dtype(dtype)
     where = pick_device(device)
     check_dtype(torch_dtype, where)
-    backends = select_attention(attention)
+    backends = select_attention(attention, CUDA_DEFAULT_EXTRAS if where.type == "cuda" else ())
     rows = []
-    for seq in seqs:
+    for head_dim, seq in ((d, t) for d in head_dims for t in seqs):
         generator = torch.Generator().manual_seed(seq)
         shape = (batch, heads, seq, head_dim)
         q, k, v, grad_out = (torch.randn(shape, generator=generator).to(where, torch_dtype) for _ in range(4))
@@ -277,13 +339,17 @@ def _time_attention(attend, q, k, v, grad_out, causal, device, repeats, warmup) 
 def bench_model(
     preset: str, attention: str, device: torch.device, batch_size: int | None = None, precision: str | None = None
 ):
-    """A randomly initialised ``preset`` model using ``attention``, and the preset's training config.
+    """A randomly initialised ``preset`` model using ``attention`` (a name, or ``NAME:OPTION=VALUE,…`` as
+    :func:`parse_attention` reads it), and the preset's training config.
 
     Benchmarks need no corpus: the vocabulary is :data:`BENCH_VOCAB` and the tokens are random, since
     speed does not depend on the text.
     """
-    overrides = dict(attention=attention, batch_size=batch_size, precision=precision)
-    model_config, train_config = resolve(preset, overrides=overrides)
+    name, given = parse_attention(attention)
+    overrides = dict(attention=name, batch_size=batch_size, precision=precision)
+    model_config, train_config = resolve(
+        preset, overrides=overrides, plugin_options={"attention": given} if given else None
+    )
     with torch.random.fork_rng(devices=[]):  # the same weights every time, the caller's RNG untouched
         torch.manual_seed(train_config.seed)
         model = build_model(dataclasses.replace(model_config, vocab_size=BENCH_VOCAB))
@@ -404,6 +470,7 @@ def bench_train(
         )
         rows.append(row)
         runs[PLAIN] = (row, model, train_config, plain_train_step(model, train_config, where))
+    _drop_unrunnable(runs)
     try:
         medians = interleaved_ms({name: entry[3] for name, entry in runs.items()}, where, steps, warmup)
     except (AnexaError, ValueError) as exc:  # e.g. a kernel without this head_dim: say so
@@ -426,6 +493,17 @@ def bench_train(
         for row, *_ in runs.values():
             row["vs_plain"] = medians[PLAIN] / row["step_ms"]
     return rows
+
+
+def _drop_unrunnable(runs: dict[str, Any]) -> None:
+    """Run one step of each row alone and drop the rows that cannot run (a pinned SDPA backend this
+    device lacks), marked ``unsupported`` with the reason, so they do not fail the others' timing."""
+    for name, (row, *_, step) in list(runs.items()):
+        try:
+            step()
+        except (AnexaError, ValueError) as exc:
+            row.update(status="unsupported", reason=str(exc))
+            del runs[name]
 
 
 def plain_train_step(model: GPT, train_config: TrainConfig, device: torch.device) -> Callable[[], None]:
@@ -492,7 +570,7 @@ def bench_generate(
     model, _ = bench_model(preset, attention, where)
     if new_tokens is None:
         new_tokens = 2 * model.config.block_size
-    attend, _ = plugins.create("attention", attention)
+    attend, _ = plugins.create("attention", *parse_attention(attention))
     reason = kernel_fallback(attention, attend, _attention_input(model, 1, 1, where))
     prompt = torch.randint(BENCH_VOCAB, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     modes: dict[str, dict[str, Any]] = {
@@ -542,18 +620,31 @@ def require_matplotlib():
 
 
 def plot_attention(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Forward+backward time and TFLOP/s against sequence length, one line per backend that ran."""
+    """Forward+backward time and TFLOP/s against sequence length, one line per backend that ran; with
+    several head dims, one line per backend per head dim (labelled ``NAME D=…``): a colour per backend,
+    a line style per head dim."""
     plt = require_matplotlib()
     figure, (time_axis, rate_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in dict.fromkeys(row["attention"] for row in rows):
-        ran = [row for row in rows if row["attention"] == name and row["fwd_bwd_ms"] is not None]
+    head_dims = list(dict.fromkeys(row["head_dim"] for row in rows))
+    lines = dict.fromkeys((row["attention"], row["head_dim"]) for row in rows)
+    names = list(dict.fromkeys(row["attention"] for row in rows))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for name, head_dim in lines:
+        ran = [
+            row
+            for row in rows
+            if row["attention"] == name and row["head_dim"] == head_dim and row["fwd_bwd_ms"] is not None
+        ]
         if not ran:
             continue
+        label = name if len(head_dims) == 1 else f"{name} D={head_dim}"
+        style = dict(marker="o", label=label, color=colors[names.index(name) % len(colors)])
+        style["linestyle"] = ("-", "--", ":", "-.")[head_dims.index(head_dim) % 4]
         seqs = [row["seq"] for row in ran]
-        time_axis.plot(seqs, [row["fwd_bwd_ms"] for row in ran], marker="o", label=name)
-        rate_axis.plot(seqs, [row["fwd_bwd_tflops"] for row in ran], marker="o", label=name)
+        time_axis.plot(seqs, [row["fwd_bwd_ms"] for row in ran], **style)
+        rate_axis.plot(seqs, [row["fwd_bwd_tflops"] for row in ran], **style)
     first = rows[0]
-    shape = f"B={first['batch']} H={first['heads']} D={first['head_dim']} {first['dtype']}"
+    shape = f"B={first['batch']} H={first['heads']} D={','.join(map(str, head_dims))} {first['dtype']}"
     shape += " causal" if first["causal"] else ""
     time_axis.set(xlabel="sequence length", ylabel="forward+backward ms", yscale="log", title=shape)
     rate_axis.set(xlabel="sequence length", ylabel="forward+backward TFLOP/s", title=first["device"])

@@ -25,24 +25,43 @@ bench_app = typer.Typer(
 
 Attention = Annotated[
     list[str] | None,
-    typer.Option("--attention", "-a", help="Only these attention plugins; repeatable (default: all)."),
+    typer.Option(
+        "--attention",
+        "-a",
+        help="Only these attention plugins, NAME or NAME:OPTION=VALUE[,…]; repeatable (default: all).",
+    ),
+]
+RowAttention = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--attention",
+        "-a",
+        help="Only these attention rows; repeatable. NAME or NAME:OPTION=VALUE[,OPTION=VALUE] with the "
+        "plugin's options (e.g. sdpa:backend=cudnn), each row labelled as written. \\[default: every "
+        "plugin; on CUDA also sdpa:backend=flash and sdpa:backend=cudnn]",
+    ),
 ]
 Json = Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON to this file.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
 Preset = Annotated[str, typer.Option(help="Model size: seed or small.")]
 
 
-def parse_seqs(values: list[str]) -> list[int]:
-    """``--seq 128 --seq 256,512`` → ``[128, 256, 512]``."""
-    seqs = []
+def parse_ints(values: list[str], flag: str = "--seq", example: str = "128,256,512") -> list[int]:
+    """``--seq 128 --seq 256,512`` → ``[128, 256, 512]`` (the same for ``--head-dim``)."""
+    numbers = []
     for value in values:
         for part in value.split(","):
             try:
-                seqs.append(int(part))
+                numbers.append(int(part))
             except ValueError:
-                message = f"--seq {value!r} is not a list of integers: use e.g. --seq 128,256,512"
+                message = f"{flag} {value!r} is not a list of integers: use e.g. {flag} {example}"
                 raise AnexaError(message) from None
-    return seqs
+    return numbers
+
+
+def parse_seqs(values: list[str]) -> list[int]:
+    """``--seq 128 --seq 256,512`` → ``[128, 256, 512]``."""
+    return parse_ints(values, "--seq", "128,256,512")
 
 
 def _number(key: str, spec: str, scale: float = 1.0):
@@ -95,12 +114,14 @@ def _write_json(rows: list[dict[str, Any]], path: Path | None) -> None:
 def attention_bench(
     ctx: typer.Context,
     seq: Annotated[list[str] | None, typer.Option(help="Sequence lengths; repeatable or comma list.")] = None,
-    head_dim: Annotated[int, typer.Option(help="Head dimension D.")] = 64,
+    head_dim: Annotated[
+        list[str] | None, typer.Option(help="Head dimensions D; repeatable or comma list. \\[default: 64]")
+    ] = None,
     batch: Annotated[int, typer.Option(help="Batch size B.")] = 4,
     heads: Annotated[int, typer.Option(help="Heads H.")] = 4,
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     causal: Annotated[bool, typer.Option("--causal/--no-causal", help="Causal mask.")] = True,
-    attention: Attention = None,
+    attention: RowAttention = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (the median is reported).")] = 10,
     device: Device = "auto",
     json_path: Json = None,
@@ -120,7 +141,7 @@ def attention_bench(
         seqs=parse_seqs(seq or ["128,256,512"]),
         batch=batch,
         heads=heads,
-        head_dim=head_dim,
+        head_dim=parse_ints(head_dim or ["64"], "--head-dim", "64,128"),
         dtype=dtype,
         causal=causal,
         attention=attention,
@@ -133,8 +154,10 @@ def attention_bench(
     first = rows[0]
     on_cpu = first["device"] == "cpu"
     unit, scale = ("GFLOP/s", 1e3) if on_cpu else ("TFLOP/s", 1.0)  # a CPU reaches GFLOP/s
+    head_dims = list(dict.fromkeys(row["head_dim"] for row in rows))
     columns = {
         "attention": "attention",
+        "D": "head_dim",
         "T": "seq",
         "fwd ms": _number("fwd_ms", ".3g"),
         "fwd+bwd ms": _number("fwd_bwd_ms", ".3g"),
@@ -146,8 +169,10 @@ def attention_bench(
     }
     if on_cpu:
         del columns["peak MB"]
+    if len(head_dims) == 1:
+        del columns["D"]
     _print_table(
-        f"attention on {first['device']} · B={first['batch']} H={first['heads']} D={first['head_dim']} · "
+        f"attention on {first['device']} · B={first['batch']} H={first['heads']} D={','.join(map(str, head_dims))} · "
         f"{first['dtype']} · {'causal' if first['causal'] else 'not causal'}",
         columns,
         rows,
