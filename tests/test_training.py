@@ -133,7 +133,7 @@ def test_resume_allows_what_does_not_change_the_meaning(sherlock_path, tmp_path)
     }
     assert unchanged[0].n_head == 2  # a flag not given (None) changes nothing
     other = resume_configs(tmp_path, {"attention": "sdpa"}, {"attention": {}})
-    assert other[0].attention == "sdpa" and other[0].attention_options == {}
+    assert other[0].attention == "sdpa" and other[0].attention_options == {"backend": "auto"}
     with pytest.raises(AnexaError, match=r"^unknown setting 'frobnicate' in flags: use one of "):
         resume_configs(tmp_path, {"frobnicate": 1})
     with pytest.raises(AnexaError, match="already reached step 2"):
@@ -558,7 +558,7 @@ def test_the_save_delay_test_hook(monkeypatch):
     "model_changes, train_changes, message",
     [
         ({"blocks_options": {"bias": "maybe"}}, {}, "blocks gpt2 option bias must be true or false, got 'maybe'"),
-        ({"attention_options": {"window": 3}}, {}, "attention sdpa takes no options, got 'window'"),
+        ({"attention_options": {"window": 3}}, {}, "attention sdpa has no option 'window': choose one of backend"),
         (
             {},
             {"tokenizer": "bpe", "tokenizer_options": {"vocab_size": 5}},
@@ -1027,3 +1027,33 @@ def test_a_batch_of_conversations_pads_right_and_targets_only_the_assistant_toke
     for row, which in enumerate(drawn):
         assert (x[row].tolist(), y[row].tolist()) == rows[which]
     assert set(drawn) == {0, 1}
+
+
+def test_losses_read_back_in_batches_report_every_step_in_order(sherlock_path, tmp_path, monkeypatch):
+    """On a GPU the loop reads losses back every --log-every steps instead of after every step (a read waits
+    for the device). Forced here on the CPU: the reporter still hears every step once, in order, with the
+    same losses, and steps.jsonl and metrics.jsonl say what a step-by-step run says."""
+    from anexa_core.train import loop
+
+    class Heard(SilentReporter):
+        def __init__(self):
+            self.steps = []
+
+        def step(self, step, loss, tokens_per_s):
+            self.steps.append((step, loss))
+
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    config = _train_config(sherlock_path, steps=11, log_every=4, eval_every=6, save_every=11, warmup_steps=3)
+    one_by_one, batched = Heard(), Heard()
+    train(tiny, config, tmp_path / "a", reporter=one_by_one)
+    monkeypatch.setattr(loop, "_reads_each_step", lambda device: False)
+    train(tiny, config, tmp_path / "b", reporter=batched)
+    assert [step for step, _ in batched.steps] == list(range(1, 12))
+    assert batched.steps == one_by_one.steps
+
+    def records(run, name, keys):
+        lines = (tmp_path / run / name).read_text().splitlines()
+        return [{key: json.loads(line)[key] for key in keys} for line in lines]
+
+    assert records("b", "steps.jsonl", ("step", "loss", "lr")) == records("a", "steps.jsonl", ("step", "loss", "lr"))
+    assert records("b", "metrics.jsonl", ("step", "val_loss")) == records("a", "metrics.jsonl", ("step", "val_loss"))

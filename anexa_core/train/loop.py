@@ -381,11 +381,12 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
     model, config, ranks, device = run.model, run.train_config, run.ranks, run.device
     model.train()
     train_step = make_train_step(model, run.optimizer, config, device, distributed.wrap(model, ranks, device))
+    each_step = _reads_each_step(device)
     tokens_per_step = config.batch_size * _window(config, model) * ranks.world_size
     budget_s = config.minutes * 60 if config.minutes is not None else None
     horizon_s = config.decay_minutes * 60 if config.decay_minutes is not None else None
     eval_seconds = 0.0  # how long an evaluation takes, so a time budget ends with its final one on time
-    window_start, window_tokens = time.perf_counter(), 0
+    window_start, window_tokens, tokens_per_s = time.perf_counter(), 0, 0.0
     log = _StepLog(run.out_dir / STEPS_FILE if ranks.is_main else None, tokens_per_step)
     run.started = time.perf_counter()
     done = run.first_step
@@ -396,15 +397,16 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
         for group in run.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         x, y = run.train_data.batch(config.batch_size * ranks.world_size, run.batch_generator)
-        loss = train_step(ranks.shard(x).to(device, non_blocking=True), ranks.shard(y).to(device, non_blocking=True))
+        loss = train_step(_to_device(ranks.shard(x), device), _to_device(ranks.shard(y), device))
         done = step + 1
-        window_tokens += tokens_per_step
-        tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-        value = loss.item()
-        reporter.step(done, value, tokens_per_s)
+        log.add(loss)
         time_up = budget_s is not None and distributed.any_rank(run.elapsed() + eval_seconds >= budget_s, ranks, device)
         last = done == config.steps or time_up
-        log.add(value)
+        interrupted = distributed.any_rank(bool(stop_requested and stop_requested()), ranks, device)
+        if each_step or done % config.log_every == 0 or done % config.eval_every == 0 or last or interrupted:
+            window_tokens += tokens_per_step * log.unread_steps
+            tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            log.read(done, tokens_per_s, reporter)
         if done % config.log_every == 0 or last:
             log.write(done, lr, run.elapsed())
         new_best = False
@@ -414,7 +416,6 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
             eval_seconds = time.perf_counter() - eval_started
             window_start, window_tokens = time.perf_counter(), 0
             log.pause(eval_seconds)
-        interrupted = distributed.any_rank(bool(stop_requested and stop_requested()), ranks, device)
         if ranks.is_main and (interrupted or new_best or last or done % config.save_every == 0):
             save(run, done, best=new_best)
         if interrupted:
@@ -433,17 +434,47 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
     )
 
 
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``batch`` on ``device``. To a GPU through page-locked memory (PyTorch caches those buffers), so the
+    copy is queued behind the running steps instead of waiting for them."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
+def _reads_each_step(device: torch.device) -> bool:
+    """Whether the loop reads each step's loss back to the host at once. A read waits for the device: on
+    a GPU the losses are read every ``log_every`` steps (and at evaluations, the end and an interruption),
+    so the host queues the next steps meanwhile; a CPU computes synchronously anyway."""
+    return device.type == "cpu"
+
+
 class _StepLog:
     """The lines of ``steps.jsonl``: the steps' losses since the last line, and their throughput (the time
-    of evaluations left out). ``path`` ``None``: record nothing (every rank but the first)."""
+    of evaluations left out). ``path`` ``None``: record nothing (every rank but the first).
+
+    Losses arrive as 0-d tensors (:meth:`add`) and are read back to the host together (:meth:`read`)."""
 
     def __init__(self, path: Path | None, tokens_per_step: int):
         self.path, self.tokens_per_step = path, tokens_per_step
+        self.unread: list[torch.Tensor] = []
         self.losses: list[float] = []
         self.started = time.perf_counter()
 
-    def add(self, loss: float) -> None:
-        self.losses.append(loss)
+    def add(self, loss: torch.Tensor) -> None:
+        self.unread.append(loss)
+
+    @property
+    def unread_steps(self) -> int:
+        return len(self.unread)
+
+    def read(self, step: int, tokens_per_s: float, reporter: Reporter) -> None:
+        """Read the losses of the steps up to ``step`` in one transfer and report each step, in order."""
+        values = torch.stack(self.unread).tolist() if self.unread else []
+        for at, value in enumerate(values, start=step - len(values) + 1):
+            reporter.step(at, value, tokens_per_s)
+        self.losses += values
+        self.unread = []
 
     def pause(self, seconds: float) -> None:
         """``seconds`` spent on something else (an evaluation): not the steps' time."""

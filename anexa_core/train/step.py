@@ -45,7 +45,8 @@ def make_train_step(
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """One optimizer step on a batch ``(x, y)`` (B, T) int64 already on ``device``: forward under the
     configured precision (``forward``: ``model`` or its DDP wrapper; compiled with ``config.compile``),
-    backward, gradient clipping, the optimizer's step. Returns the loss, a 0-d tensor (nats/token).
+    backward, gradient clipping, the optimizer's step. Returns the loss, a 0-d tensor (nats/token), without
+    reading it back to the host (on a GPU that read waits for the step to finish).
 
     The training loop and ``anexa bench train`` both run exactly this, so the benchmark times the product.
     """
@@ -130,11 +131,12 @@ def estimate_loss(
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    losses = []
+    losses: list[torch.Tensor] = []
     for _ in range(config.eval_batches):
         x, y = data.batch(config.batch_size, generator)
         with torch.no_grad(), autocast(device, config.precision):  # a context, not a decorator: see docs/testing.md
             _, loss = model(x.to(device), y.to(device))
-        losses.append(loss.item())
+        losses.append(loss)
     model.train(was_training)
-    return sum(losses) / len(losses)
+    values = torch.stack(losses).tolist()  # one read back to the host, not one per batch
+    return sum(values) / len(values)
