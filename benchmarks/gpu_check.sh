@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (H100/H200, no network): install, GPU info, kernel tests on CUDA, then the
-# Triton-vs-SDPA benchmark. Run from the repo root: `bash benchmarks/gpu_check.sh`. Results go to $OUT
-# (default ./gpu_out): install.log, kernel_tests.log, attention_gpu.log, gpu_table.md.
-# Every stage runs even if an earlier one failed; each has a time limit so the whole stays under ~6 min.
+# The one prepared GPU check (H100/H200, no network), run from the repo root: `bash benchmarks/gpu_check.sh`.
+# Carry `.gpudata` (sherlock.txt; smol.json from `python benchmarks/random_weights.py describe RUN
+# .gpudata/smol.json`) and `.whl` (wheels the GPU image lacks: fastapi, uvicorn, pydantic, gguf...).
+# Stages, most important first, each under its own time limit so the whole stays under ~8 minutes and
+# every stage runs even if an earlier one failed:
+#   training (gpu_train.sh): the seed job (5000 steps), `anexa bench train`
+#   attention: `anexa bench` (default SDPA, flash, cuDNN, Triton), the CUDA kernel tests, the kernel variants
+#   pretrained (gpu_pretrained.sh): a 135M model's LoRA / full fine-tune tokens/s, serve at 1 and 16 streams
+# Logs and tables go to $OUT (default ./gpu_out); the summary prints last. GPU_CHECK_ONLY=training,attention
+# picks stages; GPU_CHECK_QUICK=1 and the *_S variables below shorten a rerun.
 set -u
 
 START=$(date +%s)
@@ -13,63 +19,61 @@ elapsed() { echo $(( $(date +%s) - START )); }
 stage() { printf '\n=== %s (at %ss) ===\n' "$1" "$(elapsed)"; }
 STATUS=""
 note() { STATUS="$STATUS$1"$'\n'; echo "$1"; }
+ONLY=${GPU_CHECK_ONLY:-training,attention,pretrained}  # a rerun can pick stages
+wanted() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 stage "install (no network)"
-if $PY -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
-    && $PY -c "import anexa_core, anexa_kernels, anexa_plugins" >>"$OUT/install.log" 2>&1; then
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$OUT/install.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} \
+    && note "install: carried wheels into /tmp/site" || note "install: carried wheels FAILED (see install.log)"
+fi
+if $PY -m pip install --no-deps --no-build-isolation -e . >>"$OUT/install.log" 2>&1 \
+    && $PY -c "import anexa_core, anexa_kernels, anexa_plugins, anexa_serve" >>"$OUT/install.log" 2>&1; then
   note "install: pip install -e . ok"
 else
-  # No setuptools or no pip: map the import names onto the folders, and give importlib.metadata a
-  # dist-info with the entry points so the built-in plugins still load.
-  LINKS=$(mktemp -d)
-  ln -s "$PWD/anexa_core" "$LINKS/anexa_core"
-  ln -s "$PWD/plugins" "$LINKS/anexa_plugins"
-  ln -s "$PWD/kernels" "$LINKS/anexa_kernels"
-  ln -s "$PWD/cli" "$LINKS/anexa_cli"
-  $PY - "$LINKS" <<'PYEOF' >>"$OUT/install.log" 2>&1
-import pathlib, sys, tomllib
-project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
-info = pathlib.Path(sys.argv[1]) / f"anexa-{project['version']}.dist-info"
-info.mkdir()
-info.joinpath("METADATA").write_text(f"Metadata-Version: 2.1\nName: anexa\nVersion: {project['version']}\n")
-lines = []
-for group, entries in project.get("entry-points", {}).items():
-    lines.append(f"[{group}]")
-    lines += [f"{name} = {target}" for name, target in entries.items()]
-lines += ["[console_scripts]"] + [f"{name} = {target}" for name, target in project.get("scripts", {}).items()]
-info.joinpath("entry_points.txt").write_text("\n".join(lines) + "\n")
-PYEOF
-  export PYTHONPATH="$LINKS${PYTHONPATH:+:$PYTHONPATH}"
-  anexa() { $PY -c "from anexa_cli.main import app; app()" "$@"; }  # stands in for the console script
-  if $PY -c "import anexa_core, anexa_kernels, anexa_plugins" >>"$OUT/install.log" 2>&1; then
-    note "install: pip failed (see install.log); using PYTHONPATH symlinks in $LINKS"
-  else
-    note "install: FAILED, packages do not import (see install.log)"
-  fi
+  note "install: pip install -e . FAILED (see install.log)"
 fi
+ANEXA="$PY -m anexa_cli"
 
 stage "GPU"
-nvidia-smi || note "nvidia-smi: FAILED"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || note "nvidia-smi: FAILED"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), 'cudnn', torch.backends.cudnn.version())" \
   || note "torch/triton/CUDA check: FAILED"
 
-stage "kernel tests on CUDA (limit 150 s)"
-# SIGINT on timeout: pytest still prints its summary of what ran.
-ANEXA_TEST_CUDA=1 timeout -s INT -k 10 150 $PY -m pytest tests/test_kernels.py -q -ra --durations=15 -p no:cacheprovider \
-  >"$OUT/kernel_tests.log" 2>&1
-rc=$?
-tail -n 40 "$OUT/kernel_tests.log"
-if [ $rc -eq 124 ]; then note "kernel tests: CUT at the 150 s limit (the log's summary shows what ran)"; else note "kernel tests: exit $rc"; fi
+if wanted training; then
+  source benchmarks/gpu_train.sh
+fi
 
-stage "attention benchmark (limit 130 s)"
-timeout -k 10 130 $PY benchmarks/attention_gpu.py --out "$OUT/gpu_table.md" --budget-s 70 2>&1 | tee "$OUT/attention_gpu.log"
-note "benchmark: exit ${PIPESTATUS[0]}"
+if wanted attention; then
+  if [ -z "${GPU_CHECK_QUICK:-}" ]; then
+    stage "anexa bench: SDPA default, flash, cuDNN and Triton, causal bf16 (limit 100 s)"
+    timeout -k 5 100 $ANEXA bench --device cuda --dtype bfloat16 --seq 1024,4096,8192 --head-dim 64,128 \
+      --batch 4 --heads 16 --repeats 10 \
+      --attention sdpa --attention sdpa:backend=flash --attention sdpa:backend=cudnn --attention triton \
+      --json "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench_attention.log"
+    note "anexa bench attention: exit ${PIPESTATUS[0]}"
+  fi
 
-# Training runs and `anexa bench` on the GPU.
-source benchmarks/gpu_train.sh
+  stage "kernel tests on CUDA (limit ${KERNEL_TEST_S:-120} s)"
+  # SIGINT on timeout: pytest still prints its summary of what ran.
+  ANEXA_TEST_CUDA=1 timeout -s INT -k 10 "${KERNEL_TEST_S:-120}" $PY -m pytest tests/test_kernels.py \
+    tests/test_kernels_fused_backward.py ${KERNEL_TEST_K:+-k "$KERNEL_TEST_K"} -q -ra --durations=10 \
+    -p no:cacheprovider >"$OUT/kernel_tests.log" 2>&1
+  rc=$?
+  tail -n 25 "$OUT/kernel_tests.log"
+  note "kernel tests: exit $rc"
+
+  stage "kernel variants: 3-pass vs fused backward against SDPA flash/cuDNN/default (limit ${VARIANTS_S:-110} s)"
+  timeout -k 10 "${VARIANTS_S:-110}" $PY benchmarks/attention_gpu.py --variants --out "$OUT/variants.md" \
+    --budget-s $(( ${VARIANTS_S:-110} - 30 )) 2>&1 | tee "$OUT/attention_gpu.log"
+  note "kernel variants: exit ${PIPESTATUS[0]}"
+fi
+
+if wanted pretrained; then
+  source benchmarks/gpu_pretrained.sh
+fi
 
 stage "summary"
 printf '%s' "$STATUS"
 echo "total $(elapsed) s"
-echo
-cat "$OUT/gpu_table.md" 2>/dev/null || echo "(no gpu_table.md was written)"

@@ -46,10 +46,12 @@ def train_seed_model(out: Path, data: str, steps: int) -> Path:
     return out
 
 
-def start_server(model: Path, parallel: int, queue: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: Path, parallel: int, queue: int, threads: int, device: str = "cpu"
+) -> tuple[subprocess.Popen, str]:
     """``anexa serve`` on a free port; returns the process and its base URL once ``/health`` answers."""
     command = [*ANEXA, "serve", "--model", str(model), "--port", "0", "--parallel", str(parallel)]
-    command += ["--queue", str(queue), "--threads", str(threads), "--max-tokens-cap", "4096", "--device", "cpu"]
+    command += ["--queue", str(queue), "--threads", str(threads), "--max-tokens-cap", "4096", "--device", device]
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     assert process.stderr is not None
@@ -128,7 +130,7 @@ def run(model: Path, args: argparse.Namespace) -> list[dict[str, float]]:
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
         for repeat in range(args.repeat):
-            process, url = start_server(model, args.parallel, queue=256, threads=threads)
+            process, url = start_server(model, args.parallel, queue=256, threads=threads, device=args.device)
             try:
                 name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
                 for clients in (int(c) for c in args.clients.split(",")):
@@ -180,6 +182,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=16, help="anexa serve --parallel (rows)")
     parser.add_argument("--threads", default="1,0", help="anexa serve --threads values, comma-separated (0: default)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of every setting (the table shows medians)")
+    parser.add_argument("--device", default="cpu", help="anexa serve --device (cpu, cuda)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
 
