@@ -37,23 +37,25 @@ atomics are cheaper (FlashAttention-2's CUDA kernels use them).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .flash_attention_kernels import DELTA_BLOCK_M, INTERPRETED, _attention_backward_delta
-
-
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-
+from .flash_attention import _bucket, _cdiv, _dot_precision, _launch_context, _strides
+from .flash_attention_kernels import (
+    DELTA_BLOCK_M,
+    TUNING_KEY,
+    _attention_backward_delta,
+    _config,
+    _tile,
+    _tuning,
+)
 
 # Hopper (H100/H200) candidates: each compiled and checked against float64 on an H200 (triton 3.6.0);
-# the autotuner picked 64x64 w4 s3 at D=64 and 32x128 w8 s2 at D=128 (module docstring: the timings). A program keeps a
-# BLOCK_N-row key tile, its V tile and two fp32 accumulators (dK, dV) of that size while thin query
+# the autotuner picked 64x64 w4 s3 at D=64 and 32x128 w8 s2 at D=128 (module docstring: the timings).
+# A program keeps a BLOCK_N-row key tile, its V tile and two fp32 accumulators (dK, dV) of that size while thin query
 # tiles stream past; BLOCK_N = 128 halves the atomic adds into dQ against 64. At head dim 128 the
 # accumulators alone take 2·BLOCK_N·128 fp32 registers, so big tiles need 8 warps.
 FUSED_CONFIGS = {
@@ -72,38 +74,7 @@ FUSED_CONFIGS = {
     ],
     "fp32": [_config(32, 64, 8, 2)],
 }
-# The interpreter runs one config (it cannot autotune several) and pays per program and per op.
-INTERPRETER_CONFIG = _config(64, 64, 4, 1)
-
-TUNING_KEY = ["HEAD_DIM", "CAUSAL", "TQ_BUCKET", "TK_BUCKET"]
 SIZE_ARGS = ["H", "Tq", "Tk", "TQ_BUCKET", "TK_BUCKET"]
-
-
-def config_case(element_size: int, head_dim: int) -> str:
-    """Which list of :data:`FUSED_CONFIGS` serves inputs of this element size and head dim."""
-    if element_size == 4:
-        return "fp32"
-    return "head_dim=128" if head_dim > 64 else "head_dim<=64"
-
-
-def _tuning() -> dict:
-    """Arguments for ``triton.autotune``: every candidate, pruned to the input's case. ``DQ`` is reset
-    to zero before each timed candidate (the atomics accumulate into it); triton zeroes it once more
-    after tuning, before the real launch."""
-    if INTERPRETED:
-        return {"configs": [INTERPRETER_CONFIG], "reset_to_zero": ["DQ"]}
-
-    def case_configs(configs, named_args, **kwargs):
-        return FUSED_CONFIGS[config_case(named_args["Q"].element_size(), kwargs["HEAD_DIM"])]
-
-    every = [config for configs in FUSED_CONFIGS.values() for config in configs]
-    return {"configs": every, "prune_configs_by": {"early_config_prune": case_configs}, "reset_to_zero": ["DQ"]}
-
-
-@triton.jit
-def _tile(base, offs_t, offs_d, stride_t, stride_d):
-    """Pointers to rows ``offs_t`` (every head-dim column) of one (batch, head) slice."""
-    return base + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d
 
 
 @triton.jit
@@ -179,7 +150,7 @@ def _fused_query_blocks(
     return dk, dv
 
 
-@triton.autotune(key=TUNING_KEY, **_tuning())
+@triton.autotune(key=TUNING_KEY, **_tuning(FUSED_CONFIGS, reset_to_zero=["DQ"]))
 @triton.jit(do_not_specialize=SIZE_ARGS)
 def _attention_backward_fused(
     Q,
@@ -365,26 +336,6 @@ def _attention_backward_fused(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _bucket(n: int) -> int:
-    """The power of two at or above ``n``: the autotuner's key for a length."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """tf32x3 for fp32 inputs unless torch allows TF32 (as :mod:`flash_attention` decides)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "tf32x3"
-    return "tf32"
-
-
 def backward_fused(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -415,7 +366,7 @@ def backward_fused(
         return dq_acc.to(q.dtype), dk.zero_(), dv.zero_()
     delta = torch.empty((batch * heads, t_q), device=q.device, dtype=torch.float32)
     # Launch on the tensors' GPU, not the current one.
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with _launch_context(q):
         block = DELTA_BLOCK_M
         _attention_backward_delta[(_cdiv(t_q, block), batch * heads)](
             out,

@@ -93,16 +93,18 @@ def config_case(element_size: int, head_dim: int) -> str:
     return "head_dim=128" if head_dim > 64 else "head_dim<=64"
 
 
-def _tuning(table: dict) -> dict:
-    """Arguments for ``triton.autotune``: every candidate, and a pruner that keeps the input's case."""
+def _tuning(table: dict, reset_to_zero: list[str] | None = None) -> dict:
+    """Arguments for ``triton.autotune``: every candidate, and a pruner that keeps the input's case.
+    ``reset_to_zero``: outputs a kernel accumulates into (atomics), zeroed before each timed candidate."""
+    reset = {"reset_to_zero": reset_to_zero} if reset_to_zero else {}
     if INTERPRETED:
-        return {"configs": [INTERPRETER_CONFIG]}
+        return {"configs": [INTERPRETER_CONFIG], **reset}
 
     def case_configs(configs, named_args, **kwargs):
         return table[config_case(named_args["Q"].element_size(), kwargs["HEAD_DIM"])]
 
     every = [config for configs in table.values() for config in configs]
-    return {"configs": every, "prune_configs_by": {"early_config_prune": case_configs}}
+    return {"configs": every, "prune_configs_by": {"early_config_prune": case_configs}, **reset}
 
 
 @triton.jit
