@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 
 import pytest
 import safetensors
@@ -274,6 +275,14 @@ def test_out_is_never_half_written_and_never_a_run(runs, tmp_path, monkeypatch):
         export(run, out)
     with pytest.raises(AnexaError, match="holds an Anexa run"):
         export(run, run, overwrite=True)
+    # A near miss: a run folder whose model.safetensors was cut short is still a run, never replaced.
+    cut = tmp_path / "cut-run"
+    cut.mkdir()
+    (cut / "model.safetensors").write_bytes(checkpoint.checkpoint_file(run).read_bytes()[:100])
+    with pytest.raises(AnexaError, match="holds an Anexa run"):
+        export(run, cut, overwrite=True)
+    assert len((cut / "model.safetensors").read_bytes()) == 100
+    shutil.rmtree(cut)
 
     import anexa_core.io.export as module
 
@@ -289,6 +298,21 @@ def test_out_is_never_half_written_and_never_a_run(runs, tmp_path, monkeypatch):
     done = export(run, out, overwrite=True)
     assert "notes.txt" not in {p.name for p in out.iterdir()} and done.architecture == "GPT2LMHeadModel"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_earlier_export_is_replaced_with_overwrite_and_read_as_a_hugging_face_folder(runs, tmp_path):
+    """Found by a newcomer: `anexa export RUN hf/seed --overwrite` into its own earlier export was refused
+    as "holds an Anexa run" (any model.safetensors counted as a run), and the same test made such a folder
+    load as an Anexa run rather than as the Hugging Face folder it is."""
+    from anexa_core.io.load import load_base
+
+    run, out = runs["char"][0], tmp_path / "hf"
+    export(run, out)
+    assert not checkpoint.holds_a_run(out) and checkpoint.holds_a_run(run)
+    with pytest.raises(AnexaError, match="is not empty: pass --overwrite"):
+        export(run, out)
+    assert export(run, out, overwrite=True).architecture == "GPT2LMHeadModel"
+    assert load_base(str(out)).tokenizer_name == "hf"  # imported as a Hugging Face folder
 
 
 def test_what_is_written_for_sharing_holds_no_local_path_or_user_name_and_true_numbers(workdir, tmp_path):

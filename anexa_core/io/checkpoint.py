@@ -323,9 +323,25 @@ def latest_run(runs_dir: Path) -> Path:
 
 
 def holds_a_run(folder: Path) -> bool:
-    """Whether ``folder`` holds something ``anexa train`` wrote that a new run would overwrite."""
+    """Whether ``folder`` holds something ``anexa train`` (or ``anexa import``) wrote that a new run would
+    overwrite: a training state, a best model, or a ``model.safetensors`` that is not known to be someone
+    else's. A Hugging Face folder (``anexa export``'s, say) also has a ``model.safetensors``, one whose
+    header reads and carries no Anexa metadata: that is not a run. A file whose header cannot be read (cut
+    short, damaged) counts as a run, so nothing a user trained is replaced on a guess."""
     folder = Path(folder)
-    return any((folder / name).exists() for name in (MODEL_FILE, BEST_FILE, STATE_FILE))
+    if (folder / BEST_FILE).exists() or (folder / STATE_FILE).exists():
+        return True
+    weights = folder / MODEL_FILE
+    return weights.exists() and not _foreign_weights(weights)
+
+
+def _foreign_weights(path: Path) -> bool:
+    """Whether ``path`` is a readable safetensors file without Anexa's metadata (one Anexa did not write)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as handle:
+            return "anexa" not in (handle.metadata() or {})
+    except Exception:  # safetensors raises several error types for damaged or foreign files
+        return False
 
 
 def clear_run(out_dir: Path) -> None:
