@@ -330,3 +330,59 @@ def test_a_pinned_sdpa_backend_reports_pytorchs_reasons_for_it_alone():
     assert _reasons("flash", messages) == [dtype]
     assert _reasons("cudnn", messages) == []
     assert _reasons("efficient", ["only this" + at]) == ["only this"]
+    many = [f"reason {i}" for i in range(5)]
+    assert _reasons("flash", ["Flash attention kernel not used because:", *many]) == many[:3]  # three at most
+    assert _reasons("flash", many) == many[:3]
+
+
+def test_a_pinned_backend_sees_the_rows_lengths_and_a_real_error_is_not_a_fallback(caplog):
+    """Ragged rows reach a pinned backend (math and flash compute them on a CPU; memory-efficient attention
+    has no CPU kernel, so PyTorch's choice runs them, the mask named in the reason), and an error that is not "no kernel"
+    (mismatched shapes) stays the error it is, with no fallback logged."""
+    from anexa_plugins.sdpa_attention import Unavailable
+
+    math, flash, efficient, auto = (
+        plugins.create("attention", "sdpa", {"backend": b})[0] for b in ("math", "flash", "efficient", "auto")
+    )
+    q, k, v = torch.randn(3, 2, 2, 6, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    q = q[:, :, -2:]
+    lengths = torch.tensor([3, 6])
+    ragged = auto(q, k, v, causal=True, lengths=lengths)
+    assert not torch.allclose(ragged, auto(q, k, v, causal=True))  # the lengths matter for these rows
+    for pinned in (math, flash):
+        assert torch.allclose(pinned(q, k, v, causal=True, lengths=lengths), ragged, atol=1e-6)
+        assert torch.allclose(pinned._pinned(q, k, v, True, lengths), ragged, atol=1e-6)  # not a fallback
+    with pytest.raises(Unavailable, match=r"^SDPA backend efficient cannot run cpu float32 D=8 with a mask: \S"):
+        efficient._pinned(q, k, v, True, lengths)
+    assert torch.allclose(efficient(q, k, v, causal=True, lengths=lengths), ragged, atol=1e-6)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="anexa"), pytest.raises(RuntimeError) as raised:
+        math(q, k[:, :, :, :4], v, causal=True)
+    assert not isinstance(raised.value, Unavailable) and not caplog.records
+
+
+def test_a_refusal_is_explained_by_pytorchs_warnings_about_the_pinned_backend(monkeypatch):
+    """What PyTorch warns when it refuses (on a GPU) becomes the reason: the lines about the pinned
+    backend, not the other backends' nor the "runtime disabled" lines pinning causes."""
+    import warnings
+
+    from anexa_plugins import sdpa_attention as plugin
+
+    def refusing(*args, **kwargs):
+        for message in (
+            "Flash attention kernel not used because:",
+            "Expected query, key and value to all be of dtype: {Half, BFloat16}.",
+            "Flash attention does not support a mask.",
+            "cuDNN attention kernel not used because:",
+            "cuDNN attention has been runtime disabled.",
+        ):
+            warnings.warn(message, UserWarning, stacklevel=1)
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    monkeypatch.setattr(plugin, "sdpa_attention", refusing)
+    flash = plugin.SDPA(backend="flash")
+    q = torch.zeros(1, 1, 2, 8)
+    assert flash.fallback_reason(q) == (
+        "SDPA backend flash cannot run cpu float32 D=8: Expected query, key and value to all be of dtype: "
+        "{Half, BFloat16}.; Flash attention does not support a mask."
+    )
