@@ -82,6 +82,22 @@ def variant_cases() -> list[SpeedCase]:
     return cases
 
 
+def timed(fn, q, k, v, grad_out, causal: bool, backward: bool) -> float:
+    """Median ms of ``fn(q, k, v, causal)`` (and its backward with ``grad_out``) by
+    ``triton.testing.do_bench``; the first, untimed call compiles and autotunes."""
+    import torch
+    from triton.testing import do_bench
+
+    def step():
+        out = fn(q, k, v, causal)
+        if backward:
+            out.backward(grad_out)
+
+    step()
+    torch.cuda.synchronize()
+    return do_bench(step, grad_to_none=[q, k, v], return_mode="median")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -169,7 +185,6 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from triton.testing import do_bench
 
     from anexa_kernels import flash_attention
 
@@ -214,16 +229,6 @@ def main(argv=None) -> int:
 
     def triton_attention(q, k, v, causal):
         return flash_attention(q, k, v, causal=causal)
-
-    def timed(fn, q, k, v, grad_out, causal, backward):
-        def step():
-            out = fn(q, k, v, causal)
-            if backward:
-                out.backward(grad_out)
-
-        step()  # compiles and autotunes outside the timing
-        torch.cuda.synchronize()
-        return do_bench(step, grad_to_none=[q, k, v], return_mode="median")
 
     tuned_kernels = (kernels._attention_forward, kernels._attention_backward_dkdv, kernels._attention_backward_dq)
 
@@ -422,7 +427,6 @@ def variants(args: argparse.Namespace, report: Report, started: float) -> None:
     run gets a row with its error; a case is skipped once ``args.budget_s`` seconds have passed since
     ``started`` (except the first :data:`VARIANT_ESSENTIAL`), with a row saying so."""
     import torch
-    from triton.testing import do_bench
 
     columns = 12
     report.add("## Attention variants, causal bf16: Triton 3-pass vs fused backward, SDPA backends")
@@ -443,16 +447,6 @@ def variants(args: argparse.Namespace, report: Report, started: float) -> None:
     )
     report.add("|---|---|" + "---:|" * (columns - 2) + "---|")
     functions = _variant_functions()
-
-    def timed(fn, q, k, v, grad_out, backward):
-        def step():
-            out = fn(q, k, v, True)
-            if backward:
-                out.backward(grad_out)
-
-        step()  # compiles and autotunes outside the timing
-        torch.cuda.synchronize()
-        return do_bench(step, grad_to_none=[q, k, v], return_mode="median")
 
     def relative(got, want):
         return f"{((got.float() - want).norm() / want.norm()).item():.1e}" if want is not None else "n/a"
@@ -491,7 +485,7 @@ def variants(args: argparse.Namespace, report: Report, started: float) -> None:
                 for index, (backward, flops) in enumerate(
                     ((False, case.forward_flops), (True, 3.5 * case.forward_flops))
                 ):
-                    ms = timed(fn, q, k, v, grad_out, backward)
+                    ms = timed(fn, q, k, v, grad_out, True, backward)
                     if name == "sdpa default":
                         default_ms[index] = ms
                     ratio = f"{default_ms[index] / ms:.2f}" if default_ms[index] else "n/a"

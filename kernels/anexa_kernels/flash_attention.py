@@ -125,6 +125,15 @@ def _forward(q, k, v, causal: bool, sm_scale: float, lengths=None) -> tuple[torc
     return out, lse
 
 
+def _launch_delta(out: torch.Tensor, grad_out: torch.Tensor, delta: torch.Tensor) -> None:
+    """The backward's pre-pass: ``delta`` (B·H, Tq) fp32 ← rowsum(dO ∘ O), shared by both backwards."""
+    batch, heads, t_q, head_dim = out.shape
+    block = _kernels.DELTA_BLOCK_M
+    _kernels._attention_backward_delta[(_cdiv(t_q, block), batch * heads)](
+        out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, t_q, HEAD_DIM=head_dim, BLOCK_M=block
+    )
+
+
 def _backward(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, lengths=None):
     """Run the three backward kernels: delta pre-pass, dK/dV (one program per key/value head), dQ."""
     batch, heads, t_q, head_dim = q.shape
@@ -137,18 +146,7 @@ def _backward(grad_out, q, k, v, out, lse, causal: bool, sm_scale: float, length
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, RAGGED=lengths is not None, DOT_PRECISION=_dot_precision(q.dtype))
     row_lengths = lse if lengths is None else lengths  # unread without lengths (RAGGED=False)
     with _launch_context(q):
-        block = _kernels.DELTA_BLOCK_M
-        _kernels._attention_backward_delta[(_cdiv(t_q, block), batch * heads)](
-            out,
-            grad_out,
-            delta,
-            *_strides(out),
-            *_strides(grad_out),
-            heads,
-            t_q,
-            HEAD_DIM=head_dim,
-            BLOCK_M=block,
-        )
+        _launch_delta(out, grad_out, delta)
         _kernels._attention_backward_dkdv[lambda meta: (_cdiv(t_k, meta["BLOCK_N"]), batch * kv_heads)](
             q,
             k,

@@ -43,11 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import _bucket, _cdiv, _dot_precision, _launch_context, _strides
+from .flash_attention import _bucket, _cdiv, _dot_precision, _launch_context, _launch_delta, _strides
 from .flash_attention_kernels import (
-    DELTA_BLOCK_M,
     TUNING_KEY,
-    _attention_backward_delta,
     _config,
     _tile,
     _tuning,
@@ -367,18 +365,7 @@ def backward_fused(
     delta = torch.empty((batch * heads, t_q), device=q.device, dtype=torch.float32)
     # Launch on the tensors' GPU, not the current one.
     with _launch_context(q):
-        block = DELTA_BLOCK_M
-        _attention_backward_delta[(_cdiv(t_q, block), batch * heads)](
-            out,
-            grad_out,
-            delta,
-            *_strides(out),
-            *_strides(grad_out),
-            heads,
-            t_q,
-            HEAD_DIM=head_dim,
-            BLOCK_M=block,
-        )
+        _launch_delta(out, grad_out, delta)
         _attention_backward_fused[lambda meta: (_cdiv(t_k, meta["BLOCK_N"]), batch * heads)](
             q,
             k,
