@@ -133,6 +133,71 @@ def test_load_with_other_attention_backend_gives_same_logits(tmp_path):
     torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_load_stores_wide_cpu_weights_column_major_with_the_same_values(tmp_path):
+    """`load` re-stores every weight with more outputs than inputs column-major (the GEMV of batch-1
+    decoding streams it faster on a CPU): here the SwiGLU gate/up and the tied head, once for the token
+    embedding too; square (q, o) and narrow (k, v of grouped-query attention, down) weights keep their
+    order. Values, logits and a checkpoint written from the loaded model stay those of the saved one."""
+    from anexa_core.io.load import load
+
+    model = tiny_model(seed=3, blocks="llama", blocks_options=dict(mlp="swiglu", n_kv_head=1))
+    _save_tiny(tmp_path, model)
+    loaded = load(tmp_path, "cpu").model
+    layouts = {  # (projection, order) of every layer's projections
+        (name.rsplit(".", 1)[-1], "rows" if module.weight.is_contiguous() else "columns")
+        for name, module in loaded.blocks.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    assert layouts == {
+        ("q_proj", "rows"), ("k_proj", "rows"), ("v_proj", "rows"), ("o_proj", "rows"),
+        ("gate_proj", "columns"), ("up_proj", "columns"), ("down_proj", "rows"),
+    }  # fmt: skip
+    linears = [module for module in loaded.modules() if isinstance(module, torch.nn.Linear)]
+    assert all(module.weight.is_contiguous() or module.weight.t().is_contiguous() for module in linears)
+    assert loaded.lm_head.weight is loaded.wte.weight and loaded.wte.weight.t().is_contiguous()
+    saved = model.state_dict()
+    assert all(torch.equal(tensor, saved[name]) for name, tensor in loaded.state_dict().items())
+    ids = torch.randint(0, TINY.vocab_size, (2, 16))
+    torch.testing.assert_close(loaded(ids)[0], model(ids)[0], rtol=1e-5, atol=1e-6)
+    again = tmp_path / "again"
+    again.mkdir()
+    checkpoint.save_model(again / "model.safetensors", loaded, checkpoint.read_metadata(tmp_path / "model.safetensors"))
+    assert all(
+        torch.equal(tensor, saved[name]) for name, tensor in checkpoint.load_model(again)[0].state_dict().items()
+    )
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_checkpoint_file_is_what_safetensors_save_model_writes(tmp_path, tie):
+    """Anexa writes its own unique-name state (safetensors' `save_model` cannot write a column-major tied
+    head); the files stay those `save_model` wrote before: the same header (names, offsets, metadata with
+    the tied head's alias; compared as JSON, since safetensors orders metadata keys by a hash map) and
+    the same data, byte for byte."""
+    import safetensors.torch
+
+    def parts(path):
+        raw = path.read_bytes()
+        size = int.from_bytes(raw[:8], "little")
+        return json.loads(raw[8 : 8 + size]), raw[8 + size :]
+
+    model = tiny_model(seed=5, tie_embeddings=tie)
+    path = _save_tiny(tmp_path, model)
+    meta = checkpoint.read_metadata(path)
+    safetensors.torch.save_model(model, str(tmp_path / "reference.safetensors"), metadata={"anexa": json.dumps(meta)})
+    assert parts(path) == parts(tmp_path / "reference.safetensors")
+    assert ("wte.weight" in parts(path)[0]["__metadata__"]) == tie
+
+
+@pytest.mark.parametrize("where", ["float64", "meta"])
+def test_decoding_layout_leaves_other_dtypes_and_devices_alone(where):
+    """Measured for float32 on a CPU only: float64 (and bf16) or non-CPU weights keep their order."""
+    from anexa_core.model.gpt import decoding_layout
+
+    model = tiny_model(seed=4).to(torch.float64 if where == "float64" else torch.device("meta"))
+    decoding_layout(model)
+    assert all(parameter.is_contiguous() for parameter in model.parameters())
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -157,12 +222,12 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     before = path.read_bytes()
     import safetensors.torch
 
-    def explode(model, filename, metadata=None):
+    def explode(tensors, filename, metadata=None):
         with open(filename, "wb") as handle:
             handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_model", explode)
+    monkeypatch.setattr(safetensors.torch, "save_file", explode)
     with pytest.raises(OSError):
         checkpoint.save_model(path, model, checkpoint.read_metadata(path))
     assert path.read_bytes() == before

@@ -73,7 +73,24 @@ def save_model(path: Path, model: GPT, meta: dict[str, Any]) -> None:
 
             safetensors.torch.save_file(adapter_state(model), str(tmp), metadata={"anexa": json.dumps(meta)})
         else:
-            safetensors.torch.save_model(model, str(tmp), metadata={"anexa": json.dumps(meta)})
+            tensors, aliases = _unique_tensors(model)
+            safetensors.torch.save_file(tensors, str(tmp), metadata={**aliases, "anexa": json.dumps(meta)})
+
+
+def _unique_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``model``'s state with one name per tensor, every tensor contiguous, and the names left out
+    (``{left out: kept}``): the file ``safetensors.torch.save_model`` writes, byte for byte (a tied head is
+    stored as ``lm_head.weight``, the first name in sorted order, and ``load_model`` ties it again). Its
+    ``save_model`` itself cannot write a tied head in the :func:`~anexa_core.model.gpt.decoding_layout`:
+    it views shared tensors as flat."""
+    state = model.state_dict()
+    kept: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name in sorted(state):
+        first = kept.setdefault(state[name].untyped_storage().data_ptr(), name)
+        if first != name:
+            aliases[name] = first
+    return {name: state[name].contiguous() for name in kept.values()}, aliases
 
 
 def checkpoint_file(path: Path) -> Path:

@@ -14,7 +14,7 @@ from anexa_core.device import pick_device
 from anexa_core.errors import AnexaError
 from anexa_core.interfaces import Tokenizer
 from anexa_core.io import checkpoint
-from anexa_core.model.gpt import GPT
+from anexa_core.model.gpt import GPT, decoding_layout
 
 RUNS_DIR = Path("runs")
 """Where ``anexa train`` puts runs by default, and where :func:`load` finds the newest one."""
@@ -22,7 +22,8 @@ RUNS_DIR = Path("runs")
 
 @dataclass(frozen=True)
 class Loaded:
-    """A model ready to use: the module (in eval mode, on ``device``), its tokenizer, the checkpoint's
+    """A model ready to use: the module (in eval mode, on ``device``, in the :func:`decoding_layout` on a
+    CPU), its tokenizer, the checkpoint's
     metadata, the file it came from and the path the user gave (a run folder or a file)."""
 
     model: GPT
@@ -58,7 +59,7 @@ def load(
         meta = {**meta, "path": str(path)}
     else:
         module, tokenizer, meta = checkpoint.load_model(source, torch_device, attention, attention_options)
-    module.eval()
+    decoding_layout(module.eval())
     return Loaded(module, tokenizer, meta, Path(meta["path"]), source, torch_device)
 
 

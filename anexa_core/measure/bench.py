@@ -37,7 +37,7 @@ from anexa_core.device import pick_device, uses_bf16
 from anexa_core.errors import AnexaError
 from anexa_core.infer.generation import generate_ids
 from anexa_core.io.files import atomic_path
-from anexa_core.model.gpt import GPT, build_model
+from anexa_core.model.gpt import GPT, build_model, decoding_layout
 from anexa_core.train.optim import make_optimizer
 from anexa_core.train.step import get_batch
 from anexa_core.train.step import make_train_step as training_step
@@ -568,6 +568,7 @@ def bench_generate(
         raise AnexaError("--prompt-len, --new-tokens and --repeats must be at least 1")
     where = pick_device(device)
     model, _ = bench_model(preset, attention, where)
+    decoding_layout(model)  # as `load` gives a model to `generate`
     if new_tokens is None:
         new_tokens = 2 * model.config.block_size
     attend, _ = plugins.create("attention", *parse_attention(attention))

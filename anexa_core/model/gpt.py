@@ -109,6 +109,32 @@ def build_model(config: ModelConfig, needed_by: dict | None = None) -> GPT:
     return GPT(config, blocks.build(config, Attend(attention)))
 
 
+def decoding_layout(model: nn.Module) -> nn.Module:
+    """Store each float32 CPU linear weight that has more outputs than inputs column-major, in place;
+    return ``model``. Values, shapes and names stay the same; only the memory order changes.
+
+    A decoding step at batch 1 multiplies one vector by every weight matrix, so it is bound by how fast
+    the matrix-vector product streams the weights. On CPUs, PyTorch's float32 ``linear`` (MKL's GEMV)
+    streams an (out, in) weight up to 1.8× faster when it is stored transposed (column-major) and
+    ``out > in`` (MLP up/gate projections, a fused QKV, the vocabulary head — the tied embedding with it),
+    and slower when ``out < in``; square matrices gain nothing. Measured in benchmarks/RESULTS.md ("the
+    decoding layout"). Training never uses this: gradients and optimizer states keep the usual order,
+    and every writer of weights (checkpoints, ``export``) stores tensors contiguously. CUDA and
+    reduced-precision weights are left as they are.
+    """
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, nn.Linear) or module.out_features <= module.in_features:
+                continue
+            weight = module.weight
+            if id(weight) in seen or weight.device.type != "cpu" or weight.dtype != torch.float32:
+                continue
+            seen.add(id(weight))  # a tied head is the token embedding: re-stored once, for both
+            weight.data = weight.data.t().contiguous().t()
+    return model
+
+
 class Attend:
     """An attention plugin as the blocks call it: ``(q, k, v, *, causal, lengths=None)``.
 
