@@ -268,11 +268,23 @@ def _finetuned_model(base: Base, model_config: ModelConfig, train_config: TrainC
     """``base``'s weights in a model of ``model_config`` (the base's, with the attention and dropout asked
     for), with LoRA adapters when ``train_config.lora``; the tokenizer is the base's."""
     model = build_model(model_config)
-    model.load_state_dict(base.model.state_dict())
+    _load_base_weights(model, base, shared=train_config.lora is not None)
     if train_config.lora is not None:
         trainable = apply_lora(model, LoraSpec.parse(train_config.lora))
         logger.info("LoRA: %s trainable parameters of %s", f"{trainable:,}", f"{model.num_parameters():,}")
     return model, base.tokenizer
+
+
+def _load_base_weights(model: GPT, base: Base, shared: bool) -> None:
+    """``base``'s weights into ``model``: copies, or with ``shared`` (LoRA, which never changes them) the
+    base's own tensors, so the run holds one copy of the model's weights, not two (540 MB for a 135M
+    model). ``base.model`` is left as it was either way."""
+    if not shared:
+        model.load_state_dict(base.model.state_dict())
+        return
+    model.load_state_dict(base.model.state_dict(), assign=True)  # new Parameters over the same storage
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight  # `assign` made two parameters of the tied matrix: one again
 
 
 def _resumed_model(state: checkpoint.TrainState, model_config: ModelConfig, out_dir: Path) -> tuple[GPT, Any]:
@@ -285,7 +297,7 @@ def _resumed_model(state: checkpoint.TrainState, model_config: ModelConfig, out_
         model.load_state_dict(state.weights)
         return model, tokenizer
     base = base_of(meta["lora"]["base"])
-    model.load_state_dict(base.model.state_dict())
+    _load_base_weights(model, base, shared=True)
     apply_lora(model, LoraSpec.from_dict(meta["lora"]["spec"]))
     load_adapter(model, state.weights)
     return model, base.tokenizer
