@@ -223,3 +223,31 @@ def test_conversations_fine_tune_with_malformed_lines_and_long_ones_named(smollm
     result = train(smollm2.model.config, config, tmp_path / "run")
     assert result.step == 2 and (tmp_path / "run" / "model.safetensors").is_file()
     assert LoraSpec.parse("r=2").r == 2
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_lora_run_shares_the_frozen_base_weights_and_a_full_one_copies_them(lora):
+    """LoRA never changes the base's weights, so its model holds the base's own tensors (one copy, not
+    two) with the head still tied; full fine-tuning trains every weight, so it copies and the base stays."""
+    import types
+
+    from helpers import TINY, tiny_model
+
+    from anexa_core.train.loop import _finetuned_model
+
+    base = types.SimpleNamespace(model=tiny_model(seed=1), tokenizer=None)
+    before = {name: tensor.clone() for name, tensor in base.model.state_dict().items()}
+    config = TrainConfig(init_from="base", lora="r=2,targets=qkv" if lora else None)
+    model, _ = _finetuned_model(base, TINY, config)
+    assert model.lm_head.weight is model.wte.weight
+    shared = model.wte.weight.data_ptr() == base.model.wte.weight.data_ptr()
+    assert shared == lora
+    for name, tensor in base.model.state_dict().items():
+        mine = model.state_dict()[name.replace(".qkv.", ".qkv.base_layer.") if lora else name]
+        assert torch.equal(mine, tensor) and (mine.data_ptr() == tensor.data_ptr()) == lora, name
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = torch.randint(TINY.vocab_size, (2, 8))
+    model.train()
+    model(ids, ids)[1].backward()
+    optimizer.step()
+    assert all(torch.equal(base.model.state_dict()[name], tensor) for name, tensor in before.items())
