@@ -350,3 +350,56 @@ def test_llama_initialisation_of_every_parameter_family(options):
             "norm gains": ("const", 1.0),
         },
     )
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_chunked_loss_equals_cross_entropy_of_the_whole_batch_with_its_gradients(monkeypatch, bf16):
+    """The loss in chunks of rows (ragged last chunk, ignored targets, a tied head) is the mean
+    cross-entropy of all the logits at once, and so are the gradients of every parameter and the input."""
+    import torch.nn.functional as F
+
+    from anexa_core.model import gpt
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(50, (37,))
+    targets[[0, 5, 6, 36]] = -100
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    with torch.autocast("cpu", dtype=dtype, enabled=bf16):
+        expected = F.cross_entropy(head(hidden).float(), targets)
+    expected_grads = torch.autograd.grad(expected, (hidden, head.weight))
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_ELEMENTS", 8 * 50)  # chunks of 8 rows: 5 chunks, the last of 5
+    with torch.autocast("cpu", dtype=dtype, enabled=bf16):
+        loss = gpt.head_loss(hidden, head, targets)
+    grads = torch.autograd.grad(loss * 0.25, (hidden, head.weight))  # scaled as gradient accumulation does
+    assert loss.dtype == torch.float32
+    tolerance = dict(rtol=1e-2, atol=1e-3) if bf16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, expected, **tolerance)
+    for grad, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want * 0.25, **tolerance)
+    head.weight.requires_grad_(False)  # a frozen (LoRA's) head: the gradient of the input only
+    with torch.autocast("cpu", dtype=dtype, enabled=bf16):
+        (grad,) = torch.autograd.grad(gpt.head_loss(hidden, head, targets), (hidden,))
+    torch.testing.assert_close(grad, expected_grads[0], **tolerance)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=bf16):  # evaluation: no gradients at all
+        torch.testing.assert_close(gpt.head_loss(hidden, head, targets), expected, **tolerance)
+    all_ignored = torch.full_like(targets, -100)
+    assert gpt.head_loss(hidden, head, all_ignored).isnan() and F.cross_entropy(head(hidden), all_ignored).isnan()
+
+
+def test_a_model_with_targets_returns_its_loss_in_chunks_not_its_logits(monkeypatch):
+    import torch.nn.functional as F
+
+    from anexa_core.model import gpt
+
+    model = tiny_model()
+    ids, targets = torch.randint(TINY.vocab_size, (2, 3, 12)).unbind()
+    targets[0, :4] = -100
+    expected = F.cross_entropy(model(ids)[0].flatten(0, 1), targets.flatten())
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_ELEMENTS", 5 * TINY.vocab_size)
+    calls = []
+    model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    logits, loss = model(ids, targets)
+    assert logits is None and not calls  # the plain head's weight is used chunk by chunk, never the whole head
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)

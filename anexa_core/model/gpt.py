@@ -44,10 +44,11 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) for token ids ``idx`` (B, T) int64, and the mean cross-entropy (nats per
-        token) when ``targets`` (B, T) are given (targets of -100 are ignored: prompt tokens in
-        fine-tuning). With ``cache``, ``idx`` continues each row's cached positions.
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(logits (B, T, vocab), None)`` for token ids ``idx`` (B, T) int64; or, when ``targets`` (B, T)
+        are given, ``(None, the mean cross-entropy)`` in nats per token (targets of -100 are ignored: prompt
+        tokens in fine-tuning), computed by :func:`head_loss` without the whole batch's logits. With
+        ``cache``, ``idx`` continues each row's cached positions.
 
         ``last_only`` computes logits for the final position only, which is all decoding needs.
         """
@@ -60,12 +61,9 @@ class GPT(nn.Module):
         hidden = self.blocks(self.drop(self.wte(idx)), positions, cache)
         if last_only:
             hidden = hidden[:, -1:, :]
-        logits = self.lm_head(hidden)
-        loss = None
         if targets is not None:
-            wide = torch.promote_types(logits.dtype, torch.float32)  # bf16 logits: the loss in float32
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).to(wide), targets.reshape(-1))
-        return logits, loss
+            return None, head_loss(hidden.reshape(-1, hidden.size(-1)), self.lm_head, targets.reshape(-1))
+        return self.lm_head(hidden), None
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once)."""
@@ -92,6 +90,93 @@ class GPT(nn.Module):
             else:
                 groups["vectors"].append(param)
         return groups
+
+
+LOSS_CHUNK_ELEMENTS = 1 << 25
+"""Logits :func:`head_loss` holds at once (128 MB in float32): chunks of ``LOSS_CHUNK_ELEMENTS // vocab`` rows."""
+
+
+def head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy (nats, float32 even under bf16 autocast) of ``head(hidden)`` against
+    ``targets`` (N,) int64, ``hidden`` (N, C): ``F.cross_entropy`` with targets of -100 not counted (all
+    of them ignored: NaN, as there).
+
+    The whole batch's logits, their log-softmax and the gradients of both would take N × vocab floats
+    each (400 MB apiece for 8 × 256 tokens of a 49,152-token vocabulary: the largest tensors of a
+    fine-tuning step). A plain head (``nn.Linear`` without bias) instead goes through the rows a chunk of
+    about :data:`LOSS_CHUNK_ELEMENTS` logits at a time and, when gradients are wanted, computes them
+    there — ``softmax − one-hot`` of the chunk times the weight for ``hidden``, its transpose times the
+    chunk for the weight — so nothing of size N × vocab is ever kept, and nothing is computed twice (the
+    fused linear cross-entropy of Liger Kernel, Hsu et al. 2024, and Cut Cross-Entropy, Wijmans et al.
+    2024). The backward pass only scales them. Logits that fit in one chunk (small vocabularies), and any
+    other head (a LoRA-adapted one), go through ``F.cross_entropy`` at once, as autograd computes it;
+    chunks cost ~3% more time than that (benchmarks/RESULTS.md). Equal to ``F.cross_entropy`` up to
+    float rounding.
+    """
+    rows = max(1, LOSS_CHUNK_ELEMENTS // head.out_features) if type(head) is nn.Linear else 0
+    if hidden.size(0) <= rows or rows == 0 or head.bias is not None:
+        return F.cross_entropy(_wide(head(hidden)), targets)
+    if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+        return _HeadLoss.apply(hidden, head.weight, targets, rows)
+    total, _, _ = _chunked_head_loss(hidden, head.weight, targets, rows, False, False)
+    return total / (targets != -100).sum()
+
+
+class _HeadLoss(torch.autograd.Function):
+    """:func:`head_loss` with the gradients computed in the forward pass, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows):
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        total, grad_hidden, grad_weight = _chunked_head_loss(hidden, weight, targets, rows, want_hidden, want_weight)
+        counted = (targets != -100).sum()
+        ctx.save_for_backward(grad_hidden, grad_weight, counted)
+        ctx.weight_dtype = weight.dtype
+        return total / counted
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, counted = ctx.saved_tensors
+        scale = grad_loss / counted  # the mean's 1/N and whatever scaled the loss afterwards
+        return (
+            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+            None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
+            None,
+            None,
+        )
+
+
+def _chunked_head_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, want_hidden: bool, want_weight: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The summed cross-entropy of ``hidden @ weight.T`` against ``targets`` (-100: not counted), and
+    when asked its gradients with respect to ``hidden`` and ``weight`` (float32 sums for the weight)."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if want_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+    for start in range(0, hidden.size(0), rows):
+        part, wanted = hidden[start : start + rows], targets[start : start + rows]
+        raw = F.linear(part, weight)  # (rows, vocab), in the autocast dtype if any
+        logits = _wide(raw)
+        counted = wanted != -100
+        picked = wanted.masked_fill(~counted, 0)[:, None]
+        normalizer = logits.logsumexp(dim=-1, keepdim=True)
+        total += ((normalizer - logits.gather(1, picked)).squeeze(1) * counted).sum()
+        if grad_hidden is None and grad_weight is None:
+            continue
+        grad_logits = logits.sub_(normalizer).exp_()  # the softmax, in the logits' memory
+        grad_logits.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=grad_logits.dtype))
+        grad_logits = grad_logits.mul_(counted[:, None]).to(raw.dtype)  # d(summed loss) / d(raw), as autograd
+        if grad_hidden is not None:
+            grad_hidden[start : start + rows] = grad_logits @ weight
+        if grad_weight is not None:
+            grad_weight += grad_logits.t() @ part
+    return total, grad_hidden, grad_weight
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in float32 at least: bf16 logits' loss is computed in float32."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def build_model(config: ModelConfig, needed_by: dict | None = None) -> GPT:
