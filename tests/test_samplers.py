@@ -9,7 +9,14 @@ import torch
 from helpers import registered, require_distribution
 
 from anexa_core import AnexaError, hookimpl
-from anexa_core.infer.sampling import SamplerChain, StopStrings, build_chain, parse_sampler_options, stream_until_stop
+from anexa_core.infer.sampling import (
+    SamplerChain,
+    StopStrings,
+    build_chain,
+    parse_sampler_options,
+    pick_rows,
+    stream_until_stop,
+)
 from anexa_plugins.samplers import Greedy, MinP, RepetitionPenalty, Temperature, TopP
 
 NO_CONTEXT = torch.zeros(1, 0, dtype=torch.long)
@@ -364,6 +371,43 @@ def test_pick_draws_only_surviving_tokens_in_proportion():
     picks = chain.pick(logits.expand(4000, 3), torch.zeros(4000, 0, dtype=torch.long), generator).flatten()
     assert set(picks.tolist()) == {1, 2}
     assert math.isclose((picks == 1).float().mean().item(), 2 / 3, abs_tol=0.03)
+
+
+def test_picking_rows_together_equals_each_rows_own_pick_and_generator_use():
+    """The engine's pick_rows: every row's id, and what each generator drew, as its own chain's pick of that
+    row alone — chains of every kind side by side, decided rows (temperature 0, +inf) and pick-only chains."""
+    logits = torch.randn(7, 50, generator=torch.Generator().manual_seed(3)) * 3
+    contexts = [torch.randint(0, 50, (1, n), generator=torch.Generator().manual_seed(n)) for n in range(1, 8)]
+    chains = [
+        SamplerChain(),
+        build_chain(["temperature=0.7", "top_p=0.9"]),
+        build_chain(temperature=0),
+        build_chain(["repetition_penalty=1.5", "min_p=0.1"]),
+        SamplerChain([CertainOf(tokens=((4,),))]),
+        build_chain(["temperature=1.3"]),
+        SamplerChain([Greedy()]),
+    ]
+    for seed in range(20):
+        alone = [torch.Generator().manual_seed(seed + row) for row in range(7)]
+        expected = [int(c.pick(logits[r : r + 1], contexts[r], alone[r])) for r, c in enumerate(chains)]
+        together = [torch.Generator().manual_seed(seed + row) for row in range(7)]
+        assert pick_rows(chains, logits, contexts, together) == expected
+        for one, other in zip(alone, together, strict=True):
+            assert torch.equal(one.get_state(), other.get_state())
+
+
+def test_picking_rows_together_leaves_broken_rows_to_their_own_chain():
+    """A row its chain breaks raises that chain's own error; a chain with only ``pick`` is asked as it is."""
+
+    class Argmax:
+        def pick(self, logits, context, generator=None):
+            return logits.argmax(-1, keepdim=True)
+
+    logits = torch.tensor([[0.0, 2.0, 1.0], [0.0, 1.0, 3.0]])
+    contexts = [NO_CONTEXT, NO_CONTEXT]
+    assert pick_rows([Argmax(), build_chain(["greedy"])], logits, contexts, [None, None]) == [1, 2]
+    with pytest.raises(AnexaError, match="produced NaN"):
+        pick_rows([SamplerChain(), SamplerChain([Broken()])], logits, contexts, [None, None])
 
 
 def test_temperature_flag_is_a_shorthand_and_conflicts_with_s():

@@ -33,6 +33,7 @@ import torch
 
 from anexa_core.device import autocast, decoding_autocast
 from anexa_core.errors import AnexaError
+from anexa_core.infer.sampling import pick_rows
 from anexa_core.model.cache import KVCache
 from anexa_core.model.gpt import GPT
 
@@ -45,7 +46,8 @@ class Request:
 
     ``prompt_ids``: at least one id (cropped from the left to the context). ``chain``: what picks each
     token, ``chain.pick(logits (1, V), context (1, T), generator) -> (1, 1)`` (a
-    :class:`~anexa_core.infer.sampling.SamplerChain`). ``seed``: the request's own generator (``None``:
+    :class:`~anexa_core.infer.sampling.SamplerChain`; a chain that also has ``process`` only processes its
+    row, drawn with the others': :func:`~anexa_core.infer.sampling.pick_rows`). ``seed``: the request's own generator (``None``:
     torch's global one; ``generator`` gives one explicitly). ``stop_ids``: ids that end the reply (the
     tokenizer's end of turn; not part of the output). ``logprobs``: ``None``, or N ≥ 0 — each generated
     token's log-probability under the model (natural log) and the N most likely alternatives; ``echo``:
@@ -216,13 +218,21 @@ class Engine:
         feed = [s for s in self.rows if id(s) not in computed]
         self._arrange(feed, [(s, computed[id(s)][0]) for s in recompute])
         logits = self._feed(feed) if feed else None
-        for stream in list(self.rows):
-            row_logits = computed[id(stream)][1] if id(stream) in computed else None
-            if row_logits is None:
+        rows = list(self.rows)
+        pieces = []
+        for stream in rows:
+            if id(stream) in computed:
+                pieces.append(computed[id(stream)][1])
+            else:
                 assert logits is not None
                 row = stream.row or 0  # one row at a time: row 0
-                row_logits = logits[row : row + 1]
-            self._pick(stream, row_logits)
+                pieces.append(logits[row : row + 1])
+        every = torch.cat(pieces)
+        picks = pick_rows(
+            [s.request.chain for s in rows], every, [s.context(self.device) for s in rows], [s.generator for s in rows]
+        )
+        for index, (stream, picked) in enumerate(zip(rows, picks, strict=True)):
+            self._accept(stream, picked, every[index : index + 1])
         self._release()
 
     def _window(self, stream: Stream, fresh: bool) -> list[int]:
@@ -322,10 +332,10 @@ class Engine:
         assert self._cache is not None
         return self._cache
 
-    def _pick(self, stream: Stream, logits: torch.Tensor) -> None:
-        """The next token of ``stream`` from its ``logits`` (1, V); it finishes on a stop id or at its length."""
+    def _accept(self, stream: Stream, picked: int, logits: torch.Tensor) -> None:
+        """``picked`` is the next token of ``stream`` (from ``logits`` (1, V)); it finishes on a stop id or at
+        its length."""
         request = stream.request
-        picked = int(request.chain.pick(logits, stream.context(self.device), stream.generator).view(-1)[0])
         token = Token(picked, *self._logprobs(logits, picked, request.logprobs))
         stream.history.append(picked)
         if picked in request.stop_ids:

@@ -122,6 +122,48 @@ class SamplerChain:
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
+def pick_rows(
+    chains: Sequence, logits: torch.Tensor, contexts: Sequence[torch.Tensor], generators: Sequence
+) -> list[int]:
+    """The next id of every row of ``logits`` (rows, V): row ``i`` by ``chains[i]`` with ``contexts[i]``
+    (1, T) and ``generators[i]``, the id ``chains[i].pick(logits[i : i + 1], contexts[i], generators[i])``
+    gives — how the engine picks the tokens of all its requests, each with its own chain and generator.
+
+    A chain with a ``process`` method (a :class:`SamplerChain`) only processes its row; the processed rows
+    are then drawn together — one softmax, each row's draw from its own generator, one argmax and one
+    device sync for them all instead of a chain of small operations and syncs per row. The draw is
+    :func:`torch.multinomial`'s for one sample (``argmax(p / q)``, ``q`` exponential noise from the
+    generator), so the ids are those of ``pick``; a row left with one token takes it without touching its
+    generator. A chain with only ``pick``, and a row whose processed logits are broken (NaN, no token
+    left), are picked by ``chain.pick`` on their own, which raises the error naming its chain.
+    """
+    processed = {}
+    for row, chain in enumerate(chains):
+        if hasattr(chain, "process"):
+            processed[row] = chain.process(logits[row : row + 1], contexts[row])
+    drawn: dict[int, int] = {}
+    if processed:
+        batch = torch.cat(list(processed.values())).float()
+        broken = batch.isnan().any(-1)
+        certain = batch == float("inf")
+        batch = torch.where(certain.any(-1, keepdim=True), torch.where(certain, 0.0, float("-inf")), batch)
+        candidates = torch.where(broken, 0, (batch > float("-inf")).sum(-1)).tolist()
+        probs = batch.softmax(-1)
+        noise = torch.ones_like(probs)  # a row with one candidate: its argmax, its generator untouched
+        for index, (row, count) in enumerate(zip(processed, candidates, strict=True)):
+            if count > 1:
+                noise[index].exponential_(generator=generators[row])
+        for row, count, pick in zip(processed, candidates, (probs / noise).argmax(-1).tolist(), strict=True):
+            if count > 0:  # none left, or NaN: the chain's own pick below raises its error
+                drawn[row] = pick
+    return [
+        drawn[row]
+        if row in drawn
+        else int(chain.pick(logits[row : row + 1], contexts[row], generators[row]).view(-1)[0])
+        for row, chain in enumerate(chains)
+    ]
+
+
 class StopStrings:
     """Incremental stop-string matcher for streamed text.
 

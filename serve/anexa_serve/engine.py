@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from anexa_core.errors import AnexaError
 from anexa_core.infer.engine import Engine, EngineBusy, Request, Stream, Token
 
@@ -51,11 +53,20 @@ class Stats:
 
 class _Isolated:
     """A request's sampler chain whose failure is its own: the error is kept (the row is then cancelled)
-    and the argmax stands in for the pick, so the rest of the batch decodes on."""
+    and the argmax stands in for the pick, so the rest of the batch decodes on. The engine draws the rows
+    of chains with ``process`` together (:func:`~anexa_core.infer.sampling.pick_rows`): the server's
+    chains are :class:`~anexa_core.infer.sampling.SamplerChain`, so this has it too."""
 
     def __init__(self, chain: Any) -> None:
         self.chain = chain
         self.error: BaseException | None = None
+
+    def process(self, logits, context):
+        try:
+            return self.chain.process(logits, context)
+        except Exception as exc:
+            self.error = self.error or exc
+            return torch.full_like(logits, float("-inf")).scatter_(-1, logits.argmax(-1, keepdim=True), 0.0)
 
     def pick(self, logits, context, generator=None):
         try:
