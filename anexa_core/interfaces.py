@@ -87,8 +87,11 @@ class Sampler(Protocol):
     """A logits processor, one link in the sampling chain: ``(logits, context) -> logits``.
 
     ``logits`` (batch, vocab) float, ``context`` (batch, time) token ids. Return logits with removed
-    tokens at ``-inf``, at least one finite per row, never NaN or ``+inf``. ``order`` places it in the
-    chain (lower runs first; ties run in name order).
+    tokens at ``-inf``, at least one finite per row, never NaN or ``+inf``; rows are independent. ``order``
+    places it in the chain (lower runs first; ties run in name order). A processor that never reads
+    ``context`` may say so with the class attribute ``reads_context = False``: the engine then processes
+    the rows of requests with equal chains at once, with an empty context (their histories differ in
+    length); otherwise only rows whose histories are as long as each other's.
     """
 
     order: ClassVar[int]

@@ -75,7 +75,7 @@ class Token:
     top: list[tuple[int, float]] | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # each stream is itself: rows.remove and `in` must never take an equal-looking other
 class Stream:
     """A request while the engine runs it. ``tokens``: generated so far (a stop id is not among them);
     ``finish_reason``: ``None`` while running, then ``"stop"`` (a stop id), ``"length"``

@@ -85,9 +85,14 @@ class SamplerChain:
         named.sort(key=lambda pair: (pair[1].order, pair[0]))
         self.names = [name for name, _ in named]
         self.processors: list[Sampler] = [processor for _, processor in named]
+        self.reads_context = any(getattr(processor, "reads_context", True) for processor in self.processors)
 
     def __repr__(self) -> str:
         return " → ".join(map(repr, self.processors)) or "sample at temperature 1"
+
+    def __eq__(self, other: object) -> bool:
+        """The same processors with the same options (the engine processes the rows of equal chains at once)."""
+        return isinstance(other, SamplerChain) and (self.names, self.processors) == (other.names, other.processors)
 
     def process(self, logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, V) and ``context`` (B, T) token ids → processed float32 logits, removed tokens at -inf."""
@@ -129,39 +134,81 @@ def pick_rows(
     (1, T) and ``generators[i]``, the id ``chains[i].pick(logits[i : i + 1], contexts[i], generators[i])``
     gives — how the engine picks the tokens of all its requests, each with its own chain and generator.
 
-    A chain with a ``process`` method (a :class:`SamplerChain`) only processes its row; the processed rows
-    are then drawn together — one softmax, each row's draw from its own generator, one argmax and one
-    device sync for them all instead of a chain of small operations and syncs per row. The draw is
-    :func:`torch.multinomial`'s for one sample (``argmax(p / q)``, ``q`` exponential noise from the
-    generator), so the ids are those of ``pick``; a row left with one token takes it without touching its
-    generator. A chain with only ``pick``, and a row whose processed logits are broken (NaN, no token
-    left), are picked by ``chain.pick`` on their own, which raises the error naming its chain.
+    Chains with a ``process`` method (:class:`SamplerChain`) are not asked to pick: the rows of equal chains
+    are processed at once (:func:`_groups`), then every processed row is drawn together — one softmax,
+    each row's noise from its own generator, one argmax and one device sync for them all (:func:`_draw`),
+    instead of a chain of small operations and syncs per row. A chain with only ``pick``, and a row whose
+    processed logits are broken (NaN, no token left), are picked by ``chain.pick`` on their own, which
+    raises the error naming its chain.
     """
-    processed = {}
-    for row, chain in enumerate(chains):
-        if hasattr(chain, "process"):
-            processed[row] = chain.process(logits[row : row + 1], contexts[row])
-    drawn: dict[int, int] = {}
-    if processed:
-        batch = torch.cat(list(processed.values())).float()
-        broken = batch.isnan().any(-1)
-        certain = batch == float("inf")
-        batch = torch.where(certain.any(-1, keepdim=True), torch.where(certain, 0.0, float("-inf")), batch)
-        candidates = torch.where(broken, 0, (batch > float("-inf")).sum(-1)).tolist()
-        probs = batch.softmax(-1)
-        noise = torch.ones_like(probs)  # a row with one candidate: its argmax, its generator untouched
-        for index, (row, count) in enumerate(zip(processed, candidates, strict=True)):
-            if count > 1:
-                noise[index].exponential_(generator=generators[row])
-        for row, count, pick in zip(processed, candidates, (probs / noise).argmax(-1).tolist(), strict=True):
-            if count > 0:  # none left, or NaN: the chain's own pick below raises its error
-                drawn[row] = pick
+    processed: dict[int, torch.Tensor] = {}
+    for group in _groups(chains, contexts):
+        processed.update(zip(group, _process(chains, group, logits, contexts), strict=True))
+    rows = sorted(processed)  # draws in row order: rows without a seed share torch's global generator
+    drawn = _draw(torch.cat([processed[row] for row in rows]), [generators[row] for row in rows]) if rows else []
+    picks = dict(zip(rows, drawn, strict=True))
     return [
-        drawn[row]
-        if row in drawn
+        pick
+        if (pick := picks.get(row)) is not None
         else int(chain.pick(logits[row : row + 1], contexts[row], generators[row]).view(-1)[0])
         for row, chain in enumerate(chains)
     ]
+
+
+def _groups(chains: Sequence, contexts: Sequence[torch.Tensor]) -> list[list[int]]:
+    """The rows whose chain has ``process``, grouped to be processed at once: equal chains, and for a chain
+    that reads the context (``reads_context``, true unless the chain says otherwise) contexts of one
+    length, so they stack."""
+    groups: list[list[int]] = []
+    for row, chain in enumerate(chains):
+        if not hasattr(chain, "process"):
+            continue
+        for group in groups:
+            first = group[0]
+            same_length = contexts[first].size(-1) == contexts[row].size(-1)
+            if chains[first] == chain and (same_length or not getattr(chain, "reads_context", True)):
+                group.append(row)
+                break
+        else:
+            groups.append([row])
+    return groups
+
+
+def _process(chains: Sequence, rows: list[int], logits: torch.Tensor, contexts: Sequence[torch.Tensor]) -> list:
+    """Rows ``rows`` of ``logits`` (of equal chains) processed, one (1, V) tensor each: by their chain at
+    once — with an empty context if it reads none — or, for a single row or when that raises (a chain may
+    fail one row only), each by its own chain."""
+    chain = chains[rows[0]]
+    if len(rows) > 1:
+        if getattr(chain, "reads_context", True):
+            context = torch.cat([contexts[row] for row in rows])
+        else:
+            context = contexts[rows[0]].new_zeros(len(rows), 0)
+        try:
+            return list(chain.process(logits[rows], context).split(1))
+        except Exception:
+            pass  # each row by its own chain below: a row that fails raises there, as its own
+    return [chains[row].process(logits[row : row + 1], contexts[row]) for row in rows]
+
+
+def _draw(logits: torch.Tensor, generators: Sequence) -> list[int | None]:
+    """One id per row of processed ``logits`` (rows, V), row ``i`` drawn with ``generators[i]`` as
+    ``torch.multinomial`` draws one sample: ``argmax(p / q)``, ``q`` exponential noise from the generator
+    (so the ids, and what each generator draws, are :meth:`SamplerChain.pick`'s). A row left with one
+    token (or ``+inf`` on one) takes it without touching its generator; ``None`` for a broken row (NaN, no
+    token left)."""
+    logits = logits.float()
+    broken = logits.isnan().any(-1)
+    certain = logits == float("inf")
+    logits = torch.where(certain.any(-1, keepdim=True), torch.where(certain, 0.0, float("-inf")), logits)
+    candidates = torch.where(broken, 0, (logits > float("-inf")).sum(-1)).tolist()
+    probs = logits.softmax(-1)
+    noise = torch.ones_like(probs)
+    for row, count in enumerate(candidates):
+        if count > 1:
+            noise[row].exponential_(generator=generators[row])
+    drawn = (probs / noise).argmax(-1).tolist()
+    return [pick if count > 0 else None for pick, count in zip(drawn, candidates, strict=True)]
 
 
 class StopStrings:
