@@ -145,6 +145,7 @@ class Engine:
         self.rows: list[Stream] = []  # running, in row order (row i of the batch cache)
         self.waiting: deque[Stream] = deque()
         self._cache: KVCache | None = None  # the batch's ragged cache, when more than one row
+        self._no_context = torch.zeros(1, 0, dtype=torch.long, device=self.device)  # for chains that read none
         self._lock = threading.Lock()
         self.forwards = 0  # forward passes run: one per step, per prefill and per cache probe (benchmarks read it)
 
@@ -228,9 +229,9 @@ class Engine:
                 row = stream.row or 0  # one row at a time: row 0
                 pieces.append(logits[row : row + 1])
         every = torch.cat(pieces)
-        picks = pick_rows(
-            [s.request.chain for s in rows], every, [s.context(self.device) for s in rows], [s.generator for s in rows]
-        )
+        reads = [getattr(s.request.chain, "reads_context", True) for s in rows]  # else the history is not built
+        contexts = [s.context(self.device) if read else self._no_context for s, read in zip(rows, reads, strict=True)]
+        picks = pick_rows([s.request.chain for s in rows], every, contexts, [s.generator for s in rows])
         for index, (stream, picked) in enumerate(zip(rows, picks, strict=True)):
             self._accept(stream, picked, every[index : index + 1])
         self._release()
