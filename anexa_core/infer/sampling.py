@@ -141,11 +141,10 @@ def pick_rows(
     processed logits are broken (NaN, no token left), are picked by ``chain.pick`` on their own, which
     raises the error naming its chain.
     """
-    processed: dict[int, torch.Tensor] = {}
-    for group in _groups(chains, contexts):
-        processed.update(zip(group, _process(chains, group, logits, contexts), strict=True))
-    rows = sorted(processed)  # draws in row order: rows without a seed share torch's global generator
-    drawn = _draw(torch.cat([processed[row] for row in rows]), [generators[row] for row in rows]) if rows else []
+    groups = _groups(chains, contexts)
+    rows = [row for group in groups for row in group]
+    processed = [_process(chains, group, logits, contexts) for group in groups]
+    drawn = _draw(torch.cat(processed) if len(processed) > 1 else processed[0], rows, generators) if rows else []
     picks = dict(zip(rows, drawn, strict=True))
     return [
         pick
@@ -163,10 +162,10 @@ def _groups(chains: Sequence, contexts: Sequence[torch.Tensor]) -> list[list[int
     for row, chain in enumerate(chains):
         if not hasattr(chain, "process"):
             continue
+        reads = getattr(chain, "reads_context", True)
         for group in groups:
             first = group[0]
-            same_length = contexts[first].size(-1) == contexts[row].size(-1)
-            if chains[first] == chain and (same_length or not getattr(chain, "reads_context", True)):
+            if chains[first] == chain and (not reads or contexts[first].size(-1) == contexts[row].size(-1)):
                 group.append(row)
                 break
         else:
@@ -174,10 +173,10 @@ def _groups(chains: Sequence, contexts: Sequence[torch.Tensor]) -> list[list[int
     return groups
 
 
-def _process(chains: Sequence, rows: list[int], logits: torch.Tensor, contexts: Sequence[torch.Tensor]) -> list:
-    """Rows ``rows`` of ``logits`` (of equal chains) processed, one (1, V) tensor each: by their chain at
-    once — with an empty context if it reads none — or, for a single row or when that raises (a chain may
-    fail one row only), each by its own chain."""
+def _process(chains: Sequence, rows: list[int], logits: torch.Tensor, contexts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rows ``rows`` of ``logits`` (of equal chains) processed, (len(rows), V): by their chain at once —
+    with an empty context if it reads none — or, for a single row or when that raises (a chain may fail
+    one row only), each by its own chain."""
     chain = chains[rows[0]]
     if len(rows) > 1:
         if getattr(chain, "reads_context", True):
@@ -185,18 +184,18 @@ def _process(chains: Sequence, rows: list[int], logits: torch.Tensor, contexts: 
         else:
             context = contexts[rows[0]].new_zeros(len(rows), 0)
         try:
-            return list(chain.process(logits[rows], context).split(1))
+            return chain.process(logits if len(rows) == len(logits) else logits[rows], context)
         except Exception:
             pass  # each row by its own chain below: a row that fails raises there, as its own
-    return [chains[row].process(logits[row : row + 1], contexts[row]) for row in rows]
+    return torch.cat([chains[row].process(logits[row : row + 1], contexts[row]) for row in rows])
 
 
-def _draw(logits: torch.Tensor, generators: Sequence) -> list[int | None]:
-    """One id per row of processed ``logits`` (rows, V), row ``i`` drawn with ``generators[i]`` as
+def _draw(logits: torch.Tensor, rows: list[int], generators: Sequence) -> list[int | None]:
+    """One id per row of processed ``logits`` (len(rows), V), drawn with ``generators[rows[i]]`` as
     ``torch.multinomial`` draws one sample: ``argmax(p / q)``, ``q`` exponential noise from the generator
-    (so the ids, and what each generator draws, are :meth:`SamplerChain.pick`'s). A row left with one
-    token (or ``+inf`` on one) takes it without touching its generator; ``None`` for a broken row (NaN, no
-    token left)."""
+    (so the ids, and what each generator draws, are :meth:`SamplerChain.pick`'s), in the order of ``rows``
+    (rows without a seed share torch's global generator). A row left with one token (or ``+inf`` on one)
+    takes it without touching its generator; ``None`` for a broken row (NaN, no token left)."""
     logits = logits.float()
     broken = logits.isnan().any(-1)
     certain = logits == float("inf")
@@ -204,9 +203,9 @@ def _draw(logits: torch.Tensor, generators: Sequence) -> list[int | None]:
     candidates = torch.where(broken, 0, (logits > float("-inf")).sum(-1)).tolist()
     probs = logits.softmax(-1)
     noise = torch.ones_like(probs)
-    for row, count in enumerate(candidates):
-        if count > 1:
-            noise[row].exponential_(generator=generators[row])
+    for index in sorted(range(len(rows)), key=rows.__getitem__):
+        if candidates[index] > 1:
+            noise[index].exponential_(generator=generators[rows[index]])
     drawn = (probs / noise).argmax(-1).tolist()
     return [pick if count > 0 else None for pick, count in zip(drawn, candidates, strict=True)]
 
