@@ -167,7 +167,7 @@ class Optimizer(Protocol):
 OPTIONAL_MEMBERS: dict[str, tuple[str, ...]] = {
     "Tokenizer": ("encode_batch", "export_hf", "eos_ids", "bos_id", "add_bos", "special_tokens", "chat_template"),
     "Attention": ("reference", "fallback_reason", "fallback_backend", "grouped_query", "ragged", "lengths="),
-    "Sampler": (),
+    "Sampler": ("reads_context",),
     "Blocks": ("export_hf", "hf_architectures", "import_hf", "stack.batched", "positions (B, T)", "cache.lengths"),
     "Dataset": (),
     "Optimizer": (),
