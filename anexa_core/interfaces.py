@@ -87,8 +87,11 @@ class Sampler(Protocol):
     """A logits processor, one link in the sampling chain: ``(logits, context) -> logits``.
 
     ``logits`` (batch, vocab) float, ``context`` (batch, time) token ids. Return logits with removed
-    tokens at ``-inf``, at least one finite per row, never NaN or ``+inf``. ``order`` places it in the
-    chain (lower runs first; ties run in name order).
+    tokens at ``-inf``, at least one finite per row, never NaN or ``+inf``; rows are independent. ``order``
+    places it in the chain (lower runs first; ties run in name order). A processor that never reads
+    ``context`` may say so with the class attribute ``reads_context = False``: the engine then processes
+    the rows of requests with equal chains at once, with an empty context (their histories differ in
+    length); otherwise only rows whose histories are as long as each other's.
     """
 
     order: ClassVar[int]
@@ -164,7 +167,7 @@ class Optimizer(Protocol):
 OPTIONAL_MEMBERS: dict[str, tuple[str, ...]] = {
     "Tokenizer": ("encode_batch", "export_hf", "eos_ids", "bos_id", "add_bos", "special_tokens", "chat_template"),
     "Attention": ("reference", "fallback_reason", "fallback_backend", "grouped_query", "ragged", "lengths="),
-    "Sampler": (),
+    "Sampler": ("reads_context",),
     "Blocks": ("export_hf", "hf_architectures", "import_hf", "stack.batched", "positions (B, T)", "cache.lengths"),
     "Dataset": (),
     "Optimizer": (),

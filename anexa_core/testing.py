@@ -224,7 +224,9 @@ def _check_ragged_rows(model: GPT, ids: torch.Tensor, full: torch.Tensor) -> Non
 
 def check_sampler(sampler: Any, **options: Any) -> None:
     """A logits processor: an int ``order``; same shape; at least one finite logit per row, never NaN or
-    ``+inf``, even for extreme logits; the input is not modified; rows are processed independently."""
+    ``+inf``, even for extreme logits; the input is not modified; rows are processed independently (each
+    row's logits as it alone would get them: the batched engine processes the rows of many requests at
+    once); with ``reads_context = False``, the context changes nothing."""
     processor = _build(sampler, options)
     assert isinstance(getattr(processor, "order", None), int), "a sampler needs an int class attribute `order`"
     generator = torch.Generator().manual_seed(0)
@@ -248,7 +250,9 @@ def check_sampler(sampler: Any, **options: Any) -> None:
             assert not (out == float("inf")).any(), f"+inf for logits {logits.tolist()}"
             assert torch.isfinite(out).any(-1).all(), f"a row lost every token for logits {logits.tolist()}"
             rows = torch.cat([processor(logits[i : i + 1], context[i : i + 1]) for i in range(logits.size(0))])
-            assert torch.equal(torch.isfinite(rows), torch.isfinite(out)), "rows are not processed independently"
+            assert torch.equal(rows, out), "rows are not processed independently (alone, a row gets other logits)"
+            if not getattr(processor, "reads_context", True):
+                assert torch.equal(processor(logits, context[:, :0]), out), "reads_context = False, yet it does"
 
 
 def check_optimizer(optimizer: Any, **options: Any) -> None:

@@ -9,7 +9,15 @@ import torch
 from helpers import registered, require_distribution
 
 from anexa_core import AnexaError, hookimpl
-from anexa_core.infer.sampling import SamplerChain, StopStrings, build_chain, parse_sampler_options, stream_until_stop
+from anexa_core.infer.sampling import (
+    SamplerChain,
+    StopStrings,
+    _groups,
+    build_chain,
+    parse_sampler_options,
+    pick_rows,
+    stream_until_stop,
+)
 from anexa_plugins.samplers import Greedy, MinP, RepetitionPenalty, Temperature, TopP
 
 NO_CONTEXT = torch.zeros(1, 0, dtype=torch.long)
@@ -364,6 +372,97 @@ def test_pick_draws_only_surviving_tokens_in_proportion():
     picks = chain.pick(logits.expand(4000, 3), torch.zeros(4000, 0, dtype=torch.long), generator).flatten()
     assert set(picks.tolist()) == {1, 2}
     assert math.isclose((picks == 1).float().mean().item(), 2 / 3, abs_tol=0.03)
+
+
+def test_picking_rows_together_equals_each_rows_own_pick_and_generator_use():
+    """The engine's pick_rows: every row's id, and what each generator drew, as its own chain's pick of that
+    row alone — chains of every kind side by side, decided rows (temperature 0, +inf) and pick-only chains."""
+    logits = torch.randn(7, 50, generator=torch.Generator().manual_seed(3)) * 3
+    contexts = [torch.randint(0, 50, (1, n), generator=torch.Generator().manual_seed(n)) for n in range(1, 8)]
+    chains = [
+        SamplerChain(),
+        build_chain(["temperature=0.7", "top_p=0.9"]),
+        build_chain(temperature=0),
+        build_chain(["repetition_penalty=1.5", "min_p=0.1"]),
+        SamplerChain([CertainOf(tokens=((4,),))]),
+        build_chain(["temperature=1.3"]),
+        SamplerChain([Greedy()]),
+    ]
+    for seed in range(20):
+        alone = [torch.Generator().manual_seed(seed + row) for row in range(7)]
+        expected = [int(c.pick(logits[r : r + 1], contexts[r], alone[r])) for r, c in enumerate(chains)]
+        together = [torch.Generator().manual_seed(seed + row) for row in range(7)]
+        assert pick_rows(chains, logits, contexts, together) == expected
+        for one, other in zip(alone, together, strict=True):
+            assert torch.equal(one.get_state(), other.get_state())
+
+
+def test_rows_of_equal_chains_are_processed_at_once_with_the_ids_each_would_get_alone():
+    """Equal chains (their own objects, as the server builds one per request) process their rows in one call:
+    any histories for chains that read none, equally long ones otherwise — and the ids stay each row's own."""
+    calls = []
+
+    @dataclass
+    class Counted:
+        order: ClassVar[int] = 60
+        reads_context: ClassVar[bool] = False
+
+        def __call__(self, logits, context):
+            calls.append(logits.size(0))
+            return logits
+
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(4))
+    contexts = [torch.randint(0, 40, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 9, 9, 4, 9, 3)]
+    free = [SamplerChain([Temperature(0.8), Counted()]) for _ in range(6)]
+    assert free[0] == free[1] and free[0] != SamplerChain([Temperature(0.9), Counted()])
+    reading = [build_chain(["repetition_penalty=1.5", "top_p=0.9"]) for _ in range(6)]
+    for chains in (free, reading):
+        for seed in range(10):
+            alone = [
+                int(c.pick(logits[r : r + 1], contexts[r], torch.Generator().manual_seed(seed + r)))
+                for r, c in enumerate(chains)
+            ]
+            calls.clear()
+            generators = [torch.Generator().manual_seed(seed + r) for r in range(6)]
+            assert pick_rows(chains, logits, contexts, generators) == alone
+        if chains is free:
+            assert calls == [6]  # one call for the six rows
+    assert _groups(reading, contexts) == [[0, 5], [1, 2, 4], [3]]  # histories of 3, 9 and 4 tokens
+
+
+def test_a_chain_that_fails_rows_processed_together_is_asked_again_row_by_row():
+    """Processing equal chains' rows at once raised: each row is processed by its own chain (so in the
+    server only the failing request fails), and the ids are those of the rows alone."""
+
+    @dataclass
+    class FailsManyRows:
+        order: ClassVar[int] = 60
+        reads_context: ClassVar[bool] = False
+
+        def __call__(self, logits, context):
+            if logits.size(0) > 1:
+                raise RuntimeError("one row at a time")
+            return logits
+
+    chains = [SamplerChain([FailsManyRows()]) for _ in range(3)]
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(5))
+    contexts = [NO_CONTEXT] * 3
+    alone = [int(c.pick(logits[r : r + 1], NO_CONTEXT, torch.Generator().manual_seed(r))) for r, c in enumerate(chains)]
+    assert pick_rows(chains, logits, contexts, [torch.Generator().manual_seed(r) for r in range(3)]) == alone
+
+
+def test_picking_rows_together_leaves_broken_rows_to_their_own_chain():
+    """A row its chain breaks raises that chain's own error; a chain with only ``pick`` is asked as it is."""
+
+    class Argmax:
+        def pick(self, logits, context, generator=None):
+            return logits.argmax(-1, keepdim=True)
+
+    logits = torch.tensor([[0.0, 2.0, 1.0], [0.0, 1.0, 3.0]])
+    contexts = [NO_CONTEXT, NO_CONTEXT]
+    assert pick_rows([Argmax(), build_chain(["greedy"])], logits, contexts, [None, None]) == [1, 2]
+    with pytest.raises(AnexaError, match="produced NaN"):
+        pick_rows([SamplerChain(), SamplerChain([Broken()])], logits, contexts, [None, None])
 
 
 def test_temperature_flag_is_a_shorthand_and_conflicts_with_s():

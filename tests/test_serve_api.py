@@ -434,6 +434,34 @@ class _BreaksPlugin:
         register("breaks", _Breaks)
 
 
+def test_equal_chains_that_fail_on_one_row_fail_only_that_request():
+    """The engine processes the rows of equal chains at once; when that raises, each row is processed alone,
+    so only the request whose row fails gets the error (and the argmax) — unit level, the server's wrapper."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from anexa_core.infer.sampling import SamplerChain, pick_rows
+    from anexa_serve.engine import _Isolated
+
+    @dataclass
+    class FailsOnTokenZero:
+        order: ClassVar[int] = 60
+        reads_context: ClassVar[bool] = False
+
+        def __call__(self, logits, context):
+            if (logits.argmax(-1) == 0).any():
+                raise AnexaError("token 0 is cursed")
+            return logits
+
+    guards = [_Isolated(SamplerChain([FailsOnTokenZero()])) for _ in range(3)]
+    logits = torch.tensor([[0.0, 5.0, 1.0], [9.0, 0.0, 1.0], [0.0, 1.0, 7.0]])
+    contexts = [torch.zeros(1, 0, dtype=torch.long)] * 3
+    generators = [torch.Generator().manual_seed(row) for row in range(3)]
+    picks = pick_rows(guards, logits, contexts, generators)
+    assert [guard.error is not None for guard in guards] == [False, True, False]
+    assert "cursed" in str(guards[1].error) and picks[1] == 0
+
+
 def test_a_failing_sampler_fails_only_its_own_request(client, tiny, register_plugin):
     register_plugin(_BreaksPlugin(), "breaks-test")
     healthy = {"model": "tiny", "prompt": "Holmes", "max_tokens": 300, "seed": 8}

@@ -32,6 +32,12 @@ RELEASED = {
         "tokenizer_cache": "anexa-tokenizer-cache/1",
         "contract": "22972e76b308b2d1",
     },
+    "0.4.0": {
+        "checkpoint": "anexa/2",
+        "tokens": "anexa-tokens/1",
+        "tokenizer_cache": "anexa-tokenizer-cache/1",
+        "contract": "dbacfd4a93b9e850",
+    },
 }
 
 

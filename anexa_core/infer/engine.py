@@ -33,6 +33,7 @@ import torch
 
 from anexa_core.device import autocast, decoding_autocast
 from anexa_core.errors import AnexaError
+from anexa_core.infer.sampling import pick_rows
 from anexa_core.model.cache import KVCache
 from anexa_core.model.gpt import GPT
 
@@ -45,7 +46,8 @@ class Request:
 
     ``prompt_ids``: at least one id (cropped from the left to the context). ``chain``: what picks each
     token, ``chain.pick(logits (1, V), context (1, T), generator) -> (1, 1)`` (a
-    :class:`~anexa_core.infer.sampling.SamplerChain`). ``seed``: the request's own generator (``None``:
+    :class:`~anexa_core.infer.sampling.SamplerChain`; a chain that also has ``process`` only processes its
+    row, drawn with the others': :func:`~anexa_core.infer.sampling.pick_rows`). ``seed``: the request's own generator (``None``:
     torch's global one; ``generator`` gives one explicitly). ``stop_ids``: ids that end the reply (the
     tokenizer's end of turn; not part of the output). ``logprobs``: ``None``, or N ≥ 0 — each generated
     token's log-probability under the model (natural log) and the N most likely alternatives; ``echo``:
@@ -73,7 +75,7 @@ class Token:
     top: list[tuple[int, float]] | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # each stream is itself: rows.remove and `in` must never take an equal-looking other
 class Stream:
     """A request while the engine runs it. ``tokens``: generated so far (a stop id is not among them);
     ``finish_reason``: ``None`` while running, then ``"stop"`` (a stop id), ``"length"``
@@ -143,6 +145,7 @@ class Engine:
         self.rows: list[Stream] = []  # running, in row order (row i of the batch cache)
         self.waiting: deque[Stream] = deque()
         self._cache: KVCache | None = None  # the batch's ragged cache, when more than one row
+        self._no_context = torch.zeros(1, 0, dtype=torch.long, device=self.device)  # for chains that read none
         self._lock = threading.Lock()
         self.forwards = 0  # forward passes run: one per step, per prefill and per cache probe (benchmarks read it)
 
@@ -211,19 +214,37 @@ class Engine:
         fresh = self._admit()
         if not self.rows:
             return
-        recompute = [s for s in self.rows if s in fresh or not self.use_cache or self._full(s)]
+        lengths = self._cache.row_lengths() if self._cache is not None else []
+        recompute = [s for s in self.rows if s in fresh or not self.use_cache or self._full(s, lengths)]
         computed = {id(s): self._alone(self._window(s, s in fresh)) for s in recompute}
         feed = [s for s in self.rows if id(s) not in computed]
         self._arrange(feed, [(s, computed[id(s)][0]) for s in recompute])
         logits = self._feed(feed) if feed else None
-        for stream in list(self.rows):
-            row_logits = computed[id(stream)][1] if id(stream) in computed else None
-            if row_logits is None:
-                assert logits is not None
-                row = stream.row or 0  # one row at a time: row 0
-                row_logits = logits[row : row + 1]
-            self._pick(stream, row_logits)
+        rows = list(self.rows)
+        every = self._in_row_order(rows, computed, logits)
+        reads = [getattr(s.request.chain, "reads_context", True) for s in rows]  # else the history is not built
+        contexts = [s.context(self.device) if read else self._no_context for s, read in zip(rows, reads, strict=True)]
+        picks = pick_rows([s.request.chain for s in rows], every, contexts, [s.generator for s in rows])
+        for index, (stream, picked) in enumerate(zip(rows, picks, strict=True)):
+            self._accept(stream, picked, every, index)
         self._release()
+
+    def _in_row_order(
+        self, rows: list[Stream], computed: dict[int, tuple[KVCache | None, torch.Tensor]], logits: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The logits (rows, V) of ``rows`` in their order: a recomputed row's own, a fed row's from ``logits``
+        by its slot."""
+        slots = [s.row or 0 for s in rows]  # one row at a time: row 0
+        if logits is not None and not computed and slots == list(range(len(rows))):
+            return logits  # the usual step: every row fed, in slot order
+        pieces = []
+        for stream, slot in zip(rows, slots, strict=True):
+            if id(stream) in computed:
+                pieces.append(computed[id(stream)][1])
+            else:
+                assert logits is not None
+                pieces.append(logits[slot : slot + 1])
+        return torch.cat(pieces)
 
     def _window(self, stream: Stream, fresh: bool) -> list[int]:
         """The ids to recompute: a new prompt whole; without a cache, or under ``sliding``, the last
@@ -232,9 +253,9 @@ class Engine:
             return stream.history[-self.block_size :]
         return stream.history[-max(1, self.block_size // 2) :]
 
-    def _full(self, stream: Stream) -> bool:
-        """Whether feeding ``stream``'s last token would overflow its window."""
-        length = len(stream.cache) if stream.cache is not None else self._batch.row_length(stream.row or 0)
+    def _full(self, stream: Stream, lengths: list[int]) -> bool:
+        """Whether feeding ``stream``'s last token would overflow its window (``lengths``: the batch's rows')."""
+        length = len(stream.cache) if stream.cache is not None else lengths[stream.row or 0]
         return length >= self.block_size
 
     def _alone(self, ids: list[int]) -> tuple[KVCache | None, torch.Tensor]:
@@ -322,11 +343,15 @@ class Engine:
         assert self._cache is not None
         return self._cache
 
-    def _pick(self, stream: Stream, logits: torch.Tensor) -> None:
-        """The next token of ``stream`` from its ``logits`` (1, V); it finishes on a stop id or at its length."""
+    def _accept(self, stream: Stream, picked: int, logits: torch.Tensor, row: int) -> None:
+        """``picked`` is the next token of ``stream`` (from ``logits[row]``); it finishes on a stop id or at its
+        length."""
         request = stream.request
-        picked = int(request.chain.pick(logits, stream.context(self.device), stream.generator).view(-1)[0])
-        token = Token(picked, *self._logprobs(logits, picked, request.logprobs))
+        token = (
+            Token(picked)
+            if request.logprobs is None
+            else Token(picked, *self._logprobs(logits[row : row + 1], picked, request.logprobs))
+        )
         stream.history.append(picked)
         if picked in request.stop_ids:
             stream.finish_reason = "stop"

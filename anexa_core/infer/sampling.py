@@ -85,9 +85,14 @@ class SamplerChain:
         named.sort(key=lambda pair: (pair[1].order, pair[0]))
         self.names = [name for name, _ in named]
         self.processors: list[Sampler] = [processor for _, processor in named]
+        self.reads_context = any(getattr(processor, "reads_context", True) for processor in self.processors)
 
     def __repr__(self) -> str:
         return " → ".join(map(repr, self.processors)) or "sample at temperature 1"
+
+    def __eq__(self, other: object) -> bool:
+        """The same processors with the same options (the engine processes the rows of equal chains at once)."""
+        return isinstance(other, SamplerChain) and (self.names, self.processors) == (other.names, other.processors)
 
     def process(self, logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, V) and ``context`` (B, T) token ids → processed float32 logits, removed tokens at -inf."""
@@ -120,6 +125,89 @@ class SamplerChain:
         if most == 1:
             return logits.argmax(-1, keepdim=True)
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+def pick_rows(
+    chains: Sequence, logits: torch.Tensor, contexts: Sequence[torch.Tensor], generators: Sequence
+) -> list[int]:
+    """The next id of every row of ``logits`` (rows, V): row ``i`` by ``chains[i]`` with ``contexts[i]``
+    (1, T) and ``generators[i]``, the id ``chains[i].pick(logits[i : i + 1], contexts[i], generators[i])``
+    gives — how the engine picks the tokens of all its requests, each with its own chain and generator.
+
+    Chains with a ``process`` method (:class:`SamplerChain`) are not asked to pick: the rows of equal chains
+    are processed at once (:func:`_groups`), then every processed row is drawn together — one softmax,
+    each row's noise from its own generator, one argmax and one device sync for them all (:func:`_draw`),
+    instead of a chain of small operations and syncs per row. A chain with only ``pick``, and a row whose
+    processed logits are broken (NaN, no token left), are picked by ``chain.pick`` on their own, which
+    raises the error naming its chain.
+    """
+    groups = _groups(chains, contexts)
+    rows = [row for group in groups for row in group]
+    processed = [_process(chains, group, logits, contexts) for group in groups]
+    drawn = _draw(torch.cat(processed) if len(processed) > 1 else processed[0], rows, generators) if rows else []
+    picks = dict(zip(rows, drawn, strict=True))
+    return [
+        pick
+        if (pick := picks.get(row)) is not None
+        else int(chain.pick(logits[row : row + 1], contexts[row], generators[row]).view(-1)[0])
+        for row, chain in enumerate(chains)
+    ]
+
+
+def _groups(chains: Sequence, contexts: Sequence[torch.Tensor]) -> list[list[int]]:
+    """The rows whose chain has ``process``, grouped to be processed at once: equal chains, and for a chain
+    that reads the context (``reads_context``, true unless the chain says otherwise) contexts of one
+    length, so they stack."""
+    groups: list[list[int]] = []
+    for row, chain in enumerate(chains):
+        if not hasattr(chain, "process"):
+            continue
+        reads = getattr(chain, "reads_context", True)
+        for group in groups:
+            first = group[0]
+            if chains[first] == chain and (not reads or contexts[first].size(-1) == contexts[row].size(-1)):
+                group.append(row)
+                break
+        else:
+            groups.append([row])
+    return groups
+
+
+def _process(chains: Sequence, rows: list[int], logits: torch.Tensor, contexts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rows ``rows`` of ``logits`` (of equal chains) processed, (len(rows), V): by their chain at once —
+    with an empty context if it reads none — or, for a single row or when that raises (a chain may fail
+    one row only), each by its own chain."""
+    chain = chains[rows[0]]
+    if len(rows) > 1:
+        if getattr(chain, "reads_context", True):
+            context = torch.cat([contexts[row] for row in rows])
+        else:
+            context = contexts[rows[0]].new_zeros(len(rows), 0)
+        try:
+            return chain.process(logits if len(rows) == len(logits) else logits[rows], context)
+        except Exception:
+            pass  # each row by its own chain below: a row that fails raises there, as its own
+    return torch.cat([chains[row].process(logits[row : row + 1], contexts[row]) for row in rows])
+
+
+def _draw(logits: torch.Tensor, rows: list[int], generators: Sequence) -> list[int | None]:
+    """One id per row of processed ``logits`` (len(rows), V), drawn with ``generators[rows[i]]`` as
+    ``torch.multinomial`` draws one sample: ``argmax(p / q)``, ``q`` exponential noise from the generator
+    (so the ids, and what each generator draws, are :meth:`SamplerChain.pick`'s), in the order of ``rows``
+    (rows without a seed share torch's global generator). A row left with one token (or ``+inf`` on one)
+    takes it without touching its generator; ``None`` for a broken row (NaN, no token left)."""
+    logits = logits.float()
+    broken = logits.isnan().any(-1)
+    certain = logits == float("inf")
+    logits = torch.where(certain.any(-1, keepdim=True), torch.where(certain, 0.0, float("-inf")), logits)
+    candidates = torch.where(broken, 0, (logits > float("-inf")).sum(-1)).tolist()
+    probs = logits.softmax(-1)
+    noise = torch.ones_like(probs)
+    for index in sorted(range(len(rows)), key=rows.__getitem__):
+        if candidates[index] > 1:
+            noise[index].exponential_(generator=generators[rows[index]])
+    drawn = (probs / noise).argmax(-1).tolist()
+    return [pick if count > 0 else None for pick, count in zip(drawn, candidates, strict=True)]
 
 
 class StopStrings:

@@ -97,10 +97,10 @@ class KVCache:
         if longest > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {longest} requested")
         self._grow(layer, longest)
-        rows = torch.arange(k.size(0), device=k.device)[:, None]
-        slots = lengths[:, None] + torch.arange(k.size(2), device=k.device)  # (B, T)
-        self._keys[layer][rows, :, slots] = k.transpose(1, 2)  # advanced indexing: (B, T, H, D)
-        self._values[layer][rows, :, slots] = v.transpose(1, 2)
+        slots = lengths[:, None] + torch.arange(k.size(2), device=k.device)  # (B, T): each row's next positions
+        slots = slots[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))  # (B, H, T, D), as k
+        self._keys[layer].scatter_(2, slots, k)
+        self._values[layer].scatter_(2, slots, v)
         lengths.add_(k.size(2))  # in place: a narrowed view advances its parent's rows too
         return self._keys[layer][:, :, :longest], self._values[layer][:, :, :longest]
 
@@ -141,6 +141,12 @@ class KVCache:
     def row_length(self, row: int) -> int:
         """Positions held by row ``row``."""
         return len(self) if self._row_lengths is None else int(self._row_lengths[0][row])
+
+    def row_lengths(self) -> list[int]:
+        """Positions held by each row (one device sync for all of them)."""
+        if self._row_lengths is None:
+            return [len(self)] * (self._keys[0].size(0) if self._keys else 0)
+        return self._row_lengths[0].tolist()
 
     def copy_row(self, row: int, source: KVCache, source_row: int = 0) -> None:
         """Ragged row ``row`` becomes a copy of ``source``'s row ``source_row``, its length too: how a

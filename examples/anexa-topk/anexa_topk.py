@@ -21,6 +21,7 @@ class TopK:
 
     k: int = 40
     order: ClassVar[int] = 30
+    reads_context: ClassVar[bool] = False  # the engine may process many requests' rows at once
 
     def __post_init__(self) -> None:
         if self.k < 1:

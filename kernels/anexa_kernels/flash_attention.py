@@ -396,6 +396,8 @@ def visible_keys(t_q: int, t_k: int, causal: bool, lengths: torch.Tensor | None,
     if lengths is None:
         return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
     ends = lengths.to(device)[:, None, None, None]  # (B, 1, 1, 1)
+    if t_q == 1:  # decoding: the one query sees every valid key (causal or not), and key 0 always
+        return keys < ends.clamp(min=1)
     mask = keys < ends
     if causal:
         last = ends - t_q + torch.arange(t_q, device=device)[:, None]  # (B, 1, Tq, 1): each query's last key

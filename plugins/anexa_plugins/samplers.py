@@ -9,6 +9,8 @@ command line gives them in, and then picks a token:
 
 Penalties and temperature reshape the distribution before the truncating processors, so ``top_p`` and
 ``min_p`` measure the probabilities that will actually be sampled from. Removed tokens get ``-inf``.
+All but ``repetition_penalty`` say ``reads_context = False``: the engine may process the rows of several
+requests at once without their histories.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Temperature:
 
     value: float = 1.0
     order: ClassVar[int] = 20
+    reads_context: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.value < float("inf"):
@@ -89,6 +92,7 @@ class TopP:
 
     p: float = 0.9
     order: ClassVar[int] = 40
+    reads_context: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not 0 < self.p <= 1:
@@ -111,6 +115,7 @@ class MinP:
 
     p: float = 0.05
     order: ClassVar[int] = 50
+    reads_context: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.p <= 1:
@@ -127,6 +132,7 @@ class Greedy:
     """Keeps only the most likely token, so the pick is deterministic."""
 
     order: ClassVar[int] = 90
+    reads_context: ClassVar[bool] = False
 
     def __call__(self, logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return _keep_argmax(logits)

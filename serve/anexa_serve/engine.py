@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from anexa_core.errors import AnexaError
 from anexa_core.infer.engine import Engine, EngineBusy, Request, Stream, Token
 
@@ -51,11 +53,30 @@ class Stats:
 
 class _Isolated:
     """A request's sampler chain whose failure is its own: the error is kept (the row is then cancelled)
-    and the argmax stands in for the pick, so the rest of the batch decodes on."""
+    and the argmax stands in for the pick, so the rest of the batch decodes on.
+
+    The engine processes the rows of equal chains at once and draws every row together
+    (:func:`~anexa_core.infer.sampling.pick_rows`), so this compares and processes as its chain (the
+    server's are :class:`~anexa_core.infer.sampling.SamplerChain`). Processing other requests' rows too,
+    it lets an error through: the engine then processes each row alone, and only the failing one's is kept.
+    """
 
     def __init__(self, chain: Any) -> None:
         self.chain = chain
         self.error: BaseException | None = None
+        self.reads_context = getattr(chain, "reads_context", True)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Isolated) and self.chain == other.chain
+
+    def process(self, logits, context):
+        try:
+            return self.chain.process(logits, context)
+        except Exception as exc:
+            if logits.size(0) > 1:
+                raise  # other requests' rows: each is processed alone next
+            self.error = self.error or exc
+            return torch.full_like(logits, float("-inf")).scatter_(-1, logits.argmax(-1, keepdim=True), 0.0)
 
     def pick(self, logits, context, generator=None):
         try:
