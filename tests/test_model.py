@@ -380,7 +380,9 @@ def test_chunked_loss_equals_cross_entropy_of_the_whole_batch_with_its_gradients
         torch.testing.assert_close(grad, want * 0.25, **tolerance)
     head.weight.requires_grad_(False)  # a frozen (LoRA's) head: the gradient of the input only
     with torch.autocast("cpu", dtype=dtype, enabled=bf16):
-        (grad,) = torch.autograd.grad(gpt.head_loss(hidden, head, targets), (hidden,))
+        frozen = gpt.head_loss(hidden, head, targets)
+    assert frozen.grad_fn.saved_tensors[1] is None  # no (vocab, C) gradient computed for a frozen head
+    (grad,) = torch.autograd.grad(frozen, (hidden,))
     torch.testing.assert_close(grad, expected_grads[0], **tolerance)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=bf16):  # evaluation: no gradients at all
         torch.testing.assert_close(gpt.head_loss(hidden, head, targets), expected, **tolerance)

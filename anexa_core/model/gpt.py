@@ -207,16 +207,13 @@ def decoding_layout(model: nn.Module) -> nn.Module:
     and every writer of weights (checkpoints, ``export``) stores tensors contiguously. CUDA and
     reduced-precision weights are left as they are.
     """
-    seen: set[int] = set()
     with torch.no_grad():
         for module in model.modules():
             if not isinstance(module, nn.Linear) or module.out_features <= module.in_features:
                 continue
-            weight = module.weight
-            if id(weight) in seen or weight.device.type != "cpu" or weight.dtype != torch.float32:
-                continue
-            seen.add(id(weight))  # a tied head is the token embedding: re-stored once, for both
-            weight.data = weight.data.t().contiguous().t()
+            weight = module.weight  # a tied head is the token embedding: both read the re-stored matrix
+            if weight.device.type == "cpu" and weight.dtype == torch.float32:
+                weight.data = weight.data.t().contiguous().t()  # a no-op for a weight already column-major
     return model
 
 
