@@ -397,6 +397,20 @@ def test_picking_rows_together_equals_each_rows_own_pick_and_generator_use():
             assert torch.equal(one.get_state(), other.get_state())
 
 
+def test_rows_sharing_a_generator_draw_from_it_in_row_order():
+    """Requests without a seed share torch's global generator: rows drawn together take their noise from it
+    in row order, as row-by-row picks did, though equal chains are grouped out of that order."""
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(5))
+    contexts = [torch.zeros(1, 0, dtype=torch.long)] * 5
+    cool, hot = build_chain(["temperature=0.7"]), build_chain(["temperature=1.4"])
+    chains = [cool, hot, build_chain(["temperature=0.7"]), hot, cool]  # groups [0, 2, 4] and [1, 3]
+    for seed in range(10):
+        shared = torch.Generator().manual_seed(seed)
+        expected = [int(c.pick(logits[r : r + 1], contexts[r], shared)) for r, c in enumerate(chains)]
+        shared = torch.Generator().manual_seed(seed)
+        assert pick_rows(chains, logits, contexts, [shared] * 5) == expected
+
+
 def test_rows_of_equal_chains_are_processed_at_once_with_the_ids_each_would_get_alone():
     """Equal chains (their own objects, as the server builds one per request) process their rows in one call:
     any histories for chains that read none, equally long ones otherwise — and the ids stay each row's own."""
