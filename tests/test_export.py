@@ -222,6 +222,43 @@ def test_what_cannot_be_exported_says_so_in_one_line(workdir, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "blocks_options,tokenizer_name,fixes",
+    [
+        ({"gelu": "exact"}, "char", "-o blocks.gelu=tanh --tokenizer bpe"),  # the quick tour's seed run
+        ({"gelu": "tanh"}, "char", "--tokenizer bpe"),
+        ({"gelu": "exact"}, "bpe", "-o blocks.gelu=tanh"),
+    ],
+)
+def test_a_gguf_export_refusal_names_every_reason_and_every_fix_at_once(
+    tmp_path, blocks_options, tokenizer_name, fixes
+):
+    """One retraining must be enough: a run refused for its GELU and its tokenizer hears of both."""
+    from anexa_core import plugins
+    from anexa_core.config import ModelConfig
+    from anexa_core.model.gpt import build_model
+
+    tokenizer, options = plugins.create(
+        "tokenizers", tokenizer_name, {"vocab_size": 260} if tokenizer_name == "bpe" else {}
+    )
+    tokenizer.train(["abc abd abe\n" * 20])
+    model = build_model(
+        ModelConfig(
+            vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=8, block_size=8, blocks_options=blocks_options
+        )
+    )
+    path = tmp_path / "model.safetensors"
+    checkpoint.save_model(path, model, checkpoint.model_metadata(model, tokenizer, tokenizer_name, options, step=0))
+    with pytest.raises(AnexaError) as caught:
+        export(path, tmp_path / "out.gguf", format="gguf")
+    message = str(caught.value)
+    assert message.endswith(f"Export --format hf, or train with {fixes}") and "\n" not in message
+    assert ("exact GELU" in message) == ("gelu=tanh" in fixes) and ("character-level" in message) == (
+        tokenizer_name == "char"
+    )
+    assert not (tmp_path / "out.gguf").exists()
+
+
+@pytest.mark.parametrize(
     "blocks,options,tie",
     [
         ("llama", {"n_kv_head": 2, "mlp_hidden": 48}, True),

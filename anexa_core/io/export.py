@@ -536,19 +536,25 @@ def export_gguf(run: Path, out: Path, overwrite: bool = False, dtype: str = "f32
     loaded = load(run, "cpu")
     model, tokenizer, meta = loaded.model, loaded.tokenizer, loaded.meta
     config = model.config
-    if config.blocks == "gpt2" and config.blocks_options.get("gelu", "exact") == "exact":
+    refusals = {  # every reason at once, so that one retraining fixes them all
+        "its blocks 'gpt2' compute the exact GELU where llama.cpp's GPT-2 computes the tanh one": (
+            config.blocks == "gpt2" and config.blocks_options.get("gelu", "exact") == "exact",
+            "-o blocks.gelu=tanh",
+        ),
+        "its tokenizer 'char' is character-level, which llama.cpp has no tokenizer for": (
+            meta["tokenizer"]["name"] == "char",
+            "--tokenizer bpe",
+        ),
+    }
+    refused = {reason: fix for reason, (applies, fix) in refusals.items() if applies}
+    if refused:
         raise AnexaError(
-            "blocks 'gpt2' with gelu='exact' cannot be exported to GGUF: llama.cpp's GPT-2 computes the tanh "
-            "GELU, so its logits would differ; export --format hf, or train with -o blocks.gelu=tanh"
+            f"{run} cannot be exported to GGUF: {'; '.join(refused)}. Export --format hf, or train with "
+            f"{' '.join(refused.values())}"
         )
     hf_config, tensors = hf_model(model, meta)
     if meta["tokenizer"]["name"] == "hf":
         state = tokenizer.state_dict()
-    elif meta["tokenizer"]["name"] == "char":
-        raise AnexaError(
-            "tokenizer 'char' cannot be exported to GGUF (llama.cpp has no character-level "
-            "tokenizer): export --format hf, or train with --tokenizer bpe"
-        )
     else:
         state = {
             "type": "hf",
