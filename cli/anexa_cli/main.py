@@ -573,7 +573,8 @@ def chat(
     val = meta.get("val_loss")
     val_text = f", val loss {val:.4f}" if isinstance(val, float) else ""
     kind = "its chat template" if not bos else "a User:/Assistant: transcript"
-    typer.echo(f"loaded {loaded.path}: step {meta.get('step')}{val_text}; chatting through {kind}. `quit` to leave.")
+    where = f"loaded {loaded.path}: step {meta.get('step')}{val_text}; chatting through {kind}."
+    typer.echo(f"{where} `quit`, `exit` or Ctrl-D to leave.")
     stops = [*(_unescape(text) for text in stop or []), *template.stop]
     history = _line_editing()
     turn = 0
