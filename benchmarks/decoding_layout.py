@@ -20,11 +20,6 @@ import time
 import torch
 
 
-class Greedy:
-    def pick(self, logits, context, generator=None):
-        return logits.argmax(-1, keepdim=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", nargs="?")
@@ -38,6 +33,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from anexa_core.infer.engine import Engine, Request
+    from anexa_core.measure.bench import _Greedy as Greedy  # argmax only: `anexa bench generate`'s picker
     from anexa_core.model.gpt import decoding_layout
 
     if args.preset:

@@ -155,6 +155,8 @@ def test_load_stores_wide_cpu_weights_column_major_with_the_same_values(tmp_path
     linears = [module for module in loaded.modules() if isinstance(module, torch.nn.Linear)]
     assert all(module.weight.is_contiguous() or module.weight.t().is_contiguous() for module in linears)
     assert loaded.lm_head.weight is loaded.wte.weight and loaded.wte.weight.t().is_contiguous()
+    stored = load(tmp_path, "cpu", decoding=False).model  # export's: the weights in their stored order
+    assert all(parameter.is_contiguous() for parameter in stored.parameters())
     saved = model.state_dict()
     assert all(torch.equal(tensor, saved[name]) for name, tensor in loaded.state_dict().items())
     ids = torch.randint(0, TINY.vocab_size, (2, 16))

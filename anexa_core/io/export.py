@@ -73,7 +73,7 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False) ->
     if format == "gguf":
         return export_gguf(run, out, overwrite)
     _check_target(out, overwrite)
-    loaded = load(run, "cpu")
+    loaded = load(run, "cpu", decoding=False)
     model, tokenizer, meta = loaded.model, loaded.tokenizer, loaded.meta
     hf_config, tensors = hf_model(model, meta)
     hf_tokenizer = tokenizer_hf(tokenizer, meta)
@@ -533,7 +533,7 @@ def export_gguf(run: Path, out: Path, overwrite: bool = False, dtype: str = "f32
         raise AnexaError(f"{out}: a GGUF export is one file: pass OUT ending in .gguf")
     if out.is_dir() or (out.exists() and not overwrite):
         raise AnexaError(f"{out} exists: pass --overwrite to replace it, or another file")
-    loaded = load(run, "cpu")
+    loaded = load(run, "cpu", decoding=False)
     model, tokenizer, meta = loaded.model, loaded.tokenizer, loaded.meta
     config = model.config
     refusals = {  # every reason at once, so that one retraining fixes them all

@@ -22,9 +22,9 @@ RUNS_DIR = Path("runs")
 
 @dataclass(frozen=True)
 class Loaded:
-    """A model ready to use: the module (in eval mode, on ``device``, in the :func:`decoding_layout` on a
-    CPU), its tokenizer, the checkpoint's
-    metadata, the file it came from and the path the user gave (a run folder or a file)."""
+    """A model ready to use: the module (in eval mode, on ``device``, on a CPU in the
+    :func:`decoding_layout` unless asked not to), its tokenizer, the checkpoint's metadata, the file it came
+    from and the path the user gave (a run folder or a file)."""
 
     model: GPT
     tokenizer: Tokenizer
@@ -40,11 +40,13 @@ def load(
     attention: str | None = None,
     attention_options: dict[str, Any] | None = None,
     runs_dir: Path = RUNS_DIR,
+    decoding: bool = True,
 ) -> Loaded:
     """The model ``model`` names — a run folder (its best checkpoint), a ``.safetensors`` file, or ``None``
     for the newest run under ``runs_dir`` — on ``device`` (``auto``: CUDA when present), optionally with
     another attention plugin (``attention`` and its options; the weights do not depend on it). A LoRA run
-    loads its base and folds the adapters into it.
+    loads its base and folds the adapters into it. ``decoding=False`` keeps the weights in their stored
+    order (``export``, which writes them out at once, would only undo the :func:`decoding_layout`).
 
     Raises :class:`~anexa_core.AnexaError` (one line) when there is no run, the checkpoint is missing,
     foreign or corrupt, a LoRA run's base is missing or changed, the device is unusable, or a plugin it
@@ -59,7 +61,9 @@ def load(
         meta = {**meta, "path": str(path)}
     else:
         module, tokenizer, meta = checkpoint.load_model(source, torch_device, attention, attention_options)
-    decoding_layout(module.eval())
+    module.eval()
+    if decoding:
+        decoding_layout(module)
     return Loaded(module, tokenizer, meta, Path(meta["path"]), source, torch_device)
 
 

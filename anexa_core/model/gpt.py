@@ -113,9 +113,13 @@ def head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> t
     chunks cost ~3% more time than that (benchmarks/RESULTS.md). Equal to ``F.cross_entropy`` up to
     float rounding.
     """
-    rows = max(1, LOSS_CHUNK_ELEMENTS // head.out_features) if type(head) is nn.Linear else 0
-    if hidden.size(0) <= rows or rows == 0 or head.bias is not None:
+    if (
+        type(head) is not nn.Linear
+        or head.bias is not None
+        or hidden.size(0) * head.out_features <= LOSS_CHUNK_ELEMENTS
+    ):
         return F.cross_entropy(_wide(head(hidden)), targets)
+    rows = max(1, LOSS_CHUNK_ELEMENTS // head.out_features)
     if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
         return _HeadLoss.apply(hidden, head.weight, targets, rows)
     total, _, _ = _chunked_head_loss(hidden, head.weight, targets, rows, False, False)
