@@ -82,10 +82,15 @@ def run_once(
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
+    """Every round's record; the runs and their token cache live in a temporary folder removed at the end."""
+    with tempfile.TemporaryDirectory(prefix="anexa-threads-") as workdir:
+        return _measure(args, Path(workdir))
+
+
+def _measure(args: argparse.Namespace, workdir: Path) -> list[dict]:
     from anexa_core.device import busy_cores, usable_cores
 
     cores = usable_cores()
-    workdir = Path(tempfile.mkdtemp(prefix="anexa-threads-"))
     os.environ["ANEXA_CACHE"] = str(workdir / "cache")
     run_once(1, ["--threads", "1"], {}, workdir, 600)  # the token cache, once
     results = []
