@@ -262,6 +262,16 @@ def test_the_chain_describes_itself_in_order():
     assert repr(SamplerChain()) == "sample at temperature 1"
 
 
+def test_chains_are_equal_by_processors_and_options_and_hash_alike():
+    """The engine groups rows of equal chains: the same samplers with the same options are equal whatever
+    the order given, another option or sampler is not; equal chains hash equal (usable as dict keys)."""
+    chain = build_chain(["top_k=40", "temperature=0.8"])
+    same = build_chain(["temperature=0.8", "top_k=40"])
+    assert chain == same and hash(chain) == hash(same) and {chain: 1}[same] == 1
+    assert chain != build_chain(["temperature=0.8", "top_k=41"])
+    assert chain != build_chain(["temperature=0.8"]) and chain != "temperature=0.8"
+
+
 def test_the_chain_names_its_processors_and_breaks_ties_in_order_by_name():
     """Unnamed processors are named by their class; two of the same order run by name, not by the order
     they were given in (nor by comparing the processors, which need not be comparable)."""

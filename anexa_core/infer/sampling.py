@@ -94,6 +94,10 @@ class SamplerChain:
         """The same processors with the same options (the engine processes the rows of equal chains at once)."""
         return isinstance(other, SamplerChain) and (self.names, self.processors) == (other.names, other.processors)
 
+    def __hash__(self) -> int:
+        """By the processors' names: equal chains hash equal (their options, dataclasses, need not hash)."""
+        return hash(tuple(self.names))
+
     def process(self, logits: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, V) and ``context`` (B, T) token ids → processed float32 logits, removed tokens at -inf."""
         logits = logits.float()

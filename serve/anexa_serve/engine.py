@@ -69,6 +69,9 @@ class _Isolated:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _Isolated) and self.chain == other.chain
 
+    def __hash__(self) -> int:
+        return hash(self.chain)
+
     def process(self, logits, context):
         try:
             return self.chain.process(logits, context)
