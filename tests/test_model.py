@@ -392,6 +392,60 @@ def test_chunked_loss_equals_cross_entropy_of_the_whole_batch_with_its_gradients
     assert gpt.head_loss(hidden, head, all_ignored).isnan() and F.cross_entropy(head(hidden), all_ignored).isnan()
 
 
+def test_the_loss_is_one_piece_exactly_when_it_fits_one_chunk_or_the_head_is_not_plain(monkeypatch):
+    """The whole batch's logits are computed at once (the head called, a float32 loss even under bf16
+    autocast) when they fit one chunk — to the element — or when the head has a bias (or is not an
+    ``nn.Linear``); one row more and a plain head goes chunk by chunk, never called whole."""
+    import torch.nn.functional as F
+
+    from anexa_core.model import gpt
+
+    torch.manual_seed(0)
+    hidden, targets = torch.randn(6, 16), torch.randint(50, (6,))
+    calls: list[int] = []
+    for bias in (False, True):
+        head = torch.nn.Linear(16, 50, bias=bias)
+        head.register_forward_hook(lambda *_: calls.append(1))
+        expected = F.cross_entropy(head(hidden), targets)
+        for chunk_elements, one_piece in ((6 * 50, True), (6 * 50 - 1, bias)):
+            monkeypatch.setattr(gpt, "LOSS_CHUNK_ELEMENTS", chunk_elements)
+            calls.clear()
+            torch.testing.assert_close(gpt.head_loss(hidden, head, targets), expected, rtol=1e-6, atol=1e-6)
+            assert bool(calls) == one_piece, (bias, chunk_elements)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert gpt.head_loss(hidden, head, targets).dtype == torch.float32
+
+
+def test_the_chunked_loss_computes_only_the_gradients_wanted(monkeypatch):
+    """Without gradients (evaluation) the chunks compute none; with a frozen input only the head's (in its
+    own dtype: bf16 weights get a bf16 gradient), with a frozen head only the input's."""
+    import torch.nn.functional as F
+
+    from anexa_core.model import gpt
+
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_ELEMENTS", 2 * 50)
+    wanted = []
+    chunked = gpt._chunked_head_loss
+    monkeypatch.setattr(gpt, "_chunked_head_loss", lambda *a: wanted.append(a[4:]) or chunked(*a))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden, targets = torch.randn(7, 16, requires_grad=True), torch.randint(50, (7,))
+    with torch.no_grad():
+        gpt.head_loss(hidden, head, targets)
+    assert wanted == [(False, False)]
+    for dtype in (torch.float32, torch.bfloat16):
+        head_in_dtype = torch.nn.Linear(16, 50, bias=False).to(dtype)
+        frozen_input = hidden.detach().to(dtype)
+        loss = gpt.head_loss(frozen_input, head_in_dtype, targets)
+        assert loss.grad_fn.saved_tensors[0] is None  # no gradient of an input that does not want one
+        (grad,) = torch.autograd.grad(loss, (head_in_dtype.weight,))
+        expected = F.cross_entropy(head_in_dtype(frozen_input).float(), targets)
+        (want,) = torch.autograd.grad(expected, (head_in_dtype.weight,))
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad, want, **(dict(rtol=1e-2, atol=1e-3) if dtype == torch.bfloat16 else {}))
+    assert wanted[1:] == [(False, True), (False, True)]
+
+
 def test_a_model_with_targets_returns_its_loss_in_chunks_not_its_logits(monkeypatch):
     import torch.nn.functional as F
 

@@ -489,6 +489,69 @@ def test_picking_rows_together_leaves_broken_rows_to_their_own_chain():
         pick_rows([SamplerChain(), SamplerChain([Broken()])], logits, contexts, [None, None])
 
 
+def test_a_chain_that_only_picks_is_asked_with_its_own_row_context_and_generator():
+    """A chain with only ``pick`` gets its one row (1, V), its own context and its own generator — also when
+    no row's chain can be drawn with the others; rows after it whose chains can still are drawn, not asked."""
+
+    class Recorder:
+        def __init__(self):
+            self.seen = []
+
+        def pick(self, logits, context, generator=None):
+            self.seen.append((tuple(logits.shape), context, generator))
+            return logits.argmax(-1, keepdim=True)
+
+    class DrawnNotPicked(SamplerChain):
+        def pick(self, logits, context, generator=None):
+            raise AssertionError("a chain with `process` is drawn with the other rows")
+
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(2))
+    contexts = [torch.randint(0, 10, (1, n), generator=torch.Generator().manual_seed(n)) for n in (2, 5, 3)]
+    generators = [torch.Generator().manual_seed(row) for row in range(3)]
+    recorders = [Recorder() for _ in range(3)]
+    assert pick_rows(recorders, logits, contexts, generators) == logits.argmax(-1).tolist()
+    for row, recorder in enumerate(recorders):
+        ((shape, context, generator),) = recorder.seen
+        assert shape == (1, 10) and context is contexts[row] and generator is generators[row]
+    chains = [Recorder(), DrawnNotPicked([Greedy()]), DrawnNotPicked([Greedy()])]
+    assert pick_rows(chains, logits, contexts, generators) == logits.argmax(-1).tolist()
+
+
+def test_a_chain_that_does_not_say_whether_it_reads_the_context_is_given_it():
+    """``reads_context`` defaults to true: such a chain's rows are processed together only when their
+    histories are equally long, with the histories stacked; each other row alone with its own."""
+    processed = []
+
+    class Reads:
+        def __eq__(self, other):
+            return isinstance(other, Reads)
+
+        __hash__ = None
+
+        def process(self, logits, context):
+            processed.append(context.tolist())
+            return torch.full_like(logits, float("-inf")).scatter(-1, logits.argmax(-1, keepdim=True), 0.0)
+
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(3))
+    contexts = [torch.tensor([[1, 2]]), torch.tensor([[3, 4, 5, 6]]), torch.tensor([[7, 8]])]
+    assert pick_rows([Reads(), Reads(), Reads()], logits, contexts, [None] * 3) == logits.argmax(-1).tolist()
+    assert processed == [[[1, 2], [7, 8]], [[3, 4, 5, 6]]]
+
+
+def test_a_row_left_with_two_candidates_is_drawn_as_the_chain_would_draw_it():
+    """Noise is drawn for every row with more than one candidate: two equally likely tokens come out as
+    ``SamplerChain.pick`` draws them with the same seed — each of them, over seeds."""
+    chain = SamplerChain()
+    logits = torch.tensor([[0.0, 0.0, float("-inf"), float("-inf")]])
+    drawn = set()
+    for seed in range(16):
+        expected = int(chain.pick(logits, NO_CONTEXT, torch.Generator().manual_seed(seed)))
+        (got,) = pick_rows([chain], logits, [NO_CONTEXT], [torch.Generator().manual_seed(seed)])
+        assert got == expected
+        drawn.add(got)
+    assert drawn == {0, 1}
+
+
 def test_temperature_flag_is_a_shorthand_and_conflicts_with_s():
     chain = build_chain(temperature=0.5)
     assert chain.processors == [Temperature(0.5)]
