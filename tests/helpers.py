@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import os
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,16 @@ from anexa_core.config import ModelConfig
 from anexa_core.model.gpt import build_model
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def strict() -> bool:
+    """Whether a missing test dependency (the SmolLM2 fixture, transformers, an example plugin's
+    distribution) fails the run instead of skipping it: in CI — the runner's ``CI``, or
+    ``ANEXA_STRICT_TESTS=1``, which ``.ci/run`` sets so that a skipped pretrained-model test cannot pass
+    for green there."""
+    return bool(os.environ.get("CI")) or os.environ.get("ANEXA_STRICT_TESTS") == "1"
+
+
 PACKAGES = {
     "anexa_core": REPO / "anexa_core",
     "anexa_plugins": REPO / "plugins" / "anexa_plugins",
@@ -71,7 +82,6 @@ class Greedy:
 def require_distribution(name: str, folder: str) -> None:
     """Skip when a plugin distribution the set-up command installs is missing; in CI, fail instead."""
     import importlib.metadata
-    import os
 
     import pytest
 
@@ -79,7 +89,7 @@ def require_distribution(name: str, folder: str) -> None:
         importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
         message = f"{name} is not installed: .venv/bin/pip install {folder}"
-        if os.environ.get("CI"):
+        if strict():
             pytest.fail(message)
         pytest.skip(message)
 

@@ -16,7 +16,7 @@ import shutil
 import pytest
 import safetensors
 import torch
-from helpers import Greedy
+from helpers import Greedy, strict
 from typer.testing import CliRunner
 
 from anexa_cli.main import app
@@ -28,7 +28,7 @@ from anexa_core.io.export import export
 try:
     import transformers
 except ImportError:  # pragma: no cover - the dev extra installs it
-    if os.environ.get("CI"):
+    if strict():
         raise
     pytest.skip("transformers is not installed: .venv/bin/pip install transformers", allow_module_level=True)
 

@@ -9,13 +9,13 @@ and GPT-2 models go through :func:`write_gguf` and back through transformers and
 error is one line, and a failed write leaves nothing behind. No network.
 """
 
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import strict
 
 from anexa_core.errors import AnexaError
 
@@ -23,7 +23,7 @@ try:
     import gguf
     import transformers
 except ImportError:  # pragma: no cover - the dev extra installs both
-    if os.environ.get("CI"):
+    if strict():
         raise
     pytest.skip(
         "gguf or transformers is not installed: .venv/bin/pip install gguf transformers", allow_module_level=True

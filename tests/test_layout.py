@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import PACKAGES, REPO
+from helpers import PACKAGES, REPO, strict
 
 OURS = set(PACKAGES)
 
@@ -53,7 +53,7 @@ def test_the_real_kernels_distribution_wins_from_the_repository_root():
         importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
         message = "the `kernels` distribution is not installed: the dev extra installs it"
-        if os.environ.get("CI"):
+        if strict():
             pytest.fail(message)
         pytest.skip(message)
     script = (
@@ -64,3 +64,19 @@ def test_the_real_kernels_distribution_wins_from_the_repository_root():
     assert done.returncode == 0, done.stderr
     assert not done.stdout.strip().startswith(str(REPO) + os.sep + "kernels"), done.stdout
     assert "site-packages" in done.stdout or "dist-packages" in done.stdout, done.stdout
+
+
+def test_ci_fails_a_missing_test_dependency_where_elsewhere_it_skips(monkeypatch):
+    """`.ci/run` sets ANEXA_STRICT_TESTS=1 (a CI runner may set CI): a missing SmolLM2 fixture or example
+    plugin then fails the run; on a laptop, without either, the tests that need it skip."""
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("ANEXA_STRICT_TESTS", raising=False)
+    assert not strict()
+    monkeypatch.setenv("ANEXA_STRICT_TESTS", "0")
+    assert not strict()
+    monkeypatch.setenv("ANEXA_STRICT_TESTS", "1")
+    assert strict()
+    monkeypatch.delenv("ANEXA_STRICT_TESTS")
+    monkeypatch.setenv("CI", "true")
+    assert strict()
+    assert "ANEXA_STRICT_TESTS=1 .venv/bin/python -m pytest" in (REPO / ".ci" / "run").read_text()
