@@ -501,6 +501,34 @@ def test_the_exported_tokenizer_normalises_text_as_anexa_does(runs, name):
         assert hf_tokenizer(text)["input_ids"] == encode_prompt(tokenizer, text), repr(text)
 
 
+def test_a_gguf_export_says_that_llama_cpp_will_not_normalise_text(tmp_path):
+    """GGUF has no field for Anexa's text normalisation, so the export says so (one note line) — and it is
+    true: the file's tokenizer, as transformers reads it for llama.cpp's, keeps `\\r` where Anexa has `\\n`
+    (the same ids otherwise)."""
+    from typer.testing import CliRunner
+
+    from anexa_cli.main import app
+    from anexa_core import plugins
+    from anexa_core.config import ModelConfig
+    from anexa_core.model.gpt import build_model
+
+    tokenizer, options = plugins.create("tokenizers", "bpe", {"vocab_size": 280})
+    tokenizer.train(["Holmes said, and Watson wrote.\n" * 30])
+    model = build_model(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=8, blocks="llama"))
+    checkpoint.save_model(
+        tmp_path / "model.safetensors", model, checkpoint.model_metadata(model, tokenizer, "bpe", options, step=0)
+    )
+    result = CliRunner().invoke(
+        app, ["export", str(tmp_path / "model.safetensors"), str(tmp_path / "m.gguf"), "--format", "gguf"]
+    )
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stdout.splitlines() if line.startswith("  note: ")]
+    assert len(notes) == 1 and "\\r\\n" in notes[0] and "byte-order mark" in notes[0]
+    read = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert read("Holmes said\nWatson")["input_ids"] == encode_prompt(tokenizer, "Holmes said\nWatson")
+    assert read("Holmes said\r\nWatson")["input_ids"] != encode_prompt(tokenizer, "Holmes said\r\nWatson")
+
+
 ALPHABET = "ab \n\r\t\ufeff.é—“”😀日\x00\x7f"
 
 

@@ -22,7 +22,7 @@ import json
 import re
 import shlex
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,8 @@ HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_con
 @dataclass
 class Exported:
     """What :func:`export` wrote: the folder, its files, the transformers architecture and the checkpoint's
-    step, validation loss (nats per token, ``None`` if never evaluated) and parameter count."""
+    step, validation loss (nats per token, ``None`` if never evaluated) and parameter count; ``notes``:
+    what the format could not carry, one line each, for the user to read."""
 
     out: Path
     files: list[str]
@@ -57,6 +58,7 @@ class Exported:
     step: int | None
     val_loss: float | None
     source: Path
+    notes: list[str] = field(default_factory=list)
 
 
 def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False) -> Exported:
@@ -573,4 +575,15 @@ def export_gguf(run: Path, out: Path, overwrite: bool = False, dtype: str = "f32
         meta.get("step"),
         meta.get("val_loss"),
         Path(meta["path"]),
+        [GGUF_NORMALIZATION_NOTE],
     )
+
+
+GGUF_NORMALIZATION_NOTE = (
+    "llama.cpp encodes text as given, while Anexa turns \\r\\n and \\r into \\n and drops a leading byte-order "
+    "mark before encoding (GGUF has no field for that; the hf export keeps it): give llama.cpp text with \\n "
+    "line ends"
+)
+"""Why a GGUF export's tokenizer can give other ids than Anexa's: :func:`~anexa_core.data.corpus.normalize_text`
+runs before every encode in Anexa, and travels into an ``hf`` export as the tokenizer's normalizer, but
+GGUF's tokenizer metadata has no normalizer (llama.cpp's own converter drops one too)."""

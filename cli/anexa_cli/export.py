@@ -51,6 +51,8 @@ def export(
             f"{done.parameters:,} parameters\n"
             f"  run it: llama-cli -m {quoted}, or ollama: echo 'FROM {quoted}' > Modelfile && ollama create NAME"
         )
+        for note in done.notes:
+            typer.echo(f"  note: {note}")
         return
     typer.echo(
         f"exported {done.source} (step {done.step}{val}) to {done.out}: {done.architecture}, "
