@@ -76,6 +76,14 @@ def test_lora_lowers_the_loss_and_stores_only_its_adapters_and_its_base(base, tm
     assert set(merged.state_dict()) == set(plain.state_dict())  # adapters folded in: the base's own names
     moved = [n for n, p in merged.state_dict().items() if not torch.equal(p, plain.state_dict()[n])]
     assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in moved)
+    listed = runner.invoke(app, ["runs", str(tmp_path), "--json"])  # `anexa runs` says what it stores
+    (run,) = json.loads(listed.stdout)["runs"]
+    assert run["lora"] == {"r": 4, "base": str(base / "run")}
+    assert run["architecture"].endswith(f" + LoRA r=4 on {base / 'run'}")
+    with safetensors.safe_open(str(tmp_path / "lora" / "model.safetensors"), framework="pt") as handle:
+        assert run["parameters"] == sum(handle.get_tensor(name).numel() for name in names)
+    table = runner.invoke(app, ["runs", str(tmp_path)]).stdout.splitlines()
+    assert f"{run['parameters']:,} LoRA" in table[1], table
 
 
 def checkpoint_sha256(run):

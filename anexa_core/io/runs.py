@@ -25,7 +25,9 @@ MAX_HEADER_BYTES = 100 << 20
 class RunSummary:
     """One run folder: what it is, how far it trained, its best validation loss, its size and age.
 
-    ``parameters``: unique parameters (a tied head counts once, as safetensors stores it once);
+    ``parameters``: unique parameters the run stores (a tied head counts once, as safetensors stores it
+    once) — for a LoRA run its adapters only, the base staying where it is; ``lora``: ``None``, or the
+    adapters' rank and the base as given to ``--init-from``;
     ``step``: the latest checkpoint's; ``best_val_loss`` (nats/token) and ``best_step``: the best
     checkpoint's, ``None`` before the first evaluation; ``size_bytes``: every file in the folder;
     ``modified``: when ``model.safetensors`` was last written (Unix seconds)."""
@@ -45,11 +47,16 @@ class RunSummary:
     best_val_loss: float | None
     size_bytes: int
     modified: float
+    lora: dict[str, Any] | None = None
 
     def architecture(self) -> str:
-        """``llama 4×128 · bpe 1024``; the attention too when it is not the default ``sdpa``."""
+        """``llama 4×128 · bpe 1024``; the attention too when it is not the default ``sdpa``; a LoRA run adds
+        ``+ LoRA r=16 on BASE``."""
         attention = "" if self.attention == "sdpa" else f" {self.attention}"
-        return f"{self.blocks} {self.n_layer}×{self.n_embd}{attention} · {self.tokenizer} {self.vocab_size}"
+        text = f"{self.blocks} {self.n_layer}×{self.n_embd}{attention} · {self.tokenizer} {self.vocab_size}"
+        if self.lora is not None:
+            text += f" + LoRA r={self.lora['r']} on {self.lora['base']}"
+        return text
 
     def as_dict(self) -> dict[str, Any]:
         utc = datetime.datetime.fromtimestamp(self.modified, datetime.UTC)
@@ -103,7 +110,17 @@ def summarize(folder: Path) -> RunSummary:
         best_val_loss=best_loss if isinstance(best_loss, (int, float)) else None,
         size_bytes=size,
         modified=(folder / MODEL_FILE).stat().st_mtime,
+        lora=_lora(meta),
     )
+
+
+def _lora(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """A LoRA run's rank and base (``--init-from`` as given) from its metadata; ``None`` for other runs."""
+    lora = meta.get("lora")
+    if not isinstance(lora, dict):
+        return None
+    spec, base = lora.get("spec") or {}, lora.get("base") or {}
+    return {"r": spec.get("r", "?"), "base": base.get("init_from", "?")}
 
 
 def list_runs(runs_dir: Path) -> tuple[list[RunSummary], list[tuple[Path, str]]]:

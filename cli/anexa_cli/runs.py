@@ -51,7 +51,7 @@ def runs(
         (
             run.name,
             run.architecture(),
-            count(run.parameters),
+            count(run.parameters) + (" LoRA" if run.lora is not None else ""),
             "—" if run.step is None else f"{run.step:,}",
             "—" if run.best_val_loss is None else f"{run.best_val_loss:.4f} @ {run.best_step:,}",
             _size(run.size_bytes),
