@@ -333,6 +333,26 @@ REFUSED = {
         {**CHAT, "model": "chatml", "anexa": {"chat_template": {"user": "Q: {content}"}}},
         "anexa.chat_template",
     ),
+    "template keys for a completion": (
+        "/v1/completions",
+        {**TEXT, "anexa": {"chat_template": {"user": "Q: {content}"}}},
+        "anexa.chat_template",
+    ),
+    "max_completion_tokens on completions": (
+        "/v1/completions",
+        {**TEXT, "max_completion_tokens": 3},
+        "max_completion_tokens",
+    ),
+    "max_completion_tokens 0": (
+        "/v1/chat/completions",
+        {**CHAT, "max_tokens": None, "max_completion_tokens": 0},
+        "max_completion_tokens",
+    ),
+    "max_completion_tokens over the cap": (
+        "/v1/chat/completions",
+        {**CHAT, "max_tokens": None, "max_completion_tokens": 401},
+        "max_completion_tokens",
+    ),
 }
 
 
@@ -355,7 +375,6 @@ def test_fields_that_change_nothing_are_accepted(client):
         "tool_choice": "none",
         "response_format": {"type": "text"},
         "modalities": ["text"],
-        "stream_options": {"include_usage": False, "include_obfuscation": False},
         "presence_penalty": 0,
         "logit_bias": {},
         "n": 1,
@@ -366,6 +385,43 @@ def test_fields_that_change_nothing_are_accepted(client):
         post(client, "/v1/completions", text)["choices"][0]["text"]
         == post(client, "/v1/completions", TEXT)["choices"][0]["text"]
     )
+
+
+def test_max_tokens_and_max_completion_tokens_are_one_limit(client, tiny):
+    """max_completion_tokens is OpenAI's newer name for chat's max_tokens: either sets the limit, both must agree
+    (the audit's near miss: max_tokens 5 and max_completion_tokens 2 gave 5 tokens, the 2 silently dropped)."""
+    no_stops = {"chat_template": {"stop": []}}  # every choice runs to its limit
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Who?"}], "seed": 3, "anexa": no_stops}
+
+    def completion_tokens(**limits):
+        return post(client, "/v1/chat/completions", {**body, **limits})["usage"]["completion_tokens"]
+
+    assert completion_tokens(max_tokens=5) == 5
+    assert completion_tokens(max_completion_tokens=2) == 2
+    assert completion_tokens(max_tokens=2, max_completion_tokens=2) == 2
+    assert completion_tokens(max_tokens=None, max_completion_tokens=2) == 2
+    assert completion_tokens(max_tokens=5, max_completion_tokens=None) == 5
+    for tokens, completion in ((5, 2), (2, 5)):
+        response = client.post(
+            "/v1/chat/completions", json={**body, "max_tokens": tokens, "max_completion_tokens": completion}
+        )
+        error = assert_error(response, 400, "max_completion_tokens", "unsupported")
+        assert "max_tokens" in error["message"].replace("max_completion_tokens", "")
+    streamed = {**body, "max_tokens": 5, "max_completion_tokens": 2, "stream": True}
+    assert_error(client.post("/v1/chat/completions", json=streamed), 400, "max_completion_tokens")
+
+
+def test_stream_options_only_with_stream_true(client):
+    """OpenAI refuses stream_options unless stream is true; so does Anexa (it used to accept and ignore it)."""
+    options = {"include_usage": True, "include_obfuscation": False}
+    for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", TEXT)):
+        chunks = events(client, path, {**body, "stream_options": options})
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+        assert "usage" not in events(client, path, {**body, "stream_options": {"include_usage": False}})[-1]
+        for stream in ({"stream": False}, {"stream": None}, {}):
+            refused = client.post(path, json={**body, **stream, "stream_options": options})
+            assert "stream: true" in assert_error(refused, 400, "stream_options", "unsupported")["message"]
+        assert post(client, path, {**body, "stream": False, "stream_options": None})["choices"]
 
 
 # --- chat through the model's own template ------------------------------------------------------------

@@ -85,22 +85,20 @@ class ServerState:
             )
         return self.models[name]
 
-    def max_tokens(self, requested: int | None, echo: bool = False) -> int:
-        """Tokens to generate: the default when none is asked for; 400 below 1 (below 0 with ``echo``) or
+    def max_tokens(self, requested: int | None, echo: bool | None = None, field: str = "max_tokens") -> int:
+        """Tokens to generate: the default when none is asked for; 400 naming ``field`` (the request field
+        the limit came from) below 1 (below 0 with ``echo``; ``None``: the endpoint has no echo, chat) or
         above the cap."""
         cap = self.config.max_tokens_cap
         if requested is None:
             return min(self.config.default_max_tokens, cap)
         if requested < (0 if echo else 1):
-            raise invalid(
-                f"max_tokens must be at least 1 (0 only with echo: true), got {requested}",
-                param="max_tokens",
-                code="invalid_value",
-            )
+            hint = " (0 only with echo: true)" if echo is False else ""
+            raise invalid(f"{field} must be at least 1{hint}, got {requested}", param=field, code="invalid_value")
         if requested > cap:
             raise invalid(
-                f"max_tokens {requested} is over this server's cap of {cap} (anexa serve --max-tokens-cap)",
-                param="max_tokens",
+                f"{field} {requested} is over this server's cap of {cap} (anexa serve --max-tokens-cap)",
+                param=field,
                 code="max_tokens_over_cap",
             )
         return requested

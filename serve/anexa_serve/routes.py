@@ -85,7 +85,7 @@ async def completions(request: Request) -> Response:
         _check_echo_lengths(served, prompts)
     eos = tuple(getattr(served.tokenizer, "eos_ids", ()) or ())
     options = Options(
-        server.max_tokens(req.max_tokens, echo), sampler_chain(req), req.seed, req.stops(), eos, req.logprobs, echo
+        token_limit(server, req, echo), sampler_chain(req), req.seed, req.stops(), eos, req.logprobs, echo
     )
     return await generate(request, server, served, prompts, req, options, chat=False)
 
@@ -99,10 +99,15 @@ async def chat_completions(request: Request) -> Response:
     prompt = render(server.templates[served.name], served.tokenizer, messages, req.anexa.chat_template)
     ids = await chat_prompt_ids(served, prompt)
     stops = list(dict.fromkeys([*req.stops(), *prompt.stops]))
-    options = Options(
-        server.max_tokens(req.max_tokens), sampler_chain(req), req.seed, stops, prompt.stop_ids, req.top()
-    )
+    options = Options(token_limit(server, req), sampler_chain(req), req.seed, stops, prompt.stop_ids, req.top())
     return await generate(request, server, served, [ids], req, options, chat=True)
+
+
+def token_limit(server: ServerState, req: GenerationRequest, echo: bool | None = None) -> int:
+    """The tokens to generate (:meth:`ServerState.max_tokens`), a refusal naming the field the limit came
+    from: chat's ``max_completion_tokens`` when ``max_tokens`` is left out."""
+    field, requested = req.limit()
+    return server.max_tokens(requested, echo, field)
 
 
 def sampler_chain(req: GenerationRequest) -> SamplerChain:

@@ -4,16 +4,21 @@ Every field is honoured or refused with a 400 naming it. Unknown fields are refu
 Anexa cannot honour, when set to anything but their neutral value: ``best_of`` > 1, ``suffix``,
 ``logit_bias``, ``presence_penalty``/``frequency_penalty`` (use ``repetition_penalty``), ``tools``,
 ``functions``, a ``tool_choice`` that asks for a call, a ``response_format`` other than text, ``store:
-true``, ``modalities`` other than text. A few fields that clients send and that change nothing here are
-accepted: ``user``, and for chat ``metadata``, ``safety_identifier``, ``prompt_cache_key`` and
-``parallel_tool_calls``. Anexa's own options go in the ``anexa`` extension object.
+true``, ``modalities`` other than text, ``anexa.chat_template`` on ``/v1/completions`` (no template there).
+So are fields that only mean something beside another and would be dropped: ``stream_options`` without
+``stream: true`` (as OpenAI), ``top_logprobs`` without ``logprobs: true``, and chat's ``max_tokens`` and
+``max_completion_tokens`` (one limit, two names) when both are given and differ. A few fields that clients
+send and that change nothing here are accepted: ``user``, ``stream_options.include_obfuscation``, and for
+chat ``metadata``, ``safety_identifier``, ``prompt_cache_key`` and ``parallel_tool_calls`` (no completions
+are stored, no prompt cache is shared, no tools are called). Anexa's own options go in the ``anexa``
+extension object.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from anexa_serve.engine import SEED_RANGE
 
@@ -32,7 +37,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     """``include_usage``: send a last chunk with ``usage`` (and no choices) before ``[DONE]``.
-    ``include_obfuscation`` (padding against length side channels over TLS) changes nothing here."""
+    ``include_obfuscation`` (padding against length side channels over TLS) changes nothing here: the
+    server speaks plain HTTP (TLS is a proxy's). Only with ``stream: true``."""
 
     include_usage: bool = False
     include_obfuscation: bool | None = None
@@ -70,12 +76,22 @@ class GenerationRequest(_Strict):
 
     def refusal(self) -> Refusal | None:
         """``(param, reason)`` for the first field Anexa cannot honour, else None."""
+        if self.stream_options is not None and not self.stream:
+            return (
+                "stream_options",
+                "stream_options is only allowed with stream: true: set stream: true or leave stream_options out",
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 return name, f'{name} is not supported: use "anexa": {{"samplers": ["repetition_penalty=1.2"]}}'
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported: leave it out"
         return None
+
+    def limit(self) -> tuple[str, int | None]:
+        """``(field, value)``: the completion-token limit asked for (None: the server's default) and the
+        field it came from, for errors that name it."""
+        return "max_tokens", self.max_tokens
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -103,6 +119,11 @@ class CompletionRequest(GenerationRequest):
     suffix: str | None = None
 
     def refusal(self) -> Refusal | None:
+        if self.anexa.chat_template:
+            return (
+                "anexa.chat_template",
+                "anexa.chat_template changes chat prompts: use /v1/chat/completions or leave it out",
+            )
         if self.best_of not in (None, 1):
             return "best_of", "best_of must be 1: ask for n choices and pick among them yourself"
         if self.suffix:
@@ -140,7 +161,8 @@ class Message(_Strict):
 class ChatRequest(GenerationRequest):
     """``POST /v1/chat/completions``: ``messages`` become the prompt through the model's chat template.
     ``logprobs: true`` returns each token's log-probability, ``top_logprobs`` (0 to :data:`MAX_LOGPROBS`)
-    that many alternatives."""
+    that many alternatives. ``max_completion_tokens`` is OpenAI's newer name for ``max_tokens``: either
+    gives the limit; both, only with the same value (neither silently wins)."""
 
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: int | None = None
@@ -158,15 +180,16 @@ class ChatRequest(GenerationRequest):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
 
-    @model_validator(mode="after")
-    def _one_max(self) -> ChatRequest:
-        if self.max_tokens is None:
-            self.max_tokens = self.max_completion_tokens
-        return self
-
     def refusal(self) -> Refusal | None:
         calls = "asks for a function call: these models make none"
+        limits = (self.max_tokens, self.max_completion_tokens)
         checks = [
+            (
+                "max_completion_tokens",
+                None not in limits and limits[0] != limits[1],
+                f"max_tokens ({limits[0]}) and max_completion_tokens ({limits[1]}) disagree: they are one limit "
+                "(max_completion_tokens is OpenAI's newer name); give one of them, or the same value in both",
+            ),
             ("tools", bool(self.tools), "tools (function calling) are not supported by these models"),
             ("functions", bool(self.functions), "functions (function calling) are not supported by these models"),
             (
@@ -190,6 +213,11 @@ class ChatRequest(GenerationRequest):
         ]
         refused = next(((param, message) for param, wrong, message in checks if wrong), None)
         return refused or super().refusal()
+
+    def limit(self) -> tuple[str, int | None]:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return super().limit()
 
     def top(self) -> int | None:
         """Alternatives per token for the engine: None without ``logprobs``."""
