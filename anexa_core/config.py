@@ -260,6 +260,11 @@ PRESETS = {
 }
 
 
+BENCH_RUN_NEW_TOKENS = 256
+"""The most tokens ``anexa bench generate --model`` decodes by default: twice a pretrained model's context
+(SmolLM2's 8,192 tokens) would take hours on a CPU, recomputing the window for each token far longer."""
+
+
 FINETUNE: dict[str, Any] = dict(
     lr=1e-4, min_lr=1e-5, warmup_steps=10, batch_size=8, seq_len=256, steps=300, eval_every=50, eval_batches=8,
     save_every=100,

@@ -9,12 +9,17 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import tiny_model, trained_tokenizer
 from typer.testing import CliRunner
 
 from anexa_cli.bench import bench_app
 from anexa_core import hookimpl, plugins
 from anexa_core.errors import AnexaError
+from anexa_core.io import checkpoint
+from anexa_core.io.load import load
+from anexa_core.io.pretrained import file_sha256
 from anexa_core.measure import bench
+from anexa_core.model.lora import LoraSpec, apply_lora
 
 TINY = dict(batch=1, heads=2, head_dim=16, repeats=1, warmup=0, device="cpu")
 
@@ -386,3 +391,131 @@ def test_a_refusal_is_explained_by_pytorchs_warnings_about_the_pinned_backend(mo
         "SDPA backend flash cannot run cpu float32 D=8: Expected query, key and value to all be of dtype: "
         "{Half, BFloat16}.; Flash attention does not support a mask."
     )
+
+
+RUN_CONTEXT = 32
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder as `anexa train` leaves one: a tiny GPT-2-style model (32-token context) with a char
+    tokenizer (its vocabulary: the characters below), saved with its metadata."""
+    folder = tmp_path_factory.mktemp("bench-run") / "run"
+    folder.mkdir()
+    tokenizer = trained_tokenizer("char", "The quick brown fox jumps over the lazy dog, 1234567890.")
+    model = tiny_model(seed=3, vocab_size=tokenizer.vocab_size, block_size=RUN_CONTEXT)
+    meta = checkpoint.model_metadata(model, tokenizer, "char", {}, step=1, val_loss=3.0)
+    checkpoint.save_model(folder / "model.safetensors", model, meta)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_run(run):
+    """A LoRA run on ``run``: adapters only (nonzero, so they change the weights) and a hashed reference
+    to the base, as `anexa train --init-from RUN --lora` stores them."""
+    folder = run.parent / "lora"
+    folder.mkdir()
+    loaded = load(run, "cpu", decoding=False)
+    spec = LoraSpec(r=2, alpha=4, dropout=0.0)
+    apply_lora(loaded.model, spec)
+    with torch.no_grad():
+        for name, parameter in loaded.model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    base = {"init_from": str(run), "path": str(run.resolve()), "sha256": file_sha256(loaded.path)}
+    meta = checkpoint.model_metadata(loaded.model, loaded.tokenizer, "char", {}, step=1)
+    meta["lora"] = {"spec": spec.as_dict(), "base": base}
+    checkpoint.save_model(folder / "model.safetensors", loaded.model, meta)
+    return folder
+
+
+def test_generate_measures_a_run_given_with_model(run, one_thread, tmp_path):
+    """`bench generate --model RUN` decodes the run's own model (its vocabulary, context and attention),
+    past its context by default, and sliding still equals recomputing."""
+    out = tmp_path / "rows.json"
+    args = ["generate", "--model", str(run), "--prompt-len", "8", "--repeats", "1", "--device", "cpu"]
+    result = CliRunner().invoke(bench_app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row["mode"]: row for row in json.loads(out.read_text())}
+    assert list(rows) == ["shift", "sliding", "recompute"]
+    for row in rows.values():
+        assert row["model"] == str(run) and row["preset"] is None and row["attention"] == "sdpa"
+        assert row["block_size"] == RUN_CONTEXT and row["new_tokens"] == 2 * RUN_CONTEXT  # under 256: twice
+        assert row["parameters"] == load(run, "cpu").model.num_parameters() and row["tokens_per_s"] > 0
+    assert rows["sliding"]["same_tokens"] is True and rows["recompute"]["speedup"] == 1.0
+    assert f"model {run}" in result.output and "sliding" in result.output and "recompute" in result.output
+
+
+def test_generate_without_recompute_has_no_reference_to_compare(run, one_thread, tmp_path):
+    out = tmp_path / "rows.json"
+    args = ["generate", "-m", str(run), "--no-recompute", "--new-tokens", "4", "--repeats", "1", "--device", "cpu"]
+    result = CliRunner().invoke(bench_app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [row["mode"] for row in rows] == ["shift", "sliding"]
+    assert all(row["speedup"] is None and row["same_tokens"] is None and row["new_tokens"] == 4 for row in rows)
+    assert "recompute" not in result.output and "—" in result.output
+
+
+def test_a_long_context_run_decodes_at_most_256_tokens_by_default(tmp_path, one_thread):
+    """Twice a pretrained model's context would take hours on a CPU: a run decodes 256 tokens by default
+    (a 512-token context here), and `--help` says so."""
+    tokenizer = trained_tokenizer("char", "The quick brown fox jumps over the lazy dog.")
+    model = tiny_model(seed=1, vocab_size=tokenizer.vocab_size, block_size=512)
+    checkpoint.save_model(
+        tmp_path / "model.safetensors", model, checkpoint.model_metadata(model, tokenizer, "char", {})
+    )
+    rows = bench.bench_generate(model=tmp_path / "model.safetensors", prompt_len=8, repeats=1, recompute=False)
+    assert {row["new_tokens"] for row in rows} == {256}
+    assert "with --model at most 256" in " ".join(
+        CliRunner().invoke(bench_app, ["generate", "--help"], env={"COLUMNS": "400"}).output.split()
+    )
+
+
+@pytest.mark.parametrize("command", ["generate", "train"])
+def test_preset_and_model_together_are_one_line_and_exit_2(run, command):
+    result = CliRunner().invoke(bench_app, [command, "--preset", "seed", "--model", str(run)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output == (
+        f"error: --preset seed and --model {run} both name the model to measure: give one "
+        "(--model for a run, --preset for a random model)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--model", "no/such/run"], "no checkpoint at no/such/run"),
+        (["train", "--seq-len", "64"], "--seq-len 64 is longer than the model's context of 32 tokens"),
+    ],
+)
+def test_a_run_that_cannot_be_measured_is_one_line_and_exit_2(run, args, message):
+    if args[0] == "train":
+        args = [*args, "--model", str(run), "--device", "cpu"]
+    result = CliRunner().invoke(bench_app, args)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error: ") and message in result.output
+
+
+@pytest.mark.parametrize("which", ["run", "lora_run"])
+def test_train_times_a_run_as_a_full_fine_tune_trains_it(which, request, one_thread):
+    """Fine-tuning's sizes (8 windows of 256 tokens, at most the context) and AdamW over every weight; a LoRA
+    run is measured as its merged model: the base's architecture, the adapters folded in."""
+    path = request.getfixturevalue(which)
+    own, plain = bench.bench_train(model=path, steps=1, warmup=0, device="cpu")
+    parameters = load(path, "cpu").model.num_parameters()
+    assert own["attention"] == "sdpa" and plain["attention"] == "plain loop (sdpa)"
+    for row in (own, plain):
+        assert row["model"] == str(path) and row["status"] == "ok" and row["parameters"] == parameters
+        assert (row["batch_size"], row["seq_len"], row["block_size"]) == (8, RUN_CONTEXT, RUN_CONTEXT)
+    assert own["tokens_per_s"] == pytest.approx(8 * RUN_CONTEXT / (own["step_ms"] * 1e-3))
+
+
+def test_train_cli_measures_a_run_with_the_windows_asked_for(run, one_thread, tmp_path):
+    out = tmp_path / "rows.json"
+    args = ["train", "-m", str(run), "-a", "math", "--batch-size", "2", "--seq-len", "16", "--steps", "1"]
+    result = CliRunner().invoke(bench_app, [*args, "--no-reference", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())
+    assert (row["attention"], row["batch_size"], row["seq_len"], row["status"]) == ("math", 2, 16, "ok")
+    assert f"model {run} · 2×16 tokens" in result.output

@@ -32,12 +32,14 @@ from typing import Any
 import torch
 
 from anexa_core import plugins
-from anexa_core.config import TrainConfig, resolve
+from anexa_core.config import BENCH_RUN_NEW_TOKENS, FINETUNE, ModelConfig, TrainConfig, resolve
 from anexa_core.device import pick_device, uses_bf16
 from anexa_core.errors import AnexaError
 from anexa_core.infer.generation import generate_ids
 from anexa_core.io.files import atomic_path
+from anexa_core.io.load import load
 from anexa_core.model.gpt import GPT, build_model, decoding_layout
+from anexa_core.options import describe
 from anexa_core.train.optim import make_optimizer
 from anexa_core.train.step import get_batch
 from anexa_core.train.step import make_train_step as training_step
@@ -356,17 +358,99 @@ def bench_model(
     return model.to(device), train_config
 
 
+def attention_label(config: ModelConfig) -> str:
+    """A model's attention as a row label: ``NAME``, or ``NAME:OPTION=VALUE,…`` with the options that differ
+    from the plugin's defaults (the form :func:`parse_attention` reads)."""
+    defaults = {option.name: option.default for option in describe(plugins.lookup("attention", config.attention).obj)}
+    changed = [f"{key}={value}" for key, value in config.attention_options.items() if defaults.get(key) != value]
+    return f"{config.attention}:{','.join(changed)}" if changed else config.attention
+
+
+def run_model(model: str | os.PathLike[str], attention: str | None, device: torch.device, decoding: bool = True) -> GPT:
+    """The model of a run, loaded as ``anexa generate --model`` loads it (:func:`anexa_core.io.load.load`, in
+    eval mode on ``device``): ``model`` is a run folder (its best checkpoint) or a ``.safetensors`` file —
+    a trained, imported (``anexa import``) or LoRA run (its adapters folded into the base) alike.
+    ``attention`` (``NAME`` or ``NAME:OPTION=VALUE,…``) swaps the attention plugin; ``None`` keeps the
+    run's own. ``decoding=False`` keeps the weights in training's memory order (see
+    :func:`~anexa_core.model.gpt.decoding_layout`).
+
+    Raises :class:`AnexaError` (one line) as :func:`~anexa_core.io.load.load` does: no checkpoint there, a
+    foreign or corrupt one, a LoRA run's base missing or changed, a bad attention spec.
+    """
+    name, given = parse_attention(attention) if attention is not None else (None, {})
+    return load(Path(model), device, name, given or None, decoding=decoding).model
+
+
+def finetune_config(
+    model: GPT, batch_size: int | None = None, precision: str | None = None, seq_len: int | None = None
+) -> TrainConfig:
+    """How ``anexa train --init-from RUN`` trains every weight of ``model``: :data:`~anexa_core.config.FINETUNE`
+    (AdamW, batches of 8 windows of 256 tokens — at most the model's context — precision ``auto``), with
+    ``batch_size``, ``precision`` and ``seq_len`` (tokens per window) instead where given."""
+    given = dict(batch_size=batch_size, precision=precision, seq_len=seq_len)
+    config = TrainConfig(**{**FINETUNE, **{key: value for key, value in given.items() if value is not None}})
+    if seq_len is None and config.seq_len is not None:
+        config = dataclasses.replace(config, seq_len=min(config.seq_len, model.config.block_size))
+    return config
+
+
+def train_window(model: GPT, train_config: TrainConfig) -> int:
+    """Tokens per training window: ``train_config.seq_len``, else the model's context. Raises
+    :class:`AnexaError` for a window longer than the context (as ``anexa train`` does)."""
+    window = train_config.seq_len or model.config.block_size
+    if window > model.config.block_size:
+        raise AnexaError(
+            f"--seq-len {window} is longer than the model's context of {model.config.block_size} tokens: "
+            "use a smaller one"
+        )
+    return window
+
+
+def train_model(
+    attention: str | None,
+    device: torch.device,
+    preset: str = "seed",
+    model: str | os.PathLike[str] | None = None,
+    batch_size: int | None = None,
+    precision: str | None = None,
+    seq_len: int | None = None,
+) -> tuple[GPT, TrainConfig]:
+    """The model ``bench train`` times, and how it trains: ``preset``'s random model (:func:`bench_model`)
+    with the preset's training config, or — given ``model``, a run (:func:`run_model`) — the run's weights
+    trained as a full fine-tune trains them (:func:`finetune_config`). ``attention`` ``None``: ``sdpa`` for a
+    preset, the run's own for a run. ``seq_len``: tokens per window (default: the preset's context; for a
+    run fine-tuning's 256, at most its context).
+
+    Raises :class:`AnexaError` for an unknown preset, a run that cannot be loaded, or a ``seq_len`` longer
+    than the context.
+    """
+    if model is None:
+        built, train_config = bench_model(preset, attention or "sdpa", device, batch_size, precision)
+        train_config = dataclasses.replace(train_config, seq_len=seq_len)
+    else:
+        built = run_model(model, attention, device, decoding=False)
+        train_config = finetune_config(built, batch_size, precision, seq_len)
+    train_window(built, train_config)
+    return built, train_config
+
+
+def _random_ids(model: GPT, length: int) -> torch.Tensor:
+    """``length`` token ids (int64) drawn uniformly from ``model``'s vocabulary, the same every time."""
+    return torch.randint(model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(0))
+
+
 def make_train_step(model: GPT, train_config: TrainConfig, device: torch.device) -> Callable[[], None]:
     """One step of the training loop as ``anexa train`` runs it (:func:`anexa_core.train.step.make_train_step`),
-    on random windows of random tokens."""
-    block = model.config.block_size
+    on random windows (``train_config.seq_len`` tokens, else the model's context) of random token ids from
+    the model's vocabulary."""
+    window = train_window(model, train_config)
     step = training_step(model, make_optimizer(model, train_config), train_config, device)
-    ids = torch.randint(BENCH_VOCAB, (block * 20,), generator=torch.Generator().manual_seed(0))
+    ids = _random_ids(model, window * 20)
     batches = torch.Generator().manual_seed(1)
     model.train()
 
     def train_step() -> None:
-        x, y = get_batch(ids, block, train_config.batch_size, batches)
+        x, y = get_batch(ids, window, train_config.batch_size, batches)
         step(x.to(device), y.to(device))
 
     return train_step
@@ -386,119 +470,136 @@ def bench_train(
     reference: bool = True,
     precision: str | None = None,
     compile: bool = False,
+    model: str | os.PathLike[str] | None = None,
+    seq_len: int | None = None,
 ) -> list[dict[str, Any]]:
     """Tokens per second of full training steps per attention backend, timed in alternation with a
     reference row: a plain eager nanoGPT-style loop over the same model and batch (float32, AdamW with
     ``foreach=False``, clipping at 1.0, no compile, windows stacked one by one). ``vs_plain`` is each
     row's speed over the reference's, measured side by side in this one run.
 
-    Throughput is ``batch_size × block_size`` over the median step time. Each backend row runs the
+    The model is ``preset``'s, randomly initialised, or with ``model`` a run's (a run folder or
+    ``.safetensors`` file; imported and LoRA runs too, see :func:`run_model`) trained as ``anexa train
+    --init-from RUN`` trains every weight (:func:`finetune_config`); without ``attention`` a run has one
+    row, its own attention, rather than one per plugin. Every row holds its own copy of the model with
+    its optimizer state (for AdamW 4× the float32 weights: 2.2 GB for 135M parameters).
+
+    Throughput is ``batch_size × seq_len`` tokens over the median step time (``seq_len``: tokens per
+    window; default the preset's context, for a run 256 at most its context). Each backend row runs the
     training loop's own step (:func:`anexa_core.train.step.make_train_step`) with the preset's precision
     (``auto``: bf16 where the hardware has it) unless ``precision`` overrides it, compiled with
     ``compile`` (the warm-up steps then include the compilation). Peak memory on CUDA covers weights,
     optimizer state and activations.
+
+    Raises :class:`AnexaError` for ``steps`` below 1, an unknown preset or attention, a run that cannot be
+    loaded, or a ``seq_len`` longer than the model's context.
     """
     if steps < 1:
         raise AnexaError("--steps must be at least 1")
     where = pick_device(device)
-    rows, runs = [], {}
-    for name, attend in select_attention(attention).items():
+    backends: dict[str | None, Callable | AnexaError | None] = {None: None}  # a run's own, named once loaded
+    if model is None or attention:
+        backends = dict(select_attention(attention).items())
+    source = dict(preset=None, model=str(model)) if model is not None else dict(preset=preset, model=None)
+    rows: list[dict[str, Any]] = []
+    runs: dict[str, tuple[dict[str, Any], Callable[[], None]]] = {}
+    for spec, attend in backends.items():
         if isinstance(attend, AnexaError):
-            rows.append(
-                dict(
-                    preset=preset,
-                    attention=name,
-                    device=_device_name(where),
-                    status="broken",
-                    reason=str(attend),
-                    tokens_per_s=None,
-                    step_ms=None,
-                    peak_mem_mb=None,
-                    vs_plain=None,
-                    batch_size=None,
-                    block_size=None,
-                    steps=steps,
-                    parameters=None,
-                    precision=None,
-                )
-            )
+            rows.append(_train_row(source, str(spec), where, steps, status="broken", reason=str(attend)))
             continue
-        model, train_config = bench_model(preset, name, where, batch_size, precision)
+        built, train_config = train_model(spec, where, preset, model, batch_size, precision, seq_len)
         train_config = dataclasses.replace(train_config, compile=compile)
-        config, batch = model.config, train_config.batch_size
-        row = dict(
-            preset=preset,
-            attention=name,
-            device=_device_name(where),
-            batch_size=batch,
-            block_size=config.block_size,
-            steps=steps,
-            status="ok",
-            reason=None,
-            tokens_per_s=None,
-            step_ms=None,
-            peak_mem_mb=None,
-            parameters=model.num_parameters(),
-            vs_plain=None,
-            precision="bf16" if uses_bf16(where, train_config.precision) else "fp32",
-        )
+        config = built.config
+        name = spec if spec is not None else attention_label(config)
+        if attend is None:
+            attend = plugins.create("attention", config.attention, config.attention_options)[0]
+        row = _train_row(source, name, where, steps, built, train_config)
         rows.append(row)
-        reason = kernel_fallback(
-            name, attend, _attention_input(model, batch, config.block_size, where, train_config.precision)
-        )
+        probe = _attention_input(built, row["batch_size"], row["seq_len"], where, train_config.precision)
+        reason = kernel_fallback(name, attend, probe)
         if reason is not None:
             row.update(status=fallback_label(attend), reason=reason)
             continue
-        runs[name] = (row, model, train_config, make_train_step(model, train_config, where))
+        runs[name] = (row, make_train_step(built, train_config, where))
     if reference:
-        model, train_config = bench_model(preset, "sdpa", where, batch_size, "fp32")
-        row = dict(
-            preset=preset,
-            attention=f"{PLAIN} (sdpa)",
-            device=_device_name(where),
-            batch_size=train_config.batch_size,
-            block_size=model.config.block_size,
-            steps=steps,
-            status="ok",
-            reason=None,
-            tokens_per_s=None,
-            step_ms=None,
-            peak_mem_mb=None,
-            parameters=model.num_parameters(),
-            vs_plain=1.0,
-            precision="fp32",
-        )
+        built, train_config = train_model("sdpa", where, preset, model, batch_size, "fp32", seq_len)
+        row = _train_row(source, f"{PLAIN} (sdpa)", where, steps, built, train_config, vs_plain=1.0)
         rows.append(row)
-        runs[PLAIN] = (row, model, train_config, plain_train_step(model, train_config, where))
+        runs[PLAIN] = (row, plain_train_step(built, train_config, where))
     _drop_unrunnable(runs)
-    try:
-        medians = interleaved_ms({name: entry[3] for name, entry in runs.items()}, where, steps, warmup)
-    except (AnexaError, ValueError) as exc:  # e.g. a kernel without this head_dim: say so
-        for row, *_ in runs.values():
-            row.update(status="unsupported", reason=str(exc))
-        return rows
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        for row, *_ in runs.values():
-            row["status"] = "out of GPU memory"
-        return rows
-    for name, (row, model, train_config, _) in runs.items():
-        row.update(
-            step_ms=medians[name],
-            tokens_per_s=train_config.batch_size * model.config.block_size / (medians[name] * 1e-3),
-        )
-        if where.type == "cuda":
-            row["peak_mem_mb"] = torch.cuda.max_memory_allocated(where) / 2**20
-    if PLAIN in medians:
-        for row, *_ in runs.values():
-            row["vs_plain"] = medians[PLAIN] / row["step_ms"]
+    _time_train(runs, where, steps, warmup)
     return rows
 
 
-def _drop_unrunnable(runs: dict[str, Any]) -> None:
+def _time_train(
+    runs: dict[str, tuple[dict[str, Any], Callable[[], None]]], device: torch.device, steps: int, warmup: int
+) -> None:
+    """Time the training steps of ``runs`` (label → its row and its step) in alternation and write each
+    row's ``step_ms``, ``tokens_per_s`` (``batch_size × seq_len`` over the median step), ``vs_plain``
+    and (CUDA) ``peak_mem_mb``; a failure every row shares becomes their status instead."""
+    try:
+        medians = interleaved_ms({name: step for name, (_, step) in runs.items()}, device, steps, warmup)
+    except (AnexaError, ValueError) as exc:  # e.g. a kernel without this head_dim: say so
+        for row, _ in runs.values():
+            row.update(status="unsupported", reason=str(exc))
+        return
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        for row, _ in runs.values():
+            row["status"] = "out of GPU memory"
+        return
+    for name, (row, _) in runs.items():
+        row.update(step_ms=medians[name], tokens_per_s=row["batch_size"] * row["seq_len"] / (medians[name] * 1e-3))
+        if device.type == "cuda":
+            row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if PLAIN in medians:
+        for row, _ in runs.values():
+            row["vs_plain"] = medians[PLAIN] / row["step_ms"]
+
+
+def _train_row(
+    source: dict[str, Any],
+    attention: str,
+    device: torch.device,
+    steps: int,
+    model: GPT | None = None,
+    train_config: TrainConfig | None = None,
+    **values: Any,
+) -> dict[str, Any]:
+    """A ``bench train`` row before timing: what it measures (``model`` trained with ``train_config``; both
+    ``None`` for a row that cannot run), status ``ok``, no numbers yet; ``values`` override."""
+    row: dict[str, Any] = dict(
+        **source,
+        attention=attention,
+        device=_device_name(device),
+        batch_size=None,
+        block_size=None,
+        seq_len=None,
+        steps=steps,
+        status="ok",
+        reason=None,
+        tokens_per_s=None,
+        step_ms=None,
+        peak_mem_mb=None,
+        parameters=None,
+        vs_plain=None,
+        precision=None,
+    )
+    if model is not None and train_config is not None:
+        row.update(
+            batch_size=train_config.batch_size,
+            block_size=model.config.block_size,
+            seq_len=train_window(model, train_config),
+            parameters=model.num_parameters(),
+            precision="bf16" if uses_bf16(device, train_config.precision) else "fp32",
+        )
+    return {**row, **values}
+
+
+def _drop_unrunnable(runs: dict[str, tuple[dict[str, Any], Callable[[], None]]]) -> None:
     """Run one step of each row alone and drop the rows that cannot run (a pinned SDPA backend this
     device lacks), marked ``unsupported`` with the reason, so they do not fail the others' timing."""
-    for name, (row, *_, step) in list(runs.items()):
+    for name, (row, step) in list(runs.items()):
         try:
             step()
         except (AnexaError, ValueError) as exc:
@@ -508,17 +609,18 @@ def _drop_unrunnable(runs: dict[str, Any]) -> None:
 
 def plain_train_step(model: GPT, train_config: TrainConfig, device: torch.device) -> Callable[[], None]:
     """nanoGPT's CPU training step, written the plain way: float32, ``AdamW(foreach=False)``, windows
-    stacked with a Python loop, gradients clipped at ``grad_clip``. The yardstick of ``bench train``."""
-    block = model.config.block_size
+    stacked with a Python loop, gradients clipped at ``grad_clip``. The yardstick of ``bench train``; its
+    windows are those of :func:`make_train_step`."""
+    window = train_window(model, train_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, foreach=False)
-    ids = torch.randint(BENCH_VOCAB, (block * 20,), generator=torch.Generator().manual_seed(0))
+    ids = _random_ids(model, window * 20)
     batches = torch.Generator().manual_seed(1)
     model.train()
 
     def train_step() -> None:
-        starts = torch.randint(len(ids) - block - 1, (train_config.batch_size,), generator=batches)
-        x = torch.stack([ids[i : i + block] for i in starts]).to(device)
-        y = torch.stack([ids[i + 1 : i + 1 + block] for i in starts]).to(device)
+        starts = torch.randint(len(ids) - window - 1, (train_config.batch_size,), generator=batches)
+        x = torch.stack([ids[i : i + window] for i in starts]).to(device)
+        y = torch.stack([ids[i + 1 : i + 1 + window] for i in starts]).to(device)
         _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -548,58 +650,77 @@ def bench_generate(
     preset: str = "seed",
     prompt_len: int = 64,
     new_tokens: int | None = None,
-    attention: str = "sdpa",
+    attention: str | None = None,
     repeats: int = 3,
     device: str = "auto",
+    model: str | os.PathLike[str] | None = None,
+    recompute: bool = True,
 ) -> list[dict[str, Any]]:
     """Decoding speed of each context policy against recomputing the whole window for every token
-    (nanoGPT's ``generate``), on the same random prompt, greedily, with the same random model.
+    (nanoGPT's ``generate``), on the same random prompt, greedily, with the same model: ``preset``'s,
+    randomly initialised, or with ``model`` a run's (a run folder or ``.safetensors`` file, imported and
+    LoRA runs too, loaded as ``anexa generate --model`` loads it: :func:`run_model`). The prompt is
+    ``prompt_len`` token ids drawn from the model's vocabulary with a fixed seed.
 
-    ``new_tokens`` defaults to twice the model's context, so prompt plus output go past it and the
-    context policies (the shift's recompute, the sliding window) are part of what is measured.
+    ``attention`` (``NAME`` or ``NAME:OPTION=VALUE,…``) defaults to ``sdpa`` for a preset and to the run's
+    own attention for a run. ``new_tokens`` defaults to twice the model's context, so prompt plus output
+    go past it and the context policies (the shift's recompute, the sliding window) are part of what is
+    measured; for a run to at most :data:`~anexa_core.config.BENCH_RUN_NEW_TOKENS` (a pretrained model's context is thousands of
+    tokens).
 
     Rows: ``shift`` and ``sliding`` (both with the KV cache, see :mod:`anexa_core.infer.generation`) and
-    ``recompute``. ``same_tokens`` says whether a row produced recompute's tokens: ``sliding`` always
-    must; ``shift`` must while prompt plus output fit the context, and past it predicts from a shorter
-    window by design. A backend that would fall back here is still measured (the comparison is about
-    the cache) and its rows say what ran.
+    ``recompute`` unless ``recompute`` is false (it runs the model over the whole window for every token:
+    minutes for a 135M model; ``speedup`` and ``same_tokens`` are then ``None``). ``same_tokens`` says
+    whether a row produced recompute's tokens: ``sliding`` always must; ``shift`` must while prompt plus
+    output fit the context, and past it predicts from a shorter window by design. A backend that would
+    fall back here is still measured (the comparison is about the cache) and its rows say what ran.
+    Times are seconds per decode (median of ``repeats`` after one warm-up), reported as ``tokens_per_s``
+    and ``ms_per_token``.
+
+    Raises :class:`AnexaError` for counts below 1, an unknown preset or attention, or a run that cannot be
+    loaded.
     """
     if prompt_len < 1 or (new_tokens is not None and new_tokens < 1) or repeats < 1:
         raise AnexaError("--prompt-len, --new-tokens and --repeats must be at least 1")
     where = pick_device(device)
-    model, _ = bench_model(preset, attention, where)
-    decoding_layout(model)  # as `load` gives a model to `generate`
+    if model is None:
+        built, _ = bench_model(preset, attention or "sdpa", where)
+        decoding_layout(built)  # as `load` gives a model to `generate`
+    else:
+        built = run_model(model, attention, where)
+    config = built.config
     if new_tokens is None:
-        new_tokens = 2 * model.config.block_size
-    attend, _ = plugins.create("attention", *parse_attention(attention))
-    reason = kernel_fallback(attention, attend, _attention_input(model, 1, 1, where))
-    prompt = torch.randint(BENCH_VOCAB, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    modes: dict[str, dict[str, Any]] = {
-        "shift": dict(context="shift"),
-        "sliding": dict(context="sliding"),
-        "recompute": dict(use_cache=False),
-    }
+        new_tokens = 2 * config.block_size if model is None else min(2 * config.block_size, BENCH_RUN_NEW_TOKENS)
+    label = attention.strip() if attention is not None else attention_label(config)
+    attend, _ = plugins.create("attention", config.attention, config.attention_options)
+    reason = kernel_fallback(label, attend, _attention_input(built, 1, 1, where))
+    prompt = _random_ids(built, prompt_len).tolist()
+    modes: dict[str, dict[str, Any]] = {"shift": dict(context="shift"), "sliding": dict(context="sliding")}
+    if recompute:
+        modes["recompute"] = dict(use_cache=False)
     generated = {}
 
     def decode(mode: str) -> None:
-        generated[mode] = list(generate_ids(model, prompt, new_tokens, _Greedy(), **modes[mode]))
+        generated[mode] = list(generate_ids(built, prompt, new_tokens, _Greedy(), **modes[mode]))
 
     seconds = {mode: median_ms(functools.partial(decode, mode), where, repeats, warmup=1) / 1e3 for mode in modes}
     return [
         dict(
             mode=mode,
-            preset=preset,
-            attention=attention,
+            preset=None if model is not None else preset,
+            model=None if model is None else str(model),
+            attention=label,
             device=_device_name(where),
             status="ok" if reason is None else fallback_label(attend),
             reason=reason,
             prompt_len=prompt_len,
             new_tokens=new_tokens,
-            block_size=model.config.block_size,
+            block_size=config.block_size,
+            parameters=built.num_parameters(),
             tokens_per_s=new_tokens / seconds[mode],
             ms_per_token=seconds[mode] / new_tokens * 1e3,
-            speedup=seconds["recompute"] / seconds[mode],
-            same_tokens=generated[mode] == generated["recompute"],
+            speedup=seconds["recompute"] / seconds[mode] if recompute else None,
+            same_tokens=generated[mode] == generated["recompute"] if recompute else None,
         )
         for mode in modes
     ]

@@ -13,6 +13,7 @@ import typer
 
 from anexa_cli.errors import user_errors
 from anexa_cli.threads import Threads, use_threads
+from anexa_core.config import BENCH_RUN_NEW_TOKENS
 from anexa_core.errors import AnexaError
 
 bench_app = typer.Typer(
@@ -28,7 +29,8 @@ Attention = Annotated[
     typer.Option(
         "--attention",
         "-a",
-        help="Only these attention plugins, NAME or NAME:OPTION=VALUE[,…]; repeatable (default: all).",
+        help="Only these attention plugins, NAME or NAME:OPTION=VALUE[,…]; repeatable. \\[default: all; with "
+        "--model the run's own]",
     ),
 ]
 RowAttention = Annotated[
@@ -43,7 +45,18 @@ RowAttention = Annotated[
 ]
 Json = Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON to this file.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
-Preset = Annotated[str, typer.Option(help="Model size: seed or small.")]
+Preset = Annotated[
+    str | None, typer.Option(help="A randomly initialised model of this size: seed or small. \\[default: seed]")
+]
+RunModel = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Measure this run instead of a --preset model: a run folder (its best checkpoint) or a "
+        ".safetensors file, as `anexa generate --model` takes it (imported and LoRA runs too).",
+    ),
+]
 
 
 def parse_ints(values: list[str], flag: str = "--seq", example: str = "128,256,512") -> list[int]:
@@ -183,6 +196,16 @@ def attention_bench(
     _write_json(rows, json_path)
 
 
+def _source(preset: str | None, model: Path | None) -> str:
+    """What a table's title says it measured; a one-line error when both ``--preset`` and ``--model`` are given."""
+    if preset is not None and model is not None:
+        raise AnexaError(
+            f"--preset {preset} and --model {model} both name the model to measure: give one "
+            "(--model for a run, --preset for a random model)"
+        )
+    return f"model {model}" if model is not None else f"preset {preset or 'seed'}"
+
+
 def _threads(ctx: typer.Context, threads: int | None) -> int | None:
     """A subcommand's ``--threads``, else the one given before it (``anexa bench --threads 1 train``)."""
     return threads if threads is not None else (ctx.obj or {}).get("threads")
@@ -192,10 +215,21 @@ def _threads(ctx: typer.Context, threads: int | None) -> int | None:
 @user_errors
 def train(
     ctx: typer.Context,
-    preset: Preset = "seed",
+    preset: Preset = None,
+    model: RunModel = None,
     attention: Attention = None,
     steps: Annotated[int, typer.Option(help="Timed training steps per row (the median is reported).")] = 3,
-    batch_size: Annotated[int | None, typer.Option(help="Override the preset's batch size.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Windows per step. \\[default: the preset's; with --model 8, as fine-tuning]")
+    ] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Tokens per window, at most the context. \\[default: the preset's context; with --model 256, "
+            "as fine-tuning, or the run's context if shorter]",
+        ),
+    ] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16 (default: the preset's, auto).")] = None,
     reference: Annotated[
         bool, typer.Option("--reference/--no-reference", help="Time a plain nanoGPT-style loop beside.")
@@ -207,12 +241,19 @@ def train(
     json_path: Json = None,
     threads: Threads = None,
 ) -> None:
-    """Tokens/s of full training steps per attention plugin, side by side with a plain eager loop."""
+    """Tokens/s of full training steps per attention plugin, side by side with a plain eager loop.
+
+    With --model: the run trained as `anexa train --init-from RUN` trains every weight (AdamW, fine-tuning's sizes).
+
+    Each row holds its own weights and optimizer state: with AdamW 4x the float32 weights (2.2 GB for 135M)."""
+    source = _source(preset, model)
     use_threads(_threads(ctx, threads))
     from anexa_core.measure import bench
 
     rows = bench.bench_train(
-        preset=preset,
+        preset=preset or "seed",
+        model=model,
+        seq_len=seq_len,
         attention=attention,
         steps=steps,
         batch_size=batch_size,
@@ -221,10 +262,10 @@ def train(
         precision=precision,
         compile=compile,
     )
-    first = rows[0]
-    tokens = f"{first['batch_size']}×{first['block_size']} tokens"
+    first = next((row for row in rows if row["batch_size"] is not None), rows[0])
+    tokens = f"{first['batch_size']}×{first['seq_len']} tokens"
     _print_table(
-        f"training steps · preset {preset} · {tokens} · {first['device']} · {steps} steps each, alternating",
+        f"training steps · {source} · {tokens} · {first['device']} · {steps} steps each, alternating",
         {
             "row": "attention",
             "precision": lambda row: row["precision"] or "—",
@@ -244,44 +285,67 @@ def train(
 @user_errors
 def generate(
     ctx: typer.Context,
-    preset: Preset = "seed",
-    prompt_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 64,
+    preset: Preset = None,
+    model: RunModel = None,
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens (random ids from the model's vocabulary).")] = 64,
     new_tokens: Annotated[
         int | None,
         typer.Option(
-            help="Tokens to decode. \\[default: twice the preset's context, so decoding goes past it and the context policy is measured]"
+            help="Tokens to decode. \\[default: twice the context, so decoding goes past it and the context "
+            f"policy is measured; with --model at most {BENCH_RUN_NEW_TOKENS}]"
         ),
     ] = None,
-    attention: Annotated[str, typer.Option(help="Attention plugin.")] = "sdpa",
+    attention: Annotated[
+        str | None,
+        typer.Option(
+            help="Attention plugin, NAME or NAME:OPTION=VALUE[,…]. \\[default: sdpa; with --model the run's own]"
+        ),
+    ] = None,
+    recompute: Annotated[
+        bool,
+        typer.Option(
+            "--recompute/--no-recompute",
+            help="Also time recomputing the whole window for every token (the reference of speedup and same "
+            "tokens; minutes for a 135M model).",
+        ),
+    ] = True,
     repeats: Annotated[int, typer.Option(help="Timed decodes per mode (the median is reported).")] = 3,
     device: Device = "auto",
     json_path: Json = None,
     threads: Threads = None,
 ) -> None:
-    """Decode tokens/s with the KV cache against recomputing the whole context for every token."""
+    """Decode tokens/s with the KV cache against recomputing the whole context for every token.
+
+    With --model: that run, decoding greedily after a random prompt from its vocabulary."""
+    source = _source(preset, model)
     use_threads(_threads(ctx, threads))
     from anexa_core.measure import bench
 
     rows = bench.bench_generate(
-        preset=preset,
+        preset=preset or "seed",
+        model=model,
         prompt_len=prompt_len,
         new_tokens=new_tokens,
         attention=attention,
+        recompute=recompute,
         repeats=repeats,
         device=device,
     )
-    lengths = f"prompt {prompt_len} + {rows[0]['new_tokens']} new, context {rows[0]['block_size']}"
+    first = rows[0]
+    if model is not None:
+        source += f" ({first['parameters'] / 1e6:.1f}M parameters)"
+    lengths = f"prompt {prompt_len} + {first['new_tokens']} new, context {first['block_size']}"
     _print_table(
-        f"decoding · preset {preset} · {lengths} · {attention} · {rows[0]['device']}",
+        f"decoding · {source} · {lengths} · {first['attention']} · {first['device']}",
         {
             "mode": "mode",
             "tokens/s": _number("tokens_per_s", ",.1f"),
             "ms/token": _number("ms_per_token", ".2f"),
             "speedup": _number("speedup", ".2f"),
-            "same tokens": "same_tokens",
+            "same tokens": lambda row: "—" if row["same_tokens"] is None else str(row["same_tokens"]),
         },
         rows,
     )
-    if rows[0]["reason"]:
-        typer.echo(f"{attention}: measured its {rows[0]['status']}, because {rows[0]['reason']}")
+    if first["reason"]:
+        typer.echo(f"{first['attention']}: measured its {first['status']}, because {first['reason']}")
     _write_json(rows, json_path)
