@@ -24,7 +24,8 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture
 def attention_fn(attention_name):
-    return plugins.get("attention", attention_name)
+    attention, _ = plugins.create("attention", attention_name, {})  # an instance, as models call it
+    return attention
 
 
 @pytest.fixture
