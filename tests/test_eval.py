@@ -180,3 +180,15 @@ def test_bits_per_character_counts_the_characters_of_the_scored_bpe_tokens(sherl
     assert result.bits_per_char == pytest.approx(result.nats / math.log(2) / result.characters)
     with pytest.raises(AnexaError, match="unknown precision 'fp8'"):
         evaluation.evaluate(model, np.array(ids), 10, precision="fp8")
+
+
+def test_the_automatic_batch_keeps_the_logits_in_budget_and_a_cpu_batch_small():
+    """Windows per forward pass: on a CPU at most 2048 tokens (larger batches were slower there), on a
+    GPU up to 64 windows; never more logits than the budget, never fewer than one window."""
+    cpu, gpu = "cpu", torch.device("cuda")  # the device only names the rule; nothing runs on it
+    assert evaluation.auto_batch_size(256, 65, cpu) == 8 and evaluation.auto_batch_size(128, 65, cpu) == 16
+    assert evaluation.auto_batch_size(2048, 65, cpu) == 1 and evaluation.auto_batch_size(1024, 65, cpu) == 2
+    assert evaluation.auto_batch_size(256, 65, gpu) == 64
+    assert evaluation.auto_batch_size(256, 49152, gpu) == evaluation.LOGITS_BUDGET // (256 * 49152) == 2
+    assert evaluation.auto_batch_size(8192, 49152, cpu) == evaluation.auto_batch_size(8192, 49152, gpu) == 1
+    assert evaluation.auto_batch_size(4096, 1, cpu) == 1  # a window longer than the CPU's tokens: still one

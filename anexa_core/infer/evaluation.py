@@ -42,6 +42,11 @@ from anexa_core.model.gpt import GPT
 LOGITS_BUDGET = 1 << 25
 """Logits per batch (windows × length × vocabulary) when the batch size is automatic: 128 MiB in float32."""
 MAX_AUTO_BATCH = 64
+CPU_BATCH_TOKENS = 2048
+"""Tokens per batch (windows × length) at most when the batch size is automatic on a CPU: larger batches
+were slower there (the `small` preset on Sherlock's validation split, one thread: 8 windows of 256 tokens
+10.6 s, 64 windows 12.0 s; benchmarks/RESULTS.md), their activations and attention scores no longer
+fitting the caches. A GPU takes up to :data:`MAX_AUTO_BATCH`."""
 
 
 @dataclass(frozen=True)
@@ -88,9 +93,11 @@ def window_plan(n_tokens: int, block_size: int, stride: int | None = None) -> tu
     return starts, first, length, stride
 
 
-def auto_batch_size(length: int, vocab_size: int) -> int:
-    """Windows per batch keeping the logits within :data:`LOGITS_BUDGET` (at least 1, at most 64)."""
-    return max(1, min(MAX_AUTO_BATCH, LOGITS_BUDGET // max(1, length * vocab_size)))
+def auto_batch_size(length: int, vocab_size: int, device: torch.device | str = "cpu") -> int:
+    """Windows per batch keeping the logits within :data:`LOGITS_BUDGET`: at least 1, at most
+    :data:`MAX_AUTO_BATCH`, and on a CPU at most :data:`CPU_BATCH_TOKENS` tokens."""
+    most = MAX_AUTO_BATCH if torch.device(device).type != "cpu" else max(1, CPU_BATCH_TOKENS // max(1, length))
+    return max(1, min(most, LOGITS_BUDGET // max(1, length * vocab_size)))
 
 
 def evaluate(
@@ -115,7 +122,7 @@ def evaluate(
         raise AnexaError(f"unknown precision {precision!r}: use fp32, auto or bf16")
     device = torch.device(device)
     starts, first, length, stride = window_plan(len(ids), model.config.block_size, stride)
-    batch = batch_size or auto_batch_size(length, model.config.vocab_size)
+    batch = batch_size or auto_batch_size(length, model.config.vocab_size, device)
     offsets = np.arange(length + 1)
     was_training = model.training
     model.eval()
