@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import TINY, Greedy, Scaled, ScaledPlugin, registered, tiny_model
 
+from anexa_core.errors import AnexaError
 from anexa_core.infer.engine import Engine, EngineBusy, Request, score, token_logprobs
 from anexa_core.infer.generation import generate_ids
 from anexa_core.infer.sampling import build_chain
@@ -184,8 +185,14 @@ def test_the_cache_grows_as_rows_lengthen_and_a_narrowed_view_cannot_grow():
     model = tiny_model(seed=12, blocks="llama", block_size=300)
     requests = [Request(p, 150, Greedy()) for p in _prompts(3, seed=7)]
     engine = Engine(model, max_rows=3)
-    assert _run(engine, requests) == [_alone(model, r, None) for r in requests]
-    assert engine._cache is not None and MIN_CAPACITY < engine._cache.capacity <= 300
+    out: list[list[int]] = [[] for _ in requests]
+    capacities = set()
+    for index, token in engine.run(requests):
+        out[index].append(token.id)
+        capacities.add(engine._cache.capacity if engine._cache is not None else 0)
+    assert out == [_alone(model, r, None) for r in requests]
+    assert MIN_CAPACITY in capacities and MIN_CAPACITY < max(capacities) <= 300
+    assert engine._cache is None  # idle: the batch's memory is given back
     cache = KVCache(300)
     model(torch.tensor([[1, 2, 3]]), cache=cache)
     assert cache.capacity == MIN_CAPACITY
@@ -267,3 +274,31 @@ def test_a_request_cancelled_while_waiting_never_runs_and_each_token_costs_one_f
         engine.step()
     assert [len(first.tokens), len(waiting.tokens), len(third.tokens)] == [6, 0, 6]
     assert engine.forwards == 12  # per request: one prefill, then one pass per further token
+
+
+def test_the_kv_cache_budget_bounds_the_batch_and_what_waits_gets_its_turn():
+    """With ``max_cache_tokens`` the batch's cache never holds more positions (rows × capacity) than the
+    budget: requests wait for room, in order, and decode what they decode alone; a request that could not
+    fit even alone is refused at once, in one line. Without a budget every row may run."""
+    model = tiny_model(seed=3, blocks="llama", block_size=256)
+    requests = [Request(p, 40, Greedy()) for p in _prompts(5, seed=2)]  # each may reach < 64 positions
+    expected = [_alone(model, r, None) for r in requests]
+    for budget, most_rows in ((2 * 128, 2), (4 * 128, 4), (None, 5)):
+        engine = Engine(model, max_rows=5, max_cache_tokens=budget)
+        out: list[list[int]] = [[] for _ in requests]
+        rows, held = set(), set()
+        for index, token in engine.run(requests):
+            out[index].append(token.id)
+            rows.add(len(engine.rows))
+            cache = engine._cache
+            held.add(0 if cache is None else cache.rows * cache.capacity)
+        assert out == expected and max(rows) == most_rows, (budget, rows)
+        assert budget is None or max(held) <= budget
+    engine = Engine(model, max_rows=5, max_cache_tokens=2 * 128 - 1)
+    assert engine.cache_positions(2, 40) == 256 and engine.cache_positions(1, 40) == 128
+    engine.submit(requests[0])
+    with pytest.raises(AnexaError, match=r"may need 256 KV-cache positions .* more than the engine's 255") as caught:
+        Engine(model, max_rows=5, max_cache_tokens=255).submit(Request(list(range(1, 200)), 57, Greedy()))
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match="max_cache_tokens must be at least 1"):
+        Engine(model, max_cache_tokens=0)

@@ -4,6 +4,7 @@ failing sampler. Every expectation is the core's: texts from `generate_text` wit
 from the model's own log-softmax. The models are small and random (no training), so the module is quick."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from anexa_core import hookimpl, plugins  # noqa: E402
 from anexa_core.config import ModelConfig  # noqa: E402
 from anexa_core.errors import AnexaError  # noqa: E402
 from anexa_core.infer.chat import JinjaTemplate  # noqa: E402
+from anexa_core.infer.engine import Engine  # noqa: E402
 from anexa_core.infer.generation import encode_prompt, generate_ids, generate_text  # noqa: E402
 from anexa_core.infer.sampling import build_chain  # noqa: E402
 from anexa_core.model.gpt import build_model  # noqa: E402
@@ -530,3 +532,26 @@ def test_a_failing_sampler_fails_only_its_own_request(client, tiny, register_plu
         rest = [line[6:] for line in lines if line.startswith("data: ")]
     assert rest[-1] == "[DONE]" and all("error" not in json.loads(r) for r in rest[:-1])
     assert post(client, "/v1/completions", healthy)["choices"][0]["text"] == expected(tiny, "Holmes", 300, 8)
+
+
+def test_the_kv_cache_budget_makes_requests_wait_and_refuses_one_that_cannot_fit(tiny):
+    """`anexa serve --max-cache-tokens`: a request that may need more KV-cache positions than the budget even
+    alone is a 400 naming max_tokens; the ones that fit are answered, two at a time where the budget holds two
+    rows (the context is BLOCK positions, so a row may need 2 × 64 rounded to the context)."""
+    per_row = min(BLOCK, 2 * 64)
+    app = create_app({"tiny": tiny}, ServeConfig(max_tokens_cap=400, parallel=8, queue=8, max_cache_tokens=2 * per_row))
+    decoder = app.state.server.decoders["tiny"]
+    with running(app) as base, httpx.Client(base_url=base, timeout=60) as http:
+        fits = {**TEXT, "max_tokens": 30}
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda seed: post(http, "/v1/completions", {**fits, "seed": seed}), range(6)))
+        assert all(answer["usage"]["completion_tokens"] == 30 for answer in answers)
+        assert 1 <= decoder.stats.peak_rows <= 2  # the others waited for room
+        lone = Engine(tiny.model, max_rows=8, max_cache_tokens=per_row - 1)
+        assert lone.cache_positions(1, 21) == per_row  # so a budget of one row less refuses it
+        small = create_app({"tiny": tiny}, ServeConfig(max_tokens_cap=400, max_cache_tokens=per_row - 1))
+    with running(small) as base, httpx.Client(base_url=base, timeout=60) as http:
+        error = assert_error(
+            http.post("/v1/completions", json={**TEXT, "max_tokens": 20}), 400, "max_tokens", "context_length_exceeded"
+        )
+        assert "KV-cache positions" in error["message"] and "fewer new tokens" in error["message"]

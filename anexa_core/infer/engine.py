@@ -5,7 +5,10 @@ batch; each :meth:`Engine.step` feeds every row its last token in one forward pa
 lengths: a ragged :class:`~anexa_core.model.cache.KVCache`) and picks each row's next token with that
 request's own sampler chain and seeded generator. A finished or cancelled request leaves its row at the
 next step and a waiting one takes it, its prompt prefilled on its own and copied in. Memory is bounded:
-at most ``max_rows`` rows of at most ``block_size`` positions, and ``max_waiting`` requests in line.
+at most ``max_rows`` rows of at most ``block_size`` positions, ``max_waiting`` requests in line, and —
+with ``max_cache_tokens`` — the batch's KV cache at most that many positions (rows × capacity): a request
+waits until it fits. The cache holds only the rows running (grown by doubling) and is freed when the
+engine falls idle.
 
 Past the context, a row follows its request's *context policy*:
 
@@ -34,7 +37,7 @@ import torch
 from anexa_core.device import autocast, decoding_autocast
 from anexa_core.errors import AnexaError
 from anexa_core.infer.sampling import pick_rows
-from anexa_core.model.cache import KVCache
+from anexa_core.model.cache import MIN_CAPACITY, KVCache
 from anexa_core.model.gpt import GPT
 
 CONTEXT_POLICIES = ("shift", "sliding")
@@ -129,13 +132,26 @@ class Engine:
     """Decodes many requests together; see the module docstring.
 
     ``max_rows``: requests decoded at once (rows of the batch); ``max_waiting``: requests that may wait for
-    a row (beyond: :class:`EngineBusy`). ``use_cache=False`` recomputes the window for every token.
+    a row (beyond: :class:`EngineBusy`); ``max_cache_tokens``: the most positions the batch's KV cache may
+    hold, rows × capacity (``None``: ``max_rows × block_size``, the most it can need); each running request
+    counts for the longest it may get, ``min(block_size, prompt + max_new_tokens)``, rounded up as the
+    cache grows (see :meth:`cache_positions`). ``use_cache=False`` recomputes the window for every token.
     :meth:`submit` and :meth:`cancel` may be called from any thread; :meth:`step` from one thread at a time.
     """
 
-    def __init__(self, model: GPT, max_rows: int = 8, max_waiting: int | None = None, use_cache: bool = True):
+    def __init__(
+        self,
+        model: GPT,
+        max_rows: int = 8,
+        max_waiting: int | None = None,
+        use_cache: bool = True,
+        max_cache_tokens: int | None = None,
+    ):
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
+        if max_cache_tokens is not None and max_cache_tokens < 1:
+            raise ValueError("max_cache_tokens must be at least 1")
+        self.max_cache_tokens = max_cache_tokens
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.block_size = model.config.block_size
@@ -164,6 +180,13 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
         prompt = list(request.prompt_ids)[-self.block_size :]
         stream = Stream(request, prompt, generator, on_token, history=list(prompt))
+        alone = self.cache_positions(1, self._longest(stream))
+        if self.max_cache_tokens is not None and alone > self.max_cache_tokens:
+            raise AnexaError(
+                f"this request may need {alone:,} KV-cache positions (its prompt of {len(prompt):,} tokens and "
+                f"up to {request.max_new_tokens:,} new ones), more than the engine's {self.max_cache_tokens:,}: "
+                "ask for fewer new tokens or a shorter prompt"
+            )
         with self._lock:
             if self.max_waiting is not None and len(self.rows) + len(self.waiting) >= self.max_rows + self.max_waiting:
                 raise EngineBusy(
@@ -210,6 +233,8 @@ class Engine:
         """One token for every running request: free what finished, admit what waits, recompute alone
         the rows that need it (a new prompt; a full window, by the context policy), feed every other row
         its last token in one forward pass, and pick each row's next token."""
+        # Why complex: counted in the one-line comprehensions over the rows (which to recompute, which to
+        # feed, which read their context); the step itself runs straight through.
         self._release()
         fresh = self._admit()
         if not self.rows:
@@ -273,7 +298,9 @@ class Engine:
             return
         if self._cache is None:  # every row starts recomputed, so the first step has a cache to copy
             assert recomputed[0][1] is not None
-            self._cache = KVCache.batch_like(recomputed[0][1], self.max_rows)
+            self._cache = KVCache.batch_like(recomputed[0][1], len(self.rows))
+        elif self._cache.rows < len(self.rows):
+            self._cache.resize_rows(self._rows_for(len(self.rows)))
         batch = self._cache
         free = sorted(
             {s.row for s, _ in recomputed if s.row is not None and s.row < len(feed)}
@@ -320,12 +347,14 @@ class Engine:
             for stream in [s for s in self.waiting if s.cancelled]:
                 self.waiting.remove(stream)
                 stream.finish_reason = "cancelled"
+        if not self.rows:
+            self._cache = None  # idle: the batch's memory goes back (the next request allocates afresh)
 
     def _admit(self) -> list[Stream]:
         admitted = []
         while len(self.rows) < self.max_rows:
             with self._lock:
-                if not self.waiting:
+                if not self.waiting or not self._fits(self.waiting[0]):
                     break
                 stream = self.waiting.popleft()
             if stream.request.echo:
@@ -336,6 +365,37 @@ class Engine:
             self.rows.append(stream)
             admitted.append(stream)
         return admitted
+
+    def cache_positions(self, rows: int, longest: int) -> int:
+        """The most positions the batch's KV cache may hold with ``rows`` requests running, the longest of
+        which may reach ``longest`` positions: rows as allocated (at least ``rows``: they grow by doubling)
+        × the capacity that row may grow the buffers to (from :data:`~anexa_core.model.cache.MIN_CAPACITY`
+        or the first prompt, doubling, so less than twice ``longest``; at most ``block_size``)."""
+        allocated = max(rows, self._cache.rows if self._cache is not None else 0)
+        capacity = min(self.block_size, 2 * max(MIN_CAPACITY, longest))
+        if self._cache is not None:
+            capacity = max(capacity, self._cache.capacity)
+        return allocated * capacity
+
+    def _longest(self, stream: Stream) -> int:
+        """Positions ``stream`` may come to hold in the cache: its prompt and every new token, at most the
+        context (past it, the context policy recomputes a shorter window)."""
+        return min(self.block_size, len(stream.prompt) + stream.request.max_new_tokens)
+
+    def _fits(self, stream: Stream) -> bool:
+        """Whether ``stream`` may join the running rows within ``max_cache_tokens`` (always, alone)."""
+        if self.max_cache_tokens is None or not self.rows:
+            return True
+        longest = max(self._longest(s) for s in [*self.rows, stream])
+        return self.cache_positions(self._rows_for(len(self.rows) + 1), longest) <= self.max_cache_tokens
+
+    def _rows_for(self, running: int) -> int:
+        """Rows to allocate for ``running`` requests: the current allocation, doubled until they fit (at
+        most ``max_rows``)."""
+        allocated = self._cache.rows if self._cache is not None else 0
+        if running <= allocated:
+            return allocated
+        return min(self.max_rows, max(running, 2 * allocated))
 
     @property
     def _batch(self) -> KVCache:

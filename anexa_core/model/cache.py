@@ -159,6 +159,25 @@ class KVCache:
             self._values[layer][row, :, :length] = source._values[layer][source_row, :, :length]
             self._row_lengths[layer][row] = length
 
+    @property
+    def rows(self) -> int:
+        """Rows the buffers hold (the batch's slots, used or free)."""
+        return self._keys[0].size(0) if self._keys else 0
+
+    def resize_rows(self, rows: int) -> None:
+        """A ragged cache holds ``rows`` rows from now on: new rows empty, rows from ``rows`` on dropped (they
+        must be free). How the batched engine allocates only the rows it runs."""
+        assert self._row_lengths is not None and not self._view, "resize_rows needs a ragged cache of its own"
+        kept = min(rows, self.rows)
+        for buffers in (self._keys, self._values):
+            for layer, old in enumerate(buffers):
+                resized = old.new_zeros((rows, *old.shape[1:]))
+                resized[:kept] = old[:kept]
+                buffers[layer] = resized
+        self._row_lengths = [
+            torch.cat([lengths[:kept], lengths.new_zeros(rows - kept)]) for lengths in self._row_lengths
+        ]
+
     def free_row(self, row: int) -> None:
         """Row ``row`` holds nothing any more (its memory is reused by the next request)."""
         assert self._row_lengths is not None, "free_row needs a ragged cache (KVCache.batch_like)"

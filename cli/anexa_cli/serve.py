@@ -69,6 +69,15 @@ def serve(
     queue: Annotated[
         int, typer.Option(min=0, help="Requests (choices) that may wait for a row; more get HTTP 429.")
     ] = 32,
+    max_cache_tokens: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            show_default=False,
+            help="KV-cache positions each model's batch may hold (rows × capacity); requests wait for room, "
+            "one that cannot fit alone gets HTTP 400. \\[default: --parallel × the model's context]",
+        ),
+    ] = None,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Larger request bodies get HTTP 413.")] = 1 << 20,
     chat_template: Annotated[
         Path | None,
@@ -128,6 +137,7 @@ def serve(
         chat_template=template,
         allowed_hosts=(*LOOPBACK_HOSTS, host.strip("[]").lower()) if is_loopback(host) else None,
         threads=threads,
+        max_cache_tokens=max_cache_tokens,
     )
     app = create_app(served, config)
     bound = sock.getsockname()[1]

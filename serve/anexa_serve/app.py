@@ -47,7 +47,9 @@ class ServeConfig:
     header names (defence against DNS rebinding for a loopback server); None accepts any.
     ``chat_template``: a transcript for models without a template of their own, or Jinja text for every
     model (:mod:`anexa_serve.chat`). ``threads``: torch CPU threads of each engine's thread (0: torch's
-    default).
+    default). ``max_cache_tokens``: the most KV-cache positions each model's batch may hold (rows ×
+    capacity; see :class:`~anexa_core.infer.engine.Engine`): requests wait for room; None: ``parallel`` ×
+    the context.
     """
 
     max_tokens_cap: int = 1024
@@ -59,6 +61,7 @@ class ServeConfig:
     chat_template: ChatOverride = field(default_factory=Transcript)
     allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
     threads: int = 0
+    max_cache_tokens: int | None = None
 
 
 @dataclass
@@ -253,7 +256,10 @@ def create_app(models: dict[str, ServedModel], config: ServeConfig | None = None
     server = ServerState(
         config,
         models,
-        {name: Decoder(m.model, config.parallel, config.queue, config.threads, name) for name, m in models.items()},
+        {
+            name: Decoder(m.model, config.parallel, config.queue, config.threads, name, config.max_cache_tokens)
+            for name, m in models.items()
+        },
         {name: model_template(m.tokenizer, config.chat_template) for name, m in models.items()},
     )
 

@@ -93,12 +93,21 @@ class Decoder:
     """The engine of one served model and the thread that steps it.
 
     ``rows``: requests decoded at once (``--parallel``); ``waiting``: requests that may wait for a row
-    (``--queue``); ``threads``: torch CPU threads of the stepping thread (0 keeps torch's default). The
-    thread starts at the first :meth:`submit` and ends at :meth:`close`.
+    (``--queue``); ``threads``: torch CPU threads of the stepping thread (0 keeps torch's default);
+    ``max_cache_tokens``: the batch's KV-cache budget in positions (``--max-cache-tokens``). The thread
+    starts at the first :meth:`submit` and ends at :meth:`close`.
     """
 
-    def __init__(self, model: Any, rows: int, waiting: int, threads: int = 0, name: str = "model") -> None:
-        self.engine = Engine(model, max_rows=rows, max_waiting=waiting)
+    def __init__(
+        self,
+        model: Any,
+        rows: int,
+        waiting: int,
+        threads: int = 0,
+        name: str = "model",
+        max_cache_tokens: int | None = None,
+    ) -> None:
+        self.engine = Engine(model, max_rows=rows, max_waiting=waiting, max_cache_tokens=max_cache_tokens)
         self.name = name
         self.threads = threads
         self.stats = Stats()
@@ -128,7 +137,8 @@ class Decoder:
 
     def submit(self, request: Request, on_token: OnToken, on_done: OnDone) -> Stream:
         """Queue ``request`` (its ``chain`` is wrapped, see :class:`_Isolated`). Raises :class:`EngineBusy`
-        when every row and waiting place is taken, :class:`~anexa_core.errors.AnexaError` for an empty prompt."""
+        when every row and waiting place is taken, :class:`~anexa_core.errors.AnexaError` for an empty prompt
+        or one that could not fit the KV-cache budget even alone."""
         guard = _Isolated(request.chain)
         request.chain = guard
 

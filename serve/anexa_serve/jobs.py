@@ -19,10 +19,11 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from anexa_core.errors import AnexaError
 from anexa_core.infer.engine import EngineBusy, Request, Stream, Token
 from anexa_serve.decoding import ChoiceState, Update
 from anexa_serve.engine import SEED_RANGE, Decoder
-from anexa_serve.errors import APIError
+from anexa_serve.errors import APIError, invalid
 
 
 class Mailbox:
@@ -147,6 +148,9 @@ class Job:
                 code="queue_full",
                 headers={"Retry-After": "1"},
             ) from None
+        except AnexaError as exc:  # could not fit the engine's KV-cache budget even alone
+            self.cancel()
+            raise invalid(str(exc), param="max_tokens", code="context_length_exceeded") from None
 
     def cancel(self) -> None:
         """Stop every choice still decoding (idempotent, from any thread)."""
