@@ -52,6 +52,8 @@ SHORTHANDS = {
 
 def _check_fields(config: Any) -> None:
     """Types and integer ranges of a config's fields, whatever wrote them (TOML, flags, a checkpoint)."""
+    # Why complex: one branch per field type (int, float, bool, str, table of options), each with the tests
+    # that value fails and its own message; the conditions are the many ways a TOML or flag value can be wrong.
     hints = typing.get_type_hints(type(config))
     for item in dataclasses.fields(config):
         value, kind = getattr(config, item.name), hints[item.name]
@@ -182,6 +184,8 @@ class TrainConfig:
 
     def _check_length(self) -> None:
         """Counts at least 1, a length (``steps`` or ``minutes``) and one end of the LR decay."""
+        # Why complex: independent checks, each of one or two fields with its own message naming the flag to fix;
+        # split up, the rules a run's length must meet would no longer read in one place.
         for name in ("batch_size", "eval_every", "log_every", "eval_batches", "save_every"):
             if getattr(self, name) < 1:
                 raise AnexaError(f"--{name.replace('_', '-')} must be at least 1")
@@ -364,6 +368,8 @@ def merge(
     ``given`` collects the layer's plugin options per kind instead of writing them into ``settings``, so a
     later layer naming another plugin does not drop them (:func:`apply_layers`); without it they are
     written at once."""
+    # Why complex: one pass per rule of the module docstring (unknown keys, a changed plugin drops its options,
+    # shorthands go to their plugin), all filling the same `given`; the branches are those rules in order.
     at_once = given is None
     given = {kind: {} for kind in SETTINGS} if given is None else given
     known = _MODEL_FIELDS | _TRAIN_FIELDS

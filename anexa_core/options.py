@@ -136,6 +136,8 @@ def _annotation(kind: Any, default: Any, owner: Any) -> Any:
 
 def convert(owner: str, option: Option, value: Any) -> Any:  # noqa: C901 - one branch per option type, read top to bottom
     """``value`` (command-line text, or a TOML/JSON value) as the option's type, or a one-line error."""
+    # Why complex: one branch per option type (choices, bool, int, float, str), each accepting both command-line
+    # text and TOML's or JSON's own value and refusing the rest; read top to bottom.
     base, choices = _base(option.type), _choices(option.type)
     if value is None or (isinstance(value, str) and value.lower() == "none" and _nullable(option.type)):
         if _nullable(option.type) or option.default is None:

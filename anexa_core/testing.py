@@ -87,6 +87,8 @@ def check_attention(
     than the queries, and one that declares ``ragged = True`` per-row ``lengths`` (see
     :class:`~anexa_core.interfaces.Attention`); the model gives the others neither (it repeats the heads
     and runs ragged rows one at a time for them)."""
+    # Why complex: the cases grow with what the attention declares (grouped query, ragged rows), and each is run
+    # causal and not and compared on shape, dtype, output and each gradient, so a failure names its case.
     attend = _build(attention, options)
     own = getattr(attend, "reference", None)
     reference = own if callable(own) else reference_attention

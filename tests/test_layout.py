@@ -80,3 +80,46 @@ def test_ci_fails_a_missing_test_dependency_where_elsewhere_it_skips(monkeypatch
     monkeypatch.setenv("CI", "true")
     assert strict()
     assert "ANEXA_STRICT_TESTS=1 .venv/bin/python -m pytest" in (REPO / ".ci" / "run").read_text()
+
+
+def _function_sizes_check(*paths):
+    """``tools/function_sizes.py --check`` run as CI would, from the repository root."""
+    command = [sys.executable, "tools/function_sizes.py", "--check", *map(str, paths)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_every_long_or_complex_function_says_why():
+    """Issue 20's rule: no function of anexa_core, the CLI or the server above 60 body lines or complexity 15
+    without a ``# Why long:`` or ``# Why complex:`` comment giving the reason."""
+    done = _function_sizes_check()
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _source(body_lines=0, branches=0, why="", parameters=0):
+    """A function whose body (after the docstring) has ``body_lines`` lines, or ``branches`` ifs (complexity
+    ``branches + 1``), with ``why`` as its first line and ``parameters`` lines of parameters."""
+    lines = ["def f(", *(f"    p{i}: int = {i}," for i in range(parameters)), "    x: int = 0,", ") -> int:"]
+    lines += ['    """A docstring, which does not count."""', *([f"    {why}"] if why else [])]
+    lines += [f"    if x == {i}:\n        x += 1" for i in range(branches)]
+    lines += [f"    x += {i}" for i in range(body_lines - 2 * branches - 1)]
+    return "\n".join([*lines, "    return x", ""])
+
+
+@pytest.mark.parametrize(
+    ("source", "flagged"),
+    [
+        (_source(body_lines=60), False),
+        (_source(body_lines=60, parameters=30), False),  # a typer command's options are not its body
+        (_source(body_lines=61), True),
+        (_source(body_lines=61, why="# Why long: the steps of one recipe, in the order they run"), False),
+        (_source(body_lines=61, why="# Why long:"), True),  # a tag without a reason
+        (_source(branches=14, body_lines=30), False),
+        (_source(branches=15, body_lines=31), True),
+        (_source(branches=15, body_lines=31, why="# Why complex: one branch per case of the format"), False),
+    ],
+)
+def test_the_function_size_check_flags_what_breaks_the_rule(tmp_path, source, flagged):
+    (tmp_path / "near_miss.py").write_text(source, encoding="utf-8")
+    done = _function_sizes_check(tmp_path)
+    assert done.returncode == (1 if flagged else 0), done.stdout + done.stderr
+    assert ("near_miss.py:f:" in done.stdout) == flagged, done.stdout

@@ -193,6 +193,20 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _remembered_digest(entry: Any, st: os.stat_result) -> str | None:
+    """The digest a memo ``entry`` remembers for a file now stat'ed as ``st``, if it still vouches for it (the
+    same stat, hashed at least :data:`STABLE_S` after the file last changed); else ``None``."""
+    if (
+        isinstance(entry, dict)
+        and entry.get("stat") == _stat_key(st)
+        and isinstance(entry.get("sha256"), str)
+        and isinstance(entry.get("hashed_at_ns"), int)
+        and st.st_ctime_ns < entry["hashed_at_ns"] - int(STABLE_S * 1e9)
+    ):
+        return entry["sha256"]
+    return None
+
+
 def file_digests(files: Sequence[Path], progress: ProgressFn | None = None) -> list[str]:
     """The SHA-256 (hex) of each file's bytes as stored, reusing remembered digests of unchanged files
     (see the module docstring). Reports phase :data:`PHASE_FINGERPRINT` in bytes when it has to hash.
@@ -205,17 +219,9 @@ def file_digests(files: Sequence[Path], progress: ProgressFn | None = None) -> l
     todo: list[tuple[int, Path, os.stat_result]] = []
     for index, path in enumerate(files):
         st = _stat(path)
-        entry = remembered.get(os.path.abspath(path))
-        if (
-            isinstance(entry, dict)
-            and entry.get("stat") == _stat_key(st)
-            and isinstance(entry.get("sha256"), str)
-            and isinstance(entry.get("hashed_at_ns"), int)
-            and st.st_ctime_ns < entry["hashed_at_ns"] - int(STABLE_S * 1e9)
-        ):
-            digests.append(entry["sha256"])
-        else:
-            digests.append(None)
+        known = _remembered_digest(remembered.get(os.path.abspath(path)), st)
+        digests.append(known)
+        if known is None:
             todo.append((index, path, st))
     if not todo:
         return digests  # type: ignore[return-value]

@@ -303,6 +303,8 @@ def training_command(model_config: dict[str, Any], train_config: dict[str, Any])
     :func:`shareable_model` shows it), ``--lora`` and ``--seq-len``, and none of the settings its base fixes
     (shape, blocks, tokenizer).
     """
+    # Why complex: each condition is one of the docstring's rules for when a flag is written or left out, in the
+    # docstring's order (fine-tuning, data, globs, steps/minutes, decay, auto); apart they would not read as a list.
     args = ["anexa", "train"]
     settings = {**model_config, **train_config}
     init_from = train_config.get("init_from")
@@ -432,6 +434,8 @@ def model_card(
     ``latest``: the metadata of the run's latest checkpoint (:func:`latest_of_run`), for the steps and
     time the run trained when ``meta`` is its best checkpoint. Every number is read from the metadata;
     no local path appears (data by :func:`shareable_data`, the folder by its name)."""
+    # Why long: the card's Markdown written out line by line in the order it reads (front matter, table, command,
+    # usage, upload); nearly all of it is literal text, the few ifs add optional lines.
     latest = latest or meta
     model_config, train_config = meta["model_config"], latest.get("train_config") or meta.get("train_config") or {}
     tokenizer = meta["tokenizer"]["name"]

@@ -131,6 +131,8 @@ def sweep_stale(folder: str | os.PathLike[str], target: str | None = None) -> li
     was when nothing took its place. Entries of live processes are left alone; Anexa 0.2's temp files
     (no process id in the name) once :data:`UNOWNED_STALE_S` old. Returns what was removed or restored.
     """
+    # Why complex: two kinds of leftover entry (a writer's temp with its process id, an unowned Anexa 0.2 temp)
+    # each with its own test of whose it is and whether it is stale, plus putting a moved-aside folder back.
     folder = Path(folder)
     handled: list[Path] = []
     try:

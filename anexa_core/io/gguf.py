@@ -394,6 +394,8 @@ def _require(meta: Mapping[str, Any], key: str, path: Path, kind: type = int) ->
 
 def _hf_config(arch: str, meta: Mapping[str, Any], names: set[str], vocab: int, path: Path) -> dict[str, Any]:
     """transformers' config dict from llama.cpp's metadata keys (``{arch}.block_count``, …)."""
+    # Why long: two literal config dicts, GPT-2's and the Llama family's (llama, qwen3), each key beside the GGUF
+    # key it comes from, with the Llama family's attention and rope checks between; a table would hide that map.
 
     def key(name: str, kind: type = int) -> Any:
         return _require(meta, f"{arch}.{name}", path, kind)
@@ -490,6 +492,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     or ``gpt2``, the tokenizer is not byte-level BPE (``gpt2``) with a known pre-tokenizer, or the tensors
     (names or shapes) do not match the metadata.
     """
+    # Why complex: one check per way a file can fail to be a model Anexa reads (architecture, tokenizer model,
+    # vocabulary, tensor names, shapes), each with its own message, in the order the file is read.
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader, path)
@@ -587,6 +591,8 @@ def _pre_type(meta: Mapping[str, Any], path: Path) -> _Pre:
 
 def _tokenizer_state(meta: Mapping[str, Any], pre: _Pre, path: Path) -> dict[str, Any]:
     """The ``hf`` tokenizer plugin's state for a byte-level BPE vocabulary read from GGUF metadata."""
+    # Why complex: the vocabulary's token kinds (control, user-defined, normal) and then each special and
+    # end-of-turn token read from optional metadata; most of the count is guards for keys a file may lack.
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     merges = meta.get("tokenizer.ggml.merges")
@@ -663,6 +669,8 @@ def _config_arch(cfg: Mapping[str, Any], where: str) -> str:
 
 def _write_config(arch: str, hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     """The config values the file needs, checked, with transformers' defaults where the config leaves one out."""
+    # Why complex: one branch per config key of GPT-2 and of the Llama family, each falling back to transformers'
+    # default when absent, then one refusal per feature llama.cpp lacks; a table would hide which family reads what.
 
     def need(key: str, kind: type = int) -> Any:
         value = hf.get(key)
@@ -723,6 +731,8 @@ def _checked_tensors(
     slots: list[_Slot], tensors: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], arch: str, where: str
 ) -> dict[str, torch.Tensor]:
     """The tensors by transformers' name, checked against the slots of the config."""
+    # Why complex: the checks in the order a mismatch is best reported: GPT-2's mask buffers dropped, a tied head
+    # compared, then each tensor unknown or not float, then each slot missing or misshapen.
     embedding = slots[0].hf
     tensors = dict(tensors)
     for name in list(tensors):
@@ -769,6 +779,8 @@ def _write_vocab(state: Mapping[str, Any], vocab_size: int, where: str) -> _Voca
     ``[PAD{id}]``, type unused, as llama.cpp's converter writes them), merges, and the pre-tokenizer name,
     found by running the tokenizer's pre-tokenizer on a probe text. A normalizer (Qwen2's NFC) is not
     stored: GGUF has no field for it, and llama.cpp's converter drops it too."""
+    # Why complex: refuses each tokenizer llama.cpp would read differently (not hf, malformed, not byte-level BPE,
+    # an unknown pre-tokenizer split, too many tokens), one message each, before it lists the vocabulary.
     if not isinstance(state, Mapping) or state.get("type") != "hf" or not isinstance(state.get("tokenizer"), str):
         kind = state.get("type") if isinstance(state, Mapping) else type(state).__name__
         raise AnexaError(

@@ -181,6 +181,8 @@ def select_attention(
     An unknown name, an unknown option or a bad value is an error (before anything is measured); a
     plugin that fails to build with default options becomes its row's error, and the other rows still run.
     """
+    # Why complex: counted in the comprehensions that build "all" (clashing names left out, each default extra
+    # after its base) and find the unknown names; the control flow itself is two ifs.
     available = sorted(plugins.registered("attention"))
     if not names:
         clashing = {conflict["name"] for conflict in plugins.conflicts() if conflict["kind"] == "attention"}
@@ -680,6 +682,8 @@ def bench_generate(
     Raises :class:`AnexaError` for counts below 1, an unknown preset or attention, or a run that cannot be
     loaded.
     """
+    # Why complex: a preset or a run gives the model, and the recompute row is optional; the rows' fields follow
+    # both as conditional expressions, which is most of the count.
     if prompt_len < 1 or (new_tokens is not None and new_tokens < 1) or repeats < 1:
         raise AnexaError("--prompt-len, --new-tokens and --repeats must be at least 1")
     where = pick_device(device)
@@ -745,6 +749,8 @@ def plot_attention(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> 
     """Forward+backward time and TFLOP/s against sequence length, one line per backend that ran; with
     several head dims, one line per backend per head dim (labelled ``NAME D=…``): a colour per backend,
     a line style per head dim."""
+    # Why complex: the comprehensions that group the rows per backend and head dim, and the label, line style and
+    # title that change with several head dims or causal rows; one figure, drawn top to bottom.
     plt = require_matplotlib()
     figure, (time_axis, rate_axis) = plt.subplots(1, 2, figsize=(11, 4))
     head_dims = list(dict.fromkeys(row["head_dim"] for row in rows))

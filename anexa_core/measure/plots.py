@@ -46,6 +46,8 @@ def plot_runs(runs: Sequence[Path], out: Path, labels: Sequence[str] | None = No
     loss every ``log_every`` steps as a line (runs without ``steps.jsonl``: the evaluations' train loss,
     dashed) and the validation loss as points — and the learning rate by step with tokens/s (dotted, right
     axis). Written atomically; returns ``out``."""
+    # Why complex: runs with and without steps.jsonl are drawn by one loop, their differences (loss key, line
+    # style) as conditional expressions, on two x axes (step, minutes); one figure, drawn top to bottom.
     plt = pyplot()
     labels = list(labels) if labels else [Path(run).name for run in runs]
     figure, (by_step, by_time, schedule) = plt.subplots(1, 3, figsize=(17, 4.5))

@@ -186,6 +186,8 @@ def prepare(
     """The model, tokenizer, data and optimizer of a new run (from scratch, or fine-tuning ``base`` / the
     model of ``train_config.init_from``), or of the run in ``out_dir`` with ``resume`` (weights, optimizer
     state, random generators and progress restored), and a run folder ready for it."""
+    # Why long: the run's three origins (resumed, fine-tuned, from scratch) each change how the model, tokenizer,
+    # data, LoRA record and run folder are made; one function keeps the order of those steps readable once.
     if not resume and checkpoint.holds_a_run(out_dir) and not overwrite:
         raise AnexaError(
             f"{out_dir} already holds a trained run: continue it with `anexa train --resume {out_dir}`, "
@@ -390,6 +392,8 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
 
     The schedule follows the step count up to ``schedule_steps``, or, for a run whose horizon is in
     minutes (``decay_minutes``), the share of that horizon the run has used, earlier sessions included."""
+    # Why complex: each step decides in order whether to log, evaluate, save, stop on the time budget or on a
+    # signal, all across ranks and sharing the loop's counters; split up, that order would be hidden.
     model, config, ranks, device = run.model, run.train_config, run.ranks, run.device
     model.train()
     train_step = make_train_step(model, run.optimizer, config, device, distributed.wrap(model, ranks, device))

@@ -25,6 +25,8 @@ def resume_configs(
     """The configs a run was started with, updated by the flags given now (a larger ``steps``, another
     ``data``, another attention). Flags that would change what the checkpoint means — the tokenizer and
     its vocabulary, the model's shape, blocks, the optimizer — are refused."""
+    # Why complex: refusing a changed fixed flag needs each flag's value in the run, plain or a plugin's option
+    # (the two helpers), and a message naming it as the user typed it; the rest is straight-line.
     run_dir = Path(run_dir)
     state_file = run_dir / checkpoint.STATE_FILE
     if not state_file.is_file():

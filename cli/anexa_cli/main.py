@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
@@ -333,6 +333,8 @@ def train(
     threads: Threads = None,
 ) -> None:
     """Train a GPT on a text corpus and write it into a run folder (model, best model, training state)."""
+    # Why long: every option becomes an override (one line each), then resume, fine-tune or a preset picks the
+    # configs and out folder, then one call to training with the messages for an interrupted run.
     use_threads(threads)  # before torch loads (a threads key of --config applies when training starts)
     from anexa_cli.console import console as make_console
     from anexa_cli.progress import reporter_for
@@ -664,6 +666,19 @@ def _line_editing():
     return save
 
 
+def _registrations(plugin: dict[str, Any]) -> str:
+    """The "registers (options)" cell of ``anexa plugins``: ``KIND: NAME(OPTION=DEFAULT, …), …; …``."""
+    parts = []
+    for kind, names in plugin["registers"].items():
+        shown = []
+        for name in names:
+            opts = plugin["options"].get(kind, {}).get(name, [])
+            inner = ", ".join(f"{o['name']}={o['default']!r}" for o in opts if "name" in o)
+            shown.append(f"{name}({inner})" if inner else name)
+        parts.append(f"{kind}: {', '.join(shown)}")
+    return "; ".join(parts)
+
+
 @app.command("plugins")
 @user_errors
 def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
@@ -685,16 +700,10 @@ def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
 
     table = Table("plugin", "distribution", "version", "status", "registers (options)")
     for plugin in described:
-        parts = []
-        for kind, names in plugin["registers"].items():
-            shown = []
-            for name in names:
-                opts = plugin["options"].get(kind, {}).get(name, [])
-                inner = ", ".join(f"{o['name']}={o['default']!r}" for o in opts if "name" in o)
-                shown.append(f"{name}({inner})" if inner else name)
-            parts.append(f"{kind}: {', '.join(shown)}")
         status = plugin["status"] if plugin["status"] == "loaded" else f"{plugin['status']}: {plugin['error'] or ''}"
-        table.add_row(plugin["name"], plugin["distribution"] or "-", plugin["version"] or "-", status, "; ".join(parts))
+        table.add_row(
+            plugin["name"], plugin["distribution"] or "-", plugin["version"] or "-", status, _registrations(plugin)
+        )
     console = make_console()
     console.print(table)
     for clash in clashes:
