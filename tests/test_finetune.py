@@ -259,3 +259,61 @@ def test_a_lora_run_shares_the_frozen_base_weights_and_a_full_one_copies_them(lo
     model(ids, ids)[1].backward()
     optimizer.step()
     assert all(torch.equal(base.model.state_dict()[name], tensor) for name, tensor in before.items())
+
+
+def test_a_lora_fine_tune_keeps_what_training_promises(base, tmp_path):
+    """Everything training promises holds for a fine-tune: the best checkpoint kept beside the latest (both
+    adapters only), the curve plotted, a run folder never overwritten without --overwrite (nothing changed),
+    and --minutes ending a run early on a saved checkpoint."""
+    _finetune(base, tmp_path / "lora", "--lora", "r=2,dropout=0")
+    folder = tmp_path / "lora"
+    assert {"model.safetensors", "best.safetensors", "train_state.safetensors", "loss.png"} <= {
+        p.name for p in folder.iterdir()
+    }
+    best = checkpoint.read_metadata(folder / "best.safetensors")
+    assert "lora" in best and best["val_loss"] == min(
+        json.loads(line)["val_loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
+    )
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    user_error(
+        ["train", "--init-from", str(base / "run"), "--data", str(base / "text.txt"), *SMALL, "--lora", "r=2",
+         "--config", str(base / "base.toml"), "--out", str(folder)],
+        "--overwrite",
+    )  # fmt: skip
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    result = runner.invoke(app, [
+        "train", "--init-from", str(base / "run"), "--data", str(base / "text.txt"), "--lora", "r=2",
+        "--minutes", "0.005", "--eval-every", "1000", "--batch-size", "4", "--seq-len", "32", "--device", "cpu",
+        "--config", str(base / "base.toml"), "--out", str(tmp_path / "timed"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    timed = checkpoint.read_metadata(tmp_path / "timed")
+    assert 1 <= timed["step"] < 1000 and "lora" in timed  # stopped by the clock, saved, still an adapter run
+
+
+def test_a_lora_fine_tune_under_torchrun_matches_one_process_with_double_batch(base, tmp_path):
+    """Two data-parallel ranks (torchrun, gloo) with batch B train the adapters as one process with 2B."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import safetensors.torch
+
+    flags = ["--init-from", str(base / "run"), "--data", str(base / "text.txt"), "--lora", "r=4,dropout=0",
+             "--steps", "4", "--eval-every", "4", "--seq-len", "32", "--precision", "fp32", "--device", "cpu",
+             "--config", str(base / "base.toml")]  # fmt: skip
+    anexa = Path(sys.executable).with_name("anexa")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(anexa), "train",
+         *flags, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = runner.invoke(app, ["train", *flags, "--batch-size", "4", "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    ddp = safetensors.torch.load_file(tmp_path / "ddp" / "model.safetensors")
+    one = safetensors.torch.load_file(tmp_path / "one" / "model.safetensors")
+    assert set(ddp) == set(one) and all(".lora_" in name for name in one)
+    for name in one:
+        torch.testing.assert_close(ddp[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
