@@ -271,9 +271,8 @@ def test_a_lora_fine_tune_keeps_what_training_promises(base, tmp_path):
         p.name for p in folder.iterdir()
     }
     best = checkpoint.read_metadata(folder / "best.safetensors")
-    assert "lora" in best and best["val_loss"] == min(
-        json.loads(line)["val_loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
-    )
+    evaluated = [json.loads(line)["val_loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert "lora" in best and best["val_loss"] == pytest.approx(min(evaluated), abs=1e-4)  # metrics: 4 decimals
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     user_error(
         ["train", "--init-from", str(base / "run"), "--data", str(base / "text.txt"), *SMALL, "--lora", "r=2",
