@@ -302,3 +302,31 @@ def test_the_kv_cache_budget_bounds_the_batch_and_what_waits_gets_its_turn():
     assert "\n" not in str(caught.value)
     with pytest.raises(ValueError, match="max_cache_tokens must be at least 1"):
         Engine(model, max_cache_tokens=0)
+
+
+def test_requests_joining_a_running_batch_grow_its_rows_without_touching_the_running_ones():
+    """The batch's cache holds only the rows running: a request arriving mid-decode grows it (1 → 2 → 4
+    rows), and the rows already decoding keep their keys and values — every output is its own alone. (Weights
+    scaled up: the small random model's greedy output would not depend on its context, so not on its cache.)"""
+    model = tiny_model(seed=5, block_size=128)
+    with torch.no_grad():
+        for weight in (p for p in model.parameters() if p.dim() == 2):
+            weight.mul_(10)
+    assert len(set(_alone(model, Request(_prompts(1, seed=9)[0], 30, Greedy()), None))) > 3
+    requests = [Request(p, 30, Greedy()) for p in _prompts(4, seed=9)]
+    engine = Engine(model, max_rows=4)
+    streams = [engine.submit(requests[0])]
+    for _ in range(5):
+        engine.step()
+    assert engine._cache is not None and engine._cache.rows == 1
+    streams.append(engine.submit(requests[1]))
+    engine.step()
+    assert engine._cache.rows == 2
+    for _ in range(3):
+        engine.step()
+    streams += [engine.submit(r) for r in requests[2:]]
+    engine.step()
+    assert engine._cache.rows == 4
+    while engine.busy:
+        engine.step()
+    assert [[t.id for t in s.tokens] for s in streams] == [_alone(model, r, None) for r in requests]
