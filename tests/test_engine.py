@@ -297,6 +297,8 @@ def test_the_kv_cache_budget_bounds_the_batch_and_what_waits_gets_its_turn():
     engine = Engine(model, max_rows=5, max_cache_tokens=2 * 128 - 1)
     assert engine.cache_positions(2, 40) == 256 and engine.cache_positions(1, 40) == 128
     engine.submit(requests[0])
+    with pytest.raises(AnexaError, match="may need 220 KV-cache positions"):  # 10 + 100 -> doubled from 110
+        Engine(model, max_rows=5, max_cache_tokens=200).submit(Request(list(range(1, 11)), 100, Greedy()))
     with pytest.raises(AnexaError, match=r"may need 256 KV-cache positions .* more than the engine's 255") as caught:
         Engine(model, max_rows=5, max_cache_tokens=255).submit(Request(list(range(1, 200)), 57, Greedy()))
     assert "\n" not in str(caught.value)
@@ -319,6 +321,7 @@ def test_requests_joining_a_running_batch_grow_its_rows_without_touching_the_run
     for _ in range(5):
         engine.step()
     assert engine._cache is not None and engine._cache.rows == 1
+    assert engine._rows_for(1) == 1 and engine._rows_for(2) == 2 and engine._rows_for(3) == 3
     streams.append(engine.submit(requests[1]))
     engine.step()
     assert engine._cache.rows == 2
@@ -327,6 +330,8 @@ def test_requests_joining_a_running_batch_grow_its_rows_without_touching_the_run
     streams += [engine.submit(r) for r in requests[2:]]
     engine.step()
     assert engine._cache.rows == 4
+    # What is allocated counts, however few rows the question is about: 4 rows of up to 2 × 64 positions.
+    assert engine._rows_for(2) == 4 and engine.cache_positions(1, 10) == 4 * 128
     while engine.busy:
         engine.step()
     assert [[t.id for t in s.tokens] for s in streams] == [_alone(model, r, None) for r in requests]

@@ -192,3 +192,4 @@ def test_the_automatic_batch_keeps_the_logits_in_budget_and_a_cpu_batch_small():
     assert evaluation.auto_batch_size(256, 49152, gpu) == evaluation.LOGITS_BUDGET // (256 * 49152) == 2
     assert evaluation.auto_batch_size(8192, 49152, cpu) == evaluation.auto_batch_size(8192, 49152, gpu) == 1
     assert evaluation.auto_batch_size(4096, 1, cpu) == 1  # a window longer than the CPU's tokens: still one
+    assert evaluation.auto_batch_size(256, 65) == 8 and evaluation.auto_batch_size(1, 65, cpu) == 2048  # cpu default
