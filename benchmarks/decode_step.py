@@ -52,19 +52,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from anexa_core.infer.generation import generate_ids
     from anexa_core.measure.bench import _Greedy as Greedy
+    from anexa_core.measure.bench import decoding_model
     from anexa_core.model.cache import KVCache
 
-    if args.preset:
-        from anexa_core.measure.bench import BENCH_VOCAB, bench_model
-        from anexa_core.model.gpt import decoding_layout
-
-        model = decoding_layout(bench_model(args.preset, "sdpa", torch.device("cpu"))[0].eval())
-        vocab = BENCH_VOCAB
-    else:
-        from anexa_core.io.load import load
-
-        model = load(args.run, "cpu").model
-        vocab = model.config.vocab_size
+    model = decoding_model(args.preset, args.run, None, torch.device("cpu"))
+    vocab = model.config.vocab_size
     if args.prompt + 16 + args.new > model.config.block_size:
         parser.error(f"--prompt + 16 + --new must fit the context ({model.config.block_size}): no context shift")
     prompt = torch.randint(vocab, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()

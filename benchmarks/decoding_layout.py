@@ -30,22 +30,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     args = parser.parse_args()
+    if bool(args.run) == bool(args.preset):
+        parser.error("give a RUN or --preset, not both")
     if args.threads:
         torch.set_num_threads(args.threads)
     from anexa_core.infer.engine import Engine, Request
     from anexa_core.measure.bench import _Greedy as Greedy  # argmax only: `anexa bench generate`'s picker
-    from anexa_core.model.gpt import decoding_layout
+    from anexa_core.measure.bench import decoding_model
 
-    if args.preset:
-        from anexa_core.measure.bench import BENCH_VOCAB, bench_model
-
-        columns = decoding_layout(bench_model(args.preset, "sdpa", torch.device("cpu"))[0].eval())
-        vocab = BENCH_VOCAB
-    else:
-        from anexa_core.io.load import load
-
-        columns = load(args.run, "cpu").model
-        vocab = columns.config.vocab_size
+    columns = decoding_model(args.preset, args.run, None, torch.device("cpu"))
+    vocab = columns.config.vocab_size
     rows = copy.deepcopy(columns)  # the same tensors, tied head included, then every one row-major again
     with torch.no_grad():
         for parameter in rows.parameters():

@@ -383,6 +383,19 @@ def run_model(model: str | os.PathLike[str], attention: str | None, device: torc
     return load(Path(model), device, name, given or None, decoding=decoding).model
 
 
+def decoding_model(
+    preset: str, model: str | os.PathLike[str] | None, attention: str | None, device: torch.device
+) -> GPT:
+    """The model ``bench generate`` decodes, as ``load`` gives one to ``generate``: a run's (:func:`run_model`;
+    ``attention`` ``None`` keeps its own), else ``preset``'s randomly initialised one (``sdpa`` unless
+    ``attention`` names another) in eval mode and the :func:`~anexa_core.model.gpt.decoding_layout`."""
+    if model is not None:
+        return run_model(model, attention, device)
+    built, _ = bench_model(preset, attention or "sdpa", device)
+    decoding_layout(built.eval())
+    return built
+
+
 def finetune_config(
     model: GPT, batch_size: int | None = None, precision: str | None = None, seq_len: int | None = None
 ) -> TrainConfig:
@@ -682,16 +695,12 @@ def bench_generate(
     Raises :class:`AnexaError` for counts below 1, an unknown preset or attention, or a run that cannot be
     loaded.
     """
-    # Why complex: a preset or a run gives the model, and the recompute row is optional; the rows' fields follow
-    # both as conditional expressions, which is most of the count.
+    # Why complex: the recompute row is optional and a row names a preset or a run; the rows' fields follow both
+    # as conditional expressions, which is most of the count.
     if prompt_len < 1 or (new_tokens is not None and new_tokens < 1) or repeats < 1:
         raise AnexaError("--prompt-len, --new-tokens and --repeats must be at least 1")
     where = pick_device(device)
-    if model is None:
-        built, _ = bench_model(preset, attention or "sdpa", where)
-        decoding_layout(built)  # as `load` gives a model to `generate`
-    else:
-        built = run_model(model, attention, where)
+    built = decoding_model(preset, model, attention, where)
     config = built.config
     if new_tokens is None:
         new_tokens = 2 * config.block_size if model is None else min(2 * config.block_size, BENCH_RUN_NEW_TOKENS)
