@@ -304,6 +304,15 @@ def test_the_kv_cache_budget_bounds_the_batch_and_what_waits_gets_its_turn():
     assert "\n" not in str(caught.value)
     with pytest.raises(ValueError, match="max_cache_tokens must be at least 1"):
         Engine(model, max_cache_tokens=0)
+    # Whether a request fits alone does not depend on the rows the batch holds now: it waits for them.
+    busy = Engine(model, max_rows=4, max_cache_tokens=4 * 128)
+    running = [busy.submit(r) for r in requests[:4]]
+    busy.step()
+    assert busy._cache is not None and busy._cache.rows == 4
+    later = busy.submit(Request(list(range(1, 11)), 110, Greedy()))  # alone: 2 × 120 = 240 positions
+    while busy.busy:
+        busy.step()
+    assert all(s.finish_reason == "length" for s in [*running, later])
 
 
 def test_requests_joining_a_running_batch_grow_its_rows_without_touching_the_running_ones():

@@ -128,6 +128,10 @@ class EngineBusy(AnexaError):
     """Every row is taken and the waiting line is full."""
 
 
+class CacheBudgetExceeded(AnexaError):
+    """A request could not fit the engine's KV-cache budget (``max_cache_tokens``) even alone."""
+
+
 class Engine:
     """Decodes many requests together; see the module docstring.
 
@@ -180,9 +184,9 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
         prompt = list(request.prompt_ids)[-self.block_size :]
         stream = Stream(request, prompt, generator, on_token, history=list(prompt))
-        alone = self.cache_positions(1, self._longest(stream))
+        alone = self._capacity_for(self._longest(stream))  # a fresh cache of one row: the batch drains first
         if self.max_cache_tokens is not None and alone > self.max_cache_tokens:
-            raise AnexaError(
+            raise CacheBudgetExceeded(
                 f"this request may need {alone:,} KV-cache positions (its prompt of {len(prompt):,} tokens and "
                 f"up to {request.max_new_tokens:,} new ones), more than the engine's {self.max_cache_tokens:,}: "
                 "ask for fewer new tokens or a shorter prompt"
@@ -371,11 +375,21 @@ class Engine:
         which may reach ``longest`` positions: rows as allocated (at least ``rows``: they grow by doubling)
         × the capacity that row may grow the buffers to (from :data:`~anexa_core.model.cache.MIN_CAPACITY`
         or the first prompt, doubling, so less than twice ``longest``; at most ``block_size``)."""
-        allocated = max(rows, self._cache.rows if self._cache is not None else 0)
-        capacity = min(self.block_size, 2 * max(MIN_CAPACITY, longest))
+        capacity = self._capacity_for(longest)
         if self._cache is not None:
             capacity = max(capacity, self._cache.capacity)
-        return allocated * capacity
+        return max(rows, self._allocated) * capacity
+
+    def _capacity_for(self, longest: int) -> int:
+        """The most positions a row that may reach ``longest`` grows a cache's buffers to: from
+        :data:`~anexa_core.model.cache.MIN_CAPACITY` or its prompt, doubling (less than twice ``longest``),
+        at most ``block_size``."""
+        return min(self.block_size, 2 * max(MIN_CAPACITY, longest))
+
+    @property
+    def _allocated(self) -> int:
+        """Rows the batch's cache holds now (0 without one)."""
+        return self._cache.rows if self._cache is not None else 0
 
     def _longest(self, stream: Stream) -> int:
         """Positions ``stream`` may come to hold in the cache: its prompt and every new token, at most the
@@ -392,10 +406,9 @@ class Engine:
     def _rows_for(self, running: int) -> int:
         """Rows to allocate for ``running`` requests: the current allocation, doubled until they fit (at
         most ``max_rows``)."""
-        allocated = self._cache.rows if self._cache is not None else 0
-        if running <= allocated:
-            return allocated
-        return min(self.max_rows, max(running, 2 * allocated))
+        if running <= self._allocated:
+            return self._allocated
+        return min(self.max_rows, max(running, 2 * self._allocated))
 
     @property
     def _batch(self) -> KVCache:

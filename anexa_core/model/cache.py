@@ -145,7 +145,7 @@ class KVCache:
     def row_lengths(self) -> list[int]:
         """Positions held by each row (one device sync for all of them)."""
         if self._row_lengths is None:
-            return [len(self)] * (self._keys[0].size(0) if self._keys else 0)
+            return [len(self)] * self.rows
         return self._row_lengths[0].tolist()
 
     def copy_row(self, row: int, source: KVCache, source_row: int = 0) -> None:

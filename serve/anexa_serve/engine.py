@@ -137,8 +137,9 @@ class Decoder:
 
     def submit(self, request: Request, on_token: OnToken, on_done: OnDone) -> Stream:
         """Queue ``request`` (its ``chain`` is wrapped, see :class:`_Isolated`). Raises :class:`EngineBusy`
-        when every row and waiting place is taken, :class:`~anexa_core.errors.AnexaError` for an empty prompt
-        or one that could not fit the KV-cache budget even alone."""
+        when every row and waiting place is taken, :class:`~anexa_core.infer.engine.CacheBudgetExceeded` for a
+        request that could not fit the KV-cache budget even alone, :class:`~anexa_core.errors.AnexaError` for an
+        empty prompt."""
         guard = _Isolated(request.chain)
         request.chain = guard
 

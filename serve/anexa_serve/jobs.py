@@ -19,8 +19,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from anexa_core.errors import AnexaError
-from anexa_core.infer.engine import EngineBusy, Request, Stream, Token
+from anexa_core.infer.engine import CacheBudgetExceeded, EngineBusy, Request, Stream, Token
 from anexa_serve.decoding import ChoiceState, Update
 from anexa_serve.engine import SEED_RANGE, Decoder
 from anexa_serve.errors import APIError, invalid
@@ -148,7 +147,7 @@ class Job:
                 code="queue_full",
                 headers={"Retry-After": "1"},
             ) from None
-        except AnexaError as exc:  # could not fit the engine's KV-cache budget even alone
+        except CacheBudgetExceeded as exc:
             self.cancel()
             raise invalid(str(exc), param="max_tokens", code="context_length_exceeded") from None
 
