@@ -273,6 +273,16 @@ def test_version_and_help_defaults():
     assert "--overwrite" in helped.stdout
 
 
+@pytest.mark.parametrize(
+    "command", [["train"], ["generate"], ["chat"], ["eval"], ["serve"], ["plot"], ["bench"], ["bench", "train"]]
+)
+def test_help_types_name_one_value_of_a_repeatable_parameter_and_none_for_flags(command):
+    helped = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert helped.exit_code == 0
+    assert "list[" not in helped.stdout and "<bool>" not in helped.stdout
+    assert re.search(r"<(str|path)>", helped.stdout), helped.stdout  # the type column is still there
+
+
 def test_generate_help_lists_the_installed_samplers_in_chain_order():
     helped = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "400"})
     text = " ".join(re.sub("[│─╭╮╰╯]", " ", helped.stdout).split())

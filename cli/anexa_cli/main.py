@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import click
 import typer
-from typer.core import TyperCommand, TyperOption
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from anexa_cli.bench import bench_app
 from anexa_cli.errors import user_errors
@@ -49,16 +49,26 @@ app.command("import")(import_model)
 app.command()(serve)
 app.command()(runs)
 
-_type_column = getattr(TyperOption, "display_type_rich", None)  # typer 0.29 and later
+
+def _shown_type(display_type_rich):
+    """Typer's type column, adjusted: flags take no value, so no ``<bool>`` beside them; a repeatable
+    parameter shows the type of one value, lower-case as single ones are (``<path>``, not ``<list[Path]>``:
+    its help says it repeats)."""
+
+    def shown(self, ctx):
+        if getattr(self, "is_flag", False):
+            return None
+        text = display_type_rich(self, ctx)
+        if not isinstance(text, str):
+            return text
+        return re.sub(r"<list\[(.+)\]>", lambda match: f"<{match[1].lower()}>", text)
+
+    return shown
 
 
-def _no_flag_metavar(self, ctx):
-    """Flags take no value, so help shows no ``<bool>`` beside them (typer's rich help would)."""
-    return None if getattr(self, "is_flag", False) else _type_column(self, ctx)
-
-
-if _type_column is not None:  # older typers show no type column to adjust
-    TyperOption.display_type_rich = _no_flag_metavar  # type: ignore[method-assign]  # typer has no setting for it
+for _parameter in (TyperOption, TyperArgument):
+    if hasattr(_parameter, "display_type_rich"):  # typer 0.29 and later; older ones show no type column
+        _parameter.display_type_rich = _shown_type(_parameter.display_type_rich)  # type: ignore[method-assign]
 
 MAX_NEW_TOKENS = 10_000_000
 """The most tokens one generation may ask for: decoding keeps every id of the output in one buffer."""
