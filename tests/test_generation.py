@@ -273,3 +273,104 @@ def test_decoding_runs_in_bf16_on_cuda_and_float32_on_a_cpu(monkeypatch):
     for device in (torch.device("cuda"), torch.device("cuda", 1), torch.device("cpu")):
         devices.decoding_autocast(device)
     assert asked == [(torch.device("cuda"), "auto"), (torch.device("cuda", 1), "auto"), (torch.device("cpu"), "fp32")]
+
+
+class Marked:
+    """A tokenizer as a pretrained model's looks to decoding: ``add_bos``, ``bos_id`` and ``eos_ids`` over
+    the char tokenizer's ids (which has none of them)."""
+
+    def __init__(self, add_bos=False, bos_id=None, eos_ids=()):
+        self.inner, self.add_bos, self.bos_id, self.eos_ids = _tokenizer(), add_bos, bos_id, eos_ids
+
+    def encode(self, text):
+        return self.inner.encode(text)
+
+    def decode(self, ids):
+        return self.inner.decode(ids)
+
+
+class Table:
+    """A tokenizer whose every id decodes to ``piece``: the text of any output is known in advance."""
+
+    def __init__(self, piece):
+        self.piece = piece
+
+    def decode(self, ids):
+        return self.piece * len(ids)
+
+
+def test_encode_prompt_puts_bos_first_only_when_asked_and_the_tokenizer_has_one():
+    ids = _tokenizer().encode("ab\ncd")
+    assert encode_prompt(Marked(add_bos=True, bos_id=5), "ab\r\ncd") == [5, *ids]
+    assert encode_prompt(Marked(add_bos=True, bos_id=0), "ab\ncd") == [0, *ids]  # id 0 is an id
+    assert encode_prompt(Marked(add_bos=True, bos_id=5), "ab\ncd", bos=False) == ids  # a rendered template
+    assert encode_prompt(Marked(add_bos=False, bos_id=5), "ab\ncd") == ids
+    assert encode_prompt(Marked(add_bos=True, bos_id=None), "ab\ncd") == ids
+    assert encode_prompt(_tokenizer(), "ab\ncd") == ids  # a char tokenizer: no BOS attributes at all
+
+
+def test_generate_text_ends_at_an_end_of_turn_id_and_takes_prompt_ids():
+    model = tiny_model(seed=14)
+    prompt = _tokenizer().encode("abc")
+    ids = list(generate_ids(model, prompt, 40, Greedy()))
+    end = ids[12]
+    first = ids.index(end)
+    tokenizer = Marked(eos_ids={end})
+    assert "".join(generate_text(model, tokenizer, "abc", 40, Greedy())) == tokenizer.decode(ids[:first])
+    assert "".join(generate_text(model, tokenizer, prompt, 40, Greedy())) == tokenizer.decode(ids[:first])
+    assert "".join(generate_text(model, _tokenizer(), prompt, 40, Greedy())) == tokenizer.decode(ids)
+
+
+# --- generate_samples ---------------------------------------------------------------------------
+
+
+def _samples_and_alone(model, tokenizer, prompt, seeds, new, chain, **options):
+    from anexa_core.infer.generation import generate_samples
+
+    samples = generate_samples(model, tokenizer, prompt, len(seeds), new, chain, seed=seeds[0], **options)
+    alone = ["".join(generate_text(model, tokenizer, prompt, new, chain, seed, **options)) for seed in seeds]
+    return samples, alone
+
+
+def test_samples_end_at_an_end_of_turn_id_as_generate_text_does():
+    model = tiny_model(seed=15)
+    chain = build_chain(["temperature=1.5"])
+    free, _ = _samples_and_alone(model, _tokenizer(), "abc", [3, 4, 5, 6], 30, chain)
+    end = _tokenizer().encode(free[0][10])[0]
+    samples, alone = _samples_and_alone(model, Marked(eos_ids={end}), "abc", [3, 4, 5, 6], 30, chain)
+    assert samples == alone and len(samples[0]) == free[0].index(free[0][10]) and samples != free
+
+
+def test_samples_follow_the_context_policy_as_generate_text_does():
+    model = tiny_model(seed=16)
+    chain = build_chain(["temperature=2"])
+    texts = {}
+    for policy in ("shift", "sliding"):
+        texts[policy], alone = _samples_and_alone(model, _tokenizer(), "abc", [0, 1], 40, chain, context=policy)
+        assert texts[policy] == alone
+    assert texts["shift"] != texts["sliding"]
+
+
+@pytest.mark.parametrize(
+    ("piece", "stop", "expected"),
+    [
+        ("\n", "\n", "\n" * 12),  # a stop written before any text never counts: the sample goes on
+        ("aaa", "aa", "a"),  # cut at the first place the stop counts, inside one token's text
+        ("ab", "ba", "a"),  # a stop across two tokens
+    ],
+)
+def test_samples_cut_at_a_stop_string_by_the_rule_generate_text_follows(piece, stop, expected):
+    model = tiny_model(seed=17)
+    samples, alone = _samples_and_alone(model, Table(piece), [1, 2, 3], [0, 1, 2], 12, Greedy(), stop=[stop])
+    assert samples == alone == [expected] * 3
+
+
+def test_samples_without_a_seed_draw_from_torchs_global_generator():
+    from anexa_core.infer.generation import generate_samples
+
+    model, tokenizer = tiny_model(seed=18), _tokenizer()
+    chain = build_chain(["temperature=2"])
+    torch.manual_seed(5)
+    first = generate_samples(model, tokenizer, "abc", 3, 20, chain)
+    torch.manual_seed(5)
+    assert generate_samples(model, tokenizer, "abc", 3, 20, chain) == first and len(set(first)) == 3

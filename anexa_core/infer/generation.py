@@ -15,7 +15,7 @@ import torch
 
 from anexa_core.data.corpus import normalize_text
 from anexa_core.infer.engine import CONTEXT_POLICIES, Engine, Request
-from anexa_core.infer.sampling import stream_until_stop
+from anexa_core.infer.sampling import StopStrings, stream_until_stop
 from anexa_core.model.gpt import GPT
 
 __all__ = ["CONTEXT_POLICIES", "decode_stream", "encode_prompt", "generate_ids", "generate_samples", "generate_text"]
@@ -154,8 +154,9 @@ def generate_samples(
 ) -> list[str]:
     """``count`` continuations of ``prompt`` decoded together as rows of one batch (at most ``rows`` at a
     time), sample ``i`` with seed ``seed + i`` (``None``: torch's global generator) — each the text
-    :func:`generate_text` gives alone with that seed. A sample ends at the tokenizer's end of turn, its
-    length, or a ``stop`` string (cut there)."""
+    :func:`generate_text` gives alone with that seed: it ends at the tokenizer's end of turn, its length,
+    or a ``stop`` string (cut there, by :class:`~anexa_core.infer.sampling.StopStrings`' rule: never before
+    the sample's first visible character). A sample's row is freed as soon as its stop string shows."""
     prompt_ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
     stop_ids = getattr(tokenizer, "eos_ids", ())
     engine = Engine(model, max_rows=rows)
@@ -164,14 +165,13 @@ def generate_samples(
                 context=context)
         for i in range(count)
     ]  # fmt: skip
-    ids: list[list[int]] = [[] for _ in requests]
+    texts: list[list[str]] = [[] for _ in requests]
+    decoders = [TextStream(tokenizer) for _ in requests]
+    stops = [StopStrings(stop) for _ in requests]
     for index, token in engine.run(requests):
-        ids[index].append(token.id)
-        if stop and any(s in tokenizer.decode(ids[index]) for s in stop):
+        texts[index].append(stops[index].feed(decoders[index].add(token.id)))
+        if stops[index].stopped:
             engine.cancel(engine.last_streams[index])
-    texts = []
-    for sample in ids:
-        text = tokenizer.decode(sample)
-        cut = min((text.find(s) for s in stop if s in text), default=len(text))
-        texts.append(text[:cut])
-    return texts
+    for text, decoder, matcher in zip(texts, decoders, stops, strict=True):
+        text += [matcher.feed(decoder.flush()), matcher.flush()]
+    return ["".join(text) for text in texts]
