@@ -383,6 +383,26 @@ def test_an_anexa_01_checkpoint_of_other_blocks_gets_no_bias_option(tmp_path):
     assert loaded.config.blocks == "llama"
 
 
+def test_an_anexa_01_checkpoint_without_a_bias_setting_or_plugin_record_is_gpt2_with_biases(tmp_path):
+    """0.1's defaults: ``bias`` absent meant biases; a checkpoint that recorded no plugins still loads."""
+    model = tiny_model(seed=4, blocks_options={"bias": True})
+    path = _anexa_01(tmp_path / "model.safetensors", model, "char", CHARS, bias=True)
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["anexa"])
+    del meta["model_config"]["bias"], meta["plugins"]
+    safetensors.torch.save_model(model, str(path), metadata={"anexa": json.dumps(meta)})
+    migrated = checkpoint.read_metadata(path)
+    assert migrated["model_config"]["blocks_options"] == {"bias": True}
+    assert migrated["plugins"] == {
+        "blocks": {"options": {"bias": True}},
+        "attention": {"options": {}},
+        "tokenizer": {"options": {}},
+    }
+    loaded, _, _ = checkpoint.load_model(path)
+    ids = torch.randint(0, TINY.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded(ids)[0], model(ids)[0])
+
+
 def test_an_anexa_01_training_state_is_read_as_it_is_and_cannot_be_resumed(tmp_path):
     old_state = {"format": "anexa/1", "step": 5, "optimizer": "adamw"}
     safetensors.torch.save_file(
@@ -398,6 +418,21 @@ def test_an_anexa_01_training_state_is_read_as_it_is_and_cannot_be_resumed(tmp_p
 
 
 # --- finding runs ---------------------------------------------------------------------------------
+
+
+def test_a_folder_holds_a_run_unless_its_only_weights_are_readable_and_not_anexas(tmp_path):
+    """A Hugging Face folder (weights without Anexa's metadata) is not a run; Anexa's weights, a damaged
+    file, a best model or a training state are: nothing a user trained is replaced on a guess."""
+    anexa, foreign, damaged, best, empty = (tmp_path / name for name in ("anexa", "foreign", "damaged", "best", "e"))
+    for folder in (anexa, foreign, damaged, best, empty):
+        folder.mkdir()
+    weights = {"w": torch.ones(4)}
+    safetensors.torch.save_file(weights, anexa / checkpoint.MODEL_FILE, metadata={"anexa": "{}"})
+    safetensors.torch.save_file(weights, foreign / checkpoint.MODEL_FILE, metadata={"format": "pt"})
+    (damaged / checkpoint.MODEL_FILE).write_bytes((anexa / checkpoint.MODEL_FILE).read_bytes()[:20])
+    (best / checkpoint.BEST_FILE).write_bytes(b"")
+    holds = {folder.name: checkpoint.holds_a_run(folder) for folder in (anexa, foreign, damaged, best, empty)}
+    assert holds == {"anexa": True, "foreign": False, "damaged": True, "best": True, "e": False}
 
 
 def test_the_latest_run_is_the_most_recently_written_model(tmp_path):
