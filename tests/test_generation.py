@@ -208,6 +208,16 @@ def test_streamed_pieces_are_whole_characters_however_the_bytes_are_cut():
     whole()
 
 
+def test_a_flushed_stream_gives_its_tail_once_and_goes_on_afresh():
+    from anexa_core.infer.generation import TextStream
+
+    dash = "—".encode()
+    stream = TextStream(ByteTokens([b"a", dash[:2], dash[2:], b"bc"]))
+    assert [stream.add(0), stream.add(1)] == ["a", ""]
+    assert [stream.flush(), stream.flush()] == ["\ufffd", ""]  # the unfinished character, shown once
+    assert [stream.add(3), stream.add(1), stream.add(2), stream.flush()] == ["bc", "", "—", ""]
+
+
 def test_ids_that_decode_to_nothing_yield_no_empty_pieces():
     pieces = [piece for piece, _ in _pieces_with_pulls(WithSilentIds(), [1, 0, 2, 0, 0, 3, 0])]
     assert pieces == ["a", "b", "c"]

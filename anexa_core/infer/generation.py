@@ -85,7 +85,8 @@ class TextStream:
         return piece
 
     def flush(self) -> str:
-        """What still waits (an unfinished character's U+FFFD), at the end of the output."""
+        """What still waits (an unfinished character's U+FFFD), at the end of the output; once (a second
+        flush gives ""). Ids added afterwards start a new text."""
         tail = self.tokenizer.decode(self.ids[self._prefix :])[self._shown :]
         self._prefix = self._read = len(self.ids)
         self._shown = 0
