@@ -671,6 +671,30 @@ def test_resume_keeps_the_best_so_far_and_the_time_spent(sherlock_path, tmp_path
     assert checkpoint.read_metadata(run / "model.safetensors")["elapsed_s"] >= elapsed[-1]
 
 
+def test_resume_with_another_thread_count_says_the_last_bits_may_differ(sherlock_path, tmp_path, caplog):
+    """On a CPU, sums add up in another order with another number of threads: resuming so is allowed, and
+    logged with the flag that matches the run's last session; resuming with that count says nothing."""
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    before = torch.get_num_threads()
+    try:
+        train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2, threads=1), tmp_path)
+        notes = []
+        for steps, threads in ((3, 2), (4, 2)):
+            caplog.clear()
+            with caplog.at_level("INFO", logger="anexa"):
+                train(*resume_configs(tmp_path, {"steps": steps, "threads": threads}), tmp_path, resume=True)
+            notes.append([r.getMessage() for r in caplog.records if "threads" in r.getMessage()])
+    finally:
+        torch.set_num_threads(before)
+    assert notes == [
+        [
+            f"computing with 2 CPU threads where {tmp_path} was trained with 1: sums add up in another order, so "
+            "the result may differ from an uninterrupted run in the last bits (--threads 1 matches it)"
+        ],
+        [],
+    ]
+
+
 def test_resume_with_another_attention_and_its_options(sherlock_path, tmp_path):
     from helpers import ScaledPlugin, registered
 
