@@ -695,6 +695,35 @@ def test_resume_with_another_thread_count_says_the_last_bits_may_differ(sherlock
     ]
 
 
+def test_resume_keeps_the_runs_glob_unless_new_data_is_given_without_one(sherlock_path, tmp_path):
+    """The earlier --glob picked files of the earlier --data: new data without a glob gets the default."""
+    books, notes = tmp_path / "books", tmp_path / "notes"
+    books.mkdir(), notes.mkdir()
+    (books / "sherlock.md").write_text(sherlock_path.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    (notes / "notes.txt").write_text("notes\n", encoding="utf-8")
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    run = tmp_path / "run"
+    train(tiny, _train_config(books, steps=2, eval_every=2, save_every=2, data_glob=["*.md"]), run)
+    default = TrainConfig().data_glob
+    assert resume_configs(run, {"steps": 3})[1].data_glob == ["*.md"]
+    assert resume_configs(run, {"steps": 3, "data": str(notes)})[1].data_glob == default != ["*.md"]
+    assert resume_configs(run, {"data": str(notes), "data_glob": ["*.txt"]})[1].data_glob == ["*.txt"]
+
+
+def test_a_training_state_cut_short_is_one_line_naming_the_fix_for_a_resume(sherlock_path, tmp_path):
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
+    path = tmp_path / checkpoint.STATE_FILE
+    data = path.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    path.write_bytes(data[: header + 16])  # the header whole, the tensors cut
+    for resuming in (checkpoint.load_train_state, lambda run: resume_configs(run, {"steps": 3})):
+        with pytest.raises(AnexaError) as error:
+            resuming(tmp_path)
+        # resuming needs a new run, not another --model (the remedy for a damaged model file)
+        assert str(error.value) == f"checkpoint {path} is corrupt (SafetensorError): start a new run"
+
+
 def test_resume_with_another_attention_and_its_options(sherlock_path, tmp_path):
     from helpers import ScaledPlugin, registered
 

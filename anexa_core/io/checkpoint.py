@@ -102,9 +102,10 @@ def checkpoint_file(path: Path) -> Path:
     return path
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
+def read_metadata(path: Path, remedy: str = "retrain or pass another --model") -> dict[str, Any]:
     """The Anexa metadata of a checkpoint (file or run folder); a one-line error when it is missing,
-    foreign or corrupt. Metadata of anexa 0.1 checkpoints is brought up to date."""
+    foreign or corrupt (a damaged file's error ends with ``remedy``). Metadata of anexa 0.1 checkpoints is
+    brought up to date."""
     path = checkpoint_file(path)
     if path.is_dir() or not path.exists():
         raise AnexaError(f"no checkpoint at {path}: train one with `anexa train` or pass --model DIR")
@@ -119,9 +120,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
             raise AnexaError(
                 f"{path} is not a safetensors checkpoint: pass a run folder or a model.safetensors"
             ) from None
-        raise AnexaError(
-            f"checkpoint {path} is corrupt ({type(exc).__name__}): retrain or pass another --model"
-        ) from None
+        raise AnexaError(f"checkpoint {path} is corrupt ({type(exc).__name__}): {remedy}") from None
     if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, _OLD_FORMAT):
         raise AnexaError(f"{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`")
     return _migrate(meta) if meta["format"] == _OLD_FORMAT else meta
@@ -307,19 +306,28 @@ class TrainState:
         return self.meta["step"]
 
 
-def load_train_state(run_dir: Path) -> TrainState:
-    """The training state of a run folder, or a one-line error saying why it cannot be resumed."""
+def read_train_state_metadata(run_dir: Path) -> dict[str, Any]:
+    """The metadata of a run folder's training state (what resuming needs before any tensor), or a
+    one-line error saying why the run cannot be resumed: no state, a damaged one, one of anexa 0.1."""
     path = Path(run_dir) / STATE_FILE
     if not path.is_file():
         raise AnexaError(
             f"{run_dir} holds no {STATE_FILE}: pass the folder of an `anexa train` run that saved at least once"
         )
-    meta = read_metadata(path)
+    meta = read_metadata(path, remedy="start a new run")
     if meta.get("kind") != "train_state":
         raise AnexaError(
             f"{run_dir} was trained by anexa 0.1, whose runs cannot be resumed by anexa {anexa_version()}: start a "
             "new run (its model still loads for generate and chat)"
         )
+    return meta
+
+
+def load_train_state(run_dir: Path) -> TrainState:
+    """The training state of a run folder, or a one-line error saying why it cannot be resumed
+    (:func:`read_train_state_metadata`'s, or a damaged tensor section's)."""
+    meta = read_train_state_metadata(run_dir)
+    path = Path(run_dir) / STATE_FILE
     try:
         tensors = safetensors.torch.load_file(str(path))
     except Exception as exc:

@@ -27,13 +27,7 @@ def resume_configs(
     its vocabulary, the model's shape, blocks, the optimizer — are refused."""
     # Why complex: refusing a changed fixed flag needs each flag's value in the run, plain or a plugin's option
     # (the two helpers), and a message naming it as the user typed it; the rest is straight-line.
-    run_dir = Path(run_dir)
-    state_file = run_dir / checkpoint.STATE_FILE
-    if not state_file.is_file():
-        checkpoint.load_train_state(run_dir)  # raises the one-line error for a folder that is no run
-    meta = checkpoint.read_metadata(state_file)
-    if meta.get("kind") != "train_state":
-        checkpoint.load_train_state(run_dir)  # the error for a run of an older Anexa
+    meta = checkpoint.read_train_state_metadata(Path(run_dir))
     settings = {**meta["model"]["model_config"], **_migrated(meta["train_config"])}
     given = {key: value for key, value in overrides.items() if value is not None}
     for kind, options in (plugin_options or {}).items():
