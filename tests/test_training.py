@@ -710,6 +710,30 @@ def test_resume_keeps_the_runs_glob_unless_new_data_is_given_without_one(sherloc
     assert resume_configs(run, {"data": str(notes), "data_glob": ["*.txt"]})[1].data_glob == ["*.txt"]
 
 
+def test_a_time_budgeted_run_of_anexa_02_resumes_in_todays_terms(sherlock_path, tmp_path):
+    """0.2 stored "no step limit" as 2**53 steps and decayed over each session's budget; today a minutes run
+    has no step limit and decays over the minutes it was started with. Today's runs are left as they are."""
+    from anexa_core.config import MAX_INT
+
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
+
+    def as_02(meta):
+        meta["train_config"].update(minutes=2.0, steps=MAX_INT, decay_steps=MAX_INT)
+        del meta["train_config"]["decay_minutes"]
+
+    _edit_training_state(tmp_path, as_02)
+    old = resume_configs(tmp_path, {})[1]
+    assert (old.steps, old.decay_steps, old.decay_minutes, old.minutes) == (None, None, 2.0, 2.0)
+
+    def extended_today(meta):  # resumed once with a larger --minutes: the decay keeps the first budget
+        meta["train_config"].update(minutes=3.0, steps=None, decay_steps=None, decay_minutes=1.0)
+
+    _edit_training_state(tmp_path, extended_today)
+    today = resume_configs(tmp_path, {})[1]
+    assert (today.steps, today.decay_steps, today.decay_minutes, today.minutes) == (None, None, 1.0, 3.0)
+
+
 def test_a_training_state_cut_short_is_one_line_naming_the_fix_for_a_resume(sherlock_path, tmp_path):
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
     train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)

@@ -50,8 +50,8 @@ def resume_configs(
             f"cannot change {flags} when resuming {run_dir}: it would change what the checkpoint means; "
             "start a new run instead (without --resume)"
         )
-    if "data" in given and "data_glob" not in given:
-        settings.pop("data_glob", None)  # the earlier --glob picked files of the earlier --data
+    if "data" in given:
+        settings.pop("data_glob", None)  # the earlier --glob picked files of the earlier --data (a new one is given)
     configs.apply_layers(settings, [(given, "flags")])
     model_config, train_config = configs.split(settings)
     return dataclasses.replace(model_config, vocab_size=meta["model"]["model_config"]["vocab_size"]), train_config
