@@ -591,6 +591,10 @@ def _safetensors_with(path, metadata):
             lambda d: _safetensors_with(d / "m.safetensors", {"anexa": json.dumps(["anexa/2"])}),
             "{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`",
         ),
+        (
+            lambda d: os.mkfifo(d / "pipe.safetensors") or d / "pipe.safetensors",  # reading it would block
+            "{path} is not a file: pass a run folder or a model.safetensors",
+        ),
     ],
     ids=[
         "missing file",
@@ -600,6 +604,7 @@ def _safetensors_with(path, metadata):
         "no anexa metadata",
         "another format",
         "metadata not an object",
+        "a named pipe",
     ],
 )
 def test_each_kind_of_wrong_file_gets_its_own_one_line_message(tmp_path, make, message):
