@@ -317,6 +317,9 @@ def test_encode_prompt_puts_bos_first_only_when_asked_and_the_tokenizer_has_one(
     assert encode_prompt(Marked(add_bos=False, bos_id=5), "ab\ncd") == ids
     assert encode_prompt(Marked(add_bos=True, bos_id=None), "ab\ncd") == ids
     assert encode_prompt(_tokenizer(), "ab\ncd") == ids  # a char tokenizer: no BOS attributes at all
+    bos_without_asking = Marked(bos_id=5)
+    del bos_without_asking.add_bos  # a BOS id alone does not ask for it
+    assert encode_prompt(bos_without_asking, "ab\ncd") == ids
 
 
 def test_generate_text_ends_at_an_end_of_turn_id_and_takes_prompt_ids():
@@ -367,6 +370,7 @@ def test_samples_follow_the_context_policy_as_generate_text_does():
         ("\n", "\n", "\n" * 12),  # a stop written before any text never counts: the sample goes on
         ("aaa", "aa", "a"),  # cut at the first place the stop counts, inside one token's text
         ("ab", "ba", "a"),  # a stop across two tokens
+        ("ab", "bx", "ab" * 12),  # the last "b" held back (it may start the stop) until the sample ends
     ],
 )
 def test_samples_cut_at_a_stop_string_by_the_rule_generate_text_follows(piece, stop, expected):
