@@ -695,6 +695,14 @@ def test_resume_with_another_thread_count_says_the_last_bits_may_differ(sherlock
     ]
 
 
+def test_seq_len_may_be_the_whole_context_and_no_more(sherlock_path, tmp_path):
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    train(tiny, _train_config(sherlock_path, steps=1, eval_every=1, save_every=1, seq_len=32), tmp_path / "a")
+    with pytest.raises(AnexaError) as error:
+        train(tiny, _train_config(sherlock_path, steps=1, seq_len=33), tmp_path / "b")
+    assert str(error.value) == "--seq-len 33 is longer than the model's context of 32 tokens: use a smaller one"
+
+
 def test_resume_keeps_the_runs_glob_unless_new_data_is_given_without_one(sherlock_path, tmp_path):
     """The earlier --glob picked files of the earlier --data: new data without a glob gets the default."""
     books, notes = tmp_path / "books", tmp_path / "notes"
@@ -1076,6 +1084,11 @@ def test_the_training_loss_lr_and_throughput_are_logged_every_few_steps(sherlock
     stored = checkpoint.load_train_state(tmp_path).meta["train_config"]
     assert [line["lr"] for line in lines] == [lr_at(s - 1, TrainConfig(**stored)) for s in (2, 4, 5)]
     assert all(line["tokens_per_s"] > 0 and line["elapsed_s"] > 0 for line in lines)
+    # tokens/s of each line's steps (16 windows of 32 tokens each): at least their tokens over the whole
+    # run's clock so far (their own time is less; the clock is rounded to 0.01 s), to 0.1
+    for line, steps in zip(lines, (2, 2, 1), strict=True):
+        assert isinstance(line["tokens_per_s"], float) and line["tokens_per_s"] == round(line["tokens_per_s"], 1)
+        assert steps * 16 * 32 / (line["elapsed_s"] + 0.05) <= line["tokens_per_s"] < 1e8
     # A killed run had logged step 6 past its last checkpoint (step 5): the resumed run logs it once.
     with (tmp_path / "steps.jsonl").open("a") as handle:
         handle.write(json.dumps({"step": 6, "loss": 9.9, "lr": 0.1, "tokens_per_s": 1.0, "elapsed_s": 1.0}) + "\n")
