@@ -273,6 +273,19 @@ def test_version_and_help_defaults():
     assert "--overwrite" in helped.stdout
 
 
+def test_help_lists_the_commands_in_the_order_a_user_meets_them_and_wraps_paragraphs_itself():
+    listed = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).stdout
+    order = ["train", "generate", "chat", "eval", "export", "import", "serve", "runs", "plot", "plugins", "bench"]
+    found = re.findall(r"^│ (\w+) ", listed.split("Commands")[1], flags=re.MULTILINE)
+    assert found == order
+    for command in (["eval"], ["chat"], ["bench", "generate"]):
+        helped = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "300"}).stdout
+        intro = helped.split("╭")[0]
+        lines = [line.strip() for line in intro.splitlines() if line.strip()]
+        # at 300 columns every paragraph of the docstring is one line: no break the source put mid-sentence
+        assert all(line.endswith(".") for line in lines if not line.startswith("Usage")), lines
+
+
 @pytest.mark.parametrize(
     "command", [["train"], ["generate"], ["chat"], ["eval"], ["serve"], ["plot"], ["bench"], ["bench", "train"]]
 )

@@ -8,6 +8,7 @@ value of the wrong type) into one line and exit code 2, like Anexa's own errors.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -40,14 +41,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-
-app.add_typer(bench_app, name="bench")
-app.command()(plot)
-app.command("eval")(evaluate)
-app.command()(export)
-app.command("import")(import_model)
-app.command()(serve)
-app.command()(runs)
 
 
 def _shown_type(display_type_rich):
@@ -569,9 +562,10 @@ def chat(
     device: Device = "auto",
     threads: Threads = None,
 ) -> None:
-    """Chat with a model, streaming its replies. The conversation is kept (the oldest turns are dropped when
-    it outgrows the context); a pretrained chat model gets its own template, other models a User:/Assistant:
-    transcript. `/reset` starts over; `quit`, `exit` or Ctrl-D ends."""
+    """Chat with a model, streaming its replies; `/reset` starts over, `quit`, `exit` or Ctrl-D ends.
+
+    The conversation is kept (the oldest turns are dropped when it outgrows the context); a pretrained chat
+    model gets its own template, other models a User:/Assistant: transcript."""
     use_threads(threads)
     from anexa_core.infer.chat import Conversation, JinjaTemplate, template_for
 
@@ -689,7 +683,6 @@ def _registrations(plugin: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-@app.command("plugins")
 @user_errors
 def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List every plugin (loaded, failed, disabled), what it registers with its options, and any name clashes."""
@@ -726,6 +719,34 @@ def list_plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
             if plugin["traceback"]:
                 console.print(f"traceback of plugin {plugin['name']}:\n{plugin['traceback']}", highlight=False)
 
+
+# The other commands, after train, generate and chat (decorated above): typer lists them as registered, so
+# help reads in the order a user meets them.
+for _name, _command in (
+    ("eval", evaluate),
+    ("export", export),
+    ("import", import_model),
+    ("serve", serve),
+    ("runs", runs),
+    ("plot", plot),
+    ("plugins", list_plugins),
+):
+    app.command(_name)(_command)
+app.add_typer(bench_app, name="bench")
+
+
+def _flowed(doc: str | None) -> str | None:
+    """A docstring as help text: each paragraph one line, for the terminal to wrap (typer's rich help keeps
+    the source's line breaks, which then fall mid-line)."""
+    if not doc:
+        return doc
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _typer in (app, bench_app):
+    for _info in [*_typer.registered_commands, _typer.registered_callback]:
+        if _info is not None and _info.help is None and _info.callback is not None:
+            _info.help = _flowed(_info.callback.__doc__)
 
 # typer ≥ 0.24 vendors click: its errors derive from typer.TyperException rather than click's classes.
 _USAGE_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
