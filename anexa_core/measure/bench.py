@@ -41,7 +41,7 @@ from anexa_core.io.load import load
 from anexa_core.model.gpt import GPT, build_model, decoding_layout
 from anexa_core.options import describe
 from anexa_core.train.optim import make_optimizer
-from anexa_core.train.step import get_batch
+from anexa_core.train.step import get_batch, train_window
 from anexa_core.train.step import make_train_step as training_step
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -407,18 +407,6 @@ def finetune_config(
     if seq_len is None and config.seq_len is not None:
         config = dataclasses.replace(config, seq_len=min(config.seq_len, model.config.block_size))
     return config
-
-
-def train_window(model: GPT, train_config: TrainConfig) -> int:
-    """Tokens per training window: ``train_config.seq_len``, else the model's context. Raises
-    :class:`AnexaError` for a window longer than the context (as ``anexa train`` does)."""
-    window = train_config.seq_len or model.config.block_size
-    if window > model.config.block_size:
-        raise AnexaError(
-            f"--seq-len {window} is longer than the model's context of {model.config.block_size} tokens: "
-            "use a smaller one"
-        )
-    return window
 
 
 def train_model(

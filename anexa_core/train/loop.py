@@ -35,7 +35,7 @@ from anexa_core.model.gpt import GPT, build_model
 from anexa_core.model.lora import LoraSpec, apply_lora, load_adapter
 from anexa_core.train import distributed
 from anexa_core.train.optim import make_optimizer
-from anexa_core.train.step import Conversations, Windows, estimate_loss, lr_at, make_train_step
+from anexa_core.train.step import Conversations, Windows, estimate_loss, lr_at, make_train_step, train_window
 
 logger = logging.getLogger("anexa")
 
@@ -203,12 +203,12 @@ def prepare(
     if state is not None:
         model, tokenizer = _resumed_model(state, model_config, out_dir)
         _, _, tokenizer_options, train_data, val_data = prepare_data(
-            train_config, _window(train_config, model), tokenizer, progress
+            train_config, train_window(model, train_config), tokenizer, progress
         )
     elif base is not None:
         model, tokenizer = _finetuned_model(base, model_config, train_config)
         _, _, tokenizer_options, train_data, val_data = prepare_data(
-            train_config, _window(train_config, model), tokenizer, progress
+            train_config, train_window(model, train_config), tokenizer, progress
         )
     else:
         _, tokenizer, tokenizer_options, train_data, val_data = prepare_data(
@@ -254,16 +254,6 @@ def prepare(
         elif out_dir.is_dir():
             checkpoint.clear_run(out_dir)
     return run
-
-
-def _window(config: TrainConfig, model: GPT) -> int:
-    """Tokens per training window: ``seq_len`` (at most the model's context), else the context."""
-    if config.seq_len is not None and config.seq_len > model.config.block_size:
-        raise AnexaError(
-            f"--seq-len {config.seq_len} is longer than the model's context of {model.config.block_size} "
-            "tokens: use a smaller one"
-        )
-    return config.seq_len or model.config.block_size
 
 
 def _finetuned_model(base: Base, model_config: ModelConfig, train_config: TrainConfig) -> tuple[GPT, Any]:
@@ -398,7 +388,7 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
     model.train()
     train_step = make_train_step(model, run.optimizer, config, device, distributed.wrap(model, ranks, device))
     each_step = _reads_each_step(device)
-    tokens_per_step = config.batch_size * _window(config, model) * ranks.world_size
+    tokens_per_step = config.batch_size * train_window(model, config) * ranks.world_size
     budget_s = config.minutes * 60 if config.minutes is not None else None
     horizon_s = config.decay_minutes * 60 if config.decay_minutes is not None else None
     eval_seconds = 0.0  # how long an evaluation takes, so a time budget ends with its final one on time

@@ -12,6 +12,7 @@ import torch
 from anexa_core.config import TrainConfig
 from anexa_core.data.chats import IGNORE, Example
 from anexa_core.device import autocast
+from anexa_core.errors import AnexaError
 from anexa_core.model.gpt import GPT
 from anexa_core.train.optim import Optimizers
 
@@ -34,6 +35,18 @@ def lr_at(step: int, config: TrainConfig, time_fraction: float | None = None) ->
         span = max(1, config.schedule_steps - config.warmup_steps)
         progress = min(1.0, (step - config.warmup_steps) / span)
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def train_window(model: GPT, train_config: TrainConfig) -> int:
+    """Tokens per training window: ``train_config.seq_len``, else the model's context. Raises
+    :class:`~anexa_core.errors.AnexaError` for a window longer than the context."""
+    window = train_config.seq_len or model.config.block_size
+    if window > model.config.block_size:
+        raise AnexaError(
+            f"--seq-len {window} is longer than the model's context of {model.config.block_size} tokens: "
+            "use a smaller one"
+        )
+    return window
 
 
 def make_train_step(
