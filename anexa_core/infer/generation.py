@@ -18,7 +18,16 @@ from anexa_core.infer.engine import CONTEXT_POLICIES, Engine, Request
 from anexa_core.infer.sampling import StopStrings, stream_until_stop
 from anexa_core.model.gpt import GPT
 
-__all__ = ["CONTEXT_POLICIES", "decode_stream", "encode_prompt", "generate_ids", "generate_samples", "generate_text"]
+__all__ = [
+    "CONTEXT_POLICIES",
+    "StoppedText",
+    "TextStream",
+    "decode_stream",
+    "encode_prompt",
+    "generate_ids",
+    "generate_samples",
+    "generate_text",
+]
 
 MAX_PENDING_TOKENS = 64
 """Tokens the text stream waits, at most, for the replacement characters (U+FFFD) that end the text so far
@@ -91,6 +100,29 @@ class TextStream:
         self._prefix = self._read = len(self.ids)
         self._shown = 0
         return tail
+
+
+class StoppedText:
+    """Token ids in, text that may be shown out, until a stop string: :class:`TextStream`'s pieces through
+    :class:`~anexa_core.infer.sampling.StopStrings` — push-style, what :func:`generate_text` does pull-style.
+    Used for each sample of :func:`generate_samples` and each choice the server streams."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()) -> None:
+        self._decoder = TextStream(tokenizer)
+        self._stops = StopStrings(stops)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop string has appeared (nothing more is shown)."""
+        return self._stops.stopped
+
+    def add(self, token: int) -> str:
+        """The text ``token`` lets be shown (possibly "")."""
+        return self._stops.feed(self._decoder.add(token))
+
+    def finish(self) -> str:
+        """The output ended: what was still held back (an unfinished character, a possible stop's start)."""
+        return self._stops.feed(self._decoder.flush()) + self._stops.flush()
 
 
 def decode_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:
@@ -167,12 +199,9 @@ def generate_samples(
         for i in range(count)
     ]  # fmt: skip
     texts: list[list[str]] = [[] for _ in requests]
-    decoders = [TextStream(tokenizer) for _ in requests]
-    stops = [StopStrings(stop) for _ in requests]
+    shown = [StoppedText(tokenizer, stop) for _ in requests]
     for index, token in engine.run(requests):
-        texts[index].append(stops[index].feed(decoders[index].add(token.id)))
-        if stops[index].stopped:
+        texts[index].append(shown[index].add(token.id))
+        if shown[index].stopped:
             engine.cancel(engine.last_streams[index])
-    for text, decoder, matcher in zip(texts, decoders, stops, strict=True):
-        text += [matcher.feed(decoder.flush()), matcher.flush()]
-    return ["".join(text) for text in texts]
+    return ["".join([*text, sample.finish()]) for text, sample in zip(texts, shown, strict=True)]

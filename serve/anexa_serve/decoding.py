@@ -1,9 +1,8 @@
 """One choice's text, built as its tokens arrive: incremental decoding, then stop strings.
 
-The engine pushes tokens (one per step), so the text is decoded push-style by the core's
-:class:`~anexa_core.infer.generation.TextStream` (what ``anexa generate`` streams through too).
-:class:`ChoiceState` feeds those pieces through
-:class:`~anexa_core.infer.sampling.StopStrings` and hands out :class:`Update` s: text that may be shown,
+The engine pushes tokens (one per step), so the text is built push-style by the core's
+:class:`~anexa_core.infer.generation.StoppedText` (incremental decoding, then stop strings: what
+``anexa generate`` shows too). :class:`ChoiceState` hands out :class:`Update` s: text that may be shown,
 the tokens that came with it, and the finish reason once the choice has ended.
 """
 
@@ -14,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from anexa_core.infer.engine import Stream, Token
-from anexa_core.infer.generation import TextStream
-from anexa_core.infer.sampling import StopStrings
+from anexa_core.infer.generation import StoppedText
 
 
 @dataclass
@@ -54,8 +52,7 @@ class ChoiceState:
     finish_reason: str | None = None
 
     def __post_init__(self) -> None:
-        self._decoder = TextStream(self.tokenizer)
-        self._stops = StopStrings(self.stops)
+        self._text = StoppedText(self.tokenizer, self.stops)
         self._unsent = 0
         self._offset: int | None = None
         self._echoed = not self.echo
@@ -80,8 +77,8 @@ class ChoiceState:
         if self.finish_reason is not None:
             return None
         self.tokens.append(token)
-        text = self._stops.feed(self._decoder.add(token.id))
-        if self._stops.stopped:
+        text = self._text.add(token.id)
+        if self._text.stopped:
             self.finish_reason = "stop"
         if not text and self.finish_reason is None:
             return None
@@ -91,9 +88,8 @@ class ChoiceState:
         """The engine ended the stream (``stop``: an end-of-turn id; ``length``; ``cancelled``): the final update."""
         if self.finish_reason is not None:
             return None
-        text = self._stops.feed(self._decoder.flush())
-        text += self._stops.flush()
-        self.finish_reason = "stop" if self._stops.stopped or engine_reason == "stop" else "length"
+        text = self._text.finish()
+        self.finish_reason = "stop" if self._text.stopped or engine_reason == "stop" else "length"
         return self._update(text)
 
     def prompt_text(self) -> str:
