@@ -933,6 +933,61 @@ def test_a_time_budget_stops_after_the_last_step_that_leaves_time_for_the_final_
     assert train(*resume_configs(tmp_path, {"minutes": 12 / 60}), tmp_path, resume=True).step > 8
 
 
+def test_throughput_leaves_the_evaluations_out_and_is_written_to_one_decimal(sherlock_path, tmp_path, monkeypatch):
+    """On a fake clock (a step 0.7 s, an evaluation 1 s), every throughput written — ``steps.jsonl``'s and
+    ``metrics.jsonl``'s — is 3 steps × 512 tokens over 2.1 s = 731.43 tokens/s, to one decimal: the
+    evaluation at step 3 falls inside the second line's time but is not counted in it."""
+    _fake_clock(monkeypatch, step_s=0.7)
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    config = _train_config(sherlock_path, steps=6, eval_every=3, log_every=3, save_every=10**6)
+    train(tiny, config, tmp_path)
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["step"], line["tokens_per_s"]) for line in steps] == [(3, 731.4), (6, 731.4)]
+    assert [(line["step"], line["tokens_per_s"]) for line in metrics] == [(3, 731.4), (6, 731.4)]
+
+
+def test_a_rank_other_than_the_first_writes_no_metrics_and_no_steps(tmp_path, monkeypatch):
+    """Under torchrun every rank evaluates and counts its steps, but only the first writes: another rank's
+    evaluation still reports and keeps the best loss, and its step log takes its losses and writes nothing."""
+    import types
+
+    from anexa_core.train import loop
+
+    monkeypatch.setattr(loop, "estimate_loss", lambda model, data, config, device, seed: 2.0 + seed % 2)
+    run = types.SimpleNamespace(
+        train_config=types.SimpleNamespace(seed=1),
+        model=None,
+        train_data=None,
+        val_data=None,
+        device="cpu",
+        ranks=types.SimpleNamespace(is_main=False),
+        out_dir=tmp_path,
+        best_val_loss=float("inf"),
+        best_step=None,
+        elapsed=lambda: 1.0,
+    )
+    heard = []
+
+    class Heard(SilentReporter):
+        def evaluated(self, record):
+            heard.append(record)
+
+    assert loop.evaluate(run, 5, 0.1, 123.45, Heard()) is True
+    assert (run.train_loss, run.val_loss, run.best_step, run.best_val_loss) == (3.0, 2.0, 5, 2.0)
+    assert heard == [
+        {"step": 5, "train_loss": 3.0, "val_loss": 2.0, "lr": 0.1, "tokens_per_s": 123.5, "elapsed_s": 1.0}
+    ]
+    log = loop._StepLog(None, tokens_per_step=10)
+    log.add(torch.tensor(1.5))
+    log.read(1, 10.0, SilentReporter())
+    log.write(1, 0.1, 1.0)
+    assert log.losses == [] and list(tmp_path.iterdir()) == []
+    run.ranks.is_main = True
+    assert loop.evaluate(run, 6, 0.1, 123.45, Heard()) is False  # a tie keeps the earlier best
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [6]
+
+
 def test_the_device_is_cuda_when_present_else_the_cpu_and_a_missing_gpu_is_a_one_line_error(monkeypatch):
     from anexa_core.device import pick_device
 
