@@ -218,6 +218,25 @@ def test_a_flushed_stream_gives_its_tail_once_and_goes_on_afresh():
     assert [stream.add(3), stream.add(1), stream.add(2), stream.flush()] == ["bc", "", "—", ""]
 
 
+def test_stopped_text_shows_what_it_held_back_when_the_output_ends():
+    """At the end, :class:`StoppedText` gives both things it may hold back: a character the last token left
+    unfinished (U+FFFD, as ``decode`` shows it) and text that could have begun a stop string."""
+    from anexa_core.infer.generation import StoppedText
+
+    dash = "—".encode()
+    tokenizer = ByteTokens([b"a", dash[:2], b"Ho", b"lm", b"es"])
+    unfinished = StoppedText(tokenizer, stops=["Holmes"])
+    assert [unfinished.add(0), unfinished.add(1), unfinished.finish()] == ["a", "", "\ufffd"]
+    held = StoppedText(tokenizer, stops=["Holmes"])
+    assert [held.add(0), held.add(2), held.add(3), held.finish()] == ["a", "", "", "Holm"]
+    assert not held.stopped
+    ended = StoppedText(tokenizer, stops=["Holmes"])
+    assert [ended.add(i) for i in (0, 2, 3, 4)] == ["a", "", "", ""]
+    assert ended.stopped and ended.finish() == ""
+    both = StoppedText(tokenizer, stops=["Holmes"])  # in the order they were written
+    assert [both.add(0), both.add(2), both.add(1), both.finish()] == ["a", "", "", "Ho\ufffd"]
+
+
 def test_ids_that_decode_to_nothing_yield_no_empty_pieces():
     pieces = [piece for piece, _ in _pieces_with_pulls(WithSilentIds(), [1, 0, 2, 0, 0, 3, 0])]
     assert pieces == ["a", "b", "c"]
