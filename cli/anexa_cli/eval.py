@@ -64,7 +64,7 @@ def evaluate(
     from anexa_core.io.load import load
 
     console = make_console(stderr=True)
-    loaded = load(run, device)
+    loaded = load(run, device, decoding=False)  # whole windows: matrix products, same speed in either layout
     model, tokenizer, meta, torch_device = loaded.model, loaded.tokenizer, loaded.meta, loaded.device
     result, described = evaluation.evaluate_text(
         model,
