@@ -933,6 +933,21 @@ def test_a_time_budget_stops_after_the_last_step_that_leaves_time_for_the_final_
     assert train(*resume_configs(tmp_path, {"minutes": 12 / 60}), tmp_path, resume=True).step > 8
 
 
+def test_a_budget_too_short_for_an_evaluation_before_its_end_still_ends_on_time(sherlock_path, tmp_path, monkeypatch):
+    """The first-week report: a 1-minute LoRA fine-tune evaluated only at its end and overran the budget
+    by that evaluation (40 s). Before any evaluation its time is estimated from the steps: 2 × eval_batches
+    forward passes at a third of a step each. Steps of 1.5 s and 3 batches: 3 s expected (and taken, 1.5 s
+    per loss estimate); a 12 s budget stops after step 6 (9 s + 3 s) and saves at 12 s, where it took 15."""
+    _fake_clock(monkeypatch, step_s=1.5, estimate_s=1.5)
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    config = _train_config(sherlock_path, steps=10**6, eval_every=10**6, eval_batches=3, minutes=12 / 60)
+    assert train(tiny, config, tmp_path).step == 6
+    assert checkpoint.load_train_state(tmp_path).meta["elapsed_s"] == 12.0
+    # Resumed to 24 minutes' worth of seconds: estimated again from the new session's own steps.
+    assert train(*resume_configs(tmp_path, {"minutes": 24 / 60}), tmp_path, resume=True).step == 12
+    assert checkpoint.load_train_state(tmp_path).meta["elapsed_s"] == 24.0
+
+
 def test_throughput_leaves_the_evaluations_out_and_is_written_to_one_decimal(sherlock_path, tmp_path, monkeypatch):
     """On a fake clock (a step 0.7 s, an evaluation 1 s), every throughput written — ``steps.jsonl``'s and
     ``metrics.jsonl``'s — is 3 steps × 512 tokens over 2.1 s = 731.43 tokens/s, to one decimal: the

@@ -264,7 +264,7 @@ def train(
     minutes: Annotated[
         float | None,
         typer.Option(
-            help="Train for this many minutes of wall-clock (a resumed run's earlier sessions count); the LR decay follows the clock and the run ends with an evaluation and a checkpoint. With --resume, a larger --minutes extends the run: the decay still ends at the first run's minutes, and the extra time runs at --min-lr."
+            help="Train for this many minutes of wall-clock (a resumed run's earlier sessions count); the LR decay follows the clock and the run ends with an evaluation and a checkpoint, within the budget. With --resume, a larger --minutes extends the run: the decay still ends at the first run's minutes, and the extra time runs at --min-lr."
         ),
     ] = None,
     precision: Annotated[
