@@ -252,6 +252,25 @@ def test_anexa_errors_exit_2_not_1_through_the_console_script(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: no checkpoint at"), result.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["generate", "x", "-v"], "(-v is an option of anexa itself: `anexa -v generate …`)"),
+        (["bench", "train", "--verbose"], "(--verbose is an option of anexa itself: `anexa --verbose bench train …`)"),
+        (["generate", "x", "-z"], "(see `anexa generate --help`)"),  # a near miss: not an option of anexa
+        (["-z"], "(see `anexa --help`)"),
+    ],
+)
+def test_an_option_of_anexa_itself_given_after_the_command_says_where_it_goes(argv, hint, capsys):
+    """The first-week report: `anexa generate … -v` answered only "No such option: -v"."""
+    from anexa_cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"error: No such option: {argv[-1]} {hint}\n"
+
+
 def test_version_and_help_defaults():
     version = runner.invoke(app, ["--version"])
     assert version.exit_code == 0 and version.stdout.strip() == f"anexa {importlib.metadata.version('anexa')}"

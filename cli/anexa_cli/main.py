@@ -753,6 +753,11 @@ _USAGE_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", cl
 _ABORTS = tuple({click.exceptions.Abort, typer.Abort})
 
 
+def _options_of(command: Any) -> set[str]:
+    """Every spelling of ``command``'s own options (``-v``, ``--verbose``, …)."""
+    return {name for param in command.params for name in [*param.opts, *param.secondary_opts]}
+
+
 def main(argv: list[str] | None = None) -> None:
     """The ``anexa`` console script: the app, with usage mistakes as one line and exit code 2."""
     command = typer.main.get_command(app)
@@ -765,6 +770,10 @@ def main(argv: list[str] | None = None) -> None:
         exit_code = getattr(exc, "exit_code", 1)
         ctx = getattr(exc, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if exit_code == 2 and ctx is not None else ""
+        misplaced = getattr(exc, "option_name", None)
+        if ctx is not None and ctx.parent is not None and misplaced in _options_of(command):
+            program, _, rest = ctx.command_path.partition(" ")
+            hint = f" ({misplaced} is an option of {program} itself: `{program} {misplaced} {rest} …`)"
         if not exc.format_message():  # `anexa` alone: help was shown, nothing went wrong
             sys.exit(0)
         typer.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
