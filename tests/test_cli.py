@@ -271,6 +271,24 @@ def test_an_option_of_anexa_itself_given_after_the_command_says_where_it_goes(ar
     assert capsys.readouterr().err == f"error: No such option: {argv[-1]} {hint}\n"
 
 
+def test_every_commands_usage_line_names_its_arguments_in_capitals():
+    """The first-week report: usage lines read `{RUN}`, `{runs}...` and `[prompt]` side by side."""
+    import typer
+
+    def commands(group, path):
+        for name, command in getattr(group, "commands", {}).items():
+            yield f"{path} {name}", command
+            yield from commands(command, f"{path} {name}")
+
+    seen = {}
+    for path, command in commands(typer.main.get_command(app), "anexa"):
+        for param in command.params:
+            if param.param_type_name == "argument":
+                seen[f"{path} {param.name}"] = param.metavar
+    assert len(seen) >= 7 and "anexa generate prompt" in seen and "anexa bench generate" not in seen
+    assert {where: metavar for where, metavar in seen.items() if metavar is None or metavar != metavar.upper()} == {}
+
+
 def test_version_and_help_defaults():
     version = runner.invoke(app, ["--version"])
     assert version.exit_code == 0 and version.stdout.strip() == f"anexa {importlib.metadata.version('anexa')}"

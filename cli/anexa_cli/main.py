@@ -495,7 +495,9 @@ class _WithSamplers(TyperCommand):
 @app.command(cls=_WithSamplers)
 @user_errors
 def generate(
-    prompt: Annotated[str | None, typer.Argument(help="Text to continue; read from stdin when omitted.")] = None,
+    prompt: Annotated[
+        str | None, typer.Argument(metavar="PROMPT", help="Text to continue; read from stdin when omitted.")
+    ] = None,
     model: Model = None,
     max_new_tokens: MaxNew = 200,
     temperature: Temperature = None,

@@ -12,7 +12,7 @@ from anexa_cli.errors import user_errors
 
 @user_errors
 def plot(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders (each holds a metrics.jsonl).")],
+    runs: Annotated[list[Path], typer.Argument(metavar="RUNS", help="Run folders (each holds a metrics.jsonl).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The PNG to write.")] = Path("loss.png"),
     label: Annotated[list[str] | None, typer.Option(help="A label per run, in order (default: folder names).")] = None,
 ) -> None:

@@ -34,7 +34,7 @@ def _ago(seconds: float) -> str:
 
 @user_errors
 def runs(
-    folder: Annotated[Path, typer.Argument(help="The folder holding run folders.")] = Path("runs"),
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="The folder holding run folders.")] = Path("runs"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (sizes in bytes, times in UTC).")] = False,
 ) -> None:
     """List the runs in FOLDER, newest first: architecture, parameters, steps, best validation loss, size, date."""
