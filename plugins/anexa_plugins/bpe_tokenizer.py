@@ -7,6 +7,7 @@ exactly the original text. Merges learned from the corpus make common words sing
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,6 +16,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from anexa_core import AnexaError, hookimpl
 from anexa_plugins.hf_backed import HFBacked
+
+logger = logging.getLogger("anexa")
 
 DEFAULT_VOCAB_SIZE = 1024
 BYTE_ALPHABET_SIZE = 256
@@ -82,6 +85,14 @@ class BPETokenizer(HFBacked):
         if not seen:
             raise AnexaError("cannot train a BPE tokenizer on empty text: pass a corpus with some content")
         self._set(tokenizer)
+        if self.vocab_size < self.target_size:  # said, not dropped silently
+            logger.warning(
+                "--vocab-size %d: the text offers only %d tokens (256 bytes and every merge it repeats); "
+                "the vocabulary has %d",
+                self.target_size,
+                self.vocab_size,
+                self.vocab_size,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"type": "bpe", "tokenizer": self._trained().to_str()}
