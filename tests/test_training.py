@@ -756,6 +756,21 @@ def test_a_training_state_cut_short_is_one_line_naming_the_fix_for_a_resume(sher
         assert str(error.value) == f"checkpoint {path} is corrupt (SafetensorError): start a new run"
 
 
+def test_a_training_state_whose_tensors_cannot_be_read_is_one_line_naming_the_fix(sherlock_path, tmp_path, monkeypatch):
+    """The header reads, then the tensors do not (a disk error, a file replaced in between): one line."""
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
+
+    def unreadable(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(checkpoint.safetensors.torch, "load_file", unreadable)
+    with pytest.raises(AnexaError) as error:
+        checkpoint.load_train_state(tmp_path)
+    path = tmp_path / checkpoint.STATE_FILE
+    assert str(error.value) == f"training state {path} is corrupt (OSError): start a new run"
+
+
 def test_resume_with_another_attention_and_its_options(sherlock_path, tmp_path):
     from helpers import ScaledPlugin, registered
 
