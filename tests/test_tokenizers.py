@@ -157,8 +157,8 @@ def test_bpe_vocab_is_capped_by_what_the_text_offers_and_says_so(caplog):
     assert 256 < tokenizer.vocab_size < 1024
     assert tokenizer.decode(tokenizer.encode(HARD_TEXT)) == HARD_TEXT
     assert [record.getMessage() for record in caplog.records] == [
-        f"--vocab-size 1024: the text offers only {tokenizer.vocab_size} tokens (256 bytes and every merge it "
-        f"repeats); the vocabulary has {tokenizer.vocab_size}"
+        f"--vocab-size 1024: the vocabulary has {tokenizer.vocab_size} tokens, all the text offers (256 bytes and "
+        "every merge it repeats)"
     ]
     caplog.clear()
     trained_tokenizer("bpe", "ab ab ab", vocab_size=tokenizer.vocab_size)  # reached exactly: nothing to say

@@ -459,8 +459,8 @@ def _reads_each_step(device: torch.device) -> bool:
 
 def _evaluation_seconds(run: TrainingRun, done: int, measured: float | None) -> float:
     """How long the final evaluation will take: the last one's ``measured`` duration, or before any, an
-    estimate from this session's training steps. An evaluation runs ``2 × eval_batches`` forward passes of
-    one batch (training and validation windows); a forward pass is about a third of a training step, whose
+    estimate from this session's training steps. An evaluation runs ``eval_batches`` forward passes of one
+    batch for each of :func:`_evaluated_splits`; a forward pass is about a third of a training step, whose
     backward pass costs about twice its forward (2N against 4N FLOPs per token for N parameters: Kaplan et
     al. 2020, "Scaling Laws for Neural Language Models", section 2.1). Without the estimate a ``--minutes``
     run too short to evaluate before its end overran its budget by that evaluation (a 1-minute LoRA
@@ -468,7 +468,7 @@ def _evaluation_seconds(run: TrainingRun, done: int, measured: float | None) -> 
     if measured is not None:
         return measured
     step_seconds = (time.perf_counter() - run.started) / (done - run.first_step)
-    return 2 * run.train_config.eval_batches * step_seconds / 3
+    return len(_evaluated_splits(run)) * run.train_config.eval_batches * step_seconds / 3
 
 
 class _StepLog:
@@ -520,8 +520,9 @@ def evaluate(run: TrainingRun, step: int, lr: float, tokens_per_s: float, report
     """Train and validation loss on fixed batches, appended to ``metrics.jsonl`` and reported; returns
     whether the validation loss is a new best (a tie keeps the earlier one)."""
     config = run.train_config
-    run.train_loss = estimate_loss(run.model, run.train_data, config, run.device, config.seed + 2)
-    run.val_loss = estimate_loss(run.model, run.val_data, config, run.device, config.seed + 3)
+    run.train_loss, run.val_loss = (
+        estimate_loss(run.model, data, config, run.device, seed) for data, seed in _evaluated_splits(run)
+    )
     record = {
         "step": step,
         "train_loss": round(run.train_loss, 5),
@@ -537,6 +538,13 @@ def evaluate(run: TrainingRun, step: int, lr: float, tokens_per_s: float, report
         run.best_step, run.best_val_loss = step, run.val_loss
     reporter.evaluated(record)
     return new_best
+
+
+def _evaluated_splits(run: TrainingRun) -> tuple[tuple[Windows | Conversations, int], ...]:
+    """What an evaluation scores, in order: the training and the validation windows, each with the seed of
+    the generator that draws the same batches every time."""
+    seed = run.train_config.seed
+    return ((run.train_data, seed + 2), (run.val_data, seed + 3))
 
 
 # --- checkpoints ------------------------------------------------------------------------------------

@@ -87,10 +87,9 @@ class BPETokenizer(HFBacked):
         self._set(tokenizer)
         if self.vocab_size < self.target_size:  # said, not dropped silently
             logger.warning(
-                "--vocab-size %d: the text offers only %d tokens (256 bytes and every merge it repeats); "
-                "the vocabulary has %d",
+                "--vocab-size %d: the vocabulary has %d tokens, all the text offers (256 bytes and every merge "
+                "it repeats)",
                 self.target_size,
-                self.vocab_size,
                 self.vocab_size,
             )
 
