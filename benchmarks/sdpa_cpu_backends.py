@@ -1,7 +1,9 @@
 """Forward and forward+backward time of PyTorch SDPA's flash and math backends on CPU, per dtype and length.
 
-The measurement behind ``anexa_kernels.flash_attention.CPU_MATH_MAX_KEYS``: on CPU, the flash backend's
-bf16 backward is slower than the math backend's for short sequences, faster for long ones.
+The measurement behind ``anexa_kernels.flash_attention.CPU_FP32_MAX_KEYS``: on CPU, the flash backend's
+bf16 backward is slower than the math backend's for short sequences, and both are slower than casting
+the bf16 inputs to float32 and running the float32 flash backend (the last column, casts included)
+up to a few hundred keys; for long sequences bf16 flash is the fastest.
 
     .venv/bin/python benchmarks/sdpa_cpu_backends.py            # default threads
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sdpa_cpu_backends.py
@@ -38,7 +40,7 @@ def mean_ms(fn, calls: int = 20, warmup: int = 3) -> float:
 
 def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per call, causal")
-    print(f"{'B, H, T, D':>20} {'dtype':>9} {'flash fwd':>10} {'math fwd':>9} {'flash f+b':>10} {'math f+b':>9}")
+    print(f"{'B, H, T, D':>20} {'dtype':>9} {'flash fwd':>10} {'math fwd':>9} {'flash f+b':>10} {'math f+b':>9} {'fp32 f+b':>9}")
     for shape in SHAPES:
         for dtype in (torch.bfloat16, torch.float32):
             q, k, v = (torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -56,9 +58,16 @@ def main() -> None:
 
                 times[backend] = (mean_ms(forward), mean_ms(forward_backward))
             flash, math = times[SDPBackend.FLASH_ATTENTION], times[SDPBackend.MATH]
+
+            def cast_up(q=q, k=k, v=v, dtype=dtype):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+                out.to(dtype).sum().backward()
+
+            up = f"{mean_ms(cast_up):9.2f}" if dtype != torch.float32 else f"{'':>9}"
             print(
                 f"{shape!s:>20} {str(dtype).removeprefix('torch.'):>9} {flash[0]:10.2f} {math[0]:9.2f} "
-                f"{flash[1]:10.2f} {math[1]:9.2f}"
+                f"{flash[1]:10.2f} {math[1]:9.2f} {up}"
             )
 
 

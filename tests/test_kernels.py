@@ -519,30 +519,39 @@ def test_fallback_passes_grouped_heads_and_lengths_to_sdpa(monkeypatch):
 @pytest.mark.parametrize(
     "t_q, t_k",
     [
-        (fa.CPU_MATH_MAX_KEYS, fa.CPU_MATH_MAX_KEYS),
-        (3, fa.CPU_MATH_MAX_KEYS),
-        (fa.CPU_MATH_MAX_KEYS + 1, fa.CPU_MATH_MAX_KEYS + 1),
+        (fa.CPU_FP32_MAX_KEYS, fa.CPU_FP32_MAX_KEYS),
+        (3, fa.CPU_FP32_MAX_KEYS),
+        (fa.CPU_FP32_MAX_KEYS + 1, fa.CPU_FP32_MAX_KEYS + 1),
     ],
 )
-def test_sdpa_in_bf16_with_grad_on_either_cpu_backend_matches_float64(t_q, t_k, monkeypatch):
-    """Training in bf16 on CPU takes SDPA's math backend up to CPU_MATH_MAX_KEYS keys, flash beyond: both
-    give the float64 reference's output and gradients within bf16's precision."""
-    chosen = []
-    real = fa._prefers_math
-    monkeypatch.setattr(fa, "_prefers_math", lambda q, k: chosen.append(real(q, k)) or chosen[-1])
+def test_sdpa_in_bf16_with_grad_on_cpu_in_either_precision_matches_float64(t_q, t_k, monkeypatch):
+    """Training in bf16 on CPU runs SDPA in float32 up to CPU_FP32_MAX_KEYS keys, in bf16 beyond, even under
+    autocast (which would cast SDPA's inputs down again): both give the float64 reference's output and
+    gradients, in bf16, within bf16's precision."""
+    chosen, precisions = [], []
+    real_choice, real_sdpa = fa._trains_in_float32, fa._sdpa
+    monkeypatch.setattr(fa, "_trains_in_float32", lambda q, k: chosen.append(real_choice(q, k)) or chosen[-1])
+    monkeypatch.setattr(fa, "_sdpa", lambda q, *rest: precisions.append(q.dtype) or real_sdpa(q, *rest))
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, t, 32).bfloat16().requires_grad_() for t in (t_q, t_k, t_k))
     grad_out = torch.randn(2, 3, t_q, 32).bfloat16()
-    out = fa.sdpa_attention(q, k, v, causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fa.sdpa_attention(q, k, v, causal=True)
     out.backward(grad_out)
     want, want_grads = reference_with_grads(q, k, v, grad_out, causal=True)
-    assert chosen == [t_k <= fa.CPU_MATH_MAX_KEYS]
+    in_float32 = t_k <= fa.CPU_FP32_MAX_KEYS
+    assert chosen == [in_float32]
+    assert precisions == [torch.float32 if in_float32 else torch.bfloat16]
+    assert out.dtype == q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.bfloat16
+    if in_float32:  # computed in float32 indeed, autocast notwithstanding: rounded to bf16 only at the end
+        with torch.no_grad():
+            assert torch.equal(out, real_sdpa(q.float(), k.float(), v.float(), True).bfloat16())
     assert relative_error(out, want) < 1e-2
     for got, expected in zip((q.grad, k.grad, v.grad), want_grads, strict=True):
         assert relative_error(got, expected) < 2e-2
     with torch.no_grad():
-        assert not fa._prefers_math(q, k)  # inference keeps PyTorch's choice (flash is faster there)
-    assert not fa._prefers_math(q.float(), k.float())
+        assert not fa._trains_in_float32(q, k)  # inference keeps PyTorch's choice (bf16 flash is fast there)
+    assert not fa._trains_in_float32(q.float(), k.float())
 
 
 @pytest.mark.skipif(ON_CUDA, reason="the interpreter's bf16 limitation; on CUDA bf16 runs in the kernel")

@@ -341,22 +341,26 @@ def fallback_reason(q: torch.Tensor) -> str | None:
 _fallback_logged = False
 
 
-CPU_MATH_MAX_KEYS = 128
-"""Longest key sequence for which :func:`sdpa_attention` trains through SDPA's math backend on CPU in
-bf16/fp16. PyTorch's CPU flash backend has a slow low-precision backward for short sequences: causal
-forward + backward in bf16 at B=12 H=4 D=32 took 6.9 ms (flash) vs 4.1 ms (math) at T=128 and 11.8 vs
-16.1 ms at T=256; at D=16, 13.2 vs 6.4 ms at T=128. In float32, and for inference, flash is faster at
-every length (torch 2.13, 2 cores with AVX512-BF16; ``benchmarks/sdpa_cpu_backends.py``)."""
+CPU_FP32_MAX_KEYS = 128
+"""Longest key sequence for which :func:`sdpa_attention` trains bf16/fp16 inputs on CPU in float32: the
+inputs are cast up, SDPA's float32 flash backend runs, the output is cast back (autograd casts the
+gradients). PyTorch's CPU flash backward is slow in low precision for short sequences, and its math
+backend is slower than float32 flash. Causal forward + backward at B=12 H=4 T=128 D=32 (the seed
+preset's attention): 15.5 ms bf16 flash, 5.4 ms bf16 math, 3.9 ms float32 flash, casts included; at
+D=16 31.6, 7.2 and 4.7 ms. For long sequences bf16 flash is the fastest (116.6 against 216.6 ms at B=4
+H=8 T=1024 D=64), and around 256 keys the two are within noise of each other. torch 2.13, 2 threads, an
+Intel Xeon with AMX (``benchmarks/sdpa_cpu_backends.py``); an AMD EPYC with AVX512-BF16 ranked them
+alike at T=128 (6.9, 4.1 and 2.5 ms, the last without the casts)."""
 
 
-def _prefers_math(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether SDPA's math backend is the faster one for this call (see :data:`CPU_MATH_MAX_KEYS`)."""
+def _trains_in_float32(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether this call runs in float32 through SDPA's flash backend (see :data:`CPU_FP32_MAX_KEYS`)."""
     return (
         q.device.type == "cpu"
         and q.dtype in (torch.bfloat16, torch.float16)
         and torch.is_grad_enabled()
         and q.requires_grad
-        and k.shape[2] <= CPU_MATH_MAX_KEYS
+        and k.shape[2] <= CPU_FP32_MAX_KEYS
     )
 
 
@@ -377,14 +381,15 @@ def sdpa_attention(
     causal, ``j <= lengths[b] - Tq + i``. (SDPA's own ``is_causal`` aligns top-left; a single query sees
     every key either way.) ``backend``: the one SDPA backend to use (PyTorch raises ``RuntimeError`` "No
     available kernel" when it cannot run the inputs). ``None``: PyTorch picks, except when training on CPU
-    in bf16/fp16 with at most :data:`CPU_MATH_MAX_KEYS` keys, where its math backend is the faster one.
+    in bf16/fp16 with at most :data:`CPU_FP32_MAX_KEYS` keys, where float32 is the faster (the output is
+    then cast back to ``q``'s dtype).
     """
     if backend is not None:
         with sdpa_kernel(backend):
             return _sdpa(q, k, v, causal, lengths)
-    if _prefers_math(q, k):
-        with sdpa_kernel(SDPBackend.MATH):
-            return _sdpa(q, k, v, causal, lengths)
+    if _trains_in_float32(q, k):
+        with torch.autocast("cpu", enabled=False):  # autocast would cast SDPA's inputs back down
+            return _sdpa(q.float(), k.float(), v.float(), causal, lengths).to(q.dtype)
     return _sdpa(q, k, v, causal, lengths)
 
 
