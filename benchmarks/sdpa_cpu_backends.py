@@ -40,7 +40,9 @@ def mean_ms(fn, calls: int = 20, warmup: int = 3) -> float:
 
 def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per call, causal")
-    print(f"{'B, H, T, D':>20} {'dtype':>9} {'flash fwd':>10} {'math fwd':>9} {'flash f+b':>10} {'math f+b':>9} {'fp32 f+b':>9}")
+    print(
+        f"{'B, H, T, D':>20} {'dtype':>9} {'flash fwd':>10} {'math fwd':>9} {'flash f+b':>10} {'math f+b':>9} {'fp32 f+b':>9}"
+    )
     for shape in SHAPES:
         for dtype in (torch.bfloat16, torch.float32):
             q, k, v = (torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(3))
