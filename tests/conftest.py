@@ -154,6 +154,20 @@ def smollm2(smollm2_run):
     return load(smollm2_run, "cpu")
 
 
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf, tmp_path_factory):
+    """The reference: transformers' model (float32, eval mode) and tokenizer of the same GGUF file, loaded
+    once per session (a load dequantizes the whole file: about 20 s on 2 cores)."""
+    import torch
+    import transformers
+
+    folder = tmp_path_factory.mktemp("smollm2-hf")
+    (folder / smollm2_gguf.name).symlink_to(smollm2_gguf.resolve())  # from_pretrained wants a folder
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=smollm2_gguf.name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=smollm2_gguf.name)
+    return model.eval(), tokenizer
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """No test touches the user's cache (downloads, token ids): each gets an empty one, outside its

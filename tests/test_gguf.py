@@ -84,13 +84,8 @@ def smollm2(smollm2_gguf) -> GGUFModel:
 
 
 @pytest.fixture(scope="module")
-def reference_folder(smollm2_gguf, tmp_path_factory) -> Path:
-    return _hf_folder(smollm2_gguf, tmp_path_factory.mktemp("smollm2"))
-
-
-@pytest.fixture(scope="module")
-def reference_tokenizer(reference_folder, smollm2_gguf):
-    return _transformers_tokenizer(reference_folder, smollm2_gguf.name)
+def reference_tokenizer(smollm2_transformers):
+    return smollm2_transformers[1]
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +99,9 @@ def prompt(reference_tokenizer, sherlock_path) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def reference_logits(reference_folder, smollm2_gguf, prompt) -> torch.Tensor:
-    model = _transformers_model(reference_folder, smollm2_gguf.name)
+def reference_logits(smollm2_transformers, prompt) -> torch.Tensor:
     with torch.no_grad():
-        return model(prompt).logits
+        return smollm2_transformers[0](prompt).logits
 
 
 @pytest.fixture(scope="module")

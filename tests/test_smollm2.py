@@ -48,13 +48,9 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="session")
-def reference(smollm2_gguf, tmp_path_factory):
-    """transformers' model and tokenizer of the same GGUF file, float32."""
-    folder = tmp_path_factory.mktemp("smollm2-hf")
-    (folder / smollm2_gguf.name).symlink_to(smollm2_gguf)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=smollm2_gguf.name, dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=smollm2_gguf.name)
-    return model.eval(), tokenizer
+def reference(smollm2_transformers):
+    """transformers' model and tokenizer of the same GGUF file, float32 (shared with test_gguf.py)."""
+    return smollm2_transformers
 
 
 def test_the_import_is_smollm2_as_llama_blocks(smollm2):
