@@ -581,5 +581,19 @@ def test_runs_lists_the_runs_newest_first_like_ollama_list(run_dir, tmp_path):
     ]
     assert lines[1].startswith("newer") and lines[1].endswith("just now") and lines[2].endswith("3 days ago")
     assert f"{run['best_val_loss']:.4f} @ {run['best_step']}" in lines[1] and "skipped" in table.stderr
-    empty = runner.invoke(app, ["runs", str(tmp_path / "none")])
+    (tmp_path / "empty").mkdir()
+    empty = runner.invoke(app, ["runs", str(tmp_path / "empty")])
     assert empty.exit_code == 0 and empty.stdout == "" and "no runs under" in empty.stderr
+
+
+def test_runs_of_a_folder_that_is_not_there_is_an_error_unless_it_is_the_default(tmp_path, monkeypatch):
+    """The newcomer's report: `anexa runs /nonexistent/dir` said "no runs under …" and exited 0. The default
+    ./runs before a first run has no runs (exit 0); a folder named on the command line must exist."""
+    monkeypatch.chdir(tmp_path)
+    first = runner.invoke(app, ["runs"])
+    assert first.exit_code == 0 and first.stderr == "no runs under runs/: train one with `anexa train`\n"
+    (tmp_path / "a-file").write_text("x")
+    for given, what in (("missing", "does not exist"), ("a-file", "is not a folder")):
+        result = runner.invoke(app, ["runs", given])
+        assert result.exit_code == 2 and result.stdout == ""
+        assert result.stderr == f"error: {given} {what}: pass the folder that holds your run folders\n"

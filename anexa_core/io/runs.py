@@ -123,12 +123,18 @@ def _lora(meta: dict[str, Any]) -> dict[str, Any] | None:
     return {"r": spec.get("r", "?"), "base": base.get("init_from", "?")}
 
 
-def list_runs(runs_dir: Path) -> tuple[list[RunSummary], list[tuple[Path, str]]]:
+def list_runs(runs_dir: Path, missing_ok: bool = True) -> tuple[list[RunSummary], list[tuple[Path, str]]]:
     """Every run folder directly under ``runs_dir``, newest first, and the folders whose checkpoint could
-    not be read with the reason. A missing ``runs_dir`` has no runs."""
+    not be read with the reason. A missing ``runs_dir`` has no runs when ``missing_ok`` (the default folder
+    before a first run), else raises :class:`AnexaError`, as a ``runs_dir`` that is a file always does."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        if runs_dir.exists() or not missing_ok:
+            what = "is not a folder" if runs_dir.exists() else "does not exist"
+            raise AnexaError(f"{runs_dir} {what}: pass the folder that holds your run folders")
+        return [], []
     found, unreadable = [], []
-    folders = sorted(Path(runs_dir).iterdir()) if Path(runs_dir).is_dir() else []
-    for folder in folders:
+    for folder in sorted(runs_dir.iterdir()):
         if (folder / MODEL_FILE).is_file():
             try:
                 found.append(summarize(folder))
