@@ -185,6 +185,18 @@ def test_a_hub_id_comes_from_the_huggingface_cache_and_offline_without_it_is_one
         "with network access (HF_HUB_OFFLINE unset), or pass a local folder or GGUF file"
     )
     assert not (tmp_path / "other").exists()
+    # The newcomer's report: a mistyped local path that looks like ORG/NAME was answered as a hub id only.
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AnexaError) as error:
+        import_model("runs/nope", tmp_path / "other")
+    assert str(error.value) == (
+        "runs/nope does not exist: runs/ holds no nope, and it is no model in the Hugging Face cache either: "
+        "check the path"
+    )
+    with pytest.raises(AnexaError, match=r"^anexa-test/not-downloaded is not in the Hugging Face cache"):
+        import_model("anexa-test/not-downloaded", tmp_path / "other")  # no local anexa-test/: the hub's answer
+    assert not (tmp_path / "other").exists()
 
 
 def test_an_imported_run_is_never_overwritten_without_asking(folders, tmp_path):

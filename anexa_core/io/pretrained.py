@@ -186,7 +186,17 @@ def read_pretrained(source: str | Path) -> Pretrained:
         raise AnexaError(f"{source} is neither a GGUF file nor a Hugging Face folder (config.json and safetensors)")
     text = str(source)
     if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
-        return read_hub(text)
+        try:
+            return read_hub(text)
+        except AnexaError:
+            folder = text.split("/")[0]
+            if not Path(folder).is_dir():
+                raise
+            # ``runs/nope`` beside a local ``runs/``: a mistyped path far likelier than a hub id.
+            raise AnexaError(
+                f"{source} does not exist: {folder}/ holds no {text.split('/', 1)[1]}, and it is no model in the "
+                "Hugging Face cache either: check the path"
+            ) from None
     raise AnexaError(f"{source} does not exist: pass a GGUF file, a Hugging Face folder or a hub id (ORG/NAME)")
 
 
