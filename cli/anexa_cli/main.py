@@ -760,6 +760,19 @@ def _options_of(command: Any) -> set[str]:
     return {name for param in command.params for name in [*param.opts, *param.secondary_opts]}
 
 
+def _command_taking(group: Any, argv: list[str], option: str) -> str | None:
+    """The command named in ``argv`` (``generate``, ``bench train``) that takes ``option``, if any."""
+    path, current = [], group
+    for word in argv:
+        sub = getattr(current, "commands", {}).get(word)
+        if sub is not None:
+            path.append(word)
+            current = sub
+            if option in _options_of(current):
+                return " ".join(path)
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """The ``anexa`` console script: the app, with usage mistakes as one line and exit code 2."""
     command = typer.main.get_command(app)
@@ -776,6 +789,12 @@ def main(argv: list[str] | None = None) -> None:
         if ctx is not None and ctx.parent is not None and misplaced in _options_of(command):
             program, _, rest = ctx.command_path.partition(" ")
             hint = f" ({misplaced} is an option of {program} itself: `{program} {misplaced} {rest} …`)"
+        elif ctx is not None and ctx.parent is None and misplaced:
+            taker = _command_taking(command, sys.argv[1:] if argv is None else argv, misplaced)
+            if taker is not None:
+                hint = f" ({misplaced} is an option of the command: `anexa {taker} {misplaced} …`)"
+        if getattr(exc, "possibilities", None):  # click's near spellings; "--help" is never the one meant
+            exc.possibilities = [option for option in exc.possibilities if option != "--help"]
         if not exc.format_message():  # `anexa` alone: help was shown, nothing went wrong
             sys.exit(0)
         typer.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
