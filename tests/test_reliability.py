@@ -406,10 +406,11 @@ with atomic_path(sys.argv[1]) as tmp:
 """
 
 
-def test_every_atomic_writer_removes_what_killed_writers_of_its_target_left(tmp_path):
+def test_every_atomic_writer_removes_what_killed_writers_in_its_folder_left(tmp_path):
     """The mechanism the token cache, checkpoints, downloads and exports (and any later command) share:
-    temp names carry the writer's pid; the next writer of the target removes those of dead processes,
-    never a live one's."""
+    temp names carry the writer's pid; the next writer into the folder removes those of dead processes,
+    whatever their target (the newcomer's report: a killed GGUF export's 540 MB temp file stayed until
+    that same file was exported again), never a live one's nor a stranger's look-alike."""
     from anexa_core.io.files import atomic_path, sweep_stale
 
     target = tmp_path / "data.bin"
@@ -420,8 +421,11 @@ def test_every_atomic_writer_removes_what_killed_writers_of_its_target_left(tmp_
     assert len(list(tmp_path.glob(".data.bin.*.tmp"))) == 1 and not target.exists()
     alive = tmp_path / f".data.bin.{os.getpid()}.abcd1234.tmp"  # a writer still at work
     alive.write_bytes(b"busy")
-    with atomic_path(target) as tmp:
+    strangers = [tmp_path / ".notes.txt.1.backup.tmp", tmp_path / ".notes.txt.999999999.abcd123.tmp"]
+    for stranger in strangers:  # not tempfile's 8 characters after a pid: not an Anexa writer's
+        stranger.write_text("someone else's")
+    with atomic_path(tmp_path / "other.bin") as tmp:  # another target in the same folder
         tmp.write_bytes(b"whole")
-    assert target.read_bytes() == b"whole"
-    assert [p.name for p in tmp_path.glob(".data.bin.*.tmp")] == [alive.name]
+    assert (tmp_path / "other.bin").read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.glob(".*")) == sorted(p.name for p in [alive, *strangers])
     assert sweep_stale(tmp_path) == [] and alive.exists()

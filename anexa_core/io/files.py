@@ -2,9 +2,9 @@
 
 A process killed while writing (SIGKILL, a power cut) leaves its temp file or folder behind. Their names
 say whose they are — ``.<target>.<pid>.<random>.tmp`` (and ``….old`` for a folder :func:`atomic_folder`
-had moved aside) — so the next writer of the same target, and :func:`sweep_stale` run over a folder
-Anexa owns, remove those of processes that are gone, and put back a folder that a kill left moved
-aside. Nothing a killed write leaves behind is ever read as data, and nothing accumulates.
+had moved aside) — so the next writer into the same folder, whatever its target, removes those of
+processes that are gone, and puts back a folder that a kill left moved aside. Nothing a killed write
+leaves behind is ever read as data, and nothing accumulates.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-_TEMP = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.(?P<random>[^.]+)\.(?P<kind>tmp|old)$")
+_TEMP = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.(?P<random>[a-z0-9_]{8})\.(?P<kind>tmp|old)$")
+"""A writer's temp entry: ``tempfile``'s 8 random characters after the pid, so a stranger's file rarely matches."""
 _UNOWNED = re.compile(r"^\.(?P<target>.+)\.(?P<random>[^.]+)\.tmp$")  # Anexa 0.2's names, without a pid
 UNOWNED_STALE_S = 24 * 3600.0
 """A temp file without a process id (written by Anexa 0.2) counts as left behind once this old."""
@@ -32,7 +33,7 @@ def _prefix(target: Path) -> str:
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``target`` atomically, else it is removed.
 
-    Temp files of earlier writers of ``target`` that were killed are removed first (:func:`sweep_stale`)."""
+    Temp files that killed writers left in ``target``'s folder are removed first (:func:`sweep_stale`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(target.parent, target.name)
@@ -126,10 +127,11 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_stale(folder: str | os.PathLike[str], target: str | None = None) -> list[Path]:
-    """Clean up after writers in ``folder`` that were killed (of ``target`` only, when given): remove
-    their temp files and folders, and put a folder :func:`atomic_folder` had moved aside back where it
-    was when nothing took its place. Entries of live processes are left alone; Anexa 0.2's temp files
-    (no process id in the name) once :data:`UNOWNED_STALE_S` old. Returns what was removed or restored.
+    """Clean up after writers in ``folder`` that were killed: remove their temp files and folders, whatever
+    their target, and put a folder :func:`atomic_folder` had moved aside back where it was when nothing took
+    its place. Entries of live processes are left alone. Anexa 0.2's temp files (no process id in the name,
+    a looser pattern) go once :data:`UNOWNED_STALE_S` old, and only those of ``target`` when it is given
+    (a folder that is not Anexa's own). Returns what was removed or restored.
     """
     # Why complex: two kinds of leftover entry (a writer's temp with its process id, an unowned Anexa 0.2 temp)
     # each with its own test of whose it is and whether it is stale, plus putting a moved-aside folder back.
@@ -142,7 +144,7 @@ def sweep_stale(folder: str | os.PathLike[str], target: str | None = None) -> li
     for entry in entries:
         match = _TEMP.match(entry.name)
         if match is not None:
-            if (target is not None and match["target"] != target) or _alive(int(match["pid"])):
+            if _alive(int(match["pid"])):
                 continue
             original = folder / match["target"]
             aside = entry / "folder"

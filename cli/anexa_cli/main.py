@@ -793,8 +793,8 @@ def main(argv: list[str] | None = None) -> None:
             taker = _command_taking(command, sys.argv[1:] if argv is None else argv, misplaced)
             if taker is not None:
                 hint = f" ({misplaced} is an option of the command: `anexa {taker} {misplaced} …`)"
-        if getattr(exc, "possibilities", None):  # click's near spellings; "--help" is never the one meant
-            exc.possibilities = [option for option in exc.possibilities if option != "--help"]
+        possibilities: list[str] = getattr(exc, "possibilities", None) or []  # click's near spellings
+        possibilities[:] = [option for option in possibilities if option != "--help"]  # never the one meant
         if not exc.format_message():  # `anexa` alone: help was shown, nothing went wrong
             sys.exit(0)
         typer.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
