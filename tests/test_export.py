@@ -12,6 +12,8 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 
 import pytest
 import safetensors
@@ -504,10 +506,8 @@ def test_the_exported_tokenizer_normalises_text_as_anexa_does(runs, name):
 def test_a_gguf_export_says_that_llama_cpp_will_not_normalise_text(tmp_path):
     """GGUF has no field for Anexa's text normalisation, so the export says so (one note line) — and it is
     true: the file's tokenizer, as transformers reads it for llama.cpp's, keeps `\\r` where Anexa has `\\n`
-    (the same ids otherwise)."""
-    from typer.testing import CliRunner
-
-    from anexa_cli.main import app
+    (the same ids otherwise). The real command, in its own process: the gguf writer's own log lines (each
+    naming the temp file's local path) stay off the console."""
     from anexa_core import plugins
     from anexa_core.config import ModelConfig
     from anexa_core.model.gpt import build_model
@@ -518,10 +518,9 @@ def test_a_gguf_export_says_that_llama_cpp_will_not_normalise_text(tmp_path):
     checkpoint.save_model(
         tmp_path / "model.safetensors", model, checkpoint.model_metadata(model, tokenizer, "bpe", options, step=0)
     )
-    result = CliRunner().invoke(
-        app, ["export", str(tmp_path / "model.safetensors"), str(tmp_path / "m.gguf"), "--format", "gguf"]
-    )
-    assert result.exit_code == 0, result.output
+    export = ["export", str(tmp_path / "model.safetensors"), str(tmp_path / "m.gguf"), "--format", "gguf"]
+    result = subprocess.run([sys.executable, "-m", "anexa_cli", *export], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
     notes = [line for line in result.stdout.splitlines() if line.startswith("  note: ")]
     assert len(notes) == 1 and "\\r\\n" in notes[0] and "byte-order mark" in notes[0]
     read = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")

@@ -114,6 +114,11 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+LOGGERS = ("anexa", "anexa_kernels")
+"""Anexa's loggers (``anexa.serve`` and a plugin's ``anexa.NAME`` are children of the first): INFO, or
+DEBUG with ``-v``."""
+
+
 @app.callback()
 def callback(
     verbose: Annotated[
@@ -131,7 +136,10 @@ def callback(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
+    # Anexa's own loggers say what they do; other libraries only warn (gguf's writer would print every path).
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    for name in LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     if disable_plugin:
         already = [name for name in os.environ.get("ANEXA_DISABLE_PLUGINS", "").split(",") if name]
         os.environ["ANEXA_DISABLE_PLUGINS"] = ",".join(already + list(disable_plugin))
