@@ -595,6 +595,15 @@ def _safetensors_with(path, metadata):
             lambda d: os.mkfifo(d / "pipe.safetensors") or d / "pipe.safetensors",  # reading it would block
             "{path} is not a file: pass a run folder or a model.safetensors",
         ),
+        (
+            lambda d: (d / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00") and d / "m.gguf",
+            "{path} is a GGUF file, not an Anexa run: `anexa import {path} --out runs/NAME` makes it one",
+        ),
+        (
+            lambda d: (d / "config.json").write_text("{}") and _safetensors_with(d / "model.safetensors", None),
+            "{path.parent} is a Hugging Face model folder, not an Anexa run: `anexa import {path.parent} --out "
+            "runs/NAME` makes it one",
+        ),
     ],
     ids=[
         "missing file",
@@ -605,6 +614,8 @@ def _safetensors_with(path, metadata):
         "another format",
         "metadata not an object",
         "a named pipe",
+        "a GGUF file",
+        "a Hugging Face folder's weights",
     ],
 )
 def test_each_kind_of_wrong_file_gets_its_own_one_line_message(tmp_path, make, message):

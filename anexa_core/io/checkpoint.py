@@ -118,12 +118,28 @@ def read_metadata(path: Path, remedy: str = "retrain or pass another --model") -
     except Exception as exc:  # safetensors raises several error types for damaged or foreign files
         if path.suffix != ".safetensors":
             raise AnexaError(
-                f"{path} is not a safetensors checkpoint: pass a run folder or a model.safetensors"
+                _pretrained_hint(path)
+                or f"{path} is not a safetensors checkpoint: pass a run folder or a model.safetensors"
             ) from None
         raise AnexaError(f"checkpoint {path} is corrupt ({type(exc).__name__}): {remedy}") from None
     if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, _OLD_FORMAT):
-        raise AnexaError(f"{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`")
+        raise AnexaError(
+            _pretrained_hint(path)
+            or f"{path} is not an Anexa checkpoint: pass a model.safetensors written by `anexa train`"
+        )
     return _migrate(meta) if meta["format"] == _OLD_FORMAT else meta
+
+
+def _pretrained_hint(path: Path) -> str | None:
+    """For a GGUF file or a Hugging Face model folder's weights given where a run belongs: import it first."""
+    if path.suffix.lower() == ".gguf":
+        source = path
+    elif (path.parent / "config.json").is_file():
+        source = path.parent
+    else:
+        return None
+    kind = "a GGUF file" if source is path else "a Hugging Face model folder"
+    return f"{source} is {kind}, not an Anexa run: `anexa import {source} --out runs/NAME` makes it one"
 
 
 def _migrate(meta: dict[str, Any]) -> dict[str, Any]:
