@@ -791,20 +791,26 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except _USAGE_ERRORS as exc:
         exit_code = getattr(exc, "exit_code", 1)
-        ctx = getattr(exc, "ctx", None)
-        hint = f" (see `{ctx.command_path} --help`)" if exit_code == 2 and ctx is not None else ""
-        misplaced = getattr(exc, "option_name", None)
-        if ctx is not None and ctx.parent is not None and misplaced in _options_of(command):
-            program, _, rest = ctx.command_path.partition(" ")
-            hint = f" ({misplaced} is an option of {program} itself: `{program} {misplaced} {rest} …`)"
-        elif ctx is not None and ctx.parent is None and misplaced:
-            taker = _command_taking(command, sys.argv[1:] if argv is None else argv, misplaced)
-            if taker is not None:
-                hint = f" ({misplaced} is an option of the command: `anexa {taker} {misplaced} …`)"
         possibilities: list[str] = getattr(exc, "possibilities", None) or []  # click's near spellings
         possibilities[:] = [option for option in possibilities if option != "--help"]  # never the one meant
         if not exc.format_message():  # `anexa` alone: help was shown, nothing went wrong
             sys.exit(0)
+        hint = _usage_hint(command, exc, sys.argv[1:] if argv is None else argv)
         typer.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
         sys.exit(exit_code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_hint(command: Any, exc: Exception, argv: list[str]) -> str:
+    """What follows a usage error: where a misplaced option goes, else which ``--help`` to read."""
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return ""
+    misplaced = getattr(exc, "option_name", None)
+    if ctx.parent is not None and misplaced in _options_of(command):
+        program, _, rest = ctx.command_path.partition(" ")
+        return f" ({misplaced} is an option of {program} itself: `{program} {misplaced} {rest} …`)"
+    taker = _command_taking(command, argv, misplaced) if ctx.parent is None and misplaced else None
+    if taker is not None:
+        return f" ({misplaced} is an option of the command: `anexa {taker} {misplaced} …`)"
+    return f" (see `{ctx.command_path} --help`)" if getattr(exc, "exit_code", 1) == 2 else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -32,6 +32,19 @@ def _ago(seconds: float) -> str:
     return "just now"
 
 
+def _row(run: Any, now: float) -> tuple[str, ...]:
+    """One run's line of the table, under :data:`COLUMNS`."""
+    return (
+        run.name,
+        run.architecture(),
+        count(run.parameters) + (" LoRA" if run.lora is not None else ""),
+        "—" if run.step is None else f"{run.step:,}",
+        "—" if run.best_val_loss is None else f"{run.best_val_loss:.4f} @ {run.best_step:,}",
+        _size(run.size_bytes),
+        _ago(now - run.modified),
+    )
+
+
 @user_errors
 def runs(
     folder: Annotated[
@@ -49,18 +62,7 @@ def runs(
         typer.echo(json.dumps({"runs": listed, "unreadable": skipped}, indent=2))
         return
     now = time.time()
-    rows = [
-        (
-            run.name,
-            run.architecture(),
-            count(run.parameters) + (" LoRA" if run.lora is not None else ""),
-            "—" if run.step is None else f"{run.step:,}",
-            "—" if run.best_val_loss is None else f"{run.best_val_loss:.4f} @ {run.best_step:,}",
-            _size(run.size_bytes),
-            _ago(now - run.modified),
-        )
-        for run in found
-    ]
+    rows = [_row(run, now) for run in found]
     for path, error in unreadable:
         typer.echo(f"skipped {path}: {error}", err=True)
     if not found:
