@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from anexa_cli.console import count
 from anexa_cli.errors import user_errors
+
+if TYPE_CHECKING:
+    from anexa_core.io.runs import RunSummary
 
 COLUMNS = ("NAME", "ARCHITECTURE", "PARAMETERS", "STEPS", "BEST VAL LOSS", "SIZE", "MODIFIED")
 
@@ -32,7 +35,7 @@ def _ago(seconds: float) -> str:
     return "just now"
 
 
-def _row(run: Any, now: float) -> tuple[str, ...]:
+def _row(run: RunSummary, now: float) -> tuple[str, ...]:
     """One run's line of the table, under :data:`COLUMNS`."""
     return (
         run.name,
