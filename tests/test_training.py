@@ -915,8 +915,10 @@ def test_a_time_budget_stops_after_the_last_step_that_leaves_time_for_the_final_
 ):
     """Each step takes 1 s and each loss estimate 0.5 s (an evaluation 1 s) on a fake clock; the budget is
     10 s. The LR follows the share of the budget used when each step starts; throughput is tokens over the
-    time since the last evaluation; the run stops once the time used plus the last evaluation's duration
-    reaches the budget (after step 8 at 9 s), evaluates, saves at 10 s, and refuses to resume from there."""
+    time since the last evaluation; the run stops once the time used, one more step and the last
+    evaluation's duration would pass the budget (after step 8 at 9 s), evaluates, saves at 10 s, and refuses
+    to resume from there. (One batch per loss estimate: the first evaluation is expected to take 2 × 1
+    forward passes at a third of a step, not the 2 × 8 of the default that would end the run at step 4.)"""
     clock = _fake_clock(monkeypatch)
     reports = []
 
@@ -926,7 +928,15 @@ def test_a_time_budget_stops_after_the_last_step_that_leaves_time_for_the_final_
 
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
     config = _train_config(
-        sherlock_path, steps=10**6, eval_every=4, save_every=10**6, warmup_steps=0, lr=1.0, min_lr=0.1, minutes=10 / 60
+        sherlock_path,
+        steps=10**6,
+        eval_every=4,
+        eval_batches=1,
+        save_every=10**6,
+        warmup_steps=0,
+        lr=1.0,
+        min_lr=0.1,
+        minutes=10 / 60,
     )
     result = train(tiny, config, tmp_path, reporter=Rates())
     assert result.step == 8
@@ -961,6 +971,18 @@ def test_a_budget_too_short_for_an_evaluation_before_its_end_still_ends_on_time(
     # Resumed to 24 minutes' worth of seconds: estimated again from the new session's own steps.
     assert train(*resume_configs(tmp_path, {"minutes": 24 / 60}), tmp_path, resume=True).step == 12
     assert checkpoint.load_train_state(tmp_path).meta["elapsed_s"] == 24.0
+
+
+def test_a_budget_leaves_room_for_the_next_step_or_stops_before_it(sherlock_path, tmp_path, monkeypatch):
+    """The 1-minute LoRA fine-tune ran 3 s over: its last step began with time left for the evaluation but
+    not for the step itself. Steps of 1.5 s, an evaluation of 3 s (estimated as 3 s too), an 11 s budget:
+    after step 5 (7.5 s) a sixth step and the evaluation would end at 12 s, so the run stops there and
+    saves at 10.5 s (it took 12 when only the evaluation was counted)."""
+    _fake_clock(monkeypatch, step_s=1.5, estimate_s=1.5)
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    config = _train_config(sherlock_path, steps=10**6, eval_every=10**6, eval_batches=3, minutes=11 / 60)
+    assert train(tiny, config, tmp_path).step == 5
+    assert checkpoint.load_train_state(tmp_path).meta["elapsed_s"] == 10.5
 
 
 def test_throughput_leaves_the_evaluations_out_and_is_written_to_one_decimal(sherlock_path, tmp_path, monkeypatch):

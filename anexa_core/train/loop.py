@@ -403,11 +403,14 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
         for group in run.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         x, y = run.train_data.batch(config.batch_size * ranks.world_size, run.batch_generator)
+        step_started = time.perf_counter()
         loss = train_step(_to_device(ranks.shard(x), device), _to_device(ranks.shard(y), device))
+        step_seconds = time.perf_counter() - step_started
         done = step + 1
         log.add(loss)
+        # Stop when one more step (as long as this one) and the final evaluation would not fit the budget.
         time_up = budget_s is not None and distributed.any_rank(
-            run.elapsed() + _evaluation_seconds(run, done, eval_seconds) >= budget_s, ranks, device
+            run.elapsed() + step_seconds + _evaluation_seconds(run, done, eval_seconds) > budget_s, ranks, device
         )
         last = done == config.steps or time_up
         interrupted = distributed.any_rank(bool(stop_requested and stop_requested()), ranks, device)
