@@ -158,14 +158,10 @@ def smollm2(smollm2_run):
 def smollm2_transformers(smollm2_gguf, tmp_path_factory):
     """The reference: transformers' model (float32, eval mode) and tokenizer of the same GGUF file, loaded
     once per session (a load dequantizes the whole file: about 20 s on 2 cores)."""
-    import torch
-    import transformers
+    from helpers import gguf_folder, transformers_model, transformers_tokenizer  # see smollm2_gguf: not at the top
 
-    folder = tmp_path_factory.mktemp("smollm2-hf")
-    (folder / smollm2_gguf.name).symlink_to(smollm2_gguf.resolve())  # from_pretrained wants a folder
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=smollm2_gguf.name, dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=smollm2_gguf.name)
-    return model.eval(), tokenizer
+    folder = gguf_folder(smollm2_gguf, tmp_path_factory.mktemp("smollm2-hf"))
+    return transformers_model(folder, smollm2_gguf.name), transformers_tokenizer(folder, smollm2_gguf.name)
 
 
 @pytest.fixture(autouse=True)

@@ -165,3 +165,31 @@ def running(app):
         thread.join(10)
         sock.close()
         app.state.server.close()
+
+
+def gguf_folder(gguf_file: Path, folder: Path) -> Path:
+    """A folder holding ``gguf_file`` (a link), as ``from_pretrained(folder, gguf_file=name)`` wants."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / gguf_file.name
+    if not link.exists():
+        try:
+            link.symlink_to(gguf_file.resolve())
+        except OSError:
+            shutil.copyfile(gguf_file, link)
+    return folder
+
+
+def transformers_model(folder: Path, name: str) -> torch.nn.Module:
+    """transformers' causal LM of the GGUF file ``name`` in ``folder``, float32, in eval mode."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+def transformers_tokenizer(folder: Path, name: str):
+    """transformers' tokenizer of the GGUF file ``name`` in ``folder``."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)

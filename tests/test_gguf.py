@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import strict
+from helpers import gguf_folder, strict, transformers_model, transformers_tokenizer
 
 from anexa_core.errors import AnexaError
 
@@ -56,26 +56,6 @@ whitespace are the exception, see :func:`test_digits_are_split_one_by_one_as_smo
 
 # ---------------------------------------------------------------------------------------------------------
 # Fixtures: the real model (read once, loaded by transformers once) and tiny models.
-
-
-def _hf_folder(gguf_file: Path, folder: Path) -> Path:
-    """A folder holding ``gguf_file`` (a link), as ``from_pretrained(folder, gguf_file=name)`` wants."""
-    folder.mkdir(parents=True, exist_ok=True)
-    link = folder / gguf_file.name
-    if not link.exists():
-        try:
-            link.symlink_to(gguf_file.resolve())
-        except OSError:
-            shutil.copyfile(gguf_file, link)
-    return folder
-
-
-def _transformers_model(folder: Path, name: str) -> torch.nn.Module:
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-
-
-def _transformers_tokenizer(folder: Path, name: str):
-    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 @pytest.fixture(scope="module")
@@ -397,15 +377,15 @@ def test_end_of_turn_tokens_come_from_the_template(tiny_files, qwen_tokenizer):
 def test_written_fixture_loads_in_transformers_with_the_same_logits(
     written_smollm2, prompt, reference_logits, tmp_path_factory
 ):
-    folder = _hf_folder(written_smollm2, tmp_path_factory.mktemp("written-load"))
-    model = _transformers_model(folder, written_smollm2.name)
+    folder = gguf_folder(written_smollm2, tmp_path_factory.mktemp("written-load"))
+    model = transformers_model(folder, written_smollm2.name)
     difference = (_logits(model, prompt) - reference_logits).abs().max().item()
     assert difference <= TOLERANCE, difference
 
 
 def test_written_fixture_tokenizes_the_same_in_transformers(written_smollm2, reference_tokenizer, tmp_path_factory):
-    folder = _hf_folder(written_smollm2, tmp_path_factory.mktemp("written-tokenizer"))
-    tokenizer = _transformers_tokenizer(folder, written_smollm2.name)
+    folder = gguf_folder(written_smollm2, tmp_path_factory.mktemp("written-tokenizer"))
+    tokenizer = transformers_tokenizer(folder, written_smollm2.name)
     for text in [*TEXTS, "x  12", "Price:   42"]:
         expected = reference_tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer(text, add_special_tokens=False)["input_ids"] == expected, text
@@ -432,12 +412,12 @@ def test_tiny_models_load_in_transformers_with_the_same_logits_and_ids(
 ):
     model, state = (tiny_qwen3, qwen_tokenizer) if name == "qwen3" else (tiny_gpt2, gpt2_tokenizer)
     path = tiny_files[name]
-    loaded = _transformers_model(path.parent, path.name)
+    loaded = transformers_model(path.parent, path.name)
     assert type(loaded) is type(model)
     difference = (_logits(loaded, IDS) - _logits(model, IDS)).abs().max().item()
     assert difference <= TOLERANCE, difference
     ours = Tokenizer.from_str(state["tokenizer"])
-    theirs = _transformers_tokenizer(path.parent, path.name)
+    theirs = transformers_tokenizer(path.parent, path.name)
     for text in [*CORPUS[:3], *TEXTS]:
         assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text).ids, text
 

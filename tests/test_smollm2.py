@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from helpers import Greedy
+from helpers import Greedy, transformers_model
 
 from anexa_core.infer.chat import Conversation, JinjaTemplate, template_for
 from anexa_core.infer.generation import encode_prompt, generate_ids, generate_text
@@ -47,12 +47,6 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def reference(smollm2_transformers):
-    """transformers' model and tokenizer of the same GGUF file, float32 (shared with test_gguf.py)."""
-    return smollm2_transformers
-
-
 def test_the_import_is_smollm2_as_llama_blocks(smollm2):
     config = smollm2.model.config
     assert (config.n_layer, config.n_embd, config.n_head, config.vocab_size) == (30, 576, 9, 49152)
@@ -65,8 +59,8 @@ def test_the_import_is_smollm2_as_llama_blocks(smollm2):
     assert "/" not in json.dumps(source).replace("https://", "")
 
 
-def test_logits_equal_transformers_on_the_same_file_and_greedy_text_is_token_for_token(smollm2, reference):
-    model, _ = reference
+def test_logits_equal_transformers_on_the_same_file_and_greedy_text_is_token_for_token(smollm2, smollm2_transformers):
+    model, _ = smollm2_transformers
     ids = smollm2.tokenizer.encode(PROSE)
     assert 150 < len(ids) < 400
     with torch.no_grad():
@@ -81,8 +75,8 @@ def test_logits_equal_transformers_on_the_same_file_and_greedy_text_is_token_for
     assert list(generate_ids(smollm2.model, prompt, 40, Greedy())) == expected
 
 
-def test_the_tokenizer_gives_transformers_ids_and_splits_digits_like_smollm2(smollm2, reference):
-    _, tokenizer = reference
+def test_the_tokenizer_gives_transformers_ids_and_splits_digits_like_smollm2(smollm2, smollm2_transformers):
+    _, tokenizer = smollm2_transformers
     for text in (
         PROSE,
         "  spaces\tand\ttabs\n\nand lines",
@@ -97,8 +91,8 @@ def test_the_tokenizer_gives_transformers_ids_and_splits_digits_like_smollm2(smo
     assert [smollm2.tokenizer.decode([i]) for i in digits] == ["1", "9", "8", "4"]
 
 
-def test_the_chat_template_renders_exactly_what_transformers_renders(smollm2, reference):
-    _, tokenizer = reference
+def test_the_chat_template_renders_exactly_what_transformers_renders(smollm2, smollm2_transformers):
+    _, tokenizer = smollm2_transformers
     template = template_for(smollm2.tokenizer)
     assert isinstance(template, JinjaTemplate)
     for messages in CONVERSATIONS:
@@ -142,16 +136,14 @@ def test_export_hf_and_gguf_read_back_by_transformers_with_equal_logits(smollm2_
         smollm2.tokenizer
     ).render(CONVERSATIONS[1])
     export(smollm2_run, tmp_path / "smol.gguf", "gguf")
-    gguf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, gguf_file="smol.gguf", dtype=torch.float32
-    ).eval()
+    gguf_model = transformers_model(tmp_path, "smol.gguf")
     assert (_logits_of(gguf_model, ids) - ours).abs().max().item() < 1e-4
 
 
-def test_a_real_hugging_face_folder_imports_to_the_same_model(reference, smollm2, tmp_path):
+def test_a_real_hugging_face_folder_imports_to_the_same_model(smollm2_transformers, smollm2, tmp_path):
     """transformers' save_pretrained of the model it loaded from the GGUF file (a real folder: config.json, safetensors,
     tokenizer.json and tokenizer_config.json with the chat template) imports to the same logits."""
-    model, tokenizer = reference
+    model, tokenizer = smollm2_transformers
     plain = transformers.LlamaForCausalLM(model.config)  # transformers will not save a GGUF-loaded model itself
     plain.load_state_dict(model.state_dict())
     plain.save_pretrained(tmp_path / "folder")

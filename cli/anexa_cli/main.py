@@ -795,13 +795,13 @@ def main(argv: list[str] | None = None) -> None:
         possibilities[:] = [option for option in possibilities if option != "--help"]  # never the one meant
         if not exc.format_message():  # `anexa` alone: help was shown, nothing went wrong
             sys.exit(0)
-        hint = _usage_hint(command, exc, sys.argv[1:] if argv is None else argv)
+        hint = _usage_hint(command, exc, sys.argv[1:] if argv is None else argv, exit_code)
         typer.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
         sys.exit(exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def _usage_hint(command: Any, exc: Exception, argv: list[str]) -> str:
+def _usage_hint(command: Any, exc: Exception, argv: list[str], exit_code: int) -> str:
     """What follows a usage error: where a misplaced option goes, else which ``--help`` to read."""
     ctx = getattr(exc, "ctx", None)
     if ctx is None:
@@ -813,4 +813,4 @@ def _usage_hint(command: Any, exc: Exception, argv: list[str]) -> str:
     taker = _command_taking(command, argv, misplaced) if ctx.parent is None and misplaced else None
     if taker is not None:
         return f" ({misplaced} is an option of the command: `anexa {taker} {misplaced} …`)"
-    return f" (see `{ctx.command_path} --help`)" if getattr(exc, "exit_code", 1) == 2 else ""
+    return f" (see `{ctx.command_path} --help`)" if exit_code == 2 else ""

@@ -58,7 +58,8 @@ def runs(
     """List the runs in FOLDER, newest first: architecture, parameters, steps, best validation loss, size, date."""
     from anexa_core.io.runs import list_runs
 
-    found, unreadable = list_runs(folder or Path("runs"), missing_ok=folder is None)
+    where = folder or Path("runs")
+    found, unreadable = list_runs(where, missing_ok=folder is None)
     if as_json:
         listed = [run.as_dict() for run in found]
         skipped = [{"path": str(path), "error": error} for path, error in unreadable]
@@ -69,7 +70,7 @@ def runs(
     for path, error in unreadable:
         typer.echo(f"skipped {path}: {error}", err=True)
     if not found:
-        typer.echo(f"no runs under {folder or 'runs'}/: train one with `anexa train`", err=True)
+        typer.echo(f"no runs under {where}/: train one with `anexa train`", err=True)
         return
     widths = [max(len(text) for text in column) for column in zip(COLUMNS, *rows, strict=True)]
     for row in (COLUMNS, *rows):
