@@ -1,4 +1,4 @@
-"""Shared setup for ``pytest benchmarks/ --benchmark-only``: CPU-friendly shapes, every attention plugin.
+"""Shared setup for ``pytest benchmarks/ --benchmark-only -n0``: CPU-friendly shapes, every attention plugin.
 
 Compare runs with ``--benchmark-autosave`` then ``pytest-benchmark compare``; groups put the backends
 of one measurement side by side.

@@ -58,7 +58,7 @@ if wanted attention; then
   stage "kernel tests on CUDA (limit ${KERNEL_TEST_S:-120} s)"
   # SIGINT on timeout: pytest still prints its summary of what ran.
   ANEXA_TEST_CUDA=1 timeout -s INT -k 10 "${KERNEL_TEST_S:-120}" $PY -m pytest tests/test_kernels.py \
-    tests/test_kernels_fused_backward.py ${KERNEL_TEST_K:+-k "$KERNEL_TEST_K"} -q -ra --durations=10 \
+    tests/test_kernels_fused_backward.py ${KERNEL_TEST_K:+-k "$KERNEL_TEST_K"} -q -ra -n0 --durations=10 \
     -p no:cacheprovider >"$OUT/kernel_tests.log" 2>&1
   rc=$?
   tail -n 25 "$OUT/kernel_tests.log"

@@ -1,7 +1,7 @@
 """Streaming decode of generated ids to text: the old whole-output decode (quadratic) against the tail
 decode of ``anexa_core.infer.generation.decode_stream`` (linear), side by side, on BPE ids of real text.
 
-    .venv/bin/python -m pytest benchmarks/test_bench_decode.py --benchmark-only --benchmark-group-by=param:n
+    .venv/bin/python -m pytest benchmarks/test_bench_decode.py --benchmark-only -n0 --benchmark-group-by=param:n
 """
 
 import pytest

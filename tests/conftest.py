@@ -197,3 +197,26 @@ def register_plugin():
     yield register
     for obj in added:
         manager.unregister(obj)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject's addopts): a worker per usable core, at most 4 (beyond that the SmolLM2
+    group below is the whole critical path, and each worker holds its own models)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Keep each test module on one pytest-xdist worker (``--dist loadgroup``), so that its module fixtures
+    (a trained run, an installed distribution, a transformers export) are built once; and every module that
+    uses the SmolLM2 model on the same worker, so that it is fetched, imported and loaded once per session."""
+
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    smollm2_modules = {module(item) for item in items if "smollm2_gguf" in getattr(item, "fixturenames", ())}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("smollm2" if module(item) in smollm2_modules else module(item)))
