@@ -277,6 +277,22 @@ def test_an_option_on_the_wrong_side_of_the_command_says_where_it_goes(argv, hin
     assert capsys.readouterr().err == f"error: No such option: {option} {hint}\n"
 
 
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [(["chat", "-m", "runs/x", "--system"], "chat"), (["-v", "bench", "train", "--steps"], "bench train")],
+)
+def test_an_options_missing_value_names_the_help_to_read(argv, command, capsys):
+    """The newcomer's report: `anexa chat -m runs/smol --system` said only "Option '--system' requires an
+    argument." — click's parser raises it without the command, so the words of argv name it."""
+    from anexa_cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    expected = f"error: Option {argv[-1]!r} requires an argument. (see `anexa {command} --help`)\n"
+    assert capsys.readouterr().err == expected
+
+
 def app_commands() -> set[str]:
     import typer
 

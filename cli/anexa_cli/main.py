@@ -768,17 +768,22 @@ def _options_of(command: Any) -> set[str]:
     return {name for param in command.params for name in [*param.opts, *param.secondary_opts]}
 
 
-def _command_taking(group: Any, argv: list[str], option: str) -> str | None:
-    """The command named in ``argv`` (``generate``, ``bench train``) that takes ``option``, if any."""
+def _commands_named(group: Any, argv: list[str]) -> list[tuple[str, Any]]:
+    """The commands that the words of ``argv`` name, outermost first: ``("bench", …), ("bench train", …)``."""
+    named: list[tuple[str, Any]] = []
     path, current = [], group
     for word in argv:
         sub = getattr(current, "commands", {}).get(word)
         if sub is not None:
             path.append(word)
             current = sub
-            if option in _options_of(current):
-                return " ".join(path)
-    return None
+            named.append((" ".join(path), sub))
+    return named
+
+
+def _command_taking(group: Any, argv: list[str], option: str) -> str | None:
+    """The command named in ``argv`` (``generate``, ``bench train``) that takes ``option``, if any."""
+    return next((path for path, command in _commands_named(group, argv) if option in _options_of(command)), None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -804,8 +809,10 @@ def main(argv: list[str] | None = None) -> None:
 def _usage_hint(command: Any, exc: Exception, argv: list[str], exit_code: int) -> str:
     """What follows a usage error: where a misplaced option goes, else which ``--help`` to read."""
     ctx = getattr(exc, "ctx", None)
-    if ctx is None:
-        return ""
+    if ctx is None:  # click's parser left it out (an option's value missing): the command argv names
+        named = _commands_named(command, argv)
+        where = f"anexa {named[-1][0]}" if named else "anexa"
+        return f" (see `{where} --help`)" if exit_code == 2 else ""
     misplaced = getattr(exc, "option_name", None)
     if ctx.parent is not None and misplaced in _options_of(command):
         program, _, rest = ctx.command_path.partition(" ")
