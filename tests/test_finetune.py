@@ -100,6 +100,41 @@ def test_full_fine_tuning_keeps_the_model_and_its_tokenizer(base, tmp_path):
     assert "lora" not in tuned and tuned["train_config"]["seq_len"] == 32
 
 
+def test_export_outtype_stores_q8_0_or_f16_matrices_and_refuses_the_rest(base, tmp_path):
+    """`anexa export … --format gguf --outtype q8_0`: llama.cpp's 8-bit blocks for the matrices (rows of whole
+    32-value blocks here; test_gguf.py has the f16 fallback), f32 norms, about a quarter of the f32 file; read
+    back by transformers near the float32 logits. A type the writer lacks, or --outtype with hf: one line, nothing written."""
+    transformers = pytest.importorskip("transformers")
+    from gguf import GGUFReader
+
+    run = base / "run"
+    sizes = {}
+    for outtype in ("f32", "f16", "q8_0"):
+        out = tmp_path / f"{outtype}.gguf"
+        result = runner.invoke(app, ["export", str(run), str(out), "--format", "gguf", "--outtype", outtype])
+        assert result.exit_code == 0 and f"{outtype} matrices" in result.output, result.output
+        types = {tensor.name: tensor.tensor_type.name for tensor in GGUFReader(out).tensors}
+        matrices = {types[name] for name in types if not name.endswith(("norm.weight", ".bias"))}
+        assert {types[name] for name in types if name.endswith("norm.weight")} == {"F32"}
+        assert matrices == {"f32": {"F32"}, "f16": {"F16"}, "q8_0": {"Q8_0"}}[outtype], types
+        sizes[outtype] = out.stat().st_size
+    assert sizes["q8_0"] < 0.4 * sizes["f32"] and sizes["f16"] < 0.6 * sizes["f32"]
+    model = load(run, "cpu").model
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids)[0]
+        for outtype, tolerance in (("f16", 1e-3), ("q8_0", 2e-2)):
+            read = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp_path, gguf_file=f"{outtype}.gguf", dtype=torch.float32
+            )
+            error = (read.eval()(ids).logits - ours).abs().max().item()
+            assert 0 < error < tolerance, (outtype, error)
+    user_error(["export", str(run), str(tmp_path / "x.gguf"), "-f", "gguf", "--outtype", "q4_k"],
+               "--outtype 'q4_k' is not one of f32, f16, q8_0")  # fmt: skip
+    user_error(["export", str(run), str(tmp_path / "hf"), "--outtype", "f16"], "--outtype f16 applies to --format gguf")
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "hf").exists()
+
+
 def test_a_changed_or_missing_base_is_one_line(base, tmp_path):
     _finetune(base, tmp_path / "lora", "--lora", "r=2")
     moved = tmp_path / "elsewhere"
@@ -186,6 +221,29 @@ def test_what_fine_tuning_refuses_is_one_line(base, tmp_path):
     user_error([*init[:3], "--data", str(chats), "--out", str(tmp_path / "z")],
                "conversations need the model's chat template, and this model has none")  # fmt: skip
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_missing_data_is_the_one_line_before_the_model_is_built(base, tmp_path, caplog, monkeypatch):
+    """The newcomer's report: `anexa train --init-from runs/smol --lora r=16,alpha=32 --data notes.txt`
+    without a notes.txt logged "LoRA: 1,843,200 trainable parameters…", then the data error."""
+    from anexa_core.train import loop
+
+    def built(*args, **kwargs):
+        raise AssertionError("the fine-tuned model was built before --data was checked")
+
+    monkeypatch.setattr(loop, "_finetuned_model", built)
+    missing = tmp_path / "notes.txt"
+    for lora in ([], ["--lora", "r=4"]):
+        caplog.clear()
+        user_error(
+            ["train", "--init-from", str(base / "run"), "--data", str(missing), *lora, "--out", str(tmp_path / "x")],
+            f"--data {str(missing)!r} is neither a dataset",
+        )
+        assert not caplog.records
+    user_error(
+        ["train", "--resume", str(base / "run"), "--data", str(missing), "--steps", "50"], "is neither a dataset"
+    )
+    assert not (tmp_path / "x").exists()
 
 
 # --- conversations ----------------------------------------------------------------------------------

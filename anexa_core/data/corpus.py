@@ -364,8 +364,22 @@ def _spec_files(spec: str, globs: Sequence[str], options: dict | None = None) ->
         return folder_files(path, globs), _safe_name(path.resolve().name, "data")
     if path.exists():
         return [path], _safe_name(path.stem, "data")
-    names = ", ".join(sorted(datasets)) or "none installed"
-    raise AnexaError(
+    raise _names_nothing(spec)
+
+
+def check_sources(data: str | Sequence[str]) -> None:
+    """Raise :func:`resolve_corpus`'s one-line :class:`AnexaError` for a ``--data`` value that is no URL, no
+    dataset and no existing file or folder, without reading or downloading anything: a run checks its data
+    before it loads or builds a model."""
+    datasets = plugins.registered("datasets")
+    for spec in data_specs(data):
+        if not (_is_url(spec) or spec in datasets or Path(spec).expanduser().exists()):
+            raise _names_nothing(spec)
+
+
+def _names_nothing(spec: str) -> AnexaError:
+    names = ", ".join(sorted(plugins.registered("datasets"))) or "none installed"
+    return AnexaError(
         f"--data {spec!r} is neither a dataset ({names}) nor an existing file or folder: "
         "pass a dataset name, a text file, a folder, or an http(s) URL"
     )

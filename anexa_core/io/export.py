@@ -61,19 +61,29 @@ class Exported:
     notes: list[str] = field(default_factory=list)
 
 
-def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False) -> Exported:
+def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False, outtype: str = "f32") -> Exported:
     """Write the model of ``run`` (a run folder — its best checkpoint — or a ``.safetensors`` file) to the
-    folder ``out`` in ``format``.
+    folder ``out`` in ``format``; ``outtype`` (``gguf`` only): how its weight matrices are stored, one of
+    :data:`anexa_core.io.gguf.WRITE_DTYPES` (``hf`` stores the run's float32).
 
-    Raises :class:`AnexaError` for an unknown format, a model or tokenizer that cannot be expressed in
-    it, an ``out`` that is a file, holds an Anexa run, or is a non-empty folder without ``overwrite``.
+    Raises :class:`AnexaError` for an unknown format or outtype, an outtype other than f32 for ``hf``, a
+    model or tokenizer that cannot be expressed in the format, an ``out`` that is a file, holds an Anexa
+    run, or is a non-empty folder without ``overwrite``.
     """
+    from anexa_core.io.gguf import WRITE_DTYPES
+
     if format not in FORMATS:
         raise AnexaError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+    if outtype not in WRITE_DTYPES:
+        raise AnexaError(f"--outtype {outtype!r} is not one of {', '.join(WRITE_DTYPES)}")
+    if format != "gguf" and outtype != "f32":
+        raise AnexaError(
+            f"--outtype {outtype} applies to --format gguf (hf stores float32): drop it or add --format gguf"
+        )
     out = Path(out)
     sweep_stale(out.parent, out.name)  # an export killed mid-rename put the old OUT aside: back first
     if format == "gguf":
-        return export_gguf(run, out, overwrite)
+        return export_gguf(run, out, overwrite, outtype)
     _check_target(out, overwrite)
     loaded = load(run, "cpu", decoding=False)
     model, tokenizer, meta = loaded.model, loaded.tokenizer, loaded.meta

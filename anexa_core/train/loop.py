@@ -24,6 +24,7 @@ import torch
 
 from anexa_core import plugins
 from anexa_core.config import ModelConfig, TrainConfig
+from anexa_core.data.corpus import check_sources
 from anexa_core.data.prepare import prepare_data
 from anexa_core.device import configure_threads, pick_device
 from anexa_core.errors import AnexaError
@@ -195,6 +196,7 @@ def prepare(
         )
     state = checkpoint.load_train_state(out_dir) if resume else None
     optimizer_options = _check_plugins(model_config, train_config, state)
+    check_sources(train_config.data)  # before a model is loaded or built: a missing file is the one line
     if state is None and train_config.init_from is not None and base is None:
         base = load_base(train_config.init_from)
     torch.manual_seed(train_config.seed)

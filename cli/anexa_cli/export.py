@@ -35,6 +35,14 @@ def export(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a non-empty OUT (never an Anexa run).")
     ] = False,
+    outtype: Annotated[
+        str,
+        typer.Option(
+            "--outtype",
+            help="gguf: how the weight matrices are stored: f32 (exact), f16, or q8_0 (llama.cpp's 8-bit "
+            "blocks, about 0.27 of f32's bytes); norms and biases stay f32.",
+        ),
+    ] = "f32",
     threads: Threads = None,
 ) -> None:
     """Export a trained model: `--format hf` writes config.json, model.safetensors, tokenizer files and a model card."""
@@ -42,13 +50,13 @@ def export(
     from anexa_core.io.export import UPLOAD_COMMAND
     from anexa_core.io.export import export as export_model
 
-    done = export_model(run, out, format, overwrite)
+    done = export_model(run, out, format, overwrite, outtype)
     val = f", val loss {done.val_loss:.4f}" if isinstance(done.val_loss, (int, float)) else ""
     quoted = shlex.quote(str(done.out))
     if format == "gguf":
         typer.echo(
             f"exported {done.source} (step {done.step}{val}) to {done.out}: {done.architecture}, "
-            f"{done.parameters:,} parameters\n"
+            f"{done.parameters:,} parameters, {outtype} matrices\n"
             f"  run it: llama-cli -m {quoted}, or ollama: echo 'FROM {quoted}' > Modelfile && ollama create NAME"
         )
         for note in done.notes:
