@@ -104,7 +104,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
     names = linear_names(model)
     matched = [name for name in names if any(name == t or name.endswith("." + t) for t in spec.targets)]
     if not matched:
-        suffixes = sorted({name.rsplit(".", 1)[-1] for name in names})
+        suffixes = sorted({name.rpartition(".")[2] for name in names})
         raise AnexaError(
             f"--lora targets {', '.join(spec.targets)} match no linear layer of this model: choose "
             f"from {', '.join(suffixes)}"
@@ -125,12 +125,13 @@ def load_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Put saved adapter tensors back into a model :func:`apply_lora` prepared; a mismatch is one line."""
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, tensors)
-    missing = [name for name in getattr(result, "missing_keys", []) if "lora_" in name]
-    if missing or getattr(result, "unexpected_keys", []):
+    # torch's (missing_keys, unexpected_keys) of load_state_dict(strict=False); peft annotates it `namedtuple`
+    result: Any = set_peft_model_state_dict(model, tensors)
+    missing = [name for name in result.missing_keys if "lora_" in name]  # the base's own weights load apart
+    if missing or result.unexpected_keys:
         raise AnexaError(
             f"the adapter does not fit its base model (missing {missing[:2]}, unexpected "
-            f"{list(getattr(result, 'unexpected_keys', []))[:2]}): the base has changed"
+            f"{list(result.unexpected_keys)[:2]}): the base has changed"
         )
 
 
@@ -142,7 +143,7 @@ def merge(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             module.merge()
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+            parent, _, child = name.rpartition(".")  # get_submodule("") is the model itself
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
     for parameter in model.parameters():
         parameter.requires_grad_(True)
