@@ -14,7 +14,7 @@ import shutil
 import pytest
 import safetensors
 import torch
-from helpers import user_error
+from helpers import transformers_model, user_error
 from typer.testing import CliRunner
 
 from anexa_cli.main import app
@@ -103,8 +103,9 @@ def test_full_fine_tuning_keeps_the_model_and_its_tokenizer(base, tmp_path):
 def test_export_outtype_stores_q8_0_or_f16_matrices_and_refuses_the_rest(base, tmp_path):
     """`anexa export … --format gguf --outtype q8_0`: llama.cpp's 8-bit blocks for the matrices (rows of whole
     32-value blocks here; test_gguf.py has the f16 fallback), f32 norms, about a quarter of the f32 file; read
-    back by transformers near the float32 logits. A type the writer lacks, or --outtype with hf: one line, nothing written."""
-    transformers = pytest.importorskip("transformers")
+    back by transformers near the float32 logits. A type the writer lacks, or --outtype with hf: one line,
+    nothing written."""
+    pytest.importorskip("transformers")
     from gguf import GGUFReader
 
     run = base / "run"
@@ -124,10 +125,7 @@ def test_export_outtype_stores_q8_0_or_f16_matrices_and_refuses_the_rest(base, t
     with torch.no_grad():
         ours = model(ids)[0]
         for outtype, tolerance in (("f16", 1e-3), ("q8_0", 2e-2)):
-            read = transformers.AutoModelForCausalLM.from_pretrained(
-                tmp_path, gguf_file=f"{outtype}.gguf", dtype=torch.float32
-            )
-            error = (read.eval()(ids).logits - ours).abs().max().item()
+            error = (transformers_model(tmp_path, f"{outtype}.gguf")(ids).logits - ours).abs().max().item()
             assert 0 < error < tolerance, (outtype, error)
     user_error(["export", str(run), str(tmp_path / "x.gguf"), "-f", "gguf", "--outtype", "q4_k"],
                "--outtype 'q4_k' is not one of f32, f16, q8_0")  # fmt: skip
@@ -192,10 +190,10 @@ def test_a_merged_lora_run_exports_to_transformers_and_gguf_with_equal_logits(ba
     export(tmp_path / "lora", tmp_path / "hf", "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     export(tmp_path / "lora", tmp_path / "lora.gguf", "gguf")
-    gguf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="lora.gguf", dtype=torch.float32)
+    gguf = transformers_model(tmp_path, "lora.gguf")
     with torch.no_grad():
         assert (hf(ids).logits - ours).abs().max().item() < 1e-4
-        assert (gguf.eval()(ids).logits - ours).abs().max().item() < 1e-4
+        assert (gguf(ids).logits - ours).abs().max().item() < 1e-4
     # The card retrains it as it was trained: from its base (by name, not the local path), as LoRA.
     card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
     args = shlex.split(re.search(r"## How it was trained\n\n```sh\n(.+)\n```", card).group(1))

@@ -348,21 +348,33 @@ def folder_files(folder: Path, globs: Sequence[str] = DEFAULT_GLOBS) -> list[Pat
     return [path for _, path in sorted(found)]
 
 
+def _source_kind(spec: str) -> str | None:
+    """What one ``--data`` value names: ``"url"``, ``"dataset"`` (a name wins over a same-named file),
+    ``"folder"`` or ``"file"``; ``None`` for nothing. Reads and downloads nothing."""
+    if _is_url(spec):
+        return "url"
+    if spec in plugins.registered("datasets"):
+        return "dataset"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "folder"
+    return "file" if path.exists() else None
+
+
 def _spec_files(spec: str, globs: Sequence[str], options: dict | None = None) -> tuple[list[Path], str]:
     """The files of one ``--data`` value and its short name (``options``: a dataset plugin's)."""
-    if _is_url(spec):
+    kind, path = _source_kind(spec), Path(spec).expanduser()
+    if kind == "url":
         return [download(spec)], _safe_name(Path(_url_filename(spec)).stem, "data")
-    datasets = plugins.registered("datasets")
-    if spec in datasets:
+    if kind == "dataset":
         dataset, _ = plugins.create("datasets", spec, options or {})
-        files = [Path(path) for path in dataset.files()]
+        files = [Path(file) for file in dataset.files()]
         if not files:
             raise AnexaError(f"dataset {spec!r} returned no files: its plugin is broken; pass --data FILE instead")
         return files, _safe_name(spec, "data")
-    path = Path(spec).expanduser()
-    if path.is_dir():
+    if kind == "folder":
         return folder_files(path, globs), _safe_name(path.resolve().name, "data")
-    if path.exists():
+    if kind == "file":
         return [path], _safe_name(path.stem, "data")
     raise _names_nothing(spec)
 
@@ -371,9 +383,8 @@ def check_sources(data: str | Sequence[str]) -> None:
     """Raise :func:`resolve_corpus`'s one-line :class:`AnexaError` for a ``--data`` value that is no URL, no
     dataset and no existing file or folder, without reading or downloading anything: a run checks its data
     before it loads or builds a model."""
-    datasets = plugins.registered("datasets")
     for spec in data_specs(data):
-        if not (_is_url(spec) or spec in datasets or Path(spec).expanduser().exists()):
+        if _source_kind(spec) is None:
             raise _names_nothing(spec)
 
 
@@ -383,13 +394,6 @@ def _names_nothing(spec: str) -> AnexaError:
         f"--data {spec!r} is neither a dataset ({names}) nor an existing file or folder: "
         "pass a dataset name, a text file, a folder, or an http(s) URL"
     )
-
-
-def _is_folder(spec: str) -> bool:
-    """Whether a ``--data`` value is a local folder (a dataset name wins over a folder of that name)."""
-    if _is_url(spec) or spec in plugins.registered("datasets"):
-        return False
-    return Path(spec).expanduser().is_dir()
 
 
 def resolve_corpus(
@@ -408,7 +412,7 @@ def resolve_corpus(
         raise AnexaError("--data is empty: pass a dataset name, a text file, a folder, or an http(s) URL")
     if options and not set(specs) & set(plugins.registered("datasets")):
         raise AnexaError("-o data.… sets a dataset plugin's options, but --data names no dataset: drop it")
-    if tuple(globs) != DEFAULT_GLOBS and not any(_is_folder(spec) for spec in specs):
+    if tuple(globs) != DEFAULT_GLOBS and not any(_source_kind(spec) == "folder" for spec in specs):
         patterns = ", ".join(repr(glob) for glob in globs)
         raise AnexaError(
             f"--glob {patterns} picks the files of a --data folder, but --data {data_label(specs)} names no "
