@@ -363,6 +363,17 @@ def test_help_types_name_one_value_of_a_repeatable_parameter_and_none_for_flags(
     assert re.search(r"<(str|path)>", helped.stdout), helped.stdout  # the type column is still there
 
 
+def test_export_help_names_every_outtype_the_gguf_writer_takes():
+    """The CLI spells the choices by hand (importing the writer would load torch for --help): keep them equal."""
+    from anexa_core.io.gguf import WRITE_DTYPES
+
+    helped = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "400"})
+    text = " ".join(re.sub("[│─╭╮╰╯]", " ", helped.stdout).split())
+    outtype = text.split("--outtype")[1].split("--")[0]
+    named = re.findall(r"\b(f32|f16|bf16|q\d_\d|q\d_k)\b", outtype)
+    assert sorted(set(named)) == sorted(WRITE_DTYPES), outtype
+
+
 def test_generate_help_lists_the_installed_samplers_in_chain_order():
     helped = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "400"})
     text = " ".join(re.sub("[│─╭╮╰╯]", " ", helped.stdout).split())
