@@ -1229,24 +1229,45 @@ def test_a_batch_of_conversations_pads_right_and_targets_only_the_assistant_toke
 def test_losses_read_back_in_batches_report_every_step_in_order(sherlock_path, tmp_path, monkeypatch):
     """On a GPU the loop reads losses back every --log-every steps instead of after every step (a read waits
     for the device). Forced here on the CPU: the reporter still hears every step once, in order, with the
-    same losses, and steps.jsonl and metrics.jsonl say what a step-by-step run says."""
+    same losses, and steps.jsonl and metrics.jsonl say what a step-by-step run says. A CPU run itself reports
+    each step as soon as it is done (the progress bar moves every step): a CPU computes synchronously, so the
+    read costs nothing there."""
     from anexa_core.train import loop
+
+    taken = [0]  # training steps run so far, counted where the loop runs them
+    make_train_step = loop.make_train_step
+
+    def counting(*args, **kwargs):
+        step = make_train_step(*args, **kwargs)
+
+        def counted(x, y):
+            taken[0] += 1
+            return step(x, y)
+
+        return counted
+
+    monkeypatch.setattr(loop, "make_train_step", counting)
 
     class Heard(SilentReporter):
         def __init__(self):
-            self.steps = []
+            self.steps, self.taken_when_heard = [], []
 
         def step(self, step, loss, tokens_per_s):
             self.steps.append((step, loss))
+            self.taken_when_heard.append(taken[0])
 
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
     config = _train_config(sherlock_path, steps=11, log_every=4, eval_every=6, save_every=11, warmup_steps=3)
     one_by_one, batched = Heard(), Heard()
     train(tiny, config, tmp_path / "a", reporter=one_by_one)
+    assert one_by_one.taken_when_heard == list(range(1, 12))  # each step heard before the next one runs
+    taken[0] = 0
     monkeypatch.setattr(loop, "_reads_each_step", lambda device: False)
     train(tiny, config, tmp_path / "b", reporter=batched)
     assert [step for step, _ in batched.steps] == list(range(1, 12))
     assert batched.steps == one_by_one.steps
+    # read at --log-every 4, the evaluation at 6, --log-every 8, the end at 11
+    assert batched.taken_when_heard == [4] * 4 + [6] * 2 + [8] * 2 + [11] * 3
 
     def records(run, name, keys):
         lines = (tmp_path / run / name).read_text().splitlines()

@@ -555,7 +555,7 @@ def _evaluated_splits(run: TrainingRun) -> tuple[tuple[Windows | Conversations, 
 # --- checkpoints ------------------------------------------------------------------------------------
 
 
-def save(run: TrainingRun, step: int, best: bool = False) -> None:
+def save(run: TrainingRun, step: int, best: bool) -> None:
     """The training state, then ``model.safetensors`` (and ``best.safetensors`` for a new best), each
     written atomically. The training state comes first: it alone is what ``--resume`` reads, so the pair can
     never disagree, and a run folder never holds a best model that ``--resume`` could not continue from."""
