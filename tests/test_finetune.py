@@ -346,6 +346,29 @@ def test_a_lora_fine_tune_keeps_what_training_promises(base, tmp_path):
     assert 1 <= timed["step"] < 1000 and "lora" in timed  # stopped by the clock, saved, still an adapter run
 
 
+def test_a_fine_tune_reports_its_data_progress_and_steps_as_a_new_run_does(base, tmp_path):
+    """The reporter hears a fine-tune's data being read and tokenized with the base's own tokenizer (so no
+    vocabulary is learnt), then every step, as a run from scratch is heard (test_training.py)."""
+    from anexa_core.train.loop import SilentReporter
+
+    class Heard(SilentReporter):
+        def __init__(self):
+            self.phases, self.steps = set(), []
+
+        def data_progress(self, phase, done, total):
+            self.phases.add(phase)
+
+        def step(self, step, loss, tokens_per_s):
+            self.steps.append(step)
+
+    overrides = {"data": str(base / "text.txt"), "steps": 3, "eval_every": 3, "eval_batches": 1,
+                 "batch_size": 2, "seq_len": 32, "device": "cpu", "lora": "r=2"}  # fmt: skip
+    model_config, train_config, loaded = finetune_configs(str(base / "run"), overrides)
+    heard = Heard()
+    train(model_config, train_config, tmp_path / "lora", reporter=heard, base=loaded)
+    assert heard.phases == {"fingerprinting", "tokenizing"} and heard.steps == [1, 2, 3]
+
+
 def test_a_lora_fine_tune_under_torchrun_matches_one_process_with_double_batch(base, tmp_path):
     """Two data-parallel ranks (torchrun, gloo) with batch B train the adapters as one process with 2B."""
     import os

@@ -181,8 +181,8 @@ def prepare(
     resume: bool,
     overwrite: bool,
     reporter: Reporter,
-    base: Base | None = None,
-    threads: int = 1,
+    base: Base | None,
+    threads: int,
 ) -> TrainingRun:
     """The model, tokenizer, data and optimizer of a new run (from scratch, or fine-tuning ``base`` / the
     model of ``train_config.init_from``), or of the run in ``out_dir`` with ``resume`` (weights, optimizer
@@ -237,15 +237,11 @@ def prepare(
         resumed=state is not None,
         threads=threads,
     )
-    if train_config.lora is not None:
-        run.lora = (
-            state.meta["model"]["lora"]
-            if state is not None
-            else {
-                "spec": LoraSpec.parse(train_config.lora).as_dict(),
-                "base": base.reference if base is not None else {"init_from": train_config.init_from},
-            }
-        )
+    if train_config.lora is not None and state is not None:
+        run.lora = state.meta["model"]["lora"]
+    elif train_config.lora is not None:
+        assert base is not None  # TrainConfig refuses --lora without --init-from, whose base is loaded above
+        run.lora = {"spec": LoraSpec.parse(train_config.lora).as_dict(), "base": base.reference}
     if state is not None:
         _restore(run, state)
     if ranks.is_main:
