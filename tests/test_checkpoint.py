@@ -568,9 +568,12 @@ def _safetensors_with(path, metadata):
     [
         (
             lambda d: d / "nothing.safetensors",
-            "no checkpoint at {path}: train one with `anexa train` or pass --model DIR",
+            "no checkpoint at {path}: pass the folder of a run (`anexa runs` lists them), or make one with `anexa train` or `anexa import`",
         ),
-        (lambda d: d, "no checkpoint at {path}/model.safetensors: train one with `anexa train` or pass --model DIR"),
+        (
+            lambda d: d,
+            "no checkpoint at {path}/model.safetensors: pass the folder of a run (`anexa runs` lists them), or make one with `anexa train` or `anexa import`",
+        ),
         (
             lambda d: (d / "README.md").write_text("# notes\n") and d / "README.md",
             "{path} is not a safetensors checkpoint: pass a run folder or a model.safetensors",

@@ -191,7 +191,7 @@ def test_a_hub_id_comes_from_the_huggingface_cache_and_offline_without_it_is_one
     with pytest.raises(AnexaError) as error:
         import_model("runs/nope", tmp_path / "other")
     assert str(error.value) == (
-        "runs/nope does not exist: runs/ holds no nope, and it is no model in the Hugging Face cache either: "
+        "runs/nope does not exist: runs/ holds no nope, and no Hugging Face hub model of that name is cached: "
         "check the path"
     )
     with pytest.raises(AnexaError, match=r"^anexa-test/not-downloaded is not in the Hugging Face cache"):

@@ -108,7 +108,10 @@ def read_metadata(path: Path, remedy: str = "retrain or pass another --model") -
     brought up to date."""
     path = checkpoint_file(path)
     if path.is_dir() or not path.exists():
-        raise AnexaError(f"no checkpoint at {path}: train one with `anexa train` or pass --model DIR")
+        raise AnexaError(
+            f"no checkpoint at {path}: pass the folder of a run (`anexa runs` lists them), "
+            "or make one with `anexa train` or `anexa import`"
+        )
     if not path.is_file():
         raise AnexaError(f"{path} is not a file: pass a run folder or a model.safetensors")
     try:

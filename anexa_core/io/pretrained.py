@@ -194,8 +194,8 @@ def read_pretrained(source: str | Path) -> Pretrained:
                 raise
             # ``runs/nope`` beside a local ``runs/``: a mistyped path far likelier than a hub id.
             raise AnexaError(
-                f"{source} does not exist: {folder}/ holds no {text.split('/', 1)[1]}, and it is no model in the "
-                "Hugging Face cache either: check the path"
+                f"{source} does not exist: {folder}/ holds no {text.split('/', 1)[1]}, and no Hugging Face hub "
+                "model of that name is cached: check the path"
             ) from None
     raise AnexaError(f"{source} does not exist: pass a GGUF file, a Hugging Face folder or a hub id (ORG/NAME)")
 
