@@ -346,9 +346,10 @@ def test_a_lora_fine_tune_keeps_what_training_promises(base, tmp_path):
     assert 1 <= timed["step"] < 1000 and "lora" in timed  # stopped by the clock, saved, still an adapter run
 
 
-def test_a_fine_tune_reports_its_data_progress_and_steps_as_a_new_run_does(base, tmp_path):
+def test_a_fine_tune_reports_its_data_progress_and_steps_as_a_new_run_does(base, tmp_path, caplog):
     """The reporter hears a fine-tune's data being read and tokenized with the base's own tokenizer (so no
-    vocabulary is learnt), then every step, as a run from scratch is heard (test_training.py)."""
+    vocabulary is learnt), then every step, as a run from scratch is heard (test_training.py); the log says
+    how many of the model's parameters LoRA trains."""
     from anexa_core.train.loop import SilentReporter
 
     class Heard(SilentReporter):
@@ -365,8 +366,33 @@ def test_a_fine_tune_reports_its_data_progress_and_steps_as_a_new_run_does(base,
                  "batch_size": 2, "seq_len": 32, "device": "cpu", "lora": "r=2"}  # fmt: skip
     model_config, train_config, loaded = finetune_configs(str(base / "run"), overrides)
     heard = Heard()
-    train(model_config, train_config, tmp_path / "lora", reporter=heard, base=loaded)
+    with caplog.at_level("INFO", logger="anexa"):
+        train(model_config, train_config, tmp_path / "lora", reporter=heard, base=loaded)
     assert heard.phases == {"fingerprinting", "tokenizing"} and heard.steps == [1, 2, 3]
+    with safetensors.safe_open(str(tmp_path / "lora" / "model.safetensors"), framework="pt") as handle:
+        names = handle.keys()  # a safetensors handle is not iterable
+        adapters = sum(handle.get_tensor(name).numel() for name in names)
+    total = loaded.model.num_parameters() + adapters
+    assert f"LoRA: {adapters:,} trainable parameters of {total:,}" in caplog.messages
+
+
+def test_a_resumed_lora_run_holds_one_copy_of_its_base(base, tmp_path, monkeypatch):
+    """Resuming a LoRA run loads its base once and builds the model over the base's own tensors, as the
+    fine-tune that started it did (test_a_lora_run_shares_the_frozen_base_weights_and_a_full_one_copies_them)."""
+    from anexa_core.train import loop
+
+    _finetune(base, tmp_path / "lora", "--lora", "r=2,dropout=0")
+    bases = []
+    base_of = loop.base_of
+    monkeypatch.setattr(loop, "base_of", lambda reference: bases.append(base_of(reference)) or bases[-1])
+    model_config, _ = resume_configs(tmp_path / "lora", {})
+    model, _ = loop._resumed_model(checkpoint.load_train_state(tmp_path / "lora"), model_config, tmp_path / "lora")
+    ((loaded,),) = (bases,)
+    mine = model.state_dict()
+    for name, tensor in loaded.model.state_dict().items():
+        module, _, field = name.rpartition(".")
+        shared = mine.get(name, mine.get(f"{module}.base_layer.{field}"))  # an adapted layer's frozen weight
+        assert shared is not None and shared.data_ptr() == tensor.data_ptr(), name
 
 
 def test_a_lora_fine_tune_under_torchrun_matches_one_process_with_double_batch(base, tmp_path):
