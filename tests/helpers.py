@@ -12,6 +12,7 @@ import torch
 from anexa_core import hookimpl
 from anexa_core.config import ModelConfig
 from anexa_core.model.gpt import build_model
+from anexa_core.train.loop import SilentReporter
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -193,3 +194,26 @@ def transformers_tokenizer(folder: Path, name: str):
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+class Watching(SilentReporter):
+    """Records what the training loop tells a reporter (``anexa_core.train.loop.Reporter``)."""
+
+    def __init__(self):
+        self.phases, self.started, self.steps, self.evaluations, self.finished = set(), [], [], [], 0
+
+    def data_progress(self, phase, done, total):
+        self.phases.add(phase)
+
+    def start(self, total_steps, first_step, info):
+        self.started.append((total_steps, first_step, info))
+
+    def step(self, step, loss, tokens_per_s):
+        self.steps.append(step)
+        self.rates = [*getattr(self, "rates", []), tokens_per_s]
+
+    def evaluated(self, metrics):
+        self.evaluations.append(metrics["step"])
+
+    def finish(self):
+        self.finished += 1

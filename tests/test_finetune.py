@@ -14,7 +14,7 @@ import shutil
 import pytest
 import safetensors
 import torch
-from helpers import transformers_model, user_error
+from helpers import Watching, transformers_model, user_error
 from typer.testing import CliRunner
 
 from anexa_cli.main import app
@@ -350,22 +350,10 @@ def test_a_fine_tune_reports_its_data_progress_and_steps_as_a_new_run_does(base,
     """The reporter hears a fine-tune's data being read and tokenized with the base's own tokenizer (so no
     vocabulary is learnt), then every step, as a run from scratch is heard (test_training.py); the log says
     how many of the model's parameters LoRA trains."""
-    from anexa_core.train.loop import SilentReporter
-
-    class Heard(SilentReporter):
-        def __init__(self):
-            self.phases, self.steps = set(), []
-
-        def data_progress(self, phase, done, total):
-            self.phases.add(phase)
-
-        def step(self, step, loss, tokens_per_s):
-            self.steps.append(step)
-
     overrides = {"data": str(base / "text.txt"), "steps": 3, "eval_every": 3, "eval_batches": 1,
                  "batch_size": 2, "seq_len": 32, "device": "cpu", "lora": "r=2"}  # fmt: skip
     model_config, train_config, loaded = finetune_configs(str(base / "run"), overrides)
-    heard = Heard()
+    heard = Watching()
     with caplog.at_level("INFO", logger="anexa"):
         train(model_config, train_config, tmp_path / "lora", reporter=heard, base=loaded)
     assert heard.phases == {"fingerprinting", "tokenizing"} and heard.steps == [1, 2, 3]

@@ -8,6 +8,7 @@ import math
 import pytest
 import safetensors.torch
 import torch
+from helpers import Watching
 
 from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.data.prepare import prepare_data
@@ -806,34 +807,11 @@ def test_an_optimizer_state_that_does_not_fit_is_refused_on_resume(sherlock_path
     )
 
 
-class _Watching(SilentReporter):
-    """Records what the loop tells a reporter."""
-
-    def __init__(self):
-        self.phases, self.started, self.steps, self.evaluations, self.finished = set(), [], [], [], 0
-
-    def data_progress(self, phase, done, total):
-        self.phases.add(phase)
-
-    def start(self, total_steps, first_step, info):
-        self.started.append((total_steps, first_step, info))
-
-    def step(self, step, loss, tokens_per_s):
-        self.steps.append(step)
-        self.rates = [*getattr(self, "rates", []), tokens_per_s]
-
-    def evaluated(self, metrics):
-        self.evaluations.append(metrics["step"])
-
-    def finish(self):
-        self.finished += 1
-
-
 def test_the_reporter_hears_about_the_data_the_steps_and_the_evaluations(sherlock_path, tmp_path):
     import time
 
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
-    fresh = _Watching()
+    fresh = Watching()
     started = time.perf_counter()
     result = train(tiny, _train_config(sherlock_path, steps=4, eval_every=2, save_every=4), tmp_path, reporter=fresh)
     wall = time.perf_counter() - started
@@ -858,7 +836,7 @@ def test_the_reporter_hears_about_the_data_the_steps_and_the_evaluations(sherloc
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(m["tokens_per_s"] >= 16 * 32 / wall and round(m["elapsed_s"], 2) == m["elapsed_s"] for m in metrics)
     spent = checkpoint.load_train_state(tmp_path).meta["elapsed_s"]
-    resumed = _Watching()
+    resumed = Watching()
     train(*resume_configs(tmp_path, {"steps": 6, "minutes": 30}), tmp_path, reporter=resumed, resume=True)
     assert resumed.phases == {"checking the token cache"}  # the same files and tokenizer: nothing to tokenize
     assert resumed.steps == [5, 6] and resumed.evaluations == [6]
