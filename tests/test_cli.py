@@ -96,16 +96,20 @@ def test_a_reply_is_never_empty_because_the_stop_string_came_first(run_dir):
 def test_chat_streams_responses_until_quit(run_dir):
     result = runner.invoke(app, ["chat", "--model", str(run_dir), "-n", "10", "--seed", "3"], input="Holmes\nquit\n")
     assert result.exit_code == 0, result.output
-    assert "Prompt: Response: " in result.stdout and result.stdout.count("Prompt: ") == 2
+    lines = result.stdout.splitlines()
+    assert lines[1] == "Prompt: Holmes", "a piped line is shown after the prompt, as a terminal echoes it"
+    assert lines[2].startswith("Response: ") and len(lines[2]) > len("Response: ")
+    assert lines[3:] == ["Prompt: quit"] and result.stdout.endswith("\n"), "quit ends on a fresh line"
 
 
 def test_chat_checks_the_prompt_before_responding_and_goes_on(run_dir):
     result = runner.invoke(app, ["chat", "--model", str(run_dir), "-n", "5"], input="日本\nWatson\nquit\n")
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert lines[1].startswith("Prompt: error: the text contains characters never seen in training ('日', '本')")
-    assert result.stdout.count("Response: ") == 1 and lines[2].startswith("Prompt: Response: ")
-    assert result.stdout.endswith("Prompt: \n"), "quit ends the session on a fresh line"
+    assert lines[1] == "Prompt: 日本"
+    assert lines[2].startswith("error: the text contains characters never seen in training ('日', '本')")
+    assert lines[3] == "Prompt: Watson" and lines[4].startswith("Response: ")
+    assert result.stdout.count("Response: ") == 1 and lines[5:] == ["Prompt: quit"]
 
 
 def test_chat_says_which_checkpoint_it_loaded(run_dir):

@@ -600,8 +600,9 @@ def chat(
         except (EOFError, KeyboardInterrupt):
             typer.echo()
             break
+        if not sys.stdin.isatty():  # a terminal echoes the line typed; show a piped one the same way
+            typer.echo(prompt)
         if prompt.strip() in ("quit", "exit"):
-            typer.echo()
             break
         if prompt.strip() == "/reset":
             conversation = Conversation(template, conversation.messages[:1] if system else [])
