@@ -42,6 +42,11 @@ def source_files(package: str) -> list[Path]:
 
 TINY = ModelConfig(vocab_size=37, n_layer=2, n_head=2, n_embd=32, block_size=16)
 
+TINY_MODEL_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32"]
+"""``anexa train`` flags of the tests' smallest trained model (one layer, width 32, context 32)."""
+TINY_FLAGS = [*TINY_MODEL_FLAGS, "--batch-size", "8"]
+""":data:`TINY_MODEL_FLAGS` with batches of 8: what most CLI tests train with."""
+
 
 def tiny_model(seed: int = 0, **changes) -> torch.nn.Module:
     torch.manual_seed(seed)

@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import user_error
+from helpers import TINY_FLAGS, user_error
 from typer.testing import CliRunner
 
 from anexa_cli.main import app
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
-TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8"]
 
 
 @pytest.fixture(scope="module")

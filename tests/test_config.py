@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from helpers import PACKAGES, source_files
+from helpers import PACKAGES, TINY_MODEL_FLAGS, source_files
 
 from anexa_core.config import resolve
 from anexa_core.errors import AnexaError
@@ -87,8 +87,8 @@ def test_plugin_options_a_user_gives_are_never_dropped(tmp_path, sherlock_path):
 
     from anexa_cli.main import app
 
-    tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4"]
-    args = ["train", "--data", str(sherlock_path), *tiny, "--steps", "2", "--eval-every", "2", "--device", "cpu"]
+    args = ["train", "--data", str(sherlock_path), *TINY_MODEL_FLAGS, "--batch-size", "4", "--steps", "2"]
+    args += ["--eval-every", "2", "--device", "cpu"]
     result = CliRunner().invoke(
         app, [*args, "--blocks", "llama", "--config", str(config), "--out", str(tmp_path / "r")]
     )

@@ -7,20 +7,14 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from helpers import TINY_MODEL_FLAGS
 
 from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.train.loop import train
 
 # float32: under bf16 autocast a batch split over two ranks rounds differently from one batch of both.
 TINY = [
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "32",
-    "--block-size",
-    "32",
+    *TINY_MODEL_FLAGS,
     "--dropout",
     "0",
     "--precision",

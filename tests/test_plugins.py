@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, source_files
+from helpers import TINY, TINY_MODEL_FLAGS, source_files
 
 from anexa_core import hookimpl, interfaces, plugins, testing
 from anexa_core.errors import AnexaError
@@ -28,14 +28,7 @@ BUILTINS = {
     "optimizers": {"adamw"},
 }
 TINY_TRAIN = [
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "32",
-    "--block-size",
-    "32",
+    *TINY_MODEL_FLAGS,
     "--batch-size",
     "4",
     "--steps",

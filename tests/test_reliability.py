@@ -14,19 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TINY_MODEL_FLAGS
 
 from anexa_core.errors import AnexaError
 from anexa_core.io import checkpoint
 
 TINY = [
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "32",
-    "--block-size",
-    "32",
+    *TINY_MODEL_FLAGS,
     "--batch-size",
     "4",
     "--device",

@@ -17,7 +17,7 @@ fastapi = pytest.importorskip("fastapi", reason="anexa serve needs the serve ext
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from helpers import running  # noqa: E402
+from helpers import TINY_FLAGS, running  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from anexa_cli.main import app as cli  # noqa: E402
@@ -46,16 +46,7 @@ def run_dir(sherlock_path, tmp_path_factory):
             "train",
             "--data",
             str(sherlock_path),
-            "--n-layer",
-            "1",
-            "--n-head",
-            "2",
-            "--n-embd",
-            "32",
-            "--block-size",
-            "32",
-            "--batch-size",
-            "8",
+            *TINY_FLAGS,
             "--steps",
             "30",
             "--eval-every",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import require_distribution
+from helpers import TINY_FLAGS, require_distribution
 from typer.testing import CliRunner
 
 from anexa_cli.main import app
@@ -20,7 +20,6 @@ from anexa_core.measure.bench import bench_attention
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "anexa-sliding"
-TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "8"]
 runner = CliRunner()
 
 
