@@ -283,7 +283,7 @@ def test_the_kv_cache_budget_bounds_the_batch_and_what_waits_gets_its_turn():
     model = tiny_model(seed=3, blocks="llama", block_size=256)
     requests = [Request(p, 40, Greedy()) for p in _prompts(5, seed=2)]  # each may reach < 64 positions
     expected = [_alone(model, r, None) for r in requests]
-    for budget, most_rows in ((2 * 128, 2), (4 * 128, 4), (None, 5)):
+    for budget, most_rows in ((2 * 64, 2), (4 * 64, 4), (None, 5)):
         engine = Engine(model, max_rows=5, max_cache_tokens=budget)
         out: list[list[int]] = [[] for _ in requests]
         rows, held = set(), set()
@@ -294,22 +294,30 @@ def test_the_kv_cache_budget_bounds_the_batch_and_what_waits_gets_its_turn():
             held.add(0 if cache is None else cache.rows * cache.capacity)
         assert out == expected and max(rows) == most_rows, (budget, rows)
         assert budget is None or max(held) <= budget
-    engine = Engine(model, max_rows=5, max_cache_tokens=2 * 128 - 1)
-    assert engine.cache_positions(2, 40) == 256 and engine.cache_positions(1, 40) == 128
+    engine = Engine(model, max_rows=5, max_cache_tokens=2 * 64 - 1)
+    assert engine.cache_positions(2, 40, 10) == 128 and engine.cache_positions(1, 40, 10) == 64
+    assert engine.cache_positions(1, 65, 10) == 128 and engine.cache_positions(1, 150, 100) == 200  # doubled once
+    assert engine.cache_positions(1, 250, 100) == 256  # at most the context
     engine.submit(requests[0])
-    with pytest.raises(AnexaError, match="may need 220 KV-cache positions"):  # 10 + 100 -> doubled from 110
-        Engine(model, max_rows=5, max_cache_tokens=200).submit(Request(list(range(1, 11)), 100, Greedy()))
+    with pytest.raises(AnexaError, match="may need 128 KV-cache positions"):  # 10 + 100: 64, doubled to 128
+        Engine(model, max_rows=5, max_cache_tokens=127).submit(Request(list(range(1, 11)), 100, Greedy()))
+    Engine(model, max_rows=5, max_cache_tokens=128).submit(Request(list(range(1, 11)), 100, Greedy()))
     with pytest.raises(AnexaError, match=r"may need 256 KV-cache positions .* more than the engine's 255") as caught:
         Engine(model, max_rows=5, max_cache_tokens=255).submit(Request(list(range(1, 200)), 57, Greedy()))
     assert "\n" not in str(caught.value)
     with pytest.raises(ValueError, match="max_cache_tokens must be at least 1"):
         Engine(model, max_cache_tokens=0)
+    with pytest.raises(AnexaError, match=r"a KV-cache budget of 63 positions fits no request: .* at least 64"):
+        Engine(model, max_cache_tokens=63)
+    scored = Engine(model, max_cache_tokens=64)  # a prompt only scored (echo) takes no cache, whatever its length
+    list(scored.run([Request(list(range(1, 37)) * 5, 0, Greedy(), echo=True)]))
+    assert len(scored.last_streams[0].prompt_logprobs or []) == 180
     # Whether a request fits alone does not depend on the rows the batch holds now: it waits for them.
-    busy = Engine(model, max_rows=4, max_cache_tokens=4 * 128)
+    busy = Engine(model, max_rows=4, max_cache_tokens=4 * 64)
     running = [busy.submit(r) for r in requests[:4]]
     busy.step()
     assert busy._cache is not None and busy._cache.rows == 4
-    later = busy.submit(Request(list(range(1, 11)), 110, Greedy()))  # alone: 2 × 120 = 240 positions
+    later = busy.submit(Request(list(range(1, 11)), 110, Greedy()))  # alone: 64 doubled to 128 < 4 × 64
     while busy.busy:
         busy.step()
     assert all(s.finish_reason == "length" for s in [*running, later])
@@ -339,8 +347,9 @@ def test_requests_joining_a_running_batch_grow_its_rows_without_touching_the_run
     streams += [engine.submit(r) for r in requests[2:]]
     engine.step()
     assert engine._cache.rows == 4
-    # What is allocated counts, however few rows the question is about: 4 rows of up to 2 × 64 positions.
-    assert engine._rows_for(2) == 4 and engine.cache_positions(1, 10) == 4 * 128
+    # What is allocated counts, however few rows or positions the question is about: 4 rows of 64 positions.
+    assert engine._cache.capacity == 64
+    assert engine._rows_for(2) == 4 and engine.cache_positions(1, 10, 1) == 4 * 64
     while engine.busy:
         engine.step()
     assert [[t.id for t in s.tokens] for s in streams] == [_alone(model, r, None) for r in requests]

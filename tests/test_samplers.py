@@ -570,9 +570,25 @@ def test_empty_chain_is_plain_sampling():
 def test_parse_sampler_options_forms():
     parsed = parse_sampler_options(["top_p=0.9", "repetition_penalty.window=32", "greedy", "top_p.p=0.8"])
     assert parsed == {"top_p": {"": "0.9", "p": "0.8"}, "repetition_penalty": {"window": "32"}, "greedy": {}}
-    specs = ["top_p=0.9", "top_p.p=0.8", "repetition_penalty.window=32", "repetition_penalty=1.5"]
+    specs = ["top_p.p=0.8", "repetition_penalty.window=32", "repetition_penalty=1.5"]
     chain = build_chain(specs)
-    assert chain.processors == [RepetitionPenalty(penalty=1.5, window=32), TopP(0.8)]  # last value wins
+    assert chain.processors == [RepetitionPenalty(penalty=1.5, window=32), TopP(0.8)]
+
+
+@pytest.mark.parametrize(
+    "specs, twice",
+    [
+        (["top_k=3", "top_k=50"], "top_k: its first option"),
+        (["top_p.p=0.9", "top_p.p=0.9"], "top_p: p"),  # even the same value: one of the two says nothing
+        (["top_p=0.9", "top_p.p=0.8"], "top_p: p"),  # the first option, named and not
+        (["top_p.p=0.8", "top_p=0.9"], "top_p: p"),
+    ],
+)
+def test_an_option_given_twice_is_refused_not_overridden(specs, twice):
+    with pytest.raises(AnexaError) as error:
+        build_chain(specs)
+    assert str(error.value) == f"sampler {twice} is given twice: give it once"
+    assert build_chain(specs[:1]).processors  # each alone is fine
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ a headless browser. Every expected text comes from the core's own `generate_text
 The API's newer parts (n, logprobs, echo, batches, refusals, Jinja chat) are in test_serve_api.py."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -153,6 +154,8 @@ def test_models_are_listed_under_unique_names(client):
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["tiny", "tiny-2"]
     assert all(m["object"] == "model" and m["anexa"]["context_length"] == 32 for m in body["data"])
+    raw = client.get("/v1/models").text + client.get("/v1/models/tiny").text
+    assert "/" not in raw, "no local path leaves the machine"
     assert client.get("/v1/models/tiny-2").json()["id"] == "tiny-2"
     assert_error(client.get("/v1/models/nope"), 404, code="model_not_found")
 
@@ -328,12 +331,16 @@ def test_requests_beyond_the_queue_get_429(models):
         with first.stream("POST", "/v1/completions", json=long) as running_one:
             lines = running_one.iter_lines()  # kept: a dropped iterator would close the connection
             assert next(lines).startswith("data: ")  # generating
+            decoder = app.state.server.decoders["tiny"]
+            two = third.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1, "n": 2})
+            message = assert_error(two, 429, code="queue_full")["message"]  # its first choice got the last place
+            assert "1 rows decoding and 0 requests waiting, with room for 2" in message, "not counting its own"
+            wait_until(lambda: decoder.waiting == 0)  # that choice was cancelled, and has left the line
             with second.stream("POST", "/v1/completions", json=long) as queued:
                 assert queued.status_code == 200  # admitted: waits for the row
                 refused = third.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
                 error = assert_error(refused, 429, code="queue_full")
                 assert error["type"] == "rate_limit_error" and refused.headers["retry-after"] == "1"
-                decoder = app.state.server.decoders["tiny"]
                 assert decoder.running == 1 and decoder.waiting == 1
                 running_one.close()  # frees the row: the queued request starts
                 assert next(queued.iter_lines()).startswith("data: ")
@@ -461,7 +468,39 @@ def test_routes_methods_and_hosts_are_refused_as_json(client):
     assert_error(client.get("/v2/anything"), 404, code="not_found")
     assert_error(client.get("/v1/completions"), 405, code="method_not_allowed")
     assert_error(client.get("/v1/models", headers={"host": "attacker.example:80"}), 400, code="invalid_host")
-    assert client.get("/v1/models", headers={"host": "localhost:1234"}).status_code == 200
+    for host in ("localhost:1234", "LOCALHOST", "[::1]", "[::1]:8000", "127.0.0.1:65535"):
+        assert client.get("/v1/models", headers={"host": host}).status_code == 200, host
+    # A loopback name with something around it is not a loopback name (found by an adversarial probe).
+    for host in ("[::1].evil.com", "[::1]evil", "127.0.0.1:8765, evil.com", "localhost@evil.com", "localhost:80:80"):
+        assert_error(client.get("/v1/models", headers={"host": host}), 400, code="invalid_host")
+
+
+def test_no_web_page_of_another_origin_can_make_the_server_generate(client, url):
+    """A page the user visits may POST a "simple" request (text/plain, no preflight) to a server on their
+    machine; the browser marks it with ``Origin``. Only this server's own origin (its chat page) passes;
+    clients that are not browsers send none."""
+    body = '{"model": "tiny", "prompt": "x", "max_tokens": 2}'
+    plain = {"content-type": "text/plain"}
+    host = url.split("://")[1]
+    port = int(host.rsplit(":", 1)[1])
+    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{port + 1}", f"http://{host}.evil.example"):
+        refused = client.post("/v1/completions", content=body, headers={**plain, "origin": origin})
+        assert assert_error(refused, 403, code="cross_origin")["type"] == "permission_error", origin
+    for headers in ({"origin": url}, {"origin": url.upper()}, {}):
+        assert client.post("/v1/completions", content=body, headers={**plain, **headers}).status_code == 200
+
+
+def test_a_client_gone_while_sending_its_body_is_no_server_error(url, caplog):
+    import socket
+
+    host, port = url.split("://")[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        sock.sendall((head + 'Content-Length: 1000\r\n\r\n{"model": "tiny"').encode())
+    with caplog.at_level(logging.INFO):
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 200)
+        time.sleep(0.3)  # the server notices the closed connection
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_api_key_is_required_when_set(models):
@@ -628,6 +667,20 @@ def test_serve_command_errors_are_one_line(tmp_path):
         f"error: chat template {tmp_path / 't.jinja'} does not parse"
     )
     assert len(result.stderr.strip().splitlines()) == 1
+    for key in ("ключ-é", "two words", "tab\tkey"):  # a header carries printable ASCII only: nobody could log in
+        result = runner.invoke(cli, ["serve", "--model", str(tmp_path / "missing"), "--api-key", key])
+        assert result.exit_code == 2 and result.stderr.startswith("error: --api-key (or ANEXA_API_KEY) holds a space")
+    result = runner.invoke(cli, ["serve", "-m", str(tmp_path / "missing"), "--api-key", "s3cr3t-K~ey!", "--port", "0"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: no checkpoint at"), "the key itself is fine"
+
+
+def test_serve_refuses_a_cache_budget_that_fits_no_request(run_dir):
+    result = runner.invoke(cli, ["serve", "--model", str(run_dir), "--max-cache-tokens", "31", "--port", "0"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        "error: a KV-cache budget of 31 positions fits no request: the smallest cache holds 32 (the context or "
+        "64); give at least 32"
+    )
 
 
 def test_serve_command_runs_a_server_with_an_api_key_from_the_environment(run_dir):

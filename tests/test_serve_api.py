@@ -19,7 +19,6 @@ from anexa_core import hookimpl, plugins  # noqa: E402
 from anexa_core.config import ModelConfig  # noqa: E402
 from anexa_core.errors import AnexaError  # noqa: E402
 from anexa_core.infer.chat import JinjaTemplate  # noqa: E402
-from anexa_core.infer.engine import Engine  # noqa: E402
 from anexa_core.infer.generation import encode_prompt, generate_ids, generate_text  # noqa: E402
 from anexa_core.infer.sampling import build_chain  # noqa: E402
 from anexa_core.model.gpt import build_model  # noqa: E402
@@ -40,10 +39,10 @@ def text(sherlock_path):
     return sherlock_path.read_text(encoding="utf-8")[:60_000]
 
 
-def _served(name, tokenizer, blocks="gpt2", seed=0, tokenizer_name="char"):
+def _served(name, tokenizer, blocks="gpt2", seed=0, tokenizer_name="char", block_size=BLOCK):
     torch.manual_seed(seed)
     config = ModelConfig(
-        vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=BLOCK, blocks=blocks
+        vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=block_size, blocks=blocks
     )
     model = build_model(config).eval()
     return ServedModel(name, model, tokenizer, {"tokenizer": {"name": tokenizer_name}}, Path(name), 0)
@@ -294,6 +293,30 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_to
 TEXT = {"model": "tiny", "prompt": "x", "max_tokens": 3, "seed": 1}
 REFUSED = {
     "unknown field": ("/v1/completions", {**TEXT, "frequency": 1}, "frequency"),
+    "unknown field named like a type": ("/v1/completions", {**TEXT, "int": 1}, "int"),
+    "unknown field with a dash": ("/v1/completions", {**TEXT, "a-b": 1}, "a-b"),
+    "17 stop strings": ("/v1/completions", {**TEXT, "stop": [f"s{i}" for i in range(17)]}, "stop"),
+    "a stop string of 257 characters": ("/v1/completions", {**TEXT, "stop": ["s" * 257]}, "stop[0]"),
+    "a message without content": (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user"}]},
+        "messages[0].content",
+    ),
+    "null content": (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": None}]},
+        "messages[0].content",
+    ),
+    "no content parts": (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": []}]},
+        "messages[0].content",
+    ),
+    "a sampler option twice": (
+        "/v1/completions",
+        {**TEXT, "anexa": {"samplers": ["top_p=0.5", "top_p=0.9"]}},
+        "anexa.samplers",
+    ),
     "unknown chat field": ("/v1/chat/completions", {**CHAT, "reasoning_effort": "low"}, "reasoning_effort"),
     "unknown message field": (
         "/v1/chat/completions",
@@ -362,7 +385,18 @@ REFUSED = {
 def test_fields_not_honoured_are_refused_naming_them(client, case):
     path, body, param = REFUSED[case]
     error = assert_error(client.post(path, json=body), 400, param)
-    assert "Traceback" not in error["message"]
+    assert "Traceback" not in error["message"] and error["code"] is not None
+
+
+def test_the_most_stop_strings_and_the_longest_are_accepted(client):
+    """The near misses of the stop limits (16 strings, 256 characters), and every error has a code."""
+    most = [f"s{i}" for i in range(15)] + ["s" * 256]
+    assert post(client, "/v1/completions", {**TEXT, "stop": most})["choices"][0]["finish_reason"]
+    assert post(client, "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": ""}]})["choices"]
+    assert (
+        assert_error(client.post("/v1/completions", json={**TEXT, "prompt": [1, 10**6]}), 400)["code"]
+        == "invalid_value"
+    )
 
 
 def test_fields_that_change_nothing_are_accepted(client):
@@ -535,11 +569,12 @@ def test_a_failing_sampler_fails_only_its_own_request(client, tiny, register_plu
 
 
 def test_the_kv_cache_budget_makes_requests_wait_and_refuses_one_that_cannot_fit(tiny):
-    """`anexa serve --max-cache-tokens`: a request that may need more KV-cache positions than the budget even
-    alone is a 400 naming max_tokens; the ones that fit are answered, two at a time where the budget holds two
-    rows (the context is BLOCK positions, so a row may need 2 × 64 rounded to the context)."""
-    per_row = min(BLOCK, 2 * 64)
-    app = create_app({"tiny": tiny}, ServeConfig(max_tokens_cap=400, parallel=8, queue=8, max_cache_tokens=2 * per_row))
+    """`anexa serve --max-cache-tokens`: the requests that fit are answered, two at a time where the budget
+    holds two rows (the context is BLOCK positions, less than the 64 a cache starts with, so a row takes
+    BLOCK); a request that may need more KV-cache positions than the budget even alone is a 400 naming
+    max_tokens (a cache starts at 64 positions and doubles: a 1-token prompt and 50 new tokens fit 64, with 100 they
+    need 128); a budget smaller than any cache cannot start a server."""
+    app = create_app({"tiny": tiny}, ServeConfig(max_tokens_cap=400, parallel=8, queue=8, max_cache_tokens=2 * BLOCK))
     decoder = app.state.server.decoders["tiny"]
     with running(app) as base, httpx.Client(base_url=base, timeout=60) as http:
         fits = {**TEXT, "max_tokens": 30}
@@ -547,11 +582,16 @@ def test_the_kv_cache_budget_makes_requests_wait_and_refuses_one_that_cannot_fit
             answers = list(pool.map(lambda seed: post(http, "/v1/completions", {**fits, "seed": seed}), range(6)))
         assert all(answer["usage"]["completion_tokens"] == 30 for answer in answers)
         assert 1 <= decoder.stats.peak_rows <= 2  # the others waited for room
-        lone = Engine(tiny.model, max_rows=8, max_cache_tokens=per_row - 1)
-        assert lone.cache_positions(1, 21) == per_row  # so a budget of one row less refuses it
-        small = create_app({"tiny": tiny}, ServeConfig(max_tokens_cap=400, max_cache_tokens=per_row - 1))
+    with pytest.raises(AnexaError, match="fits no request"):
+        create_app({"tiny": tiny}, ServeConfig(max_cache_tokens=BLOCK - 1))
+    wide = _served("wide", tiny.tokenizer, block_size=256)
+    small = create_app({"wide": wide}, ServeConfig(max_tokens_cap=400, max_cache_tokens=127))
     with running(small) as base, httpx.Client(base_url=base, timeout=60) as http:
+        assert post(http, "/v1/completions", {**TEXT, "model": "wide", "max_tokens": 50})["choices"][0]["text"]
         error = assert_error(
-            http.post("/v1/completions", json={**TEXT, "max_tokens": 20}), 400, "max_tokens", "context_length_exceeded"
+            http.post("/v1/completions", json={**TEXT, "model": "wide", "max_tokens": 100}),
+            400,
+            "max_tokens",
+            "context_length_exceeded",
         )
-        assert "KV-cache positions" in error["message"] and "fewer new tokens" in error["message"]
+        assert "may need 128 KV-cache positions" in error["message"] and "fewer new tokens" in error["message"]

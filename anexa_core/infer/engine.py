@@ -137,9 +137,11 @@ class Engine:
 
     ``max_rows``: requests decoded at once (rows of the batch); ``max_waiting``: requests that may wait for
     a row (beyond: :class:`EngineBusy`); ``max_cache_tokens``: the most positions the batch's KV cache may
-    hold, rows × capacity (``None``: ``max_rows × block_size``, the most it can need); each running request
-    counts for the longest it may get, ``min(block_size, prompt + max_new_tokens)``, rounded up as the
-    cache grows (see :meth:`cache_positions`). ``use_cache=False`` recomputes the window for every token.
+    hold, rows × capacity (``None``: ``max_rows × block_size``, the most it can need; below the smallest
+    cache, ``min(block_size, MIN_CAPACITY)``, :class:`AnexaError`); each running request counts for the
+    longest it may get, ``min(block_size, prompt + max_new_tokens)``, rounded up as the cache grows (see
+    :meth:`cache_positions`); a request for no new tokens (``echo`` only) takes no cache. ``use_cache=False``
+    recomputes the window for every token.
     :meth:`submit` and :meth:`cancel` may be called from any thread; :meth:`step` from one thread at a time.
     """
 
@@ -159,6 +161,12 @@ class Engine:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.block_size = model.config.block_size
+        smallest = min(self.block_size, MIN_CAPACITY)
+        if max_cache_tokens is not None and max_cache_tokens < smallest:
+            raise AnexaError(
+                f"a KV-cache budget of {max_cache_tokens:,} positions fits no request: the smallest cache holds "
+                f"{smallest} (the context or {MIN_CAPACITY}); give at least {smallest}"
+            )
         self.max_rows = max_rows if getattr(model, "batched", False) and use_cache else 1
         self.max_waiting = max_waiting
         self.use_cache = use_cache
@@ -184,8 +192,8 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
         prompt = list(request.prompt_ids)[-self.block_size :]
         stream = Stream(request, prompt, generator, on_token, history=list(prompt))
-        alone = self._capacity_for(self._longest(stream))  # a fresh cache of one row: the batch drains first
-        if self.max_cache_tokens is not None and alone > self.max_cache_tokens:
+        alone = self._grown(len(prompt), self._longest(stream))  # a fresh cache of one row: the batch drains first
+        if self.max_cache_tokens is not None and request.max_new_tokens > 0 and alone > self.max_cache_tokens:
             raise CacheBudgetExceeded(
                 f"this request may need {alone:,} KV-cache positions (its prompt of {len(prompt):,} tokens and "
                 f"up to {request.max_new_tokens:,} new ones), more than the engine's {self.max_cache_tokens:,}: "
@@ -370,21 +378,22 @@ class Engine:
             admitted.append(stream)
         return admitted
 
-    def cache_positions(self, rows: int, longest: int) -> int:
+    def cache_positions(self, rows: int, longest: int, first_prompt: int) -> int:
         """The most positions the batch's KV cache may hold with ``rows`` requests running, the longest of
         which may reach ``longest`` positions: rows as allocated (at least ``rows``: they grow by doubling)
-        × the capacity that row may grow the buffers to (from :data:`~anexa_core.model.cache.MIN_CAPACITY`
-        or the first prompt, doubling, so less than twice ``longest``; at most ``block_size``)."""
-        capacity = self._capacity_for(longest)
-        if self._cache is not None:
-            capacity = max(capacity, self._cache.capacity)
-        return max(rows, self._allocated) * capacity
+        × the capacity the buffers grow to — from the batch's capacity now or, before there is a batch, from
+        what its first prompt (``first_prompt`` positions) allocates (:meth:`_grown`)."""
+        start = self._cache.capacity if self._cache is not None else first_prompt
+        return max(rows, self._allocated) * self._grown(start, longest)
 
-    def _capacity_for(self, longest: int) -> int:
-        """The most positions a row that may reach ``longest`` grows a cache's buffers to: from
-        :data:`~anexa_core.model.cache.MIN_CAPACITY` or its prompt, doubling (less than twice ``longest``),
-        at most ``block_size``."""
-        return min(self.block_size, 2 * max(MIN_CAPACITY, longest))
+    def _grown(self, start: int, longest: int) -> int:
+        """The capacity of buffers that begin holding ``start`` positions — at least
+        :data:`~anexa_core.model.cache.MIN_CAPACITY`, at most ``block_size`` — and double until they hold
+        ``longest`` (at most ``block_size``): exactly what :class:`~anexa_core.model.cache.KVCache` allocates."""
+        capacity = min(self.block_size, max(MIN_CAPACITY, start))
+        while capacity < longest:
+            capacity = min(self.block_size, 2 * capacity)
+        return capacity
 
     @property
     def _allocated(self) -> int:
@@ -397,11 +406,13 @@ class Engine:
         return min(self.block_size, len(stream.prompt) + stream.request.max_new_tokens)
 
     def _fits(self, stream: Stream) -> bool:
-        """Whether ``stream`` may join the running rows within ``max_cache_tokens`` (always, alone)."""
-        if self.max_cache_tokens is None or not self.rows:
+        """Whether ``stream`` may join the running rows within ``max_cache_tokens`` (always alone, and always
+        when it asks for no new tokens: it never takes a row)."""
+        if self.max_cache_tokens is None or not self.rows or stream.request.max_new_tokens < 1:
             return True
         longest = max(self._longest(s) for s in [*self.rows, stream])
-        return self.cache_positions(self._rows_for(len(self.rows) + 1), longest) <= self.max_cache_tokens
+        positions = self.cache_positions(self._rows_for(len(self.rows) + 1), longest, len(self.rows[0].prompt))
+        return positions <= self.max_cache_tokens
 
     def _rows_for(self, running: int) -> int:
         """Rows to allocate for ``running`` requests: the current allocation, doubled until they fit (at

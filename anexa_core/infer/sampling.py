@@ -31,7 +31,8 @@ def parse_sampler_options(specs: Iterable[str]) -> dict[str, dict[str, str]]:
     → ``{"top_k": {"": "40"}, "top_p": {"p": "0.9"}, "greedy": {}}``.
 
     The key ``""`` (:data:`FIRST_OPTION`) stands for the sampler's first field, which only the class
-    knows. Samplers keep their command-line order; an option given twice keeps the last value.
+    knows. Samplers keep their command-line order. An option given twice is an error (one value would be
+    dropped), as :func:`build_chain` finds ``-s top_p=0.9 -s top_p.p=0.8`` (both the first field).
     """
     parsed: dict[str, dict[str, str]] = {}
     for spec in specs:
@@ -46,8 +47,14 @@ def parse_sampler_options(specs: Iterable[str]) -> dict[str, dict[str, str]]:
                 raise AnexaError(f"sampler option {spec!r} has no value: use -s {spec.strip()}=VALUE")
             continue
         key = match["option"] or FIRST_OPTION
+        if key in options:
+            _twice(match["name"], key or "its first option")
         options[key] = match["value"].strip()
     return parsed
+
+
+def _twice(sampler: str, option: str) -> None:
+    raise AnexaError(f"sampler {sampler}: {option} is given twice: give it once")
 
 
 def build_chain(specs: Iterable[str] = (), temperature: float | None = None) -> SamplerChain:
@@ -70,7 +77,10 @@ def build_chain(specs: Iterable[str] = (), temperature: float | None = None) -> 
             described = options.describe(factory)
             if not described:
                 raise AnexaError(f"sampler {name} takes no options: use -s {name}")
-            given = {described[0].name if key == FIRST_OPTION else key: value for key, value in given.items()}
+            first = described[0].name
+            if first in given:
+                _twice(name, first)
+            given = {first if key == FIRST_OPTION else key: value for key, value in given.items()}
         processor, _ = options.create(f"sampler {name}", factory, given)
         processors.append((name, processor))
     return SamplerChain(processors)

@@ -107,6 +107,11 @@ def serve(
         )
     if api_key is not None and not api_key.strip():
         raise AnexaError("--api-key (or ANEXA_API_KEY) is empty: give a key or leave it unset")
+    if api_key is not None and not all("!" <= c <= "~" for c in api_key.strip()):
+        raise AnexaError(
+            "--api-key (or ANEXA_API_KEY) holds a space or a character outside printable ASCII, which an HTTP "
+            "header cannot carry: use letters, digits and punctuation only"
+        )
 
     try:
         import fastapi  # noqa: F401

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
 from anexa_core.infer.chat import Template, Transcript
@@ -31,6 +33,8 @@ from anexa_serve.models import ServedModel
 logger = logging.getLogger("anexa.serve")
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+_HOST = re.compile(r"\[(?P<ipv6>[0-9A-Fa-f:.]+)\](?::\d{1,5})?|(?P<name>[^\s:\[\],/@]+)(?::\d{1,5})?")
+"""A ``Host`` header: ``name[:port]`` or ``[IPv6][:port]``, nothing around it (RFC 9110 §7.2)."""
 SERVER_ERROR = APIError(500, "internal server error (logged by the server)", type="server_error")
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -116,18 +120,41 @@ def state(request: Request) -> ServerState:
 
 
 async def check_host(request: Request) -> None:
-    """400 for a ``Host`` other than the loopback names on a loopback server (DNS rebinding)."""
+    """400 for a ``Host`` other than the loopback names on a loopback server (DNS rebinding), or one that is
+    not a host name or bracketed IPv6 address with an optional port."""
     allowed = state(request).config.allowed_hosts
     if allowed is None:
         return
     host = request.headers.get("host", "")
-    name = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+    match = _HOST.fullmatch(host)
+    name = (match["ipv6"] or match["name"]) if match else ""
     if name.lower() not in allowed:
         raise APIError(
             400,
             f"Host {host!r} is not served: this server listens on a loopback address; use "
             "http://127.0.0.1:PORT or http://localhost:PORT",
             code="invalid_host",
+        )
+
+
+async def check_origin(request: Request) -> None:
+    """403 for a request a web page of another origin sent (its ``Origin`` is not this server's own ``Host``).
+
+    A browser lets any page POST a "simple" request (``Content-Type: text/plain``, no preflight) to a
+    server on the visitor's machine; it marks such a request with ``Origin``, which this refuses, so no
+    web page can make the server generate. Clients that are not browsers send no ``Origin``; the chat page
+    sends its own."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    scheme, _, netloc = origin.partition("://")
+    if scheme.lower() not in ("http", "https") or netloc.lower() != request.headers.get("host", "").lower():
+        raise APIError(
+            403,
+            f"requests from the web page at {origin!r} are refused: this server answers its own chat page "
+            "and clients that are not browsers",
+            type="permission_error",
+            code="cross_origin",
         )
 
 
@@ -156,10 +183,15 @@ async def read_json(request: Request) -> dict[str, Any]:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:  # nobody to answer: not a server failure, so nothing is logged
+        raise APIError(
+            400, "the client disconnected before sending its whole body", code="client_disconnected"
+        ) from None
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
@@ -182,20 +214,23 @@ def parse(kind: type[Body], data: dict[str, Any]) -> Body:
     return body
 
 
-def _field_parts(loc: tuple[Any, ...]) -> list[str | int]:
-    """Pydantic's error location without its union-branch names (``str``, ``list[TextPart]``, …)."""
+def _field_parts(loc: tuple[Any, ...], unknown: bool = False) -> list[str | int]:
+    """Pydantic's error location without its union-branch names (``str``, ``list[TextPart]``, …). With
+    ``unknown`` (an unknown field's location) the last part is the field as the client named it, kept
+    whatever it is called (``int``, ``a-b``)."""
     return [
         part
-        for part in loc
+        for index, part in enumerate(loc)
         if isinstance(part, int)
+        or (unknown and index == len(loc) - 1)
         or (not any(c in part for c in "[]-") and part not in {"str", "int", "float", "bool", "list", "dict"})
     ]
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
+def _field_path(loc: tuple[Any, ...], unknown: bool = False) -> str:
     """An error location as a request path: ``messages[0].role``."""
     path = ""
-    for part in _field_parts(loc):
+    for part in _field_parts(loc, unknown):
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
     return path
 
@@ -205,7 +240,7 @@ def _validation_error(exc: ValidationError) -> APIError:
     a 400 naming the field; a field that is only unknown is ``unsupported``."""
     errors = exc.errors()
     if all(error["type"] == "extra_forbidden" for error in errors):
-        name = _field_path(errors[0]["loc"])
+        name = _field_path(errors[0]["loc"], unknown=True)
         message = f"unknown field {name}: this server does not honour it; leave it out (docs/serve.md lists them)"
         return invalid(message, param=name, code="unsupported")
     first = max(errors, key=lambda error: len(_field_parts(error["loc"])))  # max keeps the first of ties
@@ -273,7 +308,7 @@ def create_app(models: dict[str, ServedModel], config: ServeConfig | None = None
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        dependencies=[Depends(check_host)],
+        dependencies=[Depends(check_host), Depends(check_origin)],
         lifespan=lifespan,
     )
     app.state.server = server

@@ -44,6 +44,7 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    """HTTP 400 ``invalid_request_error``: the most common refusal."""
+def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    """HTTP 400 ``invalid_request_error``: the most common refusal (``code`` ``invalid_value`` unless a more
+    specific one is given)."""
     return APIError(400, message, param=param, code=code)

@@ -124,6 +124,7 @@ class Job:
 
     def start(self) -> None:
         """Submit every choice; :class:`APIError` 429 (nothing left running) when the engine is full."""
+        running, waiting = self.decoder.running, self.decoder.waiting  # before this request's own choices
         try:
             for choice in self.choices:
                 request = Request(
@@ -138,11 +139,10 @@ class Job:
                 choice.stream = self.decoder.submit(request, self._on_token(choice.index), self._on_done(choice.index))
         except EngineBusy:
             self.cancel()
-            decoder = self.decoder
             raise APIError(
                 429,
-                f"the server is busy: {decoder.running} rows decoding and {decoder.waiting} requests waiting, "
-                "its limit (anexa serve --parallel and --queue); retry shortly",
+                f"the server is busy: {running} rows decoding and {waiting} requests waiting, with room for "
+                f"{self.decoder.capacity} (anexa serve --parallel and --queue); retry shortly",
                 type="rate_limit_error",
                 code="queue_full",
                 headers={"Retry-After": "1"},

@@ -42,7 +42,6 @@ class ServedModel:
             "created": self.created,
             "owned_by": "anexa",
             "anexa": {
-                "path": str(self.path),
                 "tokenizer": self.meta.get("tokenizer", {}).get("name"),
                 "context_length": self.context_length,
                 "n_layer": config.get("n_layer"),

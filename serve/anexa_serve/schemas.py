@@ -24,8 +24,14 @@ from anexa_serve.engine import SEED_RANGE
 
 MAX_LOGPROBS = 20
 """Most alternatives per token (``logprobs`` of completions, ``top_logprobs`` of chat), as OpenAI's chat API."""
+MAX_STOPS = 16
+"""Most ``stop`` strings a request may give (OpenAI allows 4; lm-evaluation-harness may send more). Every
+token of every choice is checked against each, so their number and length are bounded."""
+MAX_STOP_CHARS = 256
+"""Longest ``stop`` string, in characters."""
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+Stop = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 TokenIds = Annotated[list[int], Field(min_length=1)]
 Refusal = tuple[str, str]
 """``(param, message)``: why a request is refused."""
@@ -63,7 +69,7 @@ class GenerationRequest(_Strict):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    stop: NonEmpty | list[NonEmpty] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
     seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -144,15 +150,13 @@ class TextPart(_Strict):
 
 
 class Message(_Strict):
-    """One chat message: ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts;
-    ``developer`` is OpenAI's newer name for ``system``."""
+    """One chat message: ``content`` (required) is a string or a non-empty list of ``{"type": "text",
+    "text": ...}`` parts; ``developer`` is OpenAI's newer name for ``system``."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
