@@ -222,3 +222,19 @@ class Watching(SilentReporter):
 
     def finish(self):
         self.finished += 1
+
+
+def assert_error(response, status, param=None, code=None):
+    """``response`` (an ``httpx`` response from ``anexa serve``) is the refusal asked for: that status, a JSON body
+    in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with no traceback, and — when given —
+    that ``param`` and ``code``. Returns the error object."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert "Traceback" not in response.text
+    if param is not None:
+        assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error

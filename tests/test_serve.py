@@ -18,7 +18,7 @@ fastapi = pytest.importorskip("fastapi", reason="anexa serve needs the serve ext
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from helpers import TINY_FLAGS, running  # noqa: E402
+from helpers import TINY_FLAGS, assert_error, running  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from anexa_cli.main import app as cli  # noqa: E402
@@ -124,19 +124,6 @@ def stream(client, path, body):
 def streamed_text(chunks, chat):
     key = (lambda c: c["choices"][0]["delta"].get("content", "")) if chat else (lambda c: c["choices"][0]["text"])
     return "".join(key(c) for c in chunks if isinstance(c, dict) and c.get("choices"))
-
-
-def assert_error(response, status, param=None, code=None):
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert "Traceback" not in response.text
-    if param is not None:
-        assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
-    return error
 
 
 def wait_until(predicate, timeout=10.0):

@@ -13,7 +13,7 @@ pytest.importorskip("fastapi", reason="anexa serve needs the serve extra: pip in
 httpx = pytest.importorskip("httpx")
 
 import torch  # noqa: E402
-from helpers import running, trained_tokenizer  # noqa: E402
+from helpers import assert_error, running, trained_tokenizer  # noqa: E402
 
 from anexa_core import hookimpl, plugins  # noqa: E402
 from anexa_core.config import ModelConfig  # noqa: E402
@@ -127,17 +127,6 @@ def log_softmax(served, ids):
     with torch.no_grad():
         logits, _ = served.model(torch.tensor([ids]))
     return torch.log_softmax(logits[0].double(), -1)
-
-
-def assert_error(response, status, param=None, code=None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
-    return error
 
 
 # --- n, batches, token ids ----------------------------------------------------------------------------
