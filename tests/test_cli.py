@@ -330,7 +330,7 @@ def test_version_and_help_defaults():
     shown = " ".join(helped.stdout.replace("│", " ").split())
     for default in (
         "[default: seed]",
-        "[default: 5000, or no limit with --minutes]",
+        "[default: 5000, 300 with --init-from; no limit with --minutes]",
         "[default: sherlock, shipped with Anexa]",
         "[default: 1337]",
         # what will run, preset by preset, where the presets differ (issue 20)

@@ -346,6 +346,19 @@ def test_a_lora_fine_tune_keeps_what_training_promises(base, tmp_path):
     assert 1 <= timed["step"] < 1000 and "lora" in timed  # stopped by the clock, saved, still an adapter run
 
 
+def test_a_time_budget_alone_sets_no_step_limit_as_for_a_run_from_scratch(base):
+    """Found by a newcomer: `--init-from … --minutes 30` stopped at the 300 steps of fine-tuning's default,
+    where a run from scratch with `--minutes` has no step limit. A step count given beside it still counts."""
+    common = {"data": str(base / "text.txt"), "device": "cpu"}
+    for lora in (None, "r=2"):
+        _, timed, _ = finetune_configs(str(base / "run"), {**common, "lora": lora, "minutes": 30.0})
+        assert timed.steps is None and timed.minutes == 30.0
+        _, both, _ = finetune_configs(str(base / "run"), {**common, "lora": lora, "minutes": 30.0, "steps": 40})
+        assert both.steps == 40
+        _, counted, _ = finetune_configs(str(base / "run"), {**common, "lora": lora})
+        assert counted.steps == 300 and counted.minutes is None
+
+
 def test_a_fine_tune_reports_its_data_progress_and_steps_as_a_new_run_does(base, tmp_path, caplog):
     """The reporter hears a fine-tune's data being read and tokenized with the base's own tokenizer (so no
     vocabulary is learnt), then every step, as a run from scratch is heard (test_training.py); the log says

@@ -266,7 +266,7 @@ def train(
     steps: Annotated[
         int | None,
         typer.Option(
-            help="Optimizer steps. With --resume, a larger --steps extends the run: the LR decay still ends where the first run set it (its --steps or --decay-steps), and the extra steps run at --min-lr. \\[default: 5000, or no limit with --minutes]"
+            help="Optimizer steps. With --resume, a larger --steps extends the run: the LR decay still ends where the first run set it (its --steps or --decay-steps), and the extra steps run at --min-lr. \\[default: 5000, 300 with --init-from; no limit with --minutes]"
         ),
     ] = None,
     minutes: Annotated[
