@@ -199,6 +199,40 @@ def test_a_merged_lora_run_exports_to_transformers_and_gguf_with_equal_logits(ba
     args = shlex.split(re.search(r"## How it was trained\n\n```sh\n(.+)\n```", card).group(1))
     assert args[args.index("--init-from") + 1] == "run" and args[args.index("--lora") + 1].startswith("r=4,")
     assert not {"--n-layer", "--blocks", "--tokenizer"} & set(args) and str(tmp_path) not in card
+    assert "fine-tuned from `run` with Anexa" in card and "its LoRA adapters (`--lora r=4," in card
+    assert "trained from scratch" not in card and "Anexa trained it on windows of 32 tokens." in card
+
+
+def test_the_card_of_an_import_and_of_its_fine_tune_names_the_pretrained_model(base, tmp_path):
+    """Found by a newcomer: an imported model's card said "trained from scratch", with steps 0 and data `?`,
+    and its fine-tunes' cards neither named the pretrained model nor its licence, and retrained them from a
+    local run's name. Now an import is said to be one, and a fine-tune names the model it started from —
+    as `--init-from` takes it — and its licence."""
+    from anexa_core.io.export import export
+
+    model, _, meta = checkpoint.load_model(base / "run")
+    trained = ("path", "train_config", "val_loss", "train_loss", "elapsed_s")
+    record = {"kind": "gguf", "name": "Tiny-Chat.Q8_0.gguf", "sha256": "0" * 64, "license": "apache-2.0"}
+    imported = {**{key: value for key, value in meta.items() if key not in trained}, "step": 0, "imported_from": record}
+    (tmp_path / "imported").mkdir()
+    checkpoint.save_model(tmp_path / "imported" / "model.safetensors", model, imported)
+    export(tmp_path / "imported", tmp_path / "hf-imported", "hf")
+    card = (tmp_path / "hf-imported" / "README.md").read_text(encoding="utf-8")
+    assert "imported into Anexa" in card and "from the GGUF file `Tiny-Chat.Q8_0.gguf`" in card
+    assert "\nlicense: apache-2.0\n" in card and "| licence | apache-2.0" in card
+    for absent in ("| steps |", "| data |", "| val loss |", "## How it was trained", "trained from scratch"):
+        assert absent not in card, absent
+    for lora in ([], ["--lora", "r=2"]):
+        out = tmp_path / f"tuned{len(lora)}"
+        result = runner.invoke(app, ["train", "--init-from", str(tmp_path / "imported"), "--data", str(base / "text.txt"),
+                                     *SMALL, "--steps", "2", "--config", str(base / "base.toml"), "--out", str(out), *lora])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        export(out, tmp_path / f"hf-{out.name}", "hf")
+        card = (tmp_path / f"hf-{out.name}" / "README.md").read_text(encoding="utf-8")
+        assert "fine-tuned from the GGUF file `Tiny-Chat.Q8_0.gguf` with Anexa" in card, card
+        assert "\nlicense: apache-2.0\n" in card and "| base model | the GGUF file `Tiny-Chat.Q8_0.gguf` |" in card
+        args = shlex.split(re.search(r"## How it was trained\n\n```sh\n(.+)\n```", card).group(1))
+        assert args[args.index("--init-from") + 1] == "Tiny-Chat.Q8_0.gguf" and str(tmp_path) not in card
 
 
 def test_what_fine_tuning_refuses_is_one_line(base, tmp_path):

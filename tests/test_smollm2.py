@@ -128,6 +128,9 @@ def test_export_hf_and_gguf_read_back_by_transformers_with_equal_logits(smollm2_
     with torch.no_grad():
         ours, _ = smollm2.model(torch.tensor([ids]))
     export(smollm2_run, tmp_path / "hf", "hf")
+    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    assert "imported into Anexa" in card and "the GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf`" in card
+    assert "\nlicense: apache-2.0\n" in card and "trained from scratch" not in card
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert (_logits_of(hf, ids) - ours).abs().max().item() < 1e-4
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")

@@ -294,12 +294,65 @@ def _shareable(values: Any) -> list[str]:
 def shareable_model(spec: str) -> str:
     """An ``--init-from`` value as it may appear in something shared: a Hugging Face hub id (``ORG/NAME``,
     not a local path) as it is, a local run, folder or file by its name alone."""
-    if not Path(spec).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+    if _is_hub_id(spec):
         return spec
     return Path(spec.rstrip("/\\")).name or "model"
 
 
-def training_command(model_config: dict[str, Any], train_config: dict[str, Any]) -> tuple[str, str | None]:
+def _is_hub_id(spec: str) -> bool:
+    return not Path(spec).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a model's pretrained weights came from: ``source`` as ``anexa import`` records it (``kind``
+    ``gguf``/``folder``/``hub``, ``name`` — a file name, folder name or hub id, never a path —, and where
+    known ``license``); ``direct``: the model (or a fine-tune's ``--init-from``) is that import itself, so
+    ``--init-from NAME`` starts from the same weights."""
+
+    source: dict[str, Any]
+    direct: bool
+
+    def describe(self) -> str:
+        kind = {"gguf": "the GGUF file", "folder": "the Hugging Face model folder", "hub": "the Hugging Face model"}
+        return f"{kind.get(str(self.source.get('kind')), 'the model')} `{self.source.get('name', '?')}`"
+
+
+def origin_of(meta: dict[str, Any], depth: int = 0) -> Origin | None:
+    """The :class:`Origin` of the model whose checkpoint metadata is ``meta``: an import's own record; for a
+    fine-tune, its base's — a LoRA run's recorded base, else ``--init-from`` as given: a run that is still
+    there (followed through bases that are fine-tunes themselves), a GGUF file, a Hugging Face folder, a hub
+    id in the local Hugging Face cache. ``None`` for a model trained from scratch, or a base not found (a
+    relative path from another directory is not taken for a hub id)."""
+    if isinstance(meta.get("imported_from"), dict):
+        return Origin(meta["imported_from"], depth <= 1)
+    spec = (meta.get("train_config") or {}).get("init_from")
+    if not isinstance(spec, str) or depth > 8:
+        return None
+    path = Path(((meta.get("lora") or {}).get("base") or {}).get("path") or spec)
+    if path.suffix.lower() == ".gguf":
+        return Origin({"kind": "gguf", "name": path.name}, depth == 0)
+    try:
+        return origin_of(checkpoint.read_metadata(path), depth + 1)
+    except AnexaError:
+        pass
+    if (path / "config.json").is_file():
+        return Origin({"kind": "folder", "name": path.resolve().name}, depth == 0)
+    if _is_hub_id(spec) and _cached(spec):
+        return Origin({"kind": "hub", "name": spec}, depth == 0)
+    return None
+
+
+def _cached(hub_id: str) -> bool:
+    """Whether the Hugging Face cache holds ``hub_id``'s ``config.json`` (nothing is downloaded)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+
+
+def training_command(
+    model_config: dict[str, Any], train_config: dict[str, Any], init_from: str | None = None
+) -> tuple[str, str | None]:
     """An ``anexa train`` command that trains this model again, and the TOML ``--config`` file it needs
     (``None`` when every setting has a flag).
 
@@ -309,7 +362,8 @@ def training_command(model_config: dict[str, Any], train_config: dict[str, Any])
     name). ``--steps`` only when the run had a step limit, ``--minutes`` only when it had a time budget,
     ``--decay-steps`` only when it differs from ``--steps`` (and ``decay_minutes`` from ``--minutes``),
     ``--device`` and ``--precision`` only when not ``auto``; never ``--threads``, which changes only the
-    speed (and the last bits of the sums). A fine-tuning run gives ``--init-from`` (as
+    speed (and the last bits of the sums). A fine-tuning run gives ``--init-from`` (``init_from`` when given —
+    the name of the pretrained model its base was imported from —, else the run's own as
     :func:`shareable_model` shows it), ``--lora`` and ``--seq-len``, and none of the settings its base fixes
     (shape, blocks, tokenizer).
     """
@@ -317,10 +371,10 @@ def training_command(model_config: dict[str, Any], train_config: dict[str, Any])
     # docstring's order (fine-tuning, data, globs, steps/minutes, decay, auto); apart they would not read as a list.
     args = ["anexa", "train"]
     settings = {**model_config, **train_config}
-    init_from = train_config.get("init_from")
-    fixed = FIXED_BY_BASE if init_from is not None else ()
-    if init_from is not None:
-        args += ["--init-from", shareable_model(init_from)]
+    base = train_config.get("init_from")
+    fixed = FIXED_BY_BASE if base is not None else ()
+    if base is not None:
+        args += ["--init-from", init_from or shareable_model(base)]
         for key in ("lora", "seq_len"):
             if train_config.get(key) is not None:
                 args += [f"--{key.replace('_', '-')}", _flag_value(train_config[key])]
@@ -431,6 +485,34 @@ def _time_cell(latest: dict[str, Any], train_config: dict[str, Any]) -> str | No
     return f"{elapsed / 60:.1f} minutes{limit}"
 
 
+def _what_it_is(
+    meta: dict[str, Any], train_config: dict[str, Any], origin: Origin | None, architecture: str, parameters: int
+) -> str:
+    """The card's first sentence: trained from scratch, fine-tuned from a pretrained model, or imported."""
+    model = f"{architecture} language model ({parameters:,} parameters)"
+    version = f"Anexa {meta.get('anexa_version', '')}"
+    if not train_config:
+        source = origin.describe() if origin is not None else "a pretrained model"
+        return (
+            f"A {model} imported into {version} from {source} and exported by `anexa export`: its pretrained "
+            "weights, not trained by Anexa."
+        )
+    base = train_config.get("init_from")
+    if base is None:
+        return f"A small {model} trained from scratch with {version} and exported by `anexa export`."
+    lora = train_config.get("lora")
+    how = f"its LoRA adapters (`--lora {lora}`) merged into the weights" if lora else "every weight trained"
+    source = origin.describe() if origin is not None else f"`{shareable_model(base)}`"
+    return f"A {model} fine-tuned from {source} with {version}, {how}, and exported by `anexa export`."
+
+
+def _window(model_config: dict[str, Any], train_config: dict[str, Any]) -> int | None:
+    """Tokens per training window (``--seq-len``, else the context); ``None`` for a model Anexa did not train."""
+    if not train_config:
+        return None
+    return min(train_config.get("seq_len") or model_config["block_size"], model_config["block_size"])
+
+
 def model_card(
     meta: dict[str, Any],
     hf_config: dict[str, Any],
@@ -450,29 +532,42 @@ def model_card(
     model_config, train_config = meta["model_config"], latest.get("train_config") or meta.get("train_config") or {}
     tokenizer = meta["tokenizer"]["name"]
     architecture = hf_config["architectures"][0]
-    command, toml = training_command(model_config, train_config) if train_config else (None, None)
+    origin = origin_of(meta)
+    shown_base = origin.source.get("name") if origin is not None and origin.direct else None
+    command, toml = training_command(model_config, train_config, shown_base) if train_config else (None, None)
     steps = _steps_cell(meta, latest)
     trained_for = _time_cell(latest, train_config)
     name = out.resolve().name
     prompt = "Sherlock Holmes" if train_config.get("data") == "sherlock" else "The"
+    license = origin.source.get("license") if origin is not None else None
+    hub_base = origin.source["name"] if origin is not None and origin.source.get("kind") == "hub" else None
     lines = [
         "---",
         "library_name: transformers",
         "pipeline_tag: text-generation",
+        *([f"license: {license}"] if license else []),
+        *([f"base_model: {hub_base}"] if hub_base else []),
         f"tags: [anexa, {model_config['blocks']}, {tokenizer}-tokenizer]",
         "---",
         "",
         f"# {name}",
         "",
-        f"A small {architecture} language model ({parameters:,} parameters) trained from scratch with "
-        f"Anexa {meta.get('anexa_version', '')} and exported by `anexa export`.",
+        _what_it_is(meta, train_config, origin, architecture, parameters),
         "",
         "| | |",
         "| --- | --- |",
-        f"| data | {_describe_data(train_config.get('data', '?'))} |",
-        f"| steps | {steps} |",
-        *([f"| training time | {trained_for} |"] if trained_for else []),
-        f"| val loss | {_loss(meta.get('val_loss'))} nats/token (train {_loss(meta.get('train_loss'))}) |",
+        *([f"| {'base model' if train_config else 'source'} | {origin.describe()} |"] if origin is not None else []),
+        *([f"| licence | {license} (the pretrained model's) |"] if license else []),
+        *(
+            [
+                f"| data | {_describe_data(train_config.get('data', '?'))} |",
+                f"| steps | {steps} |",
+                *([f"| training time | {trained_for} |"] if trained_for else []),
+                f"| val loss | {_loss(meta.get('val_loss'))} nats/token (train {_loss(meta.get('train_loss'))}) |",
+            ]
+            if train_config
+            else []
+        ),
         f"| parameters | {parameters:,} |",
         f"| architecture | Anexa blocks `{model_config['blocks']}` → `{architecture}`: {model_config['n_layer']} layers, "
         f"{model_config['n_head']} heads, width {model_config['n_embd']} |",
@@ -489,6 +584,8 @@ def model_card(
             for spec, shown in zip(_data_list(train_config), _shareable(train_config.get("data")), strict=True)
             if shown != spec and "://" not in shown
         ]
+        if shown_base is not None and origin is not None and origin.source.get("kind") != "hub":
+            local.append(shown_base)
         if local:
             lines += [
                 f"{', '.join(f'`{name}`' for name in local)}: a local file or folder of the trainer's; put your copy there.",
@@ -514,8 +611,13 @@ def model_card(
         "print(tokenizer.decode(out[0]))",
         "```",
         "",
-        f"It was trained on windows of {model_config['block_size']} tokens: keep prompt plus output within "
-        "that, cropping the prompt from the left.",
+        f"Its context is {model_config['block_size']} tokens: keep prompt plus output within that, cropping the "
+        "prompt from the left."
+        + (
+            f" Anexa trained it on windows of {window} tokens."
+            if (window := _window(model_config, train_config))
+            else ""
+        ),
     ]
     if tokenizer == "char":
         lines += ["The tokenizer knows only the characters of the training text; others cannot be encoded."]
