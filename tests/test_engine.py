@@ -304,11 +304,20 @@ def test_the_kv_cache_budget_bounds_the_batch_and_what_waits_gets_its_turn():
     Engine(model, max_rows=5, max_cache_tokens=128).submit(Request(list(range(1, 11)), 100, Greedy()))
     with pytest.raises(AnexaError, match=r"may need 256 KV-cache positions .* more than the engine's 255") as caught:
         Engine(model, max_rows=5, max_cache_tokens=255).submit(Request(list(range(1, 200)), 57, Greedy()))
-    assert "\n" not in str(caught.value)
-    with pytest.raises(ValueError, match="max_cache_tokens must be at least 1"):
+    assert "\n" not in str(caught.value) and str(caught.value).endswith(
+        ": ask for fewer new tokens or a shorter prompt"
+    )
+    with pytest.raises(AnexaError, match="may need 256 KV-cache positions"):  # one new token needs a cache too
+        Engine(model, max_cache_tokens=127).submit(Request(list(range(1, 37)) * 5, 1, Greedy()))
+    with pytest.raises(ValueError, match=r"^max_cache_tokens must be at least 1$"):
         Engine(model, max_cache_tokens=0)
-    with pytest.raises(AnexaError, match=r"a KV-cache budget of 63 positions fits no request: .* at least 64"):
-        Engine(model, max_cache_tokens=63)
+    with pytest.raises(ValueError, match=r"^max_rows must be at least 1$"):
+        Engine(model, max_rows=0)
+    for budget in (1, 2, 63):
+        with pytest.raises(
+            AnexaError, match=rf"a KV-cache budget of {budget} positions fits no request: .* at least 64"
+        ):
+            Engine(model, max_cache_tokens=budget)
     scored = Engine(model, max_cache_tokens=64)  # a prompt only scored (echo) takes no cache, whatever its length
     list(scored.run([Request(list(range(1, 37)) * 5, 0, Greedy(), echo=True)]))
     assert len(scored.last_streams[0].prompt_logprobs or []) == 180
@@ -318,9 +327,24 @@ def test_the_kv_cache_budget_bounds_the_batch_and_what_waits_gets_its_turn():
     busy.step()
     assert busy._cache is not None and busy._cache.rows == 4
     later = busy.submit(Request(list(range(1, 11)), 110, Greedy()))  # alone: 64 doubled to 128 < 4 × 64
+    busy.step()
+    assert later not in busy.rows and busy._cache.capacity == 64
+    while len(later.tokens) < 60:  # 10 + 60 positions: `later` has grown the cache past 64
+        busy.step()
+    assert busy._cache.capacity == 128 and busy.cache_positions(1, 10, 1) == busy._cache.rows * 128
     while busy.busy:
         busy.step()
     assert all(s.finish_reason == "length" for s in [*running, later])
+    # Even one new token needs a row's cache: beside a row of 128 positions it waits within 128.
+    tight = Engine(model, max_rows=4, max_cache_tokens=128)
+    long = tight.submit(Request(list(range(1, 11)), 110, Greedy()))
+    tight.step()
+    one = tight.submit(Request(list(range(1, 11)), 1, Greedy()))
+    tight.step()
+    assert not one.done and one in tight.waiting and tight.rows == [long]
+    while tight.busy:
+        tight.step()
+    assert one.finish_reason == long.finish_reason == "length" and len(one.tokens) == 1
 
 
 def test_requests_joining_a_running_batch_grow_its_rows_without_touching_the_running_ones():
