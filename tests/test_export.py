@@ -298,6 +298,8 @@ def test_an_untrained_checkpoint_exports_with_a_card_that_says_so(tmp_path, bloc
     done = export(path, tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     assert done.val_loss is None and "| val loss | not evaluated" in card and "How it was trained" not in card
+    assert "saved by Anexa" in card and "without training" in card and "| steps | 0 (not trained) |" in card
+    assert "imported" not in card and "trained from scratch" not in card and "fine-tuned" not in card
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert theirs.config.tie_word_embeddings is tie
     ids = torch.randint(0, tokenizer.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))

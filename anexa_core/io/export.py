@@ -488,9 +488,12 @@ def _time_cell(latest: dict[str, Any], train_config: dict[str, Any]) -> str | No
 def _what_it_is(
     meta: dict[str, Any], train_config: dict[str, Any], origin: Origin | None, architecture: str, parameters: int
 ) -> str:
-    """The card's first sentence: trained from scratch, fine-tuned from a pretrained model, or imported."""
+    """The card's first sentence: trained from scratch, fine-tuned from a pretrained model, imported, or
+    saved untrained."""
     model = f"{architecture} language model ({parameters:,} parameters)"
     version = f"Anexa {meta.get('anexa_version', '')}"
+    if not train_config and origin is None:
+        return f"A small {model} saved by {version} without training (its initial weights), exported by `anexa export`."
     if not train_config:
         source = origin.describe() if origin is not None else "a pretrained model"
         return (
@@ -566,6 +569,8 @@ def model_card(
                 f"| val loss | {_loss(meta.get('val_loss'))} nats/token (train {_loss(meta.get('train_loss'))}) |",
             ]
             if train_config
+            else [f"| steps | {steps} (not trained) |", "| val loss | not evaluated |"]
+            if origin is None
             else []
         ),
         f"| parameters | {parameters:,} |",
