@@ -977,6 +977,31 @@ def test_throughput_leaves_the_evaluations_out_and_is_written_to_one_decimal(she
     assert [(line["step"], line["tokens_per_s"]) for line in metrics] == [(3, 731.4), (6, 731.4)]
 
 
+def test_the_reporter_hears_the_losses_unrounded_and_metrics_keep_five_decimals(tmp_path, monkeypatch):
+    """A newcomer saw `val loss 2.5111` after an evaluation and `val loss 2.5110` in the summary of the same
+    run: the reporter was handed the loss rounded to 5 decimals (2.51105), then printed to 4."""
+    import types
+
+    from anexa_core.train import loop
+
+    monkeypatch.setattr(loop, "estimate_loss", lambda model, data, config, device, seed: 2.511049999)
+    ranks = types.SimpleNamespace(is_main=True)
+    run = types.SimpleNamespace(train_config=types.SimpleNamespace(seed=1), model=None, train_data=None,
+                                val_data=None, device="cpu", ranks=ranks, out_dir=tmp_path,
+                                best_val_loss=float("inf"), best_step=None, elapsed=lambda: 1.0)  # fmt: skip
+    heard = []
+
+    class Heard(SilentReporter):
+        def evaluated(self, record):
+            heard.append(record)
+
+    loop.evaluate(run, 5, 0.1, 10.0, Heard())
+    assert heard[0]["val_loss"] == heard[0]["train_loss"] == run.val_loss == 2.511049999
+    assert f"{heard[0]['val_loss']:.4f}" == f"{run.val_loss:.4f}" == "2.5110"
+    (written,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert written["val_loss"] == written["train_loss"] == 2.51105
+
+
 def test_a_rank_other_than_the_first_writes_no_metrics_and_no_steps(tmp_path, monkeypatch):
     """Under torchrun every rank evaluates and counts its steps, but only the first writes: another rank's
     evaluation still reports and keeps the best loss, and its step log takes its losses and writes nothing."""

@@ -537,7 +537,9 @@ def evaluate(run: TrainingRun, step: int, lr: float, tokens_per_s: float, report
     new_best = run.val_loss < run.best_val_loss
     if new_best:
         run.best_step, run.best_val_loss = step, run.val_loss
-    reporter.evaluated(record)
+    # The reporter gets the losses unrounded, so what it prints rounds once, as the final summary does
+    # (2.51104999 printed as 2.5110 there and, rounded to 2.51105 first, as 2.5111 here: seen by a newcomer).
+    reporter.evaluated({**record, "train_loss": run.train_loss, "val_loss": run.val_loss})
     return new_best
 
 
