@@ -455,6 +455,9 @@ def test_routes_methods_and_hosts_are_refused_as_json(client):
     assert_error(client.get("/v2/anything"), 404, code="not_found")
     assert_error(client.get("/v1/completions"), 405, code="method_not_allowed")
     assert_error(client.get("/v1/models", headers={"host": "attacker.example:80"}), 400, code="invalid_host")
+    for path in ("/", "/health"):  # `curl -I` and link checkers ask with HEAD: headers, no body
+        head = client.head(path)
+        assert head.status_code == 200 and head.content == b"" and head.headers["content-type"], path
     for host in ("localhost:1234", "LOCALHOST", "[::1]", "[::1]:8000", "127.0.0.1:65535"):
         assert client.get("/v1/models", headers={"host": host}).status_code == 200, host
     # A loopback name with something around it is not a loopback name (found by an adversarial probe).

@@ -44,7 +44,7 @@ api_router = APIRouter()
 # --- the page and the model list ---------------------------------------------------------------------
 
 
-@page_router.get("/", include_in_schema=False)
+@page_router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: `curl -I`, link checkers
 async def page(request: Request) -> Response:
     html = request.app.state.pages["index.html"]
     return Response(html, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
@@ -56,7 +56,7 @@ async def page_script(request: Request) -> Response:
     return Response(script, media_type="text/javascript; charset=utf-8", headers=PAGE_HEADERS)
 
 
-@page_router.get("/health")
+@page_router.api_route("/health", methods=["GET", "HEAD"])
 async def health() -> dict[str, Any]:
     return {"status": "ok"}
 
