@@ -342,9 +342,16 @@ def resolve(
         flags[f"{kind}_options"] = dict(given)
     layers.append((flags, "flags"))
     apply_layers(settings, layers)
-    if settings.get("minutes") is not None and not any("steps" in values for values, _ in layers):
-        settings["steps"] = None  # a time budget without a step count: the clock decides
+    clock_decides(settings, layers)
     return split(settings)
+
+
+def clock_decides(settings: dict[str, Any], layers: list[tuple[dict[str, Any], str]]) -> None:
+    """A time budget (``minutes``) with no step count in any of the user's ``layers`` ends the run by the
+    clock alone: ``settings["steps"]`` becomes ``None`` in place, whatever a preset or fine-tuning's defaults
+    set it to (a run from scratch and a fine-tune alike)."""
+    if settings.get("minutes") is not None and not any("steps" in values for values, _ in layers):
+        settings["steps"] = None
 
 
 def apply_layers(settings: dict[str, Any], layers: list[tuple[dict[str, Any], str]]) -> None:

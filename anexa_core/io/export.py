@@ -494,11 +494,10 @@ def _what_it_is(
     version = f"Anexa {meta.get('anexa_version', '')}"
     if not train_config and origin is None:
         return f"A small {model} saved by {version} without training (its initial weights), exported by `anexa export`."
-    if not train_config:
-        source = origin.describe() if origin is not None else "a pretrained model"
+    if origin is not None and not train_config:
         return (
-            f"A {model} imported into {version} from {source} and exported by `anexa export`: its pretrained "
-            "weights, not trained by Anexa."
+            f"A {model} imported into {version} from {origin.describe()} and exported by `anexa export`: its "
+            "pretrained weights, not trained by Anexa."
         )
     base = train_config.get("init_from")
     if base is None:
@@ -507,6 +506,30 @@ def _what_it_is(
     how = f"its LoRA adapters (`--lora {lora}`) merged into the weights" if lora else "every weight trained"
     source = origin.describe() if origin is not None else f"`{shareable_model(base)}`"
     return f"A {model} fine-tuned from {source} with {version}, {how}, and exported by `anexa export`."
+
+
+def _history_rows(
+    meta: dict[str, Any], latest: dict[str, Any], train_config: dict[str, Any], origin: Origin | None
+) -> list[str]:
+    """The card's rows on where the weights came from and how Anexa trained them: the pretrained model and
+    its licence; the data, steps, time and losses of a trained model; "not trained" for one saved untrained."""
+    rows = []
+    if origin is not None:
+        rows.append(f"| {'base model' if train_config else 'source'} | {origin.describe()} |")
+        if origin.source.get("license"):
+            rows.append(f"| licence | {origin.source['license']} (the pretrained model's) |")
+    steps = _steps_cell(meta, latest)
+    if train_config:
+        trained_for = _time_cell(latest, train_config)
+        rows += [
+            f"| data | {_describe_data(train_config.get('data', '?'))} |",
+            f"| steps | {steps} |",
+            *([f"| training time | {trained_for} |"] if trained_for else []),
+            f"| val loss | {_loss(meta.get('val_loss'))} nats/token (train {_loss(meta.get('train_loss'))}) |",
+        ]
+    elif origin is None:
+        rows += [f"| steps | {steps} (not trained) |", "| val loss | not evaluated |"]
+    return rows
 
 
 def _window(model_config: dict[str, Any], train_config: dict[str, Any]) -> int | None:
@@ -538,8 +561,6 @@ def model_card(
     origin = origin_of(meta)
     shown_base = origin.source.get("name") if origin is not None and origin.direct else None
     command, toml = training_command(model_config, train_config, shown_base) if train_config else (None, None)
-    steps = _steps_cell(meta, latest)
-    trained_for = _time_cell(latest, train_config)
     name = out.resolve().name
     prompt = "Sherlock Holmes" if train_config.get("data") == "sherlock" else "The"
     license = origin.source.get("license") if origin is not None else None
@@ -559,20 +580,7 @@ def model_card(
         "",
         "| | |",
         "| --- | --- |",
-        *([f"| {'base model' if train_config else 'source'} | {origin.describe()} |"] if origin is not None else []),
-        *([f"| licence | {license} (the pretrained model's) |"] if license else []),
-        *(
-            [
-                f"| data | {_describe_data(train_config.get('data', '?'))} |",
-                f"| steps | {steps} |",
-                *([f"| training time | {trained_for} |"] if trained_for else []),
-                f"| val loss | {_loss(meta.get('val_loss'))} nats/token (train {_loss(meta.get('train_loss'))}) |",
-            ]
-            if train_config
-            else [f"| steps | {steps} (not trained) |", "| val loss | not evaluated |"]
-            if origin is None
-            else []
-        ),
+        *_history_rows(meta, latest, train_config, origin),
         f"| parameters | {parameters:,} |",
         f"| architecture | Anexa blocks `{model_config['blocks']}` → `{architecture}`: {model_config['n_layer']} layers, "
         f"{model_config['n_head']} heads, width {model_config['n_embd']} |",

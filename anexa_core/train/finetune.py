@@ -47,8 +47,7 @@ def finetune_configs(
     settings.update(tokenizer=base.tokenizer_name, tokenizer_options=base.tokenizer_options, init_from=init_from)
     for values, source in layers:
         configs.merge(settings, values, source)
-    if settings.get("minutes") is not None and not any("steps" in values for values, _ in layers):
-        settings["steps"] = None  # as a run from scratch: a time budget without a step count, the clock decides
+    configs.clock_decides(settings, layers)
     model_config, train_config = configs.split(settings)
     model_config = dataclasses.replace(model_config, vocab_size=model_settings["vocab_size"])
     if train_config.seq_len is not None:

@@ -593,6 +593,7 @@ def chat(
     typer.echo(f"{where} `quit`, `exit` or Ctrl-D to leave.")
     stops = [*(_unescape(text) for text in stop or []), *template.stop]
     history = _line_editing()
+    piped = not sys.stdin.isatty()  # a terminal echoes the line typed; a piped one is shown the same way
     turn = 0
     while True:
         try:
@@ -600,7 +601,7 @@ def chat(
         except (EOFError, KeyboardInterrupt):
             typer.echo()
             break
-        if not sys.stdin.isatty():  # a terminal echoes the line typed; show a piped one the same way
+        if piped:
             typer.echo(prompt)
         if prompt.strip() in ("quit", "exit"):
             break
