@@ -37,7 +37,7 @@ import torch
 from anexa_core.device import autocast, decoding_autocast
 from anexa_core.errors import AnexaError
 from anexa_core.infer.sampling import pick_rows
-from anexa_core.model.cache import MIN_CAPACITY, KVCache
+from anexa_core.model.cache import MIN_CAPACITY, KVCache, grown_capacity
 from anexa_core.model.gpt import GPT
 
 CONTEXT_POLICIES = ("shift", "sliding")
@@ -387,13 +387,9 @@ class Engine:
         return max(rows, self._allocated) * self._grown(start, longest)
 
     def _grown(self, start: int, longest: int) -> int:
-        """The capacity of buffers that begin holding ``start`` positions — at least
-        :data:`~anexa_core.model.cache.MIN_CAPACITY`, at most ``block_size`` — and double until they hold
-        ``longest`` (at most ``block_size``): exactly what :class:`~anexa_core.model.cache.KVCache` allocates."""
-        capacity = min(self.block_size, max(MIN_CAPACITY, start))
-        while capacity < longest:
-            capacity = min(self.block_size, 2 * capacity)
-        return capacity
+        """What a cache of this context whose buffers begin at ``start`` positions grows to for ``longest``
+        (:func:`~anexa_core.model.cache.grown_capacity`)."""
+        return grown_capacity(start, longest, self.block_size)
 
     @property
     def _allocated(self) -> int:

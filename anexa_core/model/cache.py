@@ -14,6 +14,16 @@ MIN_CAPACITY = 64
 """Positions a new cache's buffers hold at first (at most ``max_len``)."""
 
 
+def grown_capacity(start: int, length: int, max_len: int) -> int:
+    """The positions per row of buffers that begin holding ``start`` — at least :data:`MIN_CAPACITY` — and
+    double until they hold ``length``, never more than ``max_len``: how :class:`KVCache` allocates, which the
+    batched engine's KV-cache budget counts on."""
+    capacity = min(max_len, max(MIN_CAPACITY, start))
+    while capacity < length:
+        capacity = min(max_len, 2 * capacity)
+    return capacity
+
+
 class KVCache:
     """Keys and values of the positions seen so far: one buffer pair per attention layer.
 
@@ -75,7 +85,7 @@ class KVCache:
         the order they first call. Raises ``ValueError`` beyond ``max_len``.
         """
         if layer == len(self._keys) and self._row_lengths is None:
-            shape = (k.size(0), k.size(1), min(self.max_len, max(MIN_CAPACITY, k.size(2))), k.size(3))
+            shape = (k.size(0), k.size(1), grown_capacity(k.size(2), 0, self.max_len), k.size(3))
             # Zeros, not empty memory: a padded slot is masked out, and 0 × a finite value stays 0.
             self._keys.append(k.new_zeros(shape))
             self._values.append(v.new_zeros(shape))
@@ -123,9 +133,7 @@ class KVCache:
             return
         if self._view:
             raise ValueError("a narrowed KV cache cannot grow: reserve() on the cache it was narrowed from")
-        capacity = keys.size(2)
-        while capacity < length:
-            capacity = min(self.max_len, 2 * capacity)
+        capacity = grown_capacity(keys.size(2), length, self.max_len)
         for buffers in (self._keys, self._values):
             grown = buffers[layer].new_zeros((*buffers[layer].shape[:2], capacity, buffers[layer].size(3)))
             grown[:, :, : buffers[layer].size(2)] = buffers[layer]
