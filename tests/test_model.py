@@ -461,3 +461,19 @@ def test_a_model_with_targets_returns_its_loss_in_chunks_not_its_logits(monkeypa
     logits, loss = model(ids, targets)
     assert logits is None and not calls  # the plain head's weight is used chunk by chunk, never the whole head
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_cache_grows_by_doubling_from_its_first_allocation():
+    """Buffers start at the first tokens' length (at least 64 positions) and double from there, capped at the
+    context: the growth the engine's KV-cache budget counts on (`cache.grown_capacity`)."""
+    cache = KVCache(1000)
+    keys = torch.zeros(1, 2, 100, 4)
+    cache.update(0, keys, keys)
+    assert cache.capacity == 100
+    cache.reserve(101)
+    assert cache.capacity == 200  # doubled from 100, not from 64 or from anything else
+    cache.reserve(900)
+    assert cache.capacity == 1000  # 800 doubled, capped at the context
+    small = KVCache(1000)
+    small.update(0, keys[:, :, :3], keys[:, :, :3])
+    assert small.capacity == 64
