@@ -233,6 +233,25 @@ def test_the_card_of_an_import_and_of_its_fine_tune_names_the_pretrained_model(b
         assert "\nlicense: apache-2.0\n" in card and "| base model | the GGUF file `Tiny-Chat.Q8_0.gguf` |" in card
         args = shlex.split(re.search(r"## How it was trained\n\n```sh\n(.+)\n```", card).group(1))
         assert args[args.index("--init-from") + 1] == "Tiny-Chat.Q8_0.gguf" and str(tmp_path) not in card
+    # The fine-tune recorded where its base came from: with the imported run gone (a full fine-tune needs
+    # it no more), its card still names the GGUF file and its licence; a fine-tune of it names them too, and
+    # retrains from the fine-tune it started from, not the GGUF file.
+    assert checkpoint.read_metadata(tmp_path / "tuned0")["base_origin"] == {"source": record, "direct": True}
+    shutil.rmtree(tmp_path / "imported")
+    again = tmp_path / "again"
+    result = runner.invoke(app, ["train", "--init-from", str(tmp_path / "tuned0"), "--data", str(base / "text.txt"),
+                                 *SMALL, "--steps", "1", "--config", str(base / "base.toml"), "--out", str(again)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert checkpoint.read_metadata(again)["base_origin"] == {"source": record, "direct": False}
+    result = runner.invoke(app, ["train", "--resume", str(again), "--steps", "2"])  # a resume keeps the record
+    assert result.exit_code == 0, result.output
+    assert checkpoint.read_metadata(again)["base_origin"] == {"source": record, "direct": False}
+    for run, init_from in ((tmp_path / "tuned0", "Tiny-Chat.Q8_0.gguf"), (again, "tuned0")):
+        export(run, tmp_path / f"hf-{run.name}-alone", "hf")
+        card = (tmp_path / f"hf-{run.name}-alone" / "README.md").read_text(encoding="utf-8")
+        assert "\nlicense: apache-2.0\n" in card and "| base model | the GGUF file `Tiny-Chat.Q8_0.gguf` |" in card
+        args = shlex.split(re.search(r"## How it was trained\n\n```sh\n(.+)\n```", card).group(1))
+        assert args[args.index("--init-from") + 1] == init_from, card
 
 
 def test_what_fine_tuning_refuses_is_one_line(base, tmp_path):

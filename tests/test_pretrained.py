@@ -17,8 +17,9 @@ from helpers import user_error
 
 from anexa_core import AnexaError
 from anexa_core.infer.generation import generate_ids
+from anexa_core.io.export import shareable_model
 from anexa_core.io.load import load
-from anexa_core.io.pretrained import import_model
+from anexa_core.io.pretrained import import_model, is_hub_id
 
 transformers = pytest.importorskip("transformers")
 
@@ -152,6 +153,30 @@ def test_what_cannot_be_imported_is_refused_in_one_line_and_nothing_is_written(f
         import_model(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     user_error(["import", str(tmp_path / "nothing-here.gguf")], "does not exist")
+
+
+@pytest.mark.parametrize(
+    ("spec", "hub"),
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", True),
+        ("bartowski/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct-Q4_K_M.gguf", True),
+        ("runs/smol", False),  # exists here: a local run, never a hub id
+        ("org/name/model.safetensors", False),  # a third part is only a GGUF file of the repository
+        ("./org/name", False),
+        ("~org/name", False),
+        ("/org/name", False),
+        ("org/name/", False),
+        ("org", False),
+        ("org/na me", False),
+    ],
+)
+def test_one_rule_tells_a_hub_id_from_a_local_path_for_import_and_for_the_model_card(spec, hub, tmp_path, monkeypatch):
+    """``anexa import`` and what the model card shares use the same rule: a hub id is shared as it is, a
+    local path only by its last name."""
+    (tmp_path / "runs" / "smol").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_id(spec) is hub
+    assert shareable_model(spec) == (spec if hub else spec.rstrip("/").rsplit("/", 1)[-1])
 
 
 def test_a_hub_id_comes_from_the_huggingface_cache_and_offline_without_it_is_one_line(folders, tmp_path, monkeypatch):

@@ -19,7 +19,6 @@ Uploading is ``huggingface_hub``'s job: ``hf upload USER/NAME OUT .``. Nothing h
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import urllib.parse
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from anexa_core.errors import AnexaError
 from anexa_core.io import checkpoint
 from anexa_core.io.files import atomic_folder, sweep_stale
 from anexa_core.io.load import load
+from anexa_core.io.pretrained import Origin, is_hub_id, origin_of
 from anexa_core.kinds import SETTINGS
 
 FORMATS = ("hf", "gguf")
@@ -294,60 +294,9 @@ def _shareable(values: Any) -> list[str]:
 def shareable_model(spec: str) -> str:
     """An ``--init-from`` value as it may appear in something shared: a Hugging Face hub id (``ORG/NAME``,
     not a local path) as it is, a local run, folder or file by its name alone."""
-    if _is_hub_id(spec):
+    if is_hub_id(spec):
         return spec
     return Path(spec.rstrip("/\\")).name or "model"
-
-
-def _is_hub_id(spec: str) -> bool:
-    return not Path(spec).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where a model's pretrained weights came from: ``source`` as ``anexa import`` records it (``kind``
-    ``gguf``/``folder``/``hub``, ``name`` — a file name, folder name or hub id, never a path —, and where
-    known ``license``); ``direct``: the model (or a fine-tune's ``--init-from``) is that import itself, so
-    ``--init-from NAME`` starts from the same weights."""
-
-    source: dict[str, Any]
-    direct: bool
-
-    def describe(self) -> str:
-        kind = {"gguf": "the GGUF file", "folder": "the Hugging Face model folder", "hub": "the Hugging Face model"}
-        return f"{kind.get(str(self.source.get('kind')), 'the model')} `{self.source.get('name', '?')}`"
-
-
-def origin_of(meta: dict[str, Any], depth: int = 0) -> Origin | None:
-    """The :class:`Origin` of the model whose checkpoint metadata is ``meta``: an import's own record; for a
-    fine-tune, its base's — a LoRA run's recorded base, else ``--init-from`` as given: a run that is still
-    there (followed through bases that are fine-tunes themselves), a GGUF file, a Hugging Face folder, a hub
-    id in the local Hugging Face cache. ``None`` for a model trained from scratch, or a base not found (a
-    relative path from another directory is not taken for a hub id)."""
-    if isinstance(meta.get("imported_from"), dict):
-        return Origin(meta["imported_from"], depth <= 1)
-    spec = (meta.get("train_config") or {}).get("init_from")
-    if not isinstance(spec, str) or depth > 8:
-        return None
-    path = Path(((meta.get("lora") or {}).get("base") or {}).get("path") or spec)
-    if path.suffix.lower() == ".gguf":
-        return Origin({"kind": "gguf", "name": path.name}, depth == 0)
-    try:
-        return origin_of(checkpoint.read_metadata(path), depth + 1)
-    except AnexaError:
-        pass
-    if (path / "config.json").is_file():
-        return Origin({"kind": "folder", "name": path.resolve().name}, depth == 0)
-    if _is_hub_id(spec) and _cached(spec):
-        return Origin({"kind": "hub", "name": spec}, depth == 0)
-    return None
-
-
-def _cached(hub_id: str) -> bool:
-    """Whether the Hugging Face cache holds ``hub_id``'s ``config.json`` (nothing is downloaded)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
 
 
 def training_command(

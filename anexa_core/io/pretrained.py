@@ -42,7 +42,7 @@ HUB_FILES = [
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
 ]  # fmt: skip
 """What a hub download fetches: never pickled weights (``*.bin``, ``*.pt``)."""
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^/]+\.gguf)?$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/[^/]+\.gguf)?")
 _END_OF_TURN = re.compile(r"end|eot", re.I)
 
 
@@ -185,7 +185,7 @@ def read_pretrained(source: str | Path) -> Pretrained:
     if path.exists():
         raise AnexaError(f"{source} is neither a GGUF file nor a Hugging Face folder (config.json and safetensors)")
     text = str(source)
-    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+    if is_hub_id(text):
         try:
             return read_hub(text)
         except AnexaError:
@@ -198,6 +198,69 @@ def read_pretrained(source: str | Path) -> Pretrained:
                 "model of that name is cached: check the path"
             ) from None
     raise AnexaError(f"{source} does not exist: pass a GGUF file, a Hugging Face folder or a hub id (ORG/NAME)")
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` names a Hugging Face hub model (``ORG/NAME``, or ``ORG/NAME/FILE.gguf`` for one GGUF
+    file of a repository) rather than something on this machine: it has that shape and no such local path
+    exists."""
+    return _HUB_ID.fullmatch(spec) is not None and not Path(spec).expanduser().exists()
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a model's pretrained weights came from: ``source`` as ``anexa import`` records it (``kind``
+    ``gguf``/``folder``/``hub``, ``name`` — a file name, folder name or hub id, never a path —, and where
+    known ``license``); ``direct``: the model (or a fine-tune's ``--init-from``) is that import itself, so
+    ``--init-from NAME`` starts from the same weights."""
+
+    source: dict[str, Any]
+    direct: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record a fine-tune's checkpoints keep as ``base_origin`` (see :func:`origin_of`)."""
+        return {"source": dict(self.source), "direct": self.direct}
+
+    def describe(self) -> str:
+        kind = {"gguf": "the GGUF file", "folder": "the Hugging Face model folder", "hub": "the Hugging Face model"}
+        return f"{kind.get(str(self.source.get('kind')), 'the model')} `{self.source.get('name', '?')}`"
+
+
+def origin_of(meta: dict[str, Any], depth: int = 0) -> Origin | None:
+    """The :class:`Origin` of the model whose checkpoint metadata is ``meta``: an import's own record; for a
+    fine-tune, the ``base_origin`` it recorded when it started (``depth``: how many fine-tunes lie between
+    the model asked about and ``meta``'s); for one written before fine-tunes recorded it, its base's — a
+    LoRA run's recorded base, else ``--init-from`` as given: a run that is still
+    there (followed through bases that are fine-tunes themselves), a GGUF file, a Hugging Face folder, a hub
+    id in the local Hugging Face cache. ``None`` for a model trained from scratch, or a base not found (a
+    relative path from another directory is not taken for a hub id)."""
+    if isinstance(meta.get("imported_from"), dict):
+        return Origin(meta["imported_from"], depth <= 1)
+    recorded = meta.get("base_origin")
+    if isinstance(recorded, dict):  # what a fine-tune found when it started: nothing to follow any more
+        return Origin(dict(recorded["source"]), bool(recorded["direct"]) and depth == 0)
+    spec = (meta.get("train_config") or {}).get("init_from")
+    if not isinstance(spec, str) or depth > 8:
+        return None
+    path = Path(((meta.get("lora") or {}).get("base") or {}).get("path") or spec)
+    if path.suffix.lower() == ".gguf":
+        return Origin({"kind": "gguf", "name": path.name}, depth == 0)
+    try:
+        return origin_of(checkpoint.read_metadata(path), depth + 1)
+    except AnexaError:
+        pass
+    if (path / "config.json").is_file():
+        return Origin({"kind": "folder", "name": path.resolve().name}, depth == 0)
+    if is_hub_id(spec) and _cached(spec):
+        return Origin({"kind": "hub", "name": spec}, depth == 0)
+    return None
+
+
+def _cached(hub_id: str) -> bool:
+    """Whether the Hugging Face cache holds ``hub_id``'s ``config.json`` (nothing is downloaded)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
 
 
 def read_gguf_file(path: Path, source: dict[str, Any] | None = None) -> Pretrained:

@@ -32,6 +32,7 @@ from anexa_core.interfaces import Tokenizer
 from anexa_core.io import checkpoint
 from anexa_core.io.load import Base, base_of, load_base
 from anexa_core.io.metrics import METRICS_FILE, RUN_METRICS, STEPS_FILE, append_metrics, truncate_metrics
+from anexa_core.io.pretrained import origin_of
 from anexa_core.model.gpt import GPT, build_model
 from anexa_core.model.lora import LoraSpec, apply_lora, load_adapter
 from anexa_core.train import distributed
@@ -122,6 +123,7 @@ class TrainingRun:
     elapsed_before: float = 0.0
     started: float = dataclasses.field(default_factory=time.perf_counter)
     lora: dict[str, Any] | None = None  # a LoRA run's adapters and base: what its checkpoints record
+    base_origin: dict[str, Any] | None = None  # a fine-tune's pretrained origin (pretrained.origin_of)
     threads: int = 1  # CPU threads torch computes with in this session
 
     def elapsed(self) -> float:
@@ -237,6 +239,10 @@ def prepare(
         resumed=state is not None,
         threads=threads,
     )
+    if state is not None:
+        run.base_origin = state.meta["model"].get("base_origin")
+    elif base is not None and (origin := origin_of(base.meta, depth=1)) is not None:
+        run.base_origin = origin.as_dict()  # kept, so the model card names it when the base is gone
     if train_config.lora is not None and state is not None:
         run.lora = state.meta["model"]["lora"]
     elif train_config.lora is not None:
@@ -600,6 +606,8 @@ def _model_meta(run: TrainingRun, step: int, **losses: Any) -> dict[str, Any]:
     config = run.train_config
     if config.lora is not None:
         losses["lora"] = run.lora
+    if run.base_origin is not None:
+        losses["base_origin"] = run.base_origin
     return checkpoint.model_metadata(
         run.model,
         run.tokenizer,
