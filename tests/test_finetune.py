@@ -6,6 +6,7 @@ transformers reads back (HF and GGUF) with equal logits; conversations train onl
 tokens — checked against the real SmolLM2 template's rendered spans.
 """
 
+import dataclasses
 import json
 import re
 import shlex
@@ -24,6 +25,7 @@ from anexa_core.data.chats import IGNORE, assistant_spans, encode_conversation, 
 from anexa_core.infer.chat import template_for
 from anexa_core.io import checkpoint
 from anexa_core.io.load import load
+from anexa_core.io.runs import _lora, summarize
 from anexa_core.model.lora import LoraSpec
 from anexa_core.train.finetune import finetune_configs
 from anexa_core.train.loop import TrainingInterrupted, train
@@ -78,8 +80,18 @@ def test_lora_lowers_the_loss_and_stores_only_its_adapters_and_its_base(base, tm
     assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in moved)
     listed = runner.invoke(app, ["runs", str(tmp_path), "--json"])  # `anexa runs` says what it stores
     (run,) = json.loads(listed.stdout)["runs"]
-    assert run["lora"] == {"r": 4, "base": str(base / "run")}
+    assert run["lora"] == {"r": 4, "base": str(base / "run"), "base_missing": False}
     assert run["architecture"].endswith(f" + LoRA r=4 on {base / 'run'}")
+    moved_base = {"init_from": "runs/smol", "path": str(tmp_path / "gone"), "sha256": "0" * 64}  # deleted since
+    for reference, missing in ((moved_base, True), ({"init_from": "org/name", "sha256": None}, False)):
+        summary = dataclasses.replace(
+            summarize(tmp_path / "lora"), lora=_lora({"lora": {"spec": {"r": 2}, "base": reference}})
+        )
+        assert summary.lora == {"r": 2, "base": reference["init_from"], "base_missing": missing}
+        assert summary.architecture().endswith(
+            f"+ LoRA r=2 on {reference['init_from']}"
+            + (" (base missing: put it back to use this run)" if missing else "")
+        )
     with safetensors.safe_open(str(tmp_path / "lora" / "model.safetensors"), framework="pt") as handle:
         assert run["parameters"] == sum(handle.get_tensor(name).numel() for name in names)
     table = runner.invoke(app, ["runs", str(tmp_path)]).stdout.splitlines()
@@ -222,6 +234,18 @@ def test_the_card_of_an_import_and_of_its_fine_tune_names_the_pretrained_model(b
     assert "\nlicense: apache-2.0\n" in card and "| licence | apache-2.0" in card
     for absent in ("| steps |", "| data |", "| val loss |", "## How it was trained", "trained from scratch"):
         assert absent not in card, absent
+    # A GGUF export carries the licence and the pretrained model too (llama.cpp's general.* keys).
+    hub = {"kind": "hub", "name": "org/tiny-chat", "sha256": "1" * 64, "license": "mit", "model_name": "Tiny Chat"}
+    (tmp_path / "imported-hub").mkdir()
+    checkpoint.save_model(tmp_path / "imported-hub" / "model.safetensors", model, {**imported, "imported_from": hub})
+    export(tmp_path / "imported-hub", tmp_path / "hub.gguf", "gguf")
+    assert _general(tmp_path / "hub.gguf") == {
+        "general.name": "hub",
+        "general.license": "mit",
+        "general.base_model.count": 1,
+        "general.base_model.0.name": "Tiny Chat",
+        "general.base_model.0.repo_url": "https://huggingface.co/org/tiny-chat",
+    }
     for lora in ([], ["--lora", "r=2"]):
         out = tmp_path / f"tuned{len(lora)}"
         result = runner.invoke(app, ["train", "--init-from", str(tmp_path / "imported"), "--data", str(base / "text.txt"),
@@ -252,6 +276,36 @@ def test_the_card_of_an_import_and_of_its_fine_tune_names_the_pretrained_model(b
         assert "\nlicense: apache-2.0\n" in card and "| base model | the GGUF file `Tiny-Chat.Q8_0.gguf` |" in card
         args = shlex.split(re.search(r"## How it was trained\n\n```sh\n(.+)\n```", card).group(1))
         assert args[args.index("--init-from") + 1] == init_from, card
+        export(run, tmp_path / f"{run.name}.gguf", "gguf")
+        assert _general(tmp_path / f"{run.name}.gguf") == {
+            "general.name": run.name,
+            "general.license": "apache-2.0",
+            "general.base_model.count": 1,
+            "general.base_model.0.name": "Tiny-Chat.Q8_0.gguf",
+        }
+    export(base / "run", tmp_path / "scratch.gguf", "gguf")  # trained from scratch: no licence to state
+    assert _general(tmp_path / "scratch.gguf") == {"general.name": "scratch"}
+
+
+def _general(path):
+    """A GGUF file's name, licence and base-model keys."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    wanted = ("general.name", "general.license", "general.base_model")
+    return {key: field.contents() for key, field in fields.items() if key.startswith(wanted)}
+
+
+def test_a_text_too_short_for_the_windows_asks_for_the_flag_a_fine_tune_can_change(base, tmp_path):
+    """The newcomer's report: a short notes file was refused with "… or a smaller --block-size", which a
+    fine-tune then refused as contradicting its base. The advice is --seq-len, and following it trains."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text((base / "text.txt").read_text(encoding="utf-8")[:700], encoding="utf-8")
+    init = ["train", "--init-from", str(base / "run"), "--data", str(notes), "--steps", "1", "--device", "cpu"]
+    message = user_error([*init, "--out", str(tmp_path / "x")], "too few for training windows of 64 ")
+    assert message.endswith("or a shorter --seq-len") and not (tmp_path / "x").exists()
+    result = runner.invoke(app, [*init, "--seq-len", "16", "--batch-size", "2", "--out", str(tmp_path / "y")])
+    assert result.exit_code == 0, result.output
 
 
 def test_what_fine_tuning_refuses_is_one_line(base, tmp_path):

@@ -252,7 +252,7 @@ def test_the_best_checkpoint_is_kept_and_loaded_by_default(sherlock_path, tmp_pa
 def test_corpus_too_small_for_context(tmp_path):
     small = tmp_path / "tiny.txt"
     small.write_text("hello world, " * 5)
-    with pytest.raises(AnexaError, match="too few for block_size 64"):
+    with pytest.raises(AnexaError, match="too few for training windows of 64 "):
         train(SMALL, _train_config(small), tmp_path / "run")
     assert not (tmp_path / "run" / checkpoint.MODEL_FILE).exists()
 
@@ -267,8 +267,8 @@ def test_the_smallest_corpus_the_message_asks_for_trains_and_one_window_less_is_
     with pytest.raises(AnexaError) as error:
         train(SMALL, _train_config(short, steps=2, eval_every=2, save_every=2), tmp_path / "short")
     assert str(error.value) == (
-        f"corpus {str(short)!r} has 650 tokens, too few for block_size 64: use a text of at "
-        "least 660 tokens or a smaller --block-size"
+        f"corpus {str(short)!r} has 650 tokens, too few for training windows of 64 (the last tenth is kept for "
+        "validation): use a text of at least 660 tokens or a shorter --seq-len"
     )
 
 

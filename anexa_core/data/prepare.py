@@ -81,7 +81,8 @@ def prepare_data(train_config: TrainConfig, block_size: int, tokenizer=None, pro
     if len(val_ids) <= block_size + 1:
         need = (block_size + 2) * 10
         raise AnexaError(
-            f"corpus {corpora.data_label(train_config.data)} has {len(ids)} tokens, too few for block_size "
-            f"{block_size}: use a text of at least {need} tokens or a smaller --block-size"
+            f"corpus {corpora.data_label(train_config.data)} has {len(ids)} tokens, too few for training windows "
+            f"of {block_size} (the last tenth is kept for validation): use a text of at least {need} tokens or a "
+            "shorter --seq-len"
         )
     return corpus.name, tokenizer, options, Windows(train_ids, block_size), Windows(val_ids, block_size)

@@ -602,7 +602,8 @@ def model_card(
 def export_gguf(run: Path, out: Path, overwrite: bool = False, dtype: str = "f32") -> Exported:
     """Write the model of ``run`` as one GGUF file ``out`` (``….gguf``) for llama.cpp and ollama: the same
     transformers mapping as ``--format hf`` (:func:`hf_model`), through :func:`anexa_core.io.gguf.write_gguf`,
-    with the tokenizer and the chat template in the file's metadata.
+    with the tokenizer and the chat template in the file's metadata, and for a pretrained model or its
+    fine-tune the pretrained model's licence and name (``general.license``, ``general.base_model.0.*``).
 
     Raises :class:`AnexaError` for an ``out`` that is not a ``.gguf`` path or exists (without
     ``overwrite``), a char tokenizer (GGUF has no character-level tokenizer), GPT-2 blocks with the exact
@@ -644,7 +645,14 @@ def export_gguf(run: Path, out: Path, overwrite: bool = False, dtype: str = "f32
             "add_bos": False,
             "chat_template": None,
         }
-    gguf.write_gguf(out, hf_config, tensors, state, name=out.stem, dtype=dtype)
+    origin = origin_of(meta)
+    source = origin.source if origin is not None else {}
+    base_model = {"name": source.get("model_name") or source["name"]} if source else None
+    if base_model and source["kind"] == "hub":
+        base_model["repo_url"] = f"https://huggingface.co/{source['name']}"
+    gguf.write_gguf(
+        out, hf_config, tensors, state, name=out.stem, dtype=dtype, license=source.get("license"), base_model=base_model
+    )
     return Exported(
         out,
         [out.name],

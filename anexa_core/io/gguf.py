@@ -855,6 +855,8 @@ def write_gguf(
     *,
     name: str,
     dtype: str = "f32",
+    license: str | None = None,
+    base_model: Mapping[str, str] | None = None,
 ) -> None:
     """Write a model in transformers' representation as a GGUF file llama.cpp (and transformers) can load.
 
@@ -862,7 +864,9 @@ def write_gguf(
     ``GPT2LMHeadModel``. ``tensors``: every weight under transformers' names and shapes (any float dtype;
     ``lm_head.weight`` may be left out, or equal the embedding, when the config ties them; GPT-2's
     ``attn.bias`` mask buffers are ignored). ``tokenizer``: the state dict of Anexa's ``hf`` tokenizer
-    (byte-level BPE with a GPT-2, SmolLM, Llama-3 or Qwen2 split). ``name``: ``general.name``.
+    (byte-level BPE with a GPT-2, SmolLM, Llama-3 or Qwen2 split). ``name``: ``general.name``;
+    ``license``: ``general.license``; ``base_model``: the model it derives from, ``name`` and optionally
+    ``repo_url`` (``general.base_model.0.*``, llama.cpp's naming convention).
     ``dtype``: ``"f32"`` (exact), ``"f16"`` or ``"q8_0"`` for the matrices; norms and biases stay F32.
 
     llama.cpp's names and layout: ``token_embd``, ``blk.N.attn_q`` … ``ffn_down``, ``output_norm``,
@@ -895,18 +899,11 @@ def write_gguf(
             stored, kind = store(slot.gguf, np.ascontiguousarray(values))
             yield slot.gguf, stored, kind
 
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}.get(
-        dtype, gguf.LlamaFileType.MOSTLY_Q8_0
-    )
     try:
         with atomic_path(path) as tmp:
             writer = gguf.GGUFWriter(tmp, arch)
             try:
-                writer.add_name(name)
-                writer.add_type("model")
-                writer.add_file_type(int(file_type))
-                if dtype == "q8_0":
-                    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+                _add_general_keys(writer, name, dtype, license, base_model)
                 _add_architecture_keys(writer, arch, cfg)
                 _add_tokenizer_keys(writer, vocab, tokenizer)
                 for tensor_name, stored, kind in arrays():
@@ -918,6 +915,28 @@ def write_gguf(
                 writer.close()
     except OSError as exc:
         raise AnexaError(f"cannot write {where}: {exc.strerror or exc}: free space or pick another folder") from None
+
+
+def _add_general_keys(
+    writer: Any, name: str, dtype: str, license: str | None, base_model: Mapping[str, str] | None
+) -> None:
+    """``general.*``: the name, type, file type (and quantization version), licence and base model."""
+    gguf = _gguf_module()
+    writer.add_name(name)
+    writer.add_type("model")
+    if license:
+        writer.add_license(license)
+    if base_model:
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, base_model["name"])
+        if base_model.get("repo_url"):
+            writer.add_base_model_repo_url(0, base_model["repo_url"])
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}.get(
+        dtype, gguf.LlamaFileType.MOSTLY_Q8_0
+    )
+    writer.add_file_type(int(file_type))
+    if dtype == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 # llama.cpp's hyperparameter keys ({arch}.block_count, …): the GGUFWriter method that writes each, and the

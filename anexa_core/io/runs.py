@@ -27,7 +27,7 @@ class RunSummary:
 
     ``parameters``: unique parameters the run stores (a tied head counts once, as safetensors stores it
     once) — for a LoRA run its adapters only, the base staying where it is; ``lora``: ``None``, or the
-    adapters' rank and the base as given to ``--init-from``;
+    adapters' rank, the base as given to ``--init-from`` and whether it is missing;
     ``step``: the latest checkpoint's; ``best_val_loss`` (nats/token) and ``best_step``: the best
     checkpoint's, ``None`` before the first evaluation; ``size_bytes``: every file in the folder;
     ``modified``: when ``model.safetensors`` was last written (Unix seconds)."""
@@ -51,11 +51,12 @@ class RunSummary:
 
     def architecture(self) -> str:
         """``llama 4×128 · bpe 1024``; the attention too when it is not the default ``sdpa``; a LoRA run adds
-        ``+ LoRA r=16 on BASE``."""
+        ``+ LoRA r=16 on BASE``, and says so when the base is missing."""
         attention = "" if self.attention == "sdpa" else f" {self.attention}"
         text = f"{self.blocks} {self.n_layer}×{self.n_embd}{attention} · {self.tokenizer} {self.vocab_size}"
         if self.lora is not None:
             text += f" + LoRA r={self.lora['r']} on {self.lora['base']}"
+            text += " (base missing: put it back to use this run)" if self.lora.get("base_missing") else ""
         return text
 
     def as_dict(self) -> dict[str, Any]:
@@ -115,12 +116,14 @@ def summarize(folder: Path) -> RunSummary:
 
 
 def _lora(meta: dict[str, Any]) -> dict[str, Any] | None:
-    """A LoRA run's rank and base (``--init-from`` as given) from its metadata; ``None`` for other runs."""
+    """A LoRA run's rank, base (``--init-from`` as given) and whether that base is gone from where it was
+    trained, from its metadata; ``None`` for other runs."""
     lora = meta.get("lora")
     if not isinstance(lora, dict):
         return None
     spec, base = lora.get("spec") or {}, lora.get("base") or {}
-    return {"r": spec.get("r", "?"), "base": base.get("init_from", "?")}
+    missing = bool(base.get("path")) and not Path(base["path"]).exists()  # a hub id's base has no path
+    return {"r": spec.get("r", "?"), "base": base.get("init_from", "?"), "base_missing": missing}
 
 
 def list_runs(runs_dir: Path, missing_ok: bool = True) -> tuple[list[RunSummary], list[tuple[Path, str]]]:
