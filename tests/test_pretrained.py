@@ -17,9 +17,10 @@ from helpers import user_error
 
 from anexa_core import AnexaError
 from anexa_core.infer.generation import generate_ids
+from anexa_core.io import checkpoint, pretrained
 from anexa_core.io.export import shareable_model
 from anexa_core.io.load import load
-from anexa_core.io.pretrained import import_model, is_hub_id
+from anexa_core.io.pretrained import Origin, import_model, is_hub_id, origin_of
 
 transformers = pytest.importorskip("transformers")
 
@@ -177,6 +178,55 @@ def test_one_rule_tells_a_hub_id_from_a_local_path_for_import_and_for_the_model_
     monkeypatch.chdir(tmp_path)
     assert is_hub_id(spec) is hub
     assert shareable_model(spec) == (spec if hub else spec.rstrip("/").rsplit("/", 1)[-1])
+
+
+def test_a_models_origin_is_its_import_or_what_its_fine_tunes_recorded_or_followed(tmp_path, monkeypatch):
+    """What a model card says a model came from: an import's record; a fine-tune's ``base_origin``; for a
+    fine-tune written before it recorded one, its ``--init-from`` followed through other runs (checkpoint
+    metadata stands in a table here). ``direct``: ``--init-from NAME`` starts from those very weights."""
+    record = {"kind": "gguf", "name": "Tiny.gguf", "license": "mit"}
+    metas = {
+        "imp": {"imported_from": record},
+        "ft1": {"train_config": {"init_from": "imp"}},
+        "ft2": {"train_config": {"init_from": "ft1"}},
+        "loop": {"train_config": {"init_from": "loop"}},
+        "recorded": {"base_origin": {"source": record, "direct": True}, "train_config": {"init_from": "gone"}},
+        "tuned-gguf": {"train_config": {"init_from": "models/b.GGUF"}},
+        "tuned-hub": {"train_config": {"init_from": "org/cached"}},
+    }
+
+    def read_metadata(path):
+        if str(path) not in metas:
+            raise AnexaError(f"no checkpoint at {path}")
+        return metas[str(path)]
+
+    monkeypatch.setattr(checkpoint, "read_metadata", read_metadata)
+    monkeypatch.setattr(pretrained, "_cached", lambda hub_id: hub_id == "org/cached")
+    (tmp_path / "HF-Model").mkdir()
+    (tmp_path / "HF-Model" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "HF-Model")
+
+    def of(**train_config):
+        return origin_of({"train_config": train_config})
+
+    assert origin_of(metas["imp"]) == Origin(record, True)
+    assert of(init_from="imp") == origin_of(metas["ft1"]) == Origin(record, True)
+    assert of(init_from="ft1") == Origin(record, False) and of(init_from="ft2") == Origin(record, False)
+    assert origin_of(metas["recorded"]) == Origin(record, True) and of(init_from="recorded") == Origin(record, False)
+    assert origin_of({"train_config": {"init_from": "gone"}, "lora": {"base": {"path": "imp"}}}) == Origin(record, True)
+    assert of(init_from="models/a.gguf") == Origin({"kind": "gguf", "name": "a.gguf"}, True)
+    assert of(init_from="tuned-gguf") == Origin({"kind": "gguf", "name": "b.GGUF"}, False)
+    assert of(init_from=".") == Origin({"kind": "folder", "name": "HF-Model"}, True)  # by its name, not "."
+    assert of(init_from="org/cached") == Origin({"kind": "hub", "name": "org/cached"}, True)
+    assert of(init_from="tuned-hub") == Origin({"kind": "hub", "name": "org/cached"}, False)
+    for nothing in (of(init_from="loop"), of(init_from="org/missing"), of(init_from="gone"), of(), origin_of({})):
+        assert nothing is None
+    assert [Origin({"kind": kind, "name": "N"}, True).describe() for kind in ("gguf", "folder", "hub")] == [
+        "the GGUF file `N`",
+        "the Hugging Face model folder `N`",
+        "the Hugging Face model `N`",
+    ]
+    assert Origin(record, False).as_dict() == {"source": record, "direct": False}
 
 
 def test_a_hub_id_comes_from_the_huggingface_cache_and_offline_without_it_is_one_line(folders, tmp_path, monkeypatch):

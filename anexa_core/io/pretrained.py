@@ -222,8 +222,11 @@ class Origin:
         return {"source": dict(self.source), "direct": self.direct}
 
     def describe(self) -> str:
-        kind = {"gguf": "the GGUF file", "folder": "the Hugging Face model folder", "hub": "the Hugging Face model"}
-        return f"{kind.get(str(self.source.get('kind')), 'the model')} `{self.source.get('name', '?')}`"
+        """The pretrained model in words, for a model card: ``the GGUF file `NAME```."""
+        return f"{_SOURCE_KINDS[self.source['kind']]} `{self.source['name']}`"
+
+
+_SOURCE_KINDS = {"gguf": "the GGUF file", "folder": "the Hugging Face model folder", "hub": "the Hugging Face model"}
 
 
 def origin_of(meta: dict[str, Any], depth: int = 0) -> Origin | None:
