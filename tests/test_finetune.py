@@ -25,6 +25,7 @@ from anexa_core.data.chats import IGNORE, assistant_spans, encode_conversation, 
 from anexa_core.infer.chat import template_for
 from anexa_core.io import checkpoint
 from anexa_core.io.load import load
+from anexa_core.io.pretrained import import_model
 from anexa_core.io.runs import _lora, summarize
 from anexa_core.model.lora import LoraSpec
 from anexa_core.train.finetune import finetune_configs
@@ -246,6 +247,12 @@ def test_the_card_of_an_import_and_of_its_fine_tune_names_the_pretrained_model(b
         "general.base_model.0.name": "Tiny Chat",
         "general.base_model.0.repo_url": "https://huggingface.co/org/tiny-chat",
     }
+    # ... and importing that file again keeps the repository: the card links it as the base model.
+    import_model(tmp_path / "hub.gguf", tmp_path / "reimported")
+    assert checkpoint.read_metadata(tmp_path / "reimported")["imported_from"]["repository"] == "org/tiny-chat"
+    export(tmp_path / "reimported", tmp_path / "hf-reimported", "hf")
+    card = (tmp_path / "hf-reimported" / "README.md").read_text(encoding="utf-8")
+    assert "\nlicense: mit\nbase_model: org/tiny-chat\n" in card and "the GGUF file `hub.gguf`" in card
     for lora in ([], ["--lora", "r=2"]):
         out = tmp_path / f"tuned{len(lora)}"
         result = runner.invoke(app, ["train", "--init-from", str(tmp_path / "imported"), "--data", str(base / "text.txt"),

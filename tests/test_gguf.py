@@ -269,6 +269,24 @@ def test_read_states_the_files_metadata(smollm2):
     assert "tokenizer.ggml.tokens" not in meta  # the vocabulary is in the tokenizer, not repeated here
 
 
+@pytest.mark.parametrize(
+    ("metadata", "repository"),
+    [
+        ({"general.source.repo_url": "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"},
+         "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ({"general.base_model.0.repo_url": "https://huggingface.co/org/base/"}, "org/base"),
+        ({"general.source.repo_url": "https://huggingface.co/org/converted",
+          "general.base_model.0.repo_url": "https://huggingface.co/org/base"}, "org/converted"),  # its own source first
+        ({"general.source.repo_url": "https://huggingface.co/org/name/tree/main"}, None),
+        ({"general.source.repo_url": "https://github.com/org/name"}, None),
+        ({"general.source.repo_url": "http://huggingface.co/org/name"}, None),
+        ({"general.name": "Smollm2 135M"}, None),  # the fixture's case: no source named
+    ],
+)  # fmt: skip
+def test_the_hugging_face_repository_a_file_names_as_its_source(metadata, repository):
+    assert anexa_gguf.hub_repository(metadata) == repository
+
+
 def test_q_and_k_are_unpermuted_from_llamas_interleaved_rotary_layout(smollm2, smollm2_gguf):
     """The file holds llama.cpp's ``permute(w, n_head, n_head_kv)`` of each Q/K projection; read_gguf returns
     transformers' layout, and permuting it again gives the file's values back."""

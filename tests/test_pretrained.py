@@ -227,6 +227,12 @@ def test_a_models_origin_is_its_import_or_what_its_fine_tunes_recorded_or_follow
         "the Hugging Face model `N`",
     ]
     assert Origin(record, False).as_dict() == {"source": record, "direct": False}
+    hub_ids = [
+        Origin({"kind": "hub", "name": "org/name"}, True),
+        Origin({"kind": "hub", "name": "org/name/model-Q8_0.gguf"}, True),  # one file of a repository
+        Origin({"kind": "gguf", "name": "x.gguf", "repository": "org/name"}, True),  # the file named its source
+    ]
+    assert [origin.hub_id() for origin in hub_ids] == ["org/name"] * 3 and Origin(record, True).hub_id() is None
 
 
 def test_a_hub_id_comes_from_the_huggingface_cache_and_offline_without_it_is_one_line(folders, tmp_path, monkeypatch):

@@ -513,7 +513,7 @@ def model_card(
     name = out.resolve().name
     prompt = "Sherlock Holmes" if train_config.get("data") == "sherlock" else "The"
     license = origin.source.get("license") if origin is not None else None
-    hub_base = origin.source["name"] if origin is not None and origin.source.get("kind") == "hub" else None
+    hub_base = origin.hub_id() if origin is not None else None
     lines = [
         "---",
         "library_name: transformers",
@@ -646,13 +646,13 @@ def export_gguf(run: Path, out: Path, overwrite: bool = False, dtype: str = "f32
             "chat_template": None,
         }
     origin = origin_of(meta)
-    source = origin.source if origin is not None else {}
-    base_model = {"name": source.get("model_name") or source["name"]} if source else None
-    if base_model and source["kind"] == "hub":
-        base_model["repo_url"] = f"https://huggingface.co/{source['name']}"
-    gguf.write_gguf(
-        out, hf_config, tensors, state, name=out.stem, dtype=dtype, license=source.get("license"), base_model=base_model
-    )
+    license, base_model = None, None
+    if origin is not None:
+        license = origin.source.get("license")
+        base_model = {"name": origin.source.get("model_name") or origin.source["name"]}
+        if hub_id := origin.hub_id():
+            base_model["repo_url"] = f"https://huggingface.co/{hub_id}"
+    gguf.write_gguf(out, hf_config, tensors, state, name=out.stem, dtype=dtype, license=license, base_model=base_model)
     return Exported(
         out,
         [out.name],

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -371,6 +372,20 @@ def _metadata(reader: GGUFReader, path: Path) -> dict[str, Any]:
             detail = " ".join(str(exc).split())[:120]
             raise AnexaError(f"{path} is corrupt (metadata {key!r}: {detail}); {_FIX_FILE}") from None
     return values
+
+
+_HUB_URL = re.compile(r"https://huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+)/?")
+
+
+def hub_repository(metadata: Mapping[str, Any]) -> str | None:
+    """The Hugging Face repository (``ORG/NAME``) a GGUF file's metadata names as its source — the
+    ``general.source.repo_url`` it was converted from, else its ``general.base_model.0.repo_url`` (llama.cpp's
+    naming convention) — when that is a ``https://huggingface.co/ORG/NAME`` address; ``None`` otherwise."""
+    for key in ("general.source.repo_url", "general.base_model.0.repo_url"):
+        found = _HUB_URL.fullmatch(str(metadata.get(key, "")))
+        if found:
+            return found.group(1)
+    return None
 
 
 def _tidy_float(value: float) -> float:

@@ -221,6 +221,13 @@ class Origin:
         """The record a fine-tune's checkpoints keep as ``base_origin`` (see :func:`origin_of`)."""
         return {"source": dict(self.source), "direct": self.direct}
 
+    def hub_id(self) -> str | None:
+        """The pretrained model's Hugging Face repository (``ORG/NAME``): a hub import's own id (without a
+        GGUF file's name), else the ``repository`` a GGUF file named as its source; ``None`` when unknown."""
+        if self.source["kind"] == "hub":
+            return "/".join(self.source["name"].split("/")[:2])
+        return self.source.get("repository")
+
     def describe(self) -> str:
         """The pretrained model in words, for a model card: ``the GGUF file `NAME```."""
         return f"{_SOURCE_KINDS[self.source['kind']]} `{self.source['name']}`"
@@ -267,7 +274,8 @@ def _cached(hub_id: str) -> bool:
 
 
 def read_gguf_file(path: Path, source: dict[str, Any] | None = None) -> Pretrained:
-    """A GGUF file through :func:`anexa_core.io.gguf.read_gguf`, with its SHA-256 recorded."""
+    """A GGUF file through :func:`anexa_core.io.gguf.read_gguf`, with its SHA-256, licence, name and
+    Hugging Face source repository (:func:`anexa_core.io.gguf.hub_repository`) recorded."""
     from anexa_core.io import gguf
 
     model = gguf.read_gguf(path)
@@ -277,6 +285,7 @@ def read_gguf_file(path: Path, source: dict[str, Any] | None = None) -> Pretrain
         "sha256": file_sha256(path),
         "license": model.metadata.get("general.license"),
         "model_name": model.metadata.get("general.name"),
+        "repository": gguf.hub_repository(model.metadata),
     }
     return Pretrained(model.hf_config, model.tensors, model.tokenizer, origin)
 
