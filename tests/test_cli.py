@@ -99,6 +99,8 @@ def test_chat_streams_responses_until_quit(run_dir):
     assert out.splitlines()[1] == "Prompt: Holmes", "a piped line is shown after the prompt, as a terminal echoes it"
     reply = out.split("\nResponse: ", 1)[1]  # the model's text may hold line breaks of its own
     assert reply.endswith("\nPrompt: quit\n") and len(reply) > len("\nPrompt: quit\n"), "quit ends on a fresh line"
+    ended = runner.invoke(app, ["chat", "--model", str(run_dir), "-n", "10", "--seed", "3"], input="Holmes\n").stdout
+    assert ended == out.removesuffix("Prompt: quit\n"), "the end of piped input ends the chat, no prompt left open"
 
 
 def test_chat_checks_the_prompt_before_responding_and_goes_on(run_dir):

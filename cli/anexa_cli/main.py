@@ -593,17 +593,11 @@ def chat(
     typer.echo(f"{where} `quit`, `exit` or Ctrl-D to leave.")
     stops = [*(_unescape(text) for text in stop or []), *template.stop]
     history = _line_editing()
-    piped = not sys.stdin.isatty()  # a terminal echoes the line typed; a piped one is shown the same way
+    piped = not sys.stdin.isatty()
     turn = 0
     while True:
-        try:
-            prompt = input("Prompt: ")
-        except (EOFError, KeyboardInterrupt):
-            typer.echo()
-            break
-        if piped:
-            typer.echo(prompt)
-        if prompt.strip() in ("quit", "exit"):
+        prompt = _next_prompt(piped)
+        if prompt is None or prompt.strip() in ("quit", "exit"):
             break
         if prompt.strip() == "/reset":
             conversation = Conversation(template, conversation.messages[:1] if system else [])
@@ -616,6 +610,24 @@ def chat(
         turn += 1
     if history is not None:
         history()
+
+
+def _next_prompt(piped: bool) -> str | None:
+    """The user's next line, ``None`` at the end of the input (Ctrl-D, Ctrl-C). A terminal echoes the line
+    typed after ``Prompt: ``; a piped line is shown the same way, and the prompt only for a line that comes,
+    so a transcript does not end on an unanswered ``Prompt: ``."""
+    try:
+        if not piped:
+            return input("Prompt: ")
+        line = sys.stdin.readline()
+    except (EOFError, KeyboardInterrupt):
+        typer.echo()
+        return None
+    if not line:
+        return None
+    prompt = line.removesuffix("\n")
+    typer.echo(f"Prompt: {prompt}")
+    return prompt
 
 
 def _answer(
