@@ -193,6 +193,7 @@ def test_a_models_origin_is_its_import_or_what_its_fine_tunes_recorded_or_follow
         "recorded": {"base_origin": {"source": record, "direct": True}, "train_config": {"init_from": "gone"}},
         "tuned-gguf": {"train_config": {"init_from": "models/b.GGUF"}},
         "tuned-hub": {"train_config": {"init_from": "org/cached"}},
+        **{f"ft{n}": {"train_config": {"init_from": f"ft{n - 1}"}} for n in range(3, 11)},  # a long chain
     }
 
     def read_metadata(path):
@@ -212,6 +213,7 @@ def test_a_models_origin_is_its_import_or_what_its_fine_tunes_recorded_or_follow
     assert origin_of(metas["imp"]) == Origin(record, True)
     assert of(init_from="imp") == origin_of(metas["ft1"]) == Origin(record, True)
     assert of(init_from="ft1") == Origin(record, False) and of(init_from="ft2") == Origin(record, False)
+    assert origin_of(metas["ft9"]) == Origin(record, False) and origin_of(metas["ft10"]) is None  # nine deep at most
     assert origin_of(metas["recorded"]) == Origin(record, True) and of(init_from="recorded") == Origin(record, False)
     assert origin_of({"train_config": {"init_from": "gone"}, "lora": {"base": {"path": "imp"}}}) == Origin(record, True)
     assert of(init_from="models/a.gguf") == Origin({"kind": "gguf", "name": "a.gguf"}, True)

@@ -241,7 +241,7 @@ def origin_of(meta: dict[str, Any], depth: int = 0) -> Origin | None:
     fine-tune, the ``base_origin`` it recorded when it started (``depth``: how many fine-tunes lie between
     the model asked about and ``meta``'s); for one written before fine-tunes recorded it, its base's — a
     LoRA run's recorded base, else ``--init-from`` as given: a run that is still
-    there (followed through bases that are fine-tunes themselves), a GGUF file, a Hugging Face folder, a hub
+    there (followed through at most nine runs that are fine-tunes themselves, so a cycle ends), a GGUF file, a Hugging Face folder, a hub
     id in the local Hugging Face cache. ``None`` for a model trained from scratch, or a base not found (a
     relative path from another directory is not taken for a hub id)."""
     if isinstance(meta.get("imported_from"), dict):
