@@ -8,8 +8,10 @@ import math
 import pytest
 import safetensors.torch
 import torch
-from helpers import Watching
+from helpers import TINY_FLAGS, Watching
+from typer.testing import CliRunner
 
+from anexa_cli.main import app
 from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.data.prepare import prepare_data
 from anexa_core.errors import AnexaError
@@ -702,6 +704,11 @@ def test_seq_len_may_be_the_whole_context_and_no_more(sherlock_path, tmp_path):
     with pytest.raises(AnexaError) as error:
         train(tiny, _train_config(sherlock_path, steps=1, seq_len=33), tmp_path / "b")
     assert str(error.value) == "--seq-len 33 is longer than the model's context of 32 tokens: use a smaller one"
+    # The newcomer's report: on the command line the model's size line came first; now the one line is all.
+    result = CliRunner().invoke(app, ["train", "--data", str(sherlock_path), *TINY_FLAGS, "--seq-len", "33",
+                                      "--steps", "1", "--out", str(tmp_path / "c")])  # fmt: skip
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "", f"error: {error.value}\n")
+    assert not (tmp_path / "c").exists()
 
 
 def test_resume_keeps_the_runs_glob_unless_new_data_is_given_without_one(sherlock_path, tmp_path):

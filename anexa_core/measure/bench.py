@@ -433,7 +433,7 @@ def train_model(
     else:
         built = run_model(model, attention, device, decoding=False)
         train_config = finetune_config(built, batch_size, precision, seq_len)
-    train_window(built, train_config)
+    train_window(built.config.block_size, train_config)
     return built, train_config
 
 
@@ -446,7 +446,7 @@ def make_train_step(model: GPT, train_config: TrainConfig, device: torch.device)
     """One step of the training loop as ``anexa train`` runs it (:func:`anexa_core.train.step.make_train_step`),
     on random windows (``train_config.seq_len`` tokens, else the model's context) of random token ids from
     the model's vocabulary."""
-    window = train_window(model, train_config)
+    window = train_window(model.config.block_size, train_config)
     step = training_step(model, make_optimizer(model, train_config), train_config, device)
     ids = _random_ids(model, window * 20)
     batches = torch.Generator().manual_seed(1)
@@ -592,7 +592,7 @@ def _train_row(
         row.update(
             batch_size=train_config.batch_size,
             block_size=model.config.block_size,
-            seq_len=train_window(model, train_config),
+            seq_len=train_window(model.config.block_size, train_config),
             parameters=model.num_parameters(),
             precision="bf16" if uses_bf16(device, train_config.precision) else "fp32",
         )
@@ -614,7 +614,7 @@ def plain_train_step(model: GPT, train_config: TrainConfig, device: torch.device
     """nanoGPT's CPU training step, written the plain way: float32, ``AdamW(foreach=False)``, windows
     stacked with a Python loop, gradients clipped at ``grad_clip``. The yardstick of ``bench train``; its
     windows are those of :func:`make_train_step`."""
-    window = train_window(model, train_config)
+    window = train_window(model.config.block_size, train_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, foreach=False)
     ids = _random_ids(model, window * 20)
     batches = torch.Generator().manual_seed(1)

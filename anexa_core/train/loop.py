@@ -207,16 +207,16 @@ def prepare(
     if state is not None:
         model, tokenizer = _resumed_model(state, model_config, out_dir)
         _, _, tokenizer_options, train_data, val_data = prepare_data(
-            train_config, train_window(model, train_config), tokenizer, progress
+            train_config, train_window(model.config.block_size, train_config), tokenizer, progress
         )
     elif base is not None:
         model, tokenizer = _finetuned_model(base, model_config, train_config)
         _, _, tokenizer_options, train_data, val_data = prepare_data(
-            train_config, train_window(model, train_config), tokenizer, progress
+            train_config, train_window(model.config.block_size, train_config), tokenizer, progress
         )
     else:
         _, tokenizer, tokenizer_options, train_data, val_data = prepare_data(
-            train_config, train_config.seq_len or model_config.block_size, None, progress
+            train_config, train_window(model_config.block_size, train_config), None, progress
         )
         model = build_model(dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size))
     if state is None:
@@ -392,7 +392,7 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
     model.train()
     train_step = make_train_step(model, run.optimizer, config, device, distributed.wrap(model, ranks, device))
     each_step = _reads_each_step(device)
-    tokens_per_step = config.batch_size * train_window(model, config) * ranks.world_size
+    tokens_per_step = config.batch_size * train_window(model.config.block_size, config) * ranks.world_size
     budget_s = config.minutes * 60 if config.minutes is not None else None
     horizon_s = config.decay_minutes * 60 if config.decay_minutes is not None else None
     eval_seconds: float | None = None  # the last evaluation's duration, so a budget ends with its final one on time

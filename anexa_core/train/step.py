@@ -37,14 +37,13 @@ def lr_at(step: int, config: TrainConfig, time_fraction: float | None = None) ->
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
 
-def train_window(model: GPT, train_config: TrainConfig) -> int:
-    """Tokens per training window: ``train_config.seq_len``, else the model's context. Raises
-    :class:`~anexa_core.errors.AnexaError` for a window longer than the context."""
-    window = train_config.seq_len or model.config.block_size
-    if window > model.config.block_size:
+def train_window(block_size: int, train_config: TrainConfig) -> int:
+    """Tokens per training window: ``train_config.seq_len``, else the model's context ``block_size``.
+    Raises :class:`~anexa_core.errors.AnexaError` for a window longer than the context."""
+    window = train_config.seq_len or block_size
+    if window > block_size:
         raise AnexaError(
-            f"--seq-len {window} is longer than the model's context of {model.config.block_size} tokens: "
-            "use a smaller one"
+            f"--seq-len {window} is longer than the model's context of {block_size} tokens: use a smaller one"
         )
     return window
 
