@@ -303,16 +303,27 @@ def _general(path):
     return {key: field.contents() for key, field in fields.items() if key.startswith(wanted)}
 
 
-def test_a_text_too_short_for_the_windows_asks_for_the_flag_a_fine_tune_can_change(base, tmp_path):
-    """The newcomer's report: a short notes file was refused with "… or a smaller --block-size", which a
-    fine-tune then refused as contradicting its base. The advice is --seq-len, and following it trains."""
+def test_a_text_too_short_for_the_windows_asks_for_the_flag_a_fine_tune_can_change(base, tmp_path, caplog):
+    """The newcomers' reports: a short notes file was refused with "… or a smaller --block-size", which a
+    fine-tune then refused as contradicting its base; then with "a shorter --seq-len", which did not say how
+    short, after LoRA's parameter count (two lines). Now one line names the longest window that fits, and
+    following it trains, where one token more is refused."""
     notes = tmp_path / "notes.txt"
     notes.write_text((base / "text.txt").read_text(encoding="utf-8")[:700], encoding="utf-8")
-    init = ["train", "--init-from", str(base / "run"), "--data", str(notes), "--steps", "1", "--device", "cpu"]
+    init = ["train", "--init-from", str(base / "run"), "--data", str(notes), "--steps", "1", "--batch-size", "2",
+            "--device", "cpu", "--lora", "r=2"]  # fmt: skip
     message = user_error([*init, "--out", str(tmp_path / "x")], "too few for training windows of 64 ")
-    assert message.endswith("or a shorter --seq-len") and not (tmp_path / "x").exists()
-    result = runner.invoke(app, [*init, "--seq-len", "16", "--batch-size", "2", "--out", str(tmp_path / "y")])
+    longest = int(re.fullmatch(r".* or --seq-len (\d+) or shorter", message).group(1))
+    assert 4 < longest < 62 and not (tmp_path / "x").exists()
+    assert not [record for record in caplog.records if record.getMessage().startswith("LoRA:")]
+    user_error(
+        [*init, "--seq-len", str(longest + 1), "--out", str(tmp_path / "x")], f"training windows of {longest + 1} "
+    )
+    result = runner.invoke(app, [*init, "--seq-len", str(longest), "--out", str(tmp_path / "y")])
     assert result.exit_code == 0, result.output
+    assert [record.getMessage() for record in caplog.records if record.getMessage().startswith("LoRA:")] == [
+        "LoRA: 896 trainable parameters of 46,112"
+    ]
 
 
 def test_what_fine_tuning_refuses_is_one_line(base, tmp_path):

@@ -141,6 +141,15 @@ def test_export_hf_and_gguf_read_back_by_transformers_with_equal_logits(smollm2_
     export(smollm2_run, tmp_path / "smol.gguf", "gguf")
     gguf_model = transformers_model(tmp_path, "smol.gguf")
     assert (_logits_of(gguf_model, ids) - ours).abs().max().item() < 1e-4
+    import gguf
+
+    general = {key: field.contents() for key, field in gguf.GGUFReader(tmp_path / "smol.gguf").fields.items()}
+    assert {key: general.get(key) for key in ("general.license", "general.base_model.count")} == {
+        "general.license": "apache-2.0",
+        "general.base_model.count": 1,
+    }  # the source file's own name and maker, as the pretrained model
+    assert general["general.base_model.0.name"] == "Smollm2 135M 8k Lc100K Mix1 Ep2"
+    assert general["general.base_model.0.organization"] == "HuggingFaceTB"
 
 
 def test_a_real_hugging_face_folder_imports_to_the_same_model(smollm2_transformers, smollm2, tmp_path):

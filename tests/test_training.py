@@ -270,7 +270,7 @@ def test_the_smallest_corpus_the_message_asks_for_trains_and_one_window_less_is_
         train(SMALL, _train_config(short, steps=2, eval_every=2, save_every=2), tmp_path / "short")
     assert str(error.value) == (
         f"corpus {str(short)!r} has 650 tokens, too few for training windows of 64 (the last tenth is kept for "
-        "validation): use a text of at least 660 tokens or a shorter --seq-len"
+        "validation): use a text of at least 660 tokens or --seq-len 63 or shorter"
     )
 
 

@@ -78,11 +78,12 @@ def prepare_data(train_config: TrainConfig, block_size: int, tokenizer=None, pro
     ids = stream.ids
     split = int(0.9 * len(ids))
     train_ids, val_ids = ids[:split], ids[split:]
-    if len(val_ids) <= block_size + 1:
+    if len(val_ids) <= block_size + 1:  # a validation window and the token after it must fit the last tenth
         need = (block_size + 2) * 10
+        longest = len(val_ids) - 2
+        shorter = f" or --seq-len {longest} or shorter" if longest > 0 else ""
         raise AnexaError(
             f"corpus {corpora.data_label(train_config.data)} has {len(ids)} tokens, too few for training windows "
-            f"of {block_size} (the last tenth is kept for validation): use a text of at least {need} tokens or a "
-            "shorter --seq-len"
+            f"of {block_size} (the last tenth is kept for validation): use a text of at least {need} tokens{shorter}"
         )
     return corpus.name, tokenizer, options, Windows(train_ids, block_size), Windows(val_ids, block_size)

@@ -650,6 +650,8 @@ def export_gguf(run: Path, out: Path, overwrite: bool = False, dtype: str = "f32
     if origin is not None:
         license = origin.source.get("license")
         base_model = {"name": origin.source.get("model_name") or origin.source["name"]}
+        if origin.source.get("organization"):
+            base_model["organization"] = origin.source["organization"]
         if hub_id := origin.hub_id():
             base_model["repo_url"] = f"https://huggingface.co/{hub_id}"
     gguf.write_gguf(out, hf_config, tensors, state, name=out.stem, dtype=dtype, license=license, base_model=base_model)

@@ -881,7 +881,7 @@ def write_gguf(
     ``attn.bias`` mask buffers are ignored). ``tokenizer``: the state dict of Anexa's ``hf`` tokenizer
     (byte-level BPE with a GPT-2, SmolLM, Llama-3 or Qwen2 split). ``name``: ``general.name``;
     ``license``: ``general.license``; ``base_model``: the model it derives from, ``name`` and optionally
-    ``repo_url`` (``general.base_model.0.*``, llama.cpp's naming convention).
+    ``organization`` and ``repo_url`` (``general.base_model.0.*``, llama.cpp's naming convention).
     ``dtype``: ``"f32"`` (exact), ``"f16"`` or ``"q8_0"`` for the matrices; norms and biases stay F32.
 
     llama.cpp's names and layout: ``token_embd``, ``blk.N.attn_q`` … ``ffn_down``, ``output_norm``,
@@ -944,6 +944,8 @@ def _add_general_keys(
     if base_model:
         writer.add_base_model_count(1)
         writer.add_base_model_name(0, base_model["name"])
+        if base_model.get("organization"):
+            writer.add_base_model_organization(0, base_model["organization"])
         if base_model.get("repo_url"):
             writer.add_base_model_repo_url(0, base_model["repo_url"])
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}.get(

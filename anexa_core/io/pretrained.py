@@ -274,8 +274,8 @@ def _cached(hub_id: str) -> bool:
 
 
 def read_gguf_file(path: Path, source: dict[str, Any] | None = None) -> Pretrained:
-    """A GGUF file through :func:`anexa_core.io.gguf.read_gguf`, with its SHA-256, licence, name and
-    Hugging Face source repository (:func:`anexa_core.io.gguf.hub_repository`) recorded."""
+    """A GGUF file through :func:`anexa_core.io.gguf.read_gguf`, with its SHA-256, licence, name,
+    organization and Hugging Face source repository (:func:`anexa_core.io.gguf.hub_repository`) recorded."""
     from anexa_core.io import gguf
 
     model = gguf.read_gguf(path)
@@ -285,6 +285,7 @@ def read_gguf_file(path: Path, source: dict[str, Any] | None = None) -> Pretrain
         "sha256": file_sha256(path),
         "license": model.metadata.get("general.license"),
         "model_name": model.metadata.get("general.name"),
+        "organization": model.metadata.get("general.organization"),
         "repository": gguf.hub_repository(model.metadata),
     }
     return Pretrained(model.hf_config, model.tensors, model.tokenizer, origin)

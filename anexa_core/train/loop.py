@@ -203,22 +203,9 @@ def prepare(
         base = load_base(train_config.init_from)
     torch.manual_seed(train_config.seed)
     batch_generator = torch.Generator().manual_seed(train_config.seed + 1)
-    progress = getattr(reporter, "data_progress", None)
-    if state is not None:
-        model, tokenizer = _resumed_model(state, model_config, out_dir)
-        _, _, tokenizer_options, train_data, val_data = prepare_data(
-            train_config, train_window(model.config.block_size, train_config), tokenizer, progress
-        )
-    elif base is not None:
-        model, tokenizer = _finetuned_model(base, model_config, train_config)
-        _, _, tokenizer_options, train_data, val_data = prepare_data(
-            train_config, train_window(model.config.block_size, train_config), tokenizer, progress
-        )
-    else:
-        _, tokenizer, tokenizer_options, train_data, val_data = prepare_data(
-            train_config, train_window(model_config.block_size, train_config), None, progress
-        )
-        model = build_model(dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size))
+    model, tokenizer, tokenizer_options, train_data, val_data = _model_and_data(
+        model_config, train_config, state, base, out_dir, getattr(reporter, "data_progress", None)
+    )
     if state is None:
         train_config = train_config.with_schedule()  # a new run fixes where its LR decay ends, once
     model.to(device)
@@ -260,14 +247,40 @@ def prepare(
     return run
 
 
+def _model_and_data(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    state: checkpoint.TrainState | None,
+    base: Base | None,
+    out_dir: Path,
+    progress: Any,
+) -> tuple[GPT, Any, dict[str, Any], Windows | Conversations, Windows | Conversations]:
+    """The run's model and tokenizer — resumed from ``state``, fine-tuned from ``base``, or new — and its
+    data (:func:`prepare_data`): tokenizer options, training and validation windows or conversations. The
+    windows' length is checked first; a new model is built once the data has trained its tokenizer."""
+    model: GPT | None = None
+    tokenizer = None
+    if state is not None:
+        model, tokenizer = _resumed_model(state, model_config, out_dir)
+    elif base is not None:
+        model, tokenizer = _finetuned_model(base, model_config, train_config)
+    window = train_window((model_config if model is None else model.config).block_size, train_config)
+    _, tokenizer, tokenizer_options, train_data, val_data = prepare_data(train_config, window, tokenizer, progress)
+    if model is None:
+        model = build_model(dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size))
+    elif state is None and train_config.lora is not None:  # said once the data fits: a refusal stays one line
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info("LoRA: %s trainable parameters of %s", f"{trainable:,}", f"{model.num_parameters():,}")
+    return model, tokenizer, tokenizer_options, train_data, val_data
+
+
 def _finetuned_model(base: Base, model_config: ModelConfig, train_config: TrainConfig) -> tuple[GPT, Any]:
     """``base``'s weights in a model of ``model_config`` (the base's, with the attention and dropout asked
     for), with LoRA adapters when ``train_config.lora``; the tokenizer is the base's."""
     model = build_model(model_config)
     _load_base_weights(model, base, shared=train_config.lora is not None)
     if train_config.lora is not None:
-        trainable = apply_lora(model, LoraSpec.parse(train_config.lora))
-        logger.info("LoRA: %s trainable parameters of %s", f"{trainable:,}", f"{model.num_parameters():,}")
+        apply_lora(model, LoraSpec.parse(train_config.lora))
     return model, base.tokenizer
 
 
