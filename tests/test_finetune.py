@@ -324,6 +324,10 @@ def test_a_text_too_short_for_the_windows_asks_for_the_flag_a_fine_tune_can_chan
     assert [record.getMessage() for record in caplog.records if record.getMessage().startswith("LoRA:")] == [
         "LoRA: 896 trainable parameters of 46,112"
     ]
+    caplog.clear()
+    full = [*init[: init.index("--lora")], "--seq-len", str(longest), "--out", str(tmp_path / "full")]
+    assert runner.invoke(app, full).exit_code == 0  # a full fine-tune trains every parameter: no LoRA line
+    assert not [record for record in caplog.records if record.getMessage().startswith("LoRA:")]
 
 
 def test_what_fine_tuning_refuses_is_one_line(base, tmp_path):
