@@ -48,13 +48,13 @@ def parse_sampler_options(specs: Iterable[str]) -> dict[str, dict[str, str]]:
             continue
         key = match["option"] or FIRST_OPTION
         if key in options:
-            _twice(match["name"], key or "its first option")
+            raise _twice(match["name"], key or "its first option")
         options[key] = match["value"].strip()
     return parsed
 
 
-def _twice(sampler: str, option: str) -> None:
-    raise AnexaError(f"sampler {sampler}: {option} is given twice: give it once")
+def _twice(sampler: str, option: str) -> AnexaError:
+    return AnexaError(f"sampler {sampler}: {option} is given twice: give it once")
 
 
 def build_chain(specs: Iterable[str] = (), temperature: float | None = None) -> SamplerChain:
@@ -79,7 +79,7 @@ def build_chain(specs: Iterable[str] = (), temperature: float | None = None) -> 
                 raise AnexaError(f"sampler {name} takes no options: use -s {name}")
             first = described[0].name
             if first in given:
-                _twice(name, first)
+                raise _twice(name, first)
             given = {first if key == FIRST_OPTION else key: value for key, value in given.items()}
         processor, _ = options.create(f"sampler {name}", factory, given)
         processors.append((name, processor))

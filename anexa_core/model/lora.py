@@ -111,6 +111,11 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
         )
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=matched)
     inject_adapter_in_model(config, model)
+    return trainable_parameters(model)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """The number of parameters of ``model`` that train (``requires_grad``): a LoRA model's adapters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -34,7 +34,7 @@ from anexa_core.io.load import Base, base_of, load_base
 from anexa_core.io.metrics import METRICS_FILE, RUN_METRICS, STEPS_FILE, append_metrics, truncate_metrics
 from anexa_core.io.pretrained import origin_of
 from anexa_core.model.gpt import GPT, build_model
-from anexa_core.model.lora import LoraSpec, apply_lora, load_adapter
+from anexa_core.model.lora import LoraSpec, apply_lora, load_adapter, trainable_parameters
 from anexa_core.train import distributed
 from anexa_core.train.optim import make_optimizer
 from anexa_core.train.step import Conversations, Windows, estimate_loss, lr_at, make_train_step, train_window
@@ -269,7 +269,7 @@ def _model_and_data(
     if model is None:
         model = build_model(dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size))
     elif state is None and train_config.lora is not None:  # said once the data fits: a refusal stays one line
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trainable = trainable_parameters(model)
         logger.info("LoRA: %s trainable parameters of %s", f"{trainable:,}", f"{model.num_parameters():,}")
     return model, tokenizer, tokenizer_options, train_data, val_data
 
@@ -615,19 +615,19 @@ def save(run: TrainingRun, step: int, best: bool) -> None:
         )
 
 
-def _model_meta(run: TrainingRun, step: int, **losses: Any) -> dict[str, Any]:
+def _model_meta(run: TrainingRun, step: int, **info: Any) -> dict[str, Any]:
     config = run.train_config
     if config.lora is not None:
-        losses["lora"] = run.lora
+        info["lora"] = run.lora
     if run.base_origin is not None:
-        losses["base_origin"] = run.base_origin
+        info["base_origin"] = run.base_origin
     return checkpoint.model_metadata(
         run.model,
         run.tokenizer,
         config.tokenizer,
         config.tokenizer_options,
         step=step,
-        **losses,
+        **info,
         train_config=dataclasses.asdict(config),
         elapsed_s=run.elapsed(),
     )
