@@ -105,13 +105,6 @@ def serve(
             f"the models{'' if api_key else ' (no --api-key set)'}",
             err=True,
         )
-    if api_key is not None and not api_key.strip():
-        raise AnexaError("--api-key (or ANEXA_API_KEY) is empty: give a key or leave it unset")
-    if api_key is not None and not all("!" <= c <= "~" for c in api_key.strip()):
-        raise AnexaError(
-            "--api-key (or ANEXA_API_KEY) holds a space or a character outside printable ASCII, which an HTTP "
-            "header cannot carry: use letters, digits and punctuation only"
-        )
 
     try:
         import fastapi  # noqa: F401
@@ -130,20 +123,20 @@ def serve(
     from anexa_serve.app import LOOPBACK_HOSTS
     from anexa_serve.server import uvicorn_server
 
-    sock = _listen(host, port)  # before loading: a taken port fails at once
-    served = load_models(model, device)
-    config = ServeConfig(
+    config = ServeConfig(  # checks the key before anything is loaded
         max_tokens_cap=max_tokens_cap,
         default_max_tokens=default_max_tokens,
         parallel=parallel,
         queue=queue,
         max_body_bytes=max_body_bytes,
-        api_key=api_key.strip() if api_key else None,
+        api_key=api_key.strip() if api_key is not None else None,
         chat_template=template,
         allowed_hosts=(*LOOPBACK_HOSTS, host.strip("[]").lower()) if is_loopback(host) else None,
         threads=threads,
         max_cache_tokens=max_cache_tokens,
     )
+    sock = _listen(host, port)  # before loading: a taken port fails at once
+    served = load_models(model, device)
     app = create_app(served, config)
     bound = sock.getsockname()[1]
     shown = f"[{host.strip('[]')}]" if ":" in host else host

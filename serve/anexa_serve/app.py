@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
+from anexa_core.errors import AnexaError
 from anexa_core.infer.chat import Template, Transcript
 from anexa_serve.chat import ChatOverride, model_template
 from anexa_serve.engine import Decoder
@@ -66,6 +67,19 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
     threads: int = 0
     max_cache_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        """Raises :class:`AnexaError` for an ``api_key`` no client could send: empty, or holding a space or a
+        character outside printable ASCII (an HTTP header cannot carry it)."""
+        if self.api_key is None:
+            return
+        if not self.api_key:
+            raise AnexaError("--api-key (or ANEXA_API_KEY) is empty: give a key or leave it unset")
+        if not all("!" <= c <= "~" for c in self.api_key):
+            raise AnexaError(
+                "--api-key (or ANEXA_API_KEY) holds a space or a character outside printable ASCII, which an HTTP "
+                "header cannot carry: use letters, digits and punctuation only"
+            )
 
 
 @dataclass
