@@ -342,6 +342,11 @@ def test_what_fine_tuning_refuses_is_one_line(base, tmp_path):
         "choose from down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
     )
     user_error([*init, "--lora", "rank=4"], "--lora has no key 'rank': use r, alpha, dropout and targets")
+    # A fine-tune's context is its base's: the refusal names the longest window, and no --block-size.
+    longer = user_error([*init, "--seq-len", "65"], "--seq-len 65 is longer than the model's context of 64 tokens")
+    assert longer == "error: --seq-len 65 is longer than the model's context of 64 tokens: use --seq-len 64 or shorter"
+    (tmp_path / "long.toml").write_text("seq_len = 65\n", encoding="utf-8")  # from a file: refused, never clamped
+    assert user_error([*init, "--config", str(tmp_path / "long.toml")], "--seq-len 65 is longer") == longer
     user_error(["train", "--lora", "r=4", "--out", str(tmp_path / "y")], "--lora trains adapters on a pretrained model")
     chats = tmp_path / "chats.jsonl"
     chats.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')

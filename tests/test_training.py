@@ -703,7 +703,10 @@ def test_seq_len_may_be_the_whole_context_and_no_more(sherlock_path, tmp_path):
     train(tiny, _train_config(sherlock_path, steps=1, eval_every=1, save_every=1, seq_len=32), tmp_path / "a")
     with pytest.raises(AnexaError) as error:
         train(tiny, _train_config(sherlock_path, steps=1, seq_len=33), tmp_path / "b")
-    assert str(error.value) == "--seq-len 33 is longer than the model's context of 32 tokens: use a smaller one"
+    assert str(error.value) == (
+        "--seq-len 33 is longer than the model's context of 32 tokens: "
+        "use --seq-len 32 or shorter, or --block-size 33 or longer"  # a new model's context is the user's to choose
+    )
     # The newcomer's report: on the command line the model's size line came first; now the one line is all.
     result = CliRunner().invoke(app, ["train", "--data", str(sherlock_path), *TINY_FLAGS, "--seq-len", "33",
                                       "--steps", "1", "--out", str(tmp_path / "c")])  # fmt: skip

@@ -50,7 +50,8 @@ def finetune_configs(
     configs.clock_decides(settings, layers)
     model_config, train_config = configs.split(settings)
     model_config = dataclasses.replace(model_config, vocab_size=model_settings["vocab_size"])
-    if train_config.seq_len is not None:
+    if train_config.seq_len is not None and not any("seq_len" in values for values, _ in layers):
+        # The default's windows, at most the context; a window the user asked for is used or refused.
         train_config = dataclasses.replace(train_config, seq_len=min(train_config.seq_len, model_config.block_size))
     return model_config, train_config, base
 

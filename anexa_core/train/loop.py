@@ -264,7 +264,7 @@ def _model_and_data(
         model, tokenizer = _resumed_model(state, model_config, out_dir)
     elif base is not None:
         model, tokenizer = _finetuned_model(base, model_config, train_config)
-    window = train_window(model_config.block_size, train_config)  # a fine-tune's and a resume's: its model's
+    window = train_window(model_config.block_size, train_config, new_model=model is None)
     _, tokenizer, tokenizer_options, train_data, val_data = prepare_data(train_config, window, tokenizer, progress)
     if model is None:
         model = build_model(dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size))

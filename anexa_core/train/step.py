@@ -37,13 +37,16 @@ def lr_at(step: int, config: TrainConfig, time_fraction: float | None = None) ->
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
 
-def train_window(block_size: int, train_config: TrainConfig) -> int:
+def train_window(block_size: int, train_config: TrainConfig, *, new_model: bool = False) -> int:
     """Tokens per training window: ``train_config.seq_len``, else the model's context ``block_size``.
-    Raises :class:`~anexa_core.errors.AnexaError` for a window longer than the context."""
+    Raises :class:`~anexa_core.errors.AnexaError` for a window longer than the context, naming the longest
+    window and, for a ``new_model`` (whose context is the user's to choose), the context that fits it."""
     window = train_config.seq_len or block_size
     if window > block_size:
+        longer = f", or --block-size {window} or longer" if new_model else ""
         raise AnexaError(
-            f"--seq-len {window} is longer than the model's context of {block_size} tokens: use a smaller one"
+            f"--seq-len {window} is longer than the model's context of {block_size} tokens: "
+            f"use --seq-len {block_size} or shorter{longer}"
         )
     return window
 
