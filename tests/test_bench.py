@@ -495,7 +495,10 @@ def test_preset_and_model_together_are_one_line_and_exit_2(run, command):
     "args, message",
     [
         (["generate", "--model", "no/such/run"], "no checkpoint at no/such/run"),
-        (["train", "--seq-len", "64"], "--seq-len 64 is longer than the model's context of 32 tokens"),
+        (
+            ["train", "--seq-len", "64"],
+            "--seq-len 64 is longer than the model's context of 32 tokens: use --seq-len 32 or shorter\n",
+        ),  # a trained run's context: no --block-size
     ],
 )
 def test_a_run_that_cannot_be_measured_is_one_line_and_exit_2(run, args, message):

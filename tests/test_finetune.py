@@ -113,6 +113,25 @@ def test_full_fine_tuning_keeps_the_model_and_its_tokenizer(base, tmp_path):
     assert "lora" not in tuned and tuned["train_config"]["seq_len"] == 32
 
 
+def test_fine_tuning_defaults_are_full_or_lora_and_a_files_settings_name_the_file(base, tmp_path):
+    """Defaults: FINETUNE's for a full fine-tune, LORA's (a larger learning rate) with --lora, and windows of
+    256 tokens cut to the base's context of 64 (only the default is cut). A setting a file gets wrong is
+    refused naming that file."""
+    from anexa_core.config import FINETUNE, LORA
+
+    _, full, _ = finetune_configs(str(base / "run"), {})
+    _, lora, _ = finetune_configs(str(base / "run"), {"lora": "r=2"})
+    assert (full.lr, full.min_lr, full.seq_len) == (FINETUNE["lr"], FINETUNE["min_lr"], 64)
+    assert (lora.lr, lora.min_lr, lora.seq_len) == (LORA["lr"], LORA["min_lr"], 64) and lora.lr != full.lr
+    for text, message in [
+        ("n_embd = 64\n", "--n-embd in {} contradicts the model of --init-from"),
+        ("learning_rate = 3\n", "unknown setting 'learning_rate' in {}: use one of"),
+    ]:
+        (tmp_path / "my.toml").write_text(text, encoding="utf-8")
+        with pytest.raises(AnexaError, match="^" + re.escape(message.format(tmp_path / "my.toml"))):
+            finetune_configs(str(base / "run"), {}, config_file=tmp_path / "my.toml")
+
+
 def test_export_outtype_stores_q8_0_or_f16_matrices_and_refuses_the_rest(base, tmp_path):
     """`anexa export … --format gguf --outtype q8_0`: llama.cpp's 8-bit blocks for the matrices (rows of whole
     32-value blocks here; test_gguf.py has the f16 fallback), f32 norms, about a quarter of the f32 file; read
