@@ -368,6 +368,50 @@ def test_help_types_name_one_value_of_a_repeatable_parameter_and_none_for_flags(
     assert re.search(r"<(str|path)>", helped.stdout), helped.stdout  # the type column is still there
 
 
+HELPED = [["train"], ["generate"], ["chat"], ["eval"], ["serve"], ["export"], ["import"], ["runs"], ["plot"],
+          ["bench", "train"], ["bench", "generate"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", HELPED, ids=" ".join)
+def test_help_on_an_80_column_terminal_shows_every_word_of_every_options_help(command):
+    """Typer cut words longer than the help column with "…" (`--lora`'s `r=16,alpha=32,dropo…` at 80
+    columns, also what piped help gets); now they fold onto the next line. Every word of each option's help
+    must be there once the whitespace and box lines are taken away (a folded word's two halves then join)."""
+    helped = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80"})
+    assert helped.exit_code == 0
+    squashed = re.sub(r"[\s│─╭╮╰╯]", "", helped.stdout)
+    words = [word for param in _params(command) for word in _help_of(param).split()]
+    assert len(words) > 10 and [word for word in words if word.replace("\\[", "[") not in squashed] == []
+
+
+def _params(command):
+    import typer
+
+    click_command = typer.main.get_command(app)
+    for name in command:
+        click_command = click_command.commands[name]
+    return click_command.params
+
+
+def _help_of(param):
+    """An option's help as shown: generate's and chat's --sample list the installed samplers."""
+    from anexa_cli.main import _sampler_help
+
+    return _sampler_help() if param.name == "sample" else getattr(param, "help", None) or ""
+
+
+@pytest.mark.parametrize("command", [["generate"], ["chat"]])
+def test_generate_and_chat_help_offers_only_the_plugin_options_they_take(command, run_dir):
+    """The help of `-o` promised `-o blocks.rope_theta=500000`, which these commands refuse (training fixed
+    the model): it names attention's options only, and its example is taken."""
+    option = next(_help_of(param) for param in _params(command) if param.name == "option")
+    assert re.findall(r"-o (\w+)\.", option) == ["attention"] and "blocks" not in option
+    example = re.search(r"-o (attention\.\w+=\w+)", option)[1]
+    taken = runner.invoke(app, ["generate", "Holmes", "-m", str(run_dir), "-n", "3", "--attention", "sliding",
+                                "-o", example])  # fmt: skip
+    assert taken.exit_code == 0, taken.output
+
+
 def test_export_help_names_every_outtype_the_gguf_writer_takes():
     """The CLI spells the choices by hand (importing the writer would load torch for --help): keep them equal."""
     from anexa_core.io.gguf import WRITE_DTYPES

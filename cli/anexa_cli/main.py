@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import click
 import typer
-from typer.core import TyperArgument, TyperCommand, TyperOption
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from anexa_cli.bench import bench_app
 from anexa_cli.errors import user_errors
@@ -62,6 +62,35 @@ def _shown_type(display_type_rich):
 for _parameter in (TyperOption, TyperArgument):
     if hasattr(_parameter, "display_type_rich"):  # typer 0.29 and later; older ones show no type column
         _parameter.display_type_rich = _shown_type(_parameter.display_type_rich)  # type: ignore[method-assign]
+
+
+def _folding(format_help):
+    """A command's ``--help`` whose help cells fold words longer than their column
+    (``r=16,alpha=32,dropout=0.05``, ``benchmarks/RESULTS.md``) onto the next line, where typer would cut
+    them with "…" on a narrow terminal. Typer's renderer is imported (with rich) only when help is shown."""
+
+    def shown(self, ctx, formatter):
+        from typer import rich_utils
+
+        cell = getattr(rich_utils, "_get_parameter_help", None)  # typer's renderer of one option's help
+        if cell is not None and not getattr(cell, "folds", False):
+
+            def folded(*args, **kwargs):
+                rendered = cell(*args, **kwargs)
+                for item in getattr(rendered, "renderables", ()):
+                    if hasattr(item, "overflow"):
+                        item.overflow = "fold"
+                return rendered
+
+            folded.folds = True
+            rich_utils._get_parameter_help = folded
+        return format_help(self, ctx, formatter)
+
+    return shown
+
+
+for _command in (TyperCommand, TyperGroup):
+    _command.format_help = _folding(_command.format_help)  # type: ignore[method-assign]
 
 MAX_NEW_TOKENS = 10_000_000
 """The most tokens one generation may ask for: decoding keeps every id of the output in one buffer."""
@@ -104,6 +133,15 @@ Context = Annotated[
 ]
 AttentionSwap = Annotated[str | None, typer.Option(help="Run with another attention plugin (same weights).")]
 PluginOption = Annotated[list[str] | None, typer.Option("--option", "-o", help=OPTION_HELP)]
+AttentionOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--option",
+        "-o",
+        help="Attention plugin option, repeatable, with --attention NAME: attention.OPTION=VALUE "
+        "(-o attention.window=64). Training fixed the model's other options. `anexa plugins` lists every option.",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -514,7 +552,7 @@ def generate(
     seed: Seed = None,
     context: Context = "shift",
     attention: AttentionSwap = None,
-    option: PluginOption = None,
+    option: AttentionOption = None,
     device: Device = "auto",
     num_samples: Annotated[
         int,
@@ -568,7 +606,7 @@ def chat(
     seed: Seed = None,
     context: Context = "shift",
     attention: AttentionSwap = None,
-    option: PluginOption = None,
+    option: AttentionOption = None,
     device: Device = "auto",
     threads: Threads = None,
 ) -> None:

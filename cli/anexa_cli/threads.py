@@ -11,7 +11,7 @@ THREADS_HELP = (
     "else the cores that other work leaves free when the command starts]"
 )
 
-Threads = Annotated[int | None, typer.Option("--threads", min=0, help=THREADS_HELP, show_default=False)]
+Threads = Annotated[int | None, typer.Option("--threads", help=THREADS_HELP, show_default=False)]
 
 
 def use_threads(threads: int | None, default: int | None = None) -> int:
