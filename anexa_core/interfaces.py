@@ -35,6 +35,9 @@ class Tokenizer(Protocol):
       used when present: tokenizing a corpus calls it on batches of chunks (about 2M characters).
     - Optional ``export_hf()`` → a ``tokenizers.Tokenizer`` giving the same ids and text, which
       ``anexa export --format hf`` saves as ``tokenizer.json``; without it that export is refused.
+    - Optional ``token_bytes(id)`` → the UTF-8 bytes one token contributes to the text, which for a
+      byte-level token may be part of a character (where ``decode([id])`` shows U+FFFD). The server's
+      log-probabilities report them (OpenAI's ``bytes``); without it, ``decode([id])`` encoded.
     - Optional, for a pretrained model's tokenizer (the ``hf`` plugin): ``eos_ids`` (the ids that end a
       reply: EOS and the chat template's end of turn; decoding stops there and never shows them),
       ``bos_id`` and ``add_bos`` (prepend BOS to a prompt), ``special_tokens`` (``{"bos_token": …,
@@ -165,7 +168,16 @@ class Optimizer(Protocol):
 
 
 OPTIONAL_MEMBERS: dict[str, tuple[str, ...]] = {
-    "Tokenizer": ("encode_batch", "export_hf", "eos_ids", "bos_id", "add_bos", "special_tokens", "chat_template"),
+    "Tokenizer": (
+        "encode_batch",
+        "export_hf",
+        "token_bytes",
+        "eos_ids",
+        "bos_id",
+        "add_bos",
+        "special_tokens",
+        "chat_template",
+    ),
     "Attention": ("reference", "fallback_reason", "fallback_backend", "grouped_query", "ragged", "lengths="),
     "Sampler": ("reads_context",),
     "Blocks": ("export_hf", "hf_architectures", "import_hf", "stack.batched", "positions (B, T)", "cache.lengths"),

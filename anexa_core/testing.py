@@ -127,8 +127,9 @@ def check_attention(
 
 def check_tokenizer(tokenizer: Any, text: str, **options: Any) -> None:
     """Trains on ``text`` (given as chunks), then: round trips, ids within the vocabulary, the state
-    survives JSON, ``encode_batch`` (if any) equals ``encode``, and the streaming rule holds: the streamer,
-    which decodes only a short tail each time, reproduces the whole decode."""
+    survives JSON, ``encode_batch`` (if any) equals ``encode``, the streaming rule holds (the streamer,
+    which decodes only a short tail each time, reproduces the whole decode), and ``token_bytes`` (if any)
+    of the ids of the text's start and of its end, joined, are its UTF-8 bytes."""
     from anexa_core.infer.generation import decode_stream
 
     trained = _build(tokenizer, options)
@@ -151,6 +152,11 @@ def check_tokenizer(tokenizer: Any, text: str, **options: Any) -> None:
         assert batch == [trained.encode(piece) for piece in pieces], "encode_batch != encode"
     streamed = "".join(decode_stream(trained, iter(ids[:3000])))
     assert streamed == trained.decode(ids[:3000]), "streaming decode differs from decode: see the streaming rule"
+    if hasattr(trained, "token_bytes"):
+        ending = text[-2000:]  # tests often end their text with rare characters
+        for part in (sample, ending):
+            token_pieces = [trained.token_bytes(i) for i in trained.encode(part)]
+            assert b"".join(token_pieces) == part.encode("utf-8"), "token_bytes, joined, are not the text's UTF-8 bytes"
 
 
 def _tiny_config(**changes: Any) -> ModelConfig:

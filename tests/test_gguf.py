@@ -341,6 +341,24 @@ def test_tokenizer_gives_transformers_ids(smollm2_tokenizer, reference_tokenizer
     assert smollm2_tokenizer.decode(ids) == text
 
 
+def test_token_bytes_put_together_every_text_even_where_a_token_splits_a_character(smollm2_tokenizer):
+    """OpenAI's logprobs ``bytes``: a byte-level token may hold part of a character (its ``decode`` alone is
+    U+FFFD, which ollama and vLLM once reported as its bytes); its own bytes, joined, give the text back."""
+    split = 0
+    for text in TEXTS:
+        ids = smollm2_tokenizer.encode(text)
+        pieces = [smollm2_tokenizer.token_bytes(i) for i in ids]
+        assert b"".join(pieces) == text.encode("utf-8")
+        split += sum(smollm2_tokenizer.decode([i]) == "\ufffd" for i in ids)
+        for token_id, piece in zip(ids, pieces, strict=True):
+            if "\ufffd" not in smollm2_tokenizer.decode([token_id]):
+                assert piece == smollm2_tokenizer.decode([token_id]).encode("utf-8")
+    assert split >= 4  # the emoji and CJK text has tokens that split characters
+    assert smollm2_tokenizer.token_bytes(2) == b"<|im_end|>"  # a special token: its text
+    with pytest.raises(AnexaError, match="outside this tokenizer's 49152 tokens"):
+        smollm2_tokenizer.token_bytes(49152)
+
+
 def test_digits_are_split_one_by_one_as_smollm_pre_means(smollm2_tokenizer, reference_tokenizer):
     """``tokenizer.ggml.pre = smollm`` means llama.cpp splits every digit on its own before GPT-2's regex,
     as SmolLM2's own tokenizer.json does (``Digits(individual_digits=True)``, then ``ByteLevel``).

@@ -225,6 +225,34 @@ def test_chat_logprobs_and_top_logprobs(client, tiny):
     assert plain["choices"][0]["message"] == choice["message"]
 
 
+def test_logprobs_give_each_tokens_own_bytes_where_tokens_split_a_character(client, chatml):
+    """A newcomer's report: with a byte-level tokenizer every token holding part of an emoji had the bytes
+    of U+FFFD and the text "�" (so top_logprobs merged different tokens under one key) and moved
+    text_offset one character each. Now: each token's own bytes, which joined are the text; a text that
+    tells such tokens apart; offsets counting whole characters."""
+    prompt = "Holmes 🌌 and 中文 café"
+    ids = chatml.tokenizer.encode(prompt)
+    pieces = [chatml.tokenizer.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == prompt.encode() and sum(chatml.tokenizer.decode([i]) == "\ufffd" for i in ids) >= 3
+    body = {"model": "chatml", "prompt": ids, "echo": True, "logprobs": 2, "max_tokens": 0}
+    logprobs = post(client, "/v1/completions", body)["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == [piece.decode("utf-8", errors="backslashreplace") for piece in pieces]
+    assert "\\xf0\\x9f" in "".join(logprobs["tokens"]) and "\ufffd" not in "".join(logprobs["tokens"])
+    before = [len(b"".join(pieces[:i]).decode("utf-8", errors="ignore")) for i in range(len(ids))]
+    assert logprobs["text_offset"] == before and before[-1] == len(prompt) - 1  # é's last byte starts at é
+    for top in logprobs["top_logprobs"][1:]:
+        assert len(top) >= 2  # two alternatives and the chosen token: distinct texts, none merged
+    chat = {"model": "chatml", "messages": [{"role": "user", "content": prompt}], "max_tokens": 24, "seed": 3}
+    chat.update(logprobs=True, top_logprobs=3, temperature=1.5)
+    (choice,) = post(client, "/v1/chat/completions", chat)["choices"]
+    content = choice["logprobs"]["content"]
+    generated = b"".join(bytes(entry["bytes"]) for entry in content)
+    assert choice["message"]["content"] in generated.decode("utf-8", errors="replace")
+    for entry in content:
+        assert bytes(entry["bytes"]).decode("utf-8", errors="backslashreplace") == entry["token"]
+        assert len({alternative["token"] for alternative in entry["top_logprobs"]}) == 3
+
+
 def test_echo_scores_the_prompt_as_lm_eval_asks(client, tiny):
     """lm-evaluation-harness's loglikelihood request: token ids, echo, logprobs 1, max_tokens 1 (or 0), a
     prompt of up to the context plus one token; the first token has no log-probability."""

@@ -38,6 +38,12 @@ RELEASED = {
         "tokenizer_cache": "anexa-tokenizer-cache/1",
         "contract": "dbacfd4a93b9e850",
     },
+    "0.5.0": {
+        "checkpoint": "anexa/2",
+        "tokens": "anexa-tokens/1",
+        "tokenizer_cache": "anexa-tokenizer-cache/1",
+        "contract": "32e631cf76813232",
+    },
 }
 
 

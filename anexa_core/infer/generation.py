@@ -59,6 +59,13 @@ def generate_ids(
         yield token.id
 
 
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The UTF-8 bytes ``token_id`` adds to the text: the tokenizer's ``token_bytes`` (a byte-level token may
+    hold part of a character), else ``decode([token_id])`` encoded (the Tokenizer contract)."""
+    own = getattr(tokenizer, "token_bytes", None)
+    return own(token_id) if own is not None else tokenizer.decode([token_id]).encode("utf-8")
+
+
 class TextStream:
     """Token ids in, new text out, as ids arrive (push-style; :func:`decode_stream` is the pull-style form):
     never a piece of a character, and work linear in the output length.

@@ -3,11 +3,28 @@ tokenizer interface (encode, batched encode, decode with the streaming rule, exp
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders
 
 from anexa_core import AnexaError
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens (Llama 2, Mistral)
+
+
+@functools.cache
+def byte_level_alphabet() -> dict[str, int]:
+    """The byte each symbol of GPT-2's byte-level alphabet stands for (Radford et al. 2019, the alphabet of
+    ``tokenizers``' ``ByteLevel``): the 188 bytes that are printable Latin-1 characters stand for
+    themselves; the other 68, in byte order, are written with the code points from U+0100 upward."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    alphabet = {chr(byte): byte for byte in printable}
+    hidden = [byte for byte in range(256) if byte not in alphabet.values()]
+    alphabet.update({chr(0x100 + n): byte for n, byte in enumerate(hidden)})
+    return alphabet
 
 
 class HFBacked:
@@ -49,6 +66,24 @@ class HFBacked:
                 "the ids come from a model with a different tokenizer"
             )
         return self._trained().decode(ids, skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes token ``token_id`` adds to the text — part of a character for a byte-level token
+        that splits one, where ``decode([token_id])`` shows U+FFFD: its symbols read through the byte-level
+        alphabet, or its ``<0xNN>`` byte; a special token's and any other's text. An id outside the
+        vocabulary is a one-line error."""
+        text = self.decode([token_id])  # also checks the id
+        tokenizer = self._trained()
+        piece = tokenizer.id_to_token(token_id)
+        if piece is None or token_id in tokenizer.get_added_tokens_decoder():
+            return text.encode("utf-8")
+        byte = _BYTE_FALLBACK.fullmatch(piece)
+        if byte is not None:
+            return bytes([int(byte[1], 16)])
+        alphabet = byte_level_alphabet()
+        if isinstance(tokenizer.decoder, decoders.ByteLevel) and all(symbol in alphabet for symbol in piece):
+            return bytes(alphabet[symbol] for symbol in piece)
+        return text.encode("utf-8")
 
     def export_hf(self) -> HFTokenizer:
         """A copy of the ``tokenizers.Tokenizer`` this is."""

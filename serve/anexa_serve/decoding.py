@@ -8,6 +8,7 @@ the tokens that came with it, and the finish reason once the choice has ended.
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,22 +20,40 @@ from anexa_core.infer.generation import StoppedText
 @dataclass
 class Update:
     """What one choice has new: ``text`` that may be shown (possibly ""), the ``tokens`` that came with it
-    (with ``offset``, the character offset of the first one in the choice's text: the prompt's length
-    unless these are the echoed prompt's tokens), and ``finish_reason`` once the choice has ended
-    (``stop``: a stop string or an end-of-turn id; ``length``: ``max_tokens``)."""
+    (with ``offsets``, each one's character offset in the prompt and the choice's text, when logprobs were
+    asked for: :class:`Offsets`), and ``finish_reason`` once the choice has ended (``stop``: a stop string
+    or an end-of-turn id; ``length``: ``max_tokens``)."""
 
     index: int
     text: str
     tokens: list[Token]
-    offset: int
+    offsets: list[int]
     finish_reason: str | None = None
+
+
+class Offsets:
+    """Character offsets of tokens as they come, from their bytes (``token_bytes(id)``): a token starts
+    after the characters its predecessors completed, so every token of a character split over several
+    starts where the character does. ``start``: the first token's offset."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes], start: int = 0) -> None:
+        self.token_bytes = token_bytes
+        self.offset = start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, tokens: Sequence[Token]) -> list[int]:
+        offsets = []
+        for token in tokens:
+            offsets.append(self.offset)
+            self.offset += len(self._utf8.decode(self.token_bytes(token.id)))
+        return offsets
 
 
 @dataclass
 class ChoiceState:
     """One choice of a request: its prompt ids, its stream in the engine, the text and tokens so far.
 
-    ``token_text(id)`` is the text of one token (for offsets; only called when logprobs are asked for).
+    ``token_bytes(id)`` gives the bytes of one token (for offsets; only called when logprobs are asked for).
     ``tokens`` counts every generated token consumed, those that formed a stop string included (they
     were generated before the stop was seen); tokens the engine delivers after the choice ended are
     ignored.
@@ -45,7 +64,7 @@ class ChoiceState:
     tokenizer: Any
     stops: Sequence[str]
     echo: bool = False
-    token_text: Callable[[int], str] | None = None
+    token_bytes: Callable[[int], bytes] | None = None
     stream: Stream | None = None
     text: list[str] = field(default_factory=list)
     tokens: list[Token] = field(default_factory=list)
@@ -54,7 +73,7 @@ class ChoiceState:
     def __post_init__(self) -> None:
         self._text = StoppedText(self.tokenizer, self.stops)
         self._unsent = 0
-        self._offset: int | None = None
+        self._offsets: Offsets | None = None
         self._echoed = not self.echo
 
     def echo_update(self) -> Update | None:
@@ -70,7 +89,8 @@ class ChoiceState:
             Token(token_id) if score is None else Token(token_id, score[0], score[1])
             for token_id, score in zip(ids, scores, strict=True)
         ]
-        return Update(self.index, self.prompt_text(), tokens, 0)
+        offsets = Offsets(self.token_bytes)(tokens) if self.token_bytes is not None else []
+        return Update(self.index, self.prompt_text(), tokens, offsets)
 
     def add(self, token: Token) -> Update | None:
         """Consume a generated token: an update when there is text to show or the choice just ended."""
@@ -99,10 +119,9 @@ class ChoiceState:
         self.text.append(text)
         tokens = self.tokens[self._unsent :]
         self._unsent = len(self.tokens)
-        offset = 0
-        if self.token_text is not None:
-            if self._offset is None:
-                self._offset = len(self.prompt_text())
-            offset = self._offset
-            self._offset += sum(len(self.token_text(token.id)) for token in tokens)
-        return Update(self.index, text, tokens, offset, self.finish_reason)
+        offsets = []
+        if self.token_bytes is not None:
+            if self._offsets is None:
+                self._offsets = Offsets(self.token_bytes, len(self.prompt_text()))
+            offsets = self._offsets(tokens)
+        return Update(self.index, text, tokens, offsets, self.finish_reason)

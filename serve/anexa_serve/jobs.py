@@ -108,13 +108,13 @@ class Job:
         prompts: Sequence[list[int]],
         n: int,
         options: Options,
-        token_text: Callable[[int], str] | None = None,
+        token_bytes: Callable[[int], bytes] | None = None,
     ) -> None:
         self.decoder = decoder
         self.options = options
         self.prompts = prompts
         self.choices = [
-            ChoiceState(p * n + j, list(ids), tokenizer, options.stops, options.echo, token_text)
+            ChoiceState(p * n + j, list(ids), tokenizer, options.stops, options.echo, token_bytes)
             for p, ids in enumerate(prompts)
             for j in range(n)
         ]

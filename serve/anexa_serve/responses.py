@@ -5,8 +5,11 @@ has OpenAI's legacy shape ``{"tokens", "token_logprobs", "top_logprobs", "text_o
 ``top_logprobs`` entry maps the ``logprobs`` most likely tokens' text to their log-probability, plus the
 chosen token (so up to ``logprobs + 1`` entries); the first token of an echoed prompt has ``null`` for
 both. ``/v1/chat/completions`` has ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token",
-"logprob", "bytes"}, …]}]}``. A token's text is ``tokenizer.decode([id])``, so a token holding part of
-a multi-byte character reads as U+FFFD.
+"logprob", "bytes"}, …]}]}``. A token's ``bytes`` are the UTF-8 bytes it adds to the text (part of a
+character for a byte-level token that splits one); its text is those bytes read as UTF-8, where bytes that
+form no whole character are written ``\\xNN`` (as DeepSeek's API does), so tokens that split a character
+keep texts of their own instead of sharing U+FFFD. ``text_offset`` counts the characters of the text
+before a token: a token that continues a character starts where that character does.
 """
 
 from __future__ import annotations
@@ -18,21 +21,25 @@ from collections.abc import Sequence
 from typing import Any
 
 from anexa_core.infer.engine import Token
+from anexa_core.infer.generation import token_bytes
 from anexa_serve.decoding import Update
 
 
 class TokenText:
-    """``tokenizer.decode([id])``, remembered per id."""
+    """Each token's bytes (:func:`~anexa_core.infer.generation.token_bytes`) and text, remembered per id."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self._known: dict[int, str] = {}
+        self._known: dict[int, bytes] = {}
+
+    def bytes_of(self, token_id: int) -> bytes:
+        data = self._known.get(token_id)
+        if data is None:
+            data = self._known[token_id] = token_bytes(self.tokenizer, token_id)
+        return data
 
     def __call__(self, token_id: int) -> str:
-        text = self._known.get(token_id)
-        if text is None:
-            text = self._known[token_id] = self.tokenizer.decode([token_id])
-        return text
+        return self.bytes_of(token_id).decode("utf-8", errors="backslashreplace")
 
 
 def head(chat: bool, model: str, stream: bool) -> dict[str, Any]:
@@ -42,13 +49,9 @@ def head(chat: bool, model: str, stream: bool) -> dict[str, Any]:
     return {"id": prefix + secrets.token_hex(12), "object": kind, "created": int(time.time()), "model": model}
 
 
-def completion_logprobs(tokens: Sequence[Token], text: TokenText, offset: int) -> dict[str, Any]:
-    """The legacy ``logprobs`` object for ``tokens`` whose first starts at character ``offset``."""
+def completion_logprobs(tokens: Sequence[Token], text: TokenText, offsets: list[int]) -> dict[str, Any]:
+    """The legacy ``logprobs`` object for ``tokens`` starting at the characters ``offsets``."""
     texts = [text(token.id) for token in tokens]
-    offsets = []
-    for piece in texts:
-        offsets.append(offset)
-        offset += len(piece)
     tops: list[dict[str, float] | None] = []
     for token, piece in zip(tokens, texts, strict=True):
         if token.top is None:
@@ -73,7 +76,7 @@ def chat_logprobs(tokens: Sequence[Token], text: TokenText) -> dict[str, Any]:
 
     def entry(token_id: int, logprob: float | None) -> dict[str, Any]:
         piece = text(token_id)
-        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
+        return {"token": piece, "logprob": logprob, "bytes": list(text.bytes_of(token_id))}
 
     content = [
         {**entry(token.id, token.logprob), "top_logprobs": [entry(i, lp) for i, lp in token.top or []]}
@@ -88,7 +91,7 @@ def logprobs_of(chat: bool, update: Update, text: TokenText | None) -> dict[str,
         return None
     if chat:
         return chat_logprobs(update.tokens, text)
-    return completion_logprobs(update.tokens, text, update.offset)
+    return completion_logprobs(update.tokens, text, update.offsets)
 
 
 def choice(chat: bool, index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:

@@ -167,7 +167,8 @@ async def generate(
     """Decode a checked request: one JSON answer, or server-sent events when ``req.stream``."""
     _check_capacity(server, served, len(prompts), req.choices)
     text = responses.TokenText(served.tokenizer) if options.logprobs is not None else None
-    job = Job(server.decoders[served.name], served.tokenizer, prompts, req.choices, options, text)
+    token_bytes = text.bytes_of if text is not None else None
+    job = Job(server.decoders[served.name], served.tokenizer, prompts, req.choices, options, token_bytes)
     job.start()  # the last check (429): from here on the job is always cancelled when it ends
     first = responses.head(chat, served.name, bool(req.stream))
     if req.stream:
