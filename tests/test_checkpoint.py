@@ -556,6 +556,11 @@ def test_a_folder_without_a_training_state_is_no_run_to_resume(tmp_path):
     assert str(error.value) == (
         f"{tmp_path} holds no train_state.safetensors: pass the folder of an `anexa train` run that saved at least once"
     )
+    with pytest.raises(AnexaError) as error:  # a typo in --resume: no such folder, not a folder without state
+        checkpoint.load_train_state(tmp_path / "nosuch")
+    assert str(error.value) == (
+        f"no run at {tmp_path / 'nosuch'}: pass the folder of an `anexa train` run (`anexa runs` lists them)"
+    )
 
 
 def _safetensors_with(path, metadata):

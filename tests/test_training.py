@@ -210,6 +210,24 @@ def test_a_run_folder_is_never_overwritten_without_overwrite(sherlock_path, tmp_
         f"{tmp_path}`, replace it with --overwrite, or pass another --out"
     )
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # A model without a training state (what `anexa import` writes) has nothing to resume: the advice is a
+    # fine-tune, which the newcomer's `--resume` was refused with "holds no train_state.safetensors".
+    imported = tmp_path.parent / f"{tmp_path.name}-imported"
+    imported.mkdir()
+    (imported / "model.safetensors").write_bytes(before["model.safetensors"])
+    with pytest.raises(AnexaError) as error:
+        train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), imported)
+    assert str(error.value) == (
+        f"{imported} already holds a model: fine-tune it into another folder with `anexa train --init-from "
+        f"{imported} --out NEW_RUN`, replace it with --overwrite, or pass another --out"
+    )
+    with pytest.raises(AnexaError) as error:
+        checkpoint.load_train_state(imported)
+    assert str(error.value) == (
+        f"{imported} holds a model but no train_state.safetensors (an imported model has none): train it further "
+        f"with `anexa train --init-from {imported} --out NEW_RUN`"
+    )
+    assert sorted(p.name for p in imported.iterdir()) == ["model.safetensors"]
     train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path, overwrite=True)
     assert checkpoint.read_metadata(tmp_path / "model.safetensors")["step"] == 2
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2]

@@ -329,6 +329,13 @@ def read_train_state_metadata(run_dir: Path) -> dict[str, Any]:
     """The metadata of a run folder's training state (what resuming needs before any tensor), or a
     one-line error saying why the run cannot be resumed: no state, a damaged one, one of anexa 0.1."""
     path = Path(run_dir) / STATE_FILE
+    if not Path(run_dir).is_dir():
+        raise AnexaError(f"no run at {run_dir}: pass the folder of an `anexa train` run (`anexa runs` lists them)")
+    if not path.is_file() and (Path(run_dir) / MODEL_FILE).is_file():
+        raise AnexaError(
+            f"{run_dir} holds a model but no {STATE_FILE} (an imported model has none): train it further with "
+            f"`anexa train --init-from {run_dir} --out NEW_RUN`"
+        )
     if not path.is_file():
         raise AnexaError(
             f"{run_dir} holds no {STATE_FILE}: pass the folder of an `anexa train` run that saved at least once"

@@ -192,6 +192,11 @@ def prepare(
     # Why long: the run's three origins (resumed, fine-tuned, from scratch) each change how the model, tokenizer,
     # data, LoRA record and run folder are made; one function keeps the order of those steps readable once.
     if not resume and checkpoint.holds_a_run(out_dir) and not overwrite:
+        if not (Path(out_dir) / checkpoint.STATE_FILE).exists():  # an import: nothing to resume
+            raise AnexaError(
+                f"{out_dir} already holds a model: fine-tune it into another folder with `anexa train "
+                f"--init-from {out_dir} --out NEW_RUN`, replace it with --overwrite, or pass another --out"
+            )
         raise AnexaError(
             f"{out_dir} already holds a trained run: continue it with `anexa train --resume {out_dir}`, "
             "replace it with --overwrite, or pass another --out"
