@@ -361,6 +361,11 @@ def test_what_fine_tuning_refuses_is_one_line(base, tmp_path):
         "choose from down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
     )
     user_error([*init, "--lora", "rank=4"], "--lora has no key 'rank': use r, alpha, dropout and targets")
+    # Checked before the base loads (seconds for a pretrained model): with a base that cannot load, the
+    # typo is still what is named.
+    missing = ["train", "--init-from", str(tmp_path / "nobase"), "--out", str(tmp_path / "x")]
+    user_error([*missing, "--lora", "rank=4"], "--lora has no key 'rank'")
+    user_error([*missing, "--data", str(tmp_path / "nonotes.txt")], f"--data '{tmp_path / 'nonotes.txt'}' is neither")
     # A fine-tune's context is its base's: the refusal names the longest window, and no --block-size.
     longer = user_error([*init, "--seq-len", "65"], "--seq-len 65 is longer than the model's context of 64 tokens")
     assert longer == "error: --seq-len 65 is longer than the model's context of 64 tokens: use --seq-len 64 or shorter"

@@ -16,8 +16,10 @@ from typing import Any
 
 from anexa_core import config as configs
 from anexa_core.config import FINETUNE, LORA, ModelConfig, TrainConfig
+from anexa_core.data.corpus import check_sources
 from anexa_core.errors import AnexaError
 from anexa_core.io.load import Base, load_base
+from anexa_core.model.lora import LoraSpec
 
 
 def finetune_configs(
@@ -31,7 +33,6 @@ def finetune_configs(
 
     Raises :class:`AnexaError` for a setting that contradicts the base (naming it) and for a base that
     cannot be loaded."""
-    base = load_base(init_from)
     given = {key: value for key, value in overrides.items() if value is not None}
     layers: list[tuple[dict[str, Any], str]] = []
     if config_file is not None:
@@ -40,6 +41,8 @@ def finetune_configs(
     for kind, options in (plugin_options or {}).items():
         flags[f"{kind}_options"] = dict(options)
     layers.append((flags, "flags"))
+    _check_before_loading(layers)
+    base = load_base(init_from)
     model_settings = dict(base.meta["model_config"])
     for values, source in layers:
         _refuse_changes(values, model_settings, base, source)
@@ -54,6 +57,17 @@ def finetune_configs(
         # The default's windows, at most the context; a window the user asked for is used or refused.
         train_config = dataclasses.replace(train_config, seq_len=min(train_config.seq_len, model_config.block_size))
     return model_config, train_config, base
+
+
+def _check_before_loading(layers: list[tuple[dict[str, Any], str]]) -> None:
+    """Refuse a typo in ``--lora`` or a ``--data`` source that does not exist (from the flags or the TOML
+    file) before the base model loads, which takes seconds for a pretrained one."""
+    for values, _ in layers:
+        if isinstance(values.get("lora"), str):
+            LoraSpec.parse(values["lora"])
+    data = next((values["data"] for values, _ in reversed(layers) if values.get("data")), None)
+    if data is not None:
+        check_sources(data)
 
 
 def _refuse_changes(values: dict[str, Any], model: dict[str, Any], base: Base, source: str) -> None:
