@@ -162,6 +162,23 @@ def test_export_files_follow_the_family_and_the_head(runs):
         assert tuple(handle.get_slice("transformer.h.0.attn.c_attn.weight").get_shape()) == (32, 96)  # Conv1D (in, out)
 
 
+def test_the_retraining_command_needs_a_config_file_only_for_settings_off_their_defaults():
+    """A newcomer's fine-tune card asked for `--config train.toml` holding `eval_batches = 8`, a setting never
+    changed: 8 is fine-tuning's default (20 training from scratch), which `--init-from` brings back."""
+    from anexa_core.config import FINETUNE, LORA, ModelConfig, TrainConfig
+    from anexa_core.io.export import training_command
+
+    model = dataclasses.asdict(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    fresh = dataclasses.asdict(TrainConfig(data="sherlock", steps=10))
+    for tuning, lora in ((FINETUNE, None), (LORA, "r=2")):
+        tuned = {**fresh, **tuning, "init_from": "base", "lora": lora}
+        assert training_command(model, tuned)[1] is None
+        assert training_command(model, {**tuned, "eval_batches": 20})[1] == "eval_batches = 20\n"
+    scratch = {**fresh, "eval_batches": 8}
+    assert training_command(model, scratch)[1] == "eval_batches = 8\n"
+    assert training_command(model, {**scratch, "eval_batches": 20})[1] is None
+
+
 def test_the_model_card_states_the_run_and_its_command_retrains_it(runs, workdir):
     run, out = runs["llama"]
     card = (out / "README.md").read_text(encoding="utf-8")

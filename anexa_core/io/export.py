@@ -29,7 +29,7 @@ import safetensors.torch
 import torch
 
 from anexa_core import options, plugins
-from anexa_core.config import FIXED_BY_BASE, ModelConfig, TrainConfig
+from anexa_core.config import FINETUNE, FIXED_BY_BASE, LORA, ModelConfig, TrainConfig
 from anexa_core.data.corpus import hf_normalizer
 from anexa_core.errors import AnexaError
 from anexa_core.io import checkpoint
@@ -343,7 +343,8 @@ def training_command(
             continue
         args += [f"--{key.replace('_', '-')}", _flag_value(value)]
     args += _option_flags(model_config, train_config, fixed)
-    toml_lines = _toml_lines(model_config, train_config, fixed)
+    tuning = (LORA if train_config.get("lora") else FINETUNE) if base is not None else {}
+    toml_lines = _toml_lines(model_config, train_config, fixed, tuning)
     if toml_lines:
         args += ["--config", "train.toml"]
     return shlex.join(args), ("\n".join(toml_lines) + "\n" if toml_lines else None)
@@ -367,8 +368,12 @@ def _option_flags(model_config: dict[str, Any], train_config: dict[str, Any], fi
     return flags
 
 
-def _toml_lines(model_config: dict[str, Any], train_config: dict[str, Any], fixed: tuple[str, ...]) -> list[str]:
-    """The ``train.toml`` lines of the settings without a flag that differ from their defaults."""
+def _toml_lines(
+    model_config: dict[str, Any], train_config: dict[str, Any], fixed: tuple[str, ...], tuning: dict[str, Any]
+) -> list[str]:
+    """The ``train.toml`` lines of the settings without a flag that differ from their defaults: a fine-tune's
+    (``tuning``, :data:`~anexa_core.config.FINETUNE` or :data:`~anexa_core.config.LORA`) for a fine-tuning
+    run, which ``--init-from`` brings back."""
     lines = []
     for section, keys in _NO_FLAG.items():
         fresh: ModelConfig | TrainConfig = ModelConfig() if section == "model" else TrainConfig()
@@ -376,7 +381,8 @@ def _toml_lines(model_config: dict[str, Any], train_config: dict[str, Any], fixe
         for key in keys:
             if key in fixed or (key == "decay_minutes" and config.get(key) == config.get("minutes")):
                 continue
-            if key in config and config[key] != getattr(fresh, key):
+            default = tuning.get(key, getattr(fresh, key)) if section == "train" else getattr(fresh, key)
+            if key in config and config[key] != default:
                 lines.append(f"{key} = {json.dumps(config[key])}")
     return lines
 
