@@ -205,6 +205,61 @@ def test_decode_rejects_ids_outside_the_vocabulary(char_tokenizer, bpe_tokenizer
             tokenizer.decode([-1])
 
 
+# --- token_bytes: what one token adds to the text, part of a character included -----------------------
+
+
+def test_token_bytes_are_what_each_token_adds_even_inside_a_character(bpe_tokenizer, char_tokenizer, held_out_text):
+    """The server's logprobs ``bytes``: a byte-level token may hold part of a character, which its decode
+    alone shows as U+FFFD; its bytes are its own, and joined they are the text's."""
+    from anexa_core.infer.generation import token_bytes
+
+    for text in (HARD_TEXT, "😀", held_out_text[:5000]):
+        ids = bpe_tokenizer.encode(text)
+        assert b"".join(bpe_tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8")
+    emoji = bpe_tokenizer.encode("😀")
+    assert len(emoji) > 1 and all(bpe_tokenizer.decode([i]) == "\ufffd" for i in emoji)
+    assert [token_bytes(bpe_tokenizer, i) for i in emoji] == [bpe_tokenizer.token_bytes(i) for i in emoji]
+    with pytest.raises(AnexaError, match="outside"):
+        bpe_tokenizer.token_bytes(bpe_tokenizer.vocab_size)
+    # A tokenizer without token_bytes (char: every token a whole character) is read through decode.
+    assert not hasattr(char_tokenizer, "token_bytes")
+    wide = next(char for char in char_tokenizer.decode(range(char_tokenizer.vocab_size)) if ord(char) > 127)
+    assert [token_bytes(char_tokenizer, i) for i in char_tokenizer.encode(f"a{wide}")] == [b"a", wide.encode()]
+
+
+def test_token_bytes_of_byte_fallback_and_special_tokens():
+    """SentencePiece-style byte tokens (``<0xC3>``, Llama 2's ``byte_fallback``) stand for their byte; a
+    special token's bytes are its text; a plain token's (no byte-level alphabet) its decode."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    vocab = {f"<0x{byte:02X}>": byte for byte in range(256)} | {"a": 256, "b": 257, "ab": 258, "é": 259}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], byte_fallback=True))
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_special_tokens([AddedToken("<|end|>", special=True)])
+    hf, _ = plugins.create("tokenizers", "hf", {})
+    hf.load_state_dict({"type": "hf", "tokenizer": tokenizer.to_str(), "special_tokens": {}, "eos_tokens": []})
+    ids = hf.encode("ab😀é")
+    assert [hf.token_bytes(i) for i in ids] == [b"ab", b"\xf0", b"\x9f", b"\x98", b"\x80", "é".encode()]
+    assert hf.decode([ids[1]]) == "\ufffd"
+    end = hf.encode("<|end|>")
+    assert len(end) == 1 and hf.token_bytes(end[0]) == b"<|end|>"
+    # A byte-level vocabulary writes its tokens in GPT-2's alphabet ("Ġ" is the space byte, 0x20, "é" the
+    # byte 0xE9); a special token's text is not written so: "<|café|>" is its UTF-8 text, not byte 0xE9.
+    from anexa_plugins.hf_backed import byte_level_alphabet
+
+    alphabet = byte_level_alphabet()
+    level = Tokenizer(models.BPE(vocab=dict(alphabet), merges=[]))
+    level.decoder = decoders.ByteLevel()
+    level.add_special_tokens([AddedToken("<|café|>", special=True)])
+    hf.load_state_dict({"type": "hf", "tokenizer": level.to_str(), "special_tokens": {}, "eos_tokens": []})
+    special = level.token_to_id("<|café|>")
+    assert hf.token_bytes(special) == "<|café|>".encode() and hf.token_bytes(level.token_to_id("é")) == b"\xe9"
+    assert hf.token_bytes(level.token_to_id("Ġ")) == b" "
+
+    assert alphabet["Ġ"] == 0x20 and alphabet["!"] == 0x21 and sorted(alphabet.values()) == list(range(256))
+    assert alphabet["Ā"] == 0x00 and alphabet["Ń"] == 0xAD  # the 68 hidden bytes, in order
+
+
 # --- streaming: the text of generated ids as they arrive ---------------------------------------------
 
 

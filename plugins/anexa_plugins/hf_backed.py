@@ -70,12 +70,15 @@ class HFBacked:
     def token_bytes(self, token_id: int) -> bytes:
         """The UTF-8 bytes token ``token_id`` adds to the text — part of a character for a byte-level token
         that splits one, where ``decode([token_id])`` shows U+FFFD: its symbols read through the byte-level
-        alphabet, or its ``<0xNN>`` byte; a special token's and any other's text. An id outside the
-        vocabulary is a one-line error."""
+        alphabet, or its ``<0xNN>`` byte; a special (added) token's own text; any other's decode. An id
+        outside the vocabulary is a one-line error."""
         text = self.decode([token_id])  # also checks the id
         tokenizer = self._trained()
+        added = tokenizer.get_added_tokens_decoder().get(token_id)
+        if added is not None:  # its text as written (a byte-level decoder would misread "é" in it)
+            return added.content.encode("utf-8")
         piece = tokenizer.id_to_token(token_id)
-        if piece is None or token_id in tokenizer.get_added_tokens_decoder():
+        if piece is None:
             return text.encode("utf-8")
         byte = _BYTE_FALLBACK.fullmatch(piece)
         if byte is not None:
