@@ -255,6 +255,9 @@ def test_token_bytes_of_byte_fallback_and_special_tokens():
     special = level.token_to_id("<|café|>")
     assert hf.token_bytes(special) == "<|café|>".encode() and hf.token_bytes(level.token_to_id("é")) == b"\xe9"
     assert hf.token_bytes(level.token_to_id("Ġ")) == b" "
+    holed = Tokenizer(models.BPE(vocab={"a": 0, "c": 2}, merges=[]))  # id 1 has no token: it adds nothing
+    hf.load_state_dict({"type": "hf", "tokenizer": holed.to_str(), "special_tokens": {}, "eos_tokens": []})
+    assert hf.token_bytes(1) == b"" == hf.decode([1]).encode()
 
     assert alphabet["Ġ"] == 0x20 and alphabet["!"] == 0x21 and sorted(alphabet.values()) == list(range(256))
     assert alphabet["Ā"] == 0x00 and alphabet["Ń"] == 0xAD  # the 68 hidden bytes, in order
