@@ -230,7 +230,7 @@ def test_token_bytes_are_what_each_token_adds_even_inside_a_character(bpe_tokeni
 def test_token_bytes_of_byte_fallback_and_special_tokens():
     """SentencePiece-style byte tokens (``<0xC3>``, Llama 2's ``byte_fallback``) stand for their byte; a
     special token's bytes are its text; a plain token's (no byte-level alphabet) its decode."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {f"<0x{byte:02X}>": byte for byte in range(256)} | {"a": 256, "b": 257, "ab": 258, "é": 259}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], byte_fallback=True))
@@ -260,6 +260,9 @@ def test_token_bytes_of_byte_fallback_and_special_tokens():
     assert hf.token_bytes(1) == b"" == hf.decode([1]).encode()
 
     assert alphabet["Ġ"] == 0x20 and alphabet["!"] == 0x21 and sorted(alphabet.values()) == list(range(256))
+    assert set(alphabet) == set(pre_tokenizers.ByteLevel.alphabet())  # the symbols `tokenizers` writes
+    spaced = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str("é 😀")
+    assert bytes(alphabet[symbol] for piece, _ in spaced for symbol in piece) == "é 😀".encode()
     assert alphabet["Ā"] == 0x00 and alphabet["Ń"] == 0xAD  # the 68 hidden bytes, in order
 
 
