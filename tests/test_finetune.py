@@ -366,6 +366,8 @@ def test_what_fine_tuning_refuses_is_one_line(base, tmp_path):
     missing = ["train", "--init-from", str(tmp_path / "nobase"), "--out", str(tmp_path / "x")]
     user_error([*missing, "--lora", "rank=4"], "--lora has no key 'rank'")
     user_error([*missing, "--data", str(tmp_path / "nonotes.txt")], f"--data '{tmp_path / 'nonotes.txt'}' is neither")
+    (tmp_path / "bad.jsonl").write_text('{"messages": []}\n', encoding="utf-8")
+    user_error([*missing, "--data", str(tmp_path / "bad.jsonl")], 'bad.jsonl line 1 has no "messages" list')
     # A fine-tune's context is its base's: the refusal names the longest window, and no --block-size.
     longer = user_error([*init, "--seq-len", "65"], "--seq-len 65 is longer than the model's context of 64 tokens")
     assert longer == "error: --seq-len 65 is longer than the model's context of 64 tokens: use --seq-len 64 or shorter"

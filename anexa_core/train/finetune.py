@@ -16,6 +16,7 @@ from typing import Any
 
 from anexa_core import config as configs
 from anexa_core.config import FINETUNE, LORA, ModelConfig, TrainConfig
+from anexa_core.data.chats import is_chats_file, read_conversations
 from anexa_core.data.corpus import check_sources
 from anexa_core.errors import AnexaError
 from anexa_core.io.load import Base, load_base
@@ -60,14 +61,17 @@ def finetune_configs(
 
 
 def _check_before_loading(layers: list[tuple[dict[str, Any], str]]) -> None:
-    """Refuse a typo in ``--lora`` or a ``--data`` source that does not exist (from the flags or the TOML
-    file) before the base model loads, which takes seconds for a pretrained one."""
+    """Refuse a typo in ``--lora``, a ``--data`` source that does not exist or a malformed line of a
+    conversations file (from the flags or the TOML file) before the base model loads, which takes seconds
+    for a pretrained one."""
     for values, _ in layers:
         if isinstance(values.get("lora"), str):
             LoraSpec.parse(values["lora"])
     data = next((values["data"] for values, _ in reversed(layers) if values.get("data")), None)
     if data is not None:
         check_sources(data)
+        if is_chats_file(data):
+            read_conversations(Path(data).expanduser())
 
 
 def _refuse_changes(values: dict[str, Any], model: dict[str, Any], base: Base, source: str) -> None:
