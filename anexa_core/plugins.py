@@ -17,12 +17,14 @@ registering the same name are an error only when that name is used.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import logging
 import os
+import re
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pluggy
@@ -53,7 +55,7 @@ class _State:
     manager: pluggy.PluginManager
     records: dict[str, PluginRecord] = field(default_factory=dict)
     failed: list[PluginRecord] = field(default_factory=list)
-    hook_errors: set[tuple[str, str]] = field(default_factory=set)
+    hook_errors: dict[tuple[str, str], str] = field(default_factory=dict)  # (plugin, kind) -> what failed
 
 
 _state: _State | None = None
@@ -147,11 +149,19 @@ def _drop_unknown_hooks(state: _State) -> None:
             state.manager.unregister(exc.plugin)
             name = name or repr(exc.plugin)
             record = state.records.pop(name, None) or PluginRecord(name, None, None)
-            record.status, record.error = "failed", " ".join(str(exc).split())
+            record.status, record.error = "failed", " ".join(str(exc).split()) + _hook_hint(str(exc))
             logger.warning(
                 "plugin %s from %s %s was not loaded: %s", name, record.distribution, record.version, record.error
             )
             state.failed.append(record)
+
+
+def _hook_hint(error: str) -> str:
+    """``: did you mean register_samplers?`` for pluggy's "unknown hook 'register_sampler'" (else "")."""
+    unknown = re.search(r"unknown hook '(\w+)'", error)
+    hooks = [kind.hook for kind in KINDS.values()]
+    close = difflib.get_close_matches(unknown[1], hooks, n=1) if unknown else []
+    return f": did you mean {close[0]}?" if close else f": the hooks are {', '.join(hooks)}" if unknown else ""
 
 
 def _loaded() -> _State:
@@ -184,6 +194,8 @@ class Registered:
 
 
 def _all_registered(kind: str) -> dict[str, list[Registered]]:
+    if kind not in KINDS:
+        raise AnexaError(f"no plugin kind {kind!r}: choose one of {', '.join(KINDS)}")
     state = _loaded()
     found: dict[str, list[Registered]] = {}
     for impl in getattr(state.manager.hook, KINDS[kind].hook).get_hookimpls():
@@ -204,7 +216,7 @@ def _all_registered(kind: str) -> dict[str, list[Registered]]:
             impl.function(register)
         except Exception as exc:  # a broken plugin costs its own names, not the command
             if (impl.plugin_name, kind) not in state.hook_errors:
-                state.hook_errors.add((impl.plugin_name, kind))
+                state.hook_errors[impl.plugin_name, kind] = f"{KINDS[kind].hook} raised {type(exc).__name__}: {exc}"
                 owner = f"{record.distribution} {record.version}" if record else "no distribution"
                 logger.warning(
                     "plugin %s (%s) failed in %s and registers nothing: %s: %s",
@@ -322,6 +334,9 @@ def describe_plugins() -> list[dict[str, Any]]:
     described = []
     for plugin_name, _plugin in sorted(state.manager.list_name_plugin(), key=lambda pair: pair[0]):
         record = state.records.get(plugin_name) or PluginRecord(plugin_name, None, None)
+        raised = [error for (name, _), error in sorted(state.hook_errors.items()) if name == plugin_name]
+        if raised:  # loaded, but a hook raised: what it registers there is lost, so it is not healthy
+            record = replace(record, status="failed", error="; ".join(raised))
         described.append(_described(record, per_plugin.get(plugin_name, {}), per_option.get(plugin_name, {})))
     for record in state.failed:
         described.append(_described(record, {}, {}))

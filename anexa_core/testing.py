@@ -128,9 +128,10 @@ def check_attention(
 def check_tokenizer(tokenizer: Any, text: str, **options: Any) -> None:
     """Trains on ``text`` (given as chunks), then: round trips, ids within the vocabulary, the state
     survives JSON, ``encode_batch`` (if any) equals ``encode``, the streaming rule holds (the streamer,
-    which decodes only a short tail each time, reproduces the whole decode), and ``token_bytes`` (if any)
-    of the ids of the text's start and of its end, joined, are its UTF-8 bytes."""
-    from anexa_core.infer.generation import decode_stream
+    which decodes only a short tail each time, reproduces the whole decode), and the bytes of the tokens
+    of the text's start and of its end (``token_bytes``, or ``decode([id])`` encoded without it), joined,
+    are its UTF-8 bytes — so a tokenizer whose tokens split characters must give ``token_bytes``."""
+    from anexa_core.infer.generation import decode_stream, token_bytes
 
     trained = _build(tokenizer, options)
     lines = text.splitlines(keepends=True)
@@ -152,11 +153,17 @@ def check_tokenizer(tokenizer: Any, text: str, **options: Any) -> None:
         assert batch == [trained.encode(piece) for piece in pieces], "encode_batch != encode"
     streamed = "".join(decode_stream(trained, iter(ids[:3000])))
     assert streamed == trained.decode(ids[:3000]), "streaming decode differs from decode: see the streaming rule"
-    if hasattr(trained, "token_bytes"):
-        ending = text[-2000:]  # tests often end their text with rare characters
-        for part in (sample, ending):
-            token_pieces = [trained.token_bytes(i) for i in trained.encode(part)]
-            assert b"".join(token_pieces) == part.encode("utf-8"), "token_bytes, joined, are not the text's UTF-8 bytes"
+    ending = text[-2000:]  # tests often end their text with rare characters
+    for part in (sample, ending):
+        token_pieces = [token_bytes(trained, i) for i in trained.encode(part)]
+        assert b"".join(token_pieces) == part.encode("utf-8"), (
+            "the bytes of its tokens, joined, are not the text's UTF-8 bytes: "
+            + (
+                "token_bytes is wrong"
+                if hasattr(trained, "token_bytes")
+                else "tokens that split a character need token_bytes(id)"
+            )
+        )
 
 
 def _tiny_config(**changes: Any) -> ModelConfig:
@@ -237,6 +244,8 @@ def check_sampler(sampler: Any, **options: Any) -> None:
     once); with ``reads_context = False``, the context changes nothing."""
     processor = _build(sampler, options)
     assert isinstance(getattr(processor, "order", None), int), "a sampler needs an int class attribute `order`"
+    fields = {option.name for option in plugin_options.describe(sampler)}
+    assert "order" not in fields, "`order` is an option here (users could move the sampler): make it a ClassVar"
     generator = torch.Generator().manual_seed(0)
     cases = [
         torch.randn(3, 17, generator=generator),

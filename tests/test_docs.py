@@ -1,4 +1,5 @@
-"""docs/architecture.md stays true: its quick tour runs, its numbers are the model's, its files exist."""
+"""The docs stay true: architecture.md's quick tour runs, its numbers are the model's, its files exist; plugins.md's
+example tokenizer passes the conformance kit."""
 
 import json
 import os
@@ -126,3 +127,16 @@ def test_files_named_in_the_docs_exist_and_the_learner_can_find_the_reference():
     for link in ("docs/architecture.md", "plugins/anexa_plugins/reference_gpt.py", "docs/kernel.md"):
         assert f"]({link})" in readme, f"README.md should link {link}"
     assert "](../plugins/anexa_plugins/reference_gpt.py)" in text and "](kernel.md)" in text
+
+
+def test_the_plugin_guides_tokenizer_example_passes_the_kit():
+    """A plugin author copied docs/plugins.md's byte tokenizer: it lacked token_bytes, so the server's
+    logprobs were U+FFFD for every byte of an emoji. The example as written must pass the kit, which now
+    fails a tokenizer whose tokens split characters without it."""
+    from anexa_core import testing
+
+    guide = (REPO / "docs" / "plugins.md").read_text(encoding="utf-8")
+    (example,) = [block for block in re.findall(r"```python\n(.*?)```", guide, re.S) if "class ByteTokenizer" in block]
+    namespace: dict = {}
+    exec(compile(example, "docs/plugins.md", "exec"), namespace)
+    testing.check_tokenizer(namespace["ByteTokenizer"], "naïve café — 😀 中文\nline two\n" * 30)

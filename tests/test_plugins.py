@@ -128,6 +128,49 @@ def test_the_kit_catches_a_broken_plugin_of_each_kind():
     with pytest.raises(AssertionError, match=r"\+inf"):
         testing.check_sampler(Overflows)
 
+    @dataclass
+    class OrderIsAnOption:  # a plugin author's report: the docs warn against this, the kit passed it
+        order: int = 60
+
+        def __call__(self, logits, context):
+            return logits
+
+    with pytest.raises(AssertionError, match="`order` is an option here"):
+        testing.check_sampler(OrderIsAnOption)
+
+    class SplitsCharacters:  # one token per UTF-8 byte, no token_bytes: the server's logprobs would be U+FFFD
+        vocab_size = 256
+
+        def train(self, texts):
+            pass
+
+        def encode(self, text):
+            return list(text.encode())
+
+        def decode(self, ids):
+            return bytes(ids).decode(errors="replace")
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    with pytest.raises(AssertionError, match="tokens that split a character need token_bytes"):
+        testing.check_tokenizer(SplitsCharacters, "naïve café 😀\n" * 20)
+    SplitsCharacters.token_bytes = lambda self, token_id: bytes([token_id])
+    testing.check_tokenizer(SplitsCharacters, "naïve café 😀\n" * 20)
+    SplitsCharacters.token_bytes = lambda self, token_id: bytes([token_id, token_id])
+    with pytest.raises(AssertionError, match="token_bytes is wrong"):
+        testing.check_tokenizer(SplitsCharacters, "naïve café 😀\n" * 20)
+
+
+def test_a_kind_that_does_not_exist_is_one_line_naming_the_kinds():
+    with pytest.raises(AnexaError) as error:
+        plugins.create("sampler", "top_k")
+    kinds = "tokenizers, attention, samplers, blocks, datasets, optimizers"
+    assert str(error.value) == f"no plugin kind 'sampler': choose one of {kinds}"
+
 
 class _FutureStack(torch.nn.Module):
     def __init__(self, config):
@@ -510,10 +553,16 @@ def test_a_misspelt_hook_or_a_raising_hook_costs_only_that_plugin(fixture_site):
     assert done.returncode == 0, done.stderr
     listed = {p["name"]: p for p in json.loads(done.stdout)["plugins"]}
     assert listed["typo"]["status"] == "failed" and "register_sampler" in listed["typo"]["error"]
+    assert listed["typo"]["error"].endswith(": did you mean register_samplers?")
     assert "plugin typo from anexa-faulty 0.0.1 was not loaded" in done.stderr
     assert (
         "plugin raising (anexa-faulty 0.0.1) failed in register_attention and registers nothing: "
         "RuntimeError: attention registry exploded" in done.stderr
+    )
+    # A plugin author's report: a hook that raised was listed "loaded" (a CI check on the status passed it).
+    assert (listed["raising"]["status"], listed["raising"]["error"]) == (
+        "failed",
+        "register_attention raised RuntimeError: attention registry exploded",
     )
     assert {"sdpa", "math"} <= set(listed["sdpa"]["registers"]["attention"] + listed["math"]["registers"]["attention"])
 
