@@ -343,8 +343,8 @@ def training_command(
             continue
         args += [f"--{key.replace('_', '-')}", _flag_value(value)]
     args += _option_flags(model_config, train_config, fixed)
-    tuning = (LORA if train_config.get("lora") else FINETUNE) if base is not None else {}
-    toml_lines = _toml_lines(model_config, train_config, fixed, tuning)
+    defaults = TrainConfig(**((LORA if train_config.get("lora") else FINETUNE) if base is not None else {}))
+    toml_lines = _toml_lines(model_config, train_config, fixed, defaults)
     if toml_lines:
         args += ["--config", "train.toml"]
     return shlex.join(args), ("\n".join(toml_lines) + "\n" if toml_lines else None)
@@ -369,20 +369,19 @@ def _option_flags(model_config: dict[str, Any], train_config: dict[str, Any], fi
 
 
 def _toml_lines(
-    model_config: dict[str, Any], train_config: dict[str, Any], fixed: tuple[str, ...], tuning: dict[str, Any]
+    model_config: dict[str, Any], train_config: dict[str, Any], fixed: tuple[str, ...], defaults: TrainConfig
 ) -> list[str]:
-    """The ``train.toml`` lines of the settings without a flag that differ from their defaults: a fine-tune's
-    (``tuning``, :data:`~anexa_core.config.FINETUNE` or :data:`~anexa_core.config.LORA`) for a fine-tuning
-    run, which ``--init-from`` brings back."""
+    """The ``train.toml`` lines of the settings without a flag that differ from their defaults: ``defaults``
+    for the training settings (a fine-tune's, :data:`~anexa_core.config.FINETUNE` or
+    :data:`~anexa_core.config.LORA`, which ``--init-from`` brings back), ``ModelConfig()``'s for the model's."""
     lines = []
     for section, keys in _NO_FLAG.items():
-        fresh: ModelConfig | TrainConfig = ModelConfig() if section == "model" else TrainConfig()
+        fresh: ModelConfig | TrainConfig = ModelConfig() if section == "model" else defaults
         config = model_config if section == "model" else train_config
         for key in keys:
             if key in fixed or (key == "decay_minutes" and config.get(key) == config.get("minutes")):
                 continue
-            default = tuning.get(key, getattr(fresh, key)) if section == "train" else getattr(fresh, key)
-            if key in config and config[key] != default:
+            if key in config and config[key] != getattr(fresh, key):
                 lines.append(f"{key} = {json.dumps(config[key])}")
     return lines
 
