@@ -159,9 +159,11 @@ def _drop_unknown_hooks(state: _State) -> None:
 def _hook_hint(error: str) -> str:
     """``: did you mean register_samplers?`` for pluggy's "unknown hook 'register_sampler'" (else "")."""
     unknown = re.search(r"unknown hook '(\w+)'", error)
+    if unknown is None:
+        return ""
     hooks = [kind.hook for kind in KINDS.values()]
-    close = difflib.get_close_matches(unknown[1], hooks, n=1) if unknown else []
-    return f": did you mean {close[0]}?" if close else f": the hooks are {', '.join(hooks)}" if unknown else ""
+    close = difflib.get_close_matches(unknown[1], hooks, n=1)
+    return f": did you mean {close[0]}?" if close else f": the hooks are {', '.join(hooks)}"
 
 
 def _loaded() -> _State:
