@@ -16,6 +16,7 @@ from anexa_core.config import ModelConfig, TrainConfig
 from anexa_core.data.prepare import prepare_data
 from anexa_core.errors import AnexaError
 from anexa_core.io import checkpoint
+from anexa_core.train.finetune import finetune_configs
 from anexa_core.train.loop import SilentReporter, TrainingInterrupted, train
 from anexa_core.train.resume import resume_configs
 from anexa_core.train.step import Windows, estimate_loss, get_batch, lr_at
@@ -231,6 +232,41 @@ def test_a_run_folder_is_never_overwritten_without_overwrite(sherlock_path, tmp_
     train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path, overwrite=True)
     assert checkpoint.read_metadata(tmp_path / "model.safetensors")["step"] == 2
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2]
+
+
+def test_a_new_run_never_replaces_a_model_anexa_did_not_write_nor_its_own_base(sherlock_path, tmp_path):
+    """A Hugging Face folder (its model.safetensors has no Anexa metadata) and the model being fine-tuned
+    are refused as --out even with --overwrite: a run there would replace them."""
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    safetensors.torch.save_file({"lm_head.weight": torch.ones(2, 2)}, hf / "model.safetensors")
+    (hf / "config.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    for overwrite in (False, True):
+        with pytest.raises(AnexaError) as error:
+            train(tiny, _train_config(sherlock_path, steps=2), hf, overwrite=overwrite)
+        assert str(error.value) == (
+            f"{hf} holds a model.safetensors that Anexa did not write (a Hugging Face model?): "
+            "a run never replaces it; pass another --out"
+        )
+        assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    run = tmp_path / "run"
+    train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    spelled_otherwise = tmp_path / "hf" / ".." / "run"
+    with pytest.raises(AnexaError) as error:
+        train(tiny, _train_config(sherlock_path, steps=2, init_from=str(spelled_otherwise)), run, overwrite=True)
+    assert (
+        str(error.value)
+        == f"--out {run} is the model of --init-from: fine-tune it into another folder with --out NEW_RUN"
+    )
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # Near misses: a folder beside it, and a run of Anexa's own with --overwrite, are written.
+    model_config, tune_config, base = finetune_configs(str(run), {"data": str(sherlock_path), "steps": 2})
+    train(model_config, dataclasses.replace(tune_config, eval_every=2, eval_batches=2), tmp_path / "tuned", base=base)
+    train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), run, overwrite=True)
+    assert checkpoint.holds_a_run(tmp_path / "tuned") and not checkpoint.holds_foreign_weights(run)
 
 
 def test_stop_request_saves_the_step_and_resume_equals_an_uninterrupted_run(sherlock_path, tmp_path):

@@ -386,6 +386,14 @@ def holds_a_run(folder: Path) -> bool:
     return weights.exists() and not _foreign_weights(weights)
 
 
+def holds_foreign_weights(folder: Path) -> bool:
+    """Whether ``folder`` has a readable ``model.safetensors`` that Anexa did not write (a Hugging Face
+    folder's): a new run there would replace someone else's model, so none is started, even with
+    ``--overwrite``."""
+    weights = Path(folder) / MODEL_FILE
+    return weights.exists() and _foreign_weights(weights)
+
+
 def _foreign_weights(path: Path) -> bool:
     """Whether ``path`` is a readable safetensors file without Anexa's metadata (one Anexa did not write)."""
     try:

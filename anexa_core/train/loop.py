@@ -191,16 +191,8 @@ def prepare(
     state, random generators and progress restored), and a run folder ready for it."""
     # Why long: the run's three origins (resumed, fine-tuned, from scratch) each change how the model, tokenizer,
     # data, LoRA record and run folder are made; one function keeps the order of those steps readable once.
-    if not resume and checkpoint.holds_a_run(out_dir) and not overwrite:
-        if not (Path(out_dir) / checkpoint.STATE_FILE).exists():  # an import: nothing to resume
-            raise AnexaError(
-                f"{out_dir} already holds a model: fine-tune it into another folder with `anexa train "
-                f"--init-from {out_dir} --out NEW_RUN`, replace it with --overwrite, or pass another --out"
-            )
-        raise AnexaError(
-            f"{out_dir} already holds a trained run: continue it with `anexa train --resume {out_dir}`, "
-            "replace it with --overwrite, or pass another --out"
-        )
+    if not resume:
+        _check_new_run_folder(Path(out_dir), train_config.init_from, overwrite)
     state = checkpoint.load_train_state(out_dir) if resume else None
     optimizer_options = _check_plugins(model_config, train_config, state)
     check_sources(train_config.data)  # before a model is loaded or built: a missing file is the one line
@@ -250,6 +242,32 @@ def prepare(
         elif out_dir.is_dir():
             checkpoint.clear_run(out_dir)
     return run
+
+
+def _check_new_run_folder(out_dir: Path, init_from: str | None, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` a new run would write over: a run (unless ``overwrite``), a model Anexa did not
+    write (a Hugging Face folder's ``model.safetensors``; never replaced, even with ``overwrite``), or the
+    model being fine-tuned itself."""
+    if checkpoint.holds_foreign_weights(out_dir):
+        raise AnexaError(
+            f"{out_dir} holds a {checkpoint.MODEL_FILE} that Anexa did not write (a Hugging Face model?): "
+            "a run never replaces it; pass another --out"
+        )
+    if init_from is not None and Path(init_from).expanduser().resolve() == out_dir.expanduser().resolve():
+        raise AnexaError(
+            f"--out {out_dir} is the model of --init-from: fine-tune it into another folder with --out NEW_RUN"
+        )
+    if overwrite or not checkpoint.holds_a_run(out_dir):
+        return
+    if not (out_dir / checkpoint.STATE_FILE).exists():  # an import: nothing to resume
+        raise AnexaError(
+            f"{out_dir} already holds a model: fine-tune it into another folder with `anexa train "
+            f"--init-from {out_dir} --out NEW_RUN`, replace it with --overwrite, or pass another --out"
+        )
+    raise AnexaError(
+        f"{out_dir} already holds a trained run: continue it with `anexa train --resume {out_dir}`, "
+        "replace it with --overwrite, or pass another --out"
+    )
 
 
 def _model_and_data(
