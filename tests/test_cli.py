@@ -170,6 +170,7 @@ def test_plugins_json_lists_builtins_with_versions():
         (["train", "-o", "window=3"], "bad -o 'window=3': use -o KIND.OPTION=VALUE"),
         (["train", "-o", "sampler.p=3"], "'sampler' is not a plugin setting"),
         (["train", "--vocab-size", "100", "--tokenizer", "bpe"], "does not fit byte-level BPE"),
+        (["train", "--vocab-size", "300"], "vocab_size does not apply to tokenizer char, which has no such option: "),
         (["train", "--steps", "99999999999999999999999"], "beyond the largest supported value"),
         (["train", "--seed", "-3"], "--seed must be between 0 and"),
         (["train", "--config", "."], "is a folder: pass a TOML file"),

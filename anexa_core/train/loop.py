@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from anexa_core import plugins
-from anexa_core.config import ModelConfig, TrainConfig
+from anexa_core.config import SHORTHANDS, ModelConfig, TrainConfig
 from anexa_core.data.corpus import check_sources
 from anexa_core.data.prepare import prepare_data
 from anexa_core.device import configure_threads, pick_device
@@ -33,8 +33,10 @@ from anexa_core.io import checkpoint
 from anexa_core.io.load import Base, base_of, load_base
 from anexa_core.io.metrics import METRICS_FILE, RUN_METRICS, STEPS_FILE, append_metrics, truncate_metrics
 from anexa_core.io.pretrained import origin_of
+from anexa_core.kinds import SETTINGS
 from anexa_core.model.gpt import GPT, build_model
 from anexa_core.model.lora import LoraSpec, apply_lora, load_adapter, trainable_parameters
+from anexa_core.options import describe
 from anexa_core.train import distributed
 from anexa_core.train.optim import make_optimizer
 from anexa_core.train.step import Conversations, Windows, estimate_loss, lr_at, make_train_step, train_window
@@ -341,22 +343,40 @@ def _check_plugins(
     """Fail on a misspelt plugin, a missing one or a bad option before spending time on data; returns
     every option of the optimizer (defaults included)."""
     recorded = state.meta["model"].get("plugins", {}) if state else {}
-    plugins.create("tokenizers", train_config.tokenizer, train_config.tokenizer_options, recorded.get("tokenizer"))
-    plugins.create("blocks", model_config.blocks, model_config.blocks_options, recorded.get("blocks"))
+    _create("tokenizer", train_config.tokenizer, train_config.tokenizer_options, recorded.get("tokenizer"))
+    _create("blocks", model_config.blocks, model_config.blocks_options, recorded.get("blocks"))
     stored_attention = recorded.get("attention") or {}
-    plugins.create(
+    _create(
         "attention",
         model_config.attention,
         model_config.attention_options,
         stored_attention if stored_attention.get("name") == model_config.attention else None,
     )
-    _, optimizer_options = plugins.create(
-        "optimizers",
+    _, optimizer_options = _create(
+        "optimizer",
         train_config.optimizer,
         train_config.optimizer_options,
         state.meta.get("optimizer_plugin") if state else None,
     )
     return optimizer_options
+
+
+def _create(setting: str, name: str, given: dict[str, Any], recorded: dict[str, Any] | None) -> tuple[Any, dict]:
+    """:func:`plugins.create` for a run's ``setting`` (``tokenizer``, ``blocks``…); an option the plugin
+    lacks that came from a shorthand (``vocab_size``, ``--vocab-size``, for ``--tokenizer char``) is named as
+    the setting the user gave, not as the plugin's option."""
+    kind = SETTINGS[setting].name
+    try:
+        return plugins.create(kind, name, given, recorded)
+    except AnexaError:
+        known = {option.name for option in describe(plugins.get(kind, name))}
+        for key, owner in SHORTHANDS.items():
+            if owner == setting and key in given and key not in known:
+                raise AnexaError(
+                    f"{key} does not apply to {setting} {name}, which has no such option: drop it from the "
+                    "command line or the config file"
+                ) from None
+        raise
 
 
 def _restore(run: TrainingRun, state: checkpoint.TrainState) -> None:
