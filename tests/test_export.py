@@ -325,11 +325,30 @@ def test_an_untrained_checkpoint_exports_with_a_card_that_says_so(tmp_path, bloc
 
 
 def test_out_is_never_half_written_and_never_a_run(runs, tmp_path, monkeypatch):
+    """A folder an export did not write (the user's, a parent of runs, the current directory) is never
+    replaced, --overwrite or not; a failed replacement of an earlier export leaves that export intact."""
     run = runs["char"][0]
+    mine = tmp_path / "mine"
+    (mine / "runs" / "a").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(AnexaError) as error:
+            export(run, mine, overwrite=overwrite)
+        assert str(error.value) == (
+            f"{mine} is not empty and not an earlier export (it holds notes.txt, runs): pass a new or empty "
+            "folder (--overwrite replaces only an export)"
+        )
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "runs"]
+    shutil.rmtree(mine)
+    # A near miss: one file an export does not write beside an export's files.
     out = tmp_path / "out"
-    out.mkdir()
+    export(run, out)
+    (out / "README.md").write_text("the earlier export's card")
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(AnexaError, match="is not empty: pass --overwrite"):
+    with pytest.raises(AnexaError, match=r"not an earlier export \(it holds notes.txt\)"):
+        export(run, out, overwrite=True)
+    (out / "notes.txt").unlink()
+    with pytest.raises(AnexaError, match="holds an earlier export: pass --overwrite"):
         export(run, out)
     with pytest.raises(AnexaError, match="holds an Anexa run"):
         export(run, run, overwrite=True)
@@ -351,10 +370,10 @@ def test_out_is_never_half_written_and_never_a_run(runs, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         export(run, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left behind
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # the old folder is intact
+    assert (out / "README.md").read_text() == "the earlier export's card"  # the old folder is intact
     monkeypatch.undo()
     done = export(run, out, overwrite=True)
-    assert "notes.txt" not in {p.name for p in out.iterdir()} and done.architecture == "GPT2LMHeadModel"
+    assert (out / "README.md").read_text() != "the earlier export's card" and done.architecture == "GPT2LMHeadModel"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -367,7 +386,7 @@ def test_an_earlier_export_is_replaced_with_overwrite_and_read_as_a_hugging_face
     run, out = runs["char"][0], tmp_path / "hf"
     export(run, out)
     assert not checkpoint.holds_a_run(out) and checkpoint.holds_a_run(run)
-    with pytest.raises(AnexaError, match="is not empty: pass --overwrite"):
+    with pytest.raises(AnexaError, match="holds an earlier export: pass --overwrite"):
         export(run, out)
     assert export(run, out, overwrite=True).architecture == "GPT2LMHeadModel"
     assert load_base(str(out)).tokenizer_name == "hf"  # imported as a Hugging Face folder

@@ -341,8 +341,8 @@ else:
 
 def test_sigkill_between_an_exports_two_renames_loses_nothing(tmp_path, sherlock_path):
     """`--overwrite` moves the old OUT aside, then the new one in. Killed between the two, OUT is gone
-    for a moment; the next export (or anything writing OUT) puts the old one back first, so the user's
-    folder is never lost, and no temp folder stays."""
+    for a moment; the next export (or anything writing OUT) puts the old one back first, so the earlier
+    export is never lost, and no temp folder stays."""
     from anexa_core.io.export import export
 
     env = anexa_env(tmp_path)
@@ -350,19 +350,19 @@ def test_sigkill_between_an_exports_two_renames_loses_nothing(tmp_path, sherlock
     done = anexa("train", "--data", str(sherlock_path), *TINY, "--steps", "2", "--out", str(run), cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "hf"
-    out.mkdir()
-    (out / "notes.txt").write_text("the user's", encoding="utf-8")
+    export(run, out)
+    (out / "README.md").write_text("the earlier export's", encoding="utf-8")
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_BETWEEN_RENAMES, "export", str(run), str(out)], env=env, check=False
     )
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists() and len([p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]) == 2
-    with pytest.raises(Exception, match="is not empty: pass --overwrite"):
+    with pytest.raises(Exception, match="holds an earlier export: pass --overwrite"):
         export(run, out)  # the old folder is back, and still refused without --overwrite
-    assert (out / "notes.txt").read_text(encoding="utf-8") == "the user's"
+    assert (out / "README.md").read_text(encoding="utf-8") == "the earlier export's"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]
     export(run, out, overwrite=True)
-    assert (out / "config.json").is_file() and not (out / "notes.txt").exists()
+    assert (out / "config.json").is_file() and (out / "README.md").read_text(encoding="utf-8") != "the earlier export's"
 
 
 def test_sigkill_between_an_imports_two_renames_loses_nothing(tmp_path, sherlock_path):

@@ -68,7 +68,8 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False, ou
 
     Raises :class:`AnexaError` for an unknown format or outtype, an outtype other than f32 for ``hf``, a
     model or tokenizer that cannot be expressed in the format, an ``out`` that is a file, holds an Anexa
-    run, or is a non-empty folder without ``overwrite``.
+    run or anything an export does not write (``overwrite`` replaces an earlier export, nothing else), or
+    holds an earlier export without ``overwrite``.
     """
     from anexa_core.io.gguf import WRITE_DTYPES
 
@@ -121,8 +122,16 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise AnexaError(f"{out} is a file: pass a folder to export into")
     if checkpoint.holds_a_run(out):
         raise AnexaError(f"{out} holds an Anexa run: export into another folder (--overwrite never replaces a run)")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise AnexaError(f"{out} is not empty: pass --overwrite to replace it, or another folder")
+    present = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
+    others = [name for name in present if name not in HF_FILES]
+    if others:  # a parent of runs, a user's folder, the current directory: never replaced, not even on request
+        shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+        raise AnexaError(
+            f"{out} is not empty and not an earlier export (it holds {shown}): pass a new or empty folder "
+            "(--overwrite replaces only an export)"
+        )
+    if present and not overwrite:
+        raise AnexaError(f"{out} holds an earlier export: pass --overwrite to replace it, or another folder")
 
 
 def hf_model(model, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
