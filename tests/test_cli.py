@@ -170,6 +170,7 @@ def test_plugins_json_lists_builtins_with_versions():
         (["train", "-o", "window=3"], "bad -o 'window=3': use -o KIND.OPTION=VALUE"),
         (["train", "-o", "sampler.p=3"], "'sampler' is not a plugin setting"),
         (["train", "--vocab-size", "100", "--tokenizer", "bpe"], "does not fit byte-level BPE"),
+        (["train", "--out", "/dev/null"], "--out /dev/null is a file: pass a folder for the run"),
         (["train", "--vocab-size", "300"], "vocab_size does not apply to tokenizer char, which has no such option: "),
         (["train", "--steps", "99999999999999999999999"], "beyond the largest supported value"),
         (["train", "--seed", "-3"], "--seed must be between 0 and"),
@@ -196,7 +197,7 @@ def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path, run_dir, sherlo
     if "--model" in args:  # relative paths are the repository's
         monkeypatch.chdir(REPO)
     if args[0] == "train":
-        args = [*args, "--out", str(tmp_path / "run")]
+        args = args if "--out" in args else [*args, "--out", str(tmp_path / "run")]
         if "--data" not in args:
             args += ["--data", str(sherlock_path)]
     user_error(args, match)
@@ -237,6 +238,11 @@ def test_corrupt_checkpoint(tmp_path, run_dir):
         (["teleport"], "No such command 'teleport'"),
         (["generate", "x", "--seed", "-1"], "Invalid value for '--seed'"),
         (["generate", "x", "-n", "1e30"], "Invalid value for '--max-new-tokens'"),
+        # a folder where a file is written: refused before minutes of measuring, not after
+        (["bench", "--seq", "64", "--json", "."], "Invalid value for '--json': file '.' is a directory"),
+        (["bench", "--plot", "."], "Invalid value for '--plot': file '.' is a directory"),
+        (["bench", "generate", "--json", "."], "Invalid value for '--json': file '.' is a directory"),
+        (["plot", "runs/x", "-o", "."], "Invalid value for '--out' / '-o': file '.' is a directory"),
     ],
 )
 def test_usage_mistakes_are_one_line_and_exit_2_through_the_console_script(args, match):

@@ -236,6 +236,29 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
+def test_an_atomic_write_to_a_folder_or_under_a_file_is_one_line_and_writes_nothing(tmp_path):
+    """`anexa bench --json /tmp` took minutes of measuring, then a traceback (and a temp file in /)."""
+    from anexa_core.io.files import atomic_path
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("mine")
+    cases = {
+        tmp_path / "folder": f"{tmp_path / 'folder'} is a folder: pass the path of a file to write",
+        tmp_path / "file" / "x.json": f"{tmp_path / 'file'} is a file, so {tmp_path / 'file' / 'x.json'} cannot be "
+        "written: pass another path",
+    }
+    for target, message in cases.items():
+        with pytest.raises(AnexaError) as error, atomic_path(target) as tmp:
+            tmp.write_text("{}")
+        assert str(error.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"] and not any((tmp_path / "folder").iterdir())
+    assert (tmp_path / "file").read_text() == "mine"
+    # A near miss: a file in folders that do not exist yet is written, folders and all.
+    with atomic_path(tmp_path / "folder" / "new" / "x.json") as tmp:
+        tmp.write_text("{}")
+    assert (tmp_path / "folder" / "new" / "x.json").read_text() == "{}"
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_atomic_writes_give_ordinary_permissions(tmp_path, umask):
     """A checkpoint (atomic_path) and an export folder (atomic_folder) get the modes a plain ``open()`` /

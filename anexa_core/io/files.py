@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from anexa_core.errors import AnexaError
+
 _TEMP = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.(?P<random>[a-z0-9_]{8})\.(?P<kind>tmp|old)$")
 """A writer's temp entry: ``tempfile``'s 8 random characters after the pid, so a stranger's file rarely matches."""
 _UNOWNED = re.compile(r"^\.(?P<target>.+)\.(?P<random>[^.]+)\.tmp$")  # Anexa 0.2's names, without a pid
@@ -33,8 +35,10 @@ def _prefix(target: Path) -> str:
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``target`` atomically, else it is removed.
 
-    Temp files that killed writers left in ``target``'s folder are removed first (:func:`sweep_stale`)."""
+    Temp files that killed writers left in ``target``'s folder are removed first (:func:`sweep_stale`).
+    Raises :class:`AnexaError` before writing anything when ``target`` is a folder or lies under a file."""
     target = Path(target)
+    _check_file_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(target.parent, target.name)
     fd, tmp_name = tempfile.mkstemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent)
@@ -49,6 +53,17 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _check_file_target(target: Path) -> None:
+    """A one-line error for a file path that cannot be one: an existing folder, or a path under a file."""
+    if target.is_dir():
+        raise AnexaError(f"{target} is a folder: pass the path of a file to write")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise AnexaError(f"{parent} is a file, so {target} cannot be written: pass another path")
+            return
 
 
 def _umask() -> int:

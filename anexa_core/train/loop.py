@@ -249,7 +249,9 @@ def prepare(
 def _check_new_run_folder(out_dir: Path, init_from: str | None, overwrite: bool) -> None:
     """Refuse an ``out_dir`` a new run would write over: a run (unless ``overwrite``), a model Anexa did not
     write (a Hugging Face folder's ``model.safetensors``; never replaced, even with ``overwrite``), or the
-    model being fine-tuned itself."""
+    model being fine-tuned itself, or a file."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AnexaError(f"--out {out_dir} is a file: pass a folder for the run")
     if checkpoint.holds_foreign_weights(out_dir):
         raise AnexaError(
             f"{out_dir} holds a {checkpoint.MODEL_FILE} that Anexa did not write (a Hugging Face model?): "

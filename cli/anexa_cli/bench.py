@@ -43,7 +43,7 @@ RowAttention = Annotated[
         "plugin; on CUDA also sdpa:backend=flash and sdpa:backend=cudnn]",
     ),
 ]
-Json = Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON to this file.")]
+Json = Annotated[Path | None, typer.Option("--json", dir_okay=False, help="Also write the rows as JSON to this file.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
 Preset = Annotated[
     str | None, typer.Option(help="A randomly initialised model of this size: seed or small. \\[default: seed]")
@@ -138,7 +138,9 @@ def attention_bench(
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (the median is reported).")] = 10,
     device: Device = "auto",
     json_path: Json = None,
-    plot: Annotated[Path | None, typer.Option(help="Also plot time and FLOP/s against length to this PNG.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="Also plot time and FLOP/s against length to this PNG.")
+    ] = None,
     threads: Threads = None,
 ) -> None:
     """Time every attention plugin (forward, forward+backward) and check it against `math`."""

@@ -13,7 +13,7 @@ from anexa_cli.errors import user_errors
 @user_errors
 def plot(
     runs: Annotated[list[Path], typer.Argument(metavar="RUNS", help="Run folders (each holds a metrics.jsonl).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The PNG to write.")] = Path("loss.png"),
+    out: Annotated[Path, typer.Option("--out", "-o", dir_okay=False, help="The PNG to write.")] = Path("loss.png"),
     label: Annotated[list[str] | None, typer.Option(help="A label per run, in order (default: folder names).")] = None,
 ) -> None:
     """Plot train and val loss against steps and wall-clock minutes, one line per run."""
