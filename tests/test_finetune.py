@@ -162,6 +162,11 @@ def test_export_outtype_stores_q8_0_or_f16_matrices_and_refuses_the_rest(base, t
     user_error(["export", str(run), str(tmp_path / "x.gguf"), "-f", "gguf", "--outtype", "q4_k"],
                "--outtype 'q4_k' is not one of f32, f16, q8_0")  # fmt: skip
     user_error(["export", str(run), str(tmp_path / "hf"), "--outtype", "f16"], "--outtype f16 applies to --format gguf")
+    user_error(
+        ["export", str(run), str(tmp_path / "model.GGUF")],
+        f"{tmp_path / 'model.GGUF'} names a GGUF file, but --format hf writes a folder: add --format gguf",
+    )
+    assert not (tmp_path / "model.GGUF").exists()
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "hf").exists()
 
 

@@ -66,10 +66,10 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False, ou
     folder ``out`` in ``format``; ``outtype`` (``gguf`` only): how its weight matrices are stored, one of
     :data:`anexa_core.io.gguf.WRITE_DTYPES` (``hf`` stores the run's float32).
 
-    Raises :class:`AnexaError` for an unknown format or outtype, an outtype other than f32 for ``hf``, a
-    model or tokenizer that cannot be expressed in the format, an ``out`` that is a file, holds an Anexa
-    run or anything an export does not write (``overwrite`` replaces an earlier export, nothing else), or
-    holds an earlier export without ``overwrite``.
+    Raises :class:`AnexaError` for an unknown format or outtype, an outtype other than f32 or an ``out``
+    ending in ``.gguf`` for ``hf``, a model or tokenizer that cannot be expressed in the format, an ``out``
+    that is a file, holds an Anexa run or anything an export does not write (``overwrite`` replaces an
+    earlier export, nothing else), or holds an earlier export without ``overwrite``.
     """
     from anexa_core.io.gguf import WRITE_DTYPES
 
@@ -82,6 +82,8 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False, ou
             f"--outtype {outtype} applies to --format gguf (hf stores float32): drop it or add --format gguf"
         )
     out = Path(out)
+    if format == "hf" and out.suffix.lower() == ".gguf":
+        raise AnexaError(f"{out} names a GGUF file, but --format hf writes a folder: add --format gguf")
     sweep_stale(out.parent, out.name)  # an export killed mid-rename put the old OUT aside: back first
     if format == "gguf":
         return export_gguf(run, out, overwrite, outtype)
