@@ -53,7 +53,9 @@ def main() -> None:
     gguf = Path(args.gguf).resolve()
     started = time.perf_counter()
     reference = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        gguf.parent,
+        gguf_file=str(gguf),
+        dtype=torch.float32,  # absolute: a bare name is looked up in the cwd first
     ).eval()
     reference_load_s = time.perf_counter() - started
     prompt = torch.randint(100, 40000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()

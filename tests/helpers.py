@@ -188,17 +188,22 @@ def gguf_folder(gguf_file: Path, folder: Path) -> Path:
 
 
 def transformers_model(folder: Path, name: str) -> torch.nn.Module:
-    """transformers' causal LM of the GGUF file ``name`` in ``folder``, float32, in eval mode."""
+    """transformers' causal LM of the GGUF file ``name`` in ``folder``, float32, in eval mode.
+
+    The file goes by its absolute path: given a bare name, transformers 5.25's ``from_pretrained`` reads the
+    weights of a file of that name in the current directory when there is one (a newcomer's ``anexa export
+    … lora.gguf`` in the repository root failed two tests), and the config from ``folder``."""
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    path = str((Path(folder) / name).resolve())
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=path, dtype=torch.float32).eval()
 
 
 def transformers_tokenizer(folder: Path, name: str):
-    """transformers' tokenizer of the GGUF file ``name`` in ``folder``."""
+    """transformers' tokenizer of the GGUF file ``name`` in ``folder`` (by its absolute path, as above)."""
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=str((Path(folder) / name).resolve()))
 
 
 class Watching(SilentReporter):

@@ -561,7 +561,7 @@ def test_a_gguf_export_says_that_llama_cpp_will_not_normalise_text(tmp_path):
     assert result.returncode == 0 and result.stderr == "", result.stderr
     notes = [line for line in result.stdout.splitlines() if line.startswith("  note: ")]
     assert len(notes) == 1 and "\\r\\n" in notes[0] and "byte-order mark" in notes[0]
-    read = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    read = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=str(tmp_path / "m.gguf"))
     assert read("Holmes said\nWatson")["input_ids"] == encode_prompt(tokenizer, "Holmes said\nWatson")
     assert read("Holmes said\r\nWatson")["input_ids"] != encode_prompt(tokenizer, "Holmes said\r\nWatson")
 

@@ -132,7 +132,7 @@ def test_fine_tuning_defaults_are_full_or_lora_and_a_files_settings_name_the_fil
             finetune_configs(str(base / "run"), {}, config_file=tmp_path / "my.toml")
 
 
-def test_export_outtype_stores_q8_0_or_f16_matrices_and_refuses_the_rest(base, tmp_path):
+def test_export_outtype_stores_q8_0_or_f16_matrices_and_refuses_the_rest(base, tmp_path, monkeypatch):
     """`anexa export … --format gguf --outtype q8_0`: llama.cpp's 8-bit blocks for the matrices (rows of whole
     32-value blocks here; test_gguf.py has the f16 fallback), f32 norms, about a quarter of the f32 file; read
     back by transformers near the float32 logits. A type the writer lacks, or --outtype with hf: one line,
@@ -154,6 +154,11 @@ def test_export_outtype_stores_q8_0_or_f16_matrices_and_refuses_the_rest(base, t
     assert sizes["q8_0"] < 0.4 * sizes["f32"] and sizes["f16"] < 0.6 * sizes["f32"]
     model = load(run, "cpu").model
     ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    decoys = tmp_path / "cwd"  # files of the same names where the command runs are never read instead
+    decoys.mkdir()
+    for outtype in ("f16", "q8_0"):
+        (decoys / f"{outtype}.gguf").write_bytes(b"not a GGUF file")
+    monkeypatch.chdir(decoys)
     with torch.no_grad():
         ours = model(ids)[0]
         for outtype, tolerance in (("f16", 1e-3), ("q8_0", 2e-2)):

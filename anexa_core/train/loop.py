@@ -368,17 +368,16 @@ def _create(setting: str, name: str, given: dict[str, Any], recorded: dict[str, 
     lacks that came from a shorthand (``vocab_size``, ``--vocab-size``, for ``--tokenizer char``) is named as
     the setting the user gave, not as the plugin's option."""
     kind = SETTINGS[setting].name
-    try:
-        return plugins.create(kind, name, given, recorded)
-    except AnexaError:
-        known = {option.name for option in describe(plugins.get(kind, name))}
+    entry = plugins.registered(kind).get(name)  # a missing or clashing plugin: plugins.create says what to do
+    if entry is not None:
+        known = {option.name for option in describe(entry.obj)}
         for key, owner in SHORTHANDS.items():
             if owner == setting and key in given and key not in known:
                 raise AnexaError(
                     f"{key} does not apply to {setting} {name}, which has no such option: drop it from the "
                     "command line or the config file"
-                ) from None
-        raise
+                )
+    return plugins.create(kind, name, given, recorded)
 
 
 def _restore(run: TrainingRun, state: checkpoint.TrainState) -> None:
