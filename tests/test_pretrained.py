@@ -10,6 +10,7 @@ SmolLM2 model are in test_smollm2.py.
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,10 +283,28 @@ def test_a_hub_id_comes_from_the_huggingface_cache_and_offline_without_it_is_one
     assert not (tmp_path / "other").exists()
 
 
-def test_an_imported_run_is_never_overwritten_without_asking(folders, tmp_path):
+def test_an_imported_run_is_never_overwritten_without_asking(folders, tmp_path, monkeypatch):
+    """--overwrite replaces a run folder whole, so never one holding anything a run did not write (a
+    newcomer's `train --out home` then `import … --out home --overwrite` deleted home's files)."""
     folder, _ = folders["gpt2"]
     import_model(folder, tmp_path / "run")
     with pytest.raises(AnexaError, match="already holds a run: pass --overwrite"):
         import_model(folder, tmp_path / "run")
     import_model(folder, tmp_path / "run", overwrite=True)
     assert os.listdir(tmp_path / "run") == ["model.safetensors"]
+    (tmp_path / "run" / "notes").mkdir()
+    (tmp_path / "run" / "main.py").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(AnexaError) as error:
+            import_model(folder, tmp_path / "run", overwrite=overwrite)
+        assert str(error.value) == (
+            f"{tmp_path / 'run'} is not empty and holds more than a run (main.py, notes): pass a new or empty "
+            "folder for the imported run"
+        )
+    assert sorted(os.listdir(tmp_path / "run")) == ["main.py", "model.safetensors", "notes"]
+    # `--out .` from inside a run folder: its absolute path is what is replaced (`.` cannot be renamed).
+    shutil.rmtree(tmp_path / "run" / "notes")
+    (tmp_path / "run" / "main.py").unlink()
+    monkeypatch.chdir(tmp_path / "run")
+    import_model(folder, Path("."), overwrite=True)
+    assert os.listdir(tmp_path / "run") == ["model.safetensors"] and sorted(os.listdir(tmp_path)) == ["run"]

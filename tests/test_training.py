@@ -262,7 +262,27 @@ def test_a_new_run_never_replaces_a_model_anexa_did_not_write_nor_its_own_base(s
         == f"--out {run} is the model of --init-from: fine-tune it into another folder with --out NEW_RUN"
     )
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
-    # Near misses: a folder beside it, and a run of Anexa's own with --overwrite, are written.
+    # A folder holding no run but other things — the user's, the folder of all runs — even with --overwrite.
+    home = tmp_path / "home"
+    (home / "project").mkdir(parents=True)
+    (home / "notes.txt").write_text("mine")
+    (home / "loss.png").write_bytes(b"a plot of my own")
+    for overwrite in (False, True):
+        with pytest.raises(AnexaError) as error:
+            train(tiny, _train_config(sherlock_path, steps=2), home, overwrite=overwrite)
+        assert str(error.value) == (
+            f"--out {home} is not empty and holds no run (notes.txt, project): pass a new or empty folder"
+        )
+    assert sorted(p.name for p in home.iterdir()) == ["loss.png", "notes.txt", "project"]
+    # Near misses: a folder holding only what a run writes (metrics of a run killed before its first
+    # checkpoint, a killed writer's temp file), a folder beside the base, and a run of Anexa's own with
+    # --overwrite, are written.
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "metrics.jsonl").write_text("")
+    (early / ".model.safetensors.99999999.abcdefgh.tmp").write_bytes(b"")
+    train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), early)
+    assert checkpoint.holds_a_run(early)
     model_config, tune_config, base = finetune_configs(str(run), {"data": str(sherlock_path), "steps": 2})
     train(model_config, dataclasses.replace(tune_config, eval_every=2, eval_batches=2), tmp_path / "tuned", base=base)
     train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), run, overwrite=True)

@@ -29,7 +29,7 @@ from anexa_core import plugins
 from anexa_core.config import ModelConfig
 from anexa_core.errors import AnexaError
 from anexa_core.interfaces import Tokenizer
-from anexa_core.io.files import atomic_path, sweep_stale
+from anexa_core.io.files import atomic_path, is_temp_name, sweep_stale
 from anexa_core.io.metrics import METRICS_FILE as METRICS_FILE  # a run folder's file names live here too
 from anexa_core.io.metrics import RUN_METRICS
 from anexa_core.model.gpt import GPT, build_model
@@ -37,6 +37,9 @@ from anexa_core.model.gpt import GPT, build_model
 MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
 STATE_FILE = "train_state.safetensors"
+PLOT_FILE = "loss.png"
+RUN_FILES = (MODEL_FILE, BEST_FILE, STATE_FILE, *RUN_METRICS, PLOT_FILE)
+"""Every file ``anexa train`` or ``anexa import`` writes in a run folder."""
 FORMAT = "anexa/2"
 _OLD_FORMAT = "anexa/1"  # anexa 0.1: models still load; their runs cannot be resumed
 
@@ -401,6 +404,15 @@ def _foreign_weights(path: Path) -> bool:
             return "anexa" not in (handle.metadata() or {})
     except Exception:  # safetensors raises several error types for damaged or foreign files
         return False
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """The names in ``folder`` that no run wrote (a user's files and folders), sorted; ``[]`` for a folder
+    that does not exist. A writer's temp entries count as a run's."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(e.name for e in folder.iterdir() if e.name not in RUN_FILES and not is_temp_name(e.name))
 
 
 def clear_run(out_dir: Path) -> None:

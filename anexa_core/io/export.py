@@ -19,6 +19,7 @@ Uploading is ``huggingface_hub``'s job: ``hf upload USER/NAME OUT .``. Nothing h
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import urllib.parse
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import torch
 from anexa_core import options, plugins
 from anexa_core.config import FINETUNE, FIXED_BY_BASE, LORA, ModelConfig, TrainConfig
 from anexa_core.data.corpus import hf_normalizer
-from anexa_core.errors import AnexaError
+from anexa_core.errors import AnexaError, listed
 from anexa_core.io import checkpoint
 from anexa_core.io.files import atomic_folder, sweep_stale
 from anexa_core.io.load import load
@@ -84,7 +85,8 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False, ou
     out = Path(out)
     if format == "hf" and out.suffix.lower() == ".gguf":
         raise AnexaError(f"{out} names a GGUF file, but --format hf writes a folder: add --format gguf")
-    sweep_stale(out.parent, out.name)  # an export killed mid-rename put the old OUT aside: back first
+    absolute = Path(os.path.abspath(out))  # `.` has no name of its own in its parent
+    sweep_stale(absolute.parent, absolute.name)  # an export killed mid-rename put the old OUT aside: back first
     if format == "gguf":
         return export_gguf(run, out, overwrite, outtype)
     _check_target(out, overwrite)
@@ -127,9 +129,8 @@ def _check_target(out: Path, overwrite: bool) -> None:
     present = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
     others = [name for name in present if name not in HF_FILES]
     if others:  # a parent of runs, a user's folder, the current directory: never replaced, not even on request
-        shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
         raise AnexaError(
-            f"{out} is not empty and not an earlier export (it holds {shown}): pass a new or empty folder "
+            f"{out} is not empty and not an earlier export (it holds {listed(others)}): pass a new or empty folder "
             "(--overwrite replaces only an export)"
         )
     if present and not overwrite:

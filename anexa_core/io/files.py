@@ -93,7 +93,7 @@ def atomic_folder(target: str | os.PathLike[str], replace: bool = False) -> Iter
     a kill, the next :func:`sweep_stale` (which this runs first) puts an old folder left aside back.
     Raises ``FileExistsError`` when ``target`` exists and ``replace`` is false.
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # `.` or `..` cannot be renamed; their absolute paths can
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(target.parent, target.name)
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent))
@@ -139,6 +139,11 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True  # someone else's process, or a platform that cannot tell: leave its files
     return True
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is an atomic writer's temp entry (``.<target>.<pid>.<random>.tmp`` or ``….old``)."""
+    return _TEMP.match(name) is not None or _UNOWNED.match(name) is not None
 
 
 def sweep_stale(folder: str | os.PathLike[str], target: str | None = None) -> list[Path]:

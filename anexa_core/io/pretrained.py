@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import torch
 
 from anexa_core import plugins
 from anexa_core.config import ModelConfig
-from anexa_core.errors import AnexaError
+from anexa_core.errors import AnexaError, listed
 from anexa_core.io import checkpoint
 from anexa_core.io.files import atomic_folder, sweep_stale
 from anexa_core.model.gpt import build_model
@@ -82,7 +83,8 @@ def import_model(source: str | Path, out: Path, overwrite: bool = False) -> Impo
     """
     started = time.perf_counter()
     out = Path(out)
-    sweep_stale(out.parent, out.name)  # an import killed mid-rename put the old OUT aside: back first
+    absolute = Path(os.path.abspath(out))  # `.` has no name of its own in its parent
+    sweep_stale(absolute.parent, absolute.name)  # an import killed mid-rename put the old OUT aside: back first
     _check_target(out, overwrite)
     model, tokenizer, source_info = pretrained_model(source)
     meta = checkpoint.model_metadata(model, tokenizer, "hf", {}, step=0, **source_info)
@@ -120,10 +122,13 @@ def pretrained_model(source: str | Path) -> tuple[Any, Any, dict[str, Any]]:
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise AnexaError(f"{out} is a file: pass a new folder for the imported run")
+    if others := checkpoint.foreign_entries(out):  # --overwrite replaces a run folder whole: never one of these
+        raise AnexaError(
+            f"{out} is not empty and holds more than a run ({listed(others)}): pass a new or empty folder "
+            "for the imported run"
+        )
     if checkpoint.holds_a_run(out) and not overwrite:
         raise AnexaError(f"{out} already holds a run: pass --overwrite to replace it, or another --out")
-    if out.is_dir() and any(out.iterdir()) and not checkpoint.holds_a_run(out):
-        raise AnexaError(f"{out} is not empty: pass a new or empty folder for the imported run")
 
 
 def blocks_for(architecture: str) -> tuple[str, Any]:

@@ -27,7 +27,7 @@ from anexa_core.config import SHORTHANDS, ModelConfig, TrainConfig
 from anexa_core.data.corpus import check_sources
 from anexa_core.data.prepare import prepare_data
 from anexa_core.device import configure_threads, pick_device
-from anexa_core.errors import AnexaError
+from anexa_core.errors import AnexaError, listed
 from anexa_core.interfaces import Tokenizer
 from anexa_core.io import checkpoint
 from anexa_core.io.load import Base, base_of, load_base
@@ -249,7 +249,8 @@ def prepare(
 def _check_new_run_folder(out_dir: Path, init_from: str | None, overwrite: bool) -> None:
     """Refuse an ``out_dir`` a new run would write over: a run (unless ``overwrite``), a model Anexa did not
     write (a Hugging Face folder's ``model.safetensors``; never replaced, even with ``overwrite``), or the
-    model being fine-tuned itself, or a file."""
+    model being fine-tuned itself, a file, or a folder holding no run but other things (the user's files,
+    the current directory, the folder of all runs; not even with ``overwrite``)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise AnexaError(f"--out {out_dir} is a file: pass a folder for the run")
     if checkpoint.holds_foreign_weights(out_dir):
@@ -261,7 +262,13 @@ def _check_new_run_folder(out_dir: Path, init_from: str | None, overwrite: bool)
         raise AnexaError(
             f"--out {out_dir} is the model of --init-from: fine-tune it into another folder with --out NEW_RUN"
         )
-    if overwrite or not checkpoint.holds_a_run(out_dir):
+    if not checkpoint.holds_a_run(out_dir):
+        if others := checkpoint.foreign_entries(out_dir):
+            raise AnexaError(
+                f"--out {out_dir} is not empty and holds no run ({listed(others)}): pass a new or empty folder"
+            )
+        return
+    if overwrite:
         return
     if not (out_dir / checkpoint.STATE_FILE).exists():  # an import: nothing to resume
         raise AnexaError(
@@ -687,7 +694,7 @@ def _plot_losses(out_dir: Path) -> None:
     from anexa_core.measure import plots
 
     try:
-        plots.plot_runs([out_dir], out_dir / "loss.png")
+        plots.plot_runs([out_dir], out_dir / checkpoint.PLOT_FILE)
     except AnexaError as exc:
         logger.info("no loss.png: %s", exc)
 
