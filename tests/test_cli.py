@@ -101,6 +101,11 @@ def test_chat_streams_responses_until_quit(run_dir):
     assert reply.endswith("\nPrompt: quit\n") and len(reply) > len("\nPrompt: quit\n"), "quit ends on a fresh line"
     ended = runner.invoke(app, ["chat", "--model", str(run_dir), "-n", "10", "--seed", "3"], input="Holmes\n").stdout
     assert ended == out.removesuffix("Prompt: quit\n"), "the end of piped input ends the chat, no prompt left open"
+    for leave in ("exit", "/quit", "/exit", " /bye "):  # a newcomer's `/exit` was sent to a char model as text
+        left = runner.invoke(
+            app, ["chat", "--model", str(run_dir), "-n", "10", "--seed", "3"], input=f"Holmes\n{leave}\n"
+        )
+        assert left.exit_code == 0 and left.stdout == out.replace("Prompt: quit\n", f"Prompt: {leave}\n"), leave
 
 
 def test_chat_checks_the_prompt_before_responding_and_goes_on(run_dir):

@@ -610,7 +610,7 @@ def chat(
     device: Device = "auto",
     threads: Threads = None,
 ) -> None:
-    """Chat with a model, streaming its replies; `/reset` starts over, `quit`, `exit` or Ctrl-D ends.
+    """Chat with a model, streaming its replies; `/reset` starts over, `quit`, `exit`, `/bye` or Ctrl-D ends.
 
     The conversation is kept (the oldest turns are dropped when it outgrows the context); a pretrained chat
     model gets its own template, other models a User:/Assistant: transcript."""
@@ -628,14 +628,14 @@ def chat(
     val_text = f", val loss {val:.4f}" if isinstance(val, float) else ""
     kind = "its chat template" if not bos else "a User:/Assistant: transcript"
     where = f"loaded {loaded.path}: step {meta.get('step')}{val_text}; chatting through {kind}."
-    typer.echo(f"{where} `quit`, `exit` or Ctrl-D to leave.")
+    typer.echo(f"{where} `quit`, `exit`, `/bye` or Ctrl-D to leave; `/reset` to start over.")
     stops = [*(_unescape(text) for text in stop or []), *template.stop]
     history = _line_editing()
     piped = not sys.stdin.isatty()
     turn = 0
     while True:
         prompt = _next_prompt(piped)
-        if prompt is None or prompt.strip() in ("quit", "exit"):
+        if prompt is None or prompt.strip() in LEAVE:
             break
         if prompt.strip() == "/reset":
             conversation = Conversation(template, conversation.messages[:1] if system else [])
@@ -648,6 +648,10 @@ def chat(
         turn += 1
     if history is not None:
         history()
+
+
+LEAVE = ("quit", "exit", "/quit", "/exit", "/bye")
+"""Lines that end `anexa chat` (`/bye` as ollama's), never sent to the model."""
 
 
 def _next_prompt(piped: bool) -> str | None:
