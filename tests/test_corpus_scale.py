@@ -495,3 +495,37 @@ def test_corpus_pieces_insert_newlines_only_between_files(tmp_path):
     c.write_text("ends\n", encoding="utf-8")
     assert "".join(corpus_pieces([a, b, c])) == "no newline\nends\n"
     assert "".join(corpus_pieces([c, a])) == "ends\nno newline"
+
+
+@pytest.mark.parametrize(("held_s", "says_it_waits"), [(0.1, False), (0.8, True)])
+def test_a_process_says_it_waits_for_a_cache_entry_only_when_the_wait_is_long(
+    held_s, says_it_waits, monkeypatch, caplog
+):
+    """torchrun's ranks take turns reading a cached entry: that short wait is silent (a newcomer saw
+    "waiting for another Anexa process preparing the same data" for data already cached); a long one is
+    said once."""
+    import fcntl
+    import threading
+    import time
+
+    monkeypatch.setattr(tokens, "LOCK_PATIENCE_S", 0.4)
+    with tokens._locked("ab"):
+        pass  # creates the lock file
+    lock_file = tokens.tokens_dir() / "locks" / "ab.lock"
+    holder = open(lock_file, "a+b")  # noqa: SIM115 - released by the thread below
+    fcntl.flock(holder, fcntl.LOCK_EX)
+
+    def release():
+        time.sleep(held_s)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="anexa"), tokens._locked("ab"):
+        waited = time.monotonic() - started
+    thread.join()
+    assert waited >= held_s * 0.9  # the lock really was held meanwhile
+    said = [r.getMessage() for r in caplog.records if "waiting for another Anexa process" in r.getMessage()]
+    assert said == (["waiting for another Anexa process preparing the same data (ab.lock)"] if says_it_waits else [])

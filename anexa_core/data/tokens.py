@@ -154,15 +154,33 @@ def _locked(name: str) -> Iterator[None]:
         yield
         return
     with open(path, "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock_within(handle, LOCK_PATIENCE_S):  # a cached entry is read in far less: no message for it
             logger.info("waiting for another Anexa process preparing the same data (%s)", path.name)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+LOCK_PATIENCE_S = 1.0
+"""How long a process waits for a cache entry's lock before saying it waits (torchrun's ranks take turns
+reading a cached entry, which is not worth a message)."""
+
+
+def _lock_within(handle: Any, seconds: float) -> bool:
+    """Take ``handle``'s exclusive ``flock`` if it comes within ``seconds``; whether it did."""
+    import fcntl
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
 
 # --- fingerprints ---------------------------------------------------------------------------------
