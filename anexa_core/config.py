@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anexa_core.errors import AnexaError
+from anexa_core.errors import AnexaError, choose_one_of
 from anexa_core.kinds import SETTINGS
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -156,7 +156,7 @@ class TrainConfig:
         if not 0 <= self.seed <= MAX_INT:
             raise AnexaError(f"--seed must be between 0 and {MAX_INT_TEXT}, got {self.seed}")
         if self.precision not in PRECISIONS:
-            raise AnexaError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+            raise AnexaError(f"unknown precision {self.precision!r}: {choose_one_of(self.precision, PRECISIONS)}")
         if self.seq_len is not None and self.seq_len < 1:
             raise AnexaError("--seq-len must be at least 1")
         if self.lora is not None and self.init_from is None:
@@ -330,7 +330,7 @@ def resolve(
     """Preset, then the TOML file, then flags (``overrides``; ``None`` values mean "not given") and
     ``plugin_options`` (``{"attention": {"window": "64"}}``, from ``-o attention.window=64``)."""
     if preset not in PRESETS:
-        raise AnexaError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        raise AnexaError(f"unknown preset {preset!r}: {choose_one_of(preset, PRESETS)}")
     settings: dict[str, Any] = {**PRESETS[preset].model, **PRESETS[preset].train}
     layers = []
     if config_file is not None:
@@ -338,7 +338,7 @@ def resolve(
     flags = {key: value for key, value in (overrides or {}).items() if value is not None}
     for kind, given in (plugin_options or {}).items():
         if kind not in SETTINGS:
-            raise AnexaError(f"-o {kind}.…: {kind!r} is not a plugin setting: use one of {', '.join(SETTINGS)}")
+            raise AnexaError(f"-o {kind}.…: {kind!r} is not a plugin setting: {choose_one_of(kind, SETTINGS)}")
         flags[f"{kind}_options"] = dict(given)
     layers.append((flags, "flags"))
     apply_layers(settings, layers)
@@ -383,7 +383,7 @@ def merge(
     for key in values:
         if key not in known and key not in SHORTHANDS:
             raise AnexaError(
-                f"unknown setting {key!r} in {source}: use one of {', '.join(sorted(known | set(SHORTHANDS)))}"
+                f"unknown setting {key!r} in {source}: {choose_one_of(key, sorted(known | set(SHORTHANDS)))}"
             )
     for kind in SETTINGS:
         options_key = f"{kind}_options"

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from anexa_core.errors import AnexaError
+from anexa_core.errors import AnexaError, choose_one_of
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -189,7 +189,7 @@ def create(owner: str, factory: Callable[..., Any], given: Mapping[str, Any]) ->
         if name not in known:
             if not known:
                 raise AnexaError(f"{owner} takes no options, got {name!r}")
-            raise AnexaError(f"{owner} has no option {name!r}: choose one of {', '.join(known)}")
+            raise AnexaError(f"{owner} has no option {name!r}: {choose_one_of(name, known)}")
         values[name] = convert(owner, known[name], value)
     try:
         obj = factory(**values)

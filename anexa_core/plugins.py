@@ -30,7 +30,7 @@ from typing import Any
 import pluggy
 
 from anexa_core import hookspecs, options
-from anexa_core.errors import AnexaError
+from anexa_core.errors import AnexaError, choose_one_of
 from anexa_core.kinds import KINDS
 
 logger = logging.getLogger("anexa")
@@ -197,7 +197,7 @@ class Registered:
 
 def _all_registered(kind: str) -> dict[str, list[Registered]]:
     if kind not in KINDS:
-        raise AnexaError(f"no plugin kind {kind!r}: choose one of {', '.join(KINDS)}")
+        raise AnexaError(f"no plugin kind {kind!r}: {choose_one_of(kind, KINDS)}")
     state = _loaded()
     found: dict[str, list[Registered]] = {}
     for impl in getattr(state.manager.hook, KINDS[kind].hook).get_hookimpls():
@@ -279,8 +279,9 @@ def lookup(kind: str, name: str, needed_by: Mapping[str, Any] | None = None) -> 
         if _installed(dist):
             raise AnexaError(f"{needs}, which is installed but not loaded: add it to ANEXA_LOAD_PLUGINS or unset it")
         raise AnexaError(f"{needs}: pip install {dist}")
-    choices = ", ".join(sorted(_all_registered(kind))) or "none"
-    raise AnexaError(f"unknown {label} {name!r}: choose one of {choices} (see `anexa plugins`)")
+    raise AnexaError(
+        f"unknown {label} {name!r}: {choose_one_of(name, sorted(_all_registered(kind)))} (see `anexa plugins`)"
+    )
 
 
 def _installed(distribution: str) -> bool:

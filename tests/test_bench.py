@@ -193,7 +193,10 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch):
         (["--seq", "12x"], "--seq '12x' is not a list of integers"),
         (["--head-dim", "16,x"], "--head-dim '16,x' is not a list of integers"),
         (["--attention", "sdpa:backend=fast"], "attention sdpa option backend must be one of auto, flash"),
-        (["--attention", "sdpa:bakend=flash"], "attention sdpa has no option 'bakend': choose one of backend"),
+        (
+            ["--attention", "sdpa:bakend=flash"],
+            "attention sdpa has no option 'bakend': did you mean 'backend'? choose one of backend",
+        ),
         (["--attention", "sdpa:backend"], "bad --attention 'sdpa:backend': use NAME or NAME:OPTION=VALUE"),
         (["--attention", "math:backend=flash"], "attention math takes no options"),
         (["--batch", "0"], "--batch must be at least 1"),

@@ -167,6 +167,9 @@ def test_plugins_json_lists_builtins_with_versions():
     "args,match",
     [
         (["train", "--attention", "nope"], "unknown attention 'nope': choose one of"),
+        (["train", "--attention", "sdap"], "unknown attention 'sdap': did you mean 'sdpa'? choose one of"),
+        (["train", "--preset", "smal"], "unknown preset 'smal': did you mean 'small'? choose one of seed, fast, small"),
+        (["train", "-o", "blocks.biass=true"], "blocks gpt2 has no option 'biass': did you mean 'bias'? choose one of"),
         (["train", "--blocks", "nope"], "unknown blocks 'nope'"),
         (["train", "--tokenizer", "nope"], "unknown tokenizer 'nope'"),
         (["train", "--optimizer", "nope"], "unknown optimizer 'nope'"),

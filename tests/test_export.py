@@ -234,7 +234,7 @@ def test_what_cannot_be_exported_says_so_in_one_line(workdir, tmp_path):
     result = _cli(["export", str(path), str(tmp_path / "out")], workdir)
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("error: blocks 'reference' cannot be exported to Hugging Face")
-    with pytest.raises(AnexaError, match="unknown export format 'onnx': use one of hf, gguf"):
+    with pytest.raises(AnexaError, match="unknown export format 'onnx': choose one of hf, gguf"):
         export(path, tmp_path / "out", format="onnx")
     with pytest.raises(AnexaError, match=r"a GGUF export is one file: pass OUT ending in \.gguf"):
         export(path, tmp_path / "out", format="gguf")

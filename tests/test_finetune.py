@@ -125,7 +125,7 @@ def test_fine_tuning_defaults_are_full_or_lora_and_a_files_settings_name_the_fil
     assert (lora.lr, lora.min_lr, lora.seq_len) == (LORA["lr"], LORA["min_lr"], 64) and lora.lr != full.lr
     for text, message in [
         ("n_embd = 64\n", "--n-embd in {} contradicts the model of --init-from"),
-        ("learning_rate = 3\n", "unknown setting 'learning_rate' in {}: use one of"),
+        ("learning_rate = 3\n", "unknown setting 'learning_rate' in {}: choose one of"),
     ]:
         (tmp_path / "my.toml").write_text(text, encoding="utf-8")
         with pytest.raises(AnexaError, match="^" + re.escape(message.format(tmp_path / "my.toml"))):
@@ -165,7 +165,7 @@ def test_export_outtype_stores_q8_0_or_f16_matrices_and_refuses_the_rest(base, t
             error = (transformers_model(tmp_path, f"{outtype}.gguf")(ids).logits - ours).abs().max().item()
             assert 0 < error < tolerance, (outtype, error)
     user_error(["export", str(run), str(tmp_path / "x.gguf"), "-f", "gguf", "--outtype", "q4_k"],
-               "--outtype 'q4_k' is not one of f32, f16, q8_0")  # fmt: skip
+               "unknown --outtype 'q4_k': choose one of f32, f16, q8_0")  # fmt: skip
     user_error(["export", str(run), str(tmp_path / "hf"), "--outtype", "f16"], "--outtype f16 applies to --format gguf")
     user_error(
         ["export", str(run), str(tmp_path / "model.GGUF")],
@@ -368,7 +368,7 @@ def test_what_fine_tuning_refuses_is_one_line(base, tmp_path):
     user_error(
         [*init, "--lora", "targets=c_attn"],
         "--lora targets c_attn match no linear layer of this model: "
-        "choose from down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
+        "choose one of down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
     )
     user_error([*init, "--lora", "rank=4"], "--lora has no key 'rank': use r, alpha, dropout and targets")
     # Checked before the base loads (seconds for a pretrained model): with a base that cannot load, the

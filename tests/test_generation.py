@@ -125,7 +125,7 @@ def test_the_generator_reaches_the_chain_and_seeds_reproduce():
 def test_bad_arguments_are_one_line_errors():
     with pytest.raises(AnexaError, match=r"^the prompt is empty: give at least one character of text$"):
         list(generate_ids(tiny_model(), [], 3, Greedy()))
-    with pytest.raises(AnexaError, match=r"^unknown context policy 'wrap': use one of shift, sliding$"):
+    with pytest.raises(AnexaError, match=r"^unknown context policy 'wrap': choose one of shift, sliding$"):
         list(generate_ids(tiny_model(), [1], 3, Greedy(), context="wrap"))
 
 

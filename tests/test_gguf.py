@@ -668,7 +668,7 @@ def test_write_errors_leave_nothing_behind(tmp_path, tiny_qwen3, qwen_tokenizer)
         "GPT2LMHeadModel only"
     )
     assert _write_error(folder, config, tensors, qwen_tokenizer, dtype="q4_k") == (
-        "dtype 'q4_k' is not one of f32, f16, q8_0"
+        "unknown dtype 'q4_k': choose one of f32, f16, q8_0"
     )
     fewer = {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}
     assert _write_error(folder, config, fewer, qwen_tokenizer) == (

@@ -65,7 +65,7 @@ def test_apply_lora_wraps_the_matched_linears_with_the_specs_rank_scale_and_drop
         apply_lora(tiny_model(blocks="llama"), LoraSpec(targets=("c_attn", "mlp.c_fc")))
     assert str(error.value) == (
         "--lora targets c_attn, mlp.c_fc match no linear layer of this model: "
-        "choose from down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+        "choose one of down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
     )
 
 

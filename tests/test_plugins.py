@@ -169,7 +169,7 @@ def test_a_kind_that_does_not_exist_is_one_line_naming_the_kinds():
     with pytest.raises(AnexaError) as error:
         plugins.create("sampler", "top_k")
     kinds = "tokenizers, attention, samplers, blocks, datasets, optimizers"
-    assert str(error.value) == f"no plugin kind 'sampler': choose one of {kinds}"
+    assert str(error.value) == f"no plugin kind 'sampler': did you mean 'samplers'? choose one of {kinds}"
 
 
 class _FutureStack(torch.nn.Module):

@@ -138,7 +138,7 @@ def test_resume_allows_what_does_not_change_the_meaning(sherlock_path, tmp_path)
     assert unchanged[0].n_head == 2  # a flag not given (None) changes nothing
     other = resume_configs(tmp_path, {"attention": "sdpa"}, {"attention": {}})
     assert other[0].attention == "sdpa" and other[0].attention_options == {"backend": "auto"}
-    with pytest.raises(AnexaError, match=r"^unknown setting 'frobnicate' in flags: use one of "):
+    with pytest.raises(AnexaError, match=r"^unknown setting 'frobnicate' in flags: choose one of "):
         resume_configs(tmp_path, {"frobnicate": 1})
     with pytest.raises(AnexaError, match="already reached step 2"):
         train(*resume_configs(tmp_path, {}), tmp_path, resume=True)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from anexa_core.device import autocast, decoding_autocast
-from anexa_core.errors import AnexaError
+from anexa_core.errors import AnexaError, choose_one_of
 from anexa_core.infer.sampling import pick_rows
 from anexa_core.model.cache import MIN_CAPACITY, KVCache, grown_capacity
 from anexa_core.model.gpt import GPT
@@ -186,7 +186,9 @@ class Engine:
         if not request.prompt_ids:
             raise AnexaError("the prompt is empty: give at least one character of text")
         if request.context not in CONTEXT_POLICIES:
-            raise AnexaError(f"unknown context policy {request.context!r}: use one of {', '.join(CONTEXT_POLICIES)}")
+            raise AnexaError(
+                f"unknown context policy {request.context!r}: {choose_one_of(request.context, CONTEXT_POLICIES)}"
+            )
         generator = request.generator
         if generator is None and request.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)

@@ -32,7 +32,7 @@ import torch
 from anexa_core import options, plugins
 from anexa_core.config import FINETUNE, FIXED_BY_BASE, LORA, ModelConfig, TrainConfig
 from anexa_core.data.corpus import hf_normalizer
-from anexa_core.errors import AnexaError, listed
+from anexa_core.errors import AnexaError, choose_one_of, listed
 from anexa_core.io import checkpoint
 from anexa_core.io.files import atomic_folder, sweep_stale
 from anexa_core.io.load import load
@@ -75,9 +75,9 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False, ou
     from anexa_core.io.gguf import WRITE_DTYPES
 
     if format not in FORMATS:
-        raise AnexaError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
+        raise AnexaError(f"unknown export format {format!r}: {choose_one_of(format, FORMATS)}")
     if outtype not in WRITE_DTYPES:
-        raise AnexaError(f"--outtype {outtype!r} is not one of {', '.join(WRITE_DTYPES)}")
+        raise AnexaError(f"unknown --outtype {outtype!r}: {choose_one_of(outtype, WRITE_DTYPES)}")
     if format != "gguf" and outtype != "f32":
         raise AnexaError(
             f"--outtype {outtype} applies to --format gguf (hf stores float32): drop it or add --format gguf"

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from anexa_core.errors import AnexaError
+from anexa_core.errors import AnexaError, choose_one_of
 from anexa_core.io.files import atomic_path
 
 if TYPE_CHECKING:
@@ -896,7 +896,7 @@ def write_gguf(
     path = Path(path)
     where = str(path)
     if dtype not in WRITE_DTYPES:
-        raise AnexaError(f"cannot write {where}: dtype {dtype!r} is not one of {', '.join(WRITE_DTYPES)}")
+        raise AnexaError(f"cannot write {where}: unknown dtype {dtype!r}: {choose_one_of(dtype, WRITE_DTYPES)}")
     arch = _config_arch(hf_config, where)
     cfg = _write_config(arch, hf_config, where)
     slots = _slots(arch, cfg)

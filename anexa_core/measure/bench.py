@@ -34,7 +34,7 @@ import torch
 from anexa_core import plugins
 from anexa_core.config import BENCH_RUN_NEW_TOKENS, FINETUNE, ModelConfig, TrainConfig, resolve
 from anexa_core.device import pick_device, uses_bf16
-from anexa_core.errors import AnexaError
+from anexa_core.errors import AnexaError, choose_one_of
 from anexa_core.infer.generation import generate_ids
 from anexa_core.io.files import atomic_path
 from anexa_core.io.load import load
@@ -51,7 +51,7 @@ BENCH_VOCAB = 65  # a character-level vocabulary (tinyshakespeare's); benchmarks
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise AnexaError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+        raise AnexaError(f"unknown dtype {name!r}: {choose_one_of(name, DTYPES)}")
     return DTYPES[name]
 
 
@@ -197,7 +197,7 @@ def select_attention(
     unknown = [name for name in dict.fromkeys(name for name, _ in specs.values()) if name not in available]
     if unknown:
         asked = ", ".join(map(repr, unknown))
-        raise AnexaError(f"unknown attention {asked}: choose from {', '.join(available)} (see `anexa plugins`)")
+        raise AnexaError(f"unknown attention {asked}: {choose_one_of(unknown[0], available)} (see `anexa plugins`)")
     return {label: _create_or_error(name, given) for label, (name, given) in specs.items()}
 
 

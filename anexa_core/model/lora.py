@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anexa_core.errors import AnexaError
+from anexa_core.errors import AnexaError, choose_one_of
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv", "attn.proj")
 """The attention projections of the built-in blocks (llama: q/k/v/o_proj; gpt2: qkv and attn.proj)."""
@@ -106,8 +106,8 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
     if not matched:
         suffixes = sorted({name.rpartition(".")[2] for name in names})
         raise AnexaError(
-            f"--lora targets {', '.join(spec.targets)} match no linear layer of this model: choose "
-            f"from {', '.join(suffixes)}"
+            f"--lora targets {', '.join(spec.targets)} match no linear layer of this model: "
+            f"{choose_one_of(spec.targets[0], suffixes)}"
         )
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=matched)
     inject_adapter_in_model(config, model)

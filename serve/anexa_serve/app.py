@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
-from anexa_core.errors import AnexaError
+from anexa_core.errors import AnexaError, choose_one_of
 from anexa_core.infer.chat import Template, Transcript
 from anexa_serve.chat import ChatOverride, model_template
 from anexa_serve.engine import Decoder
@@ -100,7 +100,7 @@ class ServerState:
         if name not in self.models:
             raise APIError(
                 404,
-                f"model {name!r} does not exist: choose one of {', '.join(self.models)} (GET /v1/models)",
+                f"model {name!r} does not exist: {choose_one_of(name, self.models)} (GET /v1/models)",
                 param="model",
                 code="model_not_found",
             )
