@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from helpers import user_error
 
@@ -302,6 +303,20 @@ def test_an_imported_run_is_never_overwritten_without_asking(folders, tmp_path, 
             "folder for the imported run"
         )
     assert sorted(os.listdir(tmp_path / "run")) == ["main.py", "model.safetensors", "notes"]
+    hf = tmp_path / "hf-weights-only"  # a model.safetensors Anexa did not write is someone else's model
+    hf.mkdir()
+    safetensors.torch.save_file({"w": torch.ones(1)}, hf / "model.safetensors")
+    with pytest.raises(AnexaError, match=r"holds more than a run \(model.safetensors\)"):
+        import_model(folder, hf, overwrite=True)
+    left = tmp_path / "left"  # what a run killed before its first checkpoint leaves: replaced only on request
+    left.mkdir()
+    (left / "metrics.jsonl").write_text("")
+    with pytest.raises(AnexaError, match="holds what a run left: pass --overwrite to replace it"):
+        import_model(folder, left)
+    import_model(folder, left, overwrite=True)
+    assert os.listdir(left) == ["model.safetensors"]
+    shutil.rmtree(hf)
+    shutil.rmtree(left)
     # `--out .` from inside a run folder: its absolute path is what is replaced (`.` cannot be renamed).
     shutil.rmtree(tmp_path / "run" / "notes")
     (tmp_path / "run" / "main.py").unlink()

@@ -407,12 +407,14 @@ def _foreign_weights(path: Path) -> bool:
 
 
 def foreign_entries(folder: Path) -> list[str]:
-    """The names in ``folder`` that no run wrote (a user's files and folders), sorted; ``[]`` for a folder
-    that does not exist. A writer's temp entries count as a run's."""
+    """The names in ``folder`` that no run wrote (a user's files and folders, a ``model.safetensors``
+    Anexa did not write), sorted; ``[]`` for a folder that does not exist. A writer's temp entries count
+    as a run's."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(e.name for e in folder.iterdir() if e.name not in RUN_FILES and not is_temp_name(e.name))
+    names = {e.name for e in folder.iterdir() if e.name not in RUN_FILES and not is_temp_name(e.name)}
+    return sorted(names | ({MODEL_FILE} if holds_foreign_weights(folder) else set()))
 
 
 def clear_run(out_dir: Path) -> None:

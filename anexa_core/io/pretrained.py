@@ -129,6 +129,8 @@ def _check_target(out: Path, overwrite: bool) -> None:
         )
     if checkpoint.holds_a_run(out) and not overwrite:
         raise AnexaError(f"{out} already holds a run: pass --overwrite to replace it, or another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # what a run killed before its first save left
+        raise AnexaError(f"{out} holds what a run left: pass --overwrite to replace it, or another --out")
 
 
 def blocks_for(architecture: str) -> tuple[str, Any]:
