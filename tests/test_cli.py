@@ -619,13 +619,15 @@ def checkpoint_parameters(run):
 
 def test_a_runs_default_name_says_what_it_is(sherlock_path, tmp_path, monkeypatch):
     """Issue 24: a `--blocks llama --optimizer muon` run was named sherlock-seed-2. A folder holding someone
-    else's model (a Hugging Face folder) is passed over like a run."""
+    else's model (a Hugging Face folder) or the user's files is passed over like a run."""
     import safetensors.torch
     import torch
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "sherlock-seed-2").mkdir(parents=True)
     safetensors.torch.save_file({"w": torch.ones(1)}, tmp_path / "runs" / "sherlock-seed-2" / "model.safetensors")
+    (tmp_path / "runs" / "sherlock-seed-3").mkdir()
+    (tmp_path / "runs" / "sherlock-seed-3" / "notes.txt").write_text("mine")
     args = ["train", "--data", str(sherlock_path), *TINY_FLAGS, "--steps", "1", "--eval-every", "1", "--device", "cpu"]
     for flags, name in [
         ([], "sherlock-seed"),
@@ -633,7 +635,7 @@ def test_a_runs_default_name_says_what_it_is(sherlock_path, tmp_path, monkeypatc
         (["--preset", "fast"], "sherlock-fast"),
         (["--preset", "fast", "--blocks", "gpt2", "--optimizer", "adamw"], "sherlock-fast-gpt2-adamw"),
         (["--tokenizer", "bpe", "--vocab-size", "300"], "sherlock-seed-bpe"),
-        ([], "sherlock-seed-3"),
+        ([], "sherlock-seed-4"),
     ]:
         result = runner.invoke(app, [*args, *flags])
         assert result.exit_code == 0, result.output

@@ -214,15 +214,15 @@ def _plugin_options(specs: list[str] | None) -> dict[str, dict[str, str]]:
 def _default_out(data: str, preset: str, chosen: dict[str, str] | None = None) -> Path:
     """``runs/<data>-<preset>``, followed by each plugin ``chosen`` (blocks, attention, tokenizer,
     optimizer) that differs from the preset's — ``runs/sherlock-seed-llama-muon`` for ``--blocks llama
-    --optimizer muon`` — or the first ``-2``, ``-3``, … of that which holds no run (nor someone else's model) yet. A fine-tuning run
+    --optimizer muon`` — or the first ``-2``, ``-3``, … of that which holds neither a run nor anything else yet. A fine-tuning run
     passes its own label (``smol-lora``) as ``preset`` and nothing ``chosen``."""
     from anexa_core.config import preset_values
-    from anexa_core.io.checkpoint import holds_a_run, holds_foreign_weights
+    from anexa_core.io.checkpoint import foreign_entries, holds_a_run
 
     differing = [name for key, name in (chosen or {}).items() if preset_values(key)[preset] != name]
     base = Path("runs") / "-".join([Path(data.rstrip("/")).stem or "data", preset, *differing])
     candidate, number = base, 1
-    while holds_a_run(candidate) or holds_foreign_weights(candidate):
+    while holds_a_run(candidate) or foreign_entries(candidate):
         number += 1
         candidate = base.with_name(f"{base.name}-{number}")
     return candidate
