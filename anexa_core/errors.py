@@ -21,5 +21,5 @@ def choose_one_of(given: object, choices: Iterable[str]) -> str:
     choices = [str(choice) for choice in choices]
     if not choices:
         return "none is installed"
-    close = difflib.get_close_matches(str(given), choices, n=1) if isinstance(given, str) else []
+    close = difflib.get_close_matches(str(given), choices, n=1)
     return (f"did you mean {close[0]!r}? " if close else "") + f"choose one of {', '.join(choices)}"

@@ -288,6 +288,11 @@ def test_an_imported_run_is_never_overwritten_without_asking(folders, tmp_path, 
     """--overwrite replaces a run folder whole, so never one holding anything a run did not write (a
     newcomer's `train --out home` then `import … --out home --overwrite` deleted home's files)."""
     folder, _ = folders["gpt2"]
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(AnexaError) as error:
+        import_model(folder, tmp_path / "file", overwrite=True)
+    assert str(error.value) == f"{tmp_path / 'file'} is a file: pass a new folder for the imported run"
+    (tmp_path / "file").unlink()
     import_model(folder, tmp_path / "run")
     with pytest.raises(AnexaError, match="already holds a run: pass --overwrite"):
         import_model(folder, tmp_path / "run")

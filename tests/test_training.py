@@ -234,6 +234,27 @@ def test_a_run_folder_is_never_overwritten_without_overwrite(sherlock_path, tmp_
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2]
 
 
+def test_a_shorthand_the_chosen_plugin_lacks_is_named_as_the_setting_the_user_gave(sherlock_path, tmp_path):
+    """`--vocab-size 300` with the char tokenizer said "tokenizer char takes no options"."""
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    cases = [
+        (tiny, {"tokenizer": "char", "tokenizer_options": {"vocab_size": 300}}, "vocab_size", "tokenizer char"),
+        (dataclasses.replace(tiny, blocks="llama", blocks_options={"bias": True}), {}, "bias", "blocks llama"),
+    ]
+    for model_config, changes, key, plugin in cases:
+        with pytest.raises(AnexaError) as error:
+            train(model_config, _train_config(sherlock_path, steps=1, **changes), tmp_path / "run")
+        assert str(error.value) == (
+            f"{key} does not apply to {plugin}, which has no such option: drop it from the command line or the "
+            "config file"
+        )
+    # A near miss: an option the plugin has is no shorthand mistake, and a misspelt one is the plugin's error.
+    with pytest.raises(AnexaError) as error:
+        train(tiny, _train_config(sherlock_path, steps=1, tokenizer_options={"vocab_sise": 3}), tmp_path / "run")
+    assert str(error.value) == "tokenizer char takes no options, got 'vocab_sise'"
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_new_run_never_replaces_a_model_anexa_did_not_write_nor_its_own_base(sherlock_path, tmp_path):
     """A Hugging Face folder (its model.safetensors has no Anexa metadata) and the model being fine-tuned
     are refused as --out even with --overwrite: a run there would replace them."""
@@ -267,6 +288,10 @@ def test_a_new_run_never_replaces_a_model_anexa_did_not_write_nor_its_own_base(s
     (home / "project").mkdir(parents=True)
     (home / "notes.txt").write_text("mine")
     (home / "loss.png").write_bytes(b"a plot of my own")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(AnexaError) as error:
+        train(tiny, _train_config(sherlock_path, steps=2), tmp_path / "file", overwrite=True)
+    assert str(error.value) == f"--out {tmp_path / 'file'} is a file: pass a folder for the run"
     for overwrite in (False, True):
         with pytest.raises(AnexaError) as error:
             train(tiny, _train_config(sherlock_path, steps=2), home, overwrite=overwrite)
@@ -281,6 +306,7 @@ def test_a_new_run_never_replaces_a_model_anexa_did_not_write_nor_its_own_base(s
     early.mkdir()
     (early / "metrics.jsonl").write_text("")
     (early / ".model.safetensors.99999999.abcdefgh.tmp").write_bytes(b"")
+    (early / ".early.99999999.abcdefgh.old").mkdir()  # an atomic folder's old copy: a writer's, not the user's
     train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), early)
     assert checkpoint.holds_a_run(early)
     model_config, tune_config, base = finetune_configs(str(run), {"data": str(sherlock_path), "steps": 2})
