@@ -15,11 +15,18 @@ def listed(names: list[str], most: int = 3) -> str:
     return ", ".join(names[:most]) + (", …" if len(names) > most else "")
 
 
+def closest(given: str, choices: Iterable[str]) -> str | None:
+    """The choice ``given`` most likely misspells, or ``None`` when none is close
+    (:func:`difflib.get_close_matches`' ratio of at least 0.6)."""
+    close = difflib.get_close_matches(given, list(choices), n=1)
+    return close[0] if close else None
+
+
 def choose_one_of(given: object, choices: Iterable[str]) -> str:
     """The end of an "unknown X" message: ``did you mean 'sdpa'? choose one of math, sdpa, triton`` — the
     closest choice when one is close (:func:`difflib.get_close_matches`), then every choice."""
     choices = [str(choice) for choice in choices]
     if not choices:
         return "none is installed"
-    close = difflib.get_close_matches(str(given), choices, n=1)
-    return (f"did you mean {close[0]!r}? " if close else "") + f"choose one of {', '.join(choices)}"
+    close = closest(str(given), choices)
+    return (f"did you mean {close!r}? " if close else "") + f"choose one of {', '.join(choices)}"

@@ -17,7 +17,6 @@ registering the same name are an error only when that name is used.
 
 from __future__ import annotations
 
-import difflib
 import importlib.metadata
 import logging
 import os
@@ -30,7 +29,7 @@ from typing import Any
 import pluggy
 
 from anexa_core import hookspecs, options
-from anexa_core.errors import AnexaError, choose_one_of
+from anexa_core.errors import AnexaError, choose_one_of, closest
 from anexa_core.kinds import KINDS
 
 logger = logging.getLogger("anexa")
@@ -162,8 +161,8 @@ def _hook_hint(error: str) -> str:
     if unknown is None:
         return ""
     hooks = [kind.hook for kind in KINDS.values()]
-    close = difflib.get_close_matches(unknown[1], hooks, n=1)
-    return f": did you mean {close[0]}?" if close else f": the hooks are {', '.join(hooks)}"
+    close = closest(unknown[1], hooks)
+    return f": did you mean {close}?" if close else f": the hooks are {', '.join(hooks)}"
 
 
 def _loaded() -> _State:

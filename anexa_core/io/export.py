@@ -19,7 +19,6 @@ Uploading is ``huggingface_hub``'s job: ``hf upload USER/NAME OUT .``. Nothing h
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import urllib.parse
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from anexa_core.config import FINETUNE, FIXED_BY_BASE, LORA, ModelConfig, TrainC
 from anexa_core.data.corpus import hf_normalizer
 from anexa_core.errors import AnexaError, choose_one_of, listed
 from anexa_core.io import checkpoint
-from anexa_core.io.files import atomic_folder, sweep_stale
+from anexa_core.io.files import atomic_folder, put_back
 from anexa_core.io.load import load
 from anexa_core.io.pretrained import Origin, is_hub_id, origin_of
 from anexa_core.kinds import SETTINGS
@@ -85,8 +84,7 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False, ou
     out = Path(out)
     if format == "hf" and out.suffix.lower() == ".gguf":
         raise AnexaError(f"{out} names a GGUF file, but --format hf writes a folder: add --format gguf")
-    absolute = Path(os.path.abspath(out))  # `.` has no name of its own in its parent
-    sweep_stale(absolute.parent, absolute.name)  # an export killed mid-rename put the old OUT aside: back first
+    put_back(out)  # an export killed mid-rename put the old OUT aside: back first
     if format == "gguf":
         return export_gguf(run, out, overwrite, outtype)
     _check_target(out, overwrite)

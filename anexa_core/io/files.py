@@ -95,7 +95,7 @@ def atomic_folder(target: str | os.PathLike[str], replace: bool = False) -> Iter
     """
     target = Path(os.path.abspath(target))  # `.` or `..` cannot be renamed; their absolute paths can
     target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(target.parent, target.name)
+    put_back(target)
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent))
     umask = _umask()
     try:
@@ -139,6 +139,14 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True  # someone else's process, or a platform that cannot tell: leave its files
     return True
+
+
+def put_back(target: str | os.PathLike[str]) -> None:
+    """Clean ``target``'s folder after killed writers (:func:`sweep_stale`), putting back a ``target`` that
+    an ``--overwrite`` killed between its two renames had moved aside — call it before looking at
+    ``target``. By its absolute path: ``.`` has no name of its own in its parent."""
+    absolute = Path(os.path.abspath(target))
+    sweep_stale(absolute.parent, absolute.name)
 
 
 def is_temp_name(name: str) -> bool:

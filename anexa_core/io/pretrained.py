@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from anexa_core import plugins
 from anexa_core.config import ModelConfig
 from anexa_core.errors import AnexaError, listed
 from anexa_core.io import checkpoint
-from anexa_core.io.files import atomic_folder, sweep_stale
+from anexa_core.io.files import atomic_folder, put_back
 from anexa_core.model.gpt import build_model
 
 logger = logging.getLogger("anexa")
@@ -83,8 +82,7 @@ def import_model(source: str | Path, out: Path, overwrite: bool = False) -> Impo
     """
     started = time.perf_counter()
     out = Path(out)
-    absolute = Path(os.path.abspath(out))  # `.` has no name of its own in its parent
-    sweep_stale(absolute.parent, absolute.name)  # an import killed mid-rename put the old OUT aside: back first
+    put_back(out)  # an import killed mid-rename put the old OUT aside: back first
     _check_target(out, overwrite)
     model, tokenizer, source_info = pretrained_model(source)
     meta = checkpoint.model_metadata(model, tokenizer, "hf", {}, step=0, **source_info)
