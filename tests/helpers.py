@@ -48,6 +48,19 @@ TINY_FLAGS = [*TINY_MODEL_FLAGS, "--batch-size", "8"]
 """:data:`TINY_MODEL_FLAGS` with batches of 8: what most CLI tests train with."""
 
 
+def train_tiny_through_cli(data: Path, out: Path) -> Path:
+    """``out``, where the CLI itself (``anexa train``, in process) trained the tiny model on ``data`` for 30
+    steps, evaluating at step 15: the run most CLI and server tests read."""
+    from typer.testing import CliRunner
+
+    from anexa_cli.main import app
+
+    args = ["train", "--data", str(data), *TINY_FLAGS, "--steps", "30", "--eval-every", "15"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def tiny_model(seed: int = 0, **changes) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build_model(dataclasses.replace(TINY, **changes)).eval()

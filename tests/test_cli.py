@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY_FLAGS, user_error
+from helpers import TINY_FLAGS, train_tiny_through_cli, user_error
 from typer.testing import CliRunner
 
 from anexa_cli.main import app
@@ -22,25 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 def run_dir(sherlock_path, tmp_path_factory):
     """A tiny model trained through the CLI itself."""
     out = tmp_path_factory.mktemp("run") / "tiny"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--data",
-            str(sherlock_path),
-            *TINY_FLAGS,
-            "--steps",
-            "30",
-            "--eval-every",
-            "15",
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    return out
+    return train_tiny_through_cli(sherlock_path, out)
 
 
 def test_train_writes_a_run_folder(run_dir):

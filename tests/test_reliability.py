@@ -128,29 +128,20 @@ def _wait_for_training(process, timeout=120):
     raise AssertionError("training never started: " + "".join(seen))
 
 
+def _start_endless_training(sherlock_path, out, env, cwd):
+    """A run of the tiny model that would go on for 100,000 steps, saving and evaluating never, once steps run."""
+    never = "100000"
+    args = ["train", "--data", str(sherlock_path), *TINY, "--steps", never, "--eval-every", never]
+    process = _start([*args, "--save-every", never, "--out", str(out)], env, cwd)
+    _wait_for_training(process)
+    return process
+
+
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_and_sigterm_finish_the_step_save_and_print_the_resume_command(sherlock_path, tmp_path, signum, code):
     env = anexa_env(tmp_path)
     out = tmp_path / "run"
-    process = _start(
-        [
-            "train",
-            "--data",
-            str(sherlock_path),
-            *TINY,
-            "--steps",
-            "100000",
-            "--eval-every",
-            "100000",
-            "--save-every",
-            "100000",
-            "--out",
-            str(out),
-        ],
-        env,
-        tmp_path,
-    )
-    _wait_for_training(process)
+    process = _start_endless_training(sherlock_path, out, env, tmp_path)
     time.sleep(0.5)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
@@ -167,25 +158,7 @@ def test_a_second_ctrl_c_leaves_at_once_without_damaging_a_file(sherlock_path, t
     """The first Ctrl-C starts a save that a test delay keeps busy; the second one lands inside it."""
     env = anexa_env(tmp_path, ANEXA_TEST_SAVE_DELAY="3")
     out = tmp_path / "run"
-    process = _start(
-        [
-            "train",
-            "--data",
-            str(sherlock_path),
-            *TINY,
-            "--steps",
-            "100000",
-            "--eval-every",
-            "100000",
-            "--save-every",
-            "100000",
-            "--out",
-            str(out),
-        ],
-        env,
-        tmp_path,
-    )
-    _wait_for_training(process)
+    process = _start_endless_training(sherlock_path, out, env, tmp_path)
     time.sleep(0.3)
     process.send_signal(signal.SIGINT)
     time.sleep(1.0)  # inside the save's delay: the training state is written, the model not yet

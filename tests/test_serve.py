@@ -18,7 +18,7 @@ fastapi = pytest.importorskip("fastapi", reason="anexa serve needs the serve ext
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from helpers import TINY_FLAGS, assert_error, running  # noqa: E402
+from helpers import assert_error, running, train_tiny_through_cli  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from anexa_cli.main import app as cli  # noqa: E402
@@ -39,27 +39,9 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 
 @pytest.fixture(scope="module")
 def run_dir(sherlock_path, tmp_path_factory):
-    """A tiny char model trained through the CLI, plus a copy in another folder of the same name."""
+    """A tiny char model trained through the CLI."""
     out = tmp_path_factory.mktemp("serve") / "tiny"
-    result = runner.invoke(
-        cli,
-        [
-            "train",
-            "--data",
-            str(sherlock_path),
-            *TINY_FLAGS,
-            "--steps",
-            "30",
-            "--eval-every",
-            "15",
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    return out
+    return train_tiny_through_cli(sherlock_path, out)
 
 
 @pytest.fixture(scope="module")
