@@ -139,8 +139,13 @@ def test_cli_json_equals_the_core_and_reuses_the_token_cache(run, text_file):
         runner.invoke(app, ["eval", str(run), "--data", str(path), "--device", "cpu", "--json", "--stride", "8"]).stdout
     )
     assert again["tokenized"] is False and again["nats"] == report["nats"]
-    table = runner.invoke(app, ["eval", str(run), "--data", str(path), "--device", "cpu"])
+    table = runner.invoke(app, ["eval", str(run), "--data", str(path), "--device", "cpu", "--stride", "8"])
     assert table.exit_code == 0 and "bits per character" in table.stdout and "perplexity" in table.stdout
+    assert "× 16 tokens, stride 8" in table.stdout
+    # A text that fits one window has no stride to speak of (a newcomer saw "1 × 4464 tokens, stride 2232").
+    path.write_text(path.read_text(encoding="utf-8")[:12], encoding="utf-8")
+    table = runner.invoke(app, ["eval", str(run), "--data", str(path), "--device", "cpu"])
+    assert table.exit_code == 0 and "1 × 11 tokens" in table.stdout and "stride" not in table.stdout
 
 
 @pytest.mark.parametrize("case", ["unseen", "missing-run", "missing-data", "stride"])

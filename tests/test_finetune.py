@@ -261,6 +261,7 @@ def test_the_card_of_an_import_and_of_its_fine_tune_names_the_pretrained_model(b
     export(tmp_path / "imported", tmp_path / "hf-imported", "hf")
     card = (tmp_path / "hf-imported" / "README.md").read_text(encoding="utf-8")
     assert "imported into Anexa" in card and "from the GGUF file `Tiny-Chat.Q8_0.gguf`" in card
+    assert f"| its SHA-256 | `{'0' * 64}` |" in card
     assert "\nlicense: apache-2.0\n" in card and "| licence | apache-2.0" in card
     for absent in ("| steps |", "| data |", "| val loss |", "## How it was trained", "trained from scratch"):
         assert absent not in card, absent
@@ -291,6 +292,7 @@ def test_the_card_of_an_import_and_of_its_fine_tune_names_the_pretrained_model(b
         card = (tmp_path / f"hf-{out.name}" / "README.md").read_text(encoding="utf-8")
         assert "fine-tuned from the GGUF file `Tiny-Chat.Q8_0.gguf` with Anexa" in card, card
         assert "\nlicense: apache-2.0\n" in card and "| base model | the GGUF file `Tiny-Chat.Q8_0.gguf` |" in card
+        assert f"| its SHA-256 | `{'0' * 64}` |" in card  # the file's: whoever retrains it can check their copy
         args = shlex.split(re.search(r"## How it was trained\n\n```sh\n(.+)\n```", card).group(1))
         assert args[args.index("--init-from") + 1] == "Tiny-Chat.Q8_0.gguf" and str(tmp_path) not in card
     # The fine-tune recorded where its base came from: with the imported run gone (a full fine-tune needs
@@ -310,6 +312,7 @@ def test_the_card_of_an_import_and_of_its_fine_tune_names_the_pretrained_model(b
         export(run, tmp_path / f"hf-{run.name}-alone", "hf")
         card = (tmp_path / f"hf-{run.name}-alone" / "README.md").read_text(encoding="utf-8")
         assert "\nlicense: apache-2.0\n" in card and "| base model | the GGUF file `Tiny-Chat.Q8_0.gguf` |" in card
+        assert f"| its SHA-256 | `{'0' * 64}` |" in card  # the file's: whoever retrains it can check their copy
         args = shlex.split(re.search(r"## How it was trained\n\n```sh\n(.+)\n```", card).group(1))
         assert args[args.index("--init-from") + 1] == init_from, card
         export(run, tmp_path / f"{run.name}.gguf", "gguf")

@@ -99,6 +99,7 @@ def evaluate(
     table.add_row("perplexity", f"{result.perplexity:.3f}")
     table.add_row("tokens scored", f"{result.tokens:,}")
     table.add_row("characters", f"{result.characters:,}")
-    table.add_row("windows", f"{result.windows:,} × {result.window} tokens, stride {result.stride}")
+    stride_shown = f", stride {result.stride}" if result.windows > 1 else ""  # one window has none
+    table.add_row("windows", f"{result.windows:,} × {result.window} tokens{stride_shown}")
     table.add_row("files", f"{described['files']:,}")
     make_console().print(table)
