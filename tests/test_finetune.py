@@ -511,7 +511,7 @@ def test_a_lora_fine_tune_keeps_what_training_promises(base, tmp_path):
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
     result = runner.invoke(app, [
         "train", "--init-from", str(base / "run"), "--data", str(base / "text.txt"), "--lora", "r=2",
-        "--minutes", "0.005", "--eval-every", "1000", "--batch-size", "4", "--seq-len", "32", "--device", "cpu",
+        "--minutes", "0.005", "--steps", "1000", "--eval-every", "1000", "--batch-size", "4", "--seq-len", "32", "--device", "cpu",
         "--config", str(base / "base.toml"), "--out", str(tmp_path / "timed"),
     ])  # fmt: skip
     assert result.exit_code == 0, result.output

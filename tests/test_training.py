@@ -1236,6 +1236,9 @@ def _fake_clock(monkeypatch, step_s: float = 1.0, estimate_s: float = 0.5) -> li
 
         def one(x, y):
             clock[0] += step_s
+            # The tests' budgets are seconds: a run past ten fake minutes ignores its budget (and would go on
+            # for its 10**6 steps), so it fails now rather than at mutmut's timeout.
+            assert clock[0] < 600, "the run went past ten (fake) minutes: its --minutes budget did not end it"
             return step(x, y)
 
         return one
