@@ -61,7 +61,9 @@ def test_two_ranks_match_one_process_with_double_batch(sherlock_path, tmp_path):
     assert result.stderr.count("saved ") == 1  # and says where it saved, once
     # Its throughput counts both ranks' tokens (6 steps × 2 ranks × 4 windows × 32 tokens) over the steps'
     # seconds; elapsed_s is rounded to 0.01 s, so the bounds allow that rounding (and 5%), not a factor 2.
-    line = json.loads((tmp_path / "ddp" / "steps.jsonl").read_text().splitlines()[-1])
+    lines = (tmp_path / "ddp" / "steps.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # written by rank 0 alone
+    line = json.loads(lines[0])
     seconds, per_s, tokens = line["elapsed_s"], line["tokens_per_s"], 6 * 2 * 4 * 32
     assert seconds > 0 and per_s * (seconds - 0.005) * 0.95 <= tokens <= per_s * (seconds + 0.005) * 1.05, line
 
