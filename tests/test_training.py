@@ -1363,14 +1363,16 @@ def test_losses_read_back_in_batches_report_every_step_in_order(sherlock_path, t
         return counted
 
     monkeypatch.setattr(loop, "make_train_step", counting)
+    _fake_clock(monkeypatch, step_s=1.0)  # a step 1 s: 16 windows of 32 tokens make 512 tokens/s, read late or not
 
     class Heard(SilentReporter):
         def __init__(self):
-            self.steps, self.taken_when_heard = [], []
+            self.steps, self.taken_when_heard, self.rates = [], [], set()
 
         def step(self, step, loss, tokens_per_s):
             self.steps.append((step, loss))
             self.taken_when_heard.append(taken[0])
+            self.rates.add(tokens_per_s)
 
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
     config = _train_config(sherlock_path, steps=11, log_every=4, eval_every=6, save_every=11, warmup_steps=3)
@@ -1390,4 +1392,6 @@ def test_losses_read_back_in_batches_report_every_step_in_order(sherlock_path, t
         return [{key: json.loads(line)[key] for key in keys} for line in lines]
 
     assert records("b", "steps.jsonl", ("step", "loss", "lr")) == records("a", "steps.jsonl", ("step", "loss", "lr"))
+    assert batched.rates == one_by_one.rates == {512.0}  # the steps read together count as many steps' tokens
+    assert {record["tokens_per_s"] for record in records("b", "steps.jsonl", ("tokens_per_s",))} == {512.0}
     assert records("b", "metrics.jsonl", ("step", "val_loss")) == records("a", "metrics.jsonl", ("step", "val_loss"))
