@@ -562,8 +562,9 @@ class _StepLog:
         return len(self.unread)
 
     def read(self, step: int, tokens_per_s: float, reporter: Reporter) -> None:
-        """Read the losses of the steps up to ``step`` in one transfer and report each step, in order."""
-        values = torch.stack(self.unread).tolist() if self.unread else []
+        """Read the losses of the steps up to ``step`` in one transfer and report each step, in order. The
+        loop reads right after a step, so at least that step's loss is waiting."""
+        values = torch.stack(self.unread).tolist()
         for at, value in enumerate(values, start=step - len(values) + 1):
             reporter.step(at, value, tokens_per_s)
         self.losses += values
