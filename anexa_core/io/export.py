@@ -476,7 +476,8 @@ def _history_rows(
     meta: dict[str, Any], latest: dict[str, Any], train_config: dict[str, Any], origin: Origin | None
 ) -> list[str]:
     """The card's rows on where the weights came from and how Anexa trained them: the pretrained model, a GGUF
-    file's SHA-256 (so that whoever retrains it can check their copy) and its licence; the data, steps, time and losses of a trained model; "not trained" for one saved untrained."""
+    file's SHA-256 (so that whoever retrains it can check their copy) and its licence; the data, steps, time
+    and losses of a trained model; "not trained" for one saved untrained."""
     rows = []
     if origin is not None:
         rows.append(f"| {'base model' if train_config else 'source'} | {origin.describe()} |")
