@@ -481,8 +481,8 @@ def _history_rows(
     rows = []
     if origin is not None:
         rows.append(f"| {'base model' if train_config else 'source'} | {origin.describe()} |")
-        if origin.source["kind"] == "gguf" and origin.source.get("sha256"):  # what `sha256sum FILE` prints
-            rows.append(f"| its SHA-256 | `{origin.source['sha256']}` |")
+        if digest := origin.sha256sum():
+            rows.append(f"| its SHA-256 | `{digest}` |")
         if origin.source.get("license"):
             rows.append(f"| licence | {origin.source['license']} (the pretrained model's) |")
     steps = _steps_cell(meta, latest)

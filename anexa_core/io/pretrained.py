@@ -233,6 +233,11 @@ class Origin:
             return "/".join(self.source["name"].split("/")[:2])
         return self.source.get("repository")
 
+    def sha256sum(self) -> str | None:
+        """The SHA-256 that ``sha256sum`` prints for the source, so a copy can be checked: a GGUF file's own;
+        ``None`` for a folder or hub import (their recorded digest covers several files) or where unknown."""
+        return self.source.get("sha256") if self.source["kind"] == "gguf" else None
+
     def describe(self) -> str:
         """The pretrained model in words, for a model card: ``the GGUF file `NAME```."""
         return f"{_SOURCE_KINDS[self.source['kind']]} `{self.source['name']}`"
