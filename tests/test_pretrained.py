@@ -19,7 +19,7 @@ from helpers import user_error
 
 from anexa_core import AnexaError
 from anexa_core.infer.generation import generate_ids
-from anexa_core.io import checkpoint, pretrained
+from anexa_core.io import checkpoint, generation_config, pretrained
 from anexa_core.io.export import shareable_model
 from anexa_core.io.load import load
 from anexa_core.io.pretrained import Origin, import_model, is_hub_id, origin_of
@@ -328,3 +328,124 @@ def test_an_imported_run_is_never_overwritten_without_asking(folders, tmp_path, 
     monkeypatch.chdir(tmp_path / "run")
     import_model(folder, Path("."), overwrite=True)
     assert os.listdir(tmp_path / "run") == ["model.safetensors"] and sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_recommended_sampling_is_read_as_transformers_and_llama_cpp_mean_it(caplog, monkeypatch):
+    """transformers samples only with `do_sample: true`, then with its defaults for what is left out; llama.cpp's
+    `penalty_last_n` is -1 for the whole context, 0 for no penalty, 64 when absent. Both write the record back
+    with the meaning they read it with, and values that change nothing make no sampler."""
+    assert generation_config.from_hf({"bos_token_id": 1, "eos_token_id": 2}) == {}
+    assert generation_config.from_hf({"do_sample": False, "temperature": 0.3}) == {"do_sample": False}
+    assert generation_config.from_hf({"do_sample": True, "temperature": 0.6}) == {
+        "do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 1.0
+    }  # fmt: skip
+    assert generation_config.from_hf({"temperature": 0.6, "top_p": 0.9, "top_k": 20.0}) == {
+        "temperature": 0.6, "top_p": 0.9, "top_k": 20
+    }  # fmt: skip
+    bad = {"temperature": -1, "top_k": 2.5, "top_p": 0, "min_p": "0.1", "repetition_penalty": True, "do_sample": None}
+    assert generation_config.from_hf(bad) == {}
+    assert sorted(record.getMessage().split(": ")[1].split(" = ")[0] for record in caplog.records) == sorted(
+        ["temperature", "top_k", "top_p", "min_p", "repetition_penalty"]
+    )
+    assert generation_config.from_hf({"temperature": float("nan"), "top_p": 1}) == {"top_p": 1.0}
+    gguf = {"general.sampling.temp": 0.699999988079071, "general.sampling.penalty_repeat": 1.100000023841858}
+    assert generation_config.from_gguf(gguf) == {
+        "temperature": 0.7, "repetition_penalty": 1.1, "repetition_penalty_window": 64
+    }  # fmt: skip
+    assert generation_config.from_gguf({**gguf, "general.sampling.penalty_last_n": -1}) == {
+        "temperature": 0.7, "repetition_penalty": 1.1
+    }  # fmt: skip
+    assert generation_config.from_gguf({**gguf, "general.sampling.penalty_last_n": 0}) == {"temperature": 0.7}
+    assert (
+        generation_config.from_gguf({**gguf, "general.sampling.penalty_last_n": 32})["repetition_penalty_window"] == 32
+    )
+    assert generation_config.from_gguf({"general.name": "x"}) == {}
+
+    def specs(record, context=100):
+        found = generation_config.recommended(record, context)
+        return None if found is None else found.specs + found.missing
+
+    assert specs({}) is None and specs({"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}) is None
+    assert specs({"do_sample": False}) == ["greedy"]
+    assert specs({"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 1.0}) == ["temperature=0.6", "top_k=50"]
+    assert specs({"temperature": 0.0, "top_p": 0.95, "min_p": 0.05}) == ["temperature=0.0", "top_p=0.95", "min_p=0.05"]
+    assert specs({"repetition_penalty": 1.1}) == ["repetition_penalty=1.1", "repetition_penalty.window=100"]
+    assert specs({"repetition_penalty": 1.1, "repetition_penalty_window": 64}, 40) == [
+        "repetition_penalty=1.1", "repetition_penalty.window=40"
+    ]  # fmt: skip
+    assert specs({"repetition_penalty": 1.0, "repetition_penalty_window": 64}) is None
+    installed = generation_config.plugins.registered
+    monkeypatch.setattr(  # a user without the anexa-topk plugin
+        generation_config.plugins, "registered", lambda kind: {k: v for k, v in installed(kind).items() if k != "top_k"}
+    )
+    without = generation_config.recommended({"temperature": 0.6, "top_k": 20, "top_p": 0.95}, 100)
+    assert (without.specs, without.missing) == (["temperature=0.6", "top_p=0.95"], ["top_k=20"])
+    assert without.describe() == "temperature=0.6 → top_p=0.95 (top_k=20 left out: no top_k sampler is installed)"
+    monkeypatch.undo()
+    hf_record = {"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.05}
+    assert generation_config.to_hf(hf_record) == hf_record
+    assert generation_config.to_hf({"temperature": 0.6}) == {"do_sample": True, "top_k": 0, "temperature": 0.6}
+    assert generation_config.to_hf({"do_sample": False}) == {"do_sample": False} and generation_config.to_hf({}) == {}
+    assert generation_config.to_gguf(hf_record) == {
+        "temperature": 0.6, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.05, "repetition_penalty_window": -1
+    }  # fmt: skip
+    assert generation_config.to_gguf({"do_sample": False}) == {"top_k": 1}
+    windowed = {"repetition_penalty": 1.1, "repetition_penalty_window": 32}
+    assert generation_config.to_gguf(windowed) == windowed
+    gguf_back = {
+        generation_config.GGUF_KEYS[field]: value for field, value in generation_config.to_gguf(hf_record).items()
+    }
+    assert specs(generation_config.from_gguf(gguf_back)) == specs(hf_record)
+
+
+def test_a_models_recommended_sampling_is_used_when_none_is_chosen_and_travels_into_exports(folders, tmp_path):
+    """A folder's generation_config.json becomes the run's recommended sampling: `generate` uses it when no
+    sampling flag is given (saying so on stderr) and not otherwise; fine-tunes keep it with their origin; both
+    exports write it back, and importing the exports gives the same samplers."""
+    from typer.testing import CliRunner
+
+    from anexa_cli.main import app
+    from anexa_core.io.export import export
+
+    source = tmp_path / "llama"
+    shutil.copytree(folders["llama"][0], source)
+    settings = json.loads((source / "generation_config.json").read_text())
+    recommended = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05}
+    (source / "generation_config.json").write_text(json.dumps({**settings, **recommended}))
+    done = import_model(source, tmp_path / "run")
+    record = {**recommended, "top_k": 50}
+    assert checkpoint.read_metadata(tmp_path / "run")["imported_from"]["generation"] == record
+    specs = ["repetition_penalty=1.05", "repetition_penalty.window=96", "temperature=0.7", "top_k=50", "top_p=0.8"]
+    assert load(tmp_path / "run", "cpu").sampling().specs == done.sampling == specs
+
+    def generate(*flags: str):
+        args = ["generate", "It was", "-m", str(tmp_path / "run"), "-n", "24", "--seed", "3", "--device", "cpu"]
+        result = CliRunner().invoke(app, [*args, *flags])
+        assert result.exit_code == 0, result.output
+        return result.stdout, result.stderr
+
+    text, said = generate()
+    assert said.strip() == (
+        f"sampling as the model's makers recommend: {' → '.join(specs)}; --temperature or -s choose otherwise"
+    )
+    assert generate(*(flag for spec in specs for flag in ("-s", spec))) == (text, "")
+    assert generate("--temperature", "1")[0] != text and generate("-s", "top_p=0.8")[0] != text
+
+    export(tmp_path / "run", tmp_path / "hf")
+    written = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert (written.do_sample, written.temperature, written.top_k, written.top_p) == (True, 0.7, 50, 0.8)
+    assert written.repetition_penalty == 1.05 and written.eos_token_id == settings["eos_token_id"]
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert f"| recommended sampling | {' → '.join(f'`{spec}`' for spec in specs)} (its makers'; used when" in card
+    export(tmp_path / "run", tmp_path / "model.gguf", format="gguf")
+    for exported in (tmp_path / "hf", tmp_path / "model.gguf"):
+        result = CliRunner().invoke(app, ["import", str(exported), "--out", str(tmp_path / f"back-{exported.name}")])
+        assert result.exit_code == 0, result.output
+        assert f"its makers recommend sampling with {' → '.join(specs)}: used when you choose none" in result.stdout
+        assert load(tmp_path / f"back-{exported.name}", "cpu").sampling().specs == specs, exported
+    fine_tune = {"base_origin": origin_of(checkpoint.read_metadata(tmp_path / "run")).as_dict()}
+    assert origin_of(fine_tune).generation() == record  # what `train --init-from` records keeps it
+    plain = tmp_path / "plain"  # a generation_config.json without sampling: nothing recommended, nothing written
+    assert import_model(folders["gpt2"][0], plain).sampling == [] and load(plain, "cpu").sampling() is None
+    assert not (export(plain, tmp_path / "plain-hf").out / "generation_config.json").exists()
+    assert "recommended sampling" not in (tmp_path / "plain-hf" / "README.md").read_text()

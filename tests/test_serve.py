@@ -590,6 +590,21 @@ def test_chat_page_in_a_real_browser(url, models, tmp_path):
         browser.get(url + "/")
         wait(lambda b: b.find_element(By.ID, "model").get_attribute("data-loaded") == "true")
         assert [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#model option")] == ["tiny", "tiny-2"]
+
+        def placeholders():
+            return [
+                browser.find_element(By.ID, name).get_attribute("placeholder") for name in ("temperature", "samplers")
+            ]
+
+        assert placeholders() == ["1.0", "top_k=40, repetition_penalty=1.2"]  # /v1/models: no recommendation
+        choose = (
+            'const s = document.getElementById("model"); s.value = arguments[0]; s.dispatchEvent(new Event("change"));'
+        )
+        browser.execute_script('document.querySelector("#model option[value=tiny-2]").dataset.sampling = "top_p=0.7";')
+        browser.execute_script(choose, "tiny-2")  # a model whose makers recommend a sampling, as /v1/models says
+        assert placeholders() == ["model's", "model's: top_p=0.7"]
+        browser.execute_script(choose, "tiny")
+        assert placeholders() == ["1.0", "top_k=40, repetition_penalty=1.2"]
         for field, value in (("seed", "17"), ("max-tokens", "40")):
             browser.find_element(By.ID, field).clear()
             browser.find_element(By.ID, field).send_keys(value)

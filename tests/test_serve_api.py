@@ -3,6 +3,7 @@ ids), the tokenizer routes, refused and accepted fields, chat through a model's 
 failing sampler. Every expectation is the core's: texts from `generate_text` with the same seed, log-probabilities
 from the model's own log-softmax. The models are small and random (no training), so the module is quick."""
 
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,9 +84,15 @@ def chatml(text):
     return _served("chatml", tokenizer, blocks="llama", seed=1, tokenizer_name="hf")
 
 
+RECOMMENDED = ("temperature=0.5", "top_p=0.7")
+
+
 @pytest.fixture(scope="module")
 def app(tiny, chatml):
-    return create_app({"tiny": tiny, "chatml": chatml}, ServeConfig(max_tokens_cap=400, parallel=8, queue=8))
+    """The models, and `tiny` again as `recommends`: a model whose makers recommend a sampling (an import's)."""
+    recommends = dataclasses.replace(tiny, name="recommends", sampling=RECOMMENDED)
+    models = {"tiny": tiny, "chatml": chatml, "recommends": recommends}
+    return create_app(models, ServeConfig(max_tokens_cap=400, parallel=8, queue=8))
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +162,25 @@ def test_n_choices_equal_n_separate_seeded_requests(client, tiny):
     chunks = events(client, "/v1/chat/completions", chat)
     assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}] * 2
     assert {c["choices"][0]["index"] for c in chunks} == {0, 1}
+
+
+def test_a_request_that_chooses_no_sampling_gets_what_the_models_makers_recommend(client, tiny):
+    """Any of temperature, top_p or anexa.samplers replaces the recommendation whole; /v1/models shows it."""
+    body = {"model": "recommends", "prompt": "Holmes", "max_tokens": 30, "seed": 5}
+    recommended = expected(tiny, "Holmes", 30, 5, RECOMMENDED)
+    assert post(client, "/v1/completions", body)["choices"][0]["text"] == recommended
+    assert recommended != expected(tiny, "Holmes", 30, 5)
+    chosen = {"temperature": 0.9}, {"top_p": 0.7}, {"anexa": {"samplers": ["min_p=0.1"]}}
+    for fields, specs in zip(chosen, (["temperature=0.9"], ["top_p=0.7"], ["min_p=0.1"]), strict=True):
+        assert post(client, "/v1/completions", {**body, **fields})["choices"][0]["text"] == expected(
+            tiny, "Holmes", 30, 5, specs
+        ), fields
+    chat = {"model": "recommends", "messages": [{"role": "user", "content": "Who?"}], "max_tokens": 20, "seed": 2}
+    stops = ["\n\n", "\nUser:", "\nAssistant:"]
+    reply = post(client, "/v1/chat/completions", chat)["choices"][0]["message"]["content"]
+    assert reply == expected(tiny, "User: Who?\nAssistant:", 20, 2, RECOMMENDED, stop=stops)
+    cards = {card["id"]: card["anexa"]["sampling"] for card in client.get("/v1/models").json()["data"]}
+    assert cards == {"tiny": [], "chatml": [], "recommends": list(RECOMMENDED)}
 
 
 def test_batches_of_prompts_text_or_token_ids(client, tiny):

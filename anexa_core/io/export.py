@@ -32,7 +32,7 @@ from anexa_core import options, plugins
 from anexa_core.config import FINETUNE, FIXED_BY_BASE, LORA, ModelConfig, TrainConfig
 from anexa_core.data.corpus import hf_normalizer
 from anexa_core.errors import AnexaError, choose_one_of, listed
-from anexa_core.io import checkpoint
+from anexa_core.io import checkpoint, generation_config
 from anexa_core.io.files import atomic_folder, put_back
 from anexa_core.io.load import load
 from anexa_core.io.pretrained import Origin, is_hub_id, origin_of
@@ -42,7 +42,11 @@ FORMATS = ("hf", "gguf")
 UPLOAD_COMMAND = "hf upload USER/NAME {out} ."
 """How to upload an exported folder with huggingface_hub's CLI (after ``hf auth login``)."""
 
-HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md")
+HF_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    "README.md",
+)  # fmt: skip
+"""What an ``hf`` export may hold (``generation_config.json`` only for a model with recommended sampling)."""
 
 
 @dataclass
@@ -96,8 +100,11 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False, ou
     hf_config.update(specials["ids"])
     parameters = model.num_parameters()
     card = model_card(meta, hf_config, parameters, out, latest_of_run(meta))
+    generation = _generation_config(meta, specials["ids"])
     with atomic_folder(out, replace=out.exists()) as folder:
         (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        if generation:
+            (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         safetensors.torch.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         (folder / "tokenizer.json").write_text(hf_tokenizer.to_str(pretty=True), encoding="utf-8")
         tokenizer_config = {
@@ -110,13 +117,21 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False, ou
         (folder / "README.md").write_text(card, encoding="utf-8")
     return Exported(
         out,
-        list(HF_FILES),
+        [name for name in HF_FILES if generation or name != "generation_config.json"],
         hf_config["architectures"][0],
         parameters,
         meta.get("step"),
         meta.get("val_loss"),
         Path(meta["path"]),
     )
+
+
+def _generation_config(meta: dict[str, Any], ids: dict[str, Any]) -> dict[str, Any]:
+    """``generation_config.json`` for a model whose makers recommend a sampling (``{}`` for others), with
+    the special ids: transformers reads them from this file once it exists."""
+    origin = origin_of(meta)
+    generation = generation_config.to_hf(origin.generation() if origin is not None else {})
+    return {**{key: value for key, value in ids.items() if value is not None}, **generation} if generation else {}
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -476,8 +491,8 @@ def _history_rows(
     meta: dict[str, Any], latest: dict[str, Any], train_config: dict[str, Any], origin: Origin | None
 ) -> list[str]:
     """The card's rows on where the weights came from and how Anexa trained them: the pretrained model, a GGUF
-    file's SHA-256 (so that whoever retrains it can check their copy) and its licence; the data, steps, time
-    and losses of a trained model; "not trained" for one saved untrained."""
+    file's SHA-256 (so that whoever retrains it can check their copy), its licence and recommended sampling;
+    the data, steps, time and losses of a trained model; "not trained" for one saved untrained."""
     rows = []
     if origin is not None:
         rows.append(f"| {'base model' if train_config else 'source'} | {origin.describe()} |")
@@ -485,6 +500,10 @@ def _history_rows(
             rows.append(f"| its SHA-256 | `{digest}` |")
         if origin.source.get("license"):
             rows.append(f"| licence | {origin.source['license']} (the pretrained model's) |")
+        found = generation_config.recommended(origin.generation(), meta["model_config"]["block_size"])
+        if found is not None:
+            shown = " → ".join(f"`{spec}`" for spec in found.specs + found.missing)
+            rows.append(f"| recommended sampling | {shown} (its makers'; used when none is chosen) |")
     steps = _steps_cell(meta, latest)
     if train_config:
         trained_for = _time_cell(latest, train_config)
@@ -663,16 +682,7 @@ def export_gguf(run: Path, out: Path, overwrite: bool = False, dtype: str = "f32
             "add_bos": False,
             "chat_template": None,
         }
-    origin = origin_of(meta)
-    license, base_model = None, None
-    if origin is not None:
-        license = origin.source.get("license")
-        base_model = {"name": origin.source.get("model_name") or origin.source["name"]}
-        if origin.source.get("organization"):
-            base_model["organization"] = origin.source["organization"]
-        if hub_id := origin.hub_id():
-            base_model["repo_url"] = f"https://huggingface.co/{hub_id}"
-    gguf.write_gguf(out, hf_config, tensors, state, name=out.stem, dtype=dtype, license=license, base_model=base_model)
+    gguf.write_gguf(out, hf_config, tensors, state, name=out.stem, dtype=dtype, **_gguf_provenance(meta))
     return Exported(
         out,
         [out.name],
@@ -683,6 +693,21 @@ def export_gguf(run: Path, out: Path, overwrite: bool = False, dtype: str = "f32
         Path(meta["path"]),
         [GGUF_NORMALIZATION_NOTE],
     )
+
+
+def _gguf_provenance(meta: dict[str, Any]) -> dict[str, Any]:
+    """:func:`~anexa_core.io.gguf.write_gguf`'s ``license``, ``base_model`` and ``sampling`` for a pretrained
+    model or its fine-tune (none for a model trained from scratch)."""
+    origin = origin_of(meta)
+    if origin is None:
+        return {}
+    base_model = {"name": origin.source.get("model_name") or origin.source["name"]}
+    if origin.source.get("organization"):
+        base_model["organization"] = origin.source["organization"]
+    if hub_id := origin.hub_id():
+        base_model["repo_url"] = f"https://huggingface.co/{hub_id}"
+    sampling = generation_config.to_gguf(origin.generation())
+    return {"license": origin.source.get("license"), "base_model": base_model, "sampling": sampling}
 
 
 GGUF_NORMALIZATION_NOTE = (

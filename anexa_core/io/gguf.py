@@ -872,6 +872,7 @@ def write_gguf(
     dtype: str = "f32",
     license: str | None = None,
     base_model: Mapping[str, str] | None = None,
+    sampling: Mapping[str, Any] | None = None,
 ) -> None:
     """Write a model in transformers' representation as a GGUF file llama.cpp (and transformers) can load.
 
@@ -881,7 +882,9 @@ def write_gguf(
     ``attn.bias`` mask buffers are ignored). ``tokenizer``: the state dict of Anexa's ``hf`` tokenizer
     (byte-level BPE with a GPT-2, SmolLM, Llama-3 or Qwen2 split). ``name``: ``general.name``;
     ``license``: ``general.license``; ``base_model``: the model it derives from, ``name`` and optionally
-    ``organization`` and ``repo_url`` (``general.base_model.0.*``, llama.cpp's naming convention).
+    ``organization`` and ``repo_url`` (``general.base_model.0.*``, llama.cpp's naming convention);
+    ``sampling``: recommended sampling as :func:`anexa_core.io.generation_config.to_gguf` gives it
+    (``general.sampling.*``).
     ``dtype``: ``"f32"`` (exact), ``"f16"`` or ``"q8_0"`` for the matrices; norms and biases stay F32.
 
     llama.cpp's names and layout: ``token_embd``, ``blk.N.attn_q`` … ``ffn_down``, ``output_norm``,
@@ -919,6 +922,8 @@ def write_gguf(
             writer = gguf.GGUFWriter(tmp, arch)
             try:
                 _add_general_keys(writer, name, dtype, license, base_model)
+                for field, value in (sampling or {}).items():
+                    getattr(writer, _SAMPLING_WRITERS[field])(value)
                 _add_architecture_keys(writer, arch, cfg)
                 _add_tokenizer_keys(writer, vocab, tokenizer)
                 for tensor_name, stored, kind in arrays():
@@ -930,6 +935,17 @@ def write_gguf(
                 writer.close()
     except OSError as exc:
         raise AnexaError(f"cannot write {where}: {exc.strerror or exc}: free space or pick another folder") from None
+
+
+_SAMPLING_WRITERS = {
+    "temperature": "add_sampling_temp",
+    "top_k": "add_sampling_top_k",
+    "top_p": "add_sampling_top_p",
+    "min_p": "add_sampling_min_p",
+    "repetition_penalty": "add_sampling_penalty_repeat",
+    "repetition_penalty_window": "add_sampling_penalty_last_n",
+}
+"""The ``GGUFWriter`` method that writes each recommended-sampling field (its ``general.sampling.*`` key)."""
 
 
 def _add_general_keys(

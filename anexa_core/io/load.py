@@ -14,6 +14,7 @@ from anexa_core.device import pick_device
 from anexa_core.errors import AnexaError
 from anexa_core.interfaces import Tokenizer
 from anexa_core.io import checkpoint
+from anexa_core.io.generation_config import Recommended, recommended
 from anexa_core.model.gpt import GPT, decoding_layout
 
 RUNS_DIR = Path("runs")
@@ -32,6 +33,14 @@ class Loaded:
     path: Path
     source: Path
     device: torch.device
+
+    def sampling(self) -> Recommended | None:
+        """The sampling its makers recommend (a pretrained model and its fine-tunes:
+        :mod:`anexa_core.io.generation_config`), for when the user chooses none; ``None`` when there is none."""
+        from anexa_core.io.pretrained import origin_of
+
+        origin = origin_of(self.meta)
+        return recommended(origin.generation() if origin is not None else None, self.model.config.block_size)
 
 
 def load(

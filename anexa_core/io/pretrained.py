@@ -7,7 +7,8 @@ or a local GGUF file (every tensor type the ``gguf`` package dequantizes). All t
 representation — ``config.json`` entries and tensors under transformers' names — which the blocks plugin
 that names the architecture in its ``hf_architectures`` maps onto its own layout (``import_hf``, the
 inverse of its ``export_hf``). The model's own tokenizer, special tokens and chat template become the
-``hf`` tokenizer plugin's state. The result is a run folder holding ``model.safetensors``: ``chat``,
+``hf`` tokenizer plugin's state, its recommended sampling part of the recorded origin
+(:mod:`anexa_core.io.generation_config`). The result is a run folder holding ``model.safetensors``: ``chat``,
 ``generate``, ``serve``, ``eval``, ``bench``, ``export`` and ``train --init-from`` take it like any run.
 
 Nothing is written unless all of it can be: the folder appears complete or not at all. Safetensors and
@@ -31,7 +32,7 @@ import torch
 from anexa_core import plugins
 from anexa_core.config import ModelConfig
 from anexa_core.errors import AnexaError, listed
-from anexa_core.io import checkpoint
+from anexa_core.io import checkpoint, generation_config
 from anexa_core.io.files import atomic_folder, put_back
 from anexa_core.model.gpt import build_model
 
@@ -52,7 +53,7 @@ class Pretrained:
 
     ``hf_config``: ``config.json`` entries; ``tensors``: weights under transformers' names (CPU);
     ``tokenizer``: the ``hf`` tokenizer plugin's state; ``source``: what the run records about its
-    origin (kind, name, hash or revision, licence) — never a local path."""
+    origin (kind, name, hash or revision, licence, recommended sampling) — never a local path."""
 
     hf_config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
@@ -63,13 +64,14 @@ class Pretrained:
 @dataclass(frozen=True)
 class Imported:
     """What :func:`import_model` wrote: the run folder, the transformers architecture and Anexa's blocks,
-    unique parameters, and seconds spent."""
+    unique parameters, seconds spent, and the sampler specs its makers recommend (empty: none)."""
 
     out: Path
     architecture: str
     blocks: str
     parameters: int
     seconds: float
+    sampling: list[str]
 
 
 def import_model(source: str | Path, out: Path, overwrite: bool = False) -> Imported:
@@ -89,7 +91,10 @@ def import_model(source: str | Path, out: Path, overwrite: bool = False) -> Impo
     with atomic_folder(out, replace=overwrite and out.exists()) as folder:
         checkpoint.save_model(folder / checkpoint.MODEL_FILE, model, meta)
     architecture = source_info["hf_architecture"]
-    return Imported(out, architecture, model.config.blocks, model.num_parameters(), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    found = generation_config.recommended(source_info["imported_from"].get("generation"), model.config.block_size)
+    sampling = found.specs + found.missing if found is not None else []
+    return Imported(out, architecture, model.config.blocks, model.num_parameters(), seconds, sampling)
 
 
 def pretrained_model(source: str | Path) -> tuple[Any, Any, dict[str, Any]]:
@@ -238,6 +243,11 @@ class Origin:
         ``None`` for a folder or hub import (their recorded digest covers several files) or where unknown."""
         return self.source.get("sha256") if self.source["kind"] == "gguf" else None
 
+    def generation(self) -> dict[str, Any]:
+        """Its makers' recommended sampling as ``anexa import`` recorded it
+        (:mod:`anexa_core.io.generation_config`); ``{}`` when it recommends none."""
+        return dict(self.source.get("generation") or {})
+
     def describe(self) -> str:
         """The pretrained model in words, for a model card: ``the GGUF file `NAME```."""
         return f"{_SOURCE_KINDS[self.source['kind']]} `{self.source['name']}`"
@@ -285,7 +295,8 @@ def _cached(hub_id: str) -> bool:
 
 def read_gguf_file(path: Path, source: dict[str, Any] | None = None) -> Pretrained:
     """A GGUF file through :func:`anexa_core.io.gguf.read_gguf`, with its SHA-256, licence, name,
-    organization and Hugging Face source repository (:func:`anexa_core.io.gguf.hub_repository`) recorded."""
+    organization, Hugging Face source repository (:func:`anexa_core.io.gguf.hub_repository`) and recommended
+    sampling (:func:`anexa_core.io.generation_config.from_gguf`) recorded."""
     from anexa_core.io import gguf
 
     model = gguf.read_gguf(path)
@@ -298,6 +309,8 @@ def read_gguf_file(path: Path, source: dict[str, Any] | None = None) -> Pretrain
         "organization": model.metadata.get("general.organization"),
         "repository": gguf.hub_repository(model.metadata),
     }
+    if generation := generation_config.from_gguf(model.metadata):
+        origin["generation"] = generation
     return Pretrained(model.hf_config, model.tensors, model.tokenizer, origin)
 
 
@@ -322,7 +335,15 @@ def read_hf_folder(folder: Path, source: dict[str, Any]) -> Pretrained:
         except Exception as exc:
             raise AnexaError(f"{file.name} in {folder} is damaged ({type(exc).__name__}): download it again") from None
     source = {**source, "sha256": digest.hexdigest()}
+    if generation := generation_config.from_hf(_generation_settings(folder)):
+        source["generation"] = generation
     return Pretrained(hf_config, tensors, tokenizer_from_folder(folder, hf_config), source)
+
+
+def _generation_settings(folder: Path) -> dict[str, Any]:
+    """``generation_config.json``'s entries (``{}`` without one): end-of-turn ids and recommended sampling."""
+    path = folder / "generation_config.json"
+    return _read_json(path) if path.is_file() else {}
 
 
 def file_sha256(path: Path) -> str:
@@ -401,7 +422,7 @@ def tokenizer_from_folder(folder: Path, hf_config: dict[str, Any]) -> dict[str, 
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     special = {key: _token_text(settings.get(key)) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
     vocab = _vocabulary(text)
-    generation = _read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    generation = _generation_settings(folder)
     end_ids = generation.get("eos_token_id", hf_config.get("eos_token_id"))
     end_ids = end_ids if isinstance(end_ids, list) else [end_ids] if isinstance(end_ids, int) else []
     by_id = {index: token for token, index in vocab.items()}

@@ -43,3 +43,5 @@ def import_model(
         f"imported {source} into {done.out}: {done.architecture} as blocks {done.blocks}, "
         f"{done.parameters / 1e6:.1f}M parameters, {done.seconds:.1f} s\n  chat with it: anexa chat -m {done.out}"
     )
+    if done.sampling:
+        typer.echo(f"  its makers recommend sampling with {' → '.join(done.sampling)}: used when you choose none")

@@ -495,7 +495,9 @@ def _load(
     option: list[str] | None,
     attention: str | None,
 ):
-    """The model the flags name (:func:`anexa_core.io.load.load`) and the sampler chain they ask for."""
+    """The model the flags name (:func:`anexa_core.io.load.load`) and the sampler chain they ask for — with
+    no sampling flag, the one the model's makers recommend (:meth:`~anexa_core.io.load.Loaded.sampling`), said
+    on stderr."""
     from anexa_core.infer import sampling
     from anexa_core.io.load import load
 
@@ -506,7 +508,13 @@ def _load(
     if "attention" in plugin_options and attention is None:
         raise AnexaError("-o attention.… needs --attention NAME naming the attention it configures")
     loaded = load(model, device, attention, plugin_options.get("attention"))
-    chain = sampling.build_chain(sample or [], temperature)
+    recommended = loaded.sampling() if not sample and temperature is None else None
+    chain = sampling.build_chain(sample or (recommended.specs if recommended else []), temperature)
+    if recommended is not None:
+        typer.echo(
+            f"sampling as the model's makers recommend: {recommended.describe()}; --temperature or -s choose otherwise",
+            err=True,
+        )
     logging.getLogger("anexa").debug("sampler chain: %r", chain)
     return loaded, chain
 

@@ -141,4 +141,7 @@ def serve(
     bound = sock.getsockname()[1]
     shown = f"[{host.strip('[]')}]" if ":" in host else host
     typer.echo(f"serving {', '.join(served)} on http://{shown}:{bound} (chat page at /, OpenAI API at /v1)", err=True)
+    for name, one in served.items():
+        if one.sampling:
+            typer.echo(f"{name}: requests that choose no sampling get its makers' {' → '.join(one.sampling)}", err=True)
     uvicorn_server(app).run(sockets=[sock])

@@ -19,7 +19,9 @@ from typing import Any
 @dataclass(frozen=True)
 class ServedModel:
     """One loaded checkpoint: ``name`` (what requests put in ``model``), the torch module, tokenizer,
-    checkpoint metadata, the run folder or file given, and its modification time (Unix seconds)."""
+    checkpoint metadata, the run folder or file given, its modification time (Unix seconds), and the
+    sampler specs its makers recommend (:meth:`anexa_core.io.load.Loaded.sampling`), used by requests that
+    choose no sampling."""
 
     name: str
     model: Any
@@ -27,6 +29,7 @@ class ServedModel:
     meta: dict[str, Any]
     path: Path
     created: int
+    sampling: tuple[str, ...] = ()
 
     @property
     def context_length(self) -> int:
@@ -48,6 +51,7 @@ class ServedModel:
                 "n_embd": config.get("n_embd"),
                 "step": self.meta.get("step"),
                 "val_loss": self.meta.get("val_loss"),
+                "sampling": list(self.sampling),
             },
         }
 
@@ -82,7 +86,9 @@ def load_models(paths: list[Path] | None, device: Any = "auto") -> dict[str, Ser
     loaded = [load(path, device) for path in paths] if paths else [load(None, device)]
     served: dict[str, ServedModel] = {}
     for name, one in zip(unique_names([item.source for item in loaded]), loaded, strict=True):
+        recommended = one.sampling()
+        specs = tuple(recommended.specs) if recommended is not None else ()
         served[name] = ServedModel(
-            name, one.model, one.tokenizer, one.meta, one.source, int(one.source.stat().st_mtime)
+            name, one.model, one.tokenizer, one.meta, one.source, int(one.source.stat().st_mtime), specs
         )
     return served

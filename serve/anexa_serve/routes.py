@@ -85,7 +85,7 @@ async def completions(request: Request) -> Response:
         _check_echo_lengths(served, prompts)
     eos = tuple(getattr(served.tokenizer, "eos_ids", ()) or ())
     options = Options(
-        token_limit(server, req, echo), sampler_chain(req), req.seed, req.stops(), eos, req.logprobs, echo
+        token_limit(server, req, echo), sampler_chain(req, served), req.seed, req.stops(), eos, req.logprobs, echo
     )
     return await generate(request, server, served, prompts, req, options, chat=False)
 
@@ -99,7 +99,7 @@ async def chat_completions(request: Request) -> Response:
     prompt = render(server.templates[served.name], served.tokenizer, messages, req.anexa.chat_template)
     ids = await chat_prompt_ids(served, prompt)
     stops = list(dict.fromkeys([*req.stops(), *prompt.stops]))
-    options = Options(token_limit(server, req), sampler_chain(req), req.seed, stops, prompt.stop_ids, req.top())
+    options = Options(token_limit(server, req), sampler_chain(req, served), req.seed, stops, prompt.stop_ids, req.top())
     return await generate(request, server, served, [ids], req, options, chat=True)
 
 
@@ -110,11 +110,14 @@ def token_limit(server: ServerState, req: GenerationRequest, echo: bool | None =
     return server.max_tokens(requested, echo, field)
 
 
-def sampler_chain(req: GenerationRequest) -> SamplerChain:
+def sampler_chain(req: GenerationRequest, served: ServedModel) -> SamplerChain:
     """The request's sampler chain: ``anexa.samplers`` (parsed once, by the core) plus ``temperature`` and
-    ``top_p``; 400 naming the field for an unknown sampler, a bad option or a sampler given twice."""
+    ``top_p`` — or, when it gives none of them, the sampling the model's makers recommend
+    (:attr:`ServedModel.sampling`); 400 naming the field for an unknown sampler, a bad option or a sampler
+    given twice."""
+    chosen = req.anexa.samplers or req.temperature is not None or req.top_p is not None
     try:
-        chain = build_chain(req.anexa.samplers)
+        chain = build_chain(req.anexa.samplers if chosen else served.sampling)
     except AnexaError as exc:
         raise invalid(str(exc), param="anexa.samplers", code="invalid_sampler") from None
     named = list(zip(chain.names, chain.processors, strict=True))

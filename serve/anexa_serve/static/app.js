@@ -34,13 +34,24 @@ async function loadModels() {
     for (const model of body.data) {
       const option = document.createElement("option");
       option.value = option.textContent = model.id;
+      option.dataset.sampling = ((model.anexa && model.anexa.sampling) || []).join(", ");
       select.append(option);
     }
     if (chosen) select.value = chosen;
+    showSampling();
     select.dataset.loaded = "true";
   } catch (e) {
     showError("could not reach the server: " + e.message);
   }
+}
+
+// A model whose makers recommend a sampling gets it when temperature, top p and samplers are all left empty.
+function showSampling() {
+  const option = $("model").selectedOptions[0];
+  const recommended = option ? option.dataset.sampling : "";
+  $("temperature").placeholder = recommended ? "model's" : "1.0";
+  $("top-p").placeholder = recommended ? "model's" : "off";
+  $("samplers").placeholder = recommended ? "model's: " + recommended : "top_k=40, repetition_penalty=1.2";
 }
 
 function follow() { const log = $("log"); log.scrollTop = log.scrollHeight; }
@@ -170,4 +181,5 @@ $("prompt").addEventListener("keydown", (e) => {
 $("stop-button").addEventListener("click", () => controller && controller.abort());
 $("clear").addEventListener("click", () => { conversation.length = 0; $("log").replaceChildren(); showError(""); $("status").textContent = ""; });
 $("api-key").addEventListener("change", loadModels);
+$("model").addEventListener("change", showSampling);
 loadModels();
