@@ -127,6 +127,7 @@ def test_logprobs_are_the_models_log_softmax_and_echo_scores_the_prompt():
         assert [i for i, _ in entry[1]] == logp[t - 1].topk(3).indices.tolist()  # the prompt's alternatives too
     scores = token_logprobs(model, torch.tensor([prompt]))
     assert [s for s, _ in scores[0]] == pytest.approx([e[0] for e in stream.prompt_logprobs[1:]], abs=1e-6)
+    assert all(alternatives == [] for _, alternatives in scores[0])  # no alternatives unless asked for
 
 
 def test_echo_of_a_prompt_longer_than_the_context_scores_its_last_block_size_plus_one_tokens():

@@ -500,3 +500,27 @@ def test_a_cache_grows_by_doubling_from_its_first_allocation():
     small = KVCache(1000)
     small.update(0, keys[:, :, :3], keys[:, :, :3])
     assert small.capacity == 64
+
+
+def test_a_narrowed_view_advances_its_parents_rows_and_a_plain_cache_reports_its_rows():
+    """The engine feeds a narrowed view of its ragged batch: what the view stores, and how far its rows
+    advance, is the parent's. A plain cache (rows advancing together) says every row holds its length, and
+    cannot be narrowed (its rows' progress could not be shared)."""
+    plain = KVCache(100)
+    keys = torch.arange(2 * 3 * 5 * 4, dtype=torch.float32).reshape(2, 3, 5, 4)
+    for layer in range(2):
+        plain.update(layer, keys, keys)
+    assert plain.row_lengths() == [5, 5] and plain.row_length(1) == 5
+    with pytest.raises(AssertionError, match="narrow needs a ragged cache"):
+        plain.narrow(1)
+    batch = KVCache.batch_like(plain, 3)
+    assert batch.row_lengths() == [0, 0, 0] and len(batch) == 0
+    batch.copy_row(0, plain, 1)
+    batch.copy_row(1, plain, 0)
+    view = batch.narrow(2)
+    new = torch.ones(2, 3, 1, 4)
+    for layer in range(2):
+        stored, _ = view.update(layer, new, new)
+        assert torch.equal(stored[0, :, :5], keys[1]) and torch.equal(stored[:, :, 5], new[:, :, 0])
+    assert batch.row_lengths() == [6, 6, 0] and view.row_lengths() == [6, 6] and len(batch) == 6
+    assert torch.equal(batch._keys[1][1, :, :6], torch.cat([keys[0], new[0]], dim=1))

@@ -53,7 +53,6 @@ class KVCache:
             shape = (rows, *keys.shape[1:])
             cache._keys.append(keys.new_zeros(shape))
             cache._values.append(keys.new_zeros(shape))
-        cache._lengths = [0] * len(source._keys)
         device = source._keys[0].device if source._keys else None
         cache._row_lengths = [torch.zeros(rows, dtype=torch.long, device=device) for _ in source._keys]
         return cache
@@ -193,13 +192,12 @@ class KVCache:
             lengths[row] = 0
 
     def narrow(self, rows: int) -> KVCache:
-        """A cache over the first ``rows`` rows sharing this one's memory: what it stores and how far its
-        rows advance is this cache's too."""
+        """A ragged cache over the first ``rows`` rows sharing this one's memory: what it stores and how far
+        its rows advance is this cache's too."""
+        assert self._row_lengths is not None, "narrow needs a ragged cache (KVCache.batch_like)"
         view = KVCache(self.max_len)
         view._view = True
         view._keys = [keys[:rows] for keys in self._keys]
         view._values = [values[:rows] for values in self._values]
-        view._lengths = list(self._lengths)
-        if self._row_lengths is not None:
-            view._row_lengths = [lengths[:rows] for lengths in self._row_lengths]
+        view._row_lengths = [lengths[:rows] for lengths in self._row_lengths]
         return view
