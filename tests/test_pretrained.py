@@ -366,7 +366,15 @@ def test_recommended_sampling_is_read_as_transformers_and_llama_cpp_mean_it(capl
         return None if found is None else found.specs + found.missing
 
     assert specs({}) is None and specs({"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}) is None
-    assert specs({"do_sample": False}) == ["greedy"]
+    assert specs({"do_sample": False}) == ["greedy"] and specs({"temperature": 0.7, "top_k": 1}) == ["greedy"]
+    greedy = generation_config.from_hf({"do_sample": False, "temperature": 0.3, "repetition_penalty": 1.2})
+    assert greedy == {"do_sample": False, "repetition_penalty": 1.2}  # transformers' greedy search applies it
+    assert specs(greedy) == ["repetition_penalty=1.2", "repetition_penalty.window=100", "greedy"]
+    assert generation_config.to_hf(greedy) == greedy
+    as_gguf = generation_config.to_gguf(greedy)
+    assert as_gguf == {"repetition_penalty": 1.2, "repetition_penalty_window": -1, "top_k": 1}
+    back = {generation_config.GGUF_KEYS[field]: value for field, value in as_gguf.items()}
+    assert generation_config.from_gguf(back) == greedy
     assert specs({"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 1.0}) == ["temperature=0.6", "top_k=50"]
     assert specs({"temperature": 0.0, "top_p": 0.95, "min_p": 0.05}) == ["temperature=0.0", "top_p=0.95", "min_p=0.05"]
     assert specs({"repetition_penalty": 1.1}) == ["repetition_penalty=1.1", "repetition_penalty.window=100"]

@@ -68,14 +68,19 @@ def _valid(values: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 def from_hf(generation: Mapping[str, Any]) -> dict[str, Any]:
-    """The record of a ``generation_config.json``'s entries; ``{}`` when it names no sampling."""
-    if generation.get("do_sample") is False:
-        return {"do_sample": False}
+    """The record of a ``generation_config.json``'s entries; ``{}`` when it names no sampling.
+    ``do_sample: false`` is greedy, with the repetition penalty transformers applies to greedy search too."""
     record = _valid(generation, "generation_config.json")
     record.pop("repetition_penalty_window", None)  # not a transformers field
+    if generation.get("do_sample") is False:
+        return {"do_sample": False, **_penalty(record)}
     if generation.get("do_sample") is True:
         return {"do_sample": True, **HF_SAMPLING_DEFAULTS, **record}
     return record
+
+
+def _penalty(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {field: record[field] for field in ("repetition_penalty", "repetition_penalty_window") if field in record}
 
 
 def from_gguf(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -94,6 +99,8 @@ def from_gguf(metadata: Mapping[str, Any]) -> dict[str, Any]:
         record.pop("repetition_penalty", None)
     elif "repetition_penalty" in record and window > 0:
         record["repetition_penalty_window"] = window
+    if record.get("top_k") == 1:  # llama.cpp's greedy
+        return {"do_sample": False, **_penalty(record)}
     return record
 
 
@@ -103,7 +110,7 @@ def to_hf(record: Mapping[str, Any]) -> dict[str, Any]:
     if not record:
         return {}
     if record.get("do_sample") is False:
-        return {"do_sample": False}
+        return {"do_sample": False, **{k: v for k, v in _penalty(record).items() if k in HF_FIELDS}}
     entries = {"do_sample": True, "top_k": 0}  # transformers' top_k 50 applies only where the record says so
     entries.update({field: record[field] for field in _FIELDS if field in record and field in HF_FIELDS})
     return entries
@@ -116,9 +123,11 @@ HF_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 def to_gguf(record: Mapping[str, Any]) -> dict[str, Any]:
     """The record's fields as a GGUF file holds them (keys of :data:`GGUF_KEYS`; llama.cpp's meaning:
     greedy is ``top_k`` 1, and a penalty without a window covers the whole context, ``penalty_last_n`` -1)."""
-    if record.get("do_sample") is False:
-        return {"top_k": 1}
-    fields = {field: record[field] for field in GGUF_KEYS if field in record}
+    greedy = record.get("do_sample") is False
+    kept = _penalty(record) if greedy else record
+    fields = {field: kept[field] for field in GGUF_KEYS if field in kept}
+    if greedy:
+        fields["top_k"] = 1
     if "repetition_penalty" in record and "repetition_penalty_window" not in record:
         fields["repetition_penalty_window"] = -1
     return fields
@@ -144,16 +153,23 @@ class Recommended:
 def recommended(record: Mapping[str, Any] | None, context: int) -> Recommended | None:
     """Sampler specs for ``record`` on a model of ``context`` positions, in chain order; ``None`` when the
     model recommends nothing. Values that change nothing (temperature 1, top_k 0, top_p 1, min_p 0, a
-    penalty of 1) are left out; ``do_sample: false`` is ``greedy``."""
-    if not record:
+    penalty of 1) are left out; ``do_sample: false`` (or ``top_k`` 1) is ``greedy``, after the penalty."""
+    specs = _specs(record or {}, context)
+    if not specs:
         return None
-    if record.get("do_sample") is False:
-        return Recommended(["greedy"], [])
+    installed = plugins.registered("samplers")
+    usable = [spec for spec in specs if spec.split("=")[0].split(".")[0] in installed]
+    return Recommended(usable, [spec for spec in specs if spec not in usable])
+
+
+def _specs(record: Mapping[str, Any], context: int) -> list[str]:
     specs: list[str] = []
     penalty = record.get("repetition_penalty")
     if penalty is not None and penalty != 1:
         window = min(record.get("repetition_penalty_window") or context, context)
         specs += [f"repetition_penalty={penalty!r}", f"repetition_penalty.window={window}"]
+    if record.get("do_sample") is False or record.get("top_k") == 1:  # one token left: the rest change nothing
+        return [*specs, "greedy"]
     if record.get("temperature", 1.0) != 1:
         specs.append(f"temperature={record['temperature']!r}")
     if record.get("top_k", 0) > 0:
@@ -162,8 +178,4 @@ def recommended(record: Mapping[str, Any] | None, context: int) -> Recommended |
         specs.append(f"top_p={record['top_p']!r}")
     if record.get("min_p", 0.0) > 0:
         specs.append(f"min_p={record['min_p']!r}")
-    if not specs:
-        return None
-    installed = plugins.registered("samplers")
-    usable = [spec for spec in specs if spec.split("=")[0].split(".")[0] in installed]
-    return Recommended(usable, [spec for spec in specs if spec not in usable])
+    return specs
