@@ -43,16 +43,25 @@ def _alone(model, request: Request, seed: int | None) -> list[int]:
 @pytest.mark.parametrize("blocks", ["gpt2", "llama"])
 @pytest.mark.parametrize("sampler", [[], ["temperature=0"]])
 def test_rows_at_different_lengths_decode_as_each_would_alone(blocks, sampler):
-    """Eight requests (prompts of 1–20 tokens, past the 16-token window under both policies) on three rows."""
+    """Eight requests (prompts of 1–20 tokens, 18–40 new ones, past the 16-token window under both policies)
+    on three rows, so rows leave and join while others run: the same tokens, and the same log-probabilities
+    as one row at a time — a tiny random model's picks barely depend on the context, so only its
+    probabilities show a row that lost its cache."""
     model = tiny_model(seed=3, blocks=blocks)
     requests = [
-        Request(p, 40, build_chain(sampler), seed=100 + i, context="shift" if i % 2 else "sliding")
+        Request(
+            p, 18 + 7 * i % 23, build_chain(sampler), seed=100 + i, context="shift" if i % 2 else "sliding", logprobs=0
+        )
         for i, p in enumerate(_prompts(8))
     ]
     engine = Engine(model, max_rows=3)
     together = _run(engine, requests)
     assert together == [_alone(model, r, 100 + i) for i, r in enumerate(requests)]
     assert engine.max_rows == 3 and not engine.busy
+    single = Engine(model, max_rows=1)
+    _run(single, requests)
+    for batched, alone in zip(engine.last_streams, single.last_streams, strict=True):
+        torch.testing.assert_close([t.logprob for t in batched.tokens], [t.logprob for t in alone.tokens])
 
 
 def test_a_seeded_request_gives_the_same_tokens_alone_or_beside_fifteen_others():
@@ -78,6 +87,13 @@ def test_plugins_that_cannot_batch_run_one_row_at_a_time_correctly(register_plug
         requests = [Request(p, 20, Greedy()) for p in _prompts(5)]
         assert _run(Engine(model, max_rows=3), requests) == _run(Engine(exact, max_rows=3), requests)
         assert not hasattr(Scaled, "ragged")
+
+
+def test_a_misspelt_context_policy_is_refused_with_the_closest_one():
+    engine = Engine(tiny_model())
+    with pytest.raises(AnexaError, match=r"^unknown context policy 'slidng': did you mean 'sliding'\? choose one of"):
+        engine.submit(Request([1, 2], 3, Greedy(), context="slidng"))
+    assert not engine.busy
 
 
 def test_a_stop_id_ends_the_reply_and_is_not_part_of_it():
@@ -149,6 +165,8 @@ def test_echo_of_a_prompt_longer_than_the_context_scores_its_last_block_size_plu
         logp.gather(1, last[0, 1:, None])[:, 0].tolist(), abs=1e-5
     )
     assert all(entry[1] == [] for entry in scored[1:])
+    list(engine.run([Request(prompt[:9], 0, Greedy(), logprobs=0, echo=True)]))
+    assert engine.forwards == 2  # the counter benchmarks read: one more pass for the next echo
 
 
 def test_a_ragged_batch_equals_each_row_through_sdpa_and_math():

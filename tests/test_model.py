@@ -524,3 +524,19 @@ def test_a_narrowed_view_advances_its_parents_rows_and_a_plain_cache_reports_its
         assert torch.equal(stored[0, :, :5], keys[1]) and torch.equal(stored[:, :, 5], new[:, :, 0])
     assert batch.row_lengths() == [6, 6, 0] and view.row_lengths() == [6, 6] and len(batch) == 6
     assert torch.equal(batch._keys[1][1, :, :6], torch.cat([keys[0], new[0]], dim=1))
+    # Several tokens at once land after each row's own last one, numbered from there.
+    batch.free_row(0)
+    assert batch.row_lengths() == [0, 6, 0]
+    assert batch.positions(3, torch.device("cpu")).tolist() == [[0, 1, 2], [6, 7, 8], [0, 1, 2]]
+    three = torch.randn(3, 3, 3, 4)
+    for layer in range(2):
+        stored, _ = batch.update(layer, three, three)
+        assert stored.shape == (3, 3, 9, 4) and batch.lengths(layer).tolist() == [3, 9, 3]
+        assert torch.equal(stored[0, :, :3], three[0]) and torch.equal(stored[1, :, 6:9], three[1])
+    assert len(batch._keys) == len(plain._keys) == 2  # one buffer pair per layer, however many updates
+    with pytest.raises(ValueError, match=r"^KV cache holds 100 positions; 101 requested$"):
+        plain.update(0, torch.zeros(2, 3, 96, 4), torch.zeros(2, 3, 96, 4))
+    with pytest.raises(ValueError, match=r"^KV cache holds 100 positions; 101 requested$"):
+        batch.update(0, torch.zeros(3, 3, 92, 4), torch.zeros(3, 3, 92, 4))
+    with pytest.raises(ValueError, match=r"^KV cache layers must be used in order 0, 1, …: got layer 3 first$"):
+        plain.update(3, keys, keys)
