@@ -347,6 +347,30 @@ def test_recommended_sampling_is_read_as_transformers_and_llama_cpp_mean_it(capl
     assert sorted(record.getMessage().split(": ")[1].split(" = ")[0] for record in caplog.records) == sorted(
         ["temperature", "top_k", "top_p", "min_p", "repetition_penalty"]
     )
+    assert caplog.records[0].getMessage() == (
+        "generation_config.json: temperature = -1 is not a usable sampling setting; left out"
+    )
+    # A window is GGUF's, not a transformers field; a greedy GGUF file keeps its penalty's window.
+    assert generation_config.from_hf({"repetition_penalty": 1.1, "repetition_penalty_window": 8}) == {
+        "repetition_penalty": 1.1
+    }  # fmt: skip
+    greedy_gguf = {
+        "general.sampling.top_k": 1,
+        "general.sampling.penalty_repeat": 1.5,
+        "general.sampling.penalty_last_n": 32,
+    }
+    assert generation_config.from_gguf(greedy_gguf) == {
+        "do_sample": False, "repetition_penalty": 1.5, "repetition_penalty_window": 32
+    }  # fmt: skip
+    assert generation_config.to_gguf({"do_sample": False, "temperature": 0.5}) == {"top_k": 1}
+    caplog.clear()
+    odd = {"general.sampling.penalty_last_n": 0, "general.sampling.top_p": 0.0, "general.sampling.temp": 0.5}
+    assert generation_config.from_gguf(odd) == {"temperature": 0.5}  # a window of 0 without a penalty: nothing
+    assert [record.getMessage() for record in caplog.records] == [
+        "general.sampling: top_p = 0.0 is not a usable sampling setting; left out"
+    ]
+    one = {"general.sampling.penalty_repeat": 1.5, "general.sampling.penalty_last_n": 1}
+    assert generation_config.from_gguf(one) == {"repetition_penalty": 1.5, "repetition_penalty_window": 1}
     assert generation_config.from_hf({"temperature": float("nan"), "top_p": 1}) == {"top_p": 1.0}
     gguf = {"general.sampling.temp": 0.699999988079071, "general.sampling.penalty_repeat": 1.100000023841858}
     assert generation_config.from_gguf(gguf) == {
@@ -381,6 +405,9 @@ def test_recommended_sampling_is_read_as_transformers_and_llama_cpp_mean_it(capl
     assert specs({"repetition_penalty": 1.1, "repetition_penalty_window": 64}, 40) == [
         "repetition_penalty=1.1", "repetition_penalty.window=40"
     ]  # fmt: skip
+    assert specs({"repetition_penalty": 1.1, "repetition_penalty_window": 32}) == [
+        "repetition_penalty=1.1", "repetition_penalty.window=32"
+    ]  # fmt: skip
     assert specs({"repetition_penalty": 1.0, "repetition_penalty_window": 64}) is None
     installed = generation_config.plugins.registered
     monkeypatch.setattr(  # a user without the anexa-topk plugin
@@ -389,6 +416,18 @@ def test_recommended_sampling_is_read_as_transformers_and_llama_cpp_mean_it(capl
     without = generation_config.recommended({"temperature": 0.6, "top_k": 20, "top_p": 0.95}, 100)
     assert (without.specs, without.missing) == (["temperature=0.6", "top_p=0.95"], ["top_k=20"])
     assert without.describe() == "temperature=0.6 → top_p=0.95 (top_k=20 left out: no top_k sampler is installed)"
+    only = generation_config.recommended({"top_k": 20}, 100)
+    assert only.describe() == "plain sampling at temperature 1 (top_k=20 left out: no top_k sampler is installed)"
+    monkeypatch.setattr(  # and without the built-in repetition penalty
+        generation_config.plugins,
+        "registered",
+        lambda kind: {k: v for k, v in installed(kind).items() if k not in ("top_k", "repetition_penalty")},
+    )
+    neither = generation_config.recommended({"repetition_penalty": 1.1, "top_k": 20}, 100)
+    assert neither.describe() == (
+        "plain sampling at temperature 1 (repetition_penalty=1.1, repetition_penalty.window=100, top_k=20 left out: "
+        "no repetition_penalty or top_k sampler is installed)"
+    )
     monkeypatch.undo()
     hf_record = {"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.05}
     assert generation_config.to_hf(hf_record) == hf_record

@@ -143,7 +143,7 @@ class Recommended:
 
     def describe(self) -> str:
         """One line for the user, e.g. ``temperature=0.6 → top_p=0.95 (top_k=20 left out: …)``."""
-        shown = " → ".join(self.specs) or "the model's own settings"
+        shown = " → ".join(self.specs) or "plain sampling at temperature 1"
         if self.missing:
             names = sorted({spec.split("=")[0].split(".")[0] for spec in self.missing})
             shown += f" ({', '.join(self.missing)} left out: no {' or '.join(names)} sampler is installed)"
