@@ -169,6 +169,12 @@ def test_learning_rate_schedule_at_every_boundary():
     assert max(values) == 1.0 and min(values) == pytest.approx(0.1)
     assert all(a <= b for a, b in itertools.pairwise(values[:11]))  # warmup rises
     assert all(a >= b for a, b in itertools.pairwise(values[10:]))  # then it only falls
+    clock = TrainConfig(steps=None, minutes=1.0, lr=1.0, min_lr=0.0, warmup_steps=10)
+    assert lr_at(3, clock) == pytest.approx(0.4) and lr_at(10, clock, time_fraction=0.5) == pytest.approx(0.5)
+    with pytest.raises(
+        ValueError, match=r"^a schedule without decay_steps or steps follows the clock: pass time_fraction$"
+    ):
+        lr_at(10, clock)  # past the warmup, a schedule by the clock needs to know the time
 
 
 def test_schedule_horizon_is_decay_steps_and_no_warmup_starts_at_the_peak():
