@@ -177,12 +177,13 @@ def test_plugins_json_lists_builtins_with_versions():
         (["generate", "x", "--temperature", "inf"], "must be a finite number, got 'inf'"),
         (["generate", "x", "-o", "blocks.bias=false"], "cannot change a trained model"),
         (["generate", "x", "--context", "wrap"], "unknown context policy 'wrap'"),
+        (["chat", "--context", "shfit"], "unknown context policy 'shfit': did you mean 'shift'?"),
         (["generate", "x", "--model", "README.md"], "is not a safetensors checkpoint"),
         (["generate", "x", "--model", "tests"], "no checkpoint at tests/model.safetensors"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path, run_dir, sherlock_path, monkeypatch):
-    if args[0] == "generate" and "--model" not in args:
+    if args[0] in ("generate", "chat") and "--model" not in args:
         args = [*args, "--model", str(run_dir)]
     if "--model" in args:  # relative paths are the repository's
         monkeypatch.chdir(REPO)

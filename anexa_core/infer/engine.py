@@ -124,6 +124,13 @@ class Stream:
         return len(self.prompt)
 
 
+def check_context_policy(context: str) -> None:
+    """Raises :class:`AnexaError` naming the closest policy when ``context`` is not one of
+    :data:`CONTEXT_POLICIES` — what an interface calls before it loads a model."""
+    if context not in CONTEXT_POLICIES:
+        raise AnexaError(f"unknown context policy {context!r}: {choose_one_of(context, CONTEXT_POLICIES)}")
+
+
 class EngineBusy(AnexaError):
     """Every row is taken and the waiting line is full."""
 
@@ -185,10 +192,7 @@ class Engine:
         when the line is full."""
         if not request.prompt_ids:
             raise AnexaError("the prompt is empty: give at least one character of text")
-        if request.context not in CONTEXT_POLICIES:
-            raise AnexaError(
-                f"unknown context policy {request.context!r}: {choose_one_of(request.context, CONTEXT_POLICIES)}"
-            )
+        check_context_policy(request.context)
         generator = request.generator
         if generator is None and request.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)

@@ -494,13 +494,16 @@ def _load(
     temperature: float | None,
     option: list[str] | None,
     attention: str | None,
+    context: str,
 ):
     """The model the flags name (:func:`anexa_core.io.load.load`) and the sampler chain they ask for — with
     no sampling flag, the one the model's makers recommend (:meth:`~anexa_core.io.load.Loaded.sampling`), said
-    on stderr."""
+    on stderr. The context policy is checked first, so a typo is refused before a model loads."""
     from anexa_core.infer import sampling
+    from anexa_core.infer.engine import check_context_policy
     from anexa_core.io.load import load
 
+    check_context_policy(context)  # before the model loads: a typo costs no waiting
     plugin_options = _plugin_options(option)
     unknown = sorted(set(plugin_options) - {"attention"})
     if unknown:
@@ -577,7 +580,7 @@ def generate(
     use_threads(threads)
     from anexa_core.infer.generation import generate_samples, generate_text
 
-    loaded, chain = _load(model, device, sample, temperature, option, attention)
+    loaded, chain = _load(model, device, sample, temperature, option, attention, context)
     if prompt is None:
         if sys.stdin.isatty():  # a pipe says nothing; a person at a terminal would wait without a word
             typer.echo(
@@ -625,7 +628,7 @@ def chat(
     use_threads(threads)
     from anexa_core.infer.chat import Conversation, JinjaTemplate, template_for
 
-    loaded, chain = _load(model, device, sample, temperature, option, attention)
+    loaded, chain = _load(model, device, sample, temperature, option, attention, context)
     tokenizer, meta = loaded.tokenizer, loaded.meta
     template = template_for(tokenizer)
     bos = not isinstance(template, JinjaTemplate)  # a model's own template writes its special tokens itself
