@@ -471,6 +471,11 @@ def test_a_models_recommended_sampling_is_used_when_none_is_chosen_and_travels_i
         assert result.exit_code == 0, result.output
         return result.stdout, result.stderr
 
+    chat = CliRunner().invoke(app, ["chat", "-m", str(tmp_path / "run"), "--device", "cpu"], input="quit\n")
+    assert chat.exit_code == 0 and chat.stdout.startswith(
+        f"loaded {tmp_path / 'run' / 'model.safetensors'}: imported from the Hugging Face model folder `llama`; "
+        "chatting through its chat template."
+    ), chat.output
     text, said = generate()
     assert said.strip() == (
         f"sampling as the model's makers recommend: {' → '.join(specs)}; --temperature or -s choose otherwise"

@@ -627,6 +627,7 @@ def chat(
     model gets its own template, other models a User:/Assistant: transcript."""
     use_threads(threads)
     from anexa_core.infer.chat import Conversation, JinjaTemplate, template_for
+    from anexa_core.io.pretrained import Origin
 
     loaded, chain = _load(model, device, sample, temperature, option, attention, context)
     tokenizer, meta = loaded.tokenizer, loaded.meta
@@ -636,9 +637,11 @@ def chat(
     if system:
         conversation.add("system", system)
     val = meta.get("val_loss")
-    val_text = f", val loss {val:.4f}" if isinstance(val, float) else ""
+    state = f"step {meta.get('step')}" + (f", val loss {val:.4f}" if isinstance(val, float) else "")
+    if isinstance(meta.get("imported_from"), dict):  # an import has no steps of its own to report
+        state = f"imported from {Origin(meta['imported_from'], True).describe()}"
     kind = "its chat template" if not bos else "a User:/Assistant: transcript"
-    where = f"loaded {loaded.path}: step {meta.get('step')}{val_text}; chatting through {kind}."
+    where = f"loaded {loaded.path}: {state}; chatting through {kind}."
     typer.echo(f"{where} `quit`, `exit`, `/bye` or Ctrl-D to leave; `/reset` to start over.")
     stops = [*(_unescape(text) for text in stop or []), *template.stop]
     history = _line_editing()
