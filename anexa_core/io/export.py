@@ -502,7 +502,7 @@ def _history_rows(
             rows.append(f"| licence | {origin.source['license']} (the pretrained model's) |")
         found = generation_config.recommended(origin.generation(), meta["model_config"]["block_size"])
         if found is not None:
-            shown = " → ".join(f"`{spec}`" for spec in found.specs + found.missing)
+            shown = " → ".join(f"`{spec}`" for spec in found.every)
             rows.append(f"| recommended sampling | {shown} (its makers'; used when none is chosen) |")
     steps = _steps_cell(meta, latest)
     if train_config:

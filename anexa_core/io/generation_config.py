@@ -87,12 +87,12 @@ def from_gguf(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """The record of a GGUF file's ``general.sampling.*`` entries (float32 values as the shortest decimal
     that is the same float32); ``{}`` when it has none. ``penalty_last_n`` -1 is the whole context, 0 turns
     the penalty off, and without it a penalty looks back :data:`LLAMA_CPP_PENALTY_WINDOW` tokens."""
-    import numpy as np
+    from anexa_core.io.gguf import tidy_float
 
     values = {field: metadata.get(key) for field, key in GGUF_KEYS.items()}
     for field, value in values.items():
         if isinstance(value, float) and _FIELDS[field][0] is float:
-            values[field] = float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
+            values[field] = tidy_float(value)
     record = _valid(values, "general.sampling")
     window = record.pop("repetition_penalty_window", LLAMA_CPP_PENALTY_WINDOW)
     if window == 0:
@@ -110,9 +110,9 @@ def to_hf(record: Mapping[str, Any]) -> dict[str, Any]:
     if not record:
         return {}
     if record.get("do_sample") is False:
-        return {"do_sample": False, **{k: v for k, v in _penalty(record).items() if k in HF_FIELDS}}
+        return {"do_sample": False, **{k: v for k, v in record.items() if k == "repetition_penalty"}}
     entries = {"do_sample": True, "top_k": 0}  # transformers' top_k 50 applies only where the record says so
-    entries.update({field: record[field] for field in _FIELDS if field in record and field in HF_FIELDS})
+    entries.update({field: record[field] for field in HF_FIELDS if field in record})
     return entries
 
 
@@ -135,17 +135,23 @@ def to_gguf(record: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Recommended:
-    """The sampler specs (``-s`` syntax) for a model's recommended sampling, and those left out because no
-    installed sampler plugin has the name (``top_k`` comes with the ``anexa-topk`` example plugin)."""
+    """The sampler specs (``-s`` syntax) for a model's recommended sampling, in chain order (``every``), and
+    those among them that no installed sampler plugin provides (``missing``: ``top_k`` comes with the
+    ``anexa-topk`` example plugin)."""
 
-    specs: list[str]
+    every: list[str]
     missing: list[str]
+
+    @property
+    def specs(self) -> list[str]:
+        """The specs to sample with here: ``every`` but the ``missing``."""
+        return [spec for spec in self.every if spec not in self.missing]
 
     def describe(self) -> str:
         """One line for the user, e.g. ``temperature=0.6 → top_p=0.95 (top_k=20 left out: …)``."""
         shown = " → ".join(self.specs) or "plain sampling at temperature 1"
         if self.missing:
-            names = sorted({spec.split("=")[0].split(".")[0] for spec in self.missing})
+            names = sorted({_sampler(spec) for spec in self.missing})
             shown += f" ({', '.join(self.missing)} left out: no {' or '.join(names)} sampler is installed)"
         return shown
 
@@ -158,8 +164,12 @@ def recommended(record: Mapping[str, Any] | None, context: int) -> Recommended |
     if not specs:
         return None
     installed = plugins.registered("samplers")
-    usable = [spec for spec in specs if spec.split("=")[0].split(".")[0] in installed]
-    return Recommended(usable, [spec for spec in specs if spec not in usable])
+    return Recommended(specs, [spec for spec in specs if _sampler(spec) not in installed])
+
+
+def _sampler(spec: str) -> str:
+    """The sampler a spec names: ``repetition_penalty`` for ``repetition_penalty.window=64``."""
+    return spec.split("=")[0].split(".")[0]
 
 
 def _specs(record: Mapping[str, Any], context: int) -> list[str]:

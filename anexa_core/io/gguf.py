@@ -388,7 +388,7 @@ def hub_repository(metadata: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _tidy_float(value: float) -> float:
+def tidy_float(value: float) -> float:
     """A float32 metadata value as the shortest decimal that is the same float32 (``1e-05``, not
     ``9.999999747378752e-06``), as the model's config.json had it."""
     return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
@@ -434,7 +434,7 @@ def _hf_config(arch: str, meta: Mapping[str, Any], names: set[str], vocab: int, 
             "n_positions": positions,
             "n_ctx": positions,
             "n_inner": None if inner == 4 * embd else inner,
-            "layer_norm_epsilon": _tidy_float(key("attention.layer_norm_epsilon", float)),
+            "layer_norm_epsilon": tidy_float(key("attention.layer_norm_epsilon", float)),
             "activation_function": "gelu_new",  # llama.cpp's GELU is the tanh approximation
             "tie_word_embeddings": tied,
             **token_ids,
@@ -454,7 +454,7 @@ def _hf_config(arch: str, meta: Mapping[str, Any], names: set[str], vocab: int, 
             f"{path} uses rope scaling ({meta.get(f'{arch}.rope.scaling.type', 'rope_freqs')}), which Anexa's "
             "GGUF import does not support: import the model from its Hugging Face folder instead"
         )
-    theta = _tidy_float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    theta = tidy_float(meta.get(f"{arch}.rope.freq_base", 10000.0))
     return {
         "architectures": [_HF_CLASSES[arch]],
         "model_type": arch,
@@ -466,7 +466,7 @@ def _hf_config(arch: str, meta: Mapping[str, Any], names: set[str], vocab: int, 
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "max_position_embeddings": key("context_length"),
-        "rms_norm_eps": _tidy_float(key("attention.layer_norm_rms_epsilon", float)),
+        "rms_norm_eps": tidy_float(key("attention.layer_norm_rms_epsilon", float)),
         "rope_theta": theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": theta},
         "hidden_act": "silu",

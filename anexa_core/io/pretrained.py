@@ -93,7 +93,7 @@ def import_model(source: str | Path, out: Path, overwrite: bool = False) -> Impo
     architecture = source_info["hf_architecture"]
     seconds = time.perf_counter() - started
     found = generation_config.recommended(source_info["imported_from"].get("generation"), model.config.block_size)
-    sampling = found.specs + found.missing if found is not None else []
+    sampling = found.every if found is not None else []
     return Imported(out, architecture, model.config.blocks, model.num_parameters(), seconds, sampling)
 
 

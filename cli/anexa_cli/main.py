@@ -627,22 +627,14 @@ def chat(
     model gets its own template, other models a User:/Assistant: transcript."""
     use_threads(threads)
     from anexa_core.infer.chat import Conversation, JinjaTemplate, template_for
-    from anexa_core.io.pretrained import Origin
 
     loaded, chain = _load(model, device, sample, temperature, option, attention, context)
-    tokenizer, meta = loaded.tokenizer, loaded.meta
-    template = template_for(tokenizer)
+    template = template_for(loaded.tokenizer)
     bos = not isinstance(template, JinjaTemplate)  # a model's own template writes its special tokens itself
     conversation = Conversation(template)
     if system:
         conversation.add("system", system)
-    val = meta.get("val_loss")
-    state = f"step {meta.get('step')}" + (f", val loss {val:.4f}" if isinstance(val, float) else "")
-    if isinstance(meta.get("imported_from"), dict):  # an import has no steps of its own to report
-        state = f"imported from {Origin(meta['imported_from'], True).describe()}"
-    kind = "its chat template" if not bos else "a User:/Assistant: transcript"
-    where = f"loaded {loaded.path}: {state}; chatting through {kind}."
-    typer.echo(f"{where} `quit`, `exit`, `/bye` or Ctrl-D to leave; `/reset` to start over.")
+    typer.echo(_greeting(loaded, bos))
     stops = [*(_unescape(text) for text in stop or []), *template.stop]
     history = _line_editing()
     piped = not sys.stdin.isatty()
@@ -662,6 +654,24 @@ def chat(
         turn += 1
     if history is not None:
         history()
+
+
+def _greeting(loaded, bos: bool) -> str:
+    """`anexa chat`'s first line: what was loaded — an import by where it came from, a trained model by its
+    step and validation loss — how the conversation is rendered, and how to leave."""
+    from anexa_core.io.pretrained import origin_of
+
+    meta = loaded.meta
+    val = meta.get("val_loss")
+    state = f"step {meta.get('step')}" + (f", val loss {val:.4f}" if isinstance(val, float) else "")
+    origin = origin_of(meta) if isinstance(meta.get("imported_from"), dict) else None
+    if origin is not None:  # an import has no steps of its own to report
+        state = f"imported from {origin.describe()}"
+    kind = "its chat template" if not bos else "a User:/Assistant: transcript"
+    return (
+        f"loaded {loaded.path}: {state}; chatting through {kind}. `quit`, `exit`, `/bye` or Ctrl-D to leave; "
+        "`/reset` to start over."
+    )
 
 
 LEAVE = ("quit", "exit", "/quit", "/exit", "/bye")
