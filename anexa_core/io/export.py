@@ -99,8 +99,9 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False, ou
     specials = special_tokens(tokenizer)
     hf_config.update(specials["ids"])
     parameters = model.num_parameters()
-    card = model_card(meta, hf_config, parameters, out, latest_of_run(meta))
-    generation = _generation_config(meta, specials["ids"])
+    origin = origin_of(meta)
+    card = model_card(meta, hf_config, parameters, out, origin, latest_of_run(meta))
+    generation = _generation_config(origin, specials["ids"])
     with atomic_folder(out, replace=out.exists()) as folder:
         (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         if generation:
@@ -126,10 +127,9 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False, ou
     )
 
 
-def _generation_config(meta: dict[str, Any], ids: dict[str, Any]) -> dict[str, Any]:
-    """``generation_config.json`` for a model whose makers recommend a sampling (``{}`` for others), with
-    the special ids: transformers reads them from this file once it exists."""
-    origin = origin_of(meta)
+def _generation_config(origin: Origin | None, ids: dict[str, Any]) -> dict[str, Any]:
+    """``generation_config.json`` for a model whose makers recommend a sampling (``{}`` for others; ``origin``:
+    :func:`origin_of` the run), with the special ids: transformers reads them from this file once it exists."""
     generation = generation_config.to_hf(origin.generation() if origin is not None else {})
     return {**{key: value for key, value in ids.items() if value is not None}, **generation} if generation else {}
 
@@ -530,13 +530,15 @@ def model_card(
     hf_config: dict[str, Any],
     parameters: int,
     out: Path,
+    origin: Origin | None,
     latest: dict[str, Any] | None = None,
 ) -> str:
     """The README.md of an exported folder: front matter for the Hub, then what the model is, how it was
     trained (the command), and how to load and upload it.
 
-    ``latest``: the metadata of the run's latest checkpoint (:func:`latest_of_run`), for the steps and
-    time the run trained when ``meta`` is its best checkpoint. Every number is read from the metadata;
+    ``origin``: where the model came from (:func:`origin_of` ``meta``). ``latest``: the metadata of the
+    run's latest checkpoint (:func:`latest_of_run`), for the steps and time the run trained when ``meta``
+    is its best checkpoint. Every number is read from the metadata;
     no local path appears (data by :func:`shareable_data`, the folder by its name)."""
     # Why long: the card's Markdown written out line by line in the order it reads (front matter, table, command,
     # usage, upload); nearly all of it is literal text, the few ifs add optional lines.
@@ -544,7 +546,6 @@ def model_card(
     model_config, train_config = meta["model_config"], latest.get("train_config") or meta.get("train_config") or {}
     tokenizer = meta["tokenizer"]["name"]
     architecture = hf_config["architectures"][0]
-    origin = origin_of(meta)
     shown_base = origin.source.get("name") if origin is not None and origin.direct else None
     command, toml = training_command(model_config, train_config, shown_base) if train_config else (None, None)
     name = out.resolve().name
