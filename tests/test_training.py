@@ -1079,6 +1079,43 @@ def test_a_budget_leaves_room_for_the_next_step_or_stops_before_it(sherlock_path
     assert checkpoint.load_train_state(tmp_path).meta["elapsed_s"] == 10.5
 
 
+def test_a_budget_leaves_room_for_the_final_checkpoint(sherlock_path, tmp_path, monkeypatch):
+    """A newcomer's 1-minute full fine-tune of SmolLM2 ended 29 s past its budget, writing 2.7 GB. Steps of
+    1.5 s, evaluations of 3 s, checkpoints of 2 s, both every 2 steps, a 16 s budget: step 2's are timed
+    (3 s → 6 → 8), and after step 4 (11 s) a step, the evaluation and a checkpoint would end at 17.5 s: the
+    run stops, evaluates and saves by 16 s (without the checkpoint's time it went on to step 5 and ended at
+    22.5). Before any checkpoint is timed, its bytes at the assumed write rate count: at 1 byte/s the run
+    stops after its first step; with nothing to write, after step 6 as without checkpoints."""
+    from anexa_core.train import loop as training
+
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    _fake_clock(monkeypatch, step_s=1.5, estimate_s=1.5, save_s=2.0)
+    config = _train_config(sherlock_path, steps=10**6, eval_every=2, eval_batches=3, minutes=16 / 60, save_every=2)
+    assert train(tiny, config, tmp_path / "timed").step == 4
+    assert checkpoint.load_train_state(tmp_path / "timed").meta["elapsed_s"] == 14.0
+    config = dataclasses.replace(config, eval_every=10**6, save_every=10**6, minutes=12 / 60)
+    _fake_clock(monkeypatch, step_s=1.5, estimate_s=1.5, write_rate=1.0)
+    assert train(tiny, config, tmp_path / "slow").step == 1
+    _fake_clock(monkeypatch, step_s=1.5, estimate_s=1.5)
+    assert train(tiny, config, tmp_path / "instant").step == 6
+    monkeypatch.setattr(training, "WRITE_BYTES_PER_S", 100.0)
+    assert training._forwards_per_step(_stub_run(trainable=1, frozen=0)) == 3.0
+    assert training._forwards_per_step(_stub_run(trainable=1, frozen=3)) == 2.25  # LoRA-like: the base frozen
+    assert training._save_seconds(_stub_run(trainable=10, frozen=90), None) == 2.0  # 5 × 10 float32 at 100 B/s
+    assert training._save_seconds(_stub_run(trainable=10, frozen=90), 7.5) == 7.5
+
+
+def _stub_run(trainable: int, frozen: int):
+    """What :func:`_forwards_per_step` and :func:`_save_seconds` read of a run: a model of float32
+    parameters, ``trainable`` of them trained and ``frozen`` not."""
+    import types
+
+    model = torch.nn.Module()
+    model.trained = torch.nn.Parameter(torch.zeros(trainable))
+    model.frozen = torch.nn.Parameter(torch.zeros(frozen), requires_grad=False)
+    return types.SimpleNamespace(model=model)
+
+
 def test_throughput_leaves_the_evaluations_out_and_is_written_to_one_decimal(sherlock_path, tmp_path, monkeypatch):
     """On a fake clock (a step 0.7 s, an evaluation 1 s), every throughput written — ``steps.jsonl``'s and
     ``metrics.jsonl``'s — is 3 steps × 512 tokens over 2.1 s = 731.43 tokens/s, to one decimal: the
@@ -1227,15 +1264,29 @@ def test_a_tie_in_val_loss_keeps_the_earlier_best(sherlock_path, tmp_path, monke
     assert checkpoint.read_metadata(tmp_path / checkpoint.BEST_FILE)["step"] == 2
 
 
-def _fake_clock(monkeypatch, step_s: float = 1.0, estimate_s: float = 0.5) -> list[float]:
-    """Training on a clock the test controls: each step takes ``step_s``, each loss estimate ``estimate_s``."""
+def _fake_clock(
+    monkeypatch, step_s: float = 1.0, estimate_s: float = 0.5, save_s: float = 0.0, write_rate: float = float("inf")
+) -> list[float]:
+    """Training on a clock the test controls: each step takes ``step_s``, each loss estimate ``estimate_s``,
+    each checkpoint ``save_s``; a checkpoint not yet timed is estimated at ``write_rate`` bytes/s."""
     import types
 
     from anexa_core.train import loop as training
 
     clock = [0.0]
     monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], sleep=lambda s: None))
-    real_make_train_step, real_estimate_loss = training.make_train_step, training.estimate_loss
+    monkeypatch.setattr(training, "WRITE_BYTES_PER_S", write_rate)
+    real_make_train_step, real_estimate_loss, real_save = (
+        training.make_train_step,
+        training.estimate_loss,
+        training.save,
+    )
+
+    def timed_save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        clock[0] += save_s
+
+    monkeypatch.setattr(training, "save", timed_save)
 
     def timed_steps(*args, **kwargs):
         step = real_make_train_step(*args, **kwargs)
