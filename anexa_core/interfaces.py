@@ -38,6 +38,9 @@ class Tokenizer(Protocol):
     - Optional ``token_bytes(id)`` → the UTF-8 bytes one token contributes to the text, which for a
       byte-level token may be part of a character (where ``decode([id])`` shows U+FFFD). The server's
       log-probabilities report them (OpenAI's ``bytes``); without it, ``decode([id])`` encoded.
+    - Optional ``special_ids`` → the ids of special tokens (BOS, EOS, chat markers such as
+      ``<|im_start|>``): structure, not text. Generated text never shows them (``decode`` still does), and
+      a chat reply through the model's own template ends at any of them.
     - Optional, for a pretrained model's tokenizer (the ``hf`` plugin): ``eos_ids`` (the ids that end a
       reply: EOS and the chat template's end of turn; decoding stops there and never shows them),
       ``bos_id`` and ``add_bos`` (prepend BOS to a prompt), ``special_tokens`` (``{"bos_token": …,
@@ -172,6 +175,7 @@ OPTIONAL_MEMBERS: dict[str, tuple[str, ...]] = {
         "encode_batch",
         "export_hf",
         "token_bytes",
+        "special_ids",
         "eos_ids",
         "bos_id",
         "add_bos",

@@ -320,14 +320,15 @@ def test_the_kv_cache_budget_bounds_the_batch_and_what_waits_gets_its_turn():
     assert engine.cache_positions(1, 65, 10) == 128 and engine.cache_positions(1, 150, 100) == 200  # doubled once
     assert engine.cache_positions(1, 250, 100) == 256  # at most the context
     engine.submit(requests[0])
-    with pytest.raises(AnexaError, match="may need 128 KV-cache positions"):  # 10 + 100: 64, doubled to 128
+    with pytest.raises(AnexaError, match="may need 128 KV-cache positions") as asked:  # 10 + 100: 64, doubled to 128
         Engine(model, max_rows=5, max_cache_tokens=127).submit(Request(list(range(1, 11)), 100, Greedy()))
+    assert str(asked.value).endswith(": ask for fewer new tokens or a shorter prompt") and not asked.value.by_prompt
     Engine(model, max_rows=5, max_cache_tokens=128).submit(Request(list(range(1, 11)), 100, Greedy()))
     with pytest.raises(AnexaError, match=r"may need 256 KV-cache positions .* more than the engine's 255") as caught:
         Engine(model, max_rows=5, max_cache_tokens=255).submit(Request(list(range(1, 200)), 57, Greedy()))
-    assert "\n" not in str(caught.value) and str(caught.value).endswith(
-        ": ask for fewer new tokens or a shorter prompt"
-    )
+    # 199 prompt tokens need 256 positions with a single new one: the prompt is the cause
+    assert "\n" not in str(caught.value) and str(caught.value).endswith(": shorten the prompt")
+    assert caught.value.by_prompt
     with pytest.raises(AnexaError, match="may need 256 KV-cache positions"):  # one new token needs a cache too
         Engine(model, max_cache_tokens=127).submit(Request(list(range(1, 37)) * 5, 1, Greedy()))
     with pytest.raises(ValueError, match=r"^max_cache_tokens must be at least 1$"):

@@ -219,22 +219,63 @@ def test_a_flushed_stream_gives_its_tail_once_and_goes_on_afresh():
 
 
 def test_stopped_text_shows_what_it_held_back_when_the_output_ends():
-    """At the end, :class:`StoppedText` gives both things it may hold back: a character the last token left
-    unfinished (U+FFFD, as ``decode`` shows it) and text that could have begun a stop string."""
-    from anexa_core.infer.generation import StoppedText
+    """At the end, :class:`StoppedText` gives the text that could have begun a stop string; a character the
+    last token left unfinished (a reply cut by its token limit) is dropped, never shown as U+FFFD — the
+    text stream alone still gives it, as ``decode`` does."""
+    from anexa_core.infer.generation import StoppedText, TextStream
 
     dash = "—".encode()
     tokenizer = ByteTokens([b"a", dash[:2], b"Ho", b"lm", b"es"])
     unfinished = StoppedText(tokenizer, stops=["Holmes"])
-    assert [unfinished.add(0), unfinished.add(1), unfinished.finish()] == ["a", "", "\ufffd"]
+    assert [unfinished.add(0), unfinished.add(1), unfinished.finish()] == ["a", "", ""]
+    plain = StoppedText(tokenizer)
+    assert [plain.add(0), plain.add(1), plain.finish()] == ["a", "", ""]
+    stream = TextStream(tokenizer)
+    assert [stream.add(0), stream.add(1), stream.flush()] == ["a", "", "\ufffd"]
     held = StoppedText(tokenizer, stops=["Holmes"])
     assert [held.add(0), held.add(2), held.add(3), held.finish()] == ["a", "", "", "Holm"]
     assert not held.stopped
     ended = StoppedText(tokenizer, stops=["Holmes"])
     assert [ended.add(i) for i in (0, 2, 3, 4)] == ["a", "", "", ""]
     assert ended.stopped and ended.finish() == ""
-    both = StoppedText(tokenizer, stops=["Holmes"])  # in the order they were written
-    assert [both.add(0), both.add(2), both.add(1), both.finish()] == ["a", "", "", "Ho\ufffd"]
+    both = StoppedText(tokenizer, stops=["Holmes"])
+    assert [both.add(0), both.add(2), both.add(1), both.finish()] == ["a", "", "", "Ho"]
+
+
+def test_a_reply_continues_its_prompt_a_character_split_between_them_comes_out_whole():
+    """Found against the server: a prompt ending inside a character (its first bytes) and a reply whose
+    first token completes it gave the reply U+FFFD. Primed with the prompt, the reply's text has the whole
+    character, and a prompt's earlier text is never shown again."""
+    from anexa_core.infer.generation import StoppedText
+
+    dash = "—".encode()
+    tokenizer = ByteTokens([b"Holmes ", dash[:2], dash[2:], b" Watson"])
+    alone = StoppedText(tokenizer)
+    assert [alone.add(2), alone.add(3), alone.finish()] == ["", "\ufffd Watson", ""]
+    primed = StoppedText(tokenizer, prompt=[0, 0, 1])
+    assert [primed.add(2), primed.add(3), primed.finish()] == ["—", " Watson", ""]
+    whole = StoppedText(tokenizer, prompt=[0, 1, 2])  # a prompt of whole characters: nothing held
+    assert [whole.add(3), whole.finish()] == [" Watson", ""]
+
+
+class WithSpecial(ByteTokens):
+    """``ByteTokens`` whose id 0 is a special token (``<|im_start|>``): ``decode`` shows it."""
+
+    special_ids = frozenset({0})
+
+
+def test_special_tokens_are_never_shown_in_generated_text():
+    """Found against the server: a completion showed the model's ``<|im_start|>``. Special tokens are
+    structure: a reply's text leaves them out, wherever they come, and around them the text is whole."""
+    from anexa_core.infer.generation import StoppedText, TextStream
+
+    dash = "—".encode()
+    tokenizer = WithSpecial([b"<|im_start|>", b"user", dash[:1], dash[1:]])
+    assert tokenizer.decode([1, 0, 1]) == "user<|im_start|>user"
+    shown = StoppedText(tokenizer, prompt=[0, 1, 0])
+    assert [shown.add(i) for i in (0, 1, 0, 2, 0, 3)] + [shown.finish()] == ["", "user", "", "", "", "—", ""]
+    stream = TextStream(tokenizer)
+    assert "".join(stream.add(i) for i in (0, 1, 0)) + stream.flush() == "user"
 
 
 def test_ids_that_decode_to_nothing_yield_no_empty_pieces():

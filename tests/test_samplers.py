@@ -16,7 +16,6 @@ from anexa_core.infer.sampling import (
     build_chain,
     parse_sampler_options,
     pick_rows,
-    stream_until_stop,
 )
 from anexa_plugins.samplers import Greedy, MinP, RepetitionPenalty, Temperature, TopP
 
@@ -679,6 +678,21 @@ def test_a_plugin_registered_for_a_test_is_gone_after_it():
 
 
 # --- stop strings ---------------------------------------------------------------------------------
+
+
+def stream_until_stop(pieces, stops):
+    """Pieces of text through one :class:`StopStrings`, pulled until it stops (as ``generate_text`` pulls
+    tokens): what may be shown of each, then what the end releases."""
+    matcher = StopStrings(stops)
+    for piece in pieces:
+        text = matcher.feed(piece)
+        if text or not stops:
+            yield text
+        if matcher.stopped:
+            return
+    tail = matcher.flush()
+    if tail:
+        yield tail
 
 
 def test_stop_string_across_pieces_is_never_yielded_and_stops_pulling():

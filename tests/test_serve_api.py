@@ -7,6 +7,7 @@ import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -638,3 +639,139 @@ def test_the_kv_cache_budget_makes_requests_wait_and_refuses_one_that_cannot_fit
             "context_length_exceeded",
         )
         assert "may need 128 KV-cache positions" in error["message"] and "fewer new tokens" in error["message"]
+
+
+# --- what a reply's text never holds: special tokens, half a character ----------------------------------
+
+
+class _Script:
+    """A sampler that forces ``picks[len(context)]`` where the context has that length: the model's choices,
+    scripted (the models here are random)."""
+
+    order = 25
+    reads_context = True
+    picks: ClassVar[dict[int, int]] = {}
+
+    def __call__(self, logits, context):
+        forced = self.picks.get(context.size(-1))
+        if forced is None:
+            return logits
+        return torch.where(torch.arange(logits.size(-1)) == forced, 0.0, float("-inf")).expand_as(logits)
+
+
+class _ScriptPlugin:
+    @hookimpl
+    def register_samplers(self, register):
+        register("script", _Script)
+
+
+@pytest.fixture
+def script(register_plugin, monkeypatch):
+    register_plugin(_ScriptPlugin(), "script-test")
+    picks: dict[int, int] = {}
+    monkeypatch.setattr(_Script, "picks", picks)
+    return picks
+
+
+def _chat_ids(chatml, messages):
+    template = JinjaTemplate(CHATML, chatml.tokenizer.special_tokens)
+    return encode_prompt(chatml.tokenizer, template.render(messages), bos=False)
+
+
+def test_no_special_token_reaches_a_reply(client, chatml, script):
+    """Found by a QA session: a chat model that opened its reply with `<|im_start|>` had it shown (the
+    markers were stop strings, and a stop string counts only after some text), and a completion showed the
+    special tokens the model wrote. A chat reply ends at any special token — at once, empty, when it comes
+    first — and a completion's text leaves them out (its logprobs still list them, adding no text)."""
+    tokenizer = chatml.tokenizer
+    start = tokenizer.token_id("<|im_start|>")
+    assert start in tokenizer.special_ids and start not in tokenizer.eos_ids
+    messages = [{"role": "user", "content": "Who is at the door?"}]
+    ids = _chat_ids(chatml, messages)
+    chat = {"model": "chatml", "messages": messages, "max_tokens": 20, "seed": 1, "anexa": {"samplers": ["script"]}}
+    for at in (0, 3):
+        script.clear()
+        script[len(ids) + at] = start
+        (choice,) = post(client, "/v1/chat/completions", chat)["choices"]
+        assert choice["finish_reason"] == "stop" and "<|" not in choice["message"]["content"]
+        assert choice["message"]["content"] == expected(chatml, ids, at, 1, ["script"])
+        streamed = events(client, "/v1/chat/completions", chat)
+        assert (
+            "".join(c["choices"][0]["delta"].get("content", "") for c in streamed if c["choices"])
+            == (choice["message"]["content"])
+        )
+    script.clear()
+    prompt = tokenizer.encode("Holmes said")
+    script[len(prompt) + 2] = start
+    body = {"model": "chatml", "prompt": prompt, "max_tokens": 6, "seed": 2, "logprobs": 0}
+    body["anexa"] = {"samplers": ["script"]}
+    (choice,) = post(client, "/v1/completions", body)["choices"]
+    generated = _ids_scripted(chatml, prompt, 6, 2)
+    assert generated[2] == start and "<|" not in choice["text"]
+    assert choice["text"] == tokenizer.decode([i for i in generated if i != start])
+    assert choice["logprobs"]["tokens"][2] == "<|im_start|>"
+    offsets = choice["logprobs"]["text_offset"]
+    assert offsets[3] == offsets[2] == len("Holmes said") + len(tokenizer.decode(generated[:2]))
+
+
+def _ids_scripted(served, prompt, max_tokens, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return list(generate_ids(served.model, prompt, max_tokens, build_chain(["script"]), generator))
+
+
+def test_a_character_split_between_prompt_and_reply_comes_out_whole(client, chatml, script):
+    """Found by a QA session: a prompt of token ids ending inside an emoji, and a reply whose first token
+    completes it, gave the reply (and echo's text) U+FFFD, and the completing token the offset after it.
+    The character is the reply's, whole; with echo the prompt's text stops before it, and all the
+    character's tokens start where it does. A reply cut inside a character ends before it."""
+    tokenizer = chatml.tokenizer
+    ids = tokenizer.encode("Holmes 🍕")
+    *prompt, last = ids
+    assert tokenizer.decode(prompt).endswith("\ufffd")  # the emoji's last byte is a token of its own
+    script[len(prompt)] = last
+    body = {"model": "chatml", "prompt": prompt, "max_tokens": 1, "seed": 5, "anexa": {"samplers": ["script"]}}
+    (alone,) = post(client, "/v1/completions", body)["choices"]
+    assert alone["text"] == "🍕" and alone["finish_reason"] == "length"
+    (echoed,) = post(client, "/v1/completions", {**body, "echo": True, "logprobs": 0})["choices"]
+    assert echoed["text"] == "Holmes 🍕"
+    emoji = [i for i, token in enumerate(echoed["logprobs"]["tokens"]) if token.startswith("\\x")]
+    assert emoji and [echoed["logprobs"]["text_offset"][i] for i in emoji] == [len("Holmes ")] * len(emoji)
+    script.clear()
+    script[len(tokenizer.encode("Holmes "))] = ids[-2]  # the reply's only token is part of the emoji
+    cut = {**body, "prompt": tokenizer.encode("Holmes "), "max_tokens": 1}
+    (choice,) = post(client, "/v1/completions", cut)["choices"]
+    assert choice["text"] == "" and choice["finish_reason"] == "length"
+    streamed = events(client, "/v1/completions", cut)
+    assert all("\ufffd" not in chunk["choices"][0]["text"] for chunk in streamed if chunk["choices"])
+
+
+def test_refusals_name_what_is_wrong_with_the_value_given(client, tiny):
+    """Found by a QA session: 17 stop strings were "not a valid string", an empty list of parts or of
+    prompts too (pydantic's first union branch); the chat template's own stop strings escaped the bounds
+    `stop` has; a prompt or a `max_completion_tokens` too large for the KV cache was blamed on
+    `max_tokens`."""
+    cases = [
+        ({"model": "tiny", "prompt": "a", "stop": ["a"] * 17}, "stop", "at most 16"),
+        ({"model": "tiny", "prompt": []}, "prompt", "at least 1"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": []}]}, "messages[0].content", "at least 1"),
+    ]
+    for body, param, words in cases:
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        assert words in assert_error(client.post(path, json=body), 400, param)["message"]
+    stops = {"chat_template": {"stop": ["x" * 10] * 17}}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "anexa": stops}
+    assert_error(client.post("/v1/chat/completions", json=chat), 400, "anexa.chat_template.stop")
+    chat["anexa"] = {"chat_template": {"stop": ["x" * 257]}}
+    assert_error(client.post("/v1/chat/completions", json=chat), 400, "anexa.chat_template.stop")
+    chat["anexa"] = {"chat_template": {"stop": ["x" * 256] * 16}}
+    assert post(client, "/v1/chat/completions", {**chat, "max_tokens": 2})["choices"]
+    wide = _served("wide", tiny.tokenizer, block_size=256)
+    small = create_app({"wide": wide}, ServeConfig(max_tokens_cap=400, max_cache_tokens=127))
+    with running(small) as base, httpx.Client(base_url=base, timeout=60) as http:
+        chat = {"model": "wide", "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 120}
+        assert_error(
+            http.post("/v1/chat/completions", json=chat), 400, "max_completion_tokens", "context_length_exceeded"
+        )
+        long = {"model": "wide", "prompt": "Holmes " * 20, "max_tokens": 1}
+        error = assert_error(http.post("/v1/completions", json=long), 400, "prompt", "context_length_exceeded")
+        assert "shorten the prompt" in error["message"]

@@ -44,6 +44,12 @@ RELEASED = {
         "tokenizer_cache": "anexa-tokenizer-cache/1",
         "contract": "32e631cf76813232",
     },
+    "0.6.0": {
+        "checkpoint": "anexa/2",
+        "tokens": "anexa-tokens/1",
+        "tokenizer_cache": "anexa-tokenizer-cache/1",
+        "contract": "2875ccf39eba08cf",
+    },
 }
 
 

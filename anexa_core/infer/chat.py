@@ -3,8 +3,8 @@
 A pretrained chat model comes with a Jinja template (``tokenizer_config.json`` or GGUF metadata, kept in
 its ``hf`` tokenizer's state): :class:`JinjaTemplate` renders it in Jinja's immutable sandbox, as
 transformers' ``apply_chat_template`` does (``trim_blocks``, ``lstrip_blocks``, ``tojson``,
-``raise_exception``, ``strftime_now``), so a template from the hub cannot reach Python. Replies end at the
-tokenizer's end-of-turn ids (``<|im_end|>``), which are never shown.
+``raise_exception``, ``strftime_now``), so a template from the hub cannot reach Python. Replies end at any
+special token (:func:`reply_ends`), which is never shown.
 
 Anexa's own models are *base* models, trained only to continue text: for them chat means continuing a
 plain transcript (:class:`Transcript`)::
@@ -166,6 +166,21 @@ def template_for(tokenizer: Any, override: Transcript | str | None = None) -> Te
         return JinjaTemplate(override, special)
     own = getattr(tokenizer, "chat_template", None)
     return JinjaTemplate(own, special) if own else Transcript()
+
+
+def reply_ends(template: Template, tokenizer: Any) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """What ends a chat reply, ``(stop strings, stop ids)``. Through a model's own template: every special
+    token (the tokenizer's ``eos_ids`` first, then its other ``special_ids``: a model that writes
+    ``<|im_start|>`` is opening the next turn) and the text of those the template names, should the model
+    spell one out — so no template marker reaches a reply. Through a transcript: its ``stop`` strings and
+    the tokenizer's end-of-turn ids. A reply that a special token ends at once is empty, as in transformers
+    and llama.cpp; stop strings follow :class:`~anexa_core.infer.sampling.StopStrings`' rule."""
+    eos = tuple(getattr(tokenizer, "eos_ids", ()) or ())
+    if isinstance(template, JinjaTemplate):
+        special = sorted(set(getattr(tokenizer, "special_ids", ()) or ()) - set(eos))
+        markers = tuple(dict.fromkeys(value for value in template.special_tokens.values() if value))
+        return markers, (*eos, *special)
+    return tuple(template.stop), eos
 
 
 def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:

@@ -136,7 +136,12 @@ class EngineBusy(AnexaError):
 
 
 class CacheBudgetExceeded(AnexaError):
-    """A request could not fit the engine's KV-cache budget (``max_cache_tokens``) even alone."""
+    """A request could not fit the engine's KV-cache budget (``max_cache_tokens``) even alone; ``by_prompt``:
+    not even with a single new token (its prompt is the cause, not how many tokens it asks for)."""
+
+    def __init__(self, message: str, by_prompt: bool = False) -> None:
+        super().__init__(message)
+        self.by_prompt = by_prompt
 
 
 class Engine:
@@ -200,10 +205,12 @@ class Engine:
         stream = Stream(request, prompt, generator, on_token, history=list(prompt))
         alone = self._grown(len(prompt), self._longest(stream))  # a fresh cache of one row: the batch drains first
         if self.max_cache_tokens is not None and request.max_new_tokens > 0 and alone > self.max_cache_tokens:
+            by_prompt = self._grown(len(prompt), min(self.block_size, len(prompt) + 1)) > self.max_cache_tokens
             raise CacheBudgetExceeded(
                 f"this request may need {alone:,} KV-cache positions (its prompt of {len(prompt):,} tokens and "
                 f"up to {request.max_new_tokens:,} new ones), more than the engine's {self.max_cache_tokens:,}: "
-                "ask for fewer new tokens or a shorter prompt"
+                + ("shorten the prompt" if by_prompt else "ask for fewer new tokens or a shorter prompt"),
+                by_prompt,
             )
         with self._lock:
             if self.max_waiting is not None and len(self.rows) + len(self.waiting) >= self.max_rows + self.max_waiting:

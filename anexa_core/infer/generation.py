@@ -15,7 +15,7 @@ import torch
 
 from anexa_core.data.corpus import normalize_text
 from anexa_core.infer.engine import CONTEXT_POLICIES, Engine, Request
-from anexa_core.infer.sampling import StopStrings, stream_until_stop
+from anexa_core.infer.sampling import StopStrings
 from anexa_core.model.gpt import GPT
 
 __all__ = [
@@ -34,6 +34,9 @@ MAX_PENDING_TOKENS = 64
 to become a character. One unfinished character is at most 3 bytes, but tokens that each end inside the
 next character — ``——`` as ``E2 80 | 94 E2 | 80 94 E2 | …`` — keep the text unfinished for as long as
 they last; past this many the replacement characters are shown (they are garbage then)."""
+PROMPT_CONTEXT = 8
+"""Prompt ids a reply's text stream decodes before the reply's own (:class:`TextStream`): enough for a
+character the prompt leaves unfinished (at most 3 of its 4 bytes) and the ids before it."""
 
 
 def generate_ids(
@@ -77,17 +80,29 @@ class TextStream:
     something else (then they were garbage and are shown), for at most :data:`MAX_PENDING_TOKENS` ids, or
     until :meth:`flush`. When nothing waits, the window moves on, keeping the last group of ids as context
     (as Hugging Face's text-generation-inference does, for tokenizers whose decoding depends on the id
-    before). Joined, the pieces are ``tokenizer.decode`` of all the ids.
+    before).
+
+    ``prompt``: the ids the text continues. Its last :data:`PROMPT_CONTEXT` are decoded first and not
+    returned, so a character the prompt leaves unfinished comes out whole with the id that completes it,
+    and the first id is decoded as what follows the prompt (a SentencePiece word keeps its leading space).
+    The tokenizer's special tokens (``special_ids``: ``<|im_start|>``, BOS, …) are structure, not text:
+    they add nothing. Joined, the pieces are ``tokenizer.decode`` of all the ids added, special ones left out.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, prompt: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
+        self.special = frozenset(getattr(tokenizer, "special_ids", ()) or ())
         self.ids: list[int] = []
         self._prefix = self._read = 0  # the window is ids[prefix:]; the text of ids[:read] was complete
         self._shown = 0  # characters of the window's text already returned
+        for token in list(prompt)[-PROMPT_CONTEXT:]:
+            self.add(token)
 
     def add(self, token: int) -> str:
-        """The text ``token`` makes final ("" while it only continues an unfinished character)."""
+        """The text ``token`` makes final ("" while it only continues an unfinished character, and for a
+        special token)."""
+        if token in self.special:
+            return ""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids[self._prefix :])
         final = len(text)
@@ -110,12 +125,15 @@ class TextStream:
 
 
 class StoppedText:
-    """Token ids in, text that may be shown out, until a stop string: :class:`TextStream`'s pieces through
-    :class:`~anexa_core.infer.sampling.StopStrings` — push-style, what :func:`generate_text` does pull-style.
-    Used for each sample of :func:`generate_samples` and each choice the server streams."""
+    """A reply's text as its ids arrive: :class:`TextStream`'s pieces (``prompt``: the ids it continues)
+    through :class:`~anexa_core.infer.sampling.StopStrings` — never a piece of a character, never a special
+    token, nothing from a stop string on. A reply cut inside a character (its token limit) ends before it:
+    the bytes that would make it whole were never generated (as vLLM and text-generation-inference end it).
+    What :func:`generate_text`, each sample of :func:`generate_samples` and each choice the server streams
+    show."""
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()) -> None:
-        self._decoder = TextStream(tokenizer)
+    def __init__(self, tokenizer: Any, stops: Sequence[str] = (), prompt: Sequence[int] = ()) -> None:
+        self._decoder = TextStream(tokenizer, prompt)
         self._stops = StopStrings(stops)
 
     @property
@@ -128,13 +146,16 @@ class StoppedText:
         return self._stops.feed(self._decoder.add(token))
 
     def finish(self) -> str:
-        """The output ended: what was still held back (an unfinished character, a possible stop's start)."""
-        return self._stops.feed(self._decoder.flush()) + self._stops.flush()
+        """The output ended: what was held back as a possible stop's start (an unfinished character is
+        dropped)."""
+        self._decoder.flush()
+        return self._stops.flush()
 
 
 def decode_stream(tokenizer, ids: Iterator[int]) -> Iterator[str]:
     """Text pieces as ``ids`` arrive, each non-empty, through one :class:`TextStream`; joined, they are
-    ``tokenizer.decode`` of all the ids."""
+    ``tokenizer.decode`` of all the ids (special tokens left out), an unfinished character at the end
+    included."""
     stream = TextStream(tokenizer)
     for token in ids:
         piece = stream.add(token)
@@ -167,17 +188,26 @@ def generate_text(
     seed: int | None = None,
     stop: Sequence[str] = (),
     context: str = "shift",
+    stop_ids: Collection[int] | None = None,
 ) -> Generator[str, None, None]:
     """Stream the continuation of ``prompt`` (text, encoded with :func:`encode_prompt`, or ids already
-    encoded) as text, ending at the tokenizer's end-of-turn ids (``eos_ids``, never shown) or at any
-    ``stop`` string (not included)."""
+    encoded) as :class:`StoppedText` shows it, ending at ``stop_ids`` (default: the tokenizer's end of turn,
+    ``eos_ids``; never shown) or at any ``stop`` string (not included; no more tokens are generated)."""
     generator = None
     if seed is not None:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     prompt_ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
-    stop_ids = getattr(tokenizer, "eos_ids", ())
-    ids = generate_ids(model, prompt_ids, max_new_tokens, chain, generator, context=context, stop_ids=stop_ids)
-    yield from stream_until_stop(decode_stream(tokenizer, ids), stop)
+    ends = getattr(tokenizer, "eos_ids", ()) if stop_ids is None else stop_ids
+    shown = StoppedText(tokenizer, stop, prompt_ids)
+    for token in generate_ids(model, prompt_ids, max_new_tokens, chain, generator, context=context, stop_ids=ends):
+        piece = shown.add(token)
+        if piece:
+            yield piece
+        if shown.stopped:
+            return
+    tail = shown.finish()
+    if tail:
+        yield tail
 
 
 def generate_samples(
@@ -206,7 +236,7 @@ def generate_samples(
         for i in range(count)
     ]  # fmt: skip
     texts: list[list[str]] = [[] for _ in requests]
-    shown = [StoppedText(tokenizer, stop) for _ in requests]
+    shown = [StoppedText(tokenizer, stop, prompt_ids) for _ in requests]
     for index, token in engine.run(requests):
         texts[index].append(shown[index].add(token.id))
         if shown[index].stopped:

@@ -10,7 +10,7 @@ top_k 30, top_p 40, min_p 50, greedy 90) and picks one token per row.
 from __future__ import annotations
 
 import re
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -290,23 +290,3 @@ class StopStrings:
             if any(len(stop) > len(tail) and stop.startswith(tail) for stop in self.stops):
                 return start
         return None
-
-
-def stream_until_stop(pieces: Iterable[str], stops: Sequence[str]) -> Generator[str, None, None]:
-    """Yield streamed text until a stop string appears, even across pieces; no stops → pieces unchanged.
-
-    It stops pulling from ``pieces`` at the stop, so a lazy generator of decoded tokens stops generating.
-    """
-    if not stops:
-        yield from pieces
-        return
-    matcher = StopStrings(stops)
-    for piece in pieces:
-        text = matcher.feed(piece)
-        if text:
-            yield text
-        if matcher.stopped:
-            return
-    tail = matcher.flush()
-    if tail:
-        yield tail

@@ -626,7 +626,7 @@ def chat(
     The conversation is kept (the oldest turns are dropped when it outgrows the context); a pretrained chat
     model gets its own template, other models a User:/Assistant: transcript."""
     use_threads(threads)
-    from anexa_core.infer.chat import Conversation, JinjaTemplate, template_for
+    from anexa_core.infer.chat import Conversation, JinjaTemplate, reply_ends, template_for
 
     loaded, chain = _load(model, device, sample, temperature, option, attention, context)
     template = template_for(loaded.tokenizer)
@@ -635,7 +635,8 @@ def chat(
     if system:
         conversation.add("system", system)
     typer.echo(_greeting(loaded, bos))
-    stops = [*(_unescape(text) for text in stop or []), *template.stop]
+    ends, stop_ids = reply_ends(template, loaded.tokenizer)
+    stops = [*(_unescape(text) for text in stop or []), *ends]
     history = _line_editing()
     piped = not sys.stdin.isatty()
     turn = 0
@@ -650,7 +651,7 @@ def chat(
         if not prompt:
             continue
         turn_seed = None if seed is None else seed + turn
-        _answer(loaded, conversation, prompt, bos, max_new_tokens, chain, turn_seed, stops, context)
+        _answer(loaded, conversation, prompt, bos, max_new_tokens, chain, turn_seed, (stops, stop_ids), context)
         turn += 1
     if history is not None:
         history()
@@ -704,11 +705,12 @@ def _answer(
     max_new_tokens: int,
     chain,
     seed: int | None,
-    stops: list[str],
+    ends: tuple[list[str], tuple[int, ...]],
     context: str,
 ) -> None:
     """One turn of `anexa chat`: the user's message joins the conversation, the reply streams to stdout
-    and joins it too. A prompt the tokenizer refuses is one line, before "Response:"."""
+    and joins it too; ``ends``: the stop strings and stop ids. A prompt the tokenizer refuses is one line,
+    before "Response:"."""
     from anexa_core.infer.generation import encode_prompt, generate_text
 
     tokenizer, block_size = loaded.tokenizer, loaded.model.config.block_size
@@ -724,7 +726,8 @@ def _answer(
     sys.stdout.write("Response: ")
     reply = []
     try:
-        for piece in generate_text(loaded.model, tokenizer, ids, max_new_tokens, chain, seed, stops, context):
+        stops, stop_ids = ends
+        for piece in generate_text(loaded.model, tokenizer, ids, max_new_tokens, chain, seed, stops, context, stop_ids):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -29,17 +29,21 @@ def byte_level_alphabet() -> dict[str, int]:
 
 class HFBacked:
     """A tokenizer whose work a ``tokenizers.Tokenizer`` does. Subclasses set ``_tokenizer`` (through
-    :meth:`_set`) and say in ``_missing`` what to do while there is none."""
+    :meth:`_set`) and say in ``_missing`` what to do while there is none. ``special_ids``: its added tokens
+    marked special (BOS, EOS, chat markers), which generated text never shows."""
 
     _missing = "the tokenizer has no vocabulary yet: train it or load a checkpoint first"
 
     def __init__(self) -> None:
         self.vocab_size = 0
+        self.special_ids: frozenset[int] = frozenset()
         self._tokenizer: HFTokenizer | None = None
 
     def _set(self, tokenizer: HFTokenizer) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        added = tokenizer.get_added_tokens_decoder()
+        self.special_ids = frozenset(token_id for token_id, token in added.items() if token.special)
 
     def _trained(self) -> HFTokenizer:
         if self._tokenizer is None:

@@ -250,14 +250,17 @@ def _field_path(loc: tuple[Any, ...], unknown: bool = False) -> str:
 
 
 def _validation_error(exc: ValidationError) -> APIError:
-    """Pydantic's most specific complaint (the deepest field; for unions, the branch that got furthest) as
-    a 400 naming the field; a field that is only unknown is ``unsupported``."""
+    """Pydantic's most specific complaint (the deepest field; for unions, the branch that got furthest, and
+    of branches as far, one whose type the value has: a list of 17 stops is too long, not "a valid string")
+    as a 400 naming the field; a field that is only unknown is ``unsupported``."""
     errors = exc.errors()
     if all(error["type"] == "extra_forbidden" for error in errors):
         name = _field_path(errors[0]["loc"], unknown=True)
         message = f"unknown field {name}: this server does not honour it; leave it out (docs/serve.md lists them)"
         return invalid(message, param=name, code="unsupported")
-    first = max(errors, key=lambda error: len(_field_parts(error["loc"])))  # max keeps the first of ties
+    first = max(  # max keeps the first of ties
+        errors, key=lambda error: (len(_field_parts(error["loc"])), not error["type"].endswith("_type"))
+    )
     param = _field_path(first["loc"]) or None
     message = first["msg"] if first["type"] != "missing" else "is required"
     return invalid(f"{param}: {message}" if param else message, param=param, code="invalid_value")

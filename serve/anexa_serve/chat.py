@@ -6,9 +6,9 @@ own Jinja template (a pretrained chat model's, kept in its ``hf`` tokenizer), or
 FILE.toml`` and per request by ``anexa.chat_template``). All come from the core's
 :func:`~anexa_core.infer.chat.template_for`; Jinja is rendered in its immutable sandbox.
 
-A Jinja template writes its own special tokens, so its prompt is encoded without another BOS; replies end
-at the tokenizer's end-of-turn ids (never shown) and at the text of its special tokens, so no template
-marker reaches a reply. A transcript's replies end at its ``stop`` strings.
+A Jinja template writes its own special tokens, so its prompt is encoded without another BOS. What ends a
+reply is the core's :func:`~anexa_core.infer.chat.reply_ends`: any special token (never shown) for a
+Jinja template, so no template marker reaches a reply; a transcript's ``stop`` strings.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from anexa_core.errors import AnexaError
-from anexa_core.infer.chat import JinjaTemplate, Template, Transcript, normalize_messages, template_for
+from anexa_core.infer.chat import JinjaTemplate, Template, Transcript, normalize_messages, reply_ends, template_for
 from anexa_serve.errors import invalid
+from anexa_serve.schemas import MAX_STOP_CHARS, MAX_STOPS
 
 ChatOverride = Transcript | str | None
 """``--chat-template``: a transcript (TOML), Jinja source text, or None."""
@@ -84,13 +85,18 @@ def render(
             template = template.updated(changes)
         except (AnexaError, TypeError) as exc:
             raise invalid(str(exc), param="anexa.chat_template", code="invalid_value") from None
+        if "stop" in changes and (
+            len(template.stop) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in template.stop)
+        ):  # checked against every token, as a request's own ``stop``, and bounded alike
+            raise invalid(
+                f"anexa.chat_template.stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} "
+                "characters, as stop does: give fewer or shorter",
+                param="anexa.chat_template.stop",
+            )
     try:
         text = template.render(normalize_messages(messages))
     except AnexaError as exc:
         raise invalid(str(exc), param="messages", code="invalid_value") from None
     user_text = "".join(message["content"] for message in messages)
-    if isinstance(template, JinjaTemplate):
-        markers = tuple(value for value in template.special_tokens.values() if value)
-        stop_ids = tuple(getattr(tokenizer, "eos_ids", ()) or ())
-        return ChatPrompt(text, user_text, False, tuple(dict.fromkeys(markers)), stop_ids)
-    return ChatPrompt(text, user_text, True, tuple(template.stop), tuple(getattr(tokenizer, "eos_ids", ()) or ()))
+    stops, stop_ids = reply_ends(template, tokenizer)
+    return ChatPrompt(text, user_text, not isinstance(template, JinjaTemplate), stops, stop_ids)

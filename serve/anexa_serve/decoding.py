@@ -34,18 +34,21 @@ class Update:
 class Offsets:
     """Character offsets of tokens as they come, from their bytes (``token_bytes(id)``): a token starts
     after the characters its predecessors completed, so every token of a character split over several
-    starts where the character does. ``start``: the first token's offset."""
+    starts where the character does. The prompt's tokens come first (echoed or not), then the choice's,
+    whose ``special`` ids add no text."""
 
-    def __init__(self, token_bytes: Callable[[int], bytes], start: int = 0) -> None:
+    def __init__(self, token_bytes: Callable[[int], bytes], special: frozenset[int] = frozenset()) -> None:
         self.token_bytes = token_bytes
-        self.offset = start
+        self.special = special
+        self.offset = 0
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def __call__(self, tokens: Sequence[Token]) -> list[int]:
+    def __call__(self, tokens: Sequence[Token], generated: bool = True) -> list[int]:
         offsets = []
         for token in tokens:
             offsets.append(self.offset)
-            self.offset += len(self._utf8.decode(self.token_bytes(token.id)))
+            if not (generated and token.id in self.special):
+                self.offset += len(self._utf8.decode(self.token_bytes(token.id)))
         return offsets
 
 
@@ -71,9 +74,13 @@ class ChoiceState:
     finish_reason: str | None = None
 
     def __post_init__(self) -> None:
-        self._text = StoppedText(self.tokenizer, self.stops)
+        self._text = StoppedText(self.tokenizer, self.stops, self.prompt_ids)
         self._unsent = 0
         self._offsets: Offsets | None = None
+        if self.token_bytes is not None:
+            self._offsets = Offsets(self.token_bytes, frozenset(getattr(self.tokenizer, "special_ids", ()) or ()))
+            if not self.echo:  # the choice's offsets count from the prompt's end
+                self._offsets([Token(token_id) for token_id in self.prompt_ids], generated=False)
         self._echoed = not self.echo
 
     def echo_update(self) -> Update | None:
@@ -89,7 +96,7 @@ class ChoiceState:
             Token(token_id) if score is None else Token(token_id, score[0], score[1])
             for token_id, score in zip(ids, scores, strict=True)
         ]
-        offsets = Offsets(self.token_bytes)(tokens) if self.token_bytes is not None else []
+        offsets = self._offsets(tokens, generated=False) if self._offsets is not None else []
         return Update(self.index, self.prompt_text(), tokens, offsets)
 
     def add(self, token: Token) -> Update | None:
@@ -113,15 +120,14 @@ class ChoiceState:
         return self._update(text)
 
     def prompt_text(self) -> str:
-        return self.tokenizer.decode(self.prompt_ids)
+        """The prompt as text, but for a character it leaves unfinished: that one is the choice's (its
+        text shows it once a token completes it; a choice that never does drops it)."""
+        text = self.tokenizer.decode(self.prompt_ids)
+        return text[: len(text.rstrip("\ufffd"))]
 
     def _update(self, text: str) -> Update:
         self.text.append(text)
         tokens = self.tokens[self._unsent :]
         self._unsent = len(self.tokens)
-        offsets = []
-        if self.token_bytes is not None:
-            if self._offsets is None:
-                self._offsets = Offsets(self.token_bytes, len(self.prompt_text()))
-            offsets = self._offsets(tokens)
+        offsets = self._offsets(tokens) if self._offsets is not None else []
         return Update(self.index, text, tokens, offsets, self.finish_reason)

@@ -77,7 +77,8 @@ class Options:
     """How every choice of a request decodes: ``max_tokens`` (0 only with ``echo``), the sampler
     ``chain`` (shared: the built-in samplers keep no state), ``seed`` (choice ``i`` gets ``seed + i``; None:
     a random seed each), ``stops`` (strings), ``stop_ids`` (end-of-turn ids), ``logprobs`` (None or the
-    number of alternatives per token), ``echo`` (score and return the prompt)."""
+    number of alternatives per token), ``echo`` (score and return the prompt); ``fields``: the request's
+    names for its prompt and its token limit, for the error when it cannot fit the KV cache."""
 
     max_tokens: int
     chain: Any
@@ -86,6 +87,7 @@ class Options:
     stop_ids: Sequence[int] = ()
     logprobs: int | None = None
     echo: bool = False
+    fields: tuple[str, str] = ("prompt", "max_tokens")
 
 
 def choice_seed(seed: int | None, index: int) -> int:
@@ -149,7 +151,8 @@ class Job:
             ) from None
         except CacheBudgetExceeded as exc:
             self.cancel()
-            raise invalid(str(exc), param="max_tokens", code="context_length_exceeded") from None
+            param = self.options.fields[0 if exc.by_prompt else 1]
+            raise invalid(str(exc), param=param, code="context_length_exceeded") from None
 
     def cancel(self) -> None:
         """Stop every choice still decoding (idempotent, from any thread)."""

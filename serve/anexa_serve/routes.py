@@ -99,7 +99,15 @@ async def chat_completions(request: Request) -> Response:
     prompt = render(server.templates[served.name], served.tokenizer, messages, req.anexa.chat_template)
     ids = await chat_prompt_ids(served, prompt)
     stops = list(dict.fromkeys([*req.stops(), *prompt.stops]))
-    options = Options(token_limit(server, req), sampler_chain(req, served), req.seed, stops, prompt.stop_ids, req.top())
+    options = Options(
+        token_limit(server, req),
+        sampler_chain(req, served),
+        req.seed,
+        stops,
+        prompt.stop_ids,
+        req.top(),
+        fields=("messages", req.limit()[0]),
+    )
     return await generate(request, server, served, [ids], req, options, chat=True)
 
 
