@@ -5,6 +5,9 @@ say whose they are — ``.<target>.<pid>.<random>.tmp`` (and ``….old`` for a f
 had moved aside) — so the next writer into the same folder, whatever its target, removes those of
 processes that are gone, and puts back a folder that a kill left moved aside. Nothing a killed write
 leaves behind is ever read as data, and nothing accumulates.
+
+:func:`check_output` says, before any work, whether an output file (a plot, benchmark rows) may be written
+to a path: one of its own format's, never over a run's files or a file of another kind.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from anexa_core.errors import AnexaError
+from anexa_core.errors import AnexaError, choose_one_of
 
 _TEMP = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.(?P<random>[a-z0-9_]{8})\.(?P<kind>tmp|old)$")
 """A writer's temp entry: ``tempfile``'s 8 random characters after the pid, so a stranger's file rarely matches."""
@@ -53,6 +56,61 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
+"""The plots ``anexa plot -o`` and ``anexa bench --plot`` write, by suffix: of matplotlib's formats, those its
+own backends write (no Pillow codec) and whose files can be told apart by their first bytes."""
+JSON_SUFFIXES = (".json",)
+"""The rows ``anexa bench --json`` writes."""
+_KINDS: dict[str, tuple[str, Callable[[bytes], bool]]] = {
+    ".png": ("a PNG", lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")),
+    ".pdf": ("a PDF", lambda head: head.startswith(b"%PDF-")),
+    ".svg": ("an SVG", lambda head: b"<svg" in head),
+    ".json": ("a JSON list", lambda head: head.lstrip().startswith(b"[")),
+}
+"""An output suffix's kind of file: its name in messages, and a test of its first 4 KiB (what Anexa writes)."""
+
+
+def check_output(target: str | os.PathLike[str], flag: str, suffixes: Sequence[str], run_plot: bool = False) -> str:
+    """The format (``png``, ``json``, …) an output file — a plot, bench rows — is written in, named by the
+    suffix of ``target``; call it before any work. Raises :class:`AnexaError` naming ``flag`` when ``target``
+    does not end in one of ``suffixes`` (case aside), is a folder or lies under a file, or when it exists and
+    is not of that kind (its first bytes; an empty file is replaced) or is a file of a run (in a folder that
+    holds one) — only the run's own plot, with ``run_plot``, which ``anexa plot`` redraws as training does.
+    So an output never replaces a checkpoint, metrics or a user's file of another kind."""
+    target = Path(target)
+    suffix = target.suffix.lower()
+    if suffix not in suffixes:
+        example = target.with_name(f"{target.stem or target.name}{suffixes[0]}")
+        fix = f"end it in {suffixes[0]}" if len(suffixes) == 1 else choose_one_of(suffix or "none", suffixes)
+        raise AnexaError(f"{flag} {target}: the suffix names the format; {fix} (e.g. {flag} {example})")
+    _check_file_target(target)
+    if target.exists():
+        _check_replaceable(target, flag, suffix, run_plot)
+    return suffix.lstrip(".")
+
+
+def _check_replaceable(target: Path, flag: str, suffix: str, run_plot: bool) -> None:
+    """A one-line error for an existing ``target`` an output may not replace: not a file, a run's, or not
+    of the kind ``suffix`` names."""
+    from anexa_core.io import checkpoint  # loads torch: only when there is something to replace
+
+    if not (run_plot and target.name == checkpoint.PLOT_FILE) and checkpoint.holds_a_run(target.parent):
+        raise AnexaError(
+            f"{flag} {target} would replace a file of the run in {target.parent}: pass a new name or a path "
+            "outside the run"
+        )
+    kind, is_kind = _KINDS[suffix]
+    if not target.is_file():  # a pipe or a device: never read, never replaced
+        raise AnexaError(f"{flag} {target} is not a regular file: pass the path of a file to write")
+    try:
+        with target.open("rb") as handle:
+            head = handle.read(4096)
+    except OSError as exc:
+        raise AnexaError(f"{flag} {target} cannot be read ({exc.strerror}): pass another path") from None
+    if head and not is_kind(head):
+        raise AnexaError(f"{flag} {target} exists and is not {kind}: pass a new name, or remove it first")
 
 
 def _check_file_target(target: Path) -> None:

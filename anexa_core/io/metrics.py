@@ -7,8 +7,9 @@
   training-batch loss of those steps, nats/token), ``lr`` (of the last of them), ``tokens_per_s`` over
   them, ``elapsed_s`` — the curve between evaluations.
 
-A line cut short by a killed process is skipped when read, and a resumed run first drops the lines written
-after the checkpoint it continues from (rewriting the file atomically), so nothing is counted twice.
+A line cut short by a killed process, or damaged (bytes that are not UTF-8), is skipped when read, and a
+resumed run first drops the lines written after the checkpoint it continues from (rewriting the file
+atomically), so nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ RUN_METRICS = (METRICS_FILE, STEPS_FILE)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines metrics file (``[]`` when there is none); a torn line is dropped."""
+    """The records of a JSON-lines metrics file (``[]`` when there is none); a torn or damaged line (not JSON,
+    not UTF-8) is dropped."""
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)

@@ -36,7 +36,7 @@ from anexa_core.config import BENCH_RUN_NEW_TOKENS, FINETUNE, ModelConfig, Train
 from anexa_core.device import pick_device, uses_bf16
 from anexa_core.errors import AnexaError, choose_one_of
 from anexa_core.infer.generation import generate_ids
-from anexa_core.io.files import atomic_path
+from anexa_core.io.files import IMAGE_SUFFIXES, JSON_SUFFIXES, atomic_path, check_output
 from anexa_core.io.load import load
 from anexa_core.model.gpt import GPT, build_model, decoding_layout
 from anexa_core.options import describe
@@ -728,6 +728,9 @@ def bench_generate(
 
 
 def write_json(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+    """The rows as a JSON list, atomically; a one-line error when ``path`` may not be written (another suffix
+    than .json, an existing file that is not a JSON list or is a run's: :func:`check_output`)."""
+    check_output(path, "--json", JSON_SUFFIXES)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
 
@@ -745,9 +748,11 @@ def require_matplotlib():
 def plot_attention(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
     """Forward+backward time and TFLOP/s against sequence length, one line per backend that ran; with
     several head dims, one line per backend per head dim (labelled ``NAME D=…``): a colour per backend,
-    a line style per head dim."""
+    a line style per head dim. In the format ``path``'s suffix names (.png, .pdf, .svg); a one-line error
+    before drawing when ``path`` may not be written (:func:`check_output`)."""
     # Why complex: the comprehensions that group the rows per backend and head dim, and the label, line style and
     # title that change with several head dims or causal rows; one figure, drawn top to bottom.
+    image_format = check_output(path, "--plot", IMAGE_SUFFIXES)
     plt = require_matplotlib()
     figure, (time_axis, rate_axis) = plt.subplots(1, 2, figsize=(11, 4))
     head_dims = list(dict.fromkeys(row["head_dim"] for row in rows))
@@ -778,7 +783,6 @@ def plot_attention(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> 
         axis.legend()
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    target = Path(path)
-    with atomic_path(target) as tmp:
-        figure.savefig(tmp, format=target.suffix.lstrip(".") or "png")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format=image_format)
     plt.close(figure)

@@ -1,5 +1,5 @@
-"""Loss curves as PNG (matplotlib, the ``plot`` extra): the training loss every few steps with the
-validation points, against steps and wall-clock, and the learning rate and throughput beside them."""
+"""Loss curves as PNG, PDF or SVG (matplotlib, the ``plot`` extra): the training loss every few steps with
+the validation points, against steps and wall-clock, and the learning rate and throughput beside them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from anexa_core.errors import AnexaError
-from anexa_core.io.files import atomic_path
+from anexa_core.io.files import IMAGE_SUFFIXES, atomic_path, check_output
 from anexa_core.io.metrics import METRICS_FILE, STEPS_FILE
 from anexa_core.io.metrics import read_metrics as read_lines
 
@@ -42,12 +42,16 @@ def read_steps(run: Path) -> list[dict[str, Any]]:
 
 
 def plot_runs(runs: Sequence[Path], out: Path, labels: Sequence[str] | None = None) -> Path:
-    """One PNG, one colour per run: loss (nats/token) by step and by wall-clock minutes — the training
-    loss every ``log_every`` steps as a line (runs without ``steps.jsonl``: the evaluations' train loss,
-    dashed) and the validation loss as points — and the learning rate by step with tokens/s (dotted, right
-    axis). Written atomically; returns ``out``."""
+    """One figure, in the format ``out``'s suffix names (.png, .pdf, .svg), one colour per run: loss
+    (nats/token) by step and by wall-clock minutes — the training loss every ``log_every`` steps as a line
+    (runs without ``steps.jsonl``: the evaluations' train loss, dashed) and the validation loss as points —
+    and the learning rate by step with tokens/s (dotted, right axis). Written atomically; returns ``out``.
+    Raises :class:`AnexaError` before reading a run when ``out`` may not be written
+    (:func:`~anexa_core.io.files.check_output`: another suffix, an existing file of another kind or of a
+    run — but a run's own ``loss.png``, which this redraws)."""
     # Why complex: runs with and without steps.jsonl are drawn by one loop, their differences (loss key, line
     # style) as conditional expressions, on two x axes (step, minutes); one figure, drawn top to bottom.
+    image_format = check_output(out, "--out", IMAGE_SUFFIXES, run_plot=True)
     plt = pyplot()
     labels = list(labels) if labels else [Path(run).name for run in runs]
     figure, (by_step, by_time, schedule) = plt.subplots(1, 3, figsize=(17, 4.5))
@@ -96,6 +100,6 @@ def plot_runs(runs: Sequence[Path], out: Path, labels: Sequence[str] | None = No
     figure.tight_layout()
     out = Path(out)
     with atomic_path(out) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
+        figure.savefig(tmp, format=image_format, dpi=110)
     plt.close(figure)
     return out

@@ -15,6 +15,7 @@ from anexa_cli.errors import user_errors
 from anexa_cli.threads import Threads, use_threads
 from anexa_core.config import BENCH_RUN_NEW_TOKENS
 from anexa_core.errors import AnexaError
+from anexa_core.io.files import IMAGE_SUFFIXES, JSON_SUFFIXES, check_output
 
 bench_app = typer.Typer(
     help="Measure this machine. Without a subcommand: time every attention plugin (forward, "
@@ -43,7 +44,9 @@ RowAttention = Annotated[
         "plugin; on CUDA also sdpa:backend=flash and sdpa:backend=cudnn]",
     ),
 ]
-Json = Annotated[Path | None, typer.Option("--json", dir_okay=False, help="Also write the rows as JSON to this file.")]
+Json = Annotated[
+    Path | None, typer.Option("--json", dir_okay=False, help="Also write the rows as JSON to this .json file.")
+]
 Device = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
 Preset = Annotated[
     str | None, typer.Option(help="A randomly initialised model of this size: seed or small. \\[default: seed]")
@@ -114,6 +117,15 @@ def _print_notes(rows: list[dict[str, Any]]) -> None:
         typer.echo(f"{name}: not timed, {note}")
 
 
+def _check_outputs(json_path: Path | None, plot: Path | None = None) -> None:
+    """Refuse, before minutes of measuring, a --json or --plot path the rows may not be written to: another
+    suffix, or an existing file of another kind or of a run (:func:`~anexa_core.io.files.check_output`)."""
+    if json_path is not None:
+        check_output(json_path, "--json", JSON_SUFFIXES)
+    if plot is not None:
+        check_output(plot, "--plot", IMAGE_SUFFIXES)
+
+
 def _write_json(rows: list[dict[str, Any]], path: Path | None) -> None:
     if path is not None:
         from anexa_core.measure.bench import write_json
@@ -139,7 +151,8 @@ def attention_bench(
     device: Device = "auto",
     json_path: Json = None,
     plot: Annotated[
-        Path | None, typer.Option(dir_okay=False, help="Also plot time and FLOP/s against length to this PNG.")
+        Path | None,
+        typer.Option(dir_okay=False, help="Also plot time and FLOP/s against length to this .png, .pdf or .svg file."),
     ] = None,
     threads: Threads = None,
 ) -> None:
@@ -147,6 +160,7 @@ def attention_bench(
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"threads": threads}  # `anexa bench --threads 1 train`: the subcommand's unless it has its own
         return
+    _check_outputs(json_path, plot)
     use_threads(threads)
     from anexa_core.measure import bench
 
@@ -249,6 +263,7 @@ def train(
 
     Each row holds its own weights and optimizer state: with AdamW 4x the float32 weights (2.2 GB for 135M)."""
     source = _source(preset, model)
+    _check_outputs(json_path)
     use_threads(_threads(ctx, threads))
     from anexa_core.measure import bench
 
@@ -320,6 +335,7 @@ def generate(
 
     With --model: that run, decoding greedily after a random prompt from its vocabulary."""
     source = _source(preset, model)
+    _check_outputs(json_path)
     use_threads(_threads(ctx, threads))
     from anexa_core.measure import bench
 

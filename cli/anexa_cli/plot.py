@@ -1,4 +1,4 @@
-"""``anexa plot RUN [RUN…]``: train/val loss of one or more runs, by step and by wall-clock, as a PNG."""
+"""``anexa plot RUN [RUN…]``: train/val loss of one or more runs, by step and by wall-clock, as a PNG, PDF or SVG."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from anexa_cli.errors import user_errors
 @user_errors
 def plot(
     runs: Annotated[list[Path], typer.Argument(metavar="RUNS", help="Run folders (each holds a metrics.jsonl).")],
-    out: Annotated[Path, typer.Option("--out", "-o", dir_okay=False, help="The PNG to write.")] = Path("loss.png"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", dir_okay=False, help="The plot to write: .png, .pdf or .svg.")
+    ] = Path("loss.png"),
     label: Annotated[list[str] | None, typer.Option(help="A label per run, in order (default: folder names).")] = None,
 ) -> None:
     """Plot train and val loss against steps and wall-clock minutes, one line per run."""
