@@ -35,6 +35,9 @@ from anexa_core.kinds import SETTINGS
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
+MAX_LR = 10.0
+"""The largest learning rate a run accepts: far above what any optimizer trains with (AdamW ~1e-3, Muon ~0.02),
+so a larger one is a slip of the exponent (``1e30``), and the run would only diverge."""
 MAX_INT = 2**53
 """Largest integer setting: beyond it JSON metadata (and floats) stop being exact. Messages call it
 :data:`MAX_INT_TEXT`; it is a limit, never a stand-in for "no limit" (``steps=None`` is that)."""
@@ -70,8 +73,8 @@ def _check_fields(config: Any) -> None:
                     f"{flag} is {value}, beyond the largest supported value {MAX_INT_TEXT}: use a smaller one"
                 )
         elif base is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise AnexaError(f"{flag} must be a number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise AnexaError(f"{flag} must be a finite number, got {value!r}")
             setattr(config, item.name, float(value))
         elif base is bool and not isinstance(value, bool):
             raise AnexaError(f"{flag} must be true or false, got {value!r}")
@@ -151,6 +154,10 @@ class TrainConfig:
         self._check_length()
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise AnexaError("learning rates must satisfy 0 <= min_lr <= lr and lr > 0")
+        if self.lr > MAX_LR:
+            raise AnexaError(
+                f"--lr {self.lr:g} would make any model diverge: give at most {MAX_LR:g} (1e-3 is typical)"
+            )
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise AnexaError("--warmup-steps and --grad-clip must not be negative")
         if not 0 <= self.seed <= MAX_INT:
@@ -308,16 +315,24 @@ def read_toml(path: Path) -> dict[str, Any]:
         detail = " ".join(str(exc).split())
         raise AnexaError(f"config file {path} is not valid TOML ({detail}): fix the file") from None
     flat: dict[str, Any] = {}
+    where: dict[str, str] = {}
+
+    def put(key: str, value: Any, place: str) -> None:  # a setting given twice is refused, never dropped
+        if key in flat:
+            raise AnexaError(f"config file {path} sets {key} twice ({where[key]} and {place}): keep one of them")
+        flat[key], where[key] = value, place
+
     for key, value in data.items():
         if key in ("model", "train") and isinstance(value, dict):
-            flat.update(value)
+            for inner, setting in value.items():
+                put(inner, setting, f"in [{key}]")
         elif key in SETTINGS and isinstance(value, dict):
             table = dict(value)
             if "name" in table:
-                flat[key] = table.pop("name")
-            flat[f"{key}_options"] = table
+                put(key, table.pop("name"), f"as name in [{key}]")
+            put(f"{key}_options", table, f"as the [{key}] table")
         else:
-            flat[key] = value
+            put(key, value, "at the top")
     return flat
 
 

@@ -211,15 +211,24 @@ def resolve_threads(threads: int | None = None, default: int | None = None) -> t
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
         raise AnexaError(f"--threads must be 0 (choose) or a number of threads, got {threads!r}")
     if threads:
-        return threads, "--threads"
+        return _at_most_enough(threads, "--threads"), "--threads"
     from_environment = _from_environment()
     if from_environment is not None:
-        return from_environment, "the environment"
+        return _at_most_enough(from_environment, "the environment's thread count"), "the environment"
     if default:
         return default, "the command's default"
     if _auto_threads is None:
         _auto_threads = default_threads()
     return _auto_threads, "chosen"
+
+
+def _at_most_enough(count: int, what: str) -> int:
+    """``count``, or an :class:`AnexaError` when it is more than 4 threads per core of this machine (at
+    least 64): more only wait on each other, and OpenMP crashed starting 100,000."""
+    most = max(64, 4 * (os.cpu_count() or 1))
+    if count > most:
+        raise AnexaError(f"{what} asks for {count} CPU threads on {os.cpu_count()} cores: give at most {most}")
+    return count
 
 
 def configure_threads(threads: int | None = None, default: int | None = None) -> int:

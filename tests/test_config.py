@@ -37,6 +37,18 @@ def test_toml_overrides_preset_and_flags_override_toml(tmp_path):
         ("n_embd = 100\nn_head = 3\n", "divisible"),
         ("dropout = 1.5\n", "dropout must be in"),
         ("lr = 0.1\nmin_lr = 0.5\n", "learning rates"),
+        ("lr = inf\n", r"lr \(--lr\) must be a finite number, got inf"),
+        ("lr = 1e30\n", "--lr 1e\\+30 would make any model diverge: give at most 10"),
+        # Found by a QA session: a setting given twice in one file lost one of its values without a word.
+        ("steps = 5\n[train]\nsteps = 3\n", r"sets steps twice \(at the top and in \[train\]\): keep one of them"),
+        (
+            '[attention]\nname = "sliding"\nwindow = 8\n[model]\nattention_options = { window = 4 }\n',
+            r"sets attention_options twice \(as the \[attention\] table and in \[model\]\)",
+        ),
+        (
+            '[model]\nattention = "math"\n[attention]\nname = "sdpa"\n',
+            r"sets attention twice \(in \[model\] and as name",
+        ),
     ],
 )
 def test_bad_config_file(tmp_path, text, match):

@@ -132,6 +132,26 @@ def test_fine_tuning_defaults_are_full_or_lora_and_a_files_settings_name_the_fil
             finetune_configs(str(base / "run"), {}, config_file=tmp_path / "my.toml")
 
 
+def test_a_config_file_that_names_the_base_fine_tunes_as_the_flags_do(base, tmp_path):
+    """Found by a QA session: `init_from` (with or without `lora`) in a --config file was a traceback
+    ("vocab_size must be set from the tokenizer"): the command line alone chose between a fine-tune and a
+    run from scratch. A file's base fine-tunes, with LoRA's defaults when the file asks for LoRA."""
+    from anexa_core.config import LORA
+
+    (tmp_path / "ft.toml").write_text(
+        f'init_from = "{base / "run"}"\nlora = "r=2"\neval_batches = 2\n', encoding="utf-8"
+    )
+    result = runner.invoke(app, ["train", "--data", str(base / "text.txt"), *SMALL, "--config", str(tmp_path / "ft.toml"),
+                                 "--out", str(tmp_path / "run")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    state = checkpoint.read_train_state_metadata(tmp_path / "run")
+    assert state["train_config"]["init_from"] == str(base / "run") and state["train_config"]["lora"] == "r=2"
+    assert state["train_config"]["lr"] == LORA["lr"]
+    (tmp_path / "bad.toml").write_text("init_from = 3\n", encoding="utf-8")
+    refused = runner.invoke(app, ["train", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "bad")])
+    assert refused.exit_code == 2 and "init_from in" in refused.output and not (tmp_path / "bad").exists()
+
+
 def test_export_outtype_stores_q8_0_or_f16_matrices_and_refuses_the_rest(base, tmp_path, monkeypatch):
     """`anexa export … --format gguf --outtype q8_0`: llama.cpp's 8-bit blocks for the matrices (rows of whole
     32-value blocks here; test_gguf.py has the f16 fallback), f32 norms, about a quarter of the f32 file; read

@@ -91,6 +91,22 @@ def test_explicit_counts_win_then_the_environment_then_the_choice(restore_thread
         device.resolve_threads(-1)
 
 
+def test_a_thread_count_far_beyond_the_cores_is_one_line_not_a_crash(restore_threads, monkeypatch):
+    """Found by a QA session: `--threads 100000` crashed OpenMP (exit 139, no message). More than 4 threads per
+    core (at least 64) is refused, from the flag and from the environment alike; up to that is allowed."""
+    monkeypatch.setattr(device.os, "cpu_count", lambda: 20)
+    assert device.resolve_threads(80) == (80, "--threads")
+    with pytest.raises(AnexaError, match=r"^--threads asks for 81 CPU threads on 20 cores: give at most 80$"):
+        device.resolve_threads(81)
+    monkeypatch.setattr(device.os, "cpu_count", lambda: 2)
+    assert device.resolve_threads(64) == (64, "--threads")
+    monkeypatch.setenv("ANEXA_THREADS", "100000")
+    with pytest.raises(AnexaError, match=r"^the environment.s thread count asks for 100000 CPU threads"):
+        device.resolve_threads(None)
+    result = CliRunner().invoke(app, ["generate", "--threads", "100000", "Holmes"])
+    assert result.exit_code == 2 and "give at most" in result.output
+
+
 def test_the_choice_is_made_once_per_process(restore_threads, monkeypatch):
     calls = []
     monkeypatch.setattr(device, "default_threads", lambda: calls.append(1) or 1)

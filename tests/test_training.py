@@ -124,6 +124,33 @@ def test_resume_refuses_what_would_change_the_checkpoints_meaning(sherlock_path,
     )
 
 
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        ({"lr": 0.005}, "--lr 0.003"),
+        ({"batch_size": 8}, "--batch-size 4"),
+        ({"seq_len": 16}, "--seq-len unset"),
+        ({"seed": 5}, "--seed 1"),
+        ({"min_lr": 1e-5, "warmup_steps": 7}, "--min-lr 0.0003, --warmup-steps 0"),
+    ],
+)
+def test_resume_refuses_settings_that_would_change_the_steps_already_run(sherlock_path, tmp_path, flags, named):
+    """Found by a QA session: a resume took a new --lr, --batch-size, --seq-len, --seed or --min-lr without
+    a word, and the model card's command then claimed the whole run was trained with them. A resume
+    continues the run bit for bit; other settings are a new run from it."""
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    config = _train_config(sherlock_path, steps=2, eval_every=2, save_every=2, batch_size=4, warmup_steps=0, seed=1)
+    train(tiny, config, tmp_path)
+    with pytest.raises(AnexaError) as caught:
+        resume_configs(tmp_path, flags)
+    assert str(caught.value).startswith(f"cannot change {named.split(' ')[0]}") and f"(it has {named})" in str(
+        caught.value
+    )
+    assert str(caught.value).endswith(f"--init-from {tmp_path}")
+    same = {key: getattr(config, key) for key in flags}
+    assert resume_configs(tmp_path, same)[1].lr == config.lr  # the run's own values are no change
+
+
 def test_resume_allows_what_does_not_change_the_meaning(sherlock_path, tmp_path):
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
     train(tiny, _train_config(sherlock_path, steps=2, eval_every=2, save_every=2), tmp_path)
@@ -793,6 +820,8 @@ def test_resume_with_another_thread_count_says_the_last_bits_may_differ(sherlock
             with caplog.at_level("INFO", logger="anexa"):
                 train(*resume_configs(tmp_path, {"steps": steps, "threads": threads}), tmp_path, resume=True)
             notes.append([r.getMessage() for r in caplog.records if "threads" in r.getMessage()])
+        # The count is each session's own choice: a resume without --threads chooses afresh ($ANEXA_THREADS, …)
+        assert resume_configs(tmp_path, {})[1].threads is None
     finally:
         torch.set_num_threads(before)
     assert notes == [
@@ -1046,8 +1075,11 @@ def test_a_time_budget_stops_after_the_last_step_that_leaves_time_for_the_final_
     with pytest.raises(AnexaError) as error:
         train(*resume_configs(tmp_path, {}), tmp_path, resume=True)
     assert str(error.value) == (
-        f"run {tmp_path} already used its 0.166667-minute budget: pass a larger --minutes to continue"
+        f"run {tmp_path} has trained 0.167 minutes already, not less than --minutes 0.166667: pass a larger "
+        "--minutes to continue"
     )
+    with pytest.raises(AnexaError, match=r"trained 0\.167 minutes already, not less than --minutes 0\.05: pass"):
+        train(*resume_configs(tmp_path, {"minutes": 0.05}), tmp_path, resume=True)  # a QA session's case
     clock[0] = 0.0
     assert train(*resume_configs(tmp_path, {"minutes": 12 / 60}), tmp_path, resume=True).step > 8
 
@@ -1077,6 +1109,37 @@ def test_a_budget_leaves_room_for_the_next_step_or_stops_before_it(sherlock_path
     config = _train_config(sherlock_path, steps=10**6, eval_every=10**6, eval_batches=3, minutes=11 / 60)
     assert train(tiny, config, tmp_path).step == 5
     assert checkpoint.load_train_state(tmp_path).meta["elapsed_s"] == 10.5
+
+
+def test_a_diverged_run_stops_at_the_first_non_finite_loss_and_keeps_its_last_good_checkpoint(
+    sherlock_path, tmp_path, monkeypatch
+):
+    """Found by a QA session: `--lr 1e308` trained to NaN and saved the NaN weights over the run without a
+    word (then `generate` blamed a sampler). A learning rate above MAX_LR or not finite is refused; a loss
+    that stops being a number ends the run at once, saving nothing after the last good checkpoint."""
+    from anexa_core.config import MAX_LR
+    from anexa_core.train import loop as training
+
+    real = training.make_train_step
+
+    def diverging(*args, **kwargs):
+        step, calls = real(*args, **kwargs), []
+
+        def one(x, y):
+            calls.append(1)
+            loss = step(x, y)
+            return loss * float("nan") if len(calls) == 3 else loss
+
+        return one
+
+    monkeypatch.setattr(training, "make_train_step", diverging)
+    tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    with pytest.raises(AnexaError, match=r"^the training loss became nan at step 3: the run diverged"):
+        train(tiny, _train_config(sherlock_path, steps=6, eval_every=2, save_every=2), tmp_path)
+    assert checkpoint.read_metadata(tmp_path / "model.safetensors")["step"] == 2
+    for lr in (MAX_LR * 2, float("inf")):
+        with pytest.raises(AnexaError, match="--lr"):
+            _train_config(sherlock_path, lr=lr)
 
 
 def test_a_budget_leaves_room_for_the_final_checkpoint(sherlock_path, tmp_path, monkeypatch):
@@ -1117,12 +1180,13 @@ def _stub_run(trainable: int, frozen: int):
 
 
 def test_throughput_leaves_the_evaluations_out_and_is_written_to_one_decimal(sherlock_path, tmp_path, monkeypatch):
-    """On a fake clock (a step 0.7 s, an evaluation 1 s), every throughput written — ``steps.jsonl``'s and
-    ``metrics.jsonl``'s — is 3 steps × 512 tokens over 2.1 s = 731.43 tokens/s, to one decimal: the
-    evaluation at step 3 falls inside the second line's time but is not counted in it."""
-    _fake_clock(monkeypatch, step_s=0.7)
+    """On a fake clock (a step 0.7 s, an evaluation 1 s, a checkpoint 0.9 s), every throughput written —
+    ``steps.jsonl``'s and ``metrics.jsonl``'s — is 3 steps × 512 tokens over 2.1 s = 731.43 tokens/s, to one
+    decimal: the evaluation and the checkpoint at step 3 fall inside the second line's time but are not
+    counted in it (a QA session saw the checkpoints' time lower the line after each)."""
+    _fake_clock(monkeypatch, step_s=0.7, save_s=0.9)
     tiny = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
-    config = _train_config(sherlock_path, steps=6, eval_every=3, log_every=3, save_every=10**6)
+    config = _train_config(sherlock_path, steps=6, eval_every=3, log_every=3, save_every=3)
     train(tiny, config, tmp_path)
     steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -1188,7 +1252,7 @@ def test_a_rank_other_than_the_first_writes_no_metrics_and_no_steps(tmp_path, mo
     ]
     log = loop._StepLog(None, tokens_per_step=10)
     log.add(torch.tensor(1.5))
-    log.read(1, 10.0, SilentReporter())
+    log.read(1, SilentReporter())
     log.write(1, 0.1, 1.0)
     assert log.losses == [] and list(tmp_path.iterdir()) == []
     run.ranks.is_main = True

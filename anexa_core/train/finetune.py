@@ -47,7 +47,8 @@ def finetune_configs(
     model_settings = dict(base.meta["model_config"])
     for values, source in layers:
         _refuse_changes(values, model_settings, base, source)
-    settings: dict[str, Any] = {**model_settings, **(LORA if given.get("lora") else FINETUNE)}
+    uses_lora = any(values.get("lora") for values, _ in layers)  # from the flags or the file alike
+    settings: dict[str, Any] = {**model_settings, **(LORA if uses_lora else FINETUNE)}
     settings.update(tokenizer=base.tokenizer_name, tokenizer_options=base.tokenizer_options, init_from=init_from)
     for values, source in layers:
         configs.merge(settings, values, source)

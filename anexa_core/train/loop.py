@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -418,8 +419,9 @@ def _restore(run: TrainingRun, state: checkpoint.TrainState) -> None:
     if config.steps is not None and run.first_step >= config.steps:
         raise AnexaError(f"run {run.out_dir} already reached step {run.first_step}: pass a larger --steps to continue")
     if config.minutes is not None and run.elapsed_before >= config.minutes * 60:
-        raise AnexaError(
-            f"run {run.out_dir} already used its {config.minutes:g}-minute budget: pass a larger --minutes to continue"
+        raise AnexaError(  # the minutes given now may be less than the run's own budget: name both numbers
+            f"run {run.out_dir} has trained {run.elapsed_before / 60:.3g} minutes already, not less than "
+            f"--minutes {config.minutes:g}: pass a larger --minutes to continue"
         )
 
 
@@ -461,7 +463,6 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
     horizon_s = config.decay_minutes * 60 if config.decay_minutes is not None else None
     eval_seconds: float | None = None  # the last evaluation's duration, so a budget ends with its final one on time
     save_seconds: float | None = None  # the last checkpoint's, likewise
-    window_start, window_tokens, tokens_per_s = time.perf_counter(), 0, 0.0
     log = _StepLog(run.out_dir / STEPS_FILE if ranks.is_main else None, tokens_per_step)
     run.started = time.perf_counter()
     done = run.first_step
@@ -485,18 +486,16 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
         last = done == config.steps or time_up
         interrupted = distributed.any_rank(bool(stop_requested and stop_requested()), ranks, device)
         if each_step or done % config.log_every == 0 or done % config.eval_every == 0 or last or interrupted:
-            window_tokens += tokens_per_step * log.unread_steps
-            tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-            log.read(done, tokens_per_s, reporter)
+            log.read(done, reporter)
         if done % config.log_every == 0 or last:
             log.write(done, lr, run.elapsed())
         new_best = False
         if done % config.eval_every == 0 or last:
-            new_best, eval_seconds = _timed(evaluate, run, done, lr, tokens_per_s, reporter)
-            window_start, window_tokens = time.perf_counter(), 0
-            log.pause(eval_seconds)
+            new_best, eval_seconds = _timed(evaluate, run, done, lr, log.tokens_per_s, reporter)
+            log.pause(eval_seconds, new_window=True)
         if ranks.is_main and (interrupted or new_best or last or done % config.save_every == 0):
             _, save_seconds = _timed(save, run, done, best=new_best)
+            log.pause(save_seconds)
         if interrupted:
             raise TrainingInterrupted(done, run.out_dir, saved=True)
         if last:
@@ -585,6 +584,8 @@ class _StepLog:
 
     def __init__(self, path: Path | None, tokens_per_step: int):
         self.path, self.tokens_per_step = path, tokens_per_step
+        self.window_start, self.window_tokens = time.perf_counter(), 0  # the progress line's throughput
+        self.tokens_per_s = 0.0
         self.unread: list[torch.Tensor] = []
         self.losses: list[float] = []
         self.started = time.perf_counter()
@@ -592,22 +593,31 @@ class _StepLog:
     def add(self, loss: torch.Tensor) -> None:
         self.unread.append(loss)
 
-    @property
-    def unread_steps(self) -> int:
-        return len(self.unread)
-
-    def read(self, step: int, tokens_per_s: float, reporter: Reporter) -> None:
+    def read(self, step: int, reporter: Reporter) -> None:
         """Read the losses of the steps up to ``step`` in one transfer and report each step, in order. The
-        loop reads right after a step, so at least that step's loss is waiting."""
+        loop reads right after a step, so at least that step's loss is waiting. A loss that is not a finite
+        number (the run diverged: too large a learning rate) raises :class:`AnexaError` before anything is
+        saved, so the run's last checkpoint stays the last good model."""
         values = torch.stack(self.unread).tolist()
+        self.window_tokens += self.tokens_per_step * len(values)
+        self.tokens_per_s = tokens_per_s = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
         for at, value in enumerate(values, start=step - len(values) + 1):
+            if not math.isfinite(value):
+                raise AnexaError(
+                    f"the training loss became {value} at step {at}: the run diverged (too large a learning "
+                    "rate?); nothing was saved after it. Lower --lr, or raise --warmup-steps, and train again"
+                )
             reporter.step(at, value, tokens_per_s)
         self.losses += values
         self.unread = []
 
-    def pause(self, seconds: float) -> None:
-        """``seconds`` spent on something else (an evaluation): not the steps' time."""
+    def pause(self, seconds: float, new_window: bool = False) -> None:
+        """``seconds`` spent on something else (an evaluation, a checkpoint): not the steps' time.
+        ``new_window``: the progress line's throughput starts afresh (after an evaluation)."""
         self.started += seconds
+        self.window_start += seconds
+        if new_window:
+            self.window_start, self.window_tokens = time.perf_counter(), 0
 
     def write(self, step: int, lr: float, elapsed_s: float) -> None:
         if self.path is not None and self.losses:

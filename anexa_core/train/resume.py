@@ -17,6 +17,19 @@ _FIXED_ON_RESUME = ({f.name for f in dataclasses.fields(ModelConfig)} - {"attent
     "optimizer",
     "optimizer_options",
 }
+_TRAJECTORY = {  # what the steps already run were trained with: a resume continues them bit for bit
+    "batch_size",
+    "seq_len",
+    "lr",
+    "min_lr",
+    "warmup_steps",
+    "decay_steps",
+    "grad_clip",
+    "seed",
+    "precision",
+    "init_from",
+    "lora",
+}
 
 
 def resume_configs(
@@ -42,19 +55,33 @@ def resume_configs(
 
     changed = sorted(key for key in given if fixed(key) and str(given[key]) != str(current(key)))
     if changed:
-        flags = ", ".join(
-            f"-o {key.removesuffix('_options')}.…" if key.endswith("_options") else f"--{key.replace('_', '-')}"
-            for key in changed
-        )
         raise AnexaError(
-            f"cannot change {flags} when resuming {run_dir}: it would change what the checkpoint means; "
-            "start a new run instead (without --resume)"
+            f"cannot change {_flags(changed)} when resuming {run_dir}: it would change what the checkpoint "
+            "means; start a new run instead (without --resume)"
         )
+    steered = sorted(key for key in given if key in _TRAJECTORY and str(given[key]) != str(current(key)))
+    if steered:
+        raise AnexaError(
+            f"cannot change {_flags(steered)} when resuming {run_dir} (it has {_flags(steered, settings)}): a "
+            "resume continues the run bit for bit, and its model card's command must stay true; to train on "
+            f"with other settings, start a new run from it: --init-from {run_dir}"
+        )
+    settings.pop("threads", None)  # this session's choice (--threads, $ANEXA_THREADS, …), as for any command
     if "data" in given:
         settings.pop("data_glob", None)  # the earlier --glob picked files of the earlier --data (a new one is given)
     configs.apply_layers(settings, [(given, "flags")])
     model_config, train_config = configs.split(settings)
     return dataclasses.replace(model_config, vocab_size=meta["model"]["model_config"]["vocab_size"]), train_config
+
+
+def _flags(keys: list[str], values: dict[str, Any] | None = None) -> str:
+    """``keys`` as the user typed them (``--lr``, ``-o blocks.…``); with ``values``, each with its value."""
+    shown = []
+    for key in keys:
+        flag = f"-o {key.removesuffix('_options')}.…" if key.endswith("_options") else f"--{key.replace('_', '-')}"
+        value = None if values is None else values.get(key)
+        shown.append(flag if values is None else f"{flag} {'unset' if value is None else value}")
+    return ", ".join(shown)
 
 
 def _migrated(train_config: dict[str, Any]) -> dict[str, Any]:

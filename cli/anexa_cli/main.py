@@ -424,6 +424,8 @@ def train(
     )
     plugin_options = _plugin_options(option)
     base = None
+    if init_from is None and config is not None and resume is None:
+        init_from = _file_init_from(config)
     if resume is not None:
         if config is not None or out is not None or overwrite or init_from is not None:
             raise AnexaError("--resume continues a run as it was: drop --config, --out, --overwrite and --init-from")
@@ -435,7 +437,7 @@ def train(
         model_config, train_config, base = finetune_configs(init_from, overrides, plugin_options, config)
         first_data = train_config.data if isinstance(train_config.data, str) else train_config.data[0]
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(init_from.rstrip("/")).stem).strip(".-") or "model"
-        out_dir = out or _default_out(first_data, f"{name}-{'lora' if lora else 'finetune'}")
+        out_dir = out or _default_out(first_data, f"{name}-{'lora' if train_config.lora else 'finetune'}")
     else:
         model_config, train_config = configs.resolve(preset, config, overrides, plugin_options)
         first_data = train_config.data if isinstance(train_config.data, str) else train_config.data[0]
@@ -655,6 +657,16 @@ def chat(
         turn += 1
     if history is not None:
         history()
+
+
+def _file_init_from(config: Path) -> str | None:
+    """The base a ``--config`` file names (``init_from``), so it fine-tunes as ``--init-from`` does."""
+    from anexa_core import config as configs
+
+    base = configs.read_toml(config).get("init_from")
+    if base is not None and not isinstance(base, str):
+        raise AnexaError(f"init_from in {config} must be a model (a run, a GGUF file, a folder or a hub id) as text")
+    return base
 
 
 def _greeting(loaded, bos: bool) -> str:
