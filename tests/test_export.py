@@ -177,6 +177,9 @@ def test_the_retraining_command_needs_a_config_file_only_for_settings_off_their_
     scratch = {**fresh, "eval_batches": 8}
     assert training_command(model, scratch)[1] == "eval_batches = 8\n"
     assert training_command(model, {**scratch, "eval_batches": 20})[1] is None
+    # Found by a QA session: a run from scratch on windows shorter than its context lost --seq-len.
+    assert " --seq-len 16 " in training_command(model, {**fresh, "seq_len": 16})[0] + " "
+    assert "--seq-len" not in training_command(model, fresh)[0]
 
 
 def test_the_model_card_states_the_run_and_its_command_retrains_it(runs, workdir):

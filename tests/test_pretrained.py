@@ -20,7 +20,7 @@ from helpers import user_error
 from anexa_core import AnexaError
 from anexa_core.infer.generation import generate_ids
 from anexa_core.io import checkpoint, generation_config, pretrained
-from anexa_core.io.export import shareable_model
+from anexa_core.io.export import export, shareable_model
 from anexa_core.io.load import load
 from anexa_core.io.pretrained import Origin, import_model, is_hub_id, origin_of
 
@@ -270,6 +270,18 @@ def test_a_hub_id_comes_from_the_huggingface_cache_and_offline_without_it_is_one
         "with network access (HF_HUB_OFFLINE unset), or pass a local folder or GGUF file"
     )
     assert not (tmp_path / "other").exists()
+    # ORG/NAME/FILE.gguf: one file of a cached repository, through the same snapshot (it was fetched with
+    # hf_hub_download, which retried an unreachable hub five times over 25 s, logging each retry).
+    export(tmp_path / "run", tmp_path / "tiny.gguf", format="gguf")
+    snapshot = tmp_path / "hub" / "models--anexa-test--tiny-gguf" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    shutil.copy(tmp_path / "tiny.gguf", snapshot / "tiny.gguf")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(commit)
+    import_model("anexa-test/tiny-gguf/tiny.gguf", tmp_path / "from-gguf")
+    assert load(tmp_path / "from-gguf", "cpu").meta["imported_from"]["name"] == "anexa-test/tiny-gguf/tiny.gguf"
+    with pytest.raises(AnexaError, match=r"^anexa-test/tiny-gguf/other\.gguf is not in the Hugging Face cache"):
+        import_model("anexa-test/tiny-gguf/other.gguf", tmp_path / "other")
     # The newcomer's report: a mistyped local path that looks like ORG/NAME was answered as a hub id only.
     (tmp_path / "runs").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -483,6 +495,8 @@ def test_a_models_recommended_sampling_is_used_when_none_is_chosen_and_travels_i
     assert generate(*(flag for spec in specs for flag in ("-s", spec))) == (text, "")
     assert generate("--temperature", "1")[0] != text and generate("-s", "top_p=0.8")[0] != text
 
+    from anexa_cli.console import count
+
     export(tmp_path / "run", tmp_path / "hf")
     written = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
     assert (written.do_sample, written.temperature, written.top_k, written.top_p) == (True, 0.7, 50, 0.8)
@@ -494,6 +508,8 @@ def test_a_models_recommended_sampling_is_used_when_none_is_chosen_and_travels_i
         result = CliRunner().invoke(app, ["import", str(exported), "--out", str(tmp_path / f"back-{exported.name}")])
         assert result.exit_code == 0, result.output
         assert f"its makers recommend sampling with {' → '.join(specs)}: used when you choose none" in result.stdout
+        # counted as everywhere else ("0.11M"), never rounded to "0.0M" (found by a QA session)
+        assert f" {count(load(tmp_path / 'run', 'cpu').model.num_parameters())} parameters, " in result.stdout
         assert load(tmp_path / f"back-{exported.name}", "cpu").sampling().specs == specs, exported
     fine_tune = {"base_origin": origin_of(checkpoint.read_metadata(tmp_path / "run")).as_dict()}
     assert origin_of(fine_tune).generation() == record  # what `train --init-from` records keeps it

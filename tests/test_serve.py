@@ -659,6 +659,17 @@ def test_serve_command_errors_are_one_line(tmp_path):
         assert result.exit_code == 2 and result.stderr.startswith("error: --api-key (or ANEXA_API_KEY) holds a space")
     result = runner.invoke(cli, ["serve", "-m", str(tmp_path / "missing"), "--api-key", "s3cr3t-K~ey!", "--port", "0"])
     assert result.exit_code == 2 and result.stderr.startswith("error: no checkpoint at"), "the key itself is fine"
+    # Found by a QA session: a default above the cap was cut to the cap without a word. A lower cap alone
+    # still lowers the default (the cap holds every request).
+    above = ["serve", "-m", str(tmp_path / "missing"), "--default-max-tokens", "5000", "--port", "0"]
+    result = runner.invoke(cli, above)
+    assert result.exit_code == 2 and result.stderr == (
+        "error: --default-max-tokens 5000 is above --max-tokens-cap 1024, which every request is held to: lower "
+        "it or raise the cap\n"
+    )
+    for flags in (["--default-max-tokens", "1024"], ["--max-tokens-cap", "50"]):
+        result = runner.invoke(cli, ["serve", "-m", str(tmp_path / "missing"), *flags, "--port", "0"])
+        assert result.exit_code == 2 and result.stderr.startswith("error: no checkpoint at"), flags
 
 
 def test_serve_refuses_a_cache_budget_that_fits_no_request(run_dir):

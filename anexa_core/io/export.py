@@ -349,9 +349,10 @@ def training_command(
     fixed = FIXED_BY_BASE if base is not None else ()
     if base is not None:
         args += ["--init-from", init_from or shareable_model(base)]
-        for key in ("lora", "seq_len"):
-            if train_config.get(key) is not None:
-                args += [f"--{key.replace('_', '-')}", _flag_value(train_config[key])]
+        if train_config.get("lora") is not None:
+            args += ["--lora", _flag_value(train_config["lora"])]
+    if train_config.get("seq_len") is not None:  # windows shorter than the context, from scratch too
+        args += ["--seq-len", _flag_value(train_config["seq_len"])]
     for spec in _shareable(train_config.get("data", "sherlock")):
         args += ["--data", spec]
     globs = train_config.get("data_glob")

@@ -358,22 +358,18 @@ def file_sha256(path: Path) -> str:
 def read_hub(hub_id: str) -> Pretrained:
     """A hub model through ``huggingface_hub``: from its cache when there, else downloaded into it (unless
     offline: ``HF_HUB_OFFLINE=1``). ``ORG/NAME/FILE.gguf`` fetches one GGUF file of the repository."""
-    from huggingface_hub import constants, hf_hub_download, snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     parts = hub_id.split("/")
     repo, gguf_name = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
     try:
-        if gguf_name:
-            path = Path(hf_hub_download(repo, gguf_name))
-            return read_gguf_file(path, {"kind": "hub", "name": hub_id})
-        folder = Path(snapshot_download(repo, allow_patterns=HUB_FILES))
+        # One way for both: a snapshot asks the hub once (hf_hub_download retried an unreachable hub five
+        # times over 25 s, logging each retry).
+        folder = Path(snapshot_download(repo, allow_patterns=[gguf_name] if gguf_name else HUB_FILES))
     except (LocalEntryNotFoundError, OSError) as exc:
         if constants.HF_HUB_OFFLINE:
-            raise AnexaError(
-                f"{hub_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it once with "
-                "network access (HF_HUB_OFFLINE unset), or pass a local folder or GGUF file"
-            ) from None
+            raise _not_cached_offline(hub_id) from None
         if isinstance(exc, LocalEntryNotFoundError):
             raise AnexaError(
                 f"{hub_id} is not in the Hugging Face cache and the hub could not be reached: download it once "
@@ -383,7 +379,20 @@ def read_hub(hub_id: str) -> Pretrained:
     except (RepositoryNotFoundError, HFValidationError):
         raise AnexaError(f"{hub_id} is not a model on the Hugging Face hub: check the name") from None
     revision = folder.name  # the snapshot folder is named after the commit
+    if gguf_name:
+        if not (folder / gguf_name).is_file():
+            if constants.HF_HUB_OFFLINE:  # the repository is cached, not this file of it
+                raise _not_cached_offline(hub_id)
+            raise AnexaError(f"the hub repository {repo} has no file {gguf_name}: check the name")
+        return read_gguf_file(folder / gguf_name, {"kind": "hub", "name": hub_id})
     return read_hf_folder(folder, {"kind": "hub", "name": hub_id, "revision": revision})
+
+
+def _not_cached_offline(hub_id: str) -> AnexaError:
+    return AnexaError(
+        f"{hub_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it once with "
+        "network access (HF_HUB_OFFLINE unset), or pass a local folder or GGUF file"
+    )
 
 
 # --- the tokenizer ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from anexa_cli.console import count
 from anexa_cli.errors import user_errors
 from anexa_cli.threads import Threads, use_threads
 
@@ -41,7 +42,7 @@ def import_model(
     done = run_import(source, target, overwrite)
     typer.echo(
         f"imported {source} into {done.out}: {done.architecture} as blocks {done.blocks}, "
-        f"{done.parameters / 1e6:.1f}M parameters, {done.seconds:.1f} s\n  chat with it: anexa chat -m {done.out}"
+        f"{count(done.parameters)} parameters, {done.seconds:.1f} s\n  chat with it: anexa chat -m {done.out}"
     )
     if done.sampling:
         typer.echo(f"  its makers recommend sampling with {' → '.join(done.sampling)}: used when you choose none")

@@ -61,8 +61,13 @@ def serve(
     ] = None,
     max_tokens_cap: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
     default_max_tokens: Annotated[
-        int, typer.Option(min=1, help="max_tokens when a request gives none (at most the cap).")
-    ] = 200,
+        int | None,
+        typer.Option(
+            min=1,
+            show_default=False,
+            help="max_tokens when a request gives none (at most the cap). \\[default: 200, or the cap when lower]",
+        ),
+    ] = None,
     parallel: Annotated[
         int, typer.Option(min=1, help="Rows each model's engine decodes at once (one batch, one forward per token).")
     ] = 8,
@@ -99,6 +104,11 @@ def serve(
     ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible API (/v1) with a chat page at /."""
+    if default_max_tokens is not None and default_max_tokens > max_tokens_cap:
+        raise AnexaError(
+            f"--default-max-tokens {default_max_tokens} is above --max-tokens-cap {max_tokens_cap}, which every "
+            "request is held to: lower it or raise the cap"
+        )
     if not is_loopback(host):
         typer.echo(
             f"warning: --host {host} is not a loopback address: anyone who can reach this machine can use "
@@ -125,7 +135,7 @@ def serve(
 
     config = ServeConfig(  # checks the key before anything is loaded
         max_tokens_cap=max_tokens_cap,
-        default_max_tokens=default_max_tokens,
+        default_max_tokens=min(200, max_tokens_cap) if default_max_tokens is None else default_max_tokens,
         parallel=parallel,
         queue=queue,
         max_body_bytes=max_body_bytes,
