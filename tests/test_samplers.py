@@ -486,6 +486,10 @@ def test_picking_rows_together_leaves_broken_rows_to_their_own_chain():
     assert pick_rows([Argmax(), build_chain(["greedy"])], logits, contexts, [None, None]) == [1, 2]
     with pytest.raises(AnexaError, match="produced NaN"):
         pick_rows([SamplerChain(), SamplerChain([Broken()])], logits, contexts, [None, None])
+    # Found by a QA session: a model that trained to NaN was blamed on the sampler plugins.
+    broken_model = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 3.0]])
+    with pytest.raises(AnexaError, match=r"^the model computed NaN logits: its weights are broken"):
+        pick_rows([build_chain([]), build_chain([])], broken_model, contexts, [None, None])
 
 
 def test_a_chain_that_only_picks_is_asked_with_its_own_row_context_and_generator():

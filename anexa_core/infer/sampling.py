@@ -126,9 +126,15 @@ class SamplerChain:
         A processor that breaks the contract with ``+inf`` makes those tokens the only candidates; NaN is
         an error naming the chain.
         """
-        logits = self.process(logits, context)
-        if torch.isnan(logits).any():
+        processed = self.process(logits, context)
+        if torch.isnan(processed).any():
+            if torch.isnan(logits).any():  # the model's own logits: no sampler is to blame
+                raise AnexaError(
+                    "the model computed NaN logits: its weights are broken (a training run that diverged?); "
+                    "load another checkpoint"
+                )
             raise AnexaError(f"the sampling chain {self!r} produced NaN: a sampler plugin is broken; leave it out")
+        logits = processed
         certain = logits == float("inf")
         if certain.any():
             rows = certain.any(-1, keepdim=True)
