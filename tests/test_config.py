@@ -58,6 +58,22 @@ def test_bad_config_file(tmp_path, text, match):
         resolve("seed", config)
 
 
+def test_a_config_file_names_plugins_at_the_top_or_in_their_tables_and_its_errors_are_one_line(tmp_path):
+    config = tmp_path / "plugins.toml"
+    config.write_text('attention = "math"\n[blocks]\nbias = false\n')
+    model, _ = resolve("seed", config)
+    assert model.attention == "math" and model.blocks_options["bias"] is False
+    with pytest.raises(AnexaError, match=f"^config {tmp_path} is a folder: pass a TOML file$"):
+        resolve("seed", tmp_path)
+    config.write_text("steps = \n")
+    with pytest.raises(AnexaError) as error:
+        resolve("seed", config)
+    assert (
+        str(error.value)
+        == f"config file {config} is not valid TOML (Invalid value (at line 1, column 9)): fix the file"
+    )
+
+
 def test_missing_config_file_and_unknown_preset(tmp_path):
     with pytest.raises(AnexaError, match="not found"):
         resolve("seed", tmp_path / "nope.toml")

@@ -448,3 +448,38 @@ def test_samples_without_a_seed_draw_from_torchs_global_generator():
     first = generate_samples(model, tokenizer, "abc", 3, 20, chain)
     torch.manual_seed(5)
     assert generate_samples(model, tokenizer, "abc", 3, 20, chain) == first and len(set(first)) == 3
+
+
+class _Scripted:
+    """A sampler forcing ``picks[len(context)]`` where the context has that length: the model's choices,
+    scripted (the model is random)."""
+
+    order = 50
+    reads_context = True
+
+    def __init__(self, picks):
+        self.picks = picks
+
+    def __call__(self, logits, context):
+        forced = self.picks.get(context.size(-1))
+        if forced is None:
+            return logits
+        return torch.where(torch.arange(logits.size(-1)) == forced, 0.0, float("-inf")).expand_as(logits)
+
+
+def test_generated_text_continues_its_prompt_and_ends_at_the_stop_ids_given():
+    """`generate_text` and `generate_samples` decode a reply as the continuation of its prompt: a prompt of ids
+    ending inside a character and a reply whose first token completes it give the whole character; and
+    `stop_ids` (a chat's special tokens) end the reply where the tokenizer's own end of turn would not."""
+    from anexa_core.infer.generation import generate_samples
+    from anexa_core.infer.sampling import SamplerChain
+
+    dash = "—".encode()
+    tokenizer = ByteTokens([b"Holmes ", dash[:2], dash[2:], b" Watson", *([b"x"] * 33)])
+    model = tiny_model()
+    prompt = [0, 1]  # "Holmes " and the dash's first two bytes
+    chain = SamplerChain([_Scripted({2: 2, 3: 3, 4: 0})])
+    assert "".join(generate_text(model, tokenizer, prompt, 3, chain, seed=0)) == "— WatsonHolmes "
+    assert "".join(generate_text(model, tokenizer, prompt, 3, chain, seed=0, stop_ids=[0])) == "— Watson"
+    assert "".join(generate_text(model, tokenizer, prompt, 3, chain, seed=0, stop_ids=[3])) == "—"
+    assert generate_samples(model, tokenizer, prompt, 2, 2, chain, seed=0) == ["— Watson"] * 2

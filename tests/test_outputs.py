@@ -53,7 +53,10 @@ def no_measuring(monkeypatch):
             "choose one of .png, .pdf, .svg (e.g. --out {run}/model.png)",
         ),
         (["plot", "{run}", "-o", "{run}/metrics.jsonl"], "--out {run}/metrics.jsonl: the suffix names the format"),
-        (["plot", "{run}", "-o", "{run}/extra.png"], "--out {run}/extra.png would replace a file of the run in {run}"),
+        (
+            ["plot", "{run}", "-o", "{run}/extra.png"],
+            "--out {run}/extra.png would replace a file of the run in {run}: pass a new name or a path outside the run",
+        ),
         ([*BENCH, "--json", "{run}/model.safetensors"], "--json {run}/model.safetensors: the suffix names the format"),
         ([*BENCH, "--json", "{run}/steps.jsonl"], "end it in .json (e.g. --json {run}/steps.json)"),
         ([*BENCH, "--plot", "{run}/best.safetensors"], "--plot {run}/best.safetensors: the suffix names the format"),
@@ -96,6 +99,16 @@ def test_an_output_replaces_only_a_file_of_its_own_kind_and_needs_a_suffix_it_wr
     before = contents(mine)
     user_error([arg.format(run=run, tmp=mine) for arg in args], match.format(tmp=mine))
     assert contents(mine) == before
+
+
+def test_an_output_that_is_not_a_regular_file_is_never_opened(run, tmp_path):
+    """A named pipe (or a device) at the path is refused without being read: reading a pipe would wait."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")
+    user_error(
+        ["plot", str(run), "-o", str(tmp_path / "pipe.png")], f"--out {tmp_path / 'pipe.png'} is not a regular file"
+    )
 
 
 def test_plot_writes_the_format_its_suffix_names_and_redraws_a_runs_own_plot(run, tmp_path, monkeypatch):
