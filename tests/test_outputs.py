@@ -55,13 +55,21 @@ def no_measuring(monkeypatch):
         (["plot", "{run}", "-o", "{run}/metrics.jsonl"], "--out {run}/metrics.jsonl: the suffix names the format"),
         (
             ["plot", "{run}", "-o", "{run}/extra.png"],
-            "--out {run}/extra.png would replace a file of the run in {run}: pass a new name or a path outside the run",
+            "--out {run}/extra.png is inside the run in {run}: write it outside the run (only `anexa plot` of that run "
+            "alone redraws its loss.png)",
         ),
         ([*BENCH, "--json", "{run}/model.safetensors"], "--json {run}/model.safetensors: the suffix names the format"),
         ([*BENCH, "--json", "{run}/steps.jsonl"], "end it in .json (e.g. --json {run}/steps.json)"),
         ([*BENCH, "--plot", "{run}/best.safetensors"], "--plot {run}/best.safetensors: the suffix names the format"),
-        ([*BENCH, "--plot", "{run}/loss.png"], "--plot {run}/loss.png would replace a file of the run in {run}"),
-        ([*BENCH, "--plot", "{run}/extra.png"], "--plot {run}/extra.png would replace a file of the run"),
+        ([*BENCH, "--plot", "{run}/loss.png"], "--plot {run}/loss.png is inside the run in {run}"),
+        ([*BENCH, "--plot", "{run}/extra.png"], "--plot {run}/extra.png is inside the run"),
+        # Found by a second QA session: new files were written into a run folder (then refused as the run's),
+        # and a plot of other runs replaced a run's own loss.png.
+        ([*BENCH, "--json", "{run}/rows.json"], "--json {run}/rows.json is inside the run in {run}"),
+        (["plot", "{run}", "-o", "{run}/other.png"], "--out {run}/other.png is inside the run in {run}"),
+        (["plot", "{run}", "-o", "{run}/sub/x.png"], "--out {run}/sub/x.png is inside the run in {run}:"),
+        (["plot", "{other}", "-o", "{run}/loss.png"], "--out {run}/loss.png is inside the run in {run}"),
+        (["plot", "{run}", "{other}", "-o", "{run}/loss.png"], "--out {run}/loss.png is inside the run in {run}"),
         (["bench", "train", "--json", "{run}/train_state.safetensors"], "--json {run}/train_state.safetensors: the"),
         (["bench", "generate", "--json", "{run}/model.safetensors"], "--json {run}/model.safetensors: the suffix"),
     ],
@@ -70,7 +78,10 @@ def test_plot_and_bench_never_write_over_a_file_of_a_run(run, no_measuring, args
     """A checkpoint, the metrics, the run's loss.png (for bench) or any other file of a run folder is refused
     in one line before any work, and every file of the run is left as it was, byte for byte."""
     before = contents(run)
-    user_error([arg.format(run=run) for arg in args], match.format(run=run))
+    other = run.parent / "other"
+    if not other.exists():
+        shutil.copytree(run, other)
+    user_error([arg.format(run=run, other=other) for arg in args], match.format(run=run))
     assert contents(run) == before
 
 
@@ -149,3 +160,10 @@ def test_metrics_with_bytes_that_are_not_utf8_read_like_torn_lines(run):
     result = CliRunner().invoke(app, ["train", "--resume", str(run), "--steps", "32", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert [record["step"] for record in read_metrics(run / "metrics.jsonl")] == [32]
+
+
+def test_the_files_that_mark_a_run_are_the_checkpoints_names():
+    """``files.RUN_FILES`` (looked for without loading torch) names the files ``checkpoint`` writes."""
+    from anexa_core.io import checkpoint, files
+
+    assert files.RUN_FILES == (checkpoint.MODEL_FILE, checkpoint.BEST_FILE, checkpoint.STATE_FILE)

@@ -129,7 +129,7 @@ def test_resume_refuses_what_would_change_the_checkpoints_meaning(sherlock_path,
     [
         ({"lr": 0.005}, "--lr 0.003"),
         ({"batch_size": 8}, "--batch-size 4"),
-        ({"seq_len": 16}, "--seq-len unset"),
+        ({"seq_len": 16}, "--seq-len 32"),  # no --seq-len: windows of the whole context
         ({"seed": 5}, "--seed 1"),
         ({"min_lr": 1e-5, "warmup_steps": 7}, "--min-lr 0.0003, --warmup-steps 0"),
     ],
@@ -151,6 +151,7 @@ def test_resume_refuses_settings_that_would_change_the_steps_already_run(sherloc
     )
     same = {key: getattr(config, key) for key in flags}
     assert resume_configs(tmp_path, same)[1].lr == config.lr  # the run's own values are no change
+    assert resume_configs(tmp_path, {"seq_len": 32})[1].lr == config.lr  # nor the context it trained on
 
 
 def test_resume_allows_what_does_not_change_the_meaning(sherlock_path, tmp_path):

@@ -72,13 +72,23 @@ _KINDS: dict[str, tuple[str, Callable[[bytes], bool]]] = {
 """An output suffix's kind of file: its name in messages, and a test of its first 4 KiB (what Anexa writes)."""
 
 
-def check_output(target: str | os.PathLike[str], flag: str, suffixes: Sequence[str], run_plot: bool = False) -> str:
+RUN_FILES = ("model.safetensors", "best.safetensors", "train_state.safetensors")
+"""The files that mark a run folder (``checkpoint.MODEL_FILE``, ``BEST_FILE``, ``STATE_FILE``; a test keeps them
+equal), looked for before :func:`~anexa_core.io.checkpoint.holds_a_run` (which loads torch) is asked."""
+
+
+def check_output(
+    target: str | os.PathLike[str],
+    flag: str,
+    suffixes: Sequence[str],
+    own_plot_of: str | os.PathLike[str] | None = None,
+) -> str:
     """The format (``png``, ``json``, …) an output file — a plot, bench rows — is written in, named by the
     suffix of ``target``; call it before any work. Raises :class:`AnexaError` naming ``flag`` when ``target``
-    does not end in one of ``suffixes`` (case aside), is a folder or lies under a file, or when it exists and
-    is not of that kind (its first bytes; an empty file is replaced) or is a file of a run (in a folder that
-    holds one) — only the run's own plot, with ``run_plot``, which ``anexa plot`` redraws as training does.
-    So an output never replaces a checkpoint, metrics or a user's file of another kind."""
+    does not end in one of ``suffixes`` (case aside), is a folder or lies under a file, lies in a run folder
+    (but the ``loss.png`` of ``own_plot_of``, the one run a plot draws, which ``anexa plot`` redraws as
+    training does), or exists and is not of that kind (its first bytes; an empty file is replaced). So an
+    output never lands among a run's files nor replaces a user's file of another kind."""
     target = Path(target)
     suffix = target.suffix.lower()
     if suffix not in suffixes:
@@ -86,21 +96,40 @@ def check_output(target: str | os.PathLike[str], flag: str, suffixes: Sequence[s
         fix = f"end it in {suffixes[0]}" if len(suffixes) == 1 else choose_one_of(suffix or "none", suffixes)
         raise AnexaError(f"{flag} {target}: the suffix names the format; {fix} (e.g. {flag} {example})")
     _check_file_target(target)
+    _check_outside_runs(target, flag, own_plot_of)
     if target.exists():
-        _check_replaceable(target, flag, suffix, run_plot)
+        _check_replaceable(target, flag, suffix)
     return suffix.lstrip(".")
 
 
-def _check_replaceable(target: Path, flag: str, suffix: str, run_plot: bool) -> None:
-    """A one-line error for an existing ``target`` an output may not replace: not a file, a run's, or not
-    of the kind ``suffix`` names."""
-    from anexa_core.io import checkpoint  # loads torch: only when there is something to replace
+def _check_outside_runs(target: Path, flag: str, own_plot_of: str | os.PathLike[str] | None) -> None:
+    """A one-line error for an output in a run folder or below one, but the run's own plot redrawn from that
+    run alone."""
+    parent = target.parent.resolve()
+    for folder in (parent, *parent.parents):
+        if not any((folder / name).exists() for name in RUN_FILES):
+            continue
+        from anexa_core.io import checkpoint  # loads torch: only for a folder that may be a run
 
-    if not (run_plot and target.name == checkpoint.PLOT_FILE) and checkpoint.holds_a_run(target.parent):
+        if not checkpoint.holds_a_run(folder):
+            continue
+        own = own_plot_of is not None and Path(own_plot_of).resolve() == folder == parent
+        if own and target.name == checkpoint.PLOT_FILE:
+            return
         raise AnexaError(
-            f"{flag} {target} would replace a file of the run in {target.parent}: pass a new name or a path "
-            "outside the run"
+            f"{flag} {target} is inside the run in {_as_given(folder, target)}: write it outside the run (only "
+            "`anexa plot` of that run alone redraws its loss.png)"
         )
+
+
+def _as_given(folder: Path, target: Path) -> Path:
+    """``folder`` (resolved) as ``target`` names it, when it does."""
+    return next((given for given in (target.parent, *target.parent.parents) if given.resolve() == folder), folder)
+
+
+def _check_replaceable(target: Path, flag: str, suffix: str) -> None:
+    """A one-line error for an existing ``target`` an output may not replace: not a regular file, or not of
+    the kind ``suffix`` names."""
     kind, is_kind = _KINDS[suffix]
     if not target.is_file():  # a pipe or a device: never read, never replaced
         raise AnexaError(f"{flag} {target} is not a regular file: pass the path of a file to write")

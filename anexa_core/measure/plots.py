@@ -47,11 +47,11 @@ def plot_runs(runs: Sequence[Path], out: Path, labels: Sequence[str] | None = No
     (runs without ``steps.jsonl``: the evaluations' train loss, dashed) and the validation loss as points —
     and the learning rate by step with tokens/s (dotted, right axis). Written atomically; returns ``out``.
     Raises :class:`AnexaError` before reading a run when ``out`` may not be written
-    (:func:`~anexa_core.io.files.check_output`: another suffix, an existing file of another kind or of a
-    run — but a run's own ``loss.png``, which this redraws)."""
+    (:func:`~anexa_core.io.files.check_output`: another suffix, an existing file of another kind, a path in a
+    run folder — but the ``loss.png`` of the one run drawn, which this redraws)."""
     # Why complex: runs with and without steps.jsonl are drawn by one loop, their differences (loss key, line
     # style) as conditional expressions, on two x axes (step, minutes); one figure, drawn top to bottom.
-    image_format = check_output(out, "--out", IMAGE_SUFFIXES, run_plot=True)
+    image_format = check_output(out, "--out", IMAGE_SUFFIXES, own_plot_of=runs[0] if len(runs) == 1 else None)
     plt = pyplot()
     labels = list(labels) if labels else [Path(run).name for run in runs]
     figure, (by_step, by_time, schedule) = plt.subplots(1, 3, figsize=(17, 4.5))

@@ -59,10 +59,16 @@ def resume_configs(
             f"cannot change {_flags(changed)} when resuming {run_dir}: it would change what the checkpoint "
             "means; start a new run instead (without --resume)"
         )
-    steered = sorted(key for key in given if key in _TRAJECTORY and str(given[key]) != str(current(key)))
+
+    def trained_with(key: str) -> Any:  # windows of the whole context when no --seq-len was given
+        value = current(key)
+        return settings.get("block_size") if key == "seq_len" and value is None else value
+
+    steered = sorted(key for key in given if key in _TRAJECTORY and str(given[key]) != str(trained_with(key)))
     if steered:
+        values = {key: trained_with(key) for key in steered}
         raise AnexaError(
-            f"cannot change {_flags(steered)} when resuming {run_dir} (it has {_flags(steered, settings)}): a "
+            f"cannot change {_flags(steered)} when resuming {run_dir} (it has {_flags(steered, values)}): a "
             "resume continues the run bit for bit, and its model card's command must stay true; to train on "
             f"with other settings, start a new run from it: --init-from {run_dir}"
         )
