@@ -336,6 +336,15 @@ def read_toml(path: Path) -> dict[str, Any]:
     return flat
 
 
+def init_from_in(path: Path) -> str | None:
+    """The base a config file names (``init_from``), so that it fine-tunes as ``--init-from`` does; ``None``
+    when it names none. Raises :class:`AnexaError` for an unreadable file or a base that is not text."""
+    base = read_toml(path).get("init_from")
+    if base is not None and not isinstance(base, str):
+        raise AnexaError(f"init_from in {path} must be a model (a run, a GGUF file, a folder or a hub id) as text")
+    return base
+
+
 def resolve(
     preset: str = "seed",
     config_file: Path | None = None,

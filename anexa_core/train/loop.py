@@ -478,10 +478,16 @@ def fit(run: TrainingRun, reporter: Reporter, stop_requested: Callable[[], bool]
         step_seconds = time.perf_counter() - step_started
         done = step + 1
         log.add(loss)
-        # Stop when one more step (as long as this one), the final evaluation and checkpoint would not fit.
-        ending = _evaluation_seconds(run, done, eval_seconds) + _save_seconds(run, save_seconds)
+        # Stop when one more step (as long as this one), the final evaluation and checkpoint would not fit
+        # (estimated only under a budget: the estimates read every parameter until they are measured).
         time_up = budget_s is not None and distributed.any_rank(
-            run.elapsed() + step_seconds + ending > budget_s, ranks, device
+            run.elapsed()
+            + step_seconds
+            + _evaluation_seconds(run, done, eval_seconds)
+            + _save_seconds(run, save_seconds)
+            > budget_s,
+            ranks,
+            device,
         )
         last = done == config.steps or time_up
         interrupted = distributed.any_rank(bool(stop_requested and stop_requested()), ranks, device)

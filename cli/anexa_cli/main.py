@@ -425,7 +425,7 @@ def train(
     plugin_options = _plugin_options(option)
     base = None
     if init_from is None and config is not None and resume is None:
-        init_from = _file_init_from(config)
+        init_from = configs.init_from_in(config)  # a file that names a base fine-tunes it
     if resume is not None:
         if config is not None or out is not None or overwrite or init_from is not None:
             raise AnexaError("--resume continues a run as it was: drop --config, --out, --overwrite and --init-from")
@@ -657,16 +657,6 @@ def chat(
         turn += 1
     if history is not None:
         history()
-
-
-def _file_init_from(config: Path) -> str | None:
-    """The base a ``--config`` file names (``init_from``), so it fine-tunes as ``--init-from`` does."""
-    from anexa_core import config as configs
-
-    base = configs.read_toml(config).get("init_from")
-    if base is not None and not isinstance(base, str):
-        raise AnexaError(f"init_from in {config} must be a model (a run, a GGUF file, a folder or a hub id) as text")
-    return base
 
 
 def _greeting(loaded, bos: bool) -> str:
