@@ -135,7 +135,8 @@ def serve(
 
     config = ServeConfig(  # checks the key before anything is loaded
         max_tokens_cap=max_tokens_cap,
-        default_max_tokens=min(200, max_tokens_cap) if default_max_tokens is None else default_max_tokens,
+        # not given: ServeConfig's default, which a lower cap lowers (ServerState.max_tokens)
+        **({} if default_max_tokens is None else {"default_max_tokens": default_max_tokens}),
         parallel=parallel,
         queue=queue,
         max_body_bytes=max_body_bytes,
