@@ -324,6 +324,21 @@ BAD = {
     "malformed JSON": ("/v1/completions", b'{"prompt": "x",', 400, None, "invalid_json"),
     "not an object": ("/v1/completions", b'["x"]', 400, None, "invalid_json"),
     "deeply nested": ("/v1/completions", b"[" * 20000 + b"]" * 20000, 400, None, "invalid_json"),
+    # Found by a QA session: a field given twice kept its last value without a word.
+    "field twice": (
+        "/v1/completions",
+        b'{"model": "tiny", "prompt": "x", "max_tokens": 5, "max_tokens": 6}',
+        400,
+        "max_tokens",
+        None,
+    ),
+    "nested field twice": (
+        "/v1/chat/completions",
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "a", "content": "b"}]}',
+        400,
+        "content",
+        None,
+    ),
     "unknown model": ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model", "model_not_found"),
     "model missing": ("/v1/completions", {"prompt": "x"}, 400, "model", None),
     "prompt missing": ("/v1/completions", {"model": "tiny"}, 400, "prompt", None),
@@ -640,7 +655,7 @@ def test_chat_page_in_a_real_browser(url, models, tmp_path):
 
 
 def test_serve_command_errors_are_one_line(tmp_path):
-    result = runner.invoke(cli, ["serve", "--model", str(tmp_path / "missing"), "--host", "0.0.0.0"])
+    result = runner.invoke(cli, ["serve", "--model", str(tmp_path / "missing"), "--host", "0.0.0.0", "--port", "0"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith("warning: --host 0.0.0.0 is not a loopback address")
@@ -655,10 +670,28 @@ def test_serve_command_errors_are_one_line(tmp_path):
     )
     assert len(result.stderr.strip().splitlines()) == 1
     for key in ("ключ-é", "two words", "tab\tkey"):  # a header carries printable ASCII only: nobody could log in
-        result = runner.invoke(cli, ["serve", "--model", str(tmp_path / "missing"), "--api-key", key])
+        result = runner.invoke(cli, ["serve", "--model", str(tmp_path / "missing"), "--api-key", key, "--port", "0"])
         assert result.exit_code == 2 and result.stderr.startswith("error: --api-key (or ANEXA_API_KEY) holds a space")
     result = runner.invoke(cli, ["serve", "-m", str(tmp_path / "missing"), "--api-key", "s3cr3t-K~ey!", "--port", "0"])
     assert result.exit_code == 2 and result.stderr.startswith("error: no checkpoint at"), "the key itself is fine"
+    # Found by a QA session: click reads an empty variable as unset, so ANEXA_API_KEY= served without a key.
+    for value in ("", " "):
+        result = runner.invoke(
+            cli, ["serve", "-m", str(tmp_path / "missing"), "--port", "0"], env={"ANEXA_API_KEY": value}
+        )
+        assert result.exit_code == 2 and result.stderr.startswith("error: --api-key (or ANEXA_API_KEY) is empty"), value
+    # Found by a QA session: the same run given twice was served twice, as `run` and `run-2`.
+    twice = ["serve", "-m", str(tmp_path / "missing"), "-m", str(tmp_path / "sub" / ".." / "missing"), "--port", "0"]
+    result = runner.invoke(cli, twice)
+    assert result.exit_code == 2 and result.stderr == (
+        f"error: --model {tmp_path / 'sub' / '..' / 'missing'} is given twice: serve each model once\n"
+    )
+    result = runner.invoke(
+        cli, ["serve", "-m", str(tmp_path / "missing"), "-m", str(tmp_path / "other"), "--port", "0"]
+    )
+    assert result.exit_code == 2 and result.stderr.startswith("error: no checkpoint at"), "two models"
+    result = runner.invoke(cli, ["serve", "-m", str(tmp_path / "missing"), "--port", "0"], env={"ANEXA_API_KEY": None})
+    assert result.exit_code == 2 and result.stderr.startswith("error: no checkpoint at"), "no variable: no key"
     # Found by a QA session: a default above the cap was cut to the cap without a word. A lower cap alone
     # still lowers the default (the cap holds every request).
     above = ["serve", "-m", str(tmp_path / "missing"), "--default-max-tokens", "5000", "--port", "0"]

@@ -20,11 +20,12 @@ from helpers import assert_error, running, trained_tokenizer  # noqa: E402
 from anexa_core import hookimpl, plugins  # noqa: E402
 from anexa_core.config import ModelConfig  # noqa: E402
 from anexa_core.errors import AnexaError  # noqa: E402
-from anexa_core.infer.chat import JinjaTemplate  # noqa: E402
+from anexa_core.infer.chat import JinjaTemplate, Transcript  # noqa: E402
 from anexa_core.infer.generation import encode_prompt, generate_ids, generate_text  # noqa: E402
 from anexa_core.infer.sampling import build_chain  # noqa: E402
 from anexa_core.model.gpt import build_model  # noqa: E402
 from anexa_serve import ServeConfig, ServedModel, create_app  # noqa: E402
+from anexa_serve.chat import check_override_used  # noqa: E402
 
 BLOCK = 32
 CHATML = (
@@ -537,6 +538,19 @@ def test_a_jinja_file_replaces_every_models_template(tiny):
         reply = post(http, "/v1/chat/completions", body)
         assert reply["choices"][0]["message"]["content"] == expected(tiny, "user: Hi\nassistant:", 15, 4)
         assert http.get("/tokenizer_info").json()["chat_template"] == source
+
+
+def test_a_transcript_file_for_models_that_all_have_their_own_template_is_refused(tiny, chatml):
+    # Found by a QA session: `serve -m SMOLLM2 --chat-template plain.toml` started, and the file changed nothing.
+    transcript, path = Transcript(user="Q: {content}\n"), Path("/somewhere/plain.toml")
+    with pytest.raises(AnexaError) as caught:
+        check_override_used(path, transcript, {"chatml": chatml.tokenizer, "chatml-2": chatml.tokenizer})
+    assert str(caught.value) == (
+        "--chat-template plain.toml is a transcript for models without a template of their own, and chatml, "
+        "chatml-2 have one: give a FILE.jinja to replace it, or leave --chat-template out"
+    )
+    check_override_used(path, transcript, {"chatml": chatml.tokenizer, "tiny": tiny.tokenizer})  # tiny's transcript
+    check_override_used(path, "{{ messages }}", {"chatml": chatml.tokenizer})  # Jinja replaces every template
 
 
 def test_chat_with_smollm2_through_its_own_template_answers_paris(smollm2):

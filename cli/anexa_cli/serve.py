@@ -6,6 +6,7 @@ fastapi, uvicorn and torch are imported inside the command, so ``anexa --help`` 
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -104,6 +105,8 @@ def serve(
     ] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible API (/v1) with a chat page at /."""
+    # click reads an empty variable as unset, which would serve without a key: ServeConfig refuses it
+    api_key = os.environ.get("ANEXA_API_KEY") if api_key is None else api_key
     if default_max_tokens is not None and default_max_tokens > max_tokens_cap:
         raise AnexaError(
             f"--default-max-tokens {default_max_tokens} is above --max-tokens-cap {max_tokens_cap}, which every "
@@ -124,7 +127,7 @@ def serve(
             f"anexa serve needs the serve extra ({exc.name} is missing): pip install 'anexa[serve]'"
         ) from None
     from anexa_core.infer.chat import Transcript
-    from anexa_serve.chat import read_override
+    from anexa_serve.chat import check_override_used, read_override
 
     template = read_override(chat_template) if chat_template is not None else Transcript()
 
@@ -148,11 +151,18 @@ def serve(
     )
     sock = _listen(host, port)  # before loading: a taken port fails at once
     served = load_models(model, device)
+    if chat_template is not None:
+        check_override_used(chat_template, template, {name: one.tokenizer for name, one in served.items()})
     app = create_app(served, config)
-    bound = sock.getsockname()[1]
+    _announce(served, host, sock.getsockname()[1])
+    uvicorn_server(app).run(sockets=[sock])
+
+
+def _announce(served: dict, host: str, port: int) -> None:
+    """Where the models are served (the first line of stderr, which scripts read for the port) and the
+    sampling each one's makers recommend."""
     shown = f"[{host.strip('[]')}]" if ":" in host else host
-    typer.echo(f"serving {', '.join(served)} on http://{shown}:{bound} (chat page at /, OpenAI API at /v1)", err=True)
+    typer.echo(f"serving {', '.join(served)} on http://{shown}:{port} (chat page at /, OpenAI API at /v1)", err=True)
     for name, one in served.items():
         if one.sampling:
             typer.echo(f"{name}: requests that choose no sampling get its makers' {' → '.join(one.sampling)}", err=True)
-    uvicorn_server(app).run(sockets=[sock])

@@ -207,11 +207,29 @@ async def read_json(request: Request) -> dict[str, Any]:
             400, "the client disconnected before sending its whole body", code="client_disconnected"
         ) from None
     try:
-        data = json.loads(body)
+        data = json.loads(body, object_pairs_hook=_once_each)
+    except _GivenTwice as twice:  # JSON allows it, and one value would be dropped without a word
+        raise invalid(f"the body gives {twice.key!r} twice: give each field once", param=twice.key) from None
     except (ValueError, RecursionError):
         raise invalid("the body is not valid JSON: send a JSON object", code="invalid_json") from None
     if not isinstance(data, dict):
         raise invalid("the body must be a JSON object", code="invalid_json")
+    return data
+
+
+class _GivenTwice(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members as a dict; raises :class:`_GivenTwice` for a key given twice."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _GivenTwice(key)
+        data[key] = value
     return data
 
 

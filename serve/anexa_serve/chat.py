@@ -48,6 +48,19 @@ def read_override(path: Path) -> Transcript | str:
     return Transcript.from_toml(path)
 
 
+def check_override_used(path: Path, override: ChatOverride, tokenizers: Mapping[str, Any]) -> None:
+    """``--chat-template FILE.toml`` changes the transcript of the models without a template of their own
+    (``tokenizers`` by served name). Raises :class:`AnexaError` when every one has its own, so the file would
+    change nothing."""
+    own = [name for name, tokenizer in tokenizers.items() if getattr(tokenizer, "chat_template", None)]
+    if isinstance(override, Transcript) and len(own) == len(tokenizers):
+        raise AnexaError(
+            f"--chat-template {path.name} is a transcript for models without a template of their own, and "
+            f"{', '.join(own)} {'has' if len(own) == 1 else 'have'} one: give a FILE.jinja to replace it, or "
+            "leave --chat-template out"
+        )
+
+
 def model_template(tokenizer: Any, override: ChatOverride) -> Template:
     """The template a model chats through (see the module docstring)."""
     if isinstance(override, str) or getattr(tokenizer, "chat_template", None):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from anexa_core.errors import AnexaError
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -79,10 +81,16 @@ def load_models(paths: list[Path] | None, device: Any = "auto") -> dict[str, Ser
     """Load each checkpoint once, in order, keyed by its unique name; ``None`` or ``[]``: the newest run
     under ./runs (:func:`anexa_core.io.load.load`).
 
-    Raises :class:`anexa_core.errors.AnexaError` for a missing, foreign or corrupt checkpoint.
+    Raises :class:`anexa_core.errors.AnexaError` for a missing, foreign or corrupt checkpoint, or one given
+    twice.
     """
     from anexa_core.io.load import load
 
+    seen: set[Path] = set()
+    for path in paths or []:
+        if path.resolve() in seen:
+            raise AnexaError(f"--model {path} is given twice: serve each model once")
+        seen.add(path.resolve())
     loaded = [load(path, device) for path in paths] if paths else [load(None, device)]
     served: dict[str, ServedModel] = {}
     for name, one in zip(unique_names([item.source for item in loaded]), loaded, strict=True):
