@@ -313,6 +313,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise AnexaError(f"config {path} is a folder: pass a TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         detail = " ".join(str(exc).split())
+        if detail.startswith("Cannot overwrite a value"):  # tomllib's words for a key given twice in one table
+            place = detail.removeprefix("Cannot overwrite a value").strip(" ()")
+            raise AnexaError(f"config file {path} sets a key twice ({place}): keep one of them") from None
         raise AnexaError(f"config file {path} is not valid TOML ({detail}): fix the file") from None
     flat: dict[str, Any] = {}
     where: dict[str, str] = {}
@@ -419,6 +422,13 @@ def merge(
             given[kind].update(values[options_key])
     for key, value in values.items():
         if key in SHORTHANDS:
+            if key in (values.get(f"{SHORTHANDS[key]}_options") or {}):  # one of the two would be dropped
+                twice = (
+                    f"--{key.replace('_', '-')} and -o {SHORTHANDS[key]}.{key} both set {key}"
+                    if source == "flags"
+                    else f"config file {source} sets {key} twice (as {key} and in [{SHORTHANDS[key]}])"
+                )
+                raise AnexaError(f"{twice}: keep one of them")
             given[SHORTHANDS[key]][key] = value
         elif key not in _OPTION_FIELDS:
             settings[key] = value

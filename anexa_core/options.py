@@ -204,12 +204,17 @@ def create(owner: str, factory: Callable[..., Any], given: Mapping[str, Any]) ->
 
 
 def parse_assignments(specs: list[str] | tuple[str, ...], flag: str) -> dict[str, dict[str, str]]:
-    """``["attention.window=64", "blocks.rope_theta=5e5"]`` → ``{"attention": {"window": "64"}, …}``."""
+    """``["attention.window=64", "blocks.rope_theta=5e5"]`` → ``{"attention": {"window": "64"}, …}``.
+
+    Raises :class:`AnexaError` for a malformed spec and for an option given twice (one value would be
+    dropped without a word)."""
     parsed: dict[str, dict[str, str]] = {}
     for spec in specs:
         target, equals, value = spec.partition("=")
         kind, dot, name = target.strip().partition(".")
         if not equals or not dot or not kind or not name.isidentifier():
             raise AnexaError(f"bad {flag} {spec!r}: use {flag} KIND.OPTION=VALUE, e.g. {flag} attention.window=64")
+        if name in parsed.get(kind, {}):
+            raise AnexaError(f"{flag} {kind}.{name} is given twice: give it once")
         parsed.setdefault(kind, {})[name] = value.strip()
     return parsed

@@ -166,6 +166,21 @@ def test_plugins_json_lists_builtins_with_versions():
         (["train", "--seed", "-3"], "--seed must be between 0 and"),
         (["train", "--config", "."], "is a folder: pass a TOML file"),
         (["train", "--preset", "huge"], "unknown preset 'huge'"),
+        # Found by a QA session: the same setting twice on the command line kept one value without a word.
+        (
+            ["train", "--tokenizer", "bpe", "--vocab-size", "300", "-o", "tokenizer.vocab_size=400"],
+            "--vocab-size and -o tokenizer.vocab_size both set vocab_size: keep one of them",
+        ),
+        (["train", "-o", "blocks.gelu=tanh", "-o", "blocks.gelu=exact"], "-o blocks.gelu is given twice: give it once"),
+        # Found by a QA session: a preset beside --resume or --init-from was silently ignored.
+        (
+            ["train", "--resume", "runs/x", "--preset", "small"],
+            "drop --config, --out, --overwrite, --init-from and --preset",
+        ),
+        (
+            ["train", "--init-from", "runs/x", "--preset", "small"],
+            "--preset small describes a model trained from scratch",
+        ),
         (["train", "--steps", "0"], "--steps must be at least 1"),
         (["train", "--n-embd", "30", "--n-head", "4"], "divisible"),
         (["train", "--data", "no-such-corpus"], "neither a dataset"),
@@ -180,6 +195,13 @@ def test_plugins_json_lists_builtins_with_versions():
         (["chat", "--context", "shfit"], "unknown context policy 'shfit': did you mean 'shift'?"),
         (["generate", "x", "--model", "README.md"], "is not a safetensors checkpoint"),
         (["generate", "x", "--model", "tests"], "no checkpoint at tests/model.safetensors"),
+        # Found by a newcomer: what a wrong path is, and what to pass instead.
+        (["plot", "/nonexistent/run"], "/nonexistent/run does not exist: pass the folder of an `anexa train` run"),
+        (
+            ["import", "README.md", "--out", "/nonexistent/x"],
+            "README.md is neither a GGUF file nor a Hugging Face "
+            "folder (config.json and safetensors): pass a model's .gguf file, its folder, or a hub id ORG/NAME",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path, run_dir, sherlock_path, monkeypatch):
@@ -188,7 +210,7 @@ def test_bad_input_is_one_line_and_exit_2(args, match, tmp_path, run_dir, sherlo
     if "--model" in args:  # relative paths are the repository's
         monkeypatch.chdir(REPO)
     if args[0] == "train":
-        args = args if "--out" in args else [*args, "--out", str(tmp_path / "run")]
+        args = args if "--out" in args or "--resume" in args else [*args, "--out", str(tmp_path / "run")]
         if "--data" not in args:
             args += ["--data", str(sherlock_path)]
     user_error(args, match)

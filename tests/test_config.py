@@ -49,6 +49,10 @@ def test_toml_overrides_preset_and_flags_override_toml(tmp_path):
             '[model]\nattention = "math"\n[attention]\nname = "sdpa"\n',
             r"sets attention twice \(in \[model\] and as name",
         ),
+        ("[train]\nsteps = 3\nsteps = 4\n", r"bad.toml sets a key twice \(at line 3, column \d+\): keep one of them"),
+        # ... and a shorthand beside its plugin's own option lost one of the two.
+        ("bias = false\n[blocks]\nbias = true\n", r"bad.toml sets bias twice \(as bias and in \[blocks\]\): keep one"),
+        ("weight_decay = 0.0\n[optimizer]\nweight_decay = 0.3\n", r"sets weight_decay twice \(as weight_decay and"),
     ],
 )
 def test_bad_config_file(tmp_path, text, match):
@@ -63,6 +67,8 @@ def test_a_config_file_names_plugins_at_the_top_or_in_their_tables_and_its_error
     config.write_text('attention = "math"\n[blocks]\nbias = false\n')
     model, _ = resolve("seed", config)
     assert model.attention == "math" and model.blocks_options["bias"] is False
+    config.write_text('bias = false\n[blocks]\ngelu = "tanh"\n')  # a shorthand beside another option is fine
+    assert resolve("seed", config)[0].blocks_options == {"bias": False, "gelu": "tanh"}
     with pytest.raises(AnexaError, match=f"^config {tmp_path} is a folder: pass a TOML file$"):
         resolve("seed", tmp_path)
     config.write_text("steps = \n")

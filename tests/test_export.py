@@ -22,6 +22,7 @@ from helpers import Greedy, strict
 from typer.testing import CliRunner
 
 from anexa_cli.main import app
+from anexa_core import hookimpl
 from anexa_core.errors import AnexaError
 from anexa_core.infer.generation import encode_prompt, generate_ids
 from anexa_core.io import checkpoint
@@ -180,6 +181,29 @@ def test_the_retraining_command_needs_a_config_file_only_for_settings_off_their_
     # Found by a QA session: a run from scratch on windows shorter than its context lost --seq-len.
     assert " --seq-len 16 " in training_command(model, {**fresh, "seq_len": 16})[0] + " "
     assert "--seq-len" not in training_command(model, fresh)[0]
+
+
+@pytest.mark.parametrize(
+    "spec, shared",
+    [
+        ("sherlock", "sherlock"),
+        ("https://example.org/books/holmes.txt", "https://example.org/books/holmes.txt"),
+        # Found by a QA session: the port was dropped, so the card's command fetched another URL.
+        ("http://me:secret@example.org:8080/x.txt?token=abc#part", "http://example.org:8080/x.txt"),
+        ("http://[::1]:9000/a.txt", "http://[::1]:9000/a.txt"),
+        ("/home/alice/notes/holmes.txt", "holmes.txt"),
+        ("/home/alice/notes/", "notes"),
+        # Found by a QA session: `--data ~/` gave the home folder's name, the user's.
+        ("{home}", "data"),
+        ("{home}/", "data"),
+    ],
+)
+def test_data_in_shared_files_keeps_what_retrains_and_nothing_private(spec, shared):
+    from pathlib import Path
+
+    from anexa_core.io.export import shareable_data
+
+    assert shareable_data(spec.format(home=Path.home())) == shared
 
 
 def test_the_model_card_states_the_run_and_its_command_retrains_it(runs, workdir):
@@ -602,3 +626,28 @@ def test_the_exported_tokenizer_gives_anexas_ids_on_any_text_or_refuses_as_anexa
         assert exported.decode(theirs) == tokenizer.decode(ours)
 
     agrees()
+
+
+class _NaNPlugin:
+    """Attention ``nan``: NaN everywhere, as a broken kernel may return."""
+
+    @hookimpl
+    def register_attention(self, register):
+        register("nan", lambda: lambda q, k, v, *, causal: torch.full_like(q, float("nan")))
+
+
+def test_an_attention_that_returns_nan_is_not_exact_softmax_attention():
+    """Found in review: `max(0.0, nan)` is 0.0, so the check that guards export (and, since, resume) let an
+    attention returning NaN pass as exact."""
+    from helpers import registered
+
+    from anexa_core.config import ModelConfig
+    from anexa_core.io.export import attention_deviation, check_exact_attention
+
+    config = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=10, attention="nan")
+    with registered(_NaNPlugin(), "test-nan"):
+        deviation, _ = attention_deviation(config)
+        assert deviation != deviation
+        with pytest.raises(AnexaError, match=r"^attention 'nan' cannot be exported to Hugging Face: .* differs by nan"):
+            check_exact_attention(config, {})
+    assert attention_deviation(dataclasses.replace(config, attention="math"))[0] < 1e-6

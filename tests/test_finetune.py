@@ -123,6 +123,10 @@ def test_fine_tuning_defaults_are_full_or_lora_and_a_files_settings_name_the_fil
     _, lora, _ = finetune_configs(str(base / "run"), {"lora": "r=2"})
     assert (full.lr, full.min_lr, full.seq_len) == (FINETUNE["lr"], FINETUNE["min_lr"], 64)
     assert (lora.lr, lora.min_lr, lora.seq_len) == (LORA["lr"], LORA["min_lr"], 64) and lora.lr != full.lr
+    # Found by a QA session: with --init-from, a file naming another base trained this one and recorded that one.
+    (tmp_path / "other.toml").write_text('init_from = "runs/elsewhere"\n', encoding="utf-8")
+    _, flagged, _ = finetune_configs(str(base / "run"), {}, config_file=tmp_path / "other.toml")
+    assert flagged.init_from == str(base / "run")
     for text, message in [
         ("n_embd = 64\n", "--n-embd in {} contradicts the model of --init-from"),
         ("learning_rate = 3\n", "unknown setting 'learning_rate' in {}: choose one of"),
@@ -130,6 +134,20 @@ def test_fine_tuning_defaults_are_full_or_lora_and_a_files_settings_name_the_fil
         (tmp_path / "my.toml").write_text(text, encoding="utf-8")
         with pytest.raises(AnexaError, match="^" + re.escape(message.format(tmp_path / "my.toml"))):
             finetune_configs(str(base / "run"), {}, config_file=tmp_path / "my.toml")
+
+
+def test_a_base_trains_in_its_stored_layout_not_the_decoding_one(base):
+    """Found by a QA session: a LoRA fine-tune of SmolLM2 died with SIGFPE (exit 136, no message) in the
+    backward of its column-major head — PyTorch 2.13's bfloat16 CPU matrix product on AMX, at 32 tokens a
+    batch. A base for training keeps its weights row-major (contiguous), as stored; inference's load does not."""
+    from anexa_core.io.load import load, load_base
+
+    trained = load_base(str(base / "run")).model
+    assert all(parameter.is_contiguous() for parameter in trained.parameters())
+    decoding = load(base / "run", "cpu").model
+    assert not all(parameter.is_contiguous() for parameter in decoding.parameters()), (
+        "the layout test would pass anyway"
+    )
 
 
 def test_a_config_file_that_names_the_base_fine_tunes_as_the_flags_do(base, tmp_path):
@@ -432,7 +450,7 @@ def test_missing_data_is_the_one_line_before_the_model_is_built(base, tmp_path, 
         )
         assert not caplog.records
     user_error(
-        ["train", "--resume", str(base / "run"), "--data", str(missing), "--steps", "50"], "is neither a dataset"
+        ["train", "--resume", str(base / "run"), "--data", str(missing), "--steps", "50"], "cannot change --data"
     )
     assert not (tmp_path / "x").exists()
 

@@ -193,7 +193,15 @@ def test_resume_keeps_the_window_and_a_missing_plugin_names_its_distribution(sli
     before = checkpoint.read_metadata(sliding_run / "model.safetensors")
     # Both at once (saves are atomic): generate fails on the metadata, before any weights are read.
     without_plugin = start("generate", "x", "--model", str(sliding_run), disable="anexa-sliding")
-    done = anexa("train", "--resume", str(sliding_run), "--steps", "8")
+    # Found by a QA session: a resume could change the window (or drop it), so the model card's command lied.
+    for swap in (["-o", "attention.window=4"], ["--attention", "sdpa"]):
+        refused = anexa("train", "--resume", str(sliding_run), "--steps", "8", *swap)
+        assert refused.returncode == 2 and refused.stderr.strip() == (
+            f"error: cannot change --attention or -o attention.… when resuming {sliding_run} (it has --attention "
+            "sliding with window=8): it computes something other than exact softmax attention, so the model the "
+            f"steps so far trained would change; start a new run from it: --init-from {sliding_run}"
+        ), swap
+    done = anexa("train", "--resume", str(sliding_run), "--steps", "8", "-o", "attention.window=8")
     assert done.returncode == 0, done.stderr
     after = checkpoint.read_metadata(sliding_run / "model.safetensors")
     assert after["step"] == 8 and after["plugins"] == before["plugins"]

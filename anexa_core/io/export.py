@@ -18,6 +18,7 @@ Uploading is ``huggingface_hub``'s job: ``hf upload USER/NAME OUT .``. Nothing h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import urllib.parse
@@ -216,37 +217,50 @@ def _described(name: str, options_given: dict[str, Any]) -> str:
 
 def check_exact_attention(config, meta: dict[str, Any]) -> None:
     """Refuse a model whose attention plugin, with its options, does not compute exact causal softmax
-    attention over the whole context — the only attention ``GPT2LMHeadModel``, ``LlamaForCausalLM`` and
-    ``Qwen3ForCausalLM`` compute — so an export never silently changes what the model says.
+    attention over the whole context (:func:`attention_deviation` above 1e-4) — the only attention
+    ``GPT2LMHeadModel``, ``LlamaForCausalLM`` and ``Qwen3ForCausalLM`` compute — so an export never silently
+    changes what the model says. A sliding window at least as long as the context passes (it is exact
+    there); a shorter one does not. Raises :class:`AnexaError` naming the plugin and its options."""
+    worst, options_used = attention_deviation(config, meta.get("plugins", {}).get("attention"))
+    if not worst <= EXACT_ATTENTION:  # also catches NaN
+        raise AnexaError(
+            f"attention {_described(config.attention, options_used)} cannot be exported to Hugging Face: it is "
+            f"not exact softmax attention over the {config.block_size}-token context (it differs by {worst:.2g} "
+            "on random inputs), which is all transformers computes; export a model trained with exact attention (sdpa)"
+        )
+
+
+EXACT_ATTENTION = 1e-4
+"""The largest :func:`attention_deviation` of an attention that computes exact softmax attention."""
+
+
+def attention_deviation(config, needed_by: dict[str, Any] | None = None) -> tuple[float, dict[str, Any]]:
+    """How far ``config``'s attention plugin, with its options, is from exact causal softmax attention: the
+    largest absolute difference relative to the largest output (at least 1), float64, and the options it used.
 
     Judged by what the plugin computes, not by its name: random queries, keys and values of the model's
     shapes (every position of a context of up to 512 tokens, and the last 3 queries against keys of the
-    whole ``block_size``, as when decoding), compared with :func:`anexa_core.testing.reference_attention` in float64. A sliding window
-    at least as long as the context passes (it is exact there); a shorter one does not.
-    Raises :class:`AnexaError` naming the plugin and its options."""
+    whole ``block_size``, as when decoding), compared with :func:`anexa_core.testing.reference_attention`.
+    NaN when the plugin returns NaN. Raises :class:`AnexaError` for a plugin that is not installed
+    (``needed_by``: its recorded distribution, for the message)."""
     from anexa_core.testing import reference_attention
 
-    attend, options_used = plugins.create(
-        "attention", config.attention, config.attention_options, needed_by=meta.get("plugins", {}).get("attention")
-    )
+    attend, options_used = plugins.create("attention", config.attention, config.attention_options, needed_by=needed_by)
     generator = torch.Generator().manual_seed(0)
     length, heads, dim = config.block_size, config.n_head, config.head_dim
     worst = 0.0
-    # Every position of a context of up to 512 tokens, then the last 3 queries against all block_size keys
-    # (a pretrained model's 8192-token context in full would take gigabytes of attention scores).
+    # A pretrained model's 8192-token context in full would take gigabytes of attention scores.
     for queries, keys in ((min(length, 512),) * 2, (min(3, length), length)):
         q = torch.randn(2, heads, queries, dim, generator=generator)
         k, v = (torch.randn(2, heads, keys, dim, generator=generator) for _ in range(2))
         with torch.no_grad():
             got = attend(q, k, v, causal=True).double()
         expected = reference_attention(q, k, v, causal=True)
-        worst = max(worst, (got - expected).abs().max().item() / max(1.0, expected.abs().max().item()))
-    if not worst <= 1e-4:  # also catches NaN
-        raise AnexaError(
-            f"attention {_described(config.attention, options_used)} cannot be exported to Hugging Face: it is "
-            f"not exact softmax attention over the {length}-token context (it differs by {worst:.2g} on random "
-            "inputs), which is all transformers computes; export a model trained with exact attention (sdpa)"
-        )
+        deviation = (got - expected).abs().max().item() / max(1.0, expected.abs().max().item())
+        if deviation != deviation:  # NaN: max() would drop it
+            return deviation, options_used
+        worst = max(worst, deviation)
+    return worst, options_used
 
 
 def tokenizer_hf(tokenizer, meta: dict[str, Any]):
@@ -297,14 +311,28 @@ _NO_FLAG = {"model": ("tie_embeddings",), "train": ("grad_clip", "eval_batches",
 
 def shareable_data(spec: str) -> str:
     """A ``--data`` value as it may appear in something shared: a dataset name or an http(s) URL (without
-    user, password, query or fragment) as it is, a local file or folder by its name alone — never the
-    path, which would tell where the files lie and, often, the user's name."""
+    user, password, query or fragment; its port kept) as it is, a local file or folder by its name alone —
+    never the path, which would tell where the files lie and, often, the user's name."""
     if spec in plugins.registered("datasets"):
         return spec
     parsed = urllib.parse.urlsplit(spec)
     if parsed.scheme in ("http", "https"):
-        return urllib.parse.urlunsplit((parsed.scheme, parsed.hostname or "", parsed.path, "", ""))
-    return Path(spec.rstrip("/\\")).name or "data"
+        host = parsed.hostname or ""
+        host = f"[{host}]" if ":" in host else host  # IPv6
+        host += f":{parsed.port}" if parsed.port is not None else ""
+        return urllib.parse.urlunsplit((parsed.scheme, host, parsed.path, "", ""))
+    name = Path(spec.rstrip("/\\")).name
+    return "data" if not name or name in _user_names() else name
+
+
+def _user_names() -> set[str]:
+    """The names that would tell who the user is: the home folder's and the login's (``--data ~/``)."""
+    import getpass
+
+    names = {Path.home().name}
+    with contextlib.suppress(Exception):  # no login name in some containers
+        names.add(getpass.getuser())
+    return names
 
 
 def _data_list(train_config: dict[str, Any]) -> list[str]:

@@ -78,7 +78,7 @@ def load(
 
 @dataclass(frozen=True)
 class Base:
-    """A model to fine-tune: the module (float32, CPU), its tokenizer with the name and options a run
+    """A model to fine-tune: the module (float32, CPU, weights in their stored row-major layout), its tokenizer with the name and options a run
     records, its checkpoint metadata (``model_config``, ``plugins``, and for an import ``imported_from``),
     and ``reference``: what a LoRA run keeps to find it again (``init_from`` as given, ``path`` resolved
     for a local file, its ``sha256``)."""
@@ -102,7 +102,9 @@ def load_base(spec: str) -> Base:
     if path.exists():
         reference["path"] = str(path.resolve())
     if _is_anexa_checkpoint(path):
-        loaded = load(path, "cpu")
+        # The stored layout, not the decoding one: training's backward through a column-major head in bfloat16
+        # crashed PyTorch 2.13 (SIGFPE in oneDNN on CPUs with AMX, at 32 tokens a batch), and gains nothing.
+        loaded = load(path, "cpu", decoding=False)
         reference["sha256"] = file_sha256(loaded.path)
         entry = loaded.meta["tokenizer"]
         return Base(

@@ -49,9 +49,10 @@ def finetune_configs(
         _refuse_changes(values, model_settings, base, source)
     uses_lora = any(values.get("lora") for values, _ in layers)  # from the flags or the file alike
     settings: dict[str, Any] = {**model_settings, **(LORA if uses_lora else FINETUNE)}
-    settings.update(tokenizer=base.tokenizer_name, tokenizer_options=base.tokenizer_options, init_from=init_from)
+    settings.update(tokenizer=base.tokenizer_name, tokenizer_options=base.tokenizer_options)
     for values, source in layers:
         configs.merge(settings, values, source)
+    settings["init_from"] = init_from  # the base loaded (--init-from wins over the file's, as every flag does)
     configs.clock_decides(settings, layers)
     model_config, train_config = configs.split(settings)
     model_config = dataclasses.replace(model_config, vocab_size=model_settings["vocab_size"])

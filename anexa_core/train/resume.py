@@ -29,15 +29,20 @@ _TRAJECTORY = {  # what the steps already run were trained with: a resume contin
     "precision",
     "init_from",
     "lora",
+    "data",  # the model card's data and command: other text is a new run from this one (--init-from)
+    "data_glob",
+    "data_options",
 }
 
 
 def resume_configs(
     run_dir: Path, overrides: dict[str, Any], plugin_options: dict[str, dict[str, Any]] | None = None
 ) -> tuple[ModelConfig, TrainConfig]:
-    """The configs a run was started with, updated by the flags given now (a larger ``steps``, another
-    ``data``, another attention). Flags that would change what the checkpoint means — the tokenizer and
-    its vocabulary, the model's shape, blocks, the optimizer — are refused."""
+    """The configs a run was started with, updated by the flags given now (a larger ``steps`` or
+    ``minutes``, another attention computing the same). Flags that would change what the checkpoint means —
+    the tokenizer and its vocabulary, the model's shape, blocks, the optimizer — are refused, and so are
+    those the steps already run were trained with (learning rate, batch, data, an attention that computes
+    something other than exact softmax attention, …): each raises :class:`AnexaError` naming it."""
     # Why complex: refusing a changed fixed flag needs each flag's value in the run, plain or a plugin's option
     # (the two helpers), and a message naming it as the user typed it; the rest is straight-line.
     meta = checkpoint.read_train_state_metadata(Path(run_dir))
@@ -64,7 +69,7 @@ def resume_configs(
         value = current(key)
         return settings.get("block_size") if key == "seq_len" and value is None else value
 
-    steered = sorted(key for key in given if key in _TRAJECTORY and str(given[key]) != str(trained_with(key)))
+    steered = sorted(key for key in given if key in _TRAJECTORY and not _same(key, given[key], trained_with(key)))
     if steered:
         values = {key: trained_with(key) for key in steered}
         raise AnexaError(
@@ -73,11 +78,52 @@ def resume_configs(
             f"with other settings, start a new run from it: --init-from {run_dir}"
         )
     settings.pop("threads", None)  # this session's choice (--threads, $ANEXA_THREADS, …), as for any command
-    if "data" in given:
-        settings.pop("data_glob", None)  # the earlier --glob picked files of the earlier --data (a new one is given)
+    before = dict(settings)
     configs.apply_layers(settings, [(given, "flags")])
+    _check_attention(run_dir, before, settings)
     model_config, train_config = configs.split(settings)
     return dataclasses.replace(model_config, vocab_size=meta["model"]["model_config"]["vocab_size"]), train_config
+
+
+def _same(key: str, given: Any, trained: Any) -> bool:
+    """Whether ``given`` is the value the run was trained with; ``data`` also when it names the same files
+    another way (``./notes.txt`` for ``notes.txt``, a link)."""
+    if key == "data" and given is not None and trained is not None:
+        paths = [
+            [Path(str(item)).expanduser() for item in (v if isinstance(v, list) else [v])] for v in (given, trained)
+        ]
+        return len(paths[0]) == len(paths[1]) and all(
+            str(a) == str(b) or (a.exists() and b.exists() and a.samefile(b)) for a, b in zip(*paths, strict=True)
+        )
+    return str(given) == str(trained)
+
+
+def _check_attention(run_dir: Path, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Another attention on resume is fine when both compute exact softmax attention (sdpa for math, the
+    Triton kernel on a GPU: :func:`~anexa_core.io.export.attention_deviation`); one that computes something
+    else (a sliding window shorter than the context) would change the model the steps so far trained.
+    Raises :class:`AnexaError` for that, and for a new attention that is not installed."""
+    from anexa_core.io.export import EXACT_ATTENTION, attention_deviation
+
+    was, now = (configs.split(settings)[0] for settings in (before, after))
+    if (was.attention, was.attention_options) == (now.attention, now.attention_options):
+        return
+    deviation, used = attention_deviation(now)
+    try:
+        was_deviation, was_used = attention_deviation(was)
+    except AnexaError:  # the recorded plugin is gone: what it computed can no longer be told
+        was_deviation, was_used = 0.0, None
+    if (was.attention, was_used) == (now.attention, used):  # the same options, spelt another way ("8" for 8)
+        return
+    was_exact = was_deviation <= EXACT_ATTENTION
+    if not (was_exact and deviation <= EXACT_ATTENTION):
+        shown = ", ".join(f"{key}={value}" for key, value in was.attention_options.items())
+        raise AnexaError(
+            f"cannot change --attention or -o attention.… when resuming {run_dir} (it has --attention "
+            f"{was.attention}{f' with {shown}' if shown else ''}): "
+            f"{'it' if not was_exact else 'the new one'} computes something other than exact softmax attention, "
+            f"so the model the steps so far trained would change; start a new run from it: --init-from {run_dir}"
+        )
 
 
 def _flags(keys: list[str], values: dict[str, Any] | None = None) -> str:
@@ -85,6 +131,7 @@ def _flags(keys: list[str], values: dict[str, Any] | None = None) -> str:
     shown = []
     for key in keys:
         flag = f"-o {key.removesuffix('_options')}.…" if key.endswith("_options") else f"--{key.replace('_', '-')}"
+        flag = "--glob" if key == "data_glob" else flag
         value = None if values is None else values.get(key)
         shown.append(flag if values is None else f"{flag} {'unset' if value is None else value}")
     return ", ".join(shown)

@@ -273,11 +273,12 @@ def train(
         ),
     ] = None,
     preset: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="seed (~0.8M parameters, GPT-2 blocks), fast (~0.8M, LLaMA blocks + Muon: the most per minute) or small (~10.7M)."
+            show_default=False,
+            help="seed (~0.8M parameters, GPT-2 blocks), fast (~0.8M, LLaMA blocks + Muon: the most per minute) or small (~10.7M). \\[default: seed]",
         ),
-    ] = "seed",
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(help="TOML file overriding the preset (tables \\[model], \\[train], \\[attention], …)."),
@@ -427,18 +428,27 @@ def train(
     if init_from is None and config is not None and resume is None:
         init_from = configs.init_from_in(config)  # a file that names a base fine-tunes it
     if resume is not None:
-        if config is not None or out is not None or overwrite or init_from is not None:
-            raise AnexaError("--resume continues a run as it was: drop --config, --out, --overwrite and --init-from")
+        if config is not None or out is not None or overwrite or init_from is not None or preset is not None:
+            raise AnexaError(
+                "--resume continues a run as it was: drop --config, --out, --overwrite, --init-from and --preset"
+            )
         model_config, train_config = resume_configs(resume, overrides, plugin_options)
         out_dir = resume
     elif init_from is not None:
         from anexa_core.train.finetune import finetune_configs
+
+        if preset is not None:
+            raise AnexaError(
+                f"--preset {preset} describes a model trained from scratch; --init-from keeps its base's "
+                "architecture with the fine-tuning defaults: drop --preset (and set --lr, --batch-size… directly)"
+            )
 
         model_config, train_config, base = finetune_configs(init_from, overrides, plugin_options, config)
         first_data = train_config.data if isinstance(train_config.data, str) else train_config.data[0]
         name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(init_from.rstrip("/")).stem).strip(".-") or "model"
         out_dir = out or _default_out(first_data, f"{name}-{'lora' if train_config.lora else 'finetune'}")
     else:
+        preset = preset or "seed"
         model_config, train_config = configs.resolve(preset, config, overrides, plugin_options)
         first_data = train_config.data if isinstance(train_config.data, str) else train_config.data[0]
         chosen = {
