@@ -88,7 +88,14 @@ def test_plot_and_bench_never_write_over_a_file_of_a_run(run, no_measuring, args
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["plot", "{run}", "-o", "{tmp}/notes.png"], "--out {tmp}/notes.png exists and is not a PNG: pass a new name"),
+        (
+            ["plot", "{run}", "-o", "{tmp}/notes.png"],
+            "--out {tmp}/notes.png exists and is not a PNG Anexa wrote: pass a",
+        ),
+        # Found by a QA session: a user's own picture or rows of the same kind were replaced.
+        (["plot", "{run}", "-o", "{tmp}/photo.png"], "--out {tmp}/photo.png exists and is not a PNG Anexa wrote"),
+        (["plot", "{run}", "-o", "{tmp}/photo.pdf"], "--out {tmp}/photo.pdf exists and is not a PDF Anexa wrote"),
+        ([*BENCH, "--json", "{tmp}/list.json"], "--json {tmp}/list.json exists and is not a JSON list of bench rows"),
         (["plot", "{run}", "-o", "{tmp}/notes.svg"], "--out {tmp}/notes.svg exists and is not an SVG"),
         ([*BENCH, "--json", "{tmp}/config.json"], "--json {tmp}/config.json exists and is not a JSON list"),
         ([*BENCH, "--plot", "{tmp}/notes.pdf"], "--plot {tmp}/notes.pdf exists and is not a PDF"),
@@ -107,6 +114,12 @@ def test_an_output_replaces_only_a_file_of_its_own_kind_and_needs_a_suffix_it_wr
     for name in ("notes.png", "notes.svg", "notes.pdf"):
         (mine / name).write_text("my notes")
     (mine / "config.json").write_text('{"lr": 0.001}\n')
+    (mine / "list.json").write_text('[{"my": "data", "device": "cpu", "status": "ok"}]\n')  # no attention key
+    pyplot = pytest.importorskip("matplotlib.pyplot")
+    figure = pyplot.figure()
+    for suffix in ("png", "pdf"):  # matplotlib's own files: a picture, not one of Anexa's plots
+        figure.savefig(mine / f"photo.{suffix}", format=suffix)
+    pyplot.close(figure)
     before = contents(mine)
     user_error([arg.format(run=run, tmp=mine) for arg in args], match.format(tmp=mine))
     assert contents(mine) == before
@@ -131,8 +144,9 @@ def test_plot_writes_the_format_its_suffix_names_and_redraws_a_runs_own_plot(run
         assert result.exit_code == 0 and result.stderr == f"wrote {out}\n", result.output
         assert out.read_bytes().startswith(start)
     assert b"<svg" in (tmp_path / "loss.svg").read_bytes()
-    again = CliRunner().invoke(app, ["plot", str(run), "-o", str(tmp_path / "loss.pdf")])
-    assert again.exit_code == 0, again.output
+    for suffix in (".pdf", ".svg", ".PNG"):  # our own plots are redrawn (their metadata says whose they are)
+        again = CliRunner().invoke(app, ["plot", str(run), "-o", str(tmp_path / f"loss{suffix}")])
+        assert again.exit_code == 0, again.output
     (run / "loss.png").write_bytes(b"")  # an empty file holds nothing to lose
     assert CliRunner().invoke(app, ["plot", str(run), "-o", str(run / "loss.png")]).exit_code == 0
     assert (run / "loss.png").read_bytes().startswith(PNG)
@@ -146,6 +160,8 @@ def test_bench_writes_the_plot_format_its_suffix_names_and_replaces_its_own_json
         result = CliRunner().invoke(app, [*BENCH, "--device", "cpu", "--json", str(rows), "--plot", str(plot)])
         assert result.exit_code == 0, result.output
     assert rows.read_text().startswith("[") and plot.read_bytes().startswith(b"%PDF-")
+    rows.write_text(rows.read_text()[:-3])  # not JSON any more: not rows Anexa wrote
+    user_error([*BENCH, "--json", str(rows)], f"--json {rows} exists and is not a JSON list of bench rows")
 
 
 def test_metrics_with_bytes_that_are_not_utf8_read_like_torn_lines(run):

@@ -63,14 +63,41 @@ IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
 own backends write (no Pillow codec) and whose files can be told apart by their first bytes."""
 JSON_SUFFIXES = (".json",)
 """The rows ``anexa bench --json`` writes."""
-_KINDS: dict[str, tuple[str, Callable[[bytes], bool]]] = {
-    ".png": ("a PNG", lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")),
-    ".pdf": ("a PDF", lambda head: head.startswith(b"%PDF-")),
-    ".svg": ("an SVG", lambda head: b"<svg" in head),
-    ".json": ("a JSON list", lambda head: head.lstrip().startswith(b"[")),
-}
-"""An output suffix's kind of file: its name in messages, and a test of its first 4 KiB (what Anexa writes)."""
+PLOT_MARK = "Anexa"
+"""What every plot Anexa draws carries in its metadata (:data:`PLOT_METADATA`): an existing image is replaced
+only when it has it, so a plot is redrawn but a user's picture of the same name is never overwritten."""
+PLOT_METADATA = {"png": {"Software": PLOT_MARK}, "pdf": {"Creator": PLOT_MARK}, "svg": {"Creator": PLOT_MARK}}
+"""matplotlib's ``savefig(metadata=…)`` per format: PNG's ``tEXt`` chunk, the PDF info and SVG's ``dc:creator``."""
+BENCH_ROW_KEYS = frozenset({"attention", "device", "status"})
+"""Keys every row of ``anexa bench --json`` has: a JSON list of objects holding them is rows Anexa wrote."""
+_MARKED_MAX_BYTES = 64 << 20
+"""A larger existing file is not read for the mark (plots and rows are far smaller): never Anexa's."""
 
+
+_MARK = PLOT_MARK.encode()
+
+
+def _json_rows(data: bytes) -> bool:
+    import json
+
+    try:
+        rows = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(rows, list) and all(isinstance(row, dict) and row.keys() >= BENCH_ROW_KEYS for row in rows)
+
+
+_KINDS: dict[str, tuple[str, Callable[[bytes], bool]]] = {
+    ".png": (
+        "a PNG",
+        lambda data: data.startswith(b"\x89PNG\r\n\x1a\n") and b"tEXtSoftware\x00" + _MARK in data[:4096],
+    ),
+    ".pdf": ("a PDF", lambda data: data.startswith(b"%PDF-") and b"/Creator (" + _MARK + b")" in data),
+    ".svg": ("an SVG", lambda data: b"<svg" in data[:4096] and b"<dc:title>" + _MARK + b"</dc:title>" in data[:4096]),
+    ".json": ("a JSON list of bench rows", _json_rows),
+}
+"""An output suffix's kind of file: its name in messages, and whether a file's bytes are one Anexa wrote
+(:data:`PLOT_MARK`, :data:`BENCH_ROW_KEYS`)."""
 
 RUN_FILES = ("model.safetensors", "best.safetensors", "train_state.safetensors")
 """The files that mark a run folder (``checkpoint.MODEL_FILE``, ``BEST_FILE``, ``STATE_FILE``; a test keeps them
@@ -87,8 +114,8 @@ def check_output(
     suffix of ``target``; call it before any work. Raises :class:`AnexaError` naming ``flag`` when ``target``
     does not end in one of ``suffixes`` (case aside), is a folder or lies under a file, lies in a run folder
     (but the ``loss.png`` of ``own_plot_of``, the one run a plot draws, which ``anexa plot`` redraws as
-    training does), or exists and is not of that kind (its first bytes; an empty file is replaced). So an
-    output never lands among a run's files nor replaces a user's file of another kind."""
+    training does), or exists and is not a file of that kind that Anexa wrote (:data:`_KINDS`; an empty file
+    is replaced). So an output never lands among a run's files nor replaces a file of the user's."""
     target = Path(target)
     suffix = target.suffix.lower()
     if suffix not in suffixes:
@@ -96,15 +123,15 @@ def check_output(
         fix = f"end it in {suffixes[0]}" if len(suffixes) == 1 else choose_one_of(suffix or "none", suffixes)
         raise AnexaError(f"{flag} {target}: the suffix names the format; {fix} (e.g. {flag} {example})")
     _check_file_target(target)
-    _check_outside_runs(target, flag, own_plot_of)
+    own = _is_own_plot(target, flag, own_plot_of)
     if target.exists():
-        _check_replaceable(target, flag, suffix)
+        _check_replaceable(target, flag, suffix, own)
     return suffix.lstrip(".")
 
 
-def _check_outside_runs(target: Path, flag: str, own_plot_of: str | os.PathLike[str] | None) -> None:
-    """A one-line error for an output in a run folder or below one, but the run's own plot redrawn from that
-    run alone."""
+def _is_own_plot(target: Path, flag: str, own_plot_of: str | os.PathLike[str] | None) -> bool:
+    """Whether ``target`` is the ``loss.png`` of the run ``own_plot_of``, which that run's plot redraws
+    whatever it holds; a one-line error for any other output in a run folder or below one."""
     parent = target.parent.resolve()
     for folder in (parent, *parent.parents):
         if not any((folder / name).exists() for name in RUN_FILES):
@@ -115,11 +142,12 @@ def _check_outside_runs(target: Path, flag: str, own_plot_of: str | os.PathLike[
             continue
         own = own_plot_of is not None and Path(own_plot_of).resolve() == folder == parent
         if own and target.name == checkpoint.PLOT_FILE:
-            return
+            return True
         raise AnexaError(
             f"{flag} {target} is inside the run in {_as_given(folder, target)}: write it outside the run (only "
             "`anexa plot` of that run alone redraws its loss.png)"
         )
+    return False
 
 
 def _as_given(folder: Path, target: Path) -> Path:
@@ -127,19 +155,21 @@ def _as_given(folder: Path, target: Path) -> Path:
     return next((given for given in (target.parent, *target.parent.parents) if given.resolve() == folder), folder)
 
 
-def _check_replaceable(target: Path, flag: str, suffix: str) -> None:
-    """A one-line error for an existing ``target`` an output may not replace: not a regular file, or not of
-    the kind ``suffix`` names."""
-    kind, is_kind = _KINDS[suffix]
+def _check_replaceable(target: Path, flag: str, suffix: str, own: bool = False) -> None:
+    """A one-line error for an existing ``target`` an output may not replace: not a regular file, or (unless
+    it is a run's ``own`` plot) not a file of the kind ``suffix`` names that Anexa wrote."""
+    kind, written_by_anexa = _KINDS[suffix]
     if not target.is_file():  # a pipe or a device: never read, never replaced
         raise AnexaError(f"{flag} {target} is not a regular file: pass the path of a file to write")
+    if own or target.stat().st_size == 0:  # the run's plot, or nothing to lose
+        return
     try:
         with target.open("rb") as handle:
-            head = handle.read(4096)
+            data = handle.read(_MARKED_MAX_BYTES + 1)
     except OSError as exc:
         raise AnexaError(f"{flag} {target} cannot be read ({exc.strerror}): pass another path") from None
-    if head and not is_kind(head):
-        raise AnexaError(f"{flag} {target} exists and is not {kind}: pass a new name, or remove it first")
+    if len(data) > _MARKED_MAX_BYTES or not written_by_anexa(data):
+        raise AnexaError(f"{flag} {target} exists and is not {kind} Anexa wrote: pass a new name, or remove it first")
 
 
 def _check_file_target(target: Path) -> None:

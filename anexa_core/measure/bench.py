@@ -36,7 +36,7 @@ from anexa_core.config import BENCH_RUN_NEW_TOKENS, FINETUNE, ModelConfig, Train
 from anexa_core.device import pick_device, uses_bf16
 from anexa_core.errors import AnexaError, choose_one_of
 from anexa_core.infer.generation import generate_ids
-from anexa_core.io.files import IMAGE_SUFFIXES, JSON_SUFFIXES, atomic_path, check_output
+from anexa_core.io.files import IMAGE_SUFFIXES, JSON_SUFFIXES, PLOT_METADATA, atomic_path, check_output
 from anexa_core.io.load import load
 from anexa_core.model.gpt import GPT, build_model, decoding_layout
 from anexa_core.options import describe
@@ -784,5 +784,5 @@ def plot_attention(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> 
         axis.grid(alpha=0.3)
     figure.tight_layout()
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format=image_format)
+        figure.savefig(tmp, format=image_format, metadata=PLOT_METADATA[image_format])
     plt.close(figure)

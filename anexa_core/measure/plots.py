@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from anexa_core.errors import AnexaError
-from anexa_core.io.files import IMAGE_SUFFIXES, atomic_path, check_output
+from anexa_core.io.files import IMAGE_SUFFIXES, PLOT_METADATA, atomic_path, check_output
 from anexa_core.io.metrics import METRICS_FILE, STEPS_FILE
 from anexa_core.io.metrics import read_metrics as read_lines
 
@@ -29,7 +29,8 @@ def read_metrics(run: Path) -> list[dict]:
     """A run folder's evaluations (``metrics.jsonl``), or a one-line error saying what is missing."""
     path = Path(run) / METRICS_FILE
     if not path.is_file():
-        raise AnexaError(f"{run} holds no {METRICS_FILE}: pass the folder of an `anexa train` run")
+        missing = "does not exist" if not Path(run).exists() else f"holds no {METRICS_FILE}"
+        raise AnexaError(f"{run} {missing}: pass the folder of an `anexa train` run")
     records = read_lines(path)
     if not records:
         raise AnexaError(f"{run} has no evaluation yet: train until the first --eval-every step")
@@ -100,6 +101,6 @@ def plot_runs(runs: Sequence[Path], out: Path, labels: Sequence[str] | None = No
     figure.tight_layout()
     out = Path(out)
     with atomic_path(out) as tmp:
-        figure.savefig(tmp, format=image_format, dpi=110)
+        figure.savefig(tmp, format=image_format, dpi=110, metadata=PLOT_METADATA[image_format])
     plt.close(figure)
     return out
