@@ -362,6 +362,17 @@ def test_recommended_sampling_is_read_as_transformers_and_llama_cpp_mean_it(capl
     assert caplog.records[0].getMessage() == (
         "generation_config.json: temperature = -1 is not a usable sampling setting; left out"
     )
+    # Found by a QA session: beam search, typical sampling and the like vanished from an import without a word.
+    caplog.clear()
+    neutral = {"num_beams": 1, "typical_p": 1.0, "no_repeat_ngram_size": 0, "max_new_tokens": None}
+    assert generation_config.from_hf(neutral) == {} and not caplog.records
+    assert generation_config.from_hf({"num_beams": 4, "typical_p": 0.9, "top_p": 0.8, "max_new_tokens": 64}) == {
+        "top_p": 0.8
+    }  # fmt: skip
+    assert [record.getMessage() for record in caplog.records] == [
+        "generation_config.json: num_beams = 4, typical_p = 0.9, max_new_tokens = 64 not applied (Anexa samples with "
+        "temperature, top_k, top_p, min_p and repetition_penalty; the length is -n or max_tokens)"
+    ]
     # A window is GGUF's, not a transformers field; a greedy GGUF file keeps its penalty's window.
     assert generation_config.from_hf({"repetition_penalty": 1.1, "repetition_penalty_window": 8}) == {
         "repetition_penalty": 1.1

@@ -342,7 +342,7 @@ def folder_files(folder: Path, globs: Sequence[str] = DEFAULT_GLOBS) -> list[Pat
     if not found:
         patterns = ", ".join(globs)
         raise AnexaError(
-            f"folder {folder} holds no files matching {patterns} ({others} other files): "
+            f"folder {folder} holds no files matching {patterns} ({others} other file{'' if others == 1 else 's'}): "
             "pass --glob PATTERN to choose which files to read"
         )
     return [path for _, path in sorted(found)]

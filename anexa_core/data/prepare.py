@@ -83,7 +83,7 @@ def prepare_data(train_config: TrainConfig, block_size: int, tokenizer=None, pro
         longest = len(val_ids) - 2
         shorter = f" or --seq-len {longest} or shorter" if longest > 0 else ""
         raise AnexaError(
-            f"corpus {corpora.data_label(train_config.data)} has {len(ids)} tokens, too few for training windows "
-            f"of {block_size} (the last tenth is kept for validation): use a text of at least {need} tokens{shorter}"
+            f"corpus {corpora.data_label(train_config.data)} has {len(ids):,} tokens, too few for training windows "
+            f"of {block_size:,} (the last tenth is kept for validation): use a text of at least {need:,} tokens{shorter}"
         )
     return corpus.name, tokenizer, options, Windows(train_ids, block_size), Windows(val_ids, block_size)

@@ -67,9 +67,36 @@ def _valid(values: Mapping[str, Any], where: str) -> dict[str, Any]:
     return record
 
 
+HF_NOT_APPLIED: dict[str, Any] = {
+    "num_beams": 1,
+    "typical_p": 1.0,
+    "no_repeat_ngram_size": 0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "encoder_repetition_penalty": 1.0,
+    "penalty_alpha": None,
+    "max_new_tokens": None,
+}
+"""``generation_config.json`` entries that change what transformers generates but that Anexa does not apply
+(beam search, typical sampling, n-gram blocking, a length of its own), each with its value that changes
+nothing: any other is named in a warning at import, never dropped without a word."""
+
+
 def from_hf(generation: Mapping[str, Any]) -> dict[str, Any]:
     """The record of a ``generation_config.json``'s entries; ``{}`` when it names no sampling.
-    ``do_sample: false`` is greedy, with the repetition penalty transformers applies to greedy search too."""
+    ``do_sample: false`` is greedy, with the repetition penalty transformers applies to greedy search too.
+    Entries of :data:`HF_NOT_APPLIED` away from their neutral value are named in a warning."""
+    ignored = [
+        f"{key} = {generation[key]!r}"
+        for key, neutral in HF_NOT_APPLIED.items()
+        if generation.get(key) is not None and generation[key] != neutral
+    ]
+    if ignored:
+        logger.warning(
+            "generation_config.json: %s not applied (Anexa samples with temperature, top_k, top_p, min_p and "
+            "repetition_penalty; the length is -n or max_tokens)",
+            ", ".join(ignored),
+        )
     record = _valid(generation, "generation_config.json")
     record.pop("repetition_penalty_window", None)  # not a transformers field
     if generation.get("do_sample") is False:

@@ -193,7 +193,10 @@ def read_pretrained(source: str | Path) -> Pretrained:
     if path.is_dir():
         return read_hf_folder(path, {"kind": "folder", "name": path.resolve().name})
     if path.exists():
-        raise AnexaError(f"{source} is neither a GGUF file nor a Hugging Face folder (config.json and safetensors)")
+        raise AnexaError(
+            f"{source} is neither a GGUF file nor a Hugging Face folder (config.json and safetensors): pass a "
+            "model's .gguf file, its folder, or a hub id ORG/NAME"
+        )
     text = str(source)
     if is_hub_id(text):
         try:
