@@ -144,4 +144,7 @@ def test_anexa_plot_draws_several_runs(sherlock_path, tmp_path):
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = CliRunner().invoke(app, ["plot", str(tmp_path / "nothing")])
-    assert missing.exit_code == 2 and "holds no metrics.jsonl" in missing.output
+    assert missing.exit_code == 2 and f"{tmp_path / 'nothing'} does not exist: pass the folder" in missing.output
+    (tmp_path / "empty").mkdir()
+    empty = CliRunner().invoke(app, ["plot", str(tmp_path / "empty")])
+    assert empty.exit_code == 2 and f"{tmp_path / 'empty'} holds no metrics.jsonl: pass the folder" in empty.output
