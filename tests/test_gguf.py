@@ -618,6 +618,21 @@ def test_unsupported_tokenizer_model_and_pre_tokenizer(tiny_files, tmp_path):
     assert message.endswith("): import the model from its Hugging Face folder instead")
 
 
+def test_a_tokenizer_whose_merges_name_no_token_is_one_line(tiny_files, tmp_path):
+    """Found by a QA session (fuzzing one byte at a time): a merge naming a token the vocabulary lacks was
+    tokenizers' own exception, a traceback ("Token 'Ġthe' out of vocabulary")."""
+    path = _copy(tiny_files["qwen3"], tmp_path)
+    reader = gguf.GGUFReader(path, "r+")
+    merges = reader.fields["tokenizer.ggml.merges"]
+    first = merges.parts[merges.data[0]]
+    first[:] = np.frombuffer(b"Q" * (len(first) - 2) + b" Q", dtype=np.uint8)
+    reader.data.flush()
+    del reader, merges, first
+    message = _error(read_gguf, path)
+    assert message.startswith(f"{path} has a tokenizer that cannot be built (") and message.endswith(f"); {FIX}")
+    assert "out of vocabulary" in message
+
+
 def test_tensor_type_that_cannot_be_dequantized(tiny_files, tmp_path):
     path = _copy(tiny_files["qwen3"], tmp_path)
     reader = gguf.GGUFReader(path, "r+")
@@ -638,17 +653,47 @@ def test_tensors_that_do_not_match_the_metadata(tiny_files, tmp_path):
         f"{path}: tensor 'blk.0.ffn_gate.weight' has shape (64, 32) but the metadata implies (65, 32): "
         f"the file does not match its metadata; {FIX}"
     )
-    path = _copy(tiny_files["qwen3"], tmp_path, "layers.gguf")
-    _patch(path, "qwen3.block_count", 1)
-    assert _error(read_gguf, path) == (
-        f"{path} has tensor 'blk.1.attn_norm.weight', which is not part of a qwen3 model with this metadata "
-        f"(block_count 1): the file does not match its metadata; {FIX}"
-    )
-    path = _copy(tiny_files["qwen3"], tmp_path, "more.gguf")
-    _patch(path, "qwen3.block_count", 3)
-    assert _error(read_gguf, path) == (
-        f"{path} lacks tensor 'blk.2.attn_norm.weight', which a qwen3 model with this metadata has; {FIX}"
-    )
+    # A layer count other than the tensors' is refused before anything is built per layer (found by a QA
+    # session: a count of 10**12 built its layers' slots for minutes, gigabytes growing).
+    for count in (1, 3, 4_000_000_000):
+        path = _copy(tiny_files["qwen3"], tmp_path, f"layers{count}.gguf")
+        _patch(path, "qwen3.block_count", count)
+        assert _error(read_gguf, path) == (
+            f"{path} has metadata qwen3.block_count = {count} but tensors for 2 layers: the file does not match "
+            f"its metadata; {FIX}"
+        )
+    path = _copy(tiny_files["qwen3"], tmp_path, "extra.gguf")
+    reader = gguf.GGUFReader(path, "r+")  # a layer's tensor renamed to a name no qwen3 model has
+    name = next(t for t in reader.tensors if t.name == "blk.1.attn_norm.weight").field.parts[1]
+    name[:] = np.frombuffer(b"blk.1.attn_nrm.weight ", dtype=np.uint8)[: len(name)]
+    reader.data.flush()
+    assert "which is not part of a qwen3 model with this metadata" in _error(read_gguf, path)
+
+
+def _patch_offset(path: Path, tensor: str, offset: int) -> None:
+    """Overwrite a tensor's stored data offset in place."""
+    reader = gguf.GGUFReader(path, "r+")
+    next(t for t in reader.tensors if t.name == tensor).field.parts[-1][0] = offset
+    reader.data.flush()
+
+
+def test_tensor_data_outside_the_file_unaligned_or_shared_is_refused(tiny_files, tmp_path):
+    """Found by a QA session: gguf's reader wraps an offset near 2**64 around to another place in the data
+    and reads it; unaligned offsets and two tensors over the same bytes were accepted too (exit 0, garbage
+    weights)."""
+    reader = gguf.GGUFReader(tiny_files["qwen3"])
+    offsets = {t.name: int(t.field.parts[-1][0]) for t in reader.tensors}
+    first, second = sorted(offsets, key=offsets.get)[:2]
+    for label, tensor, offset, message in [
+        ("wrapped", first, 2**64 - 16, f"tensor {first!r} has data offset {2**64 - 16}"),
+        ("unaligned", second, offsets[second] + 1, f"tensor {second!r} has data offset {offsets[second] + 1}"),
+        ("shared", second, offsets[first], "share bytes"),
+    ]:
+        path = _copy(tiny_files["qwen3"], tmp_path, f"{label}.gguf")
+        _patch_offset(path, tensor, offset)
+        error = _error(read_gguf, path)
+        assert error.startswith(f"{path} is corrupt (") and error.endswith(f"); {FIX}"), label
+        assert message in error and (label != "shared" or (first in error and second in error)), label
 
 
 def _write_error(folder: Path, config, tensors, tokenizer, **options) -> str:

@@ -23,6 +23,7 @@ Sources of the facts used here (read for facts, no code taken):
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -351,13 +352,37 @@ def _open(path: Path) -> GGUFReader:
             return super()._get(offset, dtype, count, override_order)
 
     try:
-        reader: GGUFReader = StrictReader(path)
+        with np.errstate(over="ignore"):  # a corrupt offset overflows (refused by _check_layout), not a warning
+            reader: GGUFReader = StrictReader(path)
     except _Truncated:
         raise AnexaError(truncated) from None
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError, MemoryError) as exc:
         detail = " ".join(str(exc).split())[:200]
         raise AnexaError(f"{path} is corrupt ({type(exc).__name__}: {detail}); {_FIX_FILE}") from None
     return reader
+
+
+def _check_layout(reader: GGUFReader, layers: int, arch: str, path: Path) -> None:
+    """Raises :class:`AnexaError` unless the tensors hold exactly ``layers`` layers (checked before a slot
+    per layer is built: a corrupt count of 10**12 would build them for minutes) and every tensor's data lies
+    inside the file, at a multiple of the file's alignment, overlapping no other tensor's (gguf's reader adds
+    a corrupt offset near 2**64 to the data's start without a check, and would read another tensor's bytes)."""
+    found = {int(match.group(1)) for tensor in reader.tensors if (match := re.match(r"blk\.(\d+)\.", tensor.name))}
+    if layers != len(found):
+        raise AnexaError(
+            f"{path} has metadata {arch}.block_count = {layers} but tensors for {len(found)} layers: the file "
+            f"does not match its metadata; {_FIX_FILE}"
+        )
+    spans = []
+    for tensor in reader.tensors:
+        offset = int(tensor.field.parts[-1][0])  # as stored, relative to the data section
+        spans.append((offset, offset + int(tensor.n_bytes), tensor.name))
+        if offset % reader.alignment or reader.data_offset + offset + int(tensor.n_bytes) > len(reader.data):
+            raise AnexaError(f"{path} is corrupt (tensor {tensor.name!r} has data offset {offset}); {_FIX_FILE}")
+    spans.sort()
+    for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+        if start < end:
+            raise AnexaError(f"{path} is corrupt (tensors {first!r} and {second!r} share bytes); {_FIX_FILE}")
 
 
 def _metadata(reader: GGUFReader, path: Path) -> dict[str, Any]:
@@ -454,7 +479,9 @@ def _hf_config(arch: str, meta: Mapping[str, Any], names: set[str], vocab: int, 
             f"{path} uses rope scaling ({meta.get(f'{arch}.rope.scaling.type', 'rope_freqs')}), which Anexa's "
             "GGUF import does not support: import the model from its Hugging Face folder instead"
         )
-    theta = tidy_float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    theta = tidy_float(
+        _require(meta, f"{arch}.rope.freq_base", path, float) if f"{arch}.rope.freq_base" in meta else 10000.0
+    )
     return {
         "architectures": [_HF_CLASSES[arch]],
         "model_type": arch,
@@ -533,6 +560,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
         raise AnexaError(f"{path} has {len(tokens)} tokens but a vocabulary of {vocab!r}; {_FIX_FILE}")
     by_name = {tensor.name: tensor for tensor in reader.tensors}
     cfg = _hf_config(arch, meta, set(by_name), vocab, path)
+    _check_layout(reader, cfg["n_layer" if arch == "gpt2" else "num_hidden_layers"], arch, path)
     tied_copy = _output_is_embedding(by_name)
     if tied_copy:
         cfg["tie_word_embeddings"] = True
@@ -611,11 +639,15 @@ def _tokenizer_state(meta: Mapping[str, Any], pre: _Pre, path: Path) -> dict[str
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     merges = meta.get("tokenizer.ggml.merges")
-    if len(types) != len(tokens) or not isinstance(merges, list):
+    well_typed = all(isinstance(t, str) for t in tokens) and all(isinstance(t, int) for t in types)
+    if len(types) != len(tokens) or not isinstance(merges, list) or not well_typed:
         raise AnexaError(
             f"{path} has a malformed tokenizer ({len(tokens)} tokens, {len(types)} token types, "
-            f"{'no' if not isinstance(merges, list) else len(merges)} merges); {_FIX_FILE}"
+            f"{'no' if not isinstance(merges, list) else len(merges)} merges, "
+            f"{'text' if well_typed else 'not text'}); {_FIX_FILE}"
         )
+    if not all(isinstance(merge, str) for merge in merges):
+        raise AnexaError(f"{path} has a malformed merge (not text); {_FIX_FILE}")
     pairs = [tuple(merge.split(" ")) for merge in merges]
     if any(len(pair) != 2 for pair in pairs):
         raise AnexaError(f"{path} has a malformed merge (not two tokens joined by a space); {_FIX_FILE}")
@@ -630,7 +662,11 @@ def _tokenizer_state(meta: Mapping[str, Any], pre: _Pre, path: Path) -> dict[str
         vocab[key] = index
         if whole:
             added.append(AddedToken(key, special=kind == _CONTROL, normalized=False))
-    tokenizer = Tokenizer(models.BPE(vocab, pairs, ignore_merges=pre.ignore_merges))
+    try:
+        tokenizer = Tokenizer(models.BPE(vocab, pairs, ignore_merges=pre.ignore_merges))
+    except Exception as exc:  # tokenizers raises plain Exception ("Token 'Ġthe' out of vocabulary")
+        detail = " ".join(str(exc).split())[:160]
+        raise AnexaError(f"{path} has a tokenizer that cannot be built ({detail}); {_FIX_FILE}") from None
     tokenizer.pre_tokenizer = _pre_tokenizer(pre.split)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
