@@ -158,6 +158,68 @@ def test_what_cannot_be_imported_is_refused_in_one_line_and_nothing_is_written(f
     user_error(["import", str(tmp_path / "nothing-here.gguf")], "does not exist")
 
 
+def _broken_copy(folder, target, config_changes=None, drop=(), files=None):
+    """A copy of an HF ``folder`` with config entries changed (``None`` removes one), tensors dropped and
+    files written (name: bytes)."""
+    import safetensors.torch
+
+    shutil.copytree(folder, target)
+    config = json.loads((target / "config.json").read_text())
+    config = {**config, **(config_changes or {})}
+    (target / "config.json").write_text(json.dumps({key: value for key, value in config.items() if value is not None}))
+    if drop:
+        tensors = safetensors.torch.load_file(str(target / "model.safetensors"))
+        safetensors.torch.save_file(
+            {k: v for k, v in tensors.items() if k not in drop}, str(target / "model.safetensors")
+        )
+    for name, data in (files or {}).items():
+        (target / name).write_bytes(data)
+    return target
+
+
+def test_a_folder_whose_config_weights_or_tokenizer_files_are_wrong_is_one_line(folders, tmp_path):
+    """Found by a QA session: a config that disagrees with its weights, a value of the wrong kind or a
+    damaged tokenizer file was a KeyError, ValueError or tokenizers' traceback; a layer count of 10**9 built
+    a model for minutes. Each is one line, nothing written."""
+    llama, gpt2 = folders["llama"][0], folders["gpt2"][0]
+    cases = [
+        (llama, {"tie_word_embeddings": False}, ["lm_head.weight"], None, "lacks 'lm_head.weight' (its config or"),
+        (llama, None, ["model.embed_tokens.weight"], None, "lacks 'model.embed_tokens.weight'"),
+        (llama, {"hidden_size": None}, (), None, "the LlamaForCausalLM model lacks 'hidden_size'"),
+        (llama, {"rms_norm_eps": "small"}, (), None, "holds a value of the wrong kind (ValueError: "),
+        (llama, {"num_hidden_layers": 10**9}, (), None, "says 1000000000 layers but the weights hold"),
+        (gpt2, {"n_layer": 3}, (), None, "the GPT2LMHeadModel model lacks 'transformer.h.2.ln_1.weight'"),
+        (llama, None, (), {"tokenizer.json": b"{not json"}, "tokenizer.json cannot be read ("),
+        (llama, None, (), {"chat_template.jinja": b"\xff\xfe{{"}, "chat_template.jinja cannot be read as UTF-8"),
+    ]
+    for index, (folder, changes, drop, files, message) in enumerate(cases):
+        broken = _broken_copy(folder, tmp_path / f"broken{index}", changes, drop, files)
+        with pytest.raises(AnexaError) as error:
+            import_model(broken, tmp_path / "out")
+        assert message in str(error.value) and "\n" not in str(error.value), (index, str(error.value))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    listed = _broken_copy(llama, tmp_path / "listed", files={"tokenizer_config.json": b'{"chat_template": [1, 2]}'})
+    import_model(listed, tmp_path / "listed-run")  # a list of non-templates: no template, not a traceback
+
+
+def test_gpt2_weights_saved_without_the_transformer_prefix_import(folders, tmp_path):
+    """OpenAI's GPT-2 weights are saved under the base model's names (``h.0.attn…``, ``wte.weight``), which
+    transformers prefixes on loading; Anexa did not (found by a QA session: KeyError 'transformer.wte.weight')."""
+    import safetensors.torch
+
+    folder, reference = folders["gpt2"]
+    bare = shutil.copytree(folder, tmp_path / "bare")
+    tensors = safetensors.torch.load_file(str(bare / "model.safetensors"))
+    safetensors.torch.save_file(
+        {k.removeprefix("transformer."): v for k, v in tensors.items()}, str(bare / "model.safetensors")
+    )
+    import_model(bare, tmp_path / "run")
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, _ = load(tmp_path / "run", "cpu").model(ids)
+        assert (ours - reference(ids).logits).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize(
     ("spec", "hub"),
     [

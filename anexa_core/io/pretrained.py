@@ -103,7 +103,7 @@ def pretrained_model(source: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     pretrained = read_pretrained(source)
     architecture = (pretrained.hf_config.get("architectures") or ["?"])[0]
     name, factory = blocks_for(architecture)
-    settings, options, state = factory.import_hf(pretrained.hf_config, pretrained.tensors)
+    settings, options, state = _mapped(architecture, factory, pretrained)
     try:
         config = ModelConfig(**settings, blocks=name, blocks_options=options)
     except (TypeError, AnexaError) as exc:
@@ -120,6 +120,32 @@ def pretrained_model(source: str | Path) -> tuple[Any, Any, dict[str, Any]]:
             "the weights and the tokenizer do not belong together"
         )
     return model.eval(), tokenizer, {"imported_from": pretrained.source, "hf_architecture": architecture}
+
+
+def _mapped(architecture: str, factory: Any, pretrained: Pretrained) -> tuple[dict, dict, dict]:
+    """The blocks plugin's ``import_hf`` of ``pretrained``: model settings, blocks options and the state dict
+    under Anexa's names. Raises :class:`AnexaError` for config entries or tensors missing or of the wrong kind
+    (the plugin indexes them), and for a layer count the weights cannot hold."""
+    try:
+        settings, options, state = factory.import_hf(pretrained.hf_config, pretrained.tensors)
+    except KeyError as exc:  # the config names what the weights lack, or lacks an entry the family needs
+        raise AnexaError(
+            f"the {architecture} model lacks {exc.args[0]!r} (its config or its weights): the files do not "
+            "belong together or are damaged; download them again"
+        ) from None
+    except (ValueError, TypeError, AttributeError, IndexError) as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise AnexaError(
+            f"the {architecture} config holds a value of the wrong kind ({type(exc).__name__}: {detail}): fix "
+            "config.json or download the model again"
+        ) from None
+    if isinstance(settings.get("n_layer"), int) and settings["n_layer"] > len(state):
+        # before building: a corrupt count (10**9 layers) would build for minutes, gigabytes growing
+        raise AnexaError(
+            f"the {architecture} config says {settings['n_layer']} layers but the weights hold {len(state)} "
+            "tensors in all: the files do not belong together or are damaged; download them again"
+        )
+    return settings, options, state
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -411,6 +437,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnexaError(f"{path.name} cannot be read as UTF-8 text ({exc}): the model folder is damaged") from None
+
+
 def _token_text(value: Any) -> str | None:
     """A special token as tokenizer_config.json writes it: a string, or an ``AddedToken`` dict."""
     if isinstance(value, dict):
@@ -425,13 +458,10 @@ def tokenizer_from_folder(folder: Path, hf_config: dict[str, Any]) -> dict[str, 
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise AnexaError(f"{folder} holds no tokenizer.json: Anexa needs the model's fast tokenizer file")
-    text = tokenizer_file.read_text(encoding="utf-8")
+    text = _read_text(tokenizer_file)
     settings = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-    template = settings.get("chat_template")
-    if isinstance(template, list):  # several named templates: the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    if (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = _chat_template(folder, settings)
+    template = template if isinstance(template, str) else None
     special = {key: _token_text(settings.get(key)) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
     vocab = _vocabulary(text)
     generation = _generation_settings(folder)
@@ -446,14 +476,30 @@ def tokenizer_from_folder(folder: Path, hf_config: dict[str, Any]) -> dict[str, 
         "special_tokens": special,
         "eos_tokens": list(dict.fromkeys(eos_tokens)),
         "add_bos": bool(settings.get("add_bos_token", False)),
-        "chat_template": template if isinstance(template, str) else None,
+        "chat_template": template,
     }
+
+
+def _chat_template(folder: Path, settings: dict[str, Any]) -> Any:
+    """``chat_template.jinja``, else tokenizer_config.json's ``chat_template`` (the default of several named
+    ones); not necessarily text (the caller keeps only text)."""
+    if (folder / "chat_template.jinja").is_file():
+        return _read_text(folder / "chat_template.jinja")
+    template = settings.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        named = [t for t in template if isinstance(t, dict)]
+        template = next((t.get("template") for t in named if t.get("name") == "default"), None)
+    return template
 
 
 def _vocabulary(tokenizer_json: str) -> dict[str, int]:
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True)
+    try:
+        return Tokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True)
+    except Exception as exc:  # tokenizers raises plain Exception for a file it cannot read
+        detail = " ".join(str(exc).split())[:160]
+        raise AnexaError(f"tokenizer.json cannot be read ({detail}): the model folder is damaged") from None
 
 
 def end_of_turn_tokens(template: str | None, vocab: dict[str, int], special: set[str] | None = None) -> list[str]:

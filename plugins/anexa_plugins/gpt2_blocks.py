@@ -173,6 +173,11 @@ class GPT2:
         as ``(model settings, blocks options, state dict under Anexa's names)``; what these blocks cannot
         compute raises :class:`AnexaError` naming it."""
         name = "GPT2LMHeadModel cannot be imported into blocks 'gpt2'"
+        if "transformer.wte.weight" not in tensors and "wte.weight" in tensors:
+            # The base model's names, as OpenAI's GPT-2 weights on the Hub are saved (transformers adds the prefix).
+            tensors = {
+                key if key.startswith("lm_head.") else f"transformer.{key}": value for key, value in tensors.items()
+            }
         n_embd = int(hf_config["n_embd"])
         activation = hf_config.get("activation_function", "gelu_new")
         refusals = {
