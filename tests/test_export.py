@@ -295,7 +295,7 @@ def test_a_gguf_export_refusal_names_every_reason_and_every_fix_at_once(
     path = tmp_path / "model.safetensors"
     checkpoint.save_model(path, model, checkpoint.model_metadata(model, tokenizer, tokenizer_name, options, step=0))
     with pytest.raises(AnexaError) as caught:
-        export(path, tmp_path / "out.gguf", format="gguf")
+        export(path, tmp_path.parent / f"{tmp_path.name}.gguf", format="gguf")  # beside the run, not in it
     message = str(caught.value)
     assert message.endswith(f"Export --format hf, or train with {fixes}") and "\n" not in message
     assert ("exact GELU" in message) == ("gelu=tanh" in fixes) and ("character-level" in message) == (
@@ -370,7 +370,8 @@ def test_out_is_never_half_written_and_never_a_run(runs, tmp_path, monkeypatch):
     # A near miss: one file an export does not write beside an export's files.
     out = tmp_path / "out"
     export(run, out)
-    (out / "README.md").write_text("the earlier export's card")
+    card = (out / "README.md").read_text() + "the earlier export's card"  # still Anexa's (its tags)
+    (out / "README.md").write_text(card)
     (out / "notes.txt").write_text("mine")
     with pytest.raises(AnexaError, match=r"not an earlier export \(it holds notes.txt\)"):
         export(run, out, overwrite=True)
@@ -397,7 +398,7 @@ def test_out_is_never_half_written_and_never_a_run(runs, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         export(run, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left behind
-    assert (out / "README.md").read_text() == "the earlier export's card"  # the old folder is intact
+    assert (out / "README.md").read_text() == card  # the old folder is intact
     monkeypatch.undo()
     done = export(run, out, overwrite=True)
     assert (out / "README.md").read_text() != "the earlier export's card" and done.architecture == "GPT2LMHeadModel"
@@ -521,7 +522,8 @@ def test_every_plugin_option_is_exported_faithfully_or_refused_naming_it(tmp_pat
     with torch.no_grad():  # away from the initialisation (zero projections, unit norms) so every option shows
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.1)
-    path = tmp_path / "model.safetensors"
+    path = tmp_path / "run" / "model.safetensors"
+    path.parent.mkdir()
     checkpoint.save_model(path, model, checkpoint.model_metadata(model, tokenizer, "char", tokenizer_options, step=0))
     try:
         export(path, tmp_path / "out")
@@ -580,10 +582,13 @@ def test_a_gguf_export_says_that_llama_cpp_will_not_normalise_text(tmp_path):
     tokenizer, options = plugins.create("tokenizers", "bpe", {"vocab_size": 280})
     tokenizer.train(["Holmes said, and Watson wrote.\n" * 30])
     model = build_model(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=8, blocks="llama"))
+    (tmp_path / "run").mkdir()
     checkpoint.save_model(
-        tmp_path / "model.safetensors", model, checkpoint.model_metadata(model, tokenizer, "bpe", options, step=0)
+        tmp_path / "run" / "model.safetensors",
+        model,
+        checkpoint.model_metadata(model, tokenizer, "bpe", options, step=0),
     )
-    export = ["export", str(tmp_path / "model.safetensors"), str(tmp_path / "m.gguf"), "--format", "gguf"]
+    export = ["export", str(tmp_path / "run" / "model.safetensors"), str(tmp_path / "m.gguf"), "--format", "gguf"]
     result = subprocess.run([sys.executable, "-m", "anexa_cli", *export], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     notes = [line for line in result.stdout.splitlines() if line.startswith("  note: ")]

@@ -258,6 +258,30 @@ def test_lora_resume_is_bit_identical(base, tmp_path):
         assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole), name
 
 
+def test_an_export_never_replaces_the_base_a_lora_run_needs_nor_lands_in_a_run(base, tmp_path):
+    """Found by a QA session: `anexa export LORA BASE.gguf --overwrite` replaced the file the LoRA run loads
+    its model from (the run was lost for good), an export landed inside a run folder, and --overwrite
+    replaced a folder transformers' save_pretrained wrote (the names an export writes, not its card)."""
+    from anexa_core.io.export import export
+
+    export(base / "run", tmp_path / "base.gguf", "gguf")
+    result = runner.invoke(app, ["train", "--init-from", str(tmp_path / "base.gguf"), "--data", str(base / "text.txt"),
+                                 *SMALL, "--steps", "1", "--config", str(base / "base.toml"), "--out",
+                                 str(tmp_path / "lora"), "--lora", "r=2"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    before = (tmp_path / "base.gguf").read_bytes()
+    with pytest.raises(AnexaError, match=r"base.gguf is the base the LoRA run .*lora loads its model from: exporting"):
+        export(tmp_path / "lora", tmp_path / "base.gguf", "gguf", overwrite=True)
+    assert (tmp_path / "base.gguf").read_bytes() == before
+    with pytest.raises(AnexaError, match=r"^OUT .*lora/hf is inside the run in .*lora: write it outside the run$"):
+        export(tmp_path / "lora", tmp_path / "lora" / "hf", "hf")
+    export(tmp_path / "lora", tmp_path / "hf", "hf")
+    export(tmp_path / "lora", tmp_path / "hf", "hf", overwrite=True)  # an earlier export of ours: replaced
+    (tmp_path / "hf" / "README.md").write_text("# my model\n", encoding="utf-8")  # as save_pretrained leaves it
+    with pytest.raises(AnexaError, match=r"is not empty and not an earlier export \(it holds config.json, "):
+        export(tmp_path / "lora", tmp_path / "hf", "hf", overwrite=True)
+
+
 def test_a_merged_lora_run_exports_to_transformers_and_gguf_with_equal_logits(base, tmp_path):
     transformers = pytest.importorskip("transformers")
     from anexa_core.io.export import export

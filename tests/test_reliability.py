@@ -324,7 +324,8 @@ def test_sigkill_between_an_exports_two_renames_loses_nothing(tmp_path, sherlock
     assert done.returncode == 0, done.stderr
     out = tmp_path / "hf"
     export(run, out)
-    (out / "README.md").write_text("the earlier export's", encoding="utf-8")
+    earlier = (out / "README.md").read_text(encoding="utf-8") + "the earlier export's"  # still Anexa's card
+    (out / "README.md").write_text(earlier, encoding="utf-8")
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_BETWEEN_RENAMES, "export", str(run), str(out)], env=env, check=False
     )
@@ -332,10 +333,10 @@ def test_sigkill_between_an_exports_two_renames_loses_nothing(tmp_path, sherlock
     assert not out.exists() and len([p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]) == 2
     with pytest.raises(Exception, match="holds an earlier export: pass --overwrite"):
         export(run, out)  # the old folder is back, and still refused without --overwrite
-    assert (out / "README.md").read_text(encoding="utf-8") == "the earlier export's"
+    assert (out / "README.md").read_text(encoding="utf-8") == earlier
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]
     export(run, out, overwrite=True)
-    assert (out / "config.json").is_file() and (out / "README.md").read_text(encoding="utf-8") != "the earlier export's"
+    assert (out / "config.json").is_file() and (out / "README.md").read_text(encoding="utf-8") != earlier
 
 
 def test_sigkill_between_an_imports_two_renames_loses_nothing(tmp_path, sherlock_path):

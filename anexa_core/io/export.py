@@ -34,8 +34,8 @@ from anexa_core.config import FINETUNE, FIXED_BY_BASE, LORA, ModelConfig, TrainC
 from anexa_core.data.corpus import hf_normalizer
 from anexa_core.errors import AnexaError, choose_one_of, listed
 from anexa_core.io import checkpoint, generation_config
-from anexa_core.io.files import atomic_folder, put_back
-from anexa_core.io.load import load
+from anexa_core.io.files import atomic_folder, check_outside_runs, put_back
+from anexa_core.io.load import bases_needed, load
 from anexa_core.io.pretrained import Origin, is_hub_id, origin_of
 from anexa_core.kinds import SETTINGS
 
@@ -90,6 +90,7 @@ def export(run: Path, out: Path, format: str = "hf", overwrite: bool = False, ou
     if format == "hf" and out.suffix.lower() == ".gguf":
         raise AnexaError(f"{out} names a GGUF file, but --format hf writes a folder: add --format gguf")
     put_back(out)  # an export killed mid-rename put the old OUT aside: back first
+    _check_beside_runs(run, out)
     if format == "gguf":
         return export_gguf(run, out, overwrite, outtype)
     _check_target(out, overwrite)
@@ -135,13 +136,40 @@ def _generation_config(origin: Origin | None, ids: dict[str, Any]) -> dict[str, 
     return {**{key: value for key, value in ids.items() if value is not None}, **generation} if generation else {}
 
 
+def _not_exported(out: Path, present: list[str]) -> list[str]:
+    """The entries of ``present`` (in the folder ``out``) that no Anexa export wrote: names an export never
+    writes, or every file when the model card is not Anexa's (a folder of transformers' ``save_pretrained``
+    holds the same names; only an export's card has front-matter tags starting with ``anexa``)."""
+    others = [name for name in present if name not in HF_FILES]
+    if present and not others:
+        try:
+            ours = "\ntags: [anexa, " in (out / "README.md").read_text(encoding="utf-8")[:2000]
+        except (OSError, UnicodeDecodeError):
+            ours = False
+        others = [] if ours else [name for name in present if name != "README.md"] or present
+    return others
+
+
+def _check_beside_runs(run: Path, out: Path) -> None:
+    """Raises :class:`AnexaError` for an ``out`` inside a run folder (or below one), and for one that is, or
+    holds, a base the LoRA run ``run`` loads its model from (replacing it would break the run for good)."""
+    check_outside_runs(out, "OUT")
+    target = out.resolve()
+    for base in bases_needed(run):
+        if target == base or target in base.parents:
+            raise AnexaError(
+                f"{out} is the base the LoRA run {run} loads its model from: exporting over it would break the "
+                "run; pass another path"
+            )
+
+
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise AnexaError(f"{out} is a file: pass a folder to export into")
     if checkpoint.holds_a_run(out):
         raise AnexaError(f"{out} holds an Anexa run: export into another folder (--overwrite never replaces a run)")
     present = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
-    others = [name for name in present if name not in HF_FILES]
+    others = _not_exported(out, present)
     if others:  # a parent of runs, a user's folder, the current directory: never replaced, not even on request
         raise AnexaError(
             f"{out} is not empty and not an earlier export (it holds {listed(others)}): pass a new or empty folder "

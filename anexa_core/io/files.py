@@ -123,16 +123,17 @@ def check_output(
         fix = f"end it in {suffixes[0]}" if len(suffixes) == 1 else choose_one_of(suffix or "none", suffixes)
         raise AnexaError(f"{flag} {target}: the suffix names the format; {fix} (e.g. {flag} {example})")
     _check_file_target(target)
-    own = _is_own_plot(target, flag, own_plot_of)
+    own = check_outside_runs(target, flag, own_plot_of)
     if target.exists():
         _check_replaceable(target, flag, suffix, own)
     return suffix.lstrip(".")
 
 
-def _is_own_plot(target: Path, flag: str, own_plot_of: str | os.PathLike[str] | None) -> bool:
-    """Whether ``target`` is the ``loss.png`` of the run ``own_plot_of``, which that run's plot redraws
-    whatever it holds; a one-line error for any other output in a run folder or below one."""
-    parent = target.parent.resolve()
+def check_outside_runs(target: Path, flag: str, own_plot_of: str | os.PathLike[str] | None = None) -> bool:
+    """Raises :class:`AnexaError` for an output ``target`` (a file or a folder) in a run folder or below one,
+    but the ``loss.png`` of the run ``own_plot_of``, which that run's plot redraws whatever it holds: returns
+    whether ``target`` is that one."""
+    parent = Path(target).parent.resolve()
     for folder in (parent, *parent.parents):
         if not any((folder / name).exists() for name in RUN_FILES):
             continue
@@ -143,9 +144,13 @@ def _is_own_plot(target: Path, flag: str, own_plot_of: str | os.PathLike[str] | 
         own = own_plot_of is not None and Path(own_plot_of).resolve() == folder == parent
         if own and target.name == checkpoint.PLOT_FILE:
             return True
+        note = (
+            " (only `anexa plot` of that run alone redraws its loss.png)"
+            if target.suffix.lower() in IMAGE_SUFFIXES
+            else ""
+        )
         raise AnexaError(
-            f"{flag} {target} is inside the run in {_as_given(folder, target)}: write it outside the run (only "
-            "`anexa plot` of that run alone redraws its loss.png)"
+            f"{flag} {target} is inside the run in {_as_given(folder, target)}: write it outside the run{note}"
         )
     return False
 

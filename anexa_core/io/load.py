@@ -141,6 +141,23 @@ def base_of(reference: dict[str, Any]) -> Base:
     return base
 
 
+def bases_needed(model: str | Path) -> list[Path]:
+    """The local files or folders a LoRA run loads its model from (resolved): its base, and that base's base
+    when the base is a LoRA run too; ``[]`` for any other model. Raises :class:`AnexaError` as
+    :func:`~anexa_core.io.checkpoint.checkpoint_file` does for a missing or foreign ``model``."""
+    needed: list[Path] = []
+    path = checkpoint.checkpoint_file(Path(model))
+    for _ in range(10):  # a chain of LoRA runs; a cycle ends
+        base = ((checkpoint.read_metadata(path).get("lora") or {}).get("base") or {}).get("path")
+        if not base:
+            break
+        needed.append(Path(base).resolve())
+        if not _is_anexa_checkpoint(Path(base)):
+            break
+        path = checkpoint.checkpoint_file(Path(base))
+    return needed
+
+
 def lora_model(
     meta: dict[str, Any], path: Path, attention: str | None = None, attention_options: dict[str, Any] | None = None
 ) -> tuple[GPT, Any]:
