@@ -67,6 +67,11 @@ def test_apply_lora_wraps_the_matched_linears_with_the_specs_rank_scale_and_drop
         "--lora targets c_attn, mlp.c_fc match no linear layer of this model: "
         "choose one of down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
     )
+    # Found by a QA session: one target the user named that matched nothing was dropped without a word.
+    with pytest.raises(AnexaError) as error:
+        apply_lora(tiny_model(blocks="llama"), LoraSpec(targets=("q_proj", "zzz")))
+    assert str(error.value).startswith("--lora targets zzz match no linear layer of this model: choose one of")
+    assert apply_lora(tiny_model(blocks="llama"), LoraSpec()) > 0  # the defaults: every family's names, some unmatched
 
 
 def test_without_peft_lora_is_one_line_naming_the_install(monkeypatch):

@@ -96,18 +96,26 @@ def _peft() -> Any:
 
 def apply_lora(model: nn.Module, spec: LoraSpec) -> int:
     """Wrap the linear layers ``spec.targets`` match with LoRA adapters (in place), freeze everything else;
-    returns the number of trainable parameters. Raises :class:`AnexaError` when no layer matches, or
-    when peft is not installed."""
+    returns the number of trainable parameters. Raises :class:`AnexaError` when a target the user named (or,
+    for the defaults, every one) matches no layer, or when peft is not installed."""
     peft = _peft()
     LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model
 
     names = linear_names(model)
-    matched = [name for name in names if any(name == t or name.endswith("." + t) for t in spec.targets)]
-    if not matched:
+
+    def matches(name: str, target: str) -> bool:
+        return name == target or name.endswith("." + target)
+
+    matched = [name for name in names if any(matches(name, t) for t in spec.targets)]
+    # The defaults name every family's attention projections (some match nothing here); a target the user
+    # names must match a layer, or one part of the request would be dropped without a word.
+    unmatched = [t for t in spec.targets if not any(matches(name, t) for name in names)]
+    if not matched or (unmatched and spec.targets != DEFAULT_TARGETS):
         suffixes = sorted({name.rpartition(".")[2] for name in names})
+        missing = unmatched if matched else list(spec.targets)
         raise AnexaError(
-            f"--lora targets {', '.join(spec.targets)} match no linear layer of this model: "
-            f"{choose_one_of(spec.targets[0], suffixes)}"
+            f"--lora targets {', '.join(missing)} match no linear layer of this model: "
+            f"{choose_one_of(missing[0], suffixes)}"
         )
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=matched)
     inject_adapter_in_model(config, model)
