@@ -654,5 +654,5 @@ def test_an_attention_that_returns_nan_is_not_exact_softmax_attention():
         deviation, _ = attention_deviation(config)
         assert deviation != deviation
         with pytest.raises(AnexaError, match=r"^attention 'nan' cannot be exported to Hugging Face: .* differs by nan"):
-            check_exact_attention(config, {})
+            check_exact_attention(config)
     assert attention_deviation(dataclasses.replace(config, attention="math"))[0] < 1e-6

@@ -160,6 +160,9 @@ def test_bench_writes_the_plot_format_its_suffix_names_and_replaces_its_own_json
         result = CliRunner().invoke(app, [*BENCH, "--device", "cpu", "--json", str(rows), "--plot", str(plot)])
         assert result.exit_code == 0, result.output
     assert rows.read_text().startswith("[") and plot.read_bytes().startswith(b"%PDF-")
+    rows.write_text('[{"attention": "math", "device": "cpu", "status": "ok"}]\n')  # the keys every row has
+    result = CliRunner().invoke(app, [*BENCH, "--device", "cpu", "--json", str(rows)])
+    assert result.exit_code == 0 and "fwd_ms" in rows.read_text(), result.output
     rows.write_text(rows.read_text()[:-3])  # not JSON any more: not rows Anexa wrote
     user_error([*BENCH, "--json", str(rows)], f"--json {rows} exists and is not a JSON list of bench rows")
 

@@ -174,6 +174,20 @@ def test_resume_allows_what_does_not_change_the_meaning(sherlock_path, tmp_path)
         train(*resume_configs(tmp_path, {}), tmp_path, resume=True)
 
 
+def test_the_same_data_or_base_is_the_same_text_or_the_same_file(tmp_path, monkeypatch):
+    from anexa_core.train.resume import _same
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("notes")
+    (tmp_path / "other.txt").write_text("notes")
+    for key in ("data", "init_from"):
+        assert _same(key, "sherlock", "sherlock") and _same(key, ["a.txt", "b"], ["a.txt", "b"])  # no such files
+        assert _same(key, "./notes.txt", "notes.txt") and _same(key, str(tmp_path / "notes.txt"), "notes.txt")
+        assert not _same(key, "other.txt", "notes.txt") and not _same(key, "sherlock", "tinyshakespeare")
+        assert not _same(key, ["notes.txt"], ["notes.txt", "other.txt"]) and not _same(key, "notes.txt", None)
+    assert not _same("lr", "./notes.txt", "notes.txt") and _same("lr", 0.001, "0.001")  # other keys: as text
+
+
 def test_resume_refuses_other_data_but_takes_the_same_files_named_another_way(sherlock_path, tmp_path):
     """Found by a QA session: a resume on other text made the model card's data and command false (it named
     the new text for every step); other data is a new run from this one."""

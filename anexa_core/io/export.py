@@ -187,7 +187,7 @@ def hf_model(model, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, tor
     or when the attention plugin computes something else than the exact softmax attention every
     transformers architecture computes (:func:`check_exact_attention`)."""
     config = model.config
-    check_exact_attention(config, meta)
+    check_exact_attention(config)
     family, _ = plugins.create(
         "blocks", config.blocks, config.blocks_options, needed_by=meta.get("plugins", {}).get("blocks")
     )
@@ -243,13 +243,13 @@ def _described(name: str, options_given: dict[str, Any]) -> str:
     return f"{name!r} ({shown})" if shown else repr(name)
 
 
-def check_exact_attention(config, meta: dict[str, Any]) -> None:
+def check_exact_attention(config) -> None:
     """Refuse a model whose attention plugin, with its options, does not compute exact causal softmax
     attention over the whole context (:func:`attention_deviation` above 1e-4) — the only attention
     ``GPT2LMHeadModel``, ``LlamaForCausalLM`` and ``Qwen3ForCausalLM`` compute — so an export never silently
     changes what the model says. A sliding window at least as long as the context passes (it is exact
     there); a shorter one does not. Raises :class:`AnexaError` naming the plugin and its options."""
-    worst, options_used = attention_deviation(config, meta.get("plugins", {}).get("attention"))
+    worst, options_used = attention_deviation(config)
     if not worst <= EXACT_ATTENTION:  # also catches NaN
         raise AnexaError(
             f"attention {_described(config.attention, options_used)} cannot be exported to Hugging Face: it is "
@@ -262,18 +262,17 @@ EXACT_ATTENTION = 1e-4
 """The largest :func:`attention_deviation` of an attention that computes exact softmax attention."""
 
 
-def attention_deviation(config, needed_by: dict[str, Any] | None = None) -> tuple[float, dict[str, Any]]:
+def attention_deviation(config) -> tuple[float, dict[str, Any]]:
     """How far ``config``'s attention plugin, with its options, is from exact causal softmax attention: the
     largest absolute difference relative to the largest output (at least 1), float64, and the options it used.
 
     Judged by what the plugin computes, not by its name: random queries, keys and values of the model's
     shapes (every position of a context of up to 512 tokens, and the last 3 queries against keys of the
     whole ``block_size``, as when decoding), compared with :func:`anexa_core.testing.reference_attention`.
-    NaN when the plugin returns NaN. Raises :class:`AnexaError` for a plugin that is not installed
-    (``needed_by``: its recorded distribution, for the message)."""
+    NaN when the plugin returns NaN. Raises :class:`AnexaError` for a plugin that is not installed."""
     from anexa_core.testing import reference_attention
 
-    attend, options_used = plugins.create("attention", config.attention, config.attention_options, needed_by=needed_by)
+    attend, options_used = plugins.create("attention", config.attention, config.attention_options)
     generator = torch.Generator().manual_seed(0)
     length, heads, dim = config.block_size, config.n_head, config.head_dim
     worst = 0.0

@@ -86,9 +86,9 @@ def resume_configs(
 
 
 def _same(key: str, given: Any, trained: Any) -> bool:
-    """Whether ``given`` is the value the run was trained with; ``data`` also when it names the same files
-    another way (``./notes.txt`` for ``notes.txt``, a link)."""
-    if key == "data" and given is not None and trained is not None:
+    """Whether ``given`` is the value the run was trained with; ``data`` and ``init_from`` also when they name
+    the same files another way (``./notes.txt`` for ``notes.txt``, a link)."""
+    if key in ("data", "init_from") and given is not None and trained is not None:
         paths = [
             [Path(str(item)).expanduser() for item in (v if isinstance(v, list) else [v])] for v in (given, trained)
         ]
