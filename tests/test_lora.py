@@ -2,6 +2,8 @@
 ``--lora`` grammar, the stored record, putting saved adapters back, merging. tests/test_finetune.py has
 the whole fine-tunes (loss, resume, export)."""
 
+import warnings
+
 import pytest
 import torch
 from helpers import tiny_model
@@ -143,3 +145,8 @@ def test_merge_folds_alpha_over_r_times_b_a_into_plain_linears_with_the_base_nam
     assert all(parameter.requires_grad for parameter in model.parameters())
     with torch.no_grad():
         assert torch.allclose(model(ids)[0], before, atol=1e-5)
+    # Found by a QA session: a LoRA run of a LoRA run warned "Already found a `peft_config`" on every load.
+    assert not hasattr(model, "peft_config")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_lora(model, LoraSpec(targets=("q_proj",)))

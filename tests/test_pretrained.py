@@ -200,6 +200,8 @@ def test_a_folder_whose_config_weights_or_tokenizer_files_are_wrong_is_one_line(
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     listed = _broken_copy(llama, tmp_path / "listed", files={"tokenizer_config.json": b'{"chat_template": [1, 2]}'})
     import_model(listed, tmp_path / "listed-run")  # a list of non-templates: no template, not a traceback
+    alone = _broken_copy(llama, tmp_path / "alone", {"architectures": "LlamaForCausalLM"})
+    assert import_model(alone, tmp_path / "alone-run").architecture == "LlamaForCausalLM"  # was "unsupported 'L'"
 
 
 def test_gpt2_weights_saved_without_the_transformer_prefix_import(folders, tmp_path):

@@ -101,7 +101,8 @@ def pretrained_model(source: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     """``source`` as an Anexa model (float32, CPU, eval mode), its ``hf`` tokenizer, and what a run records
     about it (``imported_from``, ``hf_architecture``). Raises :class:`AnexaError` as :func:`import_model`."""
     pretrained = read_pretrained(source)
-    architecture = (pretrained.hf_config.get("architectures") or ["?"])[0]
+    classes = pretrained.hf_config.get("architectures") or ["?"]
+    architecture = classes if isinstance(classes, str) else classes[0]  # a name alone, not in a list: taken
     name, factory = blocks_for(architecture)
     settings, options, state = _mapped(architecture, factory, pretrained)
     try:

@@ -158,5 +158,7 @@ def merge(model: nn.Module) -> None:
             module.merge()
             parent, _, child = name.rpartition(".")  # get_submodule("") is the model itself
             setattr(model.get_submodule(parent), child, module.get_base_layer())
+    if hasattr(model, "peft_config"):  # peft's record of the adapters, gone now (a LoRA run of it warned)
+        del model.peft_config
     for parameter in model.parameters():
         parameter.requires_grad_(True)
