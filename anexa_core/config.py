@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anexa_core.errors import AnexaError, choose_one_of
+from anexa_core.errors import AnexaError, choose_one_of, one_line
 from anexa_core.kinds import SETTINGS
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -51,6 +51,14 @@ SHORTHANDS = {
     "beta2": "optimizer",
     "bias": "blocks",
 }
+
+
+def flag_of(key: str) -> str:
+    """A setting as the user types it on the command line: ``--lr``, ``--glob`` (``data_glob``), ``-o blocks.…``
+    for a plugin's options."""
+    if key.endswith("_options"):
+        return f"-o {key.removesuffix('_options')}.…"
+    return "--glob" if key == "data_glob" else f"--{key.replace('_', '-')}"
 
 
 def _check_fields(config: Any) -> None:
@@ -312,7 +320,7 @@ def read_toml(path: Path) -> dict[str, Any]:
     except IsADirectoryError:
         raise AnexaError(f"config {path} is a folder: pass a TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        detail = " ".join(str(exc).split())
+        detail = one_line(exc)
         if detail.startswith("Cannot overwrite a value"):  # tomllib's words for a key given twice in one table
             place = detail.removeprefix("Cannot overwrite a value").strip(" ()")
             raise AnexaError(f"config file {path} sets a key twice ({place}): keep one of them") from None
@@ -424,7 +432,7 @@ def merge(
         if key in SHORTHANDS:
             if key in (values.get(f"{SHORTHANDS[key]}_options") or {}):  # one of the two would be dropped
                 twice = (
-                    f"--{key.replace('_', '-')} and -o {SHORTHANDS[key]}.{key} both set {key}"
+                    f"{flag_of(key)} and -o {SHORTHANDS[key]}.{key} both set {key}"
                     if source == "flags"
                     else f"config file {source} sets {key} twice (as {key} and in [{SHORTHANDS[key]}])"
                 )

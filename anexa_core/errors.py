@@ -10,6 +10,12 @@ class AnexaError(Exception):
     """A mistake the user can fix; the message says how."""
 
 
+def one_line(exc: BaseException, most: int | None = None) -> str:
+    """``exc``'s message on one line (its whitespace runs as single spaces), at most ``most`` characters: the
+    detail a one-line error quotes from a library's exception."""
+    return " ".join(str(exc).split())[:most]
+
+
 def listed(names: list[str], most: int = 3) -> str:
     """``a, b, c, …``: the first ``most`` of ``names``, for a message that must stay one line."""
     return ", ".join(names[:most]) + (", …" if len(names) > most else "")

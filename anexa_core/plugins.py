@@ -29,7 +29,7 @@ from typing import Any
 import pluggy
 
 from anexa_core import hookspecs, options
-from anexa_core.errors import AnexaError, choose_one_of, closest
+from anexa_core.errors import AnexaError, choose_one_of, closest, one_line
 from anexa_core.kinds import KINDS
 
 logger = logging.getLogger("anexa")
@@ -148,7 +148,7 @@ def _drop_unknown_hooks(state: _State) -> None:
             state.manager.unregister(exc.plugin)
             name = name or repr(exc.plugin)
             record = state.records.pop(name, None) or PluginRecord(name, None, None)
-            record.status, record.error = "failed", " ".join(str(exc).split()) + _hook_hint(str(exc))
+            record.status, record.error = "failed", one_line(exc) + _hook_hint(str(exc))
             logger.warning(
                 "plugin %s from %s %s was not loaded: %s", name, record.distribution, record.version, record.error
             )

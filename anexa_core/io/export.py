@@ -136,6 +136,11 @@ def _generation_config(origin: Origin | None, ids: dict[str, Any]) -> dict[str, 
     return {**{key: value for key, value in ids.items() if value is not None}, **generation} if generation else {}
 
 
+CARD_TAGS = "tags: [anexa, "
+"""How the tags of every model card an export writes begin: what tells an earlier export's folder from a
+folder of the same file names that someone else wrote."""
+
+
 def _not_exported(out: Path, present: list[str]) -> list[str]:
     """The entries of ``present`` (in the folder ``out``) that no Anexa export wrote: names an export never
     writes, or every file when the model card is not Anexa's (a folder of transformers' ``save_pretrained``
@@ -143,7 +148,7 @@ def _not_exported(out: Path, present: list[str]) -> list[str]:
     others = [name for name in present if name not in HF_FILES]
     if present and not others:
         try:
-            ours = "\ntags: [anexa, " in (out / "README.md").read_text(encoding="utf-8")[:2000]
+            ours = f"\n{CARD_TAGS}" in (out / "README.md").read_text(encoding="utf-8")[:2000]
         except (OSError, UnicodeDecodeError):
             ours = False
         others = [] if ours else [name for name in present if name != "README.md"] or present
@@ -614,7 +619,7 @@ def model_card(
         "pipeline_tag: text-generation",
         *([f"license: {license}"] if license else []),
         *([f"base_model: {hub_base}"] if hub_base else []),
-        f"tags: [anexa, {model_config['blocks']}, {tokenizer}-tokenizer]",
+        f"{CARD_TAGS}{model_config['blocks']}, {tokenizer}-tokenizer]",
         "---",
         "",
         f"# {name}",

@@ -72,8 +72,6 @@ BENCH_ROW_KEYS = frozenset({"attention", "device", "status"})
 """Keys every row of ``anexa bench --json`` has: a JSON list of objects holding them is rows Anexa wrote."""
 _MARKED_MAX_BYTES = 64 << 20
 """A larger existing file is not read for the mark (plots and rows are far smaller): never Anexa's."""
-
-
 _MARK = PLOT_MARK.encode()
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from anexa_core.errors import AnexaError, choose_one_of
+from anexa_core.errors import AnexaError, choose_one_of, one_line
 from anexa_core.io.files import atomic_path
 
 if TYPE_CHECKING:
@@ -357,7 +357,7 @@ def _open(path: Path) -> GGUFReader:
     except _Truncated:
         raise AnexaError(truncated) from None
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError, MemoryError) as exc:
-        detail = " ".join(str(exc).split())[:200]
+        detail = one_line(exc, 200)
         raise AnexaError(f"{path} is corrupt ({type(exc).__name__}: {detail}); {_FIX_FILE}") from None
     return reader
 
@@ -394,7 +394,7 @@ def _metadata(reader: GGUFReader, path: Path) -> dict[str, Any]:
         try:
             values[key] = entry.contents()
         except (ValueError, UnicodeDecodeError, IndexError) as exc:
-            detail = " ".join(str(exc).split())[:120]
+            detail = one_line(exc, 120)
             raise AnexaError(f"{path} is corrupt (metadata {key!r}: {detail}); {_FIX_FILE}") from None
     return values
 
@@ -665,7 +665,7 @@ def _tokenizer_state(meta: Mapping[str, Any], pre: _Pre, path: Path) -> dict[str
     try:
         tokenizer = Tokenizer(models.BPE(vocab, pairs, ignore_merges=pre.ignore_merges))
     except Exception as exc:  # tokenizers raises plain Exception ("Token 'Ġthe' out of vocabulary")
-        detail = " ".join(str(exc).split())[:160]
+        detail = one_line(exc, 160)
         raise AnexaError(f"{path} has a tokenizer that cannot be built ({detail}); {_FIX_FILE}") from None
     tokenizer.pre_tokenizer = _pre_tokenizer(pre.split)
     tokenizer.decoder = decoders.ByteLevel()
@@ -842,7 +842,7 @@ def _write_vocab(state: Mapping[str, Any], vocab_size: int, where: str) -> _Voca
         spec = json.loads(state["tokenizer"])
         tokenizer = Tokenizer.from_str(state["tokenizer"])
     except Exception as exc:
-        detail = " ".join(str(exc).split())[:120]
+        detail = one_line(exc, 120)
         raise AnexaError(f"cannot write {where}: the tokenizer state is malformed ({detail})") from None
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):

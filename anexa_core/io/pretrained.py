@@ -31,7 +31,7 @@ import torch
 
 from anexa_core import plugins
 from anexa_core.config import ModelConfig
-from anexa_core.errors import AnexaError, listed
+from anexa_core.errors import AnexaError, listed, one_line
 from anexa_core.io import checkpoint, generation_config
 from anexa_core.io.files import atomic_folder, put_back
 from anexa_core.model.gpt import build_model
@@ -135,7 +135,7 @@ def _mapped(architecture: str, factory: Any, pretrained: Pretrained) -> tuple[di
             "belong together or are damaged; download them again"
         ) from None
     except (ValueError, TypeError, AttributeError, IndexError) as exc:
-        detail = " ".join(str(exc).split())[:160]
+        detail = one_line(exc, 160)
         raise AnexaError(
             f"the {architecture} config holds a value of the wrong kind ({type(exc).__name__}: {detail}): fix "
             "config.json or download the model again"
@@ -462,7 +462,6 @@ def tokenizer_from_folder(folder: Path, hf_config: dict[str, Any]) -> dict[str, 
     text = _read_text(tokenizer_file)
     settings = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     template = _chat_template(folder, settings)
-    template = template if isinstance(template, str) else None
     special = {key: _token_text(settings.get(key)) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
     vocab = _vocabulary(text)
     generation = _generation_settings(folder)
@@ -481,16 +480,16 @@ def tokenizer_from_folder(folder: Path, hf_config: dict[str, Any]) -> dict[str, 
     }
 
 
-def _chat_template(folder: Path, settings: dict[str, Any]) -> Any:
+def _chat_template(folder: Path, settings: dict[str, Any]) -> str | None:
     """``chat_template.jinja``, else tokenizer_config.json's ``chat_template`` (the default of several named
-    ones); not necessarily text (the caller keeps only text)."""
+    ones); ``None`` when neither holds text."""
     if (folder / "chat_template.jinja").is_file():
         return _read_text(folder / "chat_template.jinja")
     template = settings.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one
         named = [t for t in template if isinstance(t, dict)]
         template = next((t.get("template") for t in named if t.get("name") == "default"), None)
-    return template
+    return template if isinstance(template, str) else None
 
 
 def _vocabulary(tokenizer_json: str) -> dict[str, int]:
@@ -499,7 +498,7 @@ def _vocabulary(tokenizer_json: str) -> dict[str, int]:
     try:
         return Tokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True)
     except Exception as exc:  # tokenizers raises plain Exception for a file it cannot read
-        detail = " ".join(str(exc).split())[:160]
+        detail = one_line(exc, 160)
         raise AnexaError(f"tokenizer.json cannot be read ({detail}): the model folder is damaged") from None
 
 

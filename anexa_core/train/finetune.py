@@ -83,9 +83,8 @@ def _refuse_changes(values: dict[str, Any], model: dict[str, Any], base: Base, s
             continue
         if key.endswith("_options") and _same_options(values[key], current.get(key) or {}):
             continue
-        flag = f"-o {key.removesuffix('_options')}.…" if key.endswith("_options") else f"--{key.replace('_', '-')}"
         raise AnexaError(
-            f"{flag} in {source} contradicts the model of --init-from {base.reference['init_from']} "
+            f"{configs.flag_of(key)} in {source} contradicts the model of --init-from {base.reference['init_from']} "
             f"({current.get(key)!r}): fine-tuning keeps its architecture and tokenizer; drop it"
         )
     for shorthand, kind in configs.SHORTHANDS.items():

@@ -78,10 +78,10 @@ def resume_configs(
             f"with other settings, start a new run from it: --init-from {run_dir}"
         )
     settings.pop("threads", None)  # this session's choice (--threads, $ANEXA_THREADS, …), as for any command
-    before = dict(settings)
+    was = configs.split(settings)[0]
     configs.apply_layers(settings, [(given, "flags")])
-    _check_attention(run_dir, before, settings)
     model_config, train_config = configs.split(settings)
+    _check_attention(run_dir, was, model_config)
     return dataclasses.replace(model_config, vocab_size=meta["model"]["model_config"]["vocab_size"]), train_config
 
 
@@ -98,14 +98,13 @@ def _same(key: str, given: Any, trained: Any) -> bool:
     return str(given) == str(trained)
 
 
-def _check_attention(run_dir: Path, before: dict[str, Any], after: dict[str, Any]) -> None:
+def _check_attention(run_dir: Path, was: ModelConfig, now: ModelConfig) -> None:
     """Another attention on resume is fine when both compute exact softmax attention (sdpa for math, the
     Triton kernel on a GPU: :func:`~anexa_core.io.export.attention_deviation`); one that computes something
     else (a sliding window shorter than the context) would change the model the steps so far trained.
     Raises :class:`AnexaError` for that, and for a new attention that is not installed."""
     from anexa_core.io.export import EXACT_ATTENTION, attention_deviation
 
-    was, now = (configs.split(settings)[0] for settings in (before, after))
     if (was.attention, was.attention_options) == (now.attention, now.attention_options):
         return
     deviation, used = attention_deviation(now)
@@ -130,8 +129,7 @@ def _flags(keys: list[str], values: dict[str, Any] | None = None) -> str:
     """``keys`` as the user typed them (``--lr``, ``-o blocks.…``); with ``values``, each with its value."""
     shown = []
     for key in keys:
-        flag = f"-o {key.removesuffix('_options')}.…" if key.endswith("_options") else f"--{key.replace('_', '-')}"
-        flag = "--glob" if key == "data_glob" else flag
+        flag = configs.flag_of(key)
         value = None if values is None else values.get(key)
         shown.append(flag if values is None else f"{flag} {'unset' if value is None else value}")
     return ", ".join(shown)
